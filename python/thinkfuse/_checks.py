@@ -1,0 +1,60 @@
+"""Argument checks shared by the public ops.
+
+Every check raises before any kernel runs, with a message that names the argument and says
+what was expected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, value, *, dtypes=FLOAT_DTYPES, ndim: int | None = None, min_ndim=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        expected = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({expected}), got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, tensor in items[1:]:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+    return first.device
+
+
+def check_float(name: str, value, *, positive: bool = False, non_negative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View ``t`` as 2-D ``[rows, last_dim]`` with a unit stride on the last dim.
+
+    Copies only when no such view exists (e.g. a transposed input).
+    """
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if rows.shape[-1] > 1 and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows

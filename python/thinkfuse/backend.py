@@ -1,0 +1,167 @@
+"""Which backends exist in this process, and which one an op call uses.
+
+Three backends implement every op: ``cuda`` (the compiled extension ``thinkfuse._C``),
+``triton`` (the kernels in ``thinkfuse.kernels``) and ``torch`` (``thinkfuse.reference``).
+Selection, strongest first: the ``backend=`` argument of an op, ``use_backend`` (a context
+manager), ``set_backend``, the ``THINKFUSE_BACKEND`` environment variable, and finally the
+fastest backend for the tensors' device. A backend asked for by name is never silently
+replaced by another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")  # fastest first
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run in this process."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> str | None:
+    """Why ``thinkfuse._C`` cannot be used, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
+    try:
+        importlib.import_module("thinkfuse._C")
+    except ImportError as exc:
+        return (
+            f"the CUDA extension thinkfuse._C is not built ({exc}); build it with "
+            "`pip install --no-build-isolation .` on a machine with CUDA torch and nvcc"
+        )
+    return None
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton`"
+    return None
+
+
+def _triton_error() -> str | None:
+    missing = _triton_import_error()
+    if missing:
+        return missing
+    if not torch.cuda.is_available() and not triton_interpreter_enabled():
+        return "no CUDA device is visible and TRITON_INTERPRET=1 is not set"
+    return None
+
+
+def why_unavailable(name: str) -> str | None:
+    """The reason backend ``name`` cannot run here, or None if it can."""
+    _check_name(name)
+    if name == "cuda":
+        return _cuda_extension_error()
+    if name == "triton":
+        return _triton_error()
+    return None
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, fastest first."""
+    return [name for name in BACKENDS if why_unavailable(name) is None]
+
+
+def _check_name(name) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def require_backend(name: str) -> str:
+    reason = why_unavailable(name)
+    if reason is not None:
+        raise BackendUnavailable(f"thinkfuse backend {name!r} is unavailable: {reason}")
+    return name
+
+
+# None means "automatic". A ContextVar keeps use_backend() correct across threads and tasks.
+_CONTEXT_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "thinkfuse_backend", default=None
+)
+_GLOBAL_BACKEND: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide backend; ``None`` restores automatic selection."""
+    global _GLOBAL_BACKEND
+    _GLOBAL_BACKEND = None if name is None else require_backend(name)
+
+
+def get_backend() -> str | None:
+    """The backend chosen by name (context, set_backend, environment), or None for automatic."""
+    name = _CONTEXT_BACKEND.get() or _GLOBAL_BACKEND
+    if name is None:
+        name = os.environ.get("THINKFUSE_BACKEND") or None
+        if name is not None and name not in BACKENDS:
+            raise ValueError(f"THINKFUSE_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Context manager: ops called inside use backend ``name`` (None: automatic)."""
+    if name is not None:
+        require_backend(name)
+    token = _CONTEXT_BACKEND.set(name)
+    try:
+        yield name
+    finally:
+        _CONTEXT_BACKEND.reset(token)
+
+
+def default_backend(device: torch.device) -> str:
+    """The fastest backend for tensors on ``device``."""
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            if why_unavailable(name) is None:
+                return name
+    return "torch"
+
+
+def _constant_under_compile(fn):
+    """Have torch.compile call ``fn`` while tracing and bake its result into the graph.
+
+    This is what ``torch.compiler.assume_constant_result`` does; it is set directly because
+    that function imports torch._dynamo (and with it triton) when thinkfuse is imported, which
+    is slow and breaks setting TRITON_INTERPRET after ``import thinkfuse``.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# Under torch.compile the choice is made once, while tracing (dynamo cannot trace ContextVar
+# reads); changing the backend later needs a new compile.
+@_constant_under_compile
+def resolve_backend(device: torch.device, requested: str | None = None) -> str:
+    """The backend an op on ``device`` runs with, checking that it can run there.
+
+    Raises BackendUnavailable when a named backend cannot run in this process, and ValueError
+    when it cannot run on this device (CPU tensors for cuda, or for triton without the
+    interpreter).
+    """
+    name = requested if requested is not None else get_backend()
+    if name is None:
+        return default_backend(device)
+    require_backend(name)
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"the cuda backend needs CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type != "cuda" and not triton_interpreter_enabled():
+        raise ValueError(
+            f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}"
+        )
+    return name

@@ -1,0 +1,32 @@
+"""Ministral 3 (3B/8B/14B): text-only Ministral3ForCausalLM, and the text model inside
+Mistral3ForConditionalGeneration. The Pixtral vision tower and the multimodal projector are
+left alone: the rules apply only below ``model.language_model``, which is a Ministral3Model
+(or a MistralModel for Mistral-Small-3.x checkpoints, hence the mistral rules too).
+"""
+
+from . import mistral
+from .forwards import rms_norm_forward
+from .rules import ModelFamily, PatchRule
+
+_M = "transformers.models.ministral3.modeling_ministral3."
+_VLM = "transformers.models.mistral3.modeling_mistral3."
+
+RULES = (PatchRule("rms_norm", _M + "Ministral3RMSNorm", rms_norm_forward),)
+
+FAMILY = ModelFamily(
+    name="ministral3",
+    model_classes=(_M + "Ministral3ForCausalLM", _M + "Ministral3Model"),
+    rules=RULES,
+)
+
+
+def _text_model(model):
+    return model.model.language_model
+
+
+VLM_FAMILY = ModelFamily(
+    name="mistral3",
+    model_classes=(_VLM + "Mistral3ForConditionalGeneration",),
+    rules=RULES + mistral.RULES,
+    root=_text_model,
+)

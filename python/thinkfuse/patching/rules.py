@@ -1,0 +1,54 @@
+"""The data model of patching: rules (module class -> replacement forward) grouped by family.
+
+A family's table says which top-level model classes it covers, which submodule the rules
+apply to (the text model of a multimodal wrapper), and which module classes get which
+replacement forward. Adding a model family means adding a table, not code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+# Kinds of rules, in report order; patch_model's keyword flags have the same names.
+KINDS = ("rms_norm", "swiglu", "rope", "attention")
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    kind: str  # one of KINDS
+    module_class: str  # dotted path, e.g. "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm"
+    forward: Callable  # replacement forward(self, ...): same parameters as the original
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"PatchRule.kind must be one of {KINDS}, got {self.kind!r}")
+
+
+def _whole_model(model: nn.Module) -> nn.Module:
+    return model
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    model_classes: tuple[str, ...]  # dotted paths of the model classes this family covers
+    rules: tuple[PatchRule, ...]
+    # The submodule the rules are applied to (e.g. only the text model of a VLM).
+    root: Callable[[nn.Module], nn.Module] = field(default=_whole_model)
+
+
+def resolve_class(dotted: str) -> type | None:
+    """Import ``package.module.Class``; None when this transformers version lacks it."""
+    module_name, _, class_name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def short_name(dotted: str) -> str:
+    return dotted.rpartition(".")[2]

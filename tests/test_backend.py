@@ -1,0 +1,97 @@
+"""Backend discovery and selection, as API.md specifies."""
+
+import threading
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import thinkfuse
+from thinkfuse import BackendUnavailable, backend as backend_mod
+
+
+def test_available_backends_fastest_first_and_torch_always():
+    names = thinkfuse.available_backends()
+    assert names[-1] == "torch"
+    assert names == [b for b in ("cuda", "triton", "torch") if b in names]
+
+
+def test_triton_listed_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in thinkfuse.available_backends()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only behaviour")
+def test_unavailable_backends_raise_with_reason(monkeypatch):
+    with pytest.raises(BackendUnavailable, match="cuda.*unavailable.*CUDA"):
+        thinkfuse.set_backend("cuda")
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        with thinkfuse.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        thinkfuse.set_backend("triton")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        thinkfuse.set_backend("metal")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        thinkfuse.ops.rms_norm(torch.ones(2, 4), torch.ones(4), backend="metal")
+
+
+def test_default_selection_by_device():
+    assert backend_mod.default_backend(torch.device("cpu")) == "torch"
+    assert backend_mod.resolve_backend(torch.device("cpu")) == "torch"
+    if HAS_CUDA:
+        assert backend_mod.default_backend(torch.device("cuda")) == thinkfuse.available_backends()[0]
+
+
+def test_precedence_argument_context_global_environment(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("THINKFUSE_BACKEND", "triton")
+    assert backend_mod.resolve_backend(cpu) == "triton"
+    thinkfuse.set_backend("torch")
+    assert backend_mod.resolve_backend(cpu) == "torch"
+    with thinkfuse.use_backend("triton"):
+        assert backend_mod.resolve_backend(cpu) == "triton"
+        with thinkfuse.use_backend("torch"):
+            assert backend_mod.resolve_backend(cpu) == "torch"
+        assert backend_mod.resolve_backend(cpu) == "triton"
+        assert backend_mod.resolve_backend(cpu, "torch") == "torch"  # explicit argument wins
+    assert backend_mod.resolve_backend(cpu) == "torch"
+    thinkfuse.set_backend(None)
+    assert backend_mod.resolve_backend(cpu) == "triton"
+
+
+def test_bad_environment_value(monkeypatch):
+    monkeypatch.setenv("THINKFUSE_BACKEND", "nope")
+    with pytest.raises(ValueError, match="THINKFUSE_BACKEND"):
+        backend_mod.resolve_backend(torch.device("cpu"))
+
+
+def test_use_backend_is_per_thread():
+    seen = {}
+
+    def worker():
+        seen["thread"] = backend_mod.get_backend()
+
+    with thinkfuse.use_backend("torch"):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert backend_mod.get_backend() == "torch"
+    assert seen["thread"] is None
+
+
+def test_named_backend_never_silently_replaced(monkeypatch):
+    """Asking for triton on CPU without the interpreter is an error, not a torch fallback."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises((ValueError, BackendUnavailable), match="triton"):
+        thinkfuse.ops.rms_norm(torch.ones(2, 4), torch.ones(4), backend="triton")
+
+
+@pytest.mark.skipif("cuda" not in thinkfuse.available_backends(), reason="cuda backend not built")
+def test_cuda_backend_rejects_cpu_tensors():
+    with pytest.raises(ValueError, match="cuda backend needs CUDA tensors"):
+        thinkfuse.ops.rms_norm(torch.ones(2, 4), torch.ones(4), backend="cuda")

@@ -1,0 +1,157 @@
+"""patch_model / unpatch_model on tiny random models of every family (float32)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+from tolerances import assert_close_fp32
+
+import thinkfuse
+from thinkfuse.patching.engine import FAMILIES
+from thinkfuse.tiny import BUILDERS, tiny_batch, tiny_model
+
+FAMILY_NAMES = list(BUILDERS)
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    (logits * torch.linspace(-1, 1, logits.shape[-1], device=logits.device)).sum().backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _patched_state(model):
+    return {name: m._thinkfuse_patch for name, m in model.named_modules() if hasattr(m, "_thinkfuse_patch")}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_patched_model_matches_unpatched(family, backend):
+    model = tiny_model(family).to(DEVICE)
+    ids = tiny_batch(device=DEVICE)
+    ref_logits, ref_grads = _logits_and_grads(model, ids)
+    keys = list(model.state_dict())
+    cls = type(model)
+
+    report = thinkfuse.patch_model(model, backend=backend)
+    assert report.patched["rms_norm"] == 2 * 2 + 1  # two norms per layer, 2 layers, final norm
+    assert report.resolved_backend == backend
+    logits, grads = _logits_and_grads(model, ids)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert_close_fp32(grads[name], grad, tol=1e-4)
+    assert list(model.state_dict()) == keys and type(model) is cls
+
+    assert thinkfuse.unpatch_model(model) == report.total
+    assert not _patched_state(model)
+    restored, _ = _logits_and_grads(model, ids)
+    assert torch.equal(restored, ref_logits)
+
+
+def test_torch_backend_is_bit_exact():
+    model = tiny_model("qwen2").to(DEVICE)
+    ids = tiny_batch(device=DEVICE)
+    ref = model(ids).logits
+    thinkfuse.patch_model(model, backend="torch")
+    assert torch.equal(model(ids).logits, ref)
+
+
+def test_patching_twice_is_a_no_op():
+    model = tiny_model("mistral")
+    first = thinkfuse.patch_model(model, backend="torch")
+    forwards = {n: m.forward for n, m in model.named_modules() if hasattr(m, "_thinkfuse_patch")}
+    second = thinkfuse.patch_model(model, backend="torch")
+    assert second.patched == first.patched
+    assert forwards == {n: m.forward for n, m in model.named_modules() if hasattr(m, "_thinkfuse_patch")}
+    assert thinkfuse.unpatch_model(model) == first.total
+    assert "forward" not in model.model.norm.__dict__
+
+
+def test_repatch_with_other_backend_needs_unpatch():
+    model = tiny_model("qwen2")
+    thinkfuse.patch_model(model, backend="torch")
+    with pytest.raises(ValueError, match="unpatch_model"):
+        thinkfuse.patch_model(model, backend="triton")
+
+
+def test_unpatch_restores_an_instance_forward_that_was_there_before():
+    model = tiny_model("qwen2")
+    norm = model.model.norm
+    calls = []
+
+    def hooked(x):
+        calls.append(1)
+        return type(norm).forward(norm, x)
+
+    norm.forward = hooked
+    thinkfuse.patch_model(model, backend="torch")
+    model(tiny_batch())
+    assert not calls
+    thinkfuse.unpatch_model(model)
+    assert norm.forward is hooked
+    model(tiny_batch())
+    assert calls
+
+
+def test_mistral3_vision_tower_and_projector_untouched():
+    model = tiny_model("mistral3")
+    thinkfuse.patch_model(model, backend="torch")
+    patched = _patched_state(model)
+    assert patched and all(name.startswith("model.language_model.") for name in patched)
+    assert not any(hasattr(m, "_thinkfuse_patch") for m in model.model.vision_tower.modules())
+    assert not hasattr(model.model.multi_modal_projector.norm, "_thinkfuse_patch")
+
+
+def test_flags_turn_kinds_off():
+    model = tiny_model("ministral3")
+    report = thinkfuse.patch_model(model, rms_norm=False)
+    assert report.total == 0 and "rms_norm" in report.disabled
+    assert not _patched_state(model)
+    assert "rms_norm" in str(report)
+
+
+def test_report_names_backend_and_counts():
+    model = tiny_model("qwen2")
+    report = thinkfuse.patch_model(model)
+    assert report.backend == "auto" and report.resolved_backend == "torch" and report.family == "qwen2"
+    text = str(report)
+    assert "Qwen2ForCausalLM" in text and "rms_norm" in text and "5 modules" in text
+
+
+def test_deepcopy_of_patched_model_keeps_its_own_patches():
+    model = tiny_model("qwen2")
+    thinkfuse.patch_model(model, backend="torch")
+    clone = copy.deepcopy(model)
+    assert clone.model.norm.forward.__self__ is clone.model.norm
+    assert thinkfuse.unpatch_model(clone) == 5
+    assert "forward" not in clone.model.norm.__dict__
+
+
+def test_unsupported_models_are_named():
+    with pytest.raises(thinkfuse.UnsupportedModel, match="Qwen2ForCausalLM.*MistralForCausalLM"):
+        thinkfuse.patch_model(torch.nn.Linear(2, 2))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64))
+    with pytest.raises(thinkfuse.UnsupportedModel, match="LlamaForCausalLM"):
+        thinkfuse.patch_model(llama)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        thinkfuse.patch_model("qwen2")
+
+
+def test_every_rule_resolves_to_a_transformers_class():
+    from thinkfuse.patching.rules import resolve_class
+
+    for family in FAMILIES:
+        for dotted in family.model_classes + tuple(r.module_class for r in family.rules):
+            assert resolve_class(dotted) is not None, dotted
+
+
+def test_demo_runs_and_passes(capsys):
+    from thinkfuse import demo
+
+    assert demo.main() == 0
+    out = capsys.readouterr().out
+    assert "0 failed" in out

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine: build the CUDA extension, list the backends, run the whole
+# test suite on the GPU, run the benchmarks, collect everything.
+#
+#   bash bench/gpu_check.sh                 # all steps: env build backends tests bench
+#   bash bench/gpu_check.sh tests bench     # a subset (e.g. the build is already in place)
+#
+# Works without network access: it uses the torch/triton already installed (no build
+# isolation, no dependency resolution). Every step runs even when an earlier one failed; the
+# summary at the end lists each step's status and the exit status is non-zero if any failed.
+#
+# Output: bench/results/<YYYY-MM-DD>_<device-slug>/ (results.json, results.md, PNGs, logs/),
+# copied to "$OUT" after every step when OUT is set (so a run killed from outside keeps what
+# finished). The whole script stays inside GPU_CHECK_BUDGET seconds (default 570, under the
+# 10 minutes a remote command gets): each step's time limit is cut to what is left, and the
+# benchmark, stopped by SIGTERM, still writes the rows it measured.
+#
+# Environment knobs: PYTHON, OUT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT,
+# MAX_JOBS (parallel nvcc jobs), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, which
+# halves the build time compared with setup.py's 8.0;9.0a).
+
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET:-570}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
+export PYTHONUNBUFFERED=1
+
+if [ "$#" -gt 0 ]; then STEPS=("$@"); else STEPS=(env build backends tests bench); fi
+
+RESULTS_DIR=$("$PYTHON" -c 'from bench.harness import default_out_dir; print(default_out_dir())' 2>/dev/null) \
+    || RESULTS_DIR="$PWD/bench/results/$(date -u +%F)_unknown-device"
+LOG_DIR="$RESULTS_DIR/logs"
+mkdir -p "$LOG_DIR"
+SUMMARY=()
+FAILED=0
+
+copy_out() {
+    # Copy results and logs to $OUT (when set) so they survive the machine.
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT/$(basename "$RESULTS_DIR")"
+    cp -r "$RESULTS_DIR"/. "$OUT/$(basename "$RESULTS_DIR")/"
+}
+
+time_left() {
+    # Seconds left in the budget, keeping 20 s to write the summary and copy the output.
+    echo $((BUDGET - SECONDS - 20))
+}
+
+run_step() {
+    # run_step NAME LIMIT_SECONDS FUNCTION [show]: run the (exported) function in a child bash
+    # under `timeout`, log to logs/NAME.log, record the status, keep going. "show" prints the
+    # whole log; otherwise only a failed step's tail is printed.
+    local name=$1 limit=$2 func=$3 show=${4:-} rc start left
+    left=$(time_left)
+    if [ "$left" -lt 10 ]; then
+        SUMMARY+=("$name: SKIPPED (time budget of ${BUDGET}s spent)")
+        FAILED=1
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name (limit ${limit}s)"
+    start=$SECONDS
+    # -k 15: after SIGTERM, 15 s for the benchmark to write the rows it has before SIGKILL.
+    timeout -k 15 "$limit" bash -c "$func" >"$LOG_DIR/$name.log" 2>&1
+    rc=$?
+    local took=$((SECONDS - start))
+    if [ "$rc" -eq 0 ]; then
+        SUMMARY+=("$name: ok (${took}s)")
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        SUMMARY+=("$name: TIMEOUT after ${took}s (limit ${limit}s; log logs/$name.log)")
+        FAILED=1
+    else
+        SUMMARY+=("$name: FAILED rc=$rc (${took}s; log logs/$name.log)")
+        FAILED=1
+    fi
+    if [ -n "$show" ]; then
+        cat "$LOG_DIR/$name.log"
+    elif [ "$rc" -ne 0 ]; then
+        tail -n 30 "$LOG_DIR/$name.log"
+        echo
+    fi
+    copy_out
+}
+
+step_env() {
+    nvidia-smi || echo "nvidia-smi failed"
+    git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null
+    "$PYTHON" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton missing:", exc)
+EOF
+}
+
+cuda_arch() {
+    "$PYTHON" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + ("a" if (M, m) == (9, 0) else ""))'
+}
+
+step_build() {
+    local arch=${TORCH_CUDA_ARCH_LIST:-$(cuda_arch)}
+    echo "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)}"
+    THINKFUSE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+        "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
+}
+
+step_backends() {
+    "$PYTHON" -c 'import thinkfuse; print(thinkfuse.available_backends())' || return 1
+    "$PYTHON" - <<'EOF'
+from thinkfuse.backend import BACKENDS, why_unavailable
+for name in BACKENDS:
+    print(f"  {name}: {why_unavailable(name) or 'available'}")
+EOF
+}
+
+step_tests() {
+    # No TRITON_INTERPRET: the triton backend runs compiled on the GPU; gpu-marked tests run.
+    exec env -u TRITON_INTERPRET "$PYTHON" -m pytest tests -x -q -rs
+}
+
+step_bench() {
+    # exec: `timeout` must signal python itself, and wait for it to finish writing results.
+    exec "$PYTHON" -m bench --out "$RESULTS_DIR"
+}
+
+# The steps run in child shells (`timeout` cannot run a function directly).
+export PYTHON RESULTS_DIR
+export -f step_env cuda_arch step_build step_backends step_tests step_bench
+
+for step in "${STEPS[@]}"; do
+    case "$step" in
+        env) run_step env 60 step_env ;;
+        build) run_step build "$BUILD_TIMEOUT" step_build ;;
+        backends) run_step backends 60 step_backends show ;;
+        tests) run_step tests "$TESTS_TIMEOUT" step_tests ;;
+        bench) run_step bench "$BENCH_TIMEOUT" step_bench ;;
+        *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests bench)"); FAILED=1 ;;
+    esac
+done
+
+{
+    echo "gpu_check summary ($(date -u +%FT%TZ), ${SECONDS}s, results in $RESULTS_DIR)"
+    printf '  %s\n' "${SUMMARY[@]}"
+} | tee "$LOG_DIR/summary.txt"
+copy_out
+exit "$FAILED"

@@ -58,3 +58,8 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+def with_unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has unit stride (any other strides are fine), else a copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()

@@ -4,6 +4,9 @@ Every op takes a keyword-only ``backend=`` ("cuda", "triton", "torch" or None fo
 selection described in ``thinkfuse.backend``).
 """
 
+from ..rope_params import RopeParams, rope_params
 from .rms_norm import rms_norm
+from .rope import apply_rotary_pos_emb, rope
+from .swiglu import swiglu, swiglu_fused
 
-__all__ = ["rms_norm"]
+__all__ = ["RopeParams", "apply_rotary_pos_emb", "rms_norm", "rope", "rope_params", "swiglu", "swiglu_fused"]

@@ -1,0 +1,229 @@
+"""thinkfuse.ops.swiglu / swiglu_fused: every backend against reference.py, reference.py against
+transformers' MLP activation, forward and gradients, dtypes, odd sizes, strides, bad inputs,
+custom-op registration and torch.compile."""
+
+import pytest
+import torch
+from conftest import DEVICE, KERNEL_BACKENDS
+from tolerances import ULP, assert_close_fp32, assert_low_precision_ok
+from transformers.activations import ACT2FN
+
+import thinkfuse
+from thinkfuse import reference
+from thinkfuse.ops import swiglu, swiglu_fused
+
+# intermediate sizes: tiny-model 160, a non-power-of-two 1000, an odd 997, one wider than a block
+SIZES = [160, 1000, 997, 2100]
+
+
+def _gate_up(rows, size, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple((3 * torch.randn(rows, size, generator=gen)).to(DEVICE, dtype) for _ in range(2))
+
+
+def _run(fn, inputs, seed=1):
+    """Forward and the gradients of a fixed random projection of the output w.r.t. ``inputs``."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    (out.double() * torch.randn(out.shape, generator=gen).to(out.device, torch.float64)).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _split_fn(backend):
+    return lambda gate, up: swiglu(gate, up, backend=backend)
+
+
+def _fused_fn(backend):
+    """swiglu_fused on ``cat(gate, up)``: its gradients are compared as the two halves."""
+    def fn(gate, up):
+        return swiglu_fused(torch.cat([gate, up], dim=-1), backend=backend)
+    return fn
+
+
+FORMS = {"split": _split_fn, "fused": _fused_fn}
+
+
+def _truth(gate, up):
+    return reference.swiglu(gate.double(), up.double())
+
+
+# --- reference.py against transformers -----------------------------------------------------------
+
+
+def test_reference_matches_transformers_activation_in_float32():
+    gate, up = _gate_up(7, 96, torch.float32)
+    torch.testing.assert_close(reference.swiglu(gate, up), ACT2FN["silu"](gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_rounds_once_where_transformers_rounds_twice():
+    """In bfloat16, eager rounds silu(gate) first: at most one ulp apart, and never less exact."""
+    gate, up = _gate_up(64, 256, torch.bfloat16)
+    ours, hf = reference.swiglu(gate, up), ACT2FN["silu"](gate) * up
+    truth = _truth(gate, up)
+    torch.testing.assert_close(ours.float(), hf.float(), rtol=2 * ULP[torch.bfloat16], atol=1e-2)
+    assert (ours.double() - truth).abs().max() <= (hf.double() - truth).abs().max()
+
+
+# --- every backend against the reference ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fp32_matches_reference(backend, form, size, rows):
+    gate, up = _gate_up(rows, size, torch.float32)
+    ours = _run(FORMS[form](backend), [gate, up])
+    ref = _run(reference.swiglu, [gate, up])
+    for o, r in zip(ours, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert_close_fp32(o, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("size", [160, 997])
+def test_low_precision_vs_float64_truth(backend, dtype, form, size):
+    gate, up = _gate_up(6, size, dtype)
+    hf_mlp = lambda g, u: ACT2FN["silu"](g) * u  # noqa: E731  transformers' eager rounding
+    for ours, hf, truth in zip(_run(FORMS[form](backend), [gate, up]), _run(hf_mlp, [gate, up]),
+                               _run(_truth, [gate, up])):
+        assert_low_precision_ok(ours, hf, truth)
+
+
+def _strided_inputs():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, 2 * 150, generator=gen)
+    yield "column-slices", base[..., :150], base[..., 150:]  # row stride 300: read in place
+    yield "transposed", base[..., :150].transpose(0, 1), base[..., 150:].transpose(0, 1)
+    yield "every-other-column", base[..., ::2], base[..., 1::2]  # unit stride lost: copied
+    yield "expanded", torch.randn(1, 150, generator=gen).expand(5, 150), torch.randn(5, 150, generator=gen)
+
+
+@pytest.mark.parametrize("case", list(_strided_inputs()), ids=lambda c: c[0])
+def test_strided_inputs(backend, case):
+    _, gate, up = case
+    gate, up = gate.to(DEVICE), up.to(DEVICE)
+    before = gate.clone(), up.clone()
+    ours = _run(_split_fn(backend), [gate, up])
+    ref = _run(reference.swiglu, [gate, up])
+    assert torch.equal(gate, before[0]) and torch.equal(up, before[1]), "swiglu wrote into its inputs"
+    for o, r in zip(ours, ref):
+        assert o.shape == r.shape
+        assert_close_fp32(o, r)
+
+
+def test_fused_reads_a_strided_projection_output_and_leading_dims(backend):
+    """gate_up as a merged projection's [B, S, 2I] output, sliced out of a wider buffer."""
+    wide = torch.randn(2, 3, 2 * 97 + 11, device=DEVICE)
+    gate_up = wide[..., : 2 * 97]
+    ours = _run(lambda x: swiglu_fused(x, backend=backend), [gate_up])
+    ref = _run(lambda x: reference.swiglu(*x.chunk(2, dim=-1)), [gate_up])
+    assert ours[0].shape == (2, 3, 97)
+    for o, r in zip(ours, ref):
+        assert_close_fp32(o, r)
+
+
+def test_empty_rows(backend):
+    gate = torch.empty(0, 64, device=DEVICE, requires_grad=True)
+    y = swiglu(gate, torch.empty(0, 64, device=DEVICE), backend=backend)
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert gate.grad.shape == (0, 64)
+    assert swiglu_fused(torch.empty(2, 0, 128, device=DEVICE), backend=backend).shape == (2, 0, 64)
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(gate=[1.0]), TypeError, "gate must be a torch.Tensor"),
+        (dict(gate=torch.ones(2, 8, dtype=torch.int32)), TypeError, "gate must have dtype"),
+        (dict(up=torch.ones(2, 7)), ValueError, "up shape"),
+        (dict(up=torch.ones(2, 8, dtype=torch.float16)), TypeError, "up dtype"),
+        (dict(up=torch.ones(2, 8, device="meta")), ValueError, "up is on meta"),
+        (dict(gate=torch.ones(()), up=torch.ones(())), ValueError, "at least 1 dims"),
+        (dict(gate=torch.ones(2, 0), up=torch.ones(2, 0)), ValueError, "non-empty last dim"),
+    ],
+)
+def test_bad_inputs_raise_before_any_kernel(backend, kwargs, error, match):
+    args = dict(gate=torch.ones(2, 8), up=torch.ones(2, 8))
+    args.update(kwargs)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+            for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        swiglu(args["gate"], args["up"], backend=backend)
+
+
+@pytest.mark.parametrize(
+    "gate_up,error,match",
+    [
+        (torch.ones(2, 7), ValueError, "last dim must be even"),
+        (torch.ones(2, 0), ValueError, "last dim must be even and non-zero"),
+        (torch.ones(2, 8, dtype=torch.int64), TypeError, "gate_up must have dtype"),
+        ("gate_up", TypeError, "gate_up must be a torch.Tensor"),
+    ],
+)
+def test_fused_bad_inputs_raise(backend, gate_up, error, match):
+    with pytest.raises(error, match=match):
+        swiglu_fused(gate_up.to(DEVICE) if isinstance(gate_up, torch.Tensor) else gate_up, backend=backend)
+
+
+# --- torch.library registration and torch.compile ----------------------------------------------
+
+
+def test_custom_ops_pass_opcheck(backend):
+    gate, up = _gate_up(3, 20, torch.float32)
+    gate_up = torch.cat([gate, up], dim=-1)
+    torch.library.opcheck(torch.ops.thinkfuse.swiglu_fwd.default, (gate.requires_grad_(), up.requires_grad_(), backend))
+    torch.library.opcheck(torch.ops.thinkfuse.swiglu_bwd.default, (up.detach(), gate.detach(), up.detach(), backend))
+    torch.library.opcheck(torch.ops.thinkfuse.swiglu_fused_fwd.default, (gate_up.requires_grad_(), backend))
+    torch.library.opcheck(torch.ops.thinkfuse.swiglu_fused_bwd.default, (gate.detach(), gate_up.detach(), backend))
+
+
+def test_custom_ops_torch_forms_match_the_kernels(kernel_backend):
+    gate, up = _gate_up(3, 45, torch.float32)
+    gate_up, dy = torch.cat([gate, up], dim=-1), up * 0.5
+    calls = [
+        (torch.ops.thinkfuse.swiglu_fwd, (gate, up)),
+        (torch.ops.thinkfuse.swiglu_bwd, (dy, gate, up)),
+        (torch.ops.thinkfuse.swiglu_fused_fwd, (gate_up,)),
+        (torch.ops.thinkfuse.swiglu_fused_bwd, (dy, gate_up)),
+    ]
+    for op, args in calls:
+        ours, ref = op(*args, kernel_backend), op(*args, "torch")
+        for o, r in zip(ours if isinstance(ours, tuple) else (ours,), ref if isinstance(ref, tuple) else (ref,)):
+            assert_close_fp32(o, r)
+
+
+class _MLP(torch.nn.Module):
+    """A merged gate/up projection -> swiglu_fused -> down projection, as a patched MLP runs."""
+
+    def __init__(self, hidden, intermediate, fused):
+        super().__init__()
+        self.gate_up = torch.nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down = torch.nn.Linear(intermediate, hidden, bias=False)
+        self.fused = fused
+
+    def forward(self, x):
+        gate_up = self.gate_up(x)
+        act = swiglu_fused(gate_up) if self.fused else swiglu(*gate_up.chunk(2, dim=-1))
+        return self.down(act).square().sum()
+
+
+@pytest.mark.parametrize("kb", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+def test_torch_compile_kernel_backend_fullgraph(kb, fused):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = _MLP(16, 40, fused).to(DEVICE)
+    x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    with thinkfuse.use_backend(kb):
+        eager = module(x)
+        (eager_grad,) = torch.autograd.grad(eager, x)
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)(x)
+        (compiled_grad,) = torch.autograd.grad(compiled, x)
+    assert_close_fp32(compiled, eager, tol=1e-4)
+    assert_close_fp32(compiled_grad, eager_grad, tol=1e-4)

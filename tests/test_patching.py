@@ -14,9 +14,9 @@ from thinkfuse.tiny import BUILDERS, tiny_batch, tiny_model
 FAMILY_NAMES = list(BUILDERS)
 
 
-def _logits_and_grads(model, ids):
+def _logits_and_grads(model, ids, **inputs):
     model.zero_grad(set_to_none=True)
-    logits = model(ids).logits
+    logits = model(ids, **inputs).logits
     (logits * torch.linspace(-1, 1, logits.shape[-1], device=logits.device)).sum().backward()
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -34,7 +34,8 @@ def test_patched_model_matches_unpatched(family, backend):
     cls = type(model)
 
     report = thinkfuse.patch_model(model, backend=backend)
-    assert report.patched["rms_norm"] == 2 * 2 + 1  # two norms per layer, 2 layers, final norm
+    # two norms per layer, 2 layers, final norm; one MLP and one attention per layer
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2}
     assert report.resolved_backend == backend
     logits, grads = _logits_and_grads(model, ids)
     assert_close_fp32(logits, ref_logits, tol=1e-4)
@@ -47,6 +48,43 @@ def test_patched_model_matches_unpatched(family, backend):
     assert not _patched_state(model)
     restored, _ = _logits_and_grads(model, ids)
     assert torch.equal(restored, ref_logits)
+
+
+def _assert_patched_matches(family, backend, ids, **inputs):
+    model = tiny_model(family).to(DEVICE)
+    ref_logits, ref_grads = _logits_and_grads(model, ids, **inputs)
+    thinkfuse.patch_model(model, backend=backend)
+    logits, grads = _logits_and_grads(model, ids, **inputs)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
+    for name, grad in ref_grads.items():
+        assert_close_fp32(grads[name], grad, tol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["ministral3", "mistral3", "qwen2"])
+def test_positions_past_original_context(family, backend):
+    """The tiny Ministral 3 config has original_max_position_embeddings 32: positions 60..109
+    exercise the YaRN frequencies and the llama4 query temperature (1 + 0.1 ln(1 + pos // 32))."""
+    ids = tiny_batch(2, 50, device=DEVICE)
+    positions = torch.arange(60, 110, device=DEVICE).expand(2, -1)
+    _assert_patched_matches(family, backend, ids, position_ids=positions)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_packed_position_ids(family, backend):
+    """Two sequences packed in one row: position_ids restart inside the row."""
+    ids = tiny_batch(1, 19, device=DEVICE)
+    positions = torch.cat([torch.arange(7), torch.arange(12)]).to(DEVICE)[None]
+    _assert_patched_matches(family, backend, ids, position_ids=positions)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_left_padded_batch(family, backend):
+    ids = tiny_batch(3, 13, device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :1] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() derives them
+    _assert_patched_matches(family, backend, ids, attention_mask=mask, position_ids=positions)
 
 
 def test_torch_backend_is_bit_exact():
@@ -105,10 +143,23 @@ def test_mistral3_vision_tower_and_projector_untouched():
 
 def test_flags_turn_kinds_off():
     model = tiny_model("ministral3")
-    report = thinkfuse.patch_model(model, rms_norm=False)
-    assert report.total == 0 and "rms_norm" in report.disabled
+    report = thinkfuse.patch_model(model, rms_norm=False, swiglu=False, rope=False)
+    assert report.total == 0 and {"rms_norm", "swiglu", "rope"} <= set(report.disabled)
     assert not _patched_state(model)
     assert "rms_norm" in str(report)
+    report = thinkfuse.patch_model(model, rms_norm=False)
+    assert report.patched == {"swiglu": 2, "rope": 2}
+
+
+def test_rules_skip_modules_they_do_not_fit():
+    """A non-SiLU MLP and a dynamic-rope attention are left as they are."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu",
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    report = thinkfuse.patch_model(Qwen2ForCausalLM(config))
+    assert report.patched == {"rms_norm": 3}
 
 
 def test_report_names_backend_and_counts():
@@ -117,6 +168,7 @@ def test_report_names_backend_and_counts():
     assert report.backend == "auto" and report.resolved_backend == "torch" and report.family == "qwen2"
     text = str(report)
     assert "Qwen2ForCausalLM" in text and "rms_norm" in text and "5 modules" in text
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2}
 
 
 def test_deepcopy_of_patched_model_keeps_its_own_patches():
@@ -124,7 +176,7 @@ def test_deepcopy_of_patched_model_keeps_its_own_patches():
     thinkfuse.patch_model(model, backend="torch")
     clone = copy.deepcopy(model)
     assert clone.model.norm.forward.__self__ is clone.model.norm
-    assert thinkfuse.unpatch_model(clone) == 5
+    assert thinkfuse.unpatch_model(clone) == 9
     assert "forward" not in clone.model.norm.__dict__
 
 

@@ -25,6 +25,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
 )
 
 _STATE_ATTR = "_thinkfuse_patch"
+_CACHE_PREFIX = "_thinkfuse_"  # replacement forwards may cache derived values under this prefix
 
 
 class UnsupportedModel(TypeError):
@@ -125,7 +126,7 @@ def patch_model(
     counts: dict[str, int] = {}
     for module in family.root(model).modules():
         for rule, cls in rules:
-            if cls is None or type(module) is not cls:
+            if cls is None or type(module) is not cls or (rule.when and not rule.when(module)):
                 continue
             state = getattr(module, _STATE_ATTR, None)
             if state is None:
@@ -158,6 +159,8 @@ def unpatch_model(model: nn.Module) -> int:
         state = module.__dict__.pop(_STATE_ATTR, None)
         if state is None:
             continue
+        for cache in [k for k in module.__dict__ if k.startswith(_CACHE_PREFIX)]:
+            del module.__dict__[cache]
         if state.original_forward is None:
             del module.forward
         else:

@@ -1,11 +1,15 @@
 """Mistral (Mistral-7B style, Ministral-8B-2410)."""
 
-from .forwards import rms_norm_forward
+from .forwards import has_silu_activation, has_static_rope, rms_norm_forward, rope_attention_forward, swiglu_mlp_forward
 from .rules import ModelFamily, PatchRule
 
 _M = "transformers.models.mistral.modeling_mistral."
 
-RULES = (PatchRule("rms_norm", _M + "MistralRMSNorm", rms_norm_forward),)
+RULES = (
+    PatchRule("rms_norm", _M + "MistralRMSNorm", rms_norm_forward),
+    PatchRule("swiglu", _M + "MistralMLP", swiglu_mlp_forward, when=has_silu_activation),
+    PatchRule("rope", _M + "MistralAttention", rope_attention_forward, when=has_static_rope),
+)
 
 FAMILY = ModelFamily(
     name="mistral",

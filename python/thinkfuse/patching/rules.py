@@ -22,6 +22,9 @@ class PatchRule:
     kind: str  # one of KINDS
     module_class: str  # dotted path, e.g. "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm"
     forward: Callable  # replacement forward(self, ...): same parameters as the original
+    # Optional predicate on the module instance: the rule applies only where it holds (e.g. the
+    # MLP rule only where the activation is SiLU).
+    when: Callable[[nn.Module], bool] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -23,14 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import harness, rms_norm  # noqa: E402
+from bench import harness, rms_norm, rope, swiglu  # noqa: E402
 
 # The smoke shapes the harness promises: tokens 8, hidden 64 and 1000.
 SMOKE_SHAPES = ("8x64", "8x1000")
 VARIANTS = ("norm", "add+norm")
 MODES = ("fwd", "fwd+bwd")
 # These implementations can always run on CPU; the others may be "missing" with a reason.
-CPU_IMPLS = ("thinkfuse-torch", "hf-eager", "torch-compile")
+CPU_IMPLS = ("thinkfuse-torch", "thinkfuse-torch-apply_rotary", "thinkfuse-torch-fused", "hf-eager", "torch-compile")
+THINKFUSE_IMPLS = ("thinkfuse-cuda", "thinkfuse-triton", "thinkfuse-torch")
+BASELINES = ("hf-eager", "torch-compile", "liger")
+
+# rope: 8 tokens, 4/2 heads, head_dim 16; one tiny preset per RoPE variant.
+ROPE_SMOKE_SHAPES = ("8x4x2x16",)
+ROPE_VARIANTS = ("default", "yarn+temperature")
+ROPE_IMPLS = (*THINKFUSE_IMPLS, *(f"{name}-apply_rotary" for name in THINKFUSE_IMPLS), *BASELINES, "flashinfer")
+# swiglu: 8 tokens, intermediate 64 and 1000.
+SWIGLU_SMOKE_SHAPES = ("8x64", "8x1000")
+SWIGLU_IMPLS = (*THINKFUSE_IMPLS, *(f"{name}-fused" for name in THINKFUSE_IMPLS), *BASELINES)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +61,27 @@ def test_smoke_has_a_row_for_every_rms_norm_case_and_implementation(smoke):
     expected = set(itertools.product(VARIANTS, SMOKE_SHAPES, MODES, harness.IMPL_ORDER))
     assert len(keys) == len(set(keys)), "duplicate rows"
     assert set(keys) == expected
+
+
+def _row_keys(results, op):
+    rows = [r for r in results["rows"] if r["op"] == op]
+    keys = [(r["variant"], r["shape_label"], r["mode"], r["impl"]) for r in rows]
+    assert len(keys) == len(set(keys)), f"duplicate {op} rows"
+    return set(keys)
+
+
+def test_smoke_has_a_row_for_every_rope_case_and_implementation(smoke):
+    _, results = smoke
+    expected = set(itertools.product(ROPE_VARIANTS, ROPE_SMOKE_SHAPES, MODES, ROPE_IMPLS))
+    assert _row_keys(results, "rope") == expected
+    models = {r["variant"]: r["model"] for r in results["rows"] if r["op"] == "rope"}
+    assert models == {"default": "tiny-qwen2", "yarn+temperature": "tiny-ministral3"}
+
+
+def test_smoke_has_a_row_for_every_swiglu_case_and_implementation(smoke):
+    _, results = smoke
+    expected = set(itertools.product(("silu*up",), SWIGLU_SMOKE_SHAPES, MODES, SWIGLU_IMPLS))
+    assert _row_keys(results, "swiglu") == expected
 
 
 def test_smoke_rows_are_ok_or_missing_with_a_reason(smoke):
@@ -78,12 +109,15 @@ def test_smoke_reports_no_speed_numbers(smoke):
 def test_smoke_writes_markdown_and_plots(smoke):
     out, results = smoke
     markdown = (out / "results.md").read_text()
-    assert "## rms_norm" in markdown and "Smoke run" in markdown
-    assert "Bytes counted" in markdown
+    assert "Smoke run" in markdown
+    for op in ("rms_norm", "rope", "swiglu"):
+        assert f"## {op}" in markdown
+    assert markdown.count("Bytes counted") >= 3
     assert not (out / "rows.partial.jsonl").exists()
     pytest.importorskip("matplotlib")
-    assert (out / "rms_norm_speedup_vs_hf_eager.png").stat().st_size > 0
-    assert (out / "rms_norm_copy_bw_fraction.png").stat().st_size > 0
+    for op in ("rms_norm", "rope", "swiglu"):
+        assert (out / f"{op}_speedup_vs_hf_eager.png").stat().st_size > 0
+        assert (out / f"{op}_copy_bw_fraction.png").stat().st_size > 0
 
 
 def test_smoke_refuses_to_write_under_bench_results():
@@ -124,6 +158,41 @@ def test_bytes_counted():
     assert rms_norm.bytes_moved(t, n, "add+norm", "fwd", torch.bfloat16) == (4 * t * n + n) * bf16
     assert rms_norm.bytes_moved(t, n, "norm", "fwd+bwd", torch.bfloat16) == (5 * t * n + 3 * n) * bf16
     assert rms_norm.bytes_moved(t, n, "add+norm", "fwd+bwd", torch.bfloat16) == (8 * t * n + 3 * n) * bf16
+
+
+def test_rope_gpu_case_list_covers_tokens_head_shapes_variants_modes_and_impls():
+    cases = rope.cases(_gpu_config())
+    keys = {(c.shape["tokens"], c.shape["q_heads"], c.shape["kv_heads"], c.shape["head_dim"], c.variant,
+             c.mode, c.impl) for c in cases}
+    head_shapes = {(12, 2, 128, "default"), (40, 8, 128, "default"), (32, 8, 128, "default"),
+                   (32, 8, 128, "yarn+temperature")}
+    expected = {(t, *h, m, i) for t in (4096, 16384) for h in head_shapes for m in MODES for i in ROPE_IMPLS}
+    assert keys == expected and len(cases) == len(expected)
+    models = {(c.shape["q_heads"], c.variant): c.model for c in cases}
+    assert models == {(12, "default"): "palmyra-mini", (40, "default"): "am-thinking-v1",
+                      (32, "default"): "mimo-7b",
+                      (32, "yarn+temperature"): "ministral-3-3b,ministral-3-8b,ministral-3-14b"}
+    # FlashInfer's RoPE has no backward: its fwd+bwd rows are always missing, with a reason.
+    assert all(c.missing for c in cases if c.impl == "flashinfer" and c.mode == "fwd+bwd")
+
+
+def test_swiglu_gpu_case_list_covers_tokens_intermediate_sizes_modes_and_impls():
+    cases = swiglu.cases(_gpu_config())
+    keys = {(c.shape["tokens"], c.shape["intermediate"], c.variant, c.mode, c.impl) for c in cases}
+    expected = set(itertools.product(
+        (4096, 16384), (8960, 27648, 11008, 9216, 14336, 16384), ("silu*up",), MODES, SWIGLU_IMPLS))
+    assert keys == expected and len(cases) == len(expected)
+    assert {c.model for c in cases if c.shape["intermediate"] == 11008} == {"mimo-7b"}
+
+
+def test_rope_and_swiglu_bytes_counted():
+    t, hq, hkv, d, bf16 = 4096, 32, 8, 128, 2
+    one_pass = 2 * t * (hq + hkv) * d * bf16 + 8 * t  # q, k in and out; int64 position_ids in
+    assert rope.bytes_moved(t, hq, hkv, d, "fwd", torch.bfloat16) == one_pass
+    assert rope.bytes_moved(t, hq, hkv, d, "fwd+bwd", torch.bfloat16) == 2 * one_pass
+    i = 8960
+    assert swiglu.bytes_moved(t, i, "fwd", torch.bfloat16) == 3 * t * i * bf16
+    assert swiglu.bytes_moved(t, i, "fwd+bwd", torch.bfloat16) == 8 * t * i * bf16
 
 
 def _fake_timed_rows() -> list[dict]:

@@ -10,6 +10,7 @@ On a machine without a GPU the Triton kernels run through the Triton interpreter
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -64,7 +65,7 @@ def check_family(family: str, backend: str, device: torch.device) -> dict:
     return {
         "family": family,
         "model": report.model,
-        "patched": ", ".join(f"{k} x{n}" for k, n in report.patched.items()),
+        "patched": " ".join(f"{k}:{n}" for k, n in report.patched.items()),
         "backend": report.resolved_backend,
         "logits_err": logits_err,
         "grad_err": grad_err,
@@ -96,7 +97,8 @@ def _print_table(rows: list[dict]) -> None:
         table.add_column(h)
     for c in cells:
         table.add_row(*c, style=None if c[-1] == "ok" else "bold red")
-    Console().print(table)
+    # Wide enough for one line per row even when stdout is not a terminal (CI logs).
+    Console(width=max(shutil.get_terminal_size().columns, 150)).print(table)
 
 
 def main(argv=None) -> int:

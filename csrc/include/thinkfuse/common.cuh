@@ -1,0 +1,227 @@
+// Building blocks shared by every thinkfuse kernel: dtype conversions, aligned vector
+// loads/stores, warp/block reductions, host-side launch helpers and dtype dispatch.
+//
+// Header-only and free of torch headers on purpose: torch headers cost minutes of nvcc time
+// per translation unit, and the kernels only need raw pointers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "thinkfuse/ops.h"
+
+// Evaluates a CUDA runtime call and returns its error from the enclosing function on failure.
+// Launchers return cudaError_t instead of throwing: the torch binding turns it into an error.
+#define TF_CUDA_TRY(expr)                      \
+  do {                                         \
+    const cudaError_t tf_err_ = (expr);        \
+    if (tf_err_ != cudaSuccess) return tf_err_; \
+  } while (0)
+
+namespace thinkfuse {
+
+constexpr int kWarpSize = 32;
+
+template <typename T>
+__host__ __device__ constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+template <typename T>
+__host__ __device__ constexpr T round_up(T a, T multiple) {
+  return ceil_div(a, multiple) * multiple;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype conversions. All arithmetic happens in float32; storage types are float, __half and
+// __nv_bfloat16. Conversions to the narrow types round to nearest even, as torch does.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// The float value that storing x as T and reading it back gives: reproduces the rounding that
+// an eager torch op performs when it materialises an intermediate tensor in T.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aligned vectors in global memory. An AlignedArray moves as whole unsigned words of its
+// alignment (at most 16 bytes, so a 32-byte array is two 128-bit accesses). The caller
+// guarantees that the address is aligned to alignof(AlignedArray<T, N>).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) AlignedArray {
+  T v[N];
+};
+
+// Elements of T that fit in one 16-byte access.
+template <typename T>
+constexpr int kVecSize = 16 / static_cast<int>(sizeof(T));
+
+template <int kBytes>
+struct AccessWord;
+template <>
+struct AccessWord<2> {
+  using type = unsigned short;
+};
+template <>
+struct AccessWord<4> {
+  using type = unsigned int;
+};
+template <>
+struct AccessWord<8> {
+  using type = uint2;
+};
+template <>
+struct AccessWord<16> {
+  using type = uint4;
+};
+
+template <typename T, int N>
+__device__ __forceinline__ AlignedArray<T, N> load_aligned(const T* ptr) {
+  using Array = AlignedArray<T, N>;
+  using Word = typename AccessWord<alignof(Array)>::type;
+  constexpr int kWords = sizeof(Array) / sizeof(Word);
+  Array out;
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) {
+    reinterpret_cast<Word*>(out.v)[w] = reinterpret_cast<const Word*>(ptr)[w];
+  }
+  return out;
+}
+
+// Stores go through __stwb (st.global.wb, the default write-back policy): NVVM splits plain
+// 16-byte stores into scalar ones inside nested loops (seen with CUDA 13), which the intrinsic
+// cannot do. Loads stay plain C++ so the compiler keeps scheduling (and dropping) them freely.
+template <typename T, int N>
+__device__ __forceinline__ void store_aligned(T* ptr, const AlignedArray<T, N>& value) {
+  using Array = AlignedArray<T, N>;
+  using Word = typename AccessWord<alignof(Array)>::type;
+  constexpr int kWords = sizeof(Array) / sizeof(Word);
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) {
+    __stwb(reinterpret_cast<Word*>(ptr) + w, reinterpret_cast<const Word*>(value.v)[w]);
+  }
+}
+
+// Loads N consecutive elements of T at ptr as floats.
+// kAligned: ptr is aligned for AlignedArray<T, N> and all N elements are in bounds; one vector
+// access. Otherwise only the first `valid` elements are read, one at a time, and the rest read
+// as 0: the fallback for widths that are not a multiple of N and for unaligned rows.
+template <bool kAligned, int N, typename T>
+__device__ __forceinline__ void load_floats(const T* ptr, int valid, float (&out)[N]) {
+  if constexpr (kAligned) {
+    const AlignedArray<T, N> raw = load_aligned<T, N>(ptr);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_float(raw.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = i < valid ? to_float(ptr[i]) : 0.0f;
+  }
+}
+
+// Rounds N floats to T and stores them at ptr; same contract as load_floats (without kAligned
+// only the first `valid` elements are written).
+template <bool kAligned, int N, typename T>
+__device__ __forceinline__ void store_floats(T* ptr, int valid, const float (&in)[N]) {
+  if constexpr (kAligned) {
+    AlignedArray<T, N> raw;
+#pragma unroll
+    for (int i = 0; i < N; ++i) raw.v[i] = from_float<T>(in[i]);
+    store_aligned<T, N>(ptr, raw);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < valid) ptr[i] = from_float<T>(in[i]);
+    }
+  }
+}
+
+// Host side: may rows of T starting at ptr, row_stride elements apart, be read as 16-byte
+// vectors? (Both the base address and every row start must be 16-byte aligned.)
+template <typename T>
+inline bool rows_are_16B_aligned(const T* ptr, int64_t row_stride) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 &&
+         (row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. Every participating thread gets the full sum, so the caller needs no broadcast.
+// ---------------------------------------------------------------------------------------------
+
+// Butterfly (xor) reduction: after log2(32) steps every lane holds the same total. All 32 lanes
+// of the warp must call it.
+__device__ __forceinline__ float warp_reduce_sum(float x) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}
+
+// Sum over a 1-D block whose size is a multiple of 32 (at most 1024). Every thread of the block
+// must call it (it synchronises). It may be called repeatedly, e.g. once per row in a loop:
+// the trailing barrier keeps the next call from overwriting partials still being read.
+__device__ __forceinline__ float block_reduce_sum(float x) {
+  __shared__ float warp_sums[kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+
+  x = warp_reduce_sum(x);
+  if (lane == 0) warp_sums[warp] = x;
+  __syncthreads();
+  // Every warp reduces the per-warp partials itself, in the same order, so all threads end up
+  // with bitwise the same total without a second broadcast through shared memory.
+  x = lane < num_warps ? warp_sums[lane] : 0.0f;
+  x = warp_reduce_sum(x);
+  __syncthreads();
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side dtype dispatch: calls f(TypeTag<T>{}) with the storage type named by a DType.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(TypeTag<float>{});
+    case DType::kFloat16:
+      return f(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace thinkfuse

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "thinkfuse/ops.h"
 
@@ -105,11 +106,11 @@ __device__ __forceinline__ AlignedArray<T, N> load_aligned(const T* ptr) {
   using Array = AlignedArray<T, N>;
   using Word = typename AccessWord<alignof(Array)>::type;
   constexpr int kWords = sizeof(Array) / sizeof(Word);
-  Array out;
+  Word words[kWords];
 #pragma unroll
-  for (int w = 0; w < kWords; ++w) {
-    reinterpret_cast<Word*>(out.v)[w] = reinterpret_cast<const Word*>(ptr)[w];
-  }
+  for (int w = 0; w < kWords; ++w) words[w] = reinterpret_cast<const Word*>(ptr)[w];
+  Array out;
+  memcpy(&out, words, sizeof(Array));  // a register move; punning through pointers is UB
   return out;
 }
 
@@ -121,10 +122,10 @@ __device__ __forceinline__ void store_aligned(T* ptr, const AlignedArray<T, N>& 
   using Array = AlignedArray<T, N>;
   using Word = typename AccessWord<alignof(Array)>::type;
   constexpr int kWords = sizeof(Array) / sizeof(Word);
+  Word words[kWords];
+  memcpy(words, &value, sizeof(Array));
 #pragma unroll
-  for (int w = 0; w < kWords; ++w) {
-    __stwb(reinterpret_cast<Word*>(ptr) + w, reinterpret_cast<const Word*>(value.v)[w]);
-  }
+  for (int w = 0; w < kWords; ++w) __stwb(reinterpret_cast<Word*>(ptr) + w, words[w]);
 }
 
 // Loads N consecutive elements of T at ptr as floats.

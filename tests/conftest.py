@@ -22,6 +22,14 @@ KERNEL_BACKENDS = [b for b in thinkfuse.available_backends() if b != "torch"]
 ALL_BACKENDS = KERNEL_BACKENDS + ["torch"]
 
 
+def backends_with(cuda_op: str) -> list[str]:
+    """ALL_BACKENDS minus cuda when this build has no ``cuda_op`` kernel (ops land in the CUDA
+    extension one by one; the cuda backend then raises BackendUnavailable for them)."""
+    from thinkfuse.backend import cuda_has_op
+
+    return [b for b in ALL_BACKENDS if b != "cuda" or cuda_has_op(cuda_op)]
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
@@ -36,14 +44,18 @@ def device():
     return DEVICE
 
 
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request):
-    return request.param
+def pytest_generate_tests(metafunc):
+    """Parametrise the `backend` (every backend) and `kernel_backend` (cuda/triton) arguments.
 
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def kernel_backend(request):
-    return request.param
+    A test module that sets CUDA_OP = "<extension kernel>" gets the cuda backend only when this
+    build has that kernel.
+    """
+    cuda_op = getattr(metafunc.module, "CUDA_OP", None)
+    backends = ALL_BACKENDS if cuda_op is None else backends_with(cuda_op)
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends)
+    if "kernel_backend" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_backend", [b for b in backends if b != "torch"])
 
 
 @pytest.fixture(autouse=True)

@@ -124,12 +124,22 @@ def use_backend(name: str | None):
         _CONTEXT_BACKEND.reset(token)
 
 
-def default_backend(device: torch.device) -> str:
-    """The fastest backend for tensors on ``device``."""
+@functools.lru_cache(maxsize=None)
+def cuda_has_op(op: str) -> bool:
+    """Whether the built extension has a kernel named ``op`` (ops land in it one by one)."""
+    if _cuda_extension_error() is not None:
+        return False
+    importlib.import_module("thinkfuse._C")  # registers its ops
+    return hasattr(torch.ops.thinkfuse_C, op)
+
+
+def default_backend(device: torch.device, cuda_op: str | None = None) -> str:
+    """The fastest backend for tensors on ``device`` (that has ``cuda_op``, when given)."""
     if device.type == "cuda":
-        for name in ("cuda", "triton"):
-            if why_unavailable(name) is None:
-                return name
+        if why_unavailable("cuda") is None and (cuda_op is None or cuda_has_op(cuda_op)):
+            return "cuda"
+        if why_unavailable("triton") is None:
+            return "triton"
     return "torch"
 
 
@@ -147,17 +157,22 @@ def _constant_under_compile(fn):
 # Under torch.compile the choice is made once, while tracing (dynamo cannot trace ContextVar
 # reads); changing the backend later needs a new compile.
 @_constant_under_compile
-def resolve_backend(device: torch.device, requested: str | None = None) -> str:
+def resolve_backend(device: torch.device, requested: str | None = None, cuda_op: str | None = None) -> str:
     """The backend an op on ``device`` runs with, checking that it can run there.
 
-    Raises BackendUnavailable when a named backend cannot run in this process, and ValueError
-    when it cannot run on this device (CPU tensors for cuda, or for triton without the
-    interpreter).
+    ``cuda_op`` names the extension kernel the op needs on the cuda backend. Raises
+    BackendUnavailable when a named backend cannot run in this process (or lacks that kernel),
+    and ValueError when it cannot run on this device (CPU tensors for cuda, or for triton
+    without the interpreter).
     """
     name = requested if requested is not None else get_backend()
     if name is None:
-        return default_backend(device)
+        return default_backend(device, cuda_op)
     require_backend(name)
+    if name == "cuda" and cuda_op is not None and not cuda_has_op(cuda_op):
+        raise BackendUnavailable(
+            f"the cuda backend of this build has no {cuda_op} kernel; use backend='triton'"
+        )
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"the cuda backend needs CUDA tensors, got tensors on {device}")
     if name == "triton" and device.type != "cuda" and not triton_interpreter_enabled():

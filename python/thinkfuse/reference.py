@@ -81,3 +81,133 @@ def rope(q, k, position_ids, inv_freq, attention_scaling: float = 1.0, llama4_sc
         scale = llama4_query_scale(position_ids, *llama4_scaling)
         q_out = q_out * scale[:, :, None, None].to(q_out.dtype)
     return q_out, k_out
+
+
+def token_logprobs(logits, token_ids, temperature: float = 1.0, return_entropy: bool = False):
+    """Float32 ``log_softmax(logits / temperature)[..., token]`` for logits ``[..., V]`` and
+    token_ids ``[...]`` (and, with ``return_entropy``, the float32 entropy of that distribution).
+
+    A position whose token id is negative (padding, ``-100``) gives 0 for both outputs and no
+    gradient. Token ids must be below V (checked by the public op).
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    ignored = token_ids < 0
+    picked = logp.gather(-1, token_ids.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    # where() rather than multiplying by a mask, so no gradient reaches ignored rows
+    picked = torch.where(ignored, torch.zeros_like(picked), picked)
+    if not return_entropy:
+        return picked
+    # -inf logits (a masked vocabulary) have p = 0 and add nothing; without the where, 0 * -inf
+    # would make the entropy and its gradient NaN.
+    finite_logp = torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp)
+    entropy = -(logp.exp() * finite_logp).sum(-1)
+    return picked, torch.where(ignored, torch.zeros_like(entropy), entropy)
+
+
+def fused_linear_token_logprobs(
+    hidden, weight, token_ids, bias=None, temperature: float = 1.0, return_entropy: bool = False
+):
+    """``token_logprobs(F.linear(hidden, weight, bias), ...)``: the lm_head's logits (in the
+    activation dtype, as transformers computes them) followed by their log-probabilities.
+
+    This definition materialises the full logits; the op does not.
+    """
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return token_logprobs(logits, token_ids, temperature, return_entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# mtp_verify: speculative verification of K draft tokens against the target's K+1 logits rows.
+
+
+def mtp_verify(draft_tokens, target_logits, temperature: float = 0.0, draft_probs=None, uniforms=None):
+    """Verify drafts ``[B, K]`` against ``target_logits`` ``[B, K+1, V]``.
+
+    Returns ``(tokens [B, K+1] int64, num_accepted [B] int64)``: the accepted drafts, then one
+    token drawn from the target (the correction at the first rejection, or the bonus after K
+    acceptances), then -1 padding. A draft id outside ``[0, V)`` is rejected.
+
+    ``temperature == 0``: greedy, accept while the draft equals the target's argmax (ties to the
+    lowest id, as torch.argmax), emit the argmax. ``temperature > 0``: rejection sampling, exact
+    for ``q = softmax(target_logits / temperature)``: accept draft x with probability
+    ``min(1, q(x)/p(x))`` (``p(x) = 1`` when ``draft_probs`` is None, a deterministic draft), and
+    at the first rejection draw from ``normalise(max(q - p, 0))`` (deterministic draft: q without
+    x); after K acceptances draw the bonus from q_K. ``uniforms`` ``[B, K+1]`` in [0, 1) hold the
+    randomness: column j < K decides acceptance at j (accept iff ``u * p(x) < q(x)``), column K
+    drives the single draw, by inverse CDF over the vocabulary in id order. When no token can be
+    drawn (all weights zero or NaN) the target's argmax is emitted.
+    """
+    if temperature == 0:
+        return _greedy_verify(draft_tokens, target_logits)
+    return _sampled_verify(draft_tokens, target_logits, temperature, draft_probs, uniforms)
+
+
+def _emit(draft, num_accepted, final_token):
+    """Row layout: the first num_accepted drafts, then final_token, then -1."""
+    batch, k = draft.shape
+    cols = torch.arange(k + 1, device=draft.device)[None, :]
+    padded_draft = torch.cat([draft, draft.new_full((batch, 1), -1)], dim=1)
+    n = num_accepted[:, None]
+    tokens = torch.where(cols < n, padded_draft, torch.full_like(padded_draft, -1))
+    return torch.where(cols == n, final_token[:, None], tokens), num_accepted
+
+
+def _accepted_prefix(accept):
+    """Number of leading True per row of ``accept`` ``[B, K]``."""
+    return accept.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def _greedy_verify(draft_tokens, target_logits):
+    draft = draft_tokens.long()
+    k = draft.shape[1]
+    target = target_logits.argmax(dim=-1)  # [B, K+1]
+    num_accepted = _accepted_prefix(draft == target[:, :k])
+    return _emit(draft, num_accepted, target.gather(1, num_accepted[:, None])[:, 0])
+
+
+def _sampled_verify(draft_tokens, target_logits, temperature, draft_probs, uniforms):
+    draft = draft_tokens.long()
+    batch, k = draft.shape
+    vocab = target_logits.shape[-1]
+    x = target_logits.float() / temperature
+    unnormalised = torch.exp(x - x.amax(dim=-1, keepdim=True))
+    q = unnormalised / unnormalised.sum(dim=-1, keepdim=True)  # [B, K+1, V]
+
+    valid = (draft >= 0) & (draft < vocab)
+    safe = draft.clamp(0, vocab - 1)[..., None]
+    q_draft = torch.where(valid, q[:, :k].gather(-1, safe)[..., 0], torch.zeros_like(q[:, :k, 0]))
+    p_draft = 1.0 if draft_probs is None else draft_probs.float().gather(-1, safe)[..., 0]
+    num_accepted = _accepted_prefix(valid & (uniforms[:, :k].float() * p_draft < q_draft))
+
+    rows = torch.arange(batch, device=draft.device)
+    weights = q[rows, num_accepted]  # [B, V]: q at the position of the final token
+    residual = num_accepted < k
+    at = num_accepted.clamp(max=max(k - 1, 0))
+    if k > 0 and draft_probs is None:
+        # deterministic draft rejected: q with that draft token removed
+        removed = residual & valid[rows, at]
+        drop = torch.zeros_like(weights, dtype=torch.bool)
+        drop[rows[removed], draft[rows, at][removed]] = True
+        weights = weights.masked_fill(drop, 0.0)
+    elif k > 0:
+        leftover = (weights - draft_probs[rows, at].float()).clamp(min=0)
+        weights = torch.where(residual[:, None], leftover, weights)
+
+    fallback = target_logits[rows, num_accepted].argmax(dim=-1)
+    final = _inverse_cdf(weights, uniforms[:, k], fallback)
+    return _emit(draft, num_accepted, final)
+
+
+def _inverse_cdf(weights, u, fallback):
+    """Per row, the first id whose cumulative weight exceeds ``u * total``; when rounding leaves
+    none, the last id with positive weight; when no weight is positive, ``fallback``."""
+    vocab = weights.shape[-1]
+    weights = torch.nan_to_num(weights.double(), nan=0.0).clamp(min=0)
+    cdf = weights.cumsum(dim=-1)
+    threshold = u.double()[:, None] * cdf[:, -1:]
+    crossed = (cdf > threshold) & (weights > 0)
+    ids = torch.arange(vocab, device=weights.device)
+    first = torch.where(crossed, ids, vocab).amin(dim=-1)
+    last_positive = torch.where(weights > 0, ids, -1).amax(dim=-1)
+    token = torch.where(first < vocab, first, last_positive)
+    return torch.where(token >= 0, token, fallback)

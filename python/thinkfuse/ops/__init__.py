@@ -5,8 +5,12 @@ selection described in ``thinkfuse.backend``).
 """
 
 from ..rope_params import RopeParams, rope_params
+from .logprobs import fused_linear_token_logprobs, token_logprobs
+from .mtp_verify import mtp_verify
 from .rms_norm import rms_norm
 from .rope import apply_rotary_pos_emb, rope
 from .swiglu import swiglu, swiglu_fused
 
 __all__ = ["RopeParams", "apply_rotary_pos_emb", "rms_norm", "rope", "rope_params", "swiglu", "swiglu_fused"]
+__all__ += ["fused_linear_token_logprobs", "token_logprobs"]
+__all__ += ["mtp_verify"]

@@ -33,7 +33,7 @@ def rms_norm(
     The output dtype is ``promote_types(x.dtype, weight.dtype)``, as in transformers.
     """
     _check_args(x, weight, eps, residual)
-    name = resolve_backend(x.device, backend)
+    name = resolve_backend(x.device, backend, cuda_op="rms_norm_fwd")
     if name == "torch":
         return reference.rms_norm(x, weight, eps, residual)
 

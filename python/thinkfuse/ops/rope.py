@@ -66,7 +66,7 @@ def rope(
     """
     llama4 = _check_rope_args(q, k, position_ids, inv_freq, attention_scaling, llama4_scaling)
     inv_freq = inv_freq.float()
-    name = resolve_backend(q.device, backend)
+    name = resolve_backend(q.device, backend, cuda_op="rope_fwd")
     if name == "torch":
         return reference.rope(q, k, position_ids, inv_freq, attention_scaling, llama4)
     beta, original_max = llama4 or _NO_TEMPERATURE
@@ -85,7 +85,7 @@ def apply_rotary_pos_emb(
     ``[B, S, D]`` or ``[1, S, D]``. Outputs have dtype ``promote_types(q.dtype, cos.dtype)``.
     """
     _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim)
-    name = resolve_backend(q.device, backend)
+    name = resolve_backend(q.device, backend, cuda_op="apply_rotary_fwd")
     if name == "torch":
         return reference.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
     q_out, k_out = torch.ops.thinkfuse.apply_rotary_fwd(

@@ -35,7 +35,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None) -> Tensor
     so bfloat16/float16 results can differ from it by one unit in the last place.
     """
     _check_gate_up(gate, up)
-    name = resolve_backend(gate.device, backend)
+    name = resolve_backend(gate.device, backend, cuda_op="swiglu_fwd")
     if name == "torch":
         return reference.swiglu(gate, up)
     return torch.ops.thinkfuse.swiglu_fwd(as_rows(gate), as_rows(up), name).view(gate.shape)
@@ -48,7 +48,7 @@ def swiglu_fused(gate_up: Tensor, *, backend: Optional[str] = None) -> Tensor:
         raise ValueError(
             f"gate_up's last dim must be even and non-zero (gate and up halves), got {gate_up.shape[-1]}"
         )
-    name = resolve_backend(gate_up.device, backend)
+    name = resolve_backend(gate_up.device, backend, cuda_op="swiglu_fused_fwd")
     if name == "torch":
         return reference.swiglu(*gate_up.chunk(2, dim=-1))
     out_shape = (*gate_up.shape[:-1], gate_up.shape[-1] // 2)

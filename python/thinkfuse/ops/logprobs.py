@@ -1,0 +1,543 @@
+"""``thinkfuse.ops.token_logprobs`` and ``fused_linear_token_logprobs``: the per-token
+log-probabilities (and entropies) that GRPO/PPO losses need, without the memory wall of
+float32 logits.
+
+- ``token_logprobs(logits, token_ids)``: ``log_softmax(logits / T)[token]`` in one pass over the
+  logits (online logsumexp); backward writes ``d logits`` straight in the logits' dtype. No float32
+  copy of the logits is made.
+- ``fused_linear_token_logprobs(hidden, weight, token_ids)``: the same for the lm_head's logits
+  ``hidden @ weight.T + bias``, which are never held for all tokens at once: the kernels work on
+  tiles of tokens x vocab, the torch backend on chunks of tokens (recomputed in backward).
+
+Token ids: negative ids (padding, ``-100``) give 0 and no gradient (entropy too). Ids >= V raise
+``ValueError`` on CPU tensors (checked eagerly); on GPU tensors, where that check would cost a
+host synchronisation, they give a NaN log-prob (the kernels never read out of bounds).
+
+The cuda and triton backends run behind ``torch.library`` custom ops joined by autograd formulas
+(``thinkfuse::token_logprobs_fwd``/``_bwd``, ``thinkfuse::fused_linear_logprobs_fwd``/``_bwd``).
+The torch backend chunks over tokens with ``torch.autograd.Function``s that recompute each chunk
+in backward, so it too never holds more than one chunk of float32 logits.
+
+The CUDA extension is expected to provide, with the Triton launchers' argument order and
+conventions (kernels/logprobs.py, kernels/fused_linear_logprobs.py):
+    token_logprobs_fwd(Tensor logits, Tensor token_ids, float temperature, bool return_entropy)
+        -> (Tensor logprobs, Tensor entropy, Tensor lse)
+        # logits [B, T, V], unit stride on V, any strides on B and T (a logits[:, :-1] slice is
+        # read in place); token_ids [B*T] contiguous int32/int64, row r = b*T + t; outputs float32
+        # [B*T]; entropy is an empty [0] tensor when not requested; lse is saved for backward.
+    token_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor token_ids,
+                       Tensor lse, Tensor? entropy, float temperature) -> Tensor grad_logits
+        # grad_* float32 [B*T] contiguous; grad_logits contiguous [B, T, V] in logits' dtype
+    fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor token_ids, Tensor? bias,
+                              float temperature, bool return_entropy)
+        -> (Tensor logprobs, Tensor entropy, Tensor lse)
+        # hidden [N, H] and weight [V, H] with unit stride on H (any row stride), same dtype;
+        # bias [V] contiguous; token_ids [N] contiguous int32/int64; outputs float32 [N]
+    fused_linear_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden,
+                              Tensor weight, Tensor token_ids, Tensor? bias, Tensor lse,
+                              Tensor? entropy, float temperature, bool weight_grad)
+        -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)
+        # grad_hidden [N, H] in hidden's dtype; grad_weight [V, H] / grad_bias [V] in their
+        # parameter's dtype, or empty [0] tensors of hidden's dtype when weight_grad is False (or
+        # there is no bias);
+        # d_hidden/d_weight/d_bias accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import as_rows, check_float, check_same_device, check_tensor, with_unit_last_stride
+from ..backend import resolve_backend
+from ._registry import implementation
+
+TOKEN_ID_DTYPES = (torch.int32, torch.int64)
+# The torch backend's chunks hold at most this many bytes of float32 logits.
+CHUNK_LOGITS_BYTES = 256 * 2**20
+
+
+def token_logprobs(
+    logits: Tensor,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: Optional[str] = None,
+):
+    """Float32 ``log_softmax(logits / temperature, -1)`` gathered at ``token_ids``.
+
+    logits ``[..., V]`` (float32/float16/bfloat16, any strides), token_ids ``[...]`` int32/int64.
+    Returns logprobs ``[...]`` float32, or ``(logprobs, entropy)`` with ``return_entropy``
+    (the float32 entropy of ``softmax(logits / temperature)``; differentiable too). Positions
+    whose token id is negative give 0 for both and no gradient. Differentiable w.r.t. logits;
+    the gradient is written in the logits' dtype.
+    """
+    temperature = _check_token_logprobs_args(logits, token_ids, temperature)
+    name = resolve_backend(logits.device, backend, cuda_op="token_logprobs_fwd")
+    logits3, ids = _as_batch_rows(logits), _flat_ids(token_ids)
+    if name == "torch":
+        logprobs, entropy = _ChunkedTokenLogprobs.apply(logits3, ids, temperature, bool(return_entropy))
+    else:
+        logprobs, entropy, _ = torch.ops.thinkfuse.token_logprobs_fwd(
+            logits3, ids, temperature, bool(return_entropy), name
+        )
+    return _outputs(logprobs, entropy, token_ids.shape, return_entropy)
+
+
+def fused_linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+):
+    """``token_logprobs(hidden @ weight.T + bias, token_ids, ...)`` without ever holding the
+    ``[tokens, V]`` logits. Differentiable w.r.t. hidden, weight and bias.
+
+    hidden ``[..., H]``, weight ``[V, H]`` (the lm_head's weight, same dtype as hidden), bias
+    ``[V]`` or None, token_ids ``[...]`` (hidden's leading shape) int32/int64.
+
+    ``chunk_size`` is a hint, in tokens: the torch backend computes the logits of that many
+    tokens at a time (default: chunks of at most ``CHUNK_LOGITS_BYTES`` of float32 logits); the
+    triton and cuda backends choose their own tiles.
+
+    Under ZeRO-3 / FSDP the caller passes the full (gathered) ``weight`` and ``bias``, and they
+    must stay whole until the backward has run, since it recomputes the logits from them:
+    ``deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])`` around the forward and
+    the backward, ``weight.full_tensor()`` for an FSDP2 DTensor (see ``thinkfuse.grpo``).
+    """
+    temperature = _check_fused_args(hidden, weight, token_ids, bias, temperature, chunk_size)
+    name = resolve_backend(hidden.device, backend, cuda_op="fused_linear_logprobs_fwd")
+    rows, ids = as_rows(hidden), _flat_ids(token_ids)
+    weight = with_unit_last_stride(weight)
+    bias = bias.contiguous() if bias is not None else None
+    if name == "torch":
+        chunk = chunk_size or default_chunk_tokens(weight.shape[0])
+        logprobs, entropy = _ChunkedFusedLinearLogprobs.apply(
+            rows, weight, ids, bias, temperature, bool(return_entropy), chunk
+        )
+    else:
+        logprobs, entropy, _ = torch.ops.thinkfuse.fused_linear_logprobs_fwd(
+            rows, weight, ids, bias, temperature, bool(return_entropy), name
+        )
+    return _outputs(logprobs, entropy, token_ids.shape, return_entropy)
+
+
+def default_chunk_tokens(n_vocab: int) -> int:
+    """Tokens per chunk of the torch backend: at most ``CHUNK_LOGITS_BYTES`` of float32 logits."""
+    return max(1, CHUNK_LOGITS_BYTES // (4 * n_vocab))
+
+
+def _outputs(logprobs, entropy, shape, return_entropy):
+    logprobs = logprobs.view(shape)
+    return (logprobs, entropy.view(shape)) if return_entropy else logprobs
+
+
+def _flat_ids(token_ids: Tensor) -> Tensor:
+    return token_ids.reshape(-1).contiguous()
+
+
+def _as_batch_rows(logits: Tensor) -> Tensor:
+    """A ``[B, T, V]`` view of logits ``[..., V]`` with a unit stride on V.
+
+    A slice such as ``logits[:, :-1]`` keeps its strides (no copy of the logits); only inputs
+    with more than three dims that cannot be viewed so, or a strided V, are copied.
+    """
+    if logits.dim() == 1:
+        logits = logits.view(1, 1, -1)
+    elif logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    elif logits.dim() > 3:
+        logits = logits.reshape(-1, *logits.shape[-2:])
+    return with_unit_last_stride(logits)
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+
+def _check_token_ids(token_ids, leading_shape, leading_name: str, n_vocab: int) -> None:
+    check_tensor("token_ids", token_ids, dtypes=TOKEN_ID_DTYPES)
+    if token_ids.shape != leading_shape:
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} must equal {leading_name}'s leading shape {tuple(leading_shape)}"
+        )
+    # Reading values costs a host synchronisation on GPU (and a graph break under torch.compile),
+    # where out-of-range ids give NaN instead.
+    eager_cpu = token_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and token_ids.numel() and int(token_ids.max()) >= n_vocab:
+        raise ValueError(
+            f"token_ids must be < V = {n_vocab} (negative ids are ignored), got {int(token_ids.max())}"
+        )
+
+
+def _check_temperature(temperature) -> float:
+    return check_float("temperature", temperature, positive=True)
+
+
+def _check_token_logprobs_args(logits, token_ids, temperature) -> float:
+    check_tensor("logits", logits, min_ndim=1)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty last dim (the vocabulary)")
+    check_same_device(logits=logits, token_ids=token_ids if isinstance(token_ids, Tensor) else None)
+    _check_token_ids(token_ids, logits.shape[:-1], "logits", logits.shape[-1])
+    return _check_temperature(temperature)
+
+
+def _check_fused_args(hidden, weight, token_ids, bias, temperature, chunk_size) -> float:
+    check_tensor("hidden", hidden, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    n_vocab, n_hidden = weight.shape
+    if hidden.shape[-1] == 0 or n_vocab == 0:
+        raise ValueError(f"hidden's last dim and weight's dims must be non-zero, got hidden {tuple(hidden.shape)} "
+                         f"and weight {tuple(weight.shape)}")
+    if n_hidden != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden's last dim {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != n_vocab:
+            raise ValueError(f"bias must have V = {n_vocab} elements (weight's rows), got {bias.shape[0]}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0
+    ):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    check_same_device(
+        hidden=hidden, weight=weight, bias=bias, token_ids=token_ids if isinstance(token_ids, Tensor) else None
+    )
+    _check_token_ids(token_ids, hidden.shape[:-1], "hidden", n_vocab)
+    return _check_temperature(temperature)
+
+
+# --- torch implementation: chunks of rows, float32 inside a chunk only ---------------------------
+
+
+# In-place steps keep a chunk's float32 working set to two [c, V] buffers.
+
+
+def _float32_copy(t: Tensor) -> Tensor:
+    """A float32 copy that in-place steps may overwrite (``.float()`` aliases float32 input)."""
+    return t.to(torch.float32, copy=True)
+
+
+def _chunk_stats(logits, ids, temperature: float, return_entropy: bool):
+    """(logprob, entropy or None, lse) of a chunk of logits rows [c, V], all float32 [c]."""
+    z = _float32_copy(logits).div_(temperature)  # the only float32 copy of logits: one chunk
+    n_vocab = z.shape[-1]
+    lse = torch.logsumexp(z, dim=-1)
+    live, in_vocab = ids >= 0, ids < n_vocab
+    target = z.gather(-1, torch.where(live & in_vocab, ids, 0).long().unsqueeze(-1)).squeeze(-1)
+    logprob = torch.where(in_vocab, target - lse, torch.full_like(lse, float("nan")))
+    logprob = torch.where(live, logprob, torch.zeros_like(lse))
+    entropy = None
+    if return_entropy:
+        logp = z.sub_(lse.unsqueeze(-1))
+        p = logp.exp()
+        logp.masked_fill_(p == 0, 0.0)  # -inf logits: p = 0 adds nothing (and 0 * -inf is NaN)
+        entropy = torch.where(live, -torch.linalg.vecdot(p, logp), torch.zeros_like(lse))
+    return logprob, entropy, torch.where(live, lse, torch.zeros_like(lse))
+
+
+def _chunk_logits_grad(logits, ids, lse, entropy, grad_logprob, grad_entropy, temperature: float):
+    """float32 d loss / d logits [c, V] of a chunk: ``(g (onehot - p) - g_H p (log p + H)) / T``.
+    ``grad_logprob`` / ``grad_entropy`` may be None (no gradient reached that output)."""
+    live = ids >= 0
+    zeros = torch.zeros_like(lse)
+    # Ignored rows get lse = +inf, hence p = 0 and no gradient at all.
+    logp = _float32_copy(logits).div_(temperature).sub_(torch.where(live, lse, zeros + float("inf")).unsqueeze(-1))
+    p = logp.exp()
+    g = zeros if grad_logprob is None else torch.where(live, grad_logprob, zeros)
+    if grad_entropy is None:
+        grad = p.mul_(-g.unsqueeze(-1))
+    else:
+        g_h = torch.where(live, grad_entropy, zeros).unsqueeze(-1)
+        logp.masked_fill_(p == 0, 0.0)  # p = 0 contributes nothing; keeps -inf out
+        # g (onehot - p) - g_H p (log p + H) = -p (g + g_H (log p + H)) + g onehot
+        grad = logp.add_(entropy.unsqueeze(-1)).mul_(g_h).add_(g.unsqueeze(-1)).mul_(p).neg_()
+    # The onehot term, scattered without a host synchronisation; ids >= V (NaN log-prob) get none.
+    hit = live & (ids < logits.shape[-1])
+    grad.scatter_add_(1, torch.where(hit, ids, 0).long().unsqueeze(-1), torch.where(hit, g, zeros).unsqueeze(-1))
+    return grad.div_(temperature)
+
+
+def _row_chunks(logits3: Tensor, chunk_rows: int):
+    """(flat start, flat end, [c, V] view) chunks of a [B, T, V] view, in row order."""
+    n_batch, seq_len, _ = logits3.shape
+    for b in range(n_batch):
+        for start in range(0, seq_len, chunk_rows):
+            end = min(start + chunk_rows, seq_len)
+            yield b * seq_len + start, b * seq_len + end, logits3[b, start:end]
+
+
+def _token_logprobs_torch_forward(logits3, ids, temperature, return_entropy, chunk_rows=None):
+    n_rows = logits3.shape[0] * logits3.shape[1]
+    out = lambda n: torch.zeros((n,), dtype=torch.float32, device=logits3.device)  # noqa: E731
+    logprobs, lse, entropy = out(n_rows), out(n_rows), out(n_rows if return_entropy else 0)
+    for start, end, chunk in _row_chunks(logits3, chunk_rows or default_chunk_tokens(logits3.shape[-1])):
+        lp, ent, chunk_lse = _chunk_stats(chunk, ids[start:end], temperature, return_entropy)
+        logprobs[start:end], lse[start:end] = lp, chunk_lse
+        if return_entropy:
+            entropy[start:end] = ent
+    return logprobs, entropy, lse
+
+
+def _token_logprobs_torch_backward(grad_logprobs, grad_entropy, logits3, ids, lse, entropy, temperature,
+                                   chunk_rows=None):
+    d_logits = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+    d_rows = d_logits.view(-1, logits3.shape[-1])
+    for start, end, chunk in _row_chunks(logits3, chunk_rows or default_chunk_tokens(logits3.shape[-1])):
+        piece = lambda t: None if t is None else t[start:end]  # noqa: E731
+        d_rows[start:end] = _chunk_logits_grad(
+            chunk, ids[start:end], lse[start:end], piece(entropy), piece(grad_logprobs), piece(grad_entropy),
+            temperature,
+        ).to(logits3.dtype)
+    return d_logits
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """The torch backend of token_logprobs: chunks of rows, recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, logits3, ids, temperature, return_entropy):
+        logprobs, entropy, lse = _token_logprobs_torch_forward(logits3, ids, temperature, return_entropy)
+        ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing
+        ctx.temperature, ctx.return_entropy = temperature, return_entropy
+        ctx.save_for_backward(logits3, ids, lse, entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits3, ids, lse, entropy = ctx.saved_tensors
+        if not ctx.return_entropy:
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None
+        d_logits = _token_logprobs_torch_backward(
+            grad_logprobs, grad_entropy, logits3, ids, lse, entropy, ctx.temperature
+        )
+        return d_logits, None, None, None
+
+
+def _fused_torch_forward(hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens=None):
+    """Chunks of tokens: each chunk's logits ``F.linear(hidden, weight, bias)`` in the activation
+    dtype (as the lm_head computes them), then their float32 statistics."""
+    n_tokens = hidden.shape[0]
+    chunk_tokens = chunk_tokens or default_chunk_tokens(weight.shape[0])
+    out = lambda n: torch.zeros((n,), dtype=torch.float32, device=hidden.device)  # noqa: E731
+    logprobs, lse, entropy = out(n_tokens), out(n_tokens), out(n_tokens if return_entropy else 0)
+    for start in range(0, n_tokens, chunk_tokens):
+        end = min(start + chunk_tokens, n_tokens)
+        logits = torch.nn.functional.linear(hidden[start:end], weight, bias)
+        lp, ent, chunk_lse = _chunk_stats(logits, ids[start:end], temperature, return_entropy)
+        logprobs[start:end], lse[start:end] = lp, chunk_lse
+        if return_entropy:
+            entropy[start:end] = ent
+    return logprobs, entropy, lse
+
+
+def _fused_torch_backward(grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, temperature,
+                          weight_grad, chunk_tokens=None):
+    """(d_hidden, d_weight or empty, d_bias or empty). d_hidden of a chunk is one matmul in the
+    weight's dtype (as autograd of the lm_head computes it); d_weight and d_bias are accumulated
+    over chunks in float32."""
+    n_tokens = hidden.shape[0]
+    n_vocab = weight.shape[0]
+    chunk_tokens = chunk_tokens or default_chunk_tokens(n_vocab)
+    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_weight = torch.zeros(weight.shape if weight_grad else (0,), **f32)
+    d_bias = torch.zeros((n_vocab,) if weight_grad and bias is not None else (0,), **f32)
+    for start in range(0, n_tokens, chunk_tokens):
+        end = min(start + chunk_tokens, n_tokens)
+        piece = lambda t: None if t is None else t[start:end]  # noqa: E731
+        h = hidden[start:end]
+        logits = torch.nn.functional.linear(h, weight, bias)
+        grad = _chunk_logits_grad(logits, ids[start:end], lse[start:end], piece(entropy), piece(grad_logprobs),
+                                  piece(grad_entropy), temperature)
+        del logits
+        d_hidden[start:end] = grad.to(weight.dtype) @ weight
+        if weight_grad:
+            d_weight.addmm_(grad.t(), h.float())
+            if bias is not None:
+                d_bias += grad.sum(0)
+    d_bias = d_bias.to(bias.dtype) if bias is not None and weight_grad else hidden.new_empty((0,))
+    return d_hidden, d_weight.to(weight.dtype), d_bias
+
+
+class _ChunkedFusedLinearLogprobs(torch.autograd.Function):
+    """The torch backend of fused_linear_token_logprobs: chunks of ``chunk_tokens`` tokens, each
+    chunk's logits recomputed in backward, so at most one chunk of logits is ever alive."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens):
+        logprobs, entropy, lse = _fused_torch_forward(
+            hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens
+        )
+        ctx.set_materialize_grads(False)
+        ctx.temperature, ctx.return_entropy, ctx.chunk_tokens = temperature, return_entropy, chunk_tokens
+        ctx.save_for_backward(hidden, weight, ids, bias, lse, entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, ids, bias, lse, entropy = ctx.saved_tensors
+        if not ctx.return_entropy:
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:
+            return (None,) * 7
+        weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        d_hidden, d_weight, d_bias = _fused_torch_backward(
+            grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, ctx.temperature, weight_grad,
+            ctx.chunk_tokens,
+        )
+        return (
+            d_hidden if ctx.needs_input_grad[0] else None,
+            d_weight if weight_grad else None,
+            None,
+            d_bias if weight_grad and bias is not None else None,
+            None, None, None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (cuda and triton backends). `backend` is a plain string argument so torch.compile
+# sees it as a constant; its "torch" value runs the chunked torch forms above (opcheck, tests).
+
+
+@torch.library.custom_op("thinkfuse::token_logprobs_fwd", mutates_args=())
+def token_logprobs_fwd(
+    logits: Tensor, token_ids: Tensor, temperature: float, return_entropy: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = implementation(backend, "logprobs", "token_logprobs_forward", "token_logprobs_fwd",
+                        _token_logprobs_torch_forward)
+    logprobs, entropy, lse = fn(logits, token_ids, temperature, return_entropy)
+    return logprobs, entropy, lse
+
+
+@token_logprobs_fwd.register_fake
+def _(logits, token_ids, temperature, return_entropy, backend):
+    n_rows = token_ids.shape[0]
+    f32 = lambda n: logits.new_empty((n,), dtype=torch.float32)  # noqa: E731
+    return f32(n_rows), f32(n_rows if return_entropy else 0), f32(n_rows)
+
+
+@torch.library.custom_op("thinkfuse::token_logprobs_bwd", mutates_args=())
+def token_logprobs_bwd(
+    grad_logprobs: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, token_ids: Tensor, lse: Tensor,
+    entropy: Optional[Tensor], temperature: float, backend: str,
+) -> Tensor:
+    fn = implementation(backend, "logprobs", "token_logprobs_backward", "token_logprobs_bwd",
+                        _token_logprobs_torch_backward)
+    return fn(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature)
+
+
+@token_logprobs_bwd.register_fake
+def _(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_token_context(ctx, inputs, output):
+    logits, token_ids, temperature, return_entropy, backend = inputs
+    _logprobs, entropy, lse = output
+    ctx.temperature, ctx.return_entropy, ctx.backend = temperature, return_entropy, backend
+    ctx.save_for_backward(logits, token_ids, lse, entropy)
+
+
+def _token_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, token_ids, lse, entropy = ctx.saved_tensors
+    has_d_entropy = ctx.return_entropy and grad_entropy is not None
+    d_logits = torch.ops.thinkfuse.token_logprobs_bwd(
+        _grad_rows(grad_logprobs, lse), grad_entropy.contiguous() if has_d_entropy else None, logits, token_ids,
+        lse, entropy if has_d_entropy else None, ctx.temperature, ctx.backend,
+    )
+    return d_logits, None, None, None, None
+
+
+token_logprobs_fwd.register_autograd(_token_backward, setup_context=_setup_token_context)
+
+
+def _grad_rows(grad, like):
+    """An upstream gradient as a contiguous float32 vector (zeros when autograd passes None)."""
+    return torch.zeros_like(like) if grad is None else grad.float().contiguous()
+
+
+@torch.library.custom_op("thinkfuse::fused_linear_logprobs_fwd", mutates_args=())
+def fused_linear_logprobs_fwd(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, bias: Optional[Tensor], temperature: float,
+    return_entropy: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = implementation(backend, "fused_linear_logprobs", "fused_linear_logprobs_forward",
+                        "fused_linear_logprobs_fwd", _fused_torch_forward)
+    logprobs, entropy, lse = fn(hidden, weight, token_ids, bias, temperature, return_entropy)
+    return logprobs, entropy, lse
+
+
+@fused_linear_logprobs_fwd.register_fake
+def _(hidden, weight, token_ids, bias, temperature, return_entropy, backend):
+    n_tokens = hidden.shape[0]
+    f32 = lambda n: hidden.new_empty((n,), dtype=torch.float32)  # noqa: E731
+    return f32(n_tokens), f32(n_tokens if return_entropy else 0), f32(n_tokens)
+
+
+@torch.library.custom_op("thinkfuse::fused_linear_logprobs_bwd", mutates_args=())
+def fused_linear_logprobs_bwd(
+    grad_logprobs: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor, token_ids: Tensor,
+    bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor], temperature: float, weight_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = implementation(backend, "fused_linear_logprobs", "fused_linear_logprobs_backward",
+                        "fused_linear_logprobs_bwd", _fused_torch_backward)
+    d_hidden, d_weight, d_bias = fn(
+        grad_logprobs, grad_entropy, hidden, weight, token_ids, bias, lse, entropy, temperature, weight_grad
+    )
+    return d_hidden, d_weight, d_bias
+
+
+@fused_linear_logprobs_bwd.register_fake
+def _(grad_logprobs, grad_entropy, hidden, weight, token_ids, bias, lse, entropy, temperature, weight_grad,
+      backend):
+    d_weight = weight.new_empty(weight.shape if weight_grad else (0,))
+    has_d_bias = weight_grad and bias is not None
+    d_bias = bias.new_empty(bias.shape) if has_d_bias else hidden.new_empty((0,))
+    return hidden.new_empty(hidden.shape), d_weight, d_bias
+
+
+def _setup_fused_context(ctx, inputs, output):
+    hidden, weight, token_ids, bias, temperature, return_entropy, backend = inputs
+    _logprobs, entropy, lse = output
+    ctx.temperature, ctx.return_entropy, ctx.backend = temperature, return_entropy, backend
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, token_ids, bias, lse, entropy)
+
+
+def _fused_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, token_ids, bias, lse, entropy = ctx.saved_tensors
+    has_d_entropy = ctx.return_entropy and grad_entropy is not None
+    # A frozen lm_head (e.g. LoRA) skips the whole d_weight pass.
+    weight_grad = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])
+    d_hidden, d_weight, d_bias = torch.ops.thinkfuse.fused_linear_logprobs_bwd(
+        _grad_rows(grad_logprobs, lse), grad_entropy.contiguous() if has_d_entropy else None, hidden, weight,
+        token_ids, bias, lse, entropy if has_d_entropy else None, ctx.temperature, weight_grad, ctx.backend,
+    )
+    return (
+        d_hidden,
+        d_weight if weight_grad else None,
+        None,
+        d_bias if weight_grad and ctx.has_bias else None,
+        None, None, None,
+    )
+
+
+fused_linear_logprobs_fwd.register_autograd(_fused_backward, setup_context=_setup_fused_context)

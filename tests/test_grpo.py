@@ -1,0 +1,333 @@
+"""thinkfuse.grpo: grpo_loss against a plain-torch transcription of TRL's GRPOTrainer formulas
+for every loss type (loss, gradients, metrics), gradient accumulation, GRPOLoss through the
+fused lm_head, and the TRL integration (skipped when trl is not installed)."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from tolerances import assert_close_fp32
+
+from thinkfuse import reference
+from thinkfuse.grpo import LOSS_TYPES, GRPOLoss, grpo_loss
+
+B, T = 4, 7
+
+
+def _batch(seed=0, spread=0.4):
+    """Random (logprobs, old, ref, advantages [B], mask [B, T] int with one empty row)."""
+    gen = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(B, T, generator=gen) * 3
+    old = logprobs + spread * torch.randn(B, T, generator=gen)  # ratios well outside [0.8, 1.2]
+    ref = logprobs + spread * torch.randn(B, T, generator=gen)
+    advantages = torch.randn(B, generator=gen)
+    mask = (torch.rand(B, T, generator=gen) > 0.3).long()
+    mask[2] = 0  # a completion with no scored token: TRL's clamp(min=1) matters
+    mask[0, 0] = 1
+    return [t.to(DEVICE) for t in (logprobs, old, ref, advantages, mask)]
+
+
+def _trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, *,
+              beta, epsilon_low, epsilon_high, loss_type, max_completion_length, num_items_in_batch, num_processes):
+    """TRL GRPOTrainer._compute_loss (trl 1.16, importance_sampling_level="token", no vLLM IS
+    correction, one accumulation step, train mode), transcribed line by line."""
+    mask = completion_mask
+    advantages = advantages.unsqueeze(1)
+    log_ratio = per_token_logps - old_per_token_logps
+    coef_1 = torch.exp(log_ratio)
+    if beta != 0.0:
+        per_token_kl = (
+            torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+        )
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss1 = coef_1 * advantages
+    per_token_loss2 = coef_2 * advantages
+    per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    elif loss_type == "dapo":
+        normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
+        loss = (per_token_loss * mask).sum() / normalizer
+
+    def global_masked_mean(x):
+        return ((x * mask).sum() / mask.sum().float().clamp(min=1.0)).item()
+
+    is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+    is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+    metrics = {
+        "clip_ratio/low_mean": global_masked_mean(is_low_clipped.float()),
+        "clip_ratio/high_mean": global_masked_mean(is_high_clipped.float()),
+        "clip_ratio/region_mean": global_masked_mean((is_low_clipped | is_high_clipped).float()),
+    }
+    if beta != 0.0:
+        metrics["kl"] = global_masked_mean(per_token_kl)
+    return loss, metrics
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta,epsilon_low,epsilon_high", [(0.0, 0.2, 0.2), (0.04, 0.2, 0.28), (0.1, 0.1, 0.3)])
+def test_loss_gradients_and_metrics_match_trl(loss_type, beta, epsilon_low, epsilon_high):
+    logprobs, old, ref, advantages, mask = _batch()
+    num_items, world = torch.tensor(60.0, device=DEVICE), 2
+    options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type)
+
+    ours_in = logprobs.clone().requires_grad_()
+    loss, metrics = grpo_loss(ours_in, old, advantages, mask, ref_logprobs=ref, max_completion_length=9,
+                              num_items_in_batch=num_items, world_size=world, **options)
+    loss.backward()
+    trl_in = logprobs.clone().requires_grad_()
+    trl_loss, trl_metrics = _trl_loss(trl_in, old, ref, advantages, mask, max_completion_length=9,
+                                      num_items_in_batch=num_items, num_processes=world, **options)
+    trl_loss.backward()
+
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours_in.grad, trl_in.grad, rtol=1e-6, atol=1e-7)
+    assert metrics["clip_ratio"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"], abs=1e-7)
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(trl_metrics["clip_ratio/low_mean"], abs=1e-7)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(trl_metrics["clip_ratio/high_mean"], abs=1e-7)
+    assert metrics["kl"].item() == pytest.approx(_trl_loss(
+        logprobs, old, ref, advantages, mask, max_completion_length=9, num_items_in_batch=num_items,
+        num_processes=world, **{**options, "beta": 1.0})[1]["kl"], rel=1e-6)
+    assert 0 < trl_metrics["clip_ratio/region_mean"] < 1, "the data must exercise both clipped and unclipped tokens"
+
+
+def test_defaults_dr_grpo_length_and_dapo_items():
+    logprobs, old, _, advantages, mask = _batch(1)
+    dr, _ = grpo_loss(logprobs, old, advantages, mask, loss_type="dr_grpo")
+    dr_t, _ = grpo_loss(logprobs, old, advantages, mask, loss_type="dr_grpo", max_completion_length=T)
+    dapo, _ = grpo_loss(logprobs, old, advantages, mask, loss_type="dapo")
+    bnpo, _ = grpo_loss(logprobs, old, advantages, mask, loss_type="bnpo")
+    torch.testing.assert_close(dr, dr_t)
+    torch.testing.assert_close(dapo, bnpo)  # num_items_in_batch defaults to mask.sum()
+
+
+def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
+    logprobs, _, _, advantages, mask = _batch(2)
+    x = logprobs.clone().requires_grad_()
+    loss, metrics = grpo_loss(x, None, advantages, mask, loss_type="bnpo")
+    loss.backward()
+    m = mask.float()
+    torch.testing.assert_close(loss, -(advantages[:, None] * m).sum() / m.sum())
+    torch.testing.assert_close(x.grad, -advantages[:, None] * m / m.sum())
+    assert metrics["ratio_mean"].item() == pytest.approx(1.0)
+    assert metrics["clip_ratio"].item() == 0.0
+    assert "kl" not in metrics
+
+
+def test_ratio_mean_and_metrics_are_detached():
+    logprobs, old, ref, advantages, mask = _batch(3)
+    x = logprobs.clone().requires_grad_()
+    _, metrics = grpo_loss(x, old, advantages, mask, ref_logprobs=ref, beta=0.1)
+    m = mask.float()
+    expected = ((x - old).exp() * m).sum() / m.sum()
+    torch.testing.assert_close(metrics["ratio_mean"], expected.detach())
+    assert all(not v.requires_grad for v in metrics.values())
+
+
+def test_gradient_accumulation_with_dapo_equals_one_big_batch():
+    """Two micro-batches with num_items_in_batch = the global token count sum to the token mean."""
+    logprobs, old, ref, advantages, mask = _batch(4)
+    full, _ = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.05, loss_type="bnpo")
+    items = mask.sum()
+    halves = [
+        grpo_loss(logprobs[s], old[s], advantages[s], mask[s], ref_logprobs=ref[s], beta=0.05, loss_type="dapo",
+                  num_items_in_batch=items)[0]
+        for s in (slice(0, 2), slice(2, 4))
+    ]
+    torch.testing.assert_close(halves[0] + halves[1], full)
+
+
+def test_advantages_per_token_and_bool_mask():
+    logprobs, old, _, advantages, mask = _batch(5)
+    a, _ = grpo_loss(logprobs, old, advantages, mask.bool())
+    b, _ = grpo_loss(logprobs, old, advantages[:, None].expand(B, T), mask.float())
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
+        (dict(beta=0.1), ValueError, "beta > 0 needs ref_logprobs"),
+        (dict(beta=-0.1), ValueError, "beta must be >= 0"),
+        (dict(epsilon_low=float("nan")), ValueError, "epsilon_low must be finite"),
+        (dict(old_logprobs=torch.zeros(B, T + 1)), ValueError, "old_logprobs shape"),
+        (dict(mask=torch.ones(B, T - 1)), ValueError, "mask shape"),
+        (dict(advantages=torch.zeros(B + 1)), ValueError, "advantages must have shape"),
+        (dict(logprobs=torch.zeros(B * T)), ValueError, "logprobs must be 2-D"),
+        (dict(loss_type="dr_grpo", max_completion_length=0), ValueError, "max_completion_length"),
+        (dict(loss_type="dapo", world_size=0), ValueError, "world_size"),
+    ],
+)
+def test_bad_inputs(kwargs, error, match):
+    logprobs, old, _, advantages, mask = _batch()
+    args = dict(logprobs=logprobs, old_logprobs=old, advantages=advantages, mask=mask)
+    for name in list(kwargs):
+        if name in args:
+            args[name] = kwargs.pop(name).to(DEVICE)
+    with pytest.raises(error, match=match):
+        grpo_loss(args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"], **kwargs)
+
+
+# --- GRPOLoss: the fused lm_head path ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_loss_module_matches_materialised_logits(backend, loss_type):
+    gen = torch.Generator().manual_seed(7)
+    n_hidden, n_vocab = 32, 301
+    hidden = torch.randn(B, T, n_hidden, generator=gen).to(DEVICE)
+    weight = (torch.randn(n_vocab, n_hidden, generator=gen) / 4).to(DEVICE)
+    bias = (torch.randn(n_vocab, generator=gen) / 4).to(DEVICE)
+    ids = torch.randint(0, n_vocab, (B, T), generator=gen).to(DEVICE)
+    _, old, ref, advantages, mask = _batch(8)
+    old, ref = old - 2.5, ref - 2.5  # near the model's log-probs (about -log V), so ratios clip sometimes
+
+    def run(use_module):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        if use_module:
+            module = GRPOLoss(beta=0.04, loss_type=loss_type, backend=backend)
+            loss, metrics = module(leaves[0], leaves[1], ids, mask, advantages, old, ref, bias=leaves[2],
+                                   temperature=0.9)
+        else:
+            logprobs = reference.fused_linear_token_logprobs(leaves[0], leaves[1], ids, leaves[2], 0.9)
+            loss, metrics = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.04,
+                                      loss_type=loss_type)
+        loss.backward()
+        return loss.detach(), metrics, [t.grad for t in leaves]
+
+    loss, metrics, grads = run(True)
+    ref_loss, ref_metrics, ref_grads = run(False)
+    assert_close_fp32(loss, ref_loss, tol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        assert_close_fp32(g, r, tol=1e-4)
+    for key in ("clip_ratio", "kl", "ratio_mean"):
+        assert_close_fp32(metrics[key], ref_metrics[key], tol=1e-4)
+    assert metrics["logprobs"].shape == (B, T)
+    assert not metrics["logprobs"][mask == 0].any(), "masked positions are not scored"
+
+
+def test_grpo_loss_module_rejects_unknown_loss_type():
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOLoss(loss_type="sapo")
+
+
+def test_import_as_submodule():
+    import thinkfuse.grpo as grpo_module
+
+    assert grpo_module.grpo_loss is grpo_loss
+
+
+# --- TRL integration (skipped without trl) -------------------------------------------------------
+
+
+@pytest.fixture
+def trl_utils():
+    pytest.importorskip("trl")
+    import trl.trainer.utils
+
+    return trl.trainer.utils
+
+
+def test_patch_trl_replaces_and_restores(trl_utils):
+    from thinkfuse.grpo import patch_trl
+
+    original_chunked = trl_utils._ChunkedLogProbFunction
+    original_selective = trl_utils.selective_log_softmax
+    with patch_trl() as patch:
+        assert trl_utils._ChunkedLogProbFunction is not original_chunked
+        assert trl_utils.selective_log_softmax is not original_selective
+        assert patch.replaced
+    assert trl_utils._ChunkedLogProbFunction is original_chunked
+    assert trl_utils.selective_log_softmax is original_selective
+
+
+def test_patched_selective_log_softmax_matches_trl(trl_utils):
+    from thinkfuse.grpo import patch_trl
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 97, generator=gen)
+    index = torch.randint(0, 97, (2, 5), generator=gen)
+    row_mask = torch.ones(2, 5, dtype=torch.long)
+    row_mask[1, 3:] = 0
+    expected = trl_utils.selective_log_softmax(logits, index, temperature=0.7, row_mask=row_mask)
+    with patch_trl():
+        ours = trl_utils.selective_log_softmax(logits, index, temperature=0.7, row_mask=row_mask)
+        top_k = trl_utils.selective_log_softmax(logits, index[..., None].expand(2, 5, 3))  # TRL's own path
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert top_k.shape == (2, 5, 3)
+
+
+def test_patched_fused_lm_head_matches_trl(trl_utils):
+    """add_fused_lm_head (what GRPOTrainer installs) gives the same log-probs, entropies and
+    gradients with the patch."""
+    from thinkfuse.grpo import patch_trl
+    from thinkfuse.tiny import tiny_batch, tiny_model
+
+    def run(patched):
+        model = tiny_model("qwen2")
+        trl_utils.add_fused_lm_head(model, temperature=0.8, outputs=("log_probs", "entropy"))
+        input_ids = tiny_batch(2, 9)
+        labels = input_ids.clone()
+        labels[:, :4] = -100  # the prompt
+        with patch_trl() if patched else torch.enable_grad():
+            out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+            (out.log_probs.sum() + 0.1 * out.entropy.sum()).backward()
+        return out.log_probs.detach(), out.entropy.detach(), model.lm_head.weight.grad
+
+    for ours, trl in zip(run(True), run(False)):
+        assert_close_fp32(ours, trl, tol=1e-4)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from thinkfuse.tiny import VOCAB
+
+    word_level = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="t0", pad_token="t1", eos_token="t2")
+
+
+def test_one_grpo_step_of_a_tiny_patched_qwen2_with_trl(tmp_path, monkeypatch):
+    """GRPOTrainer, one optimizer step on CPU: the log-probs come from thinkfuse, the weights move."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    import thinkfuse.grpo
+    from thinkfuse.tiny import tiny_model
+
+    model = tiny_model("qwen2")
+    for config in (model.config, model.generation_config):
+        config.pad_token_id, config.eos_token_id = 1, 2
+    calls = []
+    fused = thinkfuse.grpo.fused_linear_token_logprobs
+
+    def counting_fused(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(thinkfuse.grpo, "fused_linear_token_logprobs", counting_fused)
+    args = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_completion_length=4,
+        max_steps=1, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+        logging_steps=1, disable_tqdm=True, seed=0, beta=0.0,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with thinkfuse.grpo.patch_trl():
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions], args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["t5 t6 t7", "t9 t10"]}), processing_class=_tiny_tokenizer(),
+        )
+        result = trainer.train()
+    assert result.global_step == 1
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert calls, "GRPOTrainer did not go through thinkfuse"
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "no parameter was updated"

@@ -19,6 +19,7 @@ from .backend import (
     use_backend,
 )
 from .patching import PatchReport, UnsupportedModel, patch_model, unpatch_model
+from . import models  # registers MiMo with transformers' Auto classes
 
 __all__ = [
     "BackendUnavailable",
@@ -26,6 +27,7 @@ __all__ = [
     "UnsupportedModel",
     "available_backends",
     "get_backend",
+    "models",
     "ops",
     "patch_model",
     "reference",

@@ -45,6 +45,12 @@ def _qwen2():
     return Qwen2ForCausalLM(Qwen2Config(**_COMMON, tie_word_embeddings=True))
 
 
+def _mimo():
+    from .models import MiMoConfig, MiMoForCausalLM
+
+    return MiMoForCausalLM(MiMoConfig(**_COMMON, tie_word_embeddings=False, num_nextn_predict_layers=1))
+
+
 def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -76,6 +82,7 @@ def _mistral3():
 
 BUILDERS = {
     "qwen2": _qwen2,
+    "mimo": _mimo,
     "mistral": _mistral,
     "ministral3": _ministral3,
     "mistral3": _mistral3,

@@ -15,10 +15,12 @@ from torch import nn
 
 from ..backend import default_backend, require_backend
 from . import ministral3, mistral, qwen2
+from . import mimo
 from .rules import KINDS, ModelFamily, resolve_class, short_name
 
 FAMILIES: tuple[ModelFamily, ...] = (
     qwen2.FAMILY,
+    mimo.FAMILY,
     ministral3.FAMILY,
     ministral3.VLM_FAMILY,
     mistral.FAMILY,

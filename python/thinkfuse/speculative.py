@@ -1,0 +1,277 @@
+"""Speculative decoding with MiMo's MTP layer as the drafter: ``mtp_generate``.
+
+One step: the trunk verifies ``[pending token, draft]`` in one 2-token forward, ``mtp_verify``
+accepts the draft or not and emits the target's token after it, then the MTP layer drafts the
+next token from the trunk states it just got. Each step emits 1 or 2 tokens per row for one
+trunk forward.
+
+Alignment (see thinkfuse.models.mimo): the MTP row for position t reads the trunk state h_t and
+the token at t+1 and predicts the token at t+2. After a step that emitted ``n + 1`` tokens
+(``n`` accepted drafts), the MTP layer therefore consumes exactly the ``n + 1`` new *verified*
+rows (h_L, x_{L+1}), ..., (h_{L+n}, x_{L+n+1}) and drafts from the last one: the MTP layer never
+attends to a rejected token, so its own cache needs no rollback of its own.
+
+Rollback with rows that accept different counts: both caches keep one slot layout, shared with a
+2-D ``slot_mask`` (1 = the slot holds a verified token). A verify step appends two slots to every
+row; a row that rejected the draft marks its second slot 0, and the attention mask hides it from
+then on (RoPE positions are explicit per row, so the next token reuses the rejected one's
+position). The MTP cache gets the same two slots, the second masked likewise. Rows never re-run
+anything. When every row rejected, the dead slot is cropped off the trunk cache instead and the
+MTP layer gets one slot (so batch 1 never carries a hole). The price of a hole is one cache slot
+per rejection in a mixed batch, and attention over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+from . import reference
+from ._checks import check_float
+from .ops import mtp_verify
+
+
+def mtp_generate(
+    model,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    attention_mask: Tensor | None = None,
+    eos_token_id=None,
+    generator: torch.Generator | None = None,
+):
+    """Generate up to ``max_new_tokens`` tokens with MTP drafting and ``mtp_verify``.
+
+    model: a ``thinkfuse.models.MiMoForCausalLM`` (patched or not). input_ids ``[B, P]``, left
+    padded when ``attention_mask`` marks padding. ``eos_token_id`` (int or list; None: the
+    model's ``generation_config.eos_token_id``, as ``generate``) ends a row; later positions
+    hold the pad id (``generation_config.pad_token_id``, else the first eos id).
+
+    Returns ``(sequences, stats)``: sequences ``[B, P + new]`` laid out like
+    ``model.generate``'s output, new <= max_new_tokens. With temperature 0 they equal greedy
+    ``generate`` token for token; with temperature > 0 the new tokens are distributed as
+    sampling from ``softmax(logits / temperature)``. stats: ``accepted`` and ``drafted``
+    (drafts offered to rows still generating), ``acceptance_rate``, ``target_forwards``
+    (batched trunk forwards, prefill included), ``steps`` (verify steps) and ``new_tokens``.
+    """
+    temperature = _check_args(model, input_ids, max_new_tokens, temperature, attention_mask)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
+    out = _NewTokens(input_ids.shape[0], max_new_tokens, eos_ids, _pad_id(model, eos_ids), input_ids.device)
+    stats = {"accepted": 0, "drafted": 0, "target_forwards": 0, "steps": 0}
+    if max_new_tokens > 0:
+        with torch.no_grad():
+            _decode(model, input_ids, attention_mask.long(), temperature, generator, out, stats)
+    return torch.cat([input_ids, out.columns()], dim=1), _finish_stats(stats, out)
+
+
+@dataclass
+class _State:
+    """What one verify step needs: the caches, which of their slots hold verified tokens, and
+    per row the pending token (emitted, not yet fed to the trunk), its position and the draft
+    for the token after it (with the draft's distribution when sampling)."""
+
+    trunk_cache: DynamicCache
+    mtp_cache: DynamicCache
+    slot_mask: Tensor  # [B, slots] int64
+    position: Tensor  # [B] int64
+    pending: Tensor  # [B] int64
+    draft: Tensor | None = None  # [B] int64
+    draft_probs: Tensor | None = None  # [B, V] float32 (temperature > 0)
+
+
+@dataclass
+class _MTPInput:
+    """The rows the MTP layer consumes next: trunk states h_t, tokens t+1 and positions t of the
+    slots just verified, and per row the slot to draft from (its last verified one; None: the
+    last slot of every row)."""
+
+    hidden: Tensor  # [B, S, H]
+    next_ids: Tensor  # [B, S]
+    positions: Tensor  # [B, S]
+    draft_slot: Tensor | None = None  # [B]
+
+
+def _decode(model, input_ids, attention_mask, temperature, generator, out, stats) -> None:
+    state, mtp_input = _prefill(model, input_ids, attention_mask, temperature, generator, out)
+    stats["target_forwards"] += 1
+    while not out.done():
+        state.draft, state.draft_probs = _pick(_mtp_logits(model, state, mtp_input), temperature, generator)
+        mtp_input = _verify_step(model, state, temperature, generator, out, stats)
+
+
+def _prefill(model, input_ids, attention_mask, temperature, generator, out):
+    """Run the prompt through the trunk and emit the first token. The MTP layer then catches up
+    on the prompt: row t pairs h_t with token t+1, the last row with the token just emitted."""
+    trunk_cache = DynamicCache(config=model.config)
+    positions = _prompt_positions(attention_mask)
+    outputs, hidden = model.forward_with_pre_norm_hidden(
+        input_ids, attention_mask=attention_mask, position_ids=positions,
+        past_key_values=trunk_cache, use_cache=True, logits_to_keep=1,
+    )
+    first, _ = _pick(outputs.logits[:, -1], temperature, generator)
+    out.append(first[:, None], torch.ones_like(first))
+    state = _State(
+        trunk_cache=trunk_cache,
+        mtp_cache=DynamicCache(),
+        slot_mask=attention_mask,
+        position=attention_mask.sum(-1),
+        pending=first,
+    )
+    next_ids = torch.cat([input_ids[:, 1:], first[:, None]], dim=1)
+    return state, _MTPInput(hidden, next_ids, positions)
+
+
+def _prompt_positions(attention_mask: Tensor) -> Tensor:
+    """RoPE positions of a left-padded prompt, as ``generate`` derives them."""
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def _mtp_logits(model, state: _State, mtp_input: _MTPInput) -> Tensor:
+    """``[B, V]``: the MTP layer's logits at each row's draft slot (its rows are appended to the
+    MTP cache)."""
+    logits = model.mtp_forward(
+        mtp_input.hidden, mtp_input.next_ids, position_ids=mtp_input.positions,
+        attention_mask=state.slot_mask, past_key_values=state.mtp_cache,
+        logits_to_keep=1 if mtp_input.draft_slot is None else 0,
+    ).logits
+    if mtp_input.draft_slot is None:
+        return logits[:, -1]
+    return logits[torch.arange(logits.shape[0], device=logits.device), mtp_input.draft_slot]
+
+
+def _verify_step(model, state: _State, temperature, generator, out, stats) -> _MTPInput:
+    """Feed [pending, draft] to the trunk, accept or reject, update the caches' slots.
+
+    Returns the MTP layer's next input: the slots this step verified (one when every row
+    rejected, else two, a rejecting row's second slot masked).
+    """
+    batch = state.pending.shape[0]
+    positions = state.position[:, None] + torch.arange(2, device=state.position.device)
+    ones = torch.ones((batch, 2), dtype=state.slot_mask.dtype, device=state.slot_mask.device)
+    outputs, hidden = model.forward_with_pre_norm_hidden(
+        torch.stack([state.pending, state.draft], dim=1),
+        attention_mask=torch.cat([state.slot_mask, ones], dim=1), position_ids=positions,
+        past_key_values=state.trunk_cache, use_cache=True,
+    )
+    draft_probs = None if state.draft_probs is None else state.draft_probs[:, None]
+    tokens, num_accepted = _verify(state.draft[:, None], outputs.logits, temperature, draft_probs, generator)
+    generating = ~out.done_rows()
+    stats["target_forwards"] += 1
+    stats["steps"] += 1
+    stats["drafted"] += int(generating.sum())
+    stats["accepted"] += int((num_accepted * generating).sum())
+    out.append(tokens, num_accepted + 1)
+
+    accepted = num_accepted.bool()
+    state.pending = tokens.gather(1, num_accepted[:, None])[:, 0]
+    state.position = state.position + num_accepted + 1
+    if not bool(accepted.any()):
+        # every row rejected: the draft's slot is dead everywhere, drop it from the trunk cache
+        state.trunk_cache.crop(-1)
+        state.slot_mask = torch.cat([state.slot_mask, ones[:, :1]], dim=1)
+        return _MTPInput(hidden[:, :1], tokens[:, :1], positions[:, :1])
+    state.slot_mask = torch.cat([state.slot_mask, ones[:, :1], accepted[:, None].to(ones.dtype)], dim=1)
+    # a rejecting row's second slot (rejected draft, no token after it) is masked: any id will do
+    return _MTPInput(hidden, tokens.clamp(min=0), positions, draft_slot=num_accepted)
+
+
+def _verify(draft, logits, temperature, draft_probs, generator):
+    """mtp_verify; float64 models (the kernels take 16/32-bit floats) verify with the reference,
+    so greedy decoding stays exact there too."""
+    if logits.dtype != torch.float64:
+        return mtp_verify(draft, logits, temperature=temperature, draft_probs=draft_probs, generator=generator)
+    uniforms = None
+    if temperature > 0:
+        uniforms = torch.rand(draft.shape[0], draft.shape[1] + 1, generator=generator, device=logits.device)
+    return reference.mtp_verify(draft, logits, temperature, draft_probs, uniforms)
+
+
+def _pick(logits: Tensor, temperature: float, generator):
+    """The next token per row: argmax, or a sample of softmax(logits / temperature) (returned
+    with that distribution, which mtp_verify needs for a sampled draft)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1), None
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0], probs
+
+
+class _NewTokens:
+    """The generated columns: per row, tokens up to its eos (or max_new_tokens), pad after."""
+
+    def __init__(self, batch, max_new_tokens, eos_ids, pad_id, device):
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.tokens = torch.full((batch, max_new_tokens + 1), pad_id, dtype=torch.long, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def done_rows(self) -> Tensor:
+        return self.finished | (self.count >= self.max_new_tokens)
+
+    def done(self) -> bool:
+        return bool(self.done_rows().all())
+
+    def append(self, new: Tensor, counts: Tensor) -> None:
+        """Append ``new[r, :counts[r]]`` to each row still generating, stopping at eos."""
+        for j in range(new.shape[1]):
+            take = (j < counts) & ~self.done_rows()
+            column = self.count.clamp(max=self.max_new_tokens)[:, None]
+            current = self.tokens.gather(1, column)[:, 0]
+            self.tokens.scatter_(1, column, torch.where(take, new[:, j], current)[:, None])
+            self.finished |= take & torch.isin(new[:, j], self.eos_ids)
+            self.count += take.long()
+
+    def columns(self) -> Tensor:
+        """``[B, new]``: as many columns as the longest row produced (generate's layout)."""
+        return self.tokens[:, : int(self.count.max())]
+
+
+def _finish_stats(stats: dict, out: _NewTokens) -> dict:
+    stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+    stats["new_tokens"] = int(out.count.sum())
+    return stats
+
+
+def _eos_ids(model, eos_token_id, device) -> Tensor:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = []
+    elif isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    return torch.as_tensor(list(eos_token_id), dtype=torch.long, device=device)
+
+
+def _pad_id(model, eos_ids: Tensor) -> int:
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    return int(eos_ids[0]) if eos_ids.numel() else 0
+
+
+def _check_args(model, input_ids, max_new_tokens, temperature, attention_mask) -> float:
+    if not callable(getattr(model, "mtp_forward", None)) or not getattr(model.model, "mtp_layers", None):
+        raise TypeError(
+            f"mtp_generate needs a thinkfuse.models.MiMoForCausalLM with MTP layers, got {type(model).__name__}"
+        )
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("input_ids must be a 2-D integer tensor [B, P]")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token per row")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    temperature = check_float("temperature", temperature, non_negative=True)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}"
+            )
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("attention_mask must mark left padding (every row's last token real)")
+    return temperature

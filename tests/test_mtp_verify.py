@@ -1,0 +1,387 @@
+"""mtp_verify: greedy exact cases, every backend against the reference, the sampling
+distribution (chi-square), GPU-path handling of bad draft ids, bad inputs, torch.compile and a
+PTX compile of the Triton kernels."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DEVICE, backends_with
+
+import thinkfuse
+from thinkfuse import reference
+from thinkfuse.ops import mtp_verify
+
+CUDA_OP = "mtp_verify"  # the cuda backend runs only where the extension has this kernel
+ALL_BACKENDS = backends_with(CUDA_OP)
+KERNEL_BACKENDS = [b for b in ALL_BACKENDS if b != "torch"]
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _logits_with_argmax(argmax_ids, vocab: int, seed: int = 0) -> torch.Tensor:
+    """Random logits [B, K+1, V] whose argmax at each position is argmax_ids[b][k]."""
+    ids = torch.tensor(argmax_ids)
+    logits = torch.randn((*ids.shape, vocab), generator=torch.Generator().manual_seed(seed))
+    logits.scatter_(-1, ids[..., None], 10.0)
+    return logits.to(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy
+
+
+@pytest.mark.parametrize(
+    "draft, argmax, accepted, expected",
+    [
+        ([3, 5, 7], [3, 5, 7, 9], 3, [3, 5, 7, 9]),  # all accepted, bonus
+        ([4, 5, 7], [3, 5, 7, 9], 0, [3, -1, -1, -1]),  # first rejected, correction
+        ([3, 6, 7], [3, 5, 7, 9], 1, [3, 5, -1, -1]),  # middle rejected
+        ([3, 5, 8], [3, 5, 7, 9], 2, [3, 5, 7, -1]),  # last rejected
+        ([2], [2, 0], 1, [2, 0]),  # K = 1
+    ],
+)
+def test_greedy_cases(draft, argmax, accepted, expected, backend):
+    logits = _logits_with_argmax([argmax], vocab=11)
+    tokens, num_accepted = mtp_verify(torch.tensor([draft], device=DEVICE), logits, backend=backend)
+    assert tokens.dtype == num_accepted.dtype == torch.int64
+    assert tokens.tolist() == [expected] and num_accepted.tolist() == [accepted]
+
+
+def test_greedy_ties_go_to_the_lowest_id(backend):
+    # position 0: ids 2 and 6 tie (draft 6 is rejected, 2 emitted); position 1: ids 0 and V-1 tie
+    # across vocabulary blocks of the kernels; position 2: all equal -> id 0.
+    vocab = 9000
+    logits = torch.zeros(3, 3, vocab)
+    logits[0, 0, [2, 6]] = 5.0
+    logits[1, 0, 4] = 1.0
+    logits[1, 1, [0, vocab - 1]] = 3.0
+    draft = torch.tensor([[6, 1], [4, vocab - 1], [0, 0]])
+    tokens, num_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), backend=backend)
+    assert num_accepted.tolist() == [0, 1, 2]
+    assert tokens.tolist() == [[2, -1, -1], [4, 0, -1], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_matches_reference(k, dtype, kernel_backend):
+    batch, vocab = 24, 1000  # odd rows; a vocabulary that is not a power of two
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randn(batch, k + 1, vocab, generator=gen).to(dtype)
+    draft = torch.randint(0, vocab, (batch, k), generator=gen)
+    # accept prefixes of every length: copy the argmax into the first `cut` drafts of each row
+    cut = torch.arange(batch) % (k + 1)
+    keep = torch.arange(k)[None] < cut[:, None]
+    draft = torch.where(keep, logits[:, :k].float().argmax(-1), draft)
+    tokens, num_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), backend=kernel_backend)
+    ref_tokens, ref_accepted = reference.mtp_verify(draft, logits)
+    assert torch.equal(num_accepted.cpu(), ref_accepted) and torch.equal(tokens.cpu(), ref_tokens)
+    assert (num_accepted.cpu() >= cut).all()
+
+
+@pytest.mark.parametrize("backend_name", ALL_BACKENDS)
+def test_greedy_on_a_152k_vocabulary(backend_name):
+    """MiMo's vocabulary (151680): several blocks per row, maximum in the last block."""
+    vocab, k = 151680, 2
+    logits = torch.randn(2, k + 1, vocab, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits[0, 0, vocab - 3] = 100.0
+    logits[0, 1, 77] = 100.0
+    logits[0, 2, vocab - 1] = 100.0
+    draft = torch.tensor([[vocab - 3, 77], [5, 6]])
+    tokens, num_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), backend=backend_name)
+    ref_tokens, ref_accepted = reference.mtp_verify(draft, logits)
+    assert tokens[0].tolist() == [vocab - 3, 77, vocab - 1] and num_accepted[0].item() == 2
+    assert torch.equal(tokens.cpu(), ref_tokens) and torch.equal(num_accepted.cpu(), ref_accepted)
+
+
+def test_strided_logits_and_int32_drafts(backend):
+    full = torch.randn(4, 6, 2 * 50, generator=torch.Generator().manual_seed(3))
+    logits = full[:, 1:4, ::2]  # strides on every dim (vocabulary stride 2: copied internally)
+    draft = logits[:, :2].argmax(-1).to(torch.int32)
+    draft[1, 1] = (draft[1, 1] + 1) % 50
+    tokens, num_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), backend=backend)
+    ref_tokens, ref_accepted = reference.mtp_verify(draft, logits.contiguous())
+    assert torch.equal(tokens.cpu(), ref_tokens) and torch.equal(num_accepted.cpu(), ref_accepted)
+    assert num_accepted.tolist() == [2, 1, 2, 2]
+
+
+def test_empty_batch_and_no_drafts(backend):
+    tokens, num_accepted = mtp_verify(
+        torch.zeros(0, 2, dtype=torch.long, device=DEVICE), torch.randn(0, 3, 7, device=DEVICE), backend=backend
+    )
+    assert tokens.shape == (0, 3) and num_accepted.shape == (0,)
+    logits = _logits_with_argmax([[4], [1]], vocab=7)
+    tokens, num_accepted = mtp_verify(torch.zeros(2, 0, dtype=torch.long, device=DEVICE), logits, backend=backend)
+    assert tokens.tolist() == [[4], [1]] and num_accepted.tolist() == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: every backend returns the reference's tokens for the same generator state
+
+
+def _sampling_case(batch, k, vocab, seed, *, draft_mode, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (2 * torch.randn(batch, k + 1, vocab, generator=gen)).to(dtype)
+    logits[0, :, : vocab // 2] = float("-inf")  # masked logits (e.g. top-k filtered) are fine
+    if draft_mode == "probs":
+        probs = torch.softmax(torch.randn(batch, k, vocab, generator=gen), -1)
+        probs[1, :, 0] = 0.0  # a draft distribution with zeros
+        draft = torch.multinomial(probs.reshape(-1, vocab), 1, generator=gen).view(batch, k)
+        return draft, logits, probs.to(dtype)
+    # deterministic drafts: the target's argmax half of the time, so long prefixes get accepted
+    draft = torch.randint(0, vocab, (batch, k), generator=gen)
+    draft = torch.where(torch.rand(batch, k, generator=gen) < 0.5, logits[:, :k].float().argmax(-1), draft)
+    return draft, logits, None
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("draft_mode", ["deterministic", "probs"])
+def test_sampling_matches_reference(k, draft_mode, kernel_backend):
+    draft, logits, probs = _sampling_case(48, k, 37, seed=k, draft_mode=draft_mode)
+    kwargs = dict(temperature=0.7, draft_probs=None if probs is None else probs.to(DEVICE))
+    tokens, num_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), generator=_generator(5),
+                                      backend=kernel_backend, **kwargs)
+    ref_tokens, ref_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), generator=_generator(5),
+                                          backend="torch", **kwargs)
+    assert torch.equal(num_accepted, ref_accepted) and torch.equal(tokens, ref_tokens)
+    assert 0 < num_accepted.float().mean() < k  # both acceptances and rejections happened
+    assert (tokens[0][tokens[0] >= 0] >= 37 // 2).all()  # never a token of probability 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sampling_low_precision_matches_reference(dtype, kernel_backend):
+    draft, logits, probs = _sampling_case(32, 3, 300, seed=1, draft_mode="probs", dtype=dtype)
+    args = (draft.to(DEVICE), logits.to(DEVICE))
+    kwargs = dict(temperature=1.3, draft_probs=probs.to(DEVICE))
+    ours = mtp_verify(*args, generator=_generator(2), backend=kernel_backend, **kwargs)
+    ref = mtp_verify(*args, generator=_generator(2), backend="torch", **kwargs)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
+def test_sampling_on_a_152k_vocabulary():
+    vocab = 151680
+    draft, logits, _ = _sampling_case(2, 2, vocab, seed=4, draft_mode="deterministic", dtype=torch.bfloat16)
+    tokens, num_accepted = mtp_verify(draft, logits, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                                      backend="torch")
+    n = num_accepted.tolist()
+    for row in range(2):
+        assert tokens[row, : n[row]].tolist() == draft[row, : n[row]].tolist()
+        assert 0 <= tokens[row, n[row]] < vocab and (tokens[row, n[row] + 1:] == -1).all()
+
+
+def test_generator_makes_sampling_reproducible(backend):
+    draft, logits, _ = _sampling_case(16, 2, 20, seed=0, draft_mode="deterministic")
+    first = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), temperature=1.0, generator=_generator(9), backend=backend)
+    again = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), temperature=1.0, generator=_generator(9), backend=backend)
+    assert torch.equal(first[0], again[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The emitted tokens follow softmax(target / temperature): chi-square at every position
+
+
+def _chi_square_p_value(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of `tokens` against the distribution `probs`."""
+    observed = torch.bincount(tokens, minlength=probs.numel()).double()
+    expected = probs.double() * tokens.numel()
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = torch.tensor(probs.numel() - 1.0, dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, stat / 2).item()
+
+
+def _distribution_case(rows, draft_mode, seed=0, draft_distribution=None):
+    """The same target logits (V=8, K=2) in every row; drafts drawn per row."""
+    vocab, k, temperature = 8, 2, 0.8
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5, 0.2, -0.5],
+                           [0.0, 0.3, 2.5, 1.0, 0.0, -2.0, 0.7, 1.2],
+                           [1.0, 1.0, 1.0, 0.0, 3.0, -1.0, 0.0, 0.5]])
+    q = torch.softmax(target / temperature, dim=-1)
+    logits = target.expand(rows, k + 1, vocab).contiguous()
+    if draft_mode == "probs":
+        p = torch.softmax(torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0, 0.0, -1.0, 0.5],
+                                        [1.0, 0.0, 1.5, 0.0, 0.5, 0.0, 0.0, 2.0]]), dim=-1)
+        draft = torch.stack([torch.multinomial(p[j], rows, replacement=True, generator=gen) for j in range(k)], 1)
+        stated = p if draft_distribution is None else draft_distribution
+        return draft, logits, stated.expand(rows, k, vocab).contiguous(), q, temperature
+    # deterministic drafts: any rule independent of the verifier's randomness is exact. Mostly
+    # the target's mode, so that all K drafts are often accepted and the bonus is well sampled.
+    draft = torch.randint(0, vocab, (rows, k), generator=gen)
+    draft = torch.where(torch.rand(rows, k, generator=gen) < 0.7, q[:k].argmax(-1), draft)
+    return draft, logits, None, q, temperature
+
+
+def _position_p_values(tokens, num_accepted, q):
+    """Per position j: the p-value of the tokens emitted at j (rows that got that far)."""
+    return [_chi_square_p_value(tokens[num_accepted >= j, j], q[j]) for j in range(tokens.shape[1])]
+
+
+@pytest.mark.parametrize("draft_mode", ["deterministic", "probs"])
+def test_sampled_tokens_follow_the_target_distribution(draft_mode):
+    draft, logits, probs, q, temperature = _distribution_case(100_000, draft_mode)
+    tokens, num_accepted = mtp_verify(draft, logits, temperature=temperature, draft_probs=probs,
+                                      generator=torch.Generator().manual_seed(1), backend="torch")
+    assert (num_accepted == 2).sum() > 5_000  # the bonus position is well sampled too
+    p_values = _position_p_values(tokens, num_accepted, q)
+    assert min(p_values) > 1e-3, p_values
+
+
+def test_chi_square_detects_a_wrong_draft_distribution():
+    """The test has power: stating the wrong draft distribution skews the emitted tokens."""
+    uniform = torch.full((2, 8), 1 / 8)
+    draft, logits, probs, q, temperature = _distribution_case(100_000, "probs", draft_distribution=uniform)
+    tokens, num_accepted = mtp_verify(draft, logits, temperature=temperature, draft_probs=probs,
+                                      generator=torch.Generator().manual_seed(1), backend="torch")
+    assert min(_position_p_values(tokens, num_accepted, q)) < 1e-6
+
+
+# The Triton interpreter runs about 15 ms per row here: on CPU a small sample of the mode with the
+# most kernel logic (the exact match with the reference above carries the rest).
+_KERNEL_DRAFT_MODES = ["deterministic", "probs"] if DEVICE.type == "cuda" else ["probs"]
+
+
+@pytest.mark.parametrize("draft_mode", _KERNEL_DRAFT_MODES)
+def test_kernel_sampled_tokens_follow_the_target_distribution(draft_mode, kernel_backend):
+    rows = 400 if DEVICE.type == "cpu" else 100_000
+    draft, logits, probs, q, temperature = _distribution_case(rows, draft_mode, seed=2)
+    tokens, num_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), temperature=temperature,
+                                      draft_probs=None if probs is None else probs.to(DEVICE),
+                                      generator=_generator(3), backend=kernel_backend)
+    p_values = _position_p_values(tokens.cpu(), num_accepted.cpu(), q)
+    assert min(p_values) > 1e-3, p_values
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_out_of_range_drafts_are_rejected_without_a_check():
+    """What happens on GPU tensors, where no eager check runs: the kernels (and the reference)
+    reject an out-of-range draft and never read out of bounds."""
+    logits = _logits_with_argmax([[3, 4, 5], [3, 4, 5]], vocab=10).cpu()
+    draft = torch.tensor([[3, 10], [-1, 4]])
+    expected = ([[3, 4, -1], [3, -1, -1]], [1, 0])
+    ref = reference.mtp_verify(draft, logits)
+    assert (ref[0].tolist(), ref[1].tolist()) == expected
+    uniforms = torch.zeros(2, 3)  # u = 0 would accept anything with q > 0
+    ref = reference.mtp_verify(draft, logits, 1.0, None, uniforms)
+    assert ref[1].tolist() == [1, 0]
+    if "triton" in KERNEL_BACKENDS:
+        from thinkfuse.kernels import mtp_verify as kernels
+
+        ours = kernels.mtp_verify(draft.to(DEVICE), logits.to(DEVICE), None, None, 0.0)
+        assert (ours[0].tolist(), ours[1].tolist()) == expected
+        ours = kernels.mtp_verify(draft.to(DEVICE), logits.to(DEVICE), None, uniforms.to(DEVICE), 1.0)
+        assert ours[1].tolist() == [1, 0]
+
+
+def _good_args():
+    return torch.tensor([[1, 2]]), torch.randn(1, 3, 8)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda d, l: (torch.tensor([[1, 8]]), l), ValueError, r"draft_tokens must be in \[0, 8\).*8"),
+        (lambda d, l: (torch.tensor([[-1, 2]]), l), ValueError, r"draft_tokens must be in \[0, 8\).*-1"),
+        (lambda d, l: (d.float(), l), TypeError, "draft_tokens must have dtype"),
+        (lambda d, l: (d[0], l), ValueError, "draft_tokens must be 2-D"),
+        (lambda d, l: (d, l.long()), TypeError, "target_logits must have dtype"),
+        (lambda d, l: (d, l[0]), ValueError, "target_logits must be 3-D"),
+        (lambda d, l: (d, l[:, :2]), ValueError, r"target_logits must be \[B, K\+1, V\]"),
+        (lambda d, l: (d, torch.cat([l, l])), ValueError, r"target_logits must be \[B, K\+1, V\]"),
+        (lambda d, l: (d, l[..., :0]), ValueError, "non-empty vocabulary"),
+        (lambda d, l: ("12", l), TypeError, "draft_tokens must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    draft, logits = change(*_good_args())
+    with pytest.raises(error, match=match):
+        mtp_verify(draft, logits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(temperature=-0.5), ValueError, "temperature must be >= 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+        (dict(temperature="1"), TypeError, "temperature must be a float"),
+        (dict(temperature=1.0, draft_probs=torch.rand(1, 3, 8)), ValueError, r"draft_probs must be \[B, K, V\]"),
+        (dict(temperature=1.0, draft_probs=torch.rand(1, 2, 7)), ValueError, r"draft_probs must be \[B, K, V\]"),
+        (dict(temperature=1.0, draft_probs=torch.ones(1, 2, 8, dtype=torch.long)), TypeError, "draft_probs must have"),
+        (dict(temperature=1.0, generator=1), TypeError, "generator must be a torch.Generator"),
+        (dict(backend="nope"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mtp_verify(*_good_args(), **kwargs)
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    if "cuda" in thinkfuse.available_backends():
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            mtp_verify(*_good_args(), backend="cuda")
+    else:
+        with pytest.raises(thinkfuse.BackendUnavailable):
+            mtp_verify(*_good_args(), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile and the real Triton compiler
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_torch_compile_fullgraph(temperature, kernel_backend):
+    draft, logits, _ = _sampling_case(4, 2, 16, seed=0, draft_mode="deterministic")
+    draft, logits = draft.to(DEVICE), logits.to(DEVICE)
+
+    def verify(d, l):
+        # dynamo cannot trace torch.rand with an explicit generator: the global RNG it is
+        return mtp_verify(d, l, temperature=temperature, backend=kernel_backend)
+
+    compiled = torch.compile(verify, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    ours = compiled(draft, logits)
+    torch.manual_seed(0)
+    expected = verify(draft, logits)
+    assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1])
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from thinkfuse.kernels import mtp_verify as mv
+
+    def compile_ptx(fn, types, constexprs):
+        signature = dict(zip(fn.arg_names, types + ["constexpr"] * len(constexprs)))
+        assert len(signature) == len(fn.arg_names), f"{fn.__name__}: {len(types)} types for {fn.arg_names}"
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+    compile_ptx(mv._greedy_verify_kernel, ["*i64", "*bf16", "*i64", "*i64"] + ["i64"] * 2 + ["i32"] * 2,
+                {"BLOCK_K": 4, "BLOCK_V": 4096})
+    for has_probs in (False, True):
+        compile_ptx(mv._sampled_verify_kernel,
+                    ["*i64", "*bf16", "*bf16", "*fp32", "*i64", "*i64"] + ["i64"] * 4 + ["i32"] * 2 + ["fp32"],
+                    {"HAS_DRAFT_PROBS": has_probs, "BLOCK_K": 8, "BLOCK_V": 4096})
+    print("compiled")
+    """
+)
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter cannot catch what only the compiler rejects (types across branches of the
+    loops' scalar ifs); compiling to PTX needs no device."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]

@@ -10,7 +10,9 @@ Ops live in ``thinkfuse.ops``; each has a CUDA, a Triton and a pure-torch backen
 
 __version__ = "0.1.0"
 
-from . import ops, reference
+# Nothing imported here may import triton: TRITON_INTERPRET must still take effect when it is
+# set after `import thinkfuse` (the demo and the tests rely on that).
+from . import grpo, models, ops, reference, speculative  # models: registers MiMo with Auto*
 from .backend import (
     BackendUnavailable,
     available_backends,
@@ -19,7 +21,6 @@ from .backend import (
     use_backend,
 )
 from .patching import PatchReport, UnsupportedModel, patch_model, unpatch_model
-from . import models  # registers MiMo with transformers' Auto classes
 
 __all__ = [
     "BackendUnavailable",
@@ -27,11 +28,13 @@ __all__ = [
     "UnsupportedModel",
     "available_backends",
     "get_backend",
+    "grpo",
     "models",
     "ops",
     "patch_model",
     "reference",
     "set_backend",
+    "speculative",
     "unpatch_model",
     "use_backend",
 ]

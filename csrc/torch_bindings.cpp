@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -20,13 +21,16 @@ namespace {
 
 using thinkfuse::DType;
 
-DType kernel_dtype(const at::Tensor& t, const char* name) {
-  const at::ScalarType type = t.scalar_type();
+DType kernel_dtype(at::ScalarType type, const char* name) {
   TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, name,
                    " must be float32, float16 or bfloat16, got ", type);
   return type == at::kFloat ? DType::kFloat32
          : type == at::kHalf ? DType::kFloat16
                              : DType::kBFloat16;
+}
+
+DType kernel_dtype(const at::Tensor& t, const char* name) {
+  return kernel_dtype(t.scalar_type(), name);
 }
 
 void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
@@ -144,6 +148,294 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   return {dx, dw};
 }
 
+// --- rotary embedding -------------------------------------------------------------------------
+
+// Stride of dim, or 0 when the dim has one element: its index is always 0, and an arbitrary
+// stride there (torch allows any) must not block vectorisation. Also makes a [1, S] position
+// or cos/sin tensor broadcast over the batch.
+int64_t stride_or_zero(const at::Tensor& t, int64_t dim) {
+  return t.size(dim) == 1 ? 0 : t.stride(dim);
+}
+
+thinkfuse::HeadsView heads_view(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.size(2), stride_or_zero(t, 0), stride_or_zero(t, 1),
+          stride_or_zero(t, 2)};
+}
+
+// q [B, S, Hq, D] and k [B, S, Hkv, D] (or their output gradients, named q_name / k_name): same
+// device and dtype, unit stride on D, D even and non-zero. Returns the shared sizes.
+thinkfuse::RotaryShape check_qk(const at::Tensor& q, const at::Tensor& k, const char* q_name,
+                                const char* k_name) {
+  TORCH_CHECK_VALUE(q.dim() == 4, q_name, " must be 4-D [batch, seq, heads, head_dim], got shape ",
+                    q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, k_name, " must be 4-D [batch, seq, heads, head_dim], got shape ",
+                    k.sizes());
+  check_device(q, q_name, q.device());
+  check_device(k, k_name, q.device());
+  kernel_dtype(q, q_name);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), k_name, " must have ", q_name, "'s dtype ",
+                   q.scalar_type(), ", got ", k.scalar_type());
+  const int64_t batch = q.size(0);
+  const int64_t seq = q.size(1);
+  const int64_t head_dim = q.size(3);
+  TORCH_CHECK_VALUE(k.size(0) == batch && k.size(1) == seq && k.size(3) == head_dim, k_name,
+                    " must have shape [", batch, ", ", seq, ", heads, ", head_dim, "] like ", q_name,
+                    " ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK_VALUE(head_dim > 0 && head_dim % 2 == 0, q_name,
+                    "'s head_dim must be even and non-zero (half-split rotation), got ", head_dim);
+  TORCH_CHECK_VALUE(head_dim <= thinkfuse::kRotaryMaxHeadDim, "head_dim above ",
+                    thinkfuse::kRotaryMaxHeadDim, " is not supported, got ", head_dim);
+  TORCH_CHECK_VALUE(q.size(2) + k.size(2) <= thinkfuse::kRotaryMaxHeads, "more than ",
+                    thinkfuse::kRotaryMaxHeads, " q + k heads are not supported, got ", q.size(2),
+                    " + ", k.size(2));
+  TORCH_CHECK_VALUE(q.stride(3) == 1, q_name,
+                    " must have unit stride along head_dim, got strides ", q.strides());
+  TORCH_CHECK_VALUE(k.stride(3) == 1, k_name,
+                    " must have unit stride along head_dim, got strides ", k.strides());
+  return {batch, seq, head_dim};
+}
+
+// Python floats arrive as double; the kernels take float32 as the Triton kernels do.
+float finite_float(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
+  return static_cast<float>(value);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_impl(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& position_ids,
+                                             const at::Tensor& inv_freq, double attention_scaling,
+                                             double llama4_beta, int64_t llama4_original_max,
+                                             bool backward) {
+  const char* q_name = backward ? "dq_out" : "q";
+  const char* k_name = backward ? "dk_out" : "k";
+  const thinkfuse::RotaryShape shape = check_qk(q, k, q_name, k_name);
+  const DType dtype = kernel_dtype(q, q_name);
+  check_device(position_ids, "position_ids", q.device());
+  const at::ScalarType pos_type = position_ids.scalar_type();
+  TORCH_CHECK_TYPE(pos_type == at::kInt || pos_type == at::kLong,
+                   "position_ids must be int32 or int64, got ", pos_type);
+  TORCH_CHECK_VALUE(position_ids.dim() == 2 && position_ids.size(1) == shape.seq &&
+                        (position_ids.size(0) == shape.batch || position_ids.size(0) == 1),
+                    "position_ids must have shape [", shape.batch, ", ", shape.seq, "] or [1, ",
+                    shape.seq, "], got ", position_ids.sizes());
+  check_device(inv_freq, "inv_freq", q.device());
+  TORCH_CHECK_TYPE(inv_freq.scalar_type() == at::kFloat, "inv_freq must be float32, got ",
+                   inv_freq.scalar_type());
+  check_vector(inv_freq, "inv_freq", shape.head_dim / 2);
+  const float scaling = finite_float(attention_scaling, "attention_scaling");
+  const float beta = finite_float(llama4_beta, "llama4_beta");
+  TORCH_CHECK_VALUE(beta == 0.0f || llama4_original_max > 0,
+                    "llama4_original_max must be > 0 when llama4_beta != 0, got ",
+                    llama4_original_max);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  const thinkfuse::PositionsView positions{position_ids.const_data_ptr(), pos_type == at::kLong,
+                                           stride_or_zero(position_ids, 0), position_ids.stride(1)};
+  const auto launch = backward ? &thinkfuse::rope_backward : &thinkfuse::rope_forward;
+  check_launch(launch(shape, heads_view(q), heads_view(k), positions,
+                      inv_freq.const_data_ptr<float>(), scaling, beta, llama4_original_max,
+                      q_out.mutable_data_ptr(), k_out.mutable_data_ptr(), dtype,
+                      c10::cuda::getCurrentCUDAStream().stream()),
+               backward ? "rope_bwd" : "rope_fwd");
+  return {q_out, k_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& position_ids,
+                                            const at::Tensor& inv_freq, double attention_scaling,
+                                            double llama4_beta, int64_t llama4_original_max) {
+  return rope_impl(q, k, position_ids, inv_freq, attention_scaling, llama4_beta,
+                   llama4_original_max, /*backward=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_bwd(const at::Tensor& dq_out, const at::Tensor& dk_out,
+                                            const at::Tensor& position_ids,
+                                            const at::Tensor& inv_freq, double attention_scaling,
+                                            double llama4_beta, int64_t llama4_original_max) {
+  return rope_impl(dq_out, dk_out, position_ids, inv_freq, attention_scaling, llama4_beta,
+                   llama4_original_max, /*backward=*/true);
+}
+
+// cos/sin [B or 1, S, D] for q of `shape`: one dtype, q's device, unit stride on D.
+thinkfuse::CosSinView check_cos_sin(const at::Tensor& cos, const at::Tensor& sin,
+                                    const thinkfuse::RotaryShape& shape,
+                                    const at::Device& device) {
+  check_device(cos, "cos", device);
+  check_device(sin, "sin", device);
+  kernel_dtype(cos, "cos");
+  TORCH_CHECK_TYPE(sin.scalar_type() == cos.scalar_type(), "sin must have cos's dtype ",
+                   cos.scalar_type(), ", got ", sin.scalar_type());
+  TORCH_CHECK_VALUE(cos.dim() == 3 && (cos.size(0) == shape.batch || cos.size(0) == 1) &&
+                        cos.size(1) == shape.seq && cos.size(2) == shape.head_dim,
+                    "cos must have shape [", shape.batch, ", ", shape.seq, ", ", shape.head_dim,
+                    "] or [1, ", shape.seq, ", ", shape.head_dim, "], got ", cos.sizes());
+  TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "sin must have cos's shape ", cos.sizes(),
+                    ", got ", sin.sizes());
+  TORCH_CHECK_VALUE(cos.stride(2) == 1, "cos must have unit stride along its last dimension, "
+                    "got strides ", cos.strides());
+  TORCH_CHECK_VALUE(sin.stride(2) == 1, "sin must have unit stride along its last dimension, "
+                    "got strides ", sin.strides());
+  return {cos.const_data_ptr(),  sin.const_data_ptr(),  stride_or_zero(cos, 0),
+          stride_or_zero(cos, 1), stride_or_zero(sin, 0), stride_or_zero(sin, 1)};
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rotary_impl(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& cos, const at::Tensor& sin,
+                                                     at::ScalarType out_type, bool backward) {
+  const char* q_name = backward ? "dq_out" : "q";
+  const char* k_name = backward ? "dk_out" : "k";
+  const thinkfuse::RotaryShape shape = check_qk(q, k, q_name, k_name);
+  const thinkfuse::CosSinView cos_sin = check_cos_sin(cos, sin, shape, q.device());
+  const DType in_dtype = kernel_dtype(q, q_name);
+  const DType cos_dtype = kernel_dtype(cos, "cos");
+  const DType out_dtype = kernel_dtype(out_type, backward ? "q_dtype" : "the output dtype");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor q_out = at::empty(q.sizes(), q.options().dtype(out_type));
+  at::Tensor k_out = at::empty(k.sizes(), k.options().dtype(out_type));
+  const auto launch =
+      backward ? &thinkfuse::apply_rotary_backward : &thinkfuse::apply_rotary_forward;
+  check_launch(launch(shape, heads_view(q), heads_view(k), cos_sin, q_out.mutable_data_ptr(),
+                      k_out.mutable_data_ptr(), in_dtype, cos_dtype, out_dtype,
+                      c10::cuda::getCurrentCUDAStream().stream()),
+               backward ? "apply_rotary_bwd" : "apply_rotary_fwd");
+  return {q_out, k_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rotary_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos,
+                                                    const at::Tensor& sin) {
+  // transformers' q * cos + rotate_half(q) * sin promotes q's dtype with cos's.
+  return apply_rotary_impl(q, k, cos, sin, at::promote_types(q.scalar_type(), cos.scalar_type()),
+                           /*backward=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rotary_bwd(const at::Tensor& dq_out,
+                                                    const at::Tensor& dk_out,
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    at::ScalarType q_dtype,
+                                                    at::ScalarType k_dtype) {
+  // One launch writes both gradients: they share a dtype (as q and k do in the forward).
+  kernel_dtype(q_dtype, "q_dtype");
+  TORCH_CHECK_TYPE(k_dtype == q_dtype, "k_dtype must equal q_dtype ", q_dtype, ", got ", k_dtype);
+  return apply_rotary_impl(dq_out, dk_out, cos, sin, q_dtype, /*backward=*/true);
+}
+
+// --- SwiGLU --------------------------------------------------------------------------------------
+
+void check_swiglu_width(int64_t cols) {
+  TORCH_CHECK_VALUE(cols <= thinkfuse::kSwigluMaxCols, "rows wider than ",
+                    thinkfuse::kSwigluMaxCols, " elements are not supported, got ", cols);
+}
+
+// [rows, cols] with x's dtype and device and a unit column stride.
+void check_like_rows(const at::Tensor& t, const char* name, const at::Tensor& like,
+                     const char* like_name, int64_t rows, int64_t cols) {
+  check_device(t, name, like.device());
+  check_rows(t, name, rows, cols);
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have ", like_name,
+                   "'s dtype ", like.scalar_type(), ", got ", t.scalar_type());
+}
+
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK_VALUE(gate.dim() == 2, "gate must be 2-D [rows, cols], got shape ", gate.sizes());
+  const int64_t rows = gate.size(0);
+  const int64_t cols = gate.size(1);
+  check_device(gate, "gate", gate.device());
+  check_rows(gate, "gate", rows, cols);
+  check_swiglu_width(cols);
+  const DType dtype = kernel_dtype(gate, "gate");
+  check_like_rows(up, "up", gate, "gate", rows, cols);
+
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor y = at::empty({rows, cols}, gate.options());
+  check_launch(thinkfuse::swiglu_forward(gate.const_data_ptr(), gate.stride(0),
+                                         up.const_data_ptr(), up.stride(0), y.mutable_data_ptr(),
+                                         cols, rows, cols, dtype,
+                                         c10::cuda::getCurrentCUDAStream().stream()),
+               "swiglu_fwd");
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
+                                              const at::Tensor& up) {
+  TORCH_CHECK_VALUE(gate.dim() == 2, "gate must be 2-D [rows, cols], got shape ", gate.sizes());
+  const int64_t rows = gate.size(0);
+  const int64_t cols = gate.size(1);
+  check_device(gate, "gate", gate.device());
+  check_rows(gate, "gate", rows, cols);
+  check_swiglu_width(cols);
+  const DType dtype = kernel_dtype(gate, "gate");
+  check_like_rows(up, "up", gate, "gate", rows, cols);
+  check_like_rows(dy, "dy", gate, "gate", rows, cols);
+
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor dgate = at::empty({rows, cols}, gate.options());
+  at::Tensor dup = at::empty({rows, cols}, gate.options());
+  check_launch(thinkfuse::swiglu_backward(dy.const_data_ptr(), dy.stride(0),
+                                          gate.const_data_ptr(), gate.stride(0),
+                                          up.const_data_ptr(), up.stride(0),
+                                          dgate.mutable_data_ptr(), cols, dup.mutable_data_ptr(),
+                                          cols, rows, cols, dtype,
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               "swiglu_bwd");
+  return {dgate, dup};
+}
+
+// gate_up [rows, 2N]: returns N. gate is its first column half, up the second.
+int64_t check_gate_up(const at::Tensor& gate_up) {
+  TORCH_CHECK_VALUE(gate_up.dim() == 2, "gate_up must be 2-D [rows, 2 * N], got shape ",
+                    gate_up.sizes());
+  check_device(gate_up, "gate_up", gate_up.device());
+  check_rows(gate_up, "gate_up", gate_up.size(0), gate_up.size(1));
+  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0,
+                    "gate_up's last dim must be even (gate and up halves), got ", gate_up.size(1));
+  const int64_t cols = gate_up.size(1) / 2;
+  check_swiglu_width(cols);
+  return cols;
+}
+
+at::Tensor swiglu_fused_fwd(const at::Tensor& gate_up) {
+  const int64_t cols = check_gate_up(gate_up);
+  const int64_t rows = gate_up.size(0);
+  const DType dtype = kernel_dtype(gate_up, "gate_up");
+
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  const at::Tensor gate = gate_up.narrow(1, 0, cols);
+  const at::Tensor up = gate_up.narrow(1, cols, cols);
+  at::Tensor y = at::empty({rows, cols}, gate_up.options());
+  check_launch(thinkfuse::swiglu_forward(gate.const_data_ptr(), gate_up.stride(0),
+                                         up.const_data_ptr(), gate_up.stride(0),
+                                         y.mutable_data_ptr(), cols, rows, cols, dtype,
+                                         c10::cuda::getCurrentCUDAStream().stream()),
+               "swiglu_fused_fwd");
+  return y;
+}
+
+at::Tensor swiglu_fused_bwd(const at::Tensor& dy, const at::Tensor& gate_up) {
+  const int64_t cols = check_gate_up(gate_up);
+  const int64_t rows = gate_up.size(0);
+  const DType dtype = kernel_dtype(gate_up, "gate_up");
+  check_like_rows(dy, "dy", gate_up, "gate_up", rows, cols);
+
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  const at::Tensor gate = gate_up.narrow(1, 0, cols);
+  const at::Tensor up = gate_up.narrow(1, cols, cols);
+  at::Tensor dgate_up = at::empty({rows, 2 * cols}, gate_up.options());
+  at::Tensor dgate = dgate_up.narrow(1, 0, cols);
+  at::Tensor dup = dgate_up.narrow(1, cols, cols);
+  check_launch(thinkfuse::swiglu_backward(dy.const_data_ptr(), dy.stride(0),
+                                          gate.const_data_ptr(), gate_up.stride(0),
+                                          up.const_data_ptr(), gate_up.stride(0),
+                                          dgate.mutable_data_ptr(), 2 * cols,
+                                          dup.mutable_data_ptr(), 2 * cols, rows, cols, dtype,
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               "swiglu_fused_bwd");
+  return dgate_up;
+}
+
 std::string cuda_version() {
   return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 }
@@ -157,11 +449,34 @@ TORCH_LIBRARY(thinkfuse_C, m) {
   m.def(
       "rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) "
       "-> (Tensor dx, Tensor dw)");
+  m.def(
+      "rope_fwd(Tensor q, Tensor k, Tensor position_ids, Tensor inv_freq, float attention_scaling, "
+      "float llama4_beta, int llama4_original_max) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "rope_bwd(Tensor dq_out, Tensor dk_out, Tensor position_ids, Tensor inv_freq, "
+      "float attention_scaling, float llama4_beta, int llama4_original_max) "
+      "-> (Tensor dq, Tensor dk)");
+  m.def("apply_rotary_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "apply_rotary_bwd(Tensor dq_out, Tensor dk_out, Tensor cos, Tensor sin, ScalarType q_dtype, "
+      "ScalarType k_dtype) -> (Tensor dq, Tensor dk)");
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor y");
+  m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  m.def("swiglu_fused_fwd(Tensor gate_up) -> Tensor y");
+  m.def("swiglu_fused_bwd(Tensor dy, Tensor gate_up) -> Tensor dgate_up");
 }
 
 TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("rope_fwd", &rope_fwd);
+  m.impl("rope_bwd", &rope_bwd);
+  m.impl("apply_rotary_fwd", &apply_rotary_fwd);
+  m.impl("apply_rotary_bwd", &apply_rotary_bwd);
+  m.impl("swiglu_fwd", &swiglu_fwd);
+  m.impl("swiglu_bwd", &swiglu_bwd);
+  m.impl("swiglu_fused_fwd", &swiglu_fused_fwd);
+  m.impl("swiglu_fused_bwd", &swiglu_fused_bwd);
 }
 
 // Importing thinkfuse._C loads this library, which registers the ops above.

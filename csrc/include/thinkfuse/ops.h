@@ -49,4 +49,100 @@ cudaError_t rms_norm_backward(const void* dy, int64_t dy_row_stride, const void*
                               const void* dh, void* dx, void* dw, float* workspace, int64_t rows,
                               int64_t cols, DType x_dtype, DType w_dtype, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding, half-split as transformers' rotate_half, on q and k in one launch:
+//   out[..., :D/2] = x1 * cos1 - x2 * sin1,   out[..., D/2:] = x2 * cos2 + x1 * sin2
+// computed in float32 and rounded once. The backward entry points apply the inverse rotation
+// ((s1, s2) -> (-s2, -s1)) to the output gradients. Outputs are contiguous [B, S, H, D].
+// Shapes beyond the limits below return cudaErrorInvalidValue.
+// ---------------------------------------------------------------------------------------------
+
+// Largest q_heads + k_heads and head_dim (int32 index arithmetic inside a tile).
+constexpr int64_t kRotaryMaxHeads = int64_t{1} << 20;
+constexpr int64_t kRotaryMaxHeadDim = int64_t{1} << 20;
+
+// Sizes shared by q and k. head_dim is even.
+struct RotaryShape {
+  int64_t batch;
+  int64_t seq;
+  int64_t head_dim;
+};
+
+// q or k: [batch, seq, heads, head_dim] with a unit stride on head_dim; strides in elements.
+struct HeadsView {
+  const void* data;
+  int64_t heads;
+  int64_t stride_b;
+  int64_t stride_s;
+  int64_t stride_h;
+};
+
+// position_ids [batch or 1, seq], int32 or int64, any strides (stride_b 0 broadcasts one row).
+struct PositionsView {
+  const void* data;
+  bool is_int64;
+  int64_t stride_b;
+  int64_t stride_s;
+};
+
+// cos and sin [batch or 1, seq, head_dim], one dtype, unit stride on head_dim (stride_b 0
+// broadcasts one row).
+struct CosSinView {
+  const void* cos;
+  const void* sin;
+  int64_t cos_stride_b;
+  int64_t cos_stride_s;
+  int64_t sin_stride_b;
+  int64_t sin_stride_s;
+};
+
+// rope: cos/sin = cos/sin(float(position) * inv_freq[j]) * attention_scaling in float32, never
+// stored; inv_freq is float32 contiguous [head_dim / 2]. llama4_beta != 0 multiplies q's cos/sin
+// (only q's) by 1 + beta * log(1 + floor(position / llama4_original_max)) (Ministral 3);
+// llama4_original_max must then be > 0 (it is converted to float32, as torch does).
+// q, k, q_out, k_out share `dtype`. The backward takes dq_out/dk_out in place of q/k and writes
+// dq/dk; same arguments otherwise.
+cudaError_t rope_forward(const RotaryShape& shape, const HeadsView& q, const HeadsView& k,
+                         const PositionsView& positions, const float* inv_freq,
+                         float attention_scaling, float llama4_beta, int64_t llama4_original_max,
+                         void* q_out, void* k_out, DType dtype, cudaStream_t stream);
+cudaError_t rope_backward(const RotaryShape& shape, const HeadsView& dq_out,
+                          const HeadsView& dk_out, const PositionsView& positions,
+                          const float* inv_freq, float attention_scaling, float llama4_beta,
+                          int64_t llama4_original_max, void* dq, void* dk, DType dtype,
+                          cudaStream_t stream);
+
+// apply_rotary: cos/sin loaded from tensors. q and k share in_dtype, the outputs out_dtype
+// (the forward's is promote(in_dtype, cos_dtype), the backward's the dtype of the forward's q).
+cudaError_t apply_rotary_forward(const RotaryShape& shape, const HeadsView& q, const HeadsView& k,
+                                 const CosSinView& cos_sin, void* q_out, void* k_out,
+                                 DType in_dtype, DType cos_dtype, DType out_dtype,
+                                 cudaStream_t stream);
+cudaError_t apply_rotary_backward(const RotaryShape& shape, const HeadsView& dq_out,
+                                  const HeadsView& dk_out, const CosSinView& cos_sin, void* dq,
+                                  void* dk, DType in_dtype, DType cos_dtype, DType out_dtype,
+                                  cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: y = silu(gate) * up in float32, rounded once (silu(g) = g / (1 + exp(-g))).
+// Backward, with sig = sigmoid(gate):
+//   dgate = dy * up * sig * (1 + gate * (1 - sig)),   dup = dy * (gate * sig)
+// Every tensor is [rows, cols] with a unit column stride and its own row stride (elements), all
+// in `dtype`. The fused form (gate_up [rows, 2N]) passes its two column halves as gate and up,
+// and the two halves of one [rows, 2N] gradient as dgate and dup.
+// cols > kSwigluMaxCols returns cudaErrorInvalidValue.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kSwigluMaxCols = int64_t{1} << 30;
+
+cudaError_t swiglu_forward(const void* gate, int64_t gate_row_stride, const void* up,
+                           int64_t up_row_stride, void* y, int64_t y_row_stride, int64_t rows,
+                           int64_t cols, DType dtype, cudaStream_t stream);
+
+cudaError_t swiglu_backward(const void* dy, int64_t dy_row_stride, const void* gate,
+                            int64_t gate_row_stride, const void* up, int64_t up_row_stride,
+                            void* dgate, int64_t dgate_row_stride, void* dup,
+                            int64_t dup_row_stride, int64_t rows, int64_t cols, DType dtype,
+                            cudaStream_t stream);
+
 }  // namespace thinkfuse

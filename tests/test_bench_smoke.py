@@ -23,14 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import harness, rms_norm, rope, swiglu  # noqa: E402
+from bench import harness, logprobs, mtp_verify, rms_norm, rope, swiglu  # noqa: E402
 
 # The smoke shapes the harness promises: tokens 8, hidden 64 and 1000.
 SMOKE_SHAPES = ("8x64", "8x1000")
 VARIANTS = ("norm", "add+norm")
 MODES = ("fwd", "fwd+bwd")
 # These implementations can always run on CPU; the others may be "missing" with a reason.
-CPU_IMPLS = ("thinkfuse-torch", "thinkfuse-torch-apply_rotary", "thinkfuse-torch-fused", "hf-eager", "torch-compile")
+CPU_IMPLS = ("thinkfuse-torch", "thinkfuse-torch-apply_rotary", "thinkfuse-torch-fused", "hf-eager", "torch-compile",
+             "trl-selective-log-softmax", "materialised", "verl-chunked", "vllm-style")
 THINKFUSE_IMPLS = ("thinkfuse-cuda", "thinkfuse-triton", "thinkfuse-torch")
 BASELINES = ("hf-eager", "torch-compile", "liger")
 
@@ -41,6 +42,13 @@ ROPE_IMPLS = (*THINKFUSE_IMPLS, *(f"{name}-apply_rotary" for name in THINKFUSE_I
 # swiglu: 8 tokens, intermediate 64 and 1000.
 SWIGLU_SMOKE_SHAPES = ("8x64", "8x1000")
 SWIGLU_IMPLS = (*THINKFUSE_IMPLS, *(f"{name}-fused" for name in THINKFUSE_IMPLS), *BASELINES)
+# logprobs: token_logprobs on 8 tokens x V 1000; fused_linear on 8 tokens x hidden 64 x V 1000.
+TOKEN_LOGPROBS_IMPLS = (*THINKFUSE_IMPLS, "trl-selective-log-softmax", "torch-compile")
+FUSED_LINEAR_IMPLS = (*THINKFUSE_IMPLS, "materialised", "verl-chunked", "liger")
+# mtp_verify: B 2, K 2, V 64; forward only (not differentiable).
+MTP_VARIANTS = ("greedy", "sample", "sample+draft_probs")
+MTP_IMPLS = (*THINKFUSE_IMPLS, "vllm-style", "flashinfer")
+ALL_OPS = ("logprobs", "mtp_verify", "rms_norm", "rope", "swiglu")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +92,23 @@ def test_smoke_has_a_row_for_every_swiglu_case_and_implementation(smoke):
     assert _row_keys(results, "swiglu") == expected
 
 
+def test_smoke_has_a_row_for_every_logprobs_case_and_implementation(smoke):
+    _, results = smoke
+    expected = set(itertools.product(("token_logprobs",), ("8x1000",), MODES, TOKEN_LOGPROBS_IMPLS))
+    expected |= set(itertools.product(("fused_linear",), ("8x64x1000",), MODES, FUSED_LINEAR_IMPLS))
+    assert _row_keys(results, "logprobs") == expected
+
+
+def test_smoke_has_a_row_for_every_mtp_verify_case_and_implementation(smoke):
+    _, results = smoke
+    expected = set(itertools.product(MTP_VARIANTS, ("2x2x64",), ("fwd",), MTP_IMPLS))
+    assert _row_keys(results, "mtp_verify") == expected
+    # FlashInfer's chain_speculative_sampling has no greedy mode: always missing, with a reason.
+    greedy_flashinfer = [r for r in results["rows"] if r["op"] == "mtp_verify" and r["impl"] == "flashinfer"
+                         and r["variant"] == "greedy"]
+    assert [r["status"] for r in greedy_flashinfer] == ["missing"]
+
+
 def test_smoke_rows_are_ok_or_missing_with_a_reason(smoke):
     _, results = smoke
     for row in results["rows"]:
@@ -110,12 +135,12 @@ def test_smoke_writes_markdown_and_plots(smoke):
     out, results = smoke
     markdown = (out / "results.md").read_text()
     assert "Smoke run" in markdown
-    for op in ("rms_norm", "rope", "swiglu"):
+    for op in ALL_OPS:
         assert f"## {op}" in markdown
-    assert markdown.count("Bytes counted") >= 3
+    assert markdown.count("Bytes counted") >= len(ALL_OPS)
     assert not (out / "rows.partial.jsonl").exists()
     pytest.importorskip("matplotlib")
-    for op in ("rms_norm", "rope", "swiglu"):
+    for op in ALL_OPS:
         assert (out / f"{op}_speedup_vs_hf_eager.png").stat().st_size > 0
         assert (out / f"{op}_copy_bw_fraction.png").stat().st_size > 0
 
@@ -193,6 +218,96 @@ def test_rope_and_swiglu_bytes_counted():
     i = 8960
     assert swiglu.bytes_moved(t, i, "fwd", torch.bfloat16) == 3 * t * i * bf16
     assert swiglu.bytes_moved(t, i, "fwd+bwd", torch.bfloat16) == 8 * t * i * bf16
+
+
+def test_logprobs_gpu_case_list_covers_tokens_vocabs_hidden_sizes_modes_and_impls():
+    cases = logprobs.cases(_gpu_config())
+    token = {(c.shape["tokens"], c.shape["vocab"], c.mode, c.impl) for c in cases if c.variant == "token_logprobs"}
+    assert token == set(itertools.product(
+        (4096, 16384), (151936, 152064, 151680, 131072), MODES, TOKEN_LOGPROBS_IMPLS))
+    fused = {(c.shape["tokens"], c.shape["hidden"], c.shape["vocab"], c.mode, c.impl)
+             for c in cases if c.variant == "fused_linear"}
+    pairs = {(1536, 151936), (5120, 152064), (4096, 151680), (3072, 131072), (4096, 131072), (5120, 131072)}
+    assert fused == {(t, h, v, m, i)
+                     for t in (4096, 16384) for h, v in pairs for m in MODES for i in FUSED_LINEAR_IMPLS}
+    assert len(cases) == len(token) + len(fused)
+    assert {c.model for c in cases if c.variant == "token_logprobs" and c.shape["vocab"] == 131072} == {
+        "ministral-3-3b,ministral-3-8b,ministral-3-14b"}
+    assert all(c.flops and not c.bytes_moved for c in cases if c.variant == "fused_linear")
+    assert all(c.bytes_moved and not c.flops for c in cases if c.variant == "token_logprobs")
+
+
+def test_mtp_verify_gpu_case_list_covers_batches_drafts_variants_and_impls():
+    cases = mtp_verify.cases(_gpu_config())
+    keys = {(c.shape["batch"], c.shape["drafts"], c.shape["vocab"], c.variant, c.mode, c.impl) for c in cases}
+    expected = set(itertools.product((1, 8, 64, 256), (1, 2, 4), (151680,), MTP_VARIANTS, ("fwd",), MTP_IMPLS))
+    assert keys == expected and len(cases) == len(expected)
+    assert {c.model for c in cases} == {"mimo-7b"}
+    assert all(c.missing for c in cases if c.impl == "flashinfer" and c.variant == "greedy")
+    # Forward-only op; presets without an MTP layer have no verify shapes.
+    assert mtp_verify.cases(_gpu_config(modes=harness.MODE_CHOICES["bwd"])) == []
+    presets, _ = harness.load_presets()
+    assert mtp_verify.cases(_gpu_config(presets={"palmyra-mini": presets["palmyra-mini"]})) == []
+
+
+def test_logprobs_and_mtp_verify_bytes_and_flops_counted():
+    t, v, h, bf16 = 4096, 151936, 1536, 2
+    assert logprobs.bytes_moved(t, v, "fwd", torch.bfloat16) == t * v * bf16
+    assert logprobs.bytes_moved(t, v, "fwd+bwd", torch.bfloat16) == 3 * t * v * bf16
+    assert logprobs.flops(t, h, v, "fwd") == 2 * t * h * v
+    assert logprobs.flops(t, h, v, "fwd+bwd") == 6 * t * h * v
+    b, k, v = 64, 2, 151680
+    assert mtp_verify.bytes_moved(b, k, v, False, torch.bfloat16) == b * (k + 1) * v * bf16
+    assert mtp_verify.bytes_moved(b, k, v, True, torch.bfloat16) == b * (k + 1) * v * bf16 + b * k * v * 4
+
+
+def test_logprobs_baselines_match_autograd_of_the_reference():
+    """The verl-style chunked baseline (hand-written backward) and the materialised one compute
+    log_softmax(hidden @ W.T)[token] and its gradients."""
+    torch.manual_seed(0)
+    n, h, v = 8, 16, 50
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, v, (n,))
+    grad = torch.randn(n, dtype=torch.float64)
+    reference = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, ids[:, None]).squeeze(-1)
+    expected = torch.autograd.grad(reference, (hidden, weight), grad)
+    config = _gpu_config(smoke=True, device=torch.device("cpu"))
+    for make in (logprobs._verl_chunked, logprobs._materialised):
+        out = make(config)(hidden, weight, ids)
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(out, (hidden, weight), grad.to(out.dtype))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_vllm_style_verify_matches_thinkfuse_greedy():
+    import thinkfuse
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, 40)
+    draft = torch.randint(0, 40, (6, 3))
+    draft[0] = logits[0, :3].argmax(-1)  # all accepted: bonus token
+    draft[1, 0] = logits[1, 0].argmax()  # one accepted
+    got = mtp_verify.vllm_style_verify(draft, logits, 0.0, None)
+    want = thinkfuse.ops.mtp_verify(draft, logits, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[1][:2].tolist() == [3, 1]
+
+
+def test_out_of_memory_becomes_a_row_status():
+    def build():
+        def forward():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.64 GiB")
+        return logprobs._OomGuardedWorkload(forward=forward)
+
+    case = harness.Case(op="logprobs", impl="materialised", variant="fused_linear", mode="fwd",
+                        shape={"tokens": 16384, "hidden": 5120, "vocab": 152064}, model="am-thinking-v1",
+                        dtype=torch.bfloat16, build=logprobs._oom_guard(build))
+    config = _gpu_config(smoke=True, device=torch.device("cpu"))
+    row = harness.run_case(case, config)
+    assert row["status"] == "error"
+    assert row["reason"].startswith("RuntimeError: out of memory: CUDA out of memory"), row["reason"]
 
 
 def _fake_timed_rows() -> list[dict]:

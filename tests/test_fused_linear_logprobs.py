@@ -2,13 +2,10 @@
 materialised) and a float64 truth, gradients w.r.t. hidden / weight / bias, model vocabularies,
 chunking, ignored ids, frozen lm_head, strides, memory bound, bad inputs, custom ops."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from ptx import compile_in_subprocess
 from conftest import DEVICE, backends_with
 from tolerances import assert_close_fp32, assert_low_precision_ok
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -346,17 +343,9 @@ def test_torch_compile_kernel_backend_fullgraph(kb):
 
 # --- the kernels compile for a real GPU target ----------------------------------------------------
 
-_COMPILE_SCRIPT = textwrap.dedent(
+_COMPILE_SCRIPT = (
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
     from thinkfuse.kernels import fused_linear_logprobs as fused, logprobs
-
-    def compile_ptx(fn, types, constexprs, **options):
-        signature = dict(zip(fn.arg_names, types + ["constexpr"] * len(constexprs)))
-        assert len(signature) == len(fn.arg_names), f"{fn.__name__}: {len(types)} types for {fn.arg_names}"
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
     dt = "bf16"
     row = {"BLOCK_M": 1, "BLOCK_N": 4096}
@@ -382,8 +371,4 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 def test_logprob_kernels_compile_for_sm90():
     """The interpreter cannot catch what only the compiler rejects; PTX needs no device."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    compile_in_subprocess(_COMPILE_SCRIPT)

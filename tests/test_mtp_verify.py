@@ -2,13 +2,10 @@
 distribution (chi-square), GPU-path handling of bad draft ids, bad inputs, torch.compile and a
 PTX compile of the Triton kernels."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from ptx import compile_in_subprocess
 from conftest import DEVICE, backends_with
 
 import thinkfuse
@@ -354,17 +351,9 @@ def test_torch_compile_fullgraph(temperature, kernel_backend):
     assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1])
 
 
-_COMPILE_SCRIPT = textwrap.dedent(
+_COMPILE_SCRIPT = (
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
     from thinkfuse.kernels import mtp_verify as mv
-
-    def compile_ptx(fn, types, constexprs):
-        signature = dict(zip(fn.arg_names, types + ["constexpr"] * len(constexprs)))
-        assert len(signature) == len(fn.arg_names), f"{fn.__name__}: {len(types)} types for {fn.arg_names}"
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
     compile_ptx(mv._greedy_verify_kernel, ["*i64", "*bf16", "*i64", "*i64"] + ["i64"] * 2 + ["i32"] * 2,
                 {"BLOCK_K": 4, "BLOCK_V": 4096})
@@ -380,8 +369,4 @@ _COMPILE_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     """The interpreter cannot catch what only the compiler rejects (types across branches of the
     loops' scalar ifs); compiling to PTX needs no device."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    compile_in_subprocess(_COMPILE_SCRIPT)

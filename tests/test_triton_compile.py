@@ -1,31 +1,24 @@
 """The Triton kernels compile for a real GPU target (sm_90), even on a machine without a GPU.
 
-The interpreter runs kernels as Python, so it cannot catch what only the compiler rejects (a
-type mismatch across branches, an unsupported construct). Compiling to PTX needs no device, but
-it needs triton imported without TRITON_INTERPRET, hence the subprocess.
+See tests/ptx.py for why and how. The log-prob and mtp_verify kernels are compiled in their
+own test files.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from ptx import compile_in_subprocess
 
-_COMPILE_SCRIPT = textwrap.dedent(
+_COMPILE_SCRIPT = (
     """
-    import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from thinkfuse.kernels import rope, swiglu
-
-    def compile_ptx(fn, types, constexprs):
-        signature = dict(zip(fn.arg_names, types + ["constexpr"] * len(constexprs)))
-        assert len(signature) == len(fn.arg_names), f"{fn.__name__}: {len(types)} types for {fn.arg_names}"
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    from thinkfuse.kernels import rms_norm, rope, swiglu
 
     for dt in ("bf16", "fp16", "fp32"):
+        for has_residual in (False, True):
+            compile_ptx(rms_norm._rms_norm_fwd_kernel,
+                        [f"*{dt}"] * 3 + ["*fp32", f"*{dt}", "*fp32"] + ["i64"] * 2 + ["i32"] * 2 + ["fp32"],
+                        {"HAS_RESIDUAL": has_residual, "BLOCK_M": 2, "BLOCK_N": 4096})
+            compile_ptx(rms_norm._rms_norm_bwd_kernel,
+                        ["*fp32", f"*{dt}", "*fp32", "*fp32", f"*{dt}", f"*{dt}", "*fp32"] + ["i64"] * 2 + ["i32"] * 3,
+                        {"HAS_DH": has_residual, "BLOCK_M": 2, "BLOCK_N": 4096})
         ptx = compile_ptx(rope._rope_kernel,
                           [f"*{dt}"] * 2 + ["*i64", "*fp32"] + [f"*{dt}"] * 2 + ["i64"] * 8 + ["i32"] * 4 + ["fp32"] * 4,
                           {"HAS_TEMPERATURE": True, "BLOCK_H": 16, "BLOCK_HALF": 64})
@@ -41,9 +34,5 @@ _COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_rope_and_swiglu_kernels_compile_for_sm90():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+def test_rms_norm_rope_and_swiglu_kernels_compile_for_sm90():
+    compile_in_subprocess(_COMPILE_SCRIPT)

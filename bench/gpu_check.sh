@@ -123,7 +123,9 @@ EOF
 
 step_tests() {
     # No TRITON_INTERPRET: the triton backend runs compiled on the GPU; gpu-marked tests run.
-    exec env -u TRITON_INTERPRET "$PYTHON" -m pytest tests -x -q -rs
+    # No -x: a first GPU run should list every failure (junit XML for a machine-readable list).
+    exec env -u TRITON_INTERPRET "$PYTHON" -m pytest tests -q -rs --maxfail=100 --durations=25 \
+        --junitxml="$RESULTS_DIR/logs/pytest.xml"
 }
 
 step_bench() {

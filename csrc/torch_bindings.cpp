@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -436,6 +437,193 @@ at::Tensor swiglu_fused_bwd(const at::Tensor& dy, const at::Tensor& gate_up) {
   return dgate_up;
 }
 
+// --- token log-probabilities ----------------------------------------------------------------
+
+// logits [B, T, V] with a unit stride on V; returns V.
+int64_t check_logits3(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.dim() == 3, "logits must be 3-D [B, T, V], got shape ", logits.sizes());
+  check_device(logits, "logits", logits.device());
+  kernel_dtype(logits, "logits");
+  const int64_t vocab = logits.size(2);
+  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= thinkfuse::kLogprobsMaxVocab,
+                    "logits' vocabulary dim must be in [1, ", thinkfuse::kLogprobsMaxVocab,
+                    "], got ", vocab);
+  TORCH_CHECK_VALUE(logits.stride(2) == 1 || vocab == 1,
+                    "logits must have unit stride along V, got strides ", logits.strides());
+  TORCH_CHECK_VALUE(logits.size(0) * logits.size(1) <= thinkfuse::kLogprobsMaxRows,
+                    "more than ", thinkfuse::kLogprobsMaxRows, " rows are not supported, got ",
+                    logits.size(0) * logits.size(1));
+  return vocab;
+}
+
+// token_ids [rows] contiguous int32/int64 on `device`; returns whether they are int64.
+bool check_token_ids(const at::Tensor& ids, int64_t rows, const at::Device& device) {
+  check_device(ids, "token_ids", device);
+  const at::ScalarType type = ids.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kInt || type == at::kLong, "token_ids must be int32 or int64, got ",
+                   type);
+  check_vector(ids, "token_ids", rows);
+  return type == at::kLong;
+}
+
+// A float32 [rows] contiguous vector on `device`.
+void check_f32_rows(const at::Tensor& t, const char* name, int64_t rows,
+                    const at::Device& device) {
+  check_device(t, name, device);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  check_vector(t, name, rows);
+}
+
+float inverse_temperature(double temperature) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "temperature must be finite and > 0, got ", temperature);
+  // As the Triton launcher: 1 / T in double, then float32.
+  return static_cast<float>(1.0 / temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
+                                                                  const at::Tensor& token_ids,
+                                                                  double temperature,
+                                                                  bool return_entropy) {
+  const int64_t vocab = check_logits3(logits);
+  const DType dtype = kernel_dtype(logits, "logits");
+  const int64_t rows = logits.size(0) * logits.size(1);
+  const bool ids_int64 = check_token_ids(token_ids, rows, logits.device());
+  const float inv_t = inverse_temperature(temperature);
+
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty({rows}, f32);
+  at::Tensor entropy = at::empty({return_entropy ? rows : 0}, f32);
+  at::Tensor lse = at::empty({rows}, f32);
+  check_launch(thinkfuse::token_logprobs_forward(
+                   logits.const_data_ptr(), stride_or_zero(logits, 0), stride_or_zero(logits, 1),
+                   logits.size(1), token_ids.const_data_ptr(), ids_int64,
+                   logprobs.mutable_data_ptr<float>(),
+                   return_entropy ? entropy.mutable_data_ptr<float>() : nullptr,
+                   lse.mutable_data_ptr<float>(), rows, vocab, inv_t, dtype,
+                   c10::cuda::getCurrentCUDAStream().stream()),
+               "token_logprobs_fwd");
+  return {logprobs, entropy, lse};
+}
+
+at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs,
+                              const std::optional<at::Tensor>& grad_entropy,
+                              const at::Tensor& logits, const at::Tensor& token_ids,
+                              const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                              double temperature) {
+  const int64_t vocab = check_logits3(logits);
+  const DType dtype = kernel_dtype(logits, "logits");
+  const int64_t rows = logits.size(0) * logits.size(1);
+  const at::Device device = logits.device();
+  const bool ids_int64 = check_token_ids(token_ids, rows, device);
+  check_f32_rows(grad_logprobs, "grad_logprobs", rows, device);
+  check_f32_rows(lse, "lse", rows, device);
+  if (grad_entropy.has_value()) {
+    check_f32_rows(*grad_entropy, "grad_entropy", rows, device);
+    TORCH_CHECK_VALUE(entropy.has_value(), "entropy is required with grad_entropy");
+    check_f32_rows(*entropy, "entropy", rows, device);
+  }
+  const float inv_t = inverse_temperature(temperature);
+
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());  // contiguous
+  const bool d_entropy = grad_entropy.has_value();
+  check_launch(thinkfuse::token_logprobs_backward(
+                   grad_logprobs.const_data_ptr<float>(),
+                   d_entropy ? grad_entropy->const_data_ptr<float>() : nullptr,
+                   logits.const_data_ptr(), stride_or_zero(logits, 0), stride_or_zero(logits, 1),
+                   logits.size(1), token_ids.const_data_ptr(), ids_int64,
+                   lse.const_data_ptr<float>(),
+                   d_entropy ? entropy->const_data_ptr<float>() : nullptr,
+                   grad_logits.mutable_data_ptr(), rows, vocab, inv_t, dtype,
+                   c10::cuda::getCurrentCUDAStream().stream()),
+               "token_logprobs_bwd");
+  return grad_logits;
+}
+
+// --- speculative verification ----------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> mtp_verify(const at::Tensor& draft_tokens,
+                                              const at::Tensor& target_logits,
+                                              const std::optional<at::Tensor>& draft_probs,
+                                              const std::optional<at::Tensor>& uniforms,
+                                              double temperature) {
+  TORCH_CHECK_VALUE(draft_tokens.dim() == 2, "draft_tokens must be 2-D [B, K], got shape ",
+                    draft_tokens.sizes());
+  const int64_t batch = draft_tokens.size(0);
+  const int64_t k = draft_tokens.size(1);
+  const at::Device device = target_logits.device();
+  check_device(target_logits, "target_logits", device);
+  check_device(draft_tokens, "draft_tokens", device);
+  TORCH_CHECK_TYPE(draft_tokens.scalar_type() == at::kLong, "draft_tokens must be int64, got ",
+                   draft_tokens.scalar_type());
+  TORCH_CHECK_VALUE(draft_tokens.is_contiguous(), "draft_tokens must be contiguous");
+  TORCH_CHECK_VALUE(batch <= thinkfuse::kMtpMaxBatch && k <= thinkfuse::kMtpMaxDrafts,
+                    "draft_tokens of shape ", draft_tokens.sizes(), " are not supported (at most ",
+                    thinkfuse::kMtpMaxDrafts, " drafts per row)");
+  TORCH_CHECK_VALUE(target_logits.dim() == 3 && target_logits.size(0) == batch &&
+                        target_logits.size(1) == k + 1,
+                    "target_logits must be [B, K+1, V] = [", batch, ", ", k + 1, ", V], got ",
+                    target_logits.sizes());
+  const DType logits_dtype = kernel_dtype(target_logits, "target_logits");
+  const int64_t vocab = target_logits.size(2);
+  TORCH_CHECK_VALUE(vocab >= 1 && vocab <= thinkfuse::kMtpMaxVocab,
+                    "target_logits' vocabulary dim must be in [1, ", thinkfuse::kMtpMaxVocab,
+                    "], got ", vocab);
+  TORCH_CHECK_VALUE(target_logits.stride(2) == 1 || vocab == 1,
+                    "target_logits must have unit stride along V, got strides ",
+                    target_logits.strides());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0,
+                    "temperature must be finite and >= 0, got ", temperature);
+  const bool sampled = temperature > 0.0;
+  DType probs_dtype = DType::kFloat32;
+  const bool has_probs = sampled && draft_probs.has_value();
+  if (has_probs) {
+    check_device(*draft_probs, "draft_probs", device);
+    probs_dtype = kernel_dtype(*draft_probs, "draft_probs");
+    TORCH_CHECK_VALUE(draft_probs->dim() == 3 && draft_probs->size(0) == batch &&
+                          draft_probs->size(1) == k && draft_probs->size(2) == vocab,
+                      "draft_probs must be [B, K, V] = [", batch, ", ", k, ", ", vocab, "], got ",
+                      draft_probs->sizes());
+    TORCH_CHECK_VALUE(draft_probs->stride(2) == 1 || vocab == 1,
+                      "draft_probs must have unit stride along V, got strides ",
+                      draft_probs->strides());
+  }
+  if (sampled) {
+    TORCH_CHECK_VALUE(uniforms.has_value(), "uniforms are required when temperature > 0");
+    check_device(*uniforms, "uniforms", device);
+    TORCH_CHECK_TYPE(uniforms->scalar_type() == at::kFloat, "uniforms must be float32, got ",
+                     uniforms->scalar_type());
+    TORCH_CHECK_VALUE(uniforms->dim() == 2 && uniforms->size(0) == batch &&
+                          uniforms->size(1) == k + 1,
+                      "uniforms must be [B, K+1] = [", batch, ", ", k + 1, "], got ",
+                      uniforms->sizes());
+    TORCH_CHECK_VALUE(uniforms->is_contiguous(), "uniforms must be contiguous");
+  }
+  // float32, as the Triton kernel; a positive temperature below float32's range would become a
+  // (greedy) 0, so it is kept positive.
+  float temp = static_cast<float>(temperature);
+  if (sampled && temp == 0.0f) temp = std::numeric_limits<float>::min();
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto i64 = target_logits.options().dtype(at::kLong);
+  at::Tensor tokens = at::empty({batch, k + 1}, i64);
+  at::Tensor num_accepted = at::empty({batch}, i64);
+  check_launch(
+      thinkfuse::mtp_verify(
+          draft_tokens.const_data_ptr<int64_t>(), target_logits.const_data_ptr(),
+          stride_or_zero(target_logits, 0), stride_or_zero(target_logits, 1),
+          has_probs ? draft_probs->const_data_ptr() : nullptr,
+          has_probs ? stride_or_zero(*draft_probs, 0) : 0,
+          has_probs ? stride_or_zero(*draft_probs, 1) : 0,
+          sampled ? uniforms->const_data_ptr<float>() : nullptr,
+          tokens.mutable_data_ptr<int64_t>(), num_accepted.mutable_data_ptr<int64_t>(), batch, k,
+          vocab, temp, logits_dtype, probs_dtype, c10::cuda::getCurrentCUDAStream().stream()),
+      "mtp_verify");
+  return {tokens, num_accepted};
+}
+
 std::string cuda_version() {
   return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 }
@@ -464,6 +652,15 @@ TORCH_LIBRARY(thinkfuse_C, m) {
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
   m.def("swiglu_fused_fwd(Tensor gate_up) -> Tensor y");
   m.def("swiglu_fused_bwd(Tensor dy, Tensor gate_up) -> Tensor dgate_up");
+  m.def(
+      "token_logprobs_fwd(Tensor logits, Tensor token_ids, float temperature, bool return_entropy) "
+      "-> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  m.def(
+      "token_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+      "Tensor token_ids, Tensor lse, Tensor? entropy, float temperature) -> Tensor grad_logits");
+  m.def(
+      "mtp_verify(Tensor draft_tokens, Tensor target_logits, Tensor? draft_probs, "
+      "Tensor? uniforms, float temperature) -> (Tensor tokens, Tensor num_accepted)");
 }
 
 TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) {
@@ -477,6 +674,9 @@ TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) {
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("swiglu_fused_fwd", &swiglu_fused_fwd);
   m.impl("swiglu_fused_bwd", &swiglu_fused_bwd);
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd);
+  m.impl("mtp_verify", &mtp_verify);
 }
 
 // Importing thinkfuse._C loads this library, which registers the ops above.

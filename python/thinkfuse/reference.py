@@ -211,3 +211,86 @@ def _inverse_cdf(weights, u, fallback):
     last_positive = torch.where(weights > 0, ids, -1).amax(dim=-1)
     token = torch.where(first < vocab, first, last_positive)
     return torch.where(token >= 0, token, fallback)
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def _attention_dense(q, k, v, causal, scale, sliding_window):
+    """One sequence: q [Sq, Hq, D], k/v [Sk, Hkv, D]. Returns (out [Sq, Hq, D] in the compute
+    dtype, lse [Hq, Sq]). Plain softmax(QK^T)V with explicit masks; rows that see no key give
+    zeros (and an lse of -inf)."""
+    sq, hq, _ = q.shape
+    sk, hkv, _ = k.shape
+    group = hq // hkv
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    rows = torch.arange(sq, device=q.device)[:, None] + (sk - sq)  # bottom-right aligned position
+    cols = torch.arange(sk, device=q.device)[None, :]
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= cols <= rows
+    if sliding_window is not None:
+        visible &= cols > rows - sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True).detach() if sk else scores.new_full((hq, sq, 1), float("-inf"))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(scores - m)
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(l == 0, torch.ones_like(l), l)
+    out = torch.einsum("hqk,khd->qhd", p, v)
+    lse = (torch.log(l) + m).squeeze(-1)
+    return out, lse
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    causal: bool = True,
+    softmax_scale=None,
+    sliding_window=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    return_lse: bool = False,
+):
+    """``softmax(scale * Q K^T + mask) V`` in float32 (float64 inputs stay float64).
+
+    Layout ``[B, S, H, D]``, or ``[total, H, D]`` with ``cu_seqlens_q/k``. GQA: query head h uses
+    kv head ``h // (Hq // Hkv)``. The causal mask is bottom-right aligned (query i of Sq sits at
+    key position ``i + Sk - Sq``); ``sliding_window=w`` keeps keys ``pos - w < j <= pos``. Rows
+    that see no key output zeros. The lse is ``[B, H, Sq]`` (or ``[H, total]``), float32.
+    """
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    if cu_seqlens_q is None:
+        outs, lses = zip(*(_attention_dense(qc[b], kc[b], vc[b], causal, scale, sliding_window)
+                           for b in range(q.shape[0]))) if q.shape[0] else ((), ())
+        out = torch.stack(outs) if outs else qc.new_empty(q.shape)
+        lse = torch.stack(lses) if lses else qc.new_empty((0, q.shape[2], q.shape[1]))
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs, lses = [], []
+        for b in range(len(cq) - 1):
+            o, l = _attention_dense(qc[cq[b]:cq[b + 1]], kc[ck[b]:ck[b + 1]], vc[ck[b]:ck[b + 1]],
+                                    causal, scale, sliding_window)
+            outs.append(o)
+            lses.append(l)
+        out = torch.cat(outs, dim=0) if outs else qc.new_empty(q.shape)
+        lse = torch.cat(lses, dim=1) if lses else qc.new_empty((q.shape[1], 0))
+    out = out.to(q.dtype)
+    return (out, lse.to(torch.float32)) if return_lse else out
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None):
+    """Attention of ``q [B, Sq, Hq, D]`` (the last Sq valid positions of each row) over the first
+    ``cache_seqlens[b]`` entries of ``k_cache``/``v_cache`` ``[B, S_max, Hkv, D]``; causal among
+    the query tokens (bottom-right aligned), with an optional sliding window."""
+    outs = []
+    for b in range(q.shape[0]):
+        n = min(int(cache_seqlens[b]), k_cache.shape[1])
+        outs.append(flash_attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], causal=True,
+                                    softmax_scale=softmax_scale, sliding_window=sliding_window))
+    return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)

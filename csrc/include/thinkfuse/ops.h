@@ -145,4 +145,55 @@ cudaError_t swiglu_backward(const void* dy, int64_t dy_row_stride, const void* g
                             int64_t dup_row_stride, int64_t rows, int64_t cols, DType dtype,
                             cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Token log-probabilities (kernels/logprobs.py semantics), z = logits * inv_temperature:
+//   lse = logsumexp(z), logprob = z[id] - lse, entropy = -sum softmax(z) log softmax(z)
+// A negative id gives logprob = entropy = lse = 0 (and a zero gradient); an id >= V reads
+// nothing and gives a NaN logprob. Backward:
+//   d logits = (g (onehot - p) - g_H p (log p + H)) * inv_temperature,  p = exp(z - lse)
+// logits: [B, T, V] view with a unit stride on V and element strides stride_batch, stride_seq;
+// row r = b * T + t (seq_len = T). token_ids: [rows] contiguous, int32 or int64 (ids_int64).
+// Outputs float32 [rows] contiguous; entropy nullptr when not requested. grad_logits: contiguous
+// [rows, V] in `dtype`. grad_entropy nullptr when the entropy has no gradient (entropy is then
+// not read). rows > kLogprobsMaxRows or V outside [1, kLogprobsMaxVocab] return
+// cudaErrorInvalidValue.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kLogprobsMaxVocab = int64_t{1} << 30;
+constexpr int64_t kLogprobsMaxRows = (int64_t{1} << 31) - 1;  // one block per row (grid.x)
+
+cudaError_t token_logprobs_forward(const void* logits, int64_t stride_batch, int64_t stride_seq,
+                                   int64_t seq_len, const void* token_ids, bool ids_int64,
+                                   float* logprobs, float* entropy, float* lse, int64_t rows,
+                                   int64_t vocab, float inv_temperature, DType dtype,
+                                   cudaStream_t stream);
+
+cudaError_t token_logprobs_backward(const float* grad_logprobs, const float* grad_entropy,
+                                    const void* logits, int64_t stride_batch, int64_t stride_seq,
+                                    int64_t seq_len, const void* token_ids, bool ids_int64,
+                                    const float* lse, const float* entropy, void* grad_logits,
+                                    int64_t rows, int64_t vocab, float inv_temperature,
+                                    DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Speculative verification (kernels/mtp_verify.py semantics), one launch, no host sync.
+// draft: [B, K] int64 contiguous (ids outside [0, V) are rejected). logits: [B, K+1, V] in
+// logits_dtype, unit stride on V, element strides stride_lb / stride_lk. probs: nullptr or
+// [B, K, V] in probs_dtype, unit stride on V. uniforms: nullptr for greedy (temperature == 0),
+// else [B, K+1] float32 contiguous. tokens: [B, K+1] int64 contiguous; num_accepted [B] int64.
+// batch > kMtpMaxBatch, k > kMtpMaxDrafts or V outside [1, kMtpMaxVocab] return
+// cudaErrorInvalidValue; so does temperature > 0 without uniforms.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kMtpMaxVocab = int64_t{1} << 30;
+constexpr int64_t kMtpMaxDrafts = int64_t{1} << 20;
+constexpr int64_t kMtpMaxBatch = (int64_t{1} << 31) - 1;
+
+cudaError_t mtp_verify(const int64_t* draft, const void* logits, int64_t stride_lb,
+                       int64_t stride_lk, const void* probs, int64_t stride_pb,
+                       int64_t stride_pk, const float* uniforms, int64_t* tokens,
+                       int64_t* num_accepted, int64_t batch, int64_t k, int64_t vocab,
+                       float temperature, DType logits_dtype, DType probs_dtype,
+                       cudaStream_t stream);
+
 }  // namespace thinkfuse

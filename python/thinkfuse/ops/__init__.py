@@ -14,3 +14,5 @@ from .swiglu import swiglu, swiglu_fused
 __all__ = ["RopeParams", "apply_rotary_pos_emb", "rms_norm", "rope", "rope_params", "swiglu", "swiglu_fused"]
 __all__ += ["fused_linear_token_logprobs", "token_logprobs"]
 __all__ += ["mtp_verify"]
+from .attention import decode_attention, flash_attention  # noqa: E402
+__all__ += ["decode_attention", "flash_attention"]

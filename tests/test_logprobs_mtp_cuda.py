@@ -1,0 +1,279 @@
+"""CUDA-backend checks of token_logprobs and mtp_verify that need a GPU: the vocabulary sizes of
+the target models (odd sizes too, which take the unaligned path), temperature, entropy and its
+gradient, strided ``logits[:, :-1]`` slices, ignored and out-of-range ids, every float dtype,
+against reference.py (a float64 truth for float16/bfloat16) and against the triton backend;
+mtp_verify greedy and sampled against the reference (exact token equality for the same
+uniforms), out-of-range drafts and CUDA graph capture (no host synchronisation)."""
+
+import pytest
+import torch
+from conftest import KERNEL_BACKENDS
+from tolerances import assert_close_fp32, assert_low_precision_ok
+
+from thinkfuse import reference
+from thinkfuse.backend import cuda_has_op
+from thinkfuse.ops import mtp_verify, token_logprobs
+
+
+def _has(op: str) -> bool:
+    return torch.cuda.is_available() and "cuda" in KERNEL_BACKENDS and cuda_has_op(op)
+
+
+pytestmark = [pytest.mark.gpu]
+needs_logprobs = pytest.mark.skipif(not _has("token_logprobs_fwd"), reason="no cuda token_logprobs kernel")
+needs_mtp = pytest.mark.skipif(not _has("mtp_verify"), reason="no cuda mtp_verify kernel")
+needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton backend unavailable")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Qwen2.5/Qwen3, Llama 3, MiMo-ish, Mistral; 151937 and 37 are odd (element-wise loads).
+VOCABS = [151936, 152064, 128256, 32000, 151937, 37]
+IGNORED = -100
+
+
+def _gen(seed=0):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _logits_ids(batch, seq, vocab, dtype, seed=0, scale=3.0):
+    gen = _gen(seed)
+    logits = (scale * torch.randn(batch, seq, vocab, device="cuda", generator=gen)).to(dtype)
+    ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen)
+    ids[0, min(1, seq - 1)] = IGNORED
+    return logits, ids
+
+
+def _run(fn, logits, ids, seed=1):
+    """Outputs and d/dlogits of a fixed random projection of them."""
+    leaf = logits.detach().clone().requires_grad_()
+    outs = fn(leaf, ids)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = _gen(seed)
+    loss = sum((o.double() * torch.randn(o.shape, device="cuda", generator=gen, dtype=torch.float64)).sum()
+               for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs] + [leaf.grad]
+
+
+def _ours(backend, temperature, entropy):
+    return lambda x, ids: token_logprobs(x, ids, temperature=temperature, return_entropy=entropy, backend=backend)
+
+
+def _reference(temperature, entropy):
+    return lambda x, ids: reference.token_logprobs(x, ids, temperature, entropy)
+
+
+def _truth(temperature, entropy):
+    def fn(x, ids):
+        logp = torch.log_softmax(x.double() / temperature, dim=-1)
+        live = ids >= 0
+        picked = torch.where(live, logp.gather(-1, ids.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+        if not entropy:
+            return picked
+        return picked, torch.where(live, -(logp.exp() * logp).sum(-1), 0.0)
+    return fn
+
+
+# --- token_logprobs ------------------------------------------------------------------------------
+
+
+@needs_logprobs
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logprob", "entropy"])
+def test_token_logprobs_fp32_vs_reference(vocab, temperature, entropy):
+    logits, ids = _logits_ids(2, 9, vocab, torch.float32)
+    ours = _run(_ours("cuda", temperature, entropy), logits, ids)
+    ref = _run(_reference(temperature, entropy), logits, ids)
+    for o, r in zip(ours[:-1], ref[:-1]):
+        assert_close_fp32(o, r, tol=1e-4)  # reductions over long rows
+    assert_close_fp32(ours[-1], ref[-1])
+
+
+@needs_logprobs
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [151936, 151937])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logprob", "entropy"])
+def test_token_logprobs_low_precision_vs_truth(dtype, vocab, entropy):
+    logits, ids = _logits_ids(3, 5, vocab, dtype, seed=2)
+    ours = _run(_ours("cuda", 0.9, entropy), logits, ids)
+    truth = _run(_truth(0.9, entropy), logits.double(), ids)
+    for o, t in zip(ours[:-1], truth[:-1]):  # float32 outputs of low-precision inputs
+        assert_close_fp32(o, t, tol=1e-4)
+    hf_low = _run(_reference(0.9, entropy), logits, ids)[-1]
+    assert_low_precision_ok(ours[-1], hf_low, truth[-1])
+
+
+@needs_logprobs
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [151936, 128256, 151937])
+def test_token_logprobs_cuda_matches_triton(dtype, vocab):
+    logits, ids = _logits_ids(2, 17, vocab, dtype, seed=3)
+    ours = _run(_ours("cuda", 0.8, True), logits, ids)
+    theirs = _run(_ours("triton", 0.8, True), logits, ids)
+    for o, t in zip(ours[:-1], theirs[:-1]):
+        assert_close_fp32(o, t, tol=1e-5)
+    grad_tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    scale = max(theirs[-1].double().abs().max().item(), 1e-30)
+    assert (ours[-1].double() - theirs[-1].double()).abs().max().item() <= grad_tol * scale
+
+
+@needs_logprobs
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_logprobs_slice_in_place(dtype):
+    """logits[:, :-1] (strided rows, read in place), with an aligned and an odd vocabulary."""
+    for vocab in (151936, 151937):
+        full, ids = _logits_ids(2, 8, vocab, dtype, seed=4)
+        ids = ids[:, 1:].contiguous()
+
+        def ours(x, i):
+            return token_logprobs(x[:, :-1], i, temperature=1.1, return_entropy=True, backend="cuda")
+
+        def ref(x, i):
+            return reference.token_logprobs(x[:, :-1], i, 1.1, True)
+        o, r = _run(ours, full, ids), _run(ref, full, ids)
+        assert_close_fp32(o[0], r[0], tol=1e-4)
+        assert_close_fp32(o[1], r[1], tol=1e-4)
+        assert (o[2][:, -1] == 0).all()  # the slice's tail gets no gradient
+        if dtype == torch.float32:
+            assert_close_fp32(o[2], r[2])
+
+
+@needs_logprobs
+def test_token_logprobs_ignored_and_out_of_range_ids():
+    vocab = 1000
+    logits, ids = _logits_ids(1, 6, vocab, torch.bfloat16, seed=5)
+    ids[0, 2] = vocab  # >= V: NaN, read nothing
+    ids[0, 3] = -1
+    leaf = logits.detach().clone().requires_grad_()
+    logprobs, entropy = token_logprobs(leaf, ids, return_entropy=True, backend="cuda")
+    assert torch.isnan(logprobs[0, 2]) and torch.isfinite(entropy[0, 2])
+    assert logprobs[0, 1] == 0 and logprobs[0, 3] == 0 and entropy[0, 1] == 0 and entropy[0, 3] == 0
+    (torch.nan_to_num(logprobs) + entropy).sum().backward()
+    assert (leaf.grad[0, 1] == 0).all() and (leaf.grad[0, 3] == 0).all()
+
+
+@needs_logprobs
+def test_token_logprobs_masked_vocab_and_int32_ids():
+    logits, ids = _logits_ids(2, 4, 4099, torch.float32, seed=6)
+    logits[..., :2000] = float("-inf")
+    ids = ids.clamp(min=2000)
+    ids[0, 0] = IGNORED
+    for id_dtype in (torch.int32, torch.int64):
+        ours = _run(_ours("cuda", 1.0, True), logits, ids.to(id_dtype))
+        ref = _run(_reference(1.0, True), logits, ids)
+        for o, r in zip(ours, ref):
+            assert not torch.isnan(o).any()
+            assert_close_fp32(o, r, tol=1e-4)
+
+
+# --- mtp_verify ----------------------------------------------------------------------------------
+
+
+def _sampling_case(batch, k, vocab, seed, draft_mode, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (2 * torch.randn(batch, k + 1, vocab, generator=gen)).to(dtype)
+    logits[0, :, : vocab // 2] = float("-inf")
+    probs = None
+    if draft_mode == "probs":
+        probs = torch.softmax(torch.randn(batch, k, vocab, generator=gen), -1)
+        draft = torch.multinomial(probs.reshape(-1, vocab), 1, generator=gen).view(batch, k)
+        probs = probs.to(dtype).cuda()
+    else:
+        draft = torch.randint(0, vocab, (batch, k), generator=gen)
+        draft = torch.where(torch.rand(batch, k, generator=gen) < 0.5, logits[:, :k].float().argmax(-1), draft)
+    return draft.cuda(), logits.cuda(), probs
+
+
+@needs_mtp
+@pytest.mark.parametrize("vocab", [151936, 152064, 128256, 151937, 37])
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_greedy_vs_reference(vocab, k):
+    gen = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randn(16, k + 1, vocab, generator=gen).bfloat16()  # bfloat16: many ties
+    logits[1, :, vocab - 5:] = 100.0  # ties at the end of the row go to the lowest id
+    logits[2, 0, 7] = float("nan")  # NaN counts as the maximum
+    target = logits.float().argmax(-1)
+    draft = torch.where(torch.rand(16, k, generator=gen) < 0.7, target[:, :k], torch.randint(0, vocab, (16, k)))
+    draft[3, 0] = vocab + 3  # out of range: rejected
+    draft[4, 0] = -7
+    draft, logits = draft.cuda(), logits.cuda()
+    ours = mtp_verify(draft, logits, backend="cuda")
+    ref = reference.mtp_verify(draft, logits)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
+@needs_mtp
+@pytest.mark.parametrize("draft_mode", ["deterministic", "probs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [151936, 300, 37])
+def test_mtp_sampled_vs_reference(draft_mode, dtype, vocab):
+    draft, logits, probs = _sampling_case(24, 3, vocab, seed=vocab, draft_mode=draft_mode, dtype=dtype)
+    kwargs = dict(temperature=0.8, draft_probs=probs)
+    ours = mtp_verify(draft, logits, generator=_gen(7), backend="cuda", **kwargs)
+    ref = mtp_verify(draft, logits, generator=_gen(7), backend="torch", **kwargs)
+    assert torch.equal(ours[1], ref[1]) and torch.equal(ours[0], ref[0])
+
+
+@needs_mtp
+@needs_triton
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("draft_mode", ["deterministic", "probs"])
+def test_mtp_cuda_matches_triton(temperature, draft_mode):
+    draft, logits, probs = _sampling_case(8, 4, 151936, seed=3, draft_mode=draft_mode, dtype=torch.bfloat16)
+    kwargs = dict(temperature=temperature, draft_probs=probs)
+    ours = mtp_verify(draft, logits, generator=_gen(1), backend="cuda", **kwargs)
+    theirs = mtp_verify(draft, logits, generator=_gen(1), backend="triton", **kwargs)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+@needs_mtp
+def test_mtp_out_of_range_drafts_are_rejected():
+    logits = torch.zeros(2, 3, 5, device="cuda")
+    logits[:, :, 2] = 5.0
+    draft = torch.tensor([[2, 9], [-1, 2]], device="cuda")
+    uniforms = torch.zeros(2, 3, device="cuda")  # u = 0 would accept anything with q > 0
+    for temperature, uni in ((0.0, None), (1.0, uniforms)):
+        ours = torch.ops.thinkfuse_C.mtp_verify(draft, logits, None, uni, temperature)
+        ref = reference.mtp_verify(draft, logits, temperature, None, uni)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+        assert ours[1].tolist() == [1, 0]
+
+
+@needs_mtp
+def test_mtp_no_drafts_and_empty_batch():
+    logits = torch.randn(2, 1, 100, device="cuda")
+    tokens, n = mtp_verify(torch.empty(2, 0, dtype=torch.long, device="cuda"), logits, backend="cuda")
+    assert tokens[:, 0].tolist() == logits[:, 0].argmax(-1).tolist() and n.tolist() == [0, 0]
+    tokens, n = mtp_verify(torch.empty(0, 2, dtype=torch.long, device="cuda"), torch.randn(0, 3, 9, device="cuda"),
+                           backend="cuda")
+    assert tokens.shape == (0, 3) and n.shape == (0,)
+
+
+@needs_mtp
+def test_mtp_cuda_graph_capture():
+    draft, logits, probs = _sampling_case(4, 2, 151936, seed=9, draft_mode="probs", dtype=torch.bfloat16)
+    uniforms = torch.rand(4, 3, device="cuda", generator=_gen(3))
+    expected = torch.ops.thinkfuse_C.mtp_verify(draft, logits, probs, uniforms, 0.9)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.ops.thinkfuse_C.mtp_verify(draft, logits, probs, uniforms, 0.9)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = torch.ops.thinkfuse_C.mtp_verify(draft, logits, probs, uniforms, 0.9)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+
+
+@needs_mtp
+@pytest.mark.parametrize("draft_mode", ["deterministic", "probs"])
+def test_mtp_sampled_nan_logits_fall_back_to_the_argmax(draft_mode):
+    draft, logits, probs = _sampling_case(6, 2, 1000, seed=11, draft_mode=draft_mode)
+    logits[2, :, 17] = float("nan")  # every position of row 2: rejected, then the argmax (17)
+    uniforms = torch.rand(6, 3, device="cuda", generator=_gen(4))
+    ours = torch.ops.thinkfuse_C.mtp_verify(draft, logits, probs, uniforms, 1.0)
+    ref = reference.mtp_verify(draft, logits, 1.0, probs, uniforms)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    assert ours[1][2] == 0 and ours[0][2, 0] == 17

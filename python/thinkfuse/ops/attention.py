@@ -1,0 +1,383 @@
+"""``thinkfuse.ops.flash_attention`` / ``decode_attention``: GQA attention for training and
+serving (see ../shared/API.md for the contract).
+
+The cuda and triton backends run behind ``torch.library`` custom ops:
+``thinkfuse::flash_attention_fwd`` / ``thinkfuse::flash_attention_bwd`` joined by an autograd
+formula (the lse output is differentiable too), and ``thinkfuse::decode_attention`` (forward
+only). The torch backend is ``reference.flash_attention`` / ``reference.decode_attention``.
+
+The CUDA extension is expected to provide, with the Triton launchers' argument order (inputs
+with a unit stride on the last dim, any other strides; outputs contiguous; ``window <= 0`` means
+no sliding window; ``num_splits <= 0`` means choose):
+    flash_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,
+                        int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal,
+                        int window) -> (Tensor out, Tensor lse)
+    flash_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,
+                        Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,
+                        float softmax_scale, bool causal, int window) -> (Tensor dq, Tensor dk, Tensor dv)
+    decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,
+                     float softmax_scale, int window, int num_splits) -> Tensor out
+lse is float32 ``[B, Hq, Sq]`` (padded) or ``[Hq, total]`` (packed); rows that see no key have
+out 0 and lse -inf.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._checks import check_float, check_same_device, check_tensor, with_unit_last_stride
+from ..backend import resolve_backend
+from ._registry import implementation
+
+#: head dims the kernels accept (64, 96 and 128 are the real models'; the small ones are for tests)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+#: most query tokens per row decode_attention takes (decode 1, speculative verify k + 1)
+MAX_DECODE_QUERIES = 16
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """``softmax(scale * q k^T + mask) v`` with GQA, bottom-right aligned causal mask, sliding
+    window and packed sequences. Returns out (like q), and with ``return_lse`` also the float32
+    lse ``[B, Hq, Sq]`` (``[Hq, total]`` packed).
+
+    With ``cu_seqlens_*`` on a GPU, ``max_seqlen_*`` should be given (else they are read from
+    the device, a host synchronisation); they must not be smaller than the longest sequence.
+    """
+    scale = _check_attention(q, k, v, causal, softmax_scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, return_lse)
+    name = resolve_backend(q.device, backend, cuda_op="flash_attention_fwd")
+    if name == "torch":
+        return reference.flash_attention(q, k, v, causal, scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
+                                         return_lse)
+    if cu_seqlens_q is not None:
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if len(cu_seqlens_q) > 1 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if len(cu_seqlens_k) > 1 else 0
+    else:
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    out, lse = torch.ops.thinkfuse.flash_attention_fwd(
+        with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v), cu_seqlens_q, cu_seqlens_k,
+        int(max_seqlen_q), int(max_seqlen_k), scale, bool(causal), int(sliding_window or 0), name,
+    )
+    return (out, lse) if return_lse else out
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention of the last ``Sq`` tokens of each row over its KV cache (not differentiable).
+
+    q ``[B, Sq, Hq, D]`` with ``1 <= Sq <= 16``; caches ``[B, S_max, Hkv, D]``; ``cache_seqlens``
+    ``[B]`` int32 counts valid keys per row, the query tokens included (causal among
+    themselves). ``num_splits`` (a hint; None chooses) splits the key axis (flash-decoding).
+    """
+    scale = _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits)
+    name = resolve_backend(q.device, backend, cuda_op="decode_attention")
+    if name == "torch":
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, sliding_window)
+    return torch.ops.thinkfuse.decode_attention(
+        with_unit_last_stride(q), with_unit_last_stride(k_cache), with_unit_last_stride(v_cache),
+        cache_seqlens.contiguous(), scale, int(sliding_window or 0), int(num_splits or 0), name,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_scale(softmax_scale, head_dim) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    return check_float("softmax_scale", softmax_scale, positive=True)
+
+
+def _check_window(sliding_window, causal=True):
+    if sliding_window is None:
+        return
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+        raise TypeError(f"sliding_window must be None or an int, got {type(sliding_window).__name__}")
+    if sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if not causal:
+        raise ValueError("sliding_window requires causal=True")
+
+
+def _check_heads(q_name, hq, k_name, hkv, head_dim, dk):
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"{q_name} has {hq} heads, which is not a multiple of {k_name}'s {hkv} heads (GQA needs Hq % Hkv == 0)"
+        )
+    if dk != head_dim:
+        raise ValueError(f"{k_name} head_dim {dk} must equal {q_name}'s head_dim {head_dim}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+
+
+def _check_same_dtype(q, **others):
+    for name, t in others.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
+
+
+def _check_cu_seqlens(name, cu, total, batch, max_seqlen, max_name):
+    check_tensor(name, cu, dtypes=None, ndim=1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one offset (batch + 1 entries), got shape {tuple(cu.shape)}")
+    if batch is not None and cu.shape[0] != batch:
+        raise ValueError(f"{name} has {cu.shape[0]} entries but cu_seqlens_q has {batch}; both must be batch + 1")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"{max_name} must be None or an int >= 0, got {max_seqlen!r}")
+    if cu.device.type == "cpu":  # value checks only where they cost no host synchronisation
+        values = cu.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {values}")
+        if values[-1] != total:
+            raise ValueError(f"{name} must end at the number of packed tokens {total}, got {values[-1]}")
+        longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({longest})")
+
+
+def _check_attention(q, k, v, causal, softmax_scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k, return_lse) -> float:
+    check_tensor("q", q)
+    check_tensor("k", k)
+    check_tensor("v", v)
+    _check_same_dtype(q, k=k, v=v)
+    _check_bool("causal", causal)
+    _check_bool("return_lse", return_lse)
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or both be None")
+    varlen = cu_seqlens_q is not None
+    layout = "[total_tokens, H, D] with cu_seqlens" if varlen else "[B, S, H, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != (3 if varlen else 4):
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    if varlen:
+        _check_heads("q", q.shape[1], "k", k.shape[1], q.shape[2], k.shape[2])
+    else:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k batch {k.shape[0]} must equal q batch {q.shape[0]}")
+        _check_heads("q", q.shape[2], "k", k.shape[2], q.shape[3], k.shape[3])
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q / max_seqlen_k go with cu_seqlens_q / cu_seqlens_k (packed layout)")
+    _check_window(sliding_window, causal)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if varlen:
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, max_seqlen_q, "max_seqlen_q")
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0], max_seqlen_k,
+                          "max_seqlen_k")
+    return scale
+
+
+def _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits) -> float:
+    check_tensor("q", q, ndim=4)
+    check_tensor("k_cache", k_cache, ndim=4)
+    check_tensor("v_cache", v_cache, ndim=4)
+    _check_same_dtype(q, k_cache=k_cache, v_cache=v_cache)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    batch, sq = q.shape[0], q.shape[1]
+    if k_cache.shape[0] != batch:
+        raise ValueError(f"k_cache batch {k_cache.shape[0]} must equal q batch {batch}")
+    if not 1 <= sq <= MAX_DECODE_QUERIES:
+        raise ValueError(f"q must hold 1 to {MAX_DECODE_QUERIES} query tokens per row (dim 1), got {sq}; "
+                         "use flash_attention for prefill")
+    _check_heads("q", q.shape[2], "k_cache", k_cache.shape[2], q.shape[3], k_cache.shape[3])
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=None, ndim=1)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens must have one entry per batch row ({batch}), got {cache_seqlens.shape[0]}")
+    _check_window(sliding_window)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    if cache_seqlens.device.type == "cpu" and batch:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < sq or hi > k_cache.shape[1]:
+            raise ValueError(
+                f"cache_seqlens must lie in [Sq, S_max] = [{sq}, {k_cache.shape[1]}] (they count the query "
+                f"tokens), got values in [{lo}, {hi}]"
+            )
+    return scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops. `window <= 0` means no sliding window; `backend` is a plain string argument so
+# torch.compile sees it as a constant.
+
+
+def _torch_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):
+    """Explicit torch form of the kernels (used for the "torch" value of `backend`)."""
+    out, lse = reference.flash_attention(q, k, v, causal, scale, window if window > 0 else None, cu_q, cu_k, True)
+    return out.contiguous(), lse.contiguous()
+
+
+def _dense_backward(dout, q, k, v, dlse, scale, causal, window):
+    """Gradients of one sequence (q [Sq, Hq, D], k/v [Sk, Hkv, D]) in float32, written out (custom
+    ops run below autograd, so the torch form cannot use it)."""
+    sq, hq, d = q.shape
+    sk, hkv, _ = k.shape
+    group = hq // hkv
+    qf, kf, vf, dof = (t.float() for t in (q, k, v, dout))
+    kr, vr = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    s = torch.einsum("qhd,khd->hqk", qf, kr) * scale
+    pos = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    cols = torch.arange(sk, device=q.device)[None, :]
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= cols <= pos
+    if window > 0:
+        visible &= cols > pos - window
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if sk else s.new_zeros((hq, sq, 1))
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    l = e.sum(-1, keepdim=True)
+    p = e / torch.where(l == 0, torch.ones_like(l), l)
+    dof_h = dof.permute(1, 0, 2)  # [Hq, Sq, D]
+    out = torch.einsum("hqk,khd->hqd", p, vr)
+    delta = (out * dof_h).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.float()[..., None]
+    dp = torch.einsum("hqd,khd->hqk", dof_h, vr)
+    ds = p * (dp - delta)
+    dq = torch.einsum("hqk,khd->qhd", ds, kr) * scale
+    dk = (torch.einsum("hqk,qhd->khd", ds, qf) * scale).reshape(sk, hkv, group, d).sum(2)
+    dv = torch.einsum("hqk,qhd->khd", p, dof).reshape(sk, hkv, group, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _torch_backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, causal, window):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if cu_q is None:
+        for b in range(q.shape[0]):
+            dq[b], dk[b], dv[b] = _dense_backward(dout[b], q[b], k[b], v[b], None if dlse is None else dlse[b],
+                                                  scale, causal, window)
+    else:
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        for b in range(len(cq) - 1):
+            (qs, qe), (ks, ke) = (cq[b], cq[b + 1]), (ck[b], ck[b + 1])
+            dq[qs:qe], dk[ks:ke], dv[ks:ke] = _dense_backward(
+                dout[qs:qe], q[qs:qe], k[ks:ke], v[ks:ke], None if dlse is None else dlse[:, qs:qe],
+                scale, causal, window)
+    return dq, dk, dv
+
+
+def _lse_shape(q, cu_q):
+    if cu_q is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("thinkfuse::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window: int, backend: str,
+) -> tuple[Tensor, Tensor]:
+    fn = implementation(backend, "attention", "flash_attention_forward", "flash_attention_fwd", _torch_forward)
+    out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
+    return out, lse
+
+
+@flash_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("thinkfuse::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, window: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = implementation(backend, "attention", "flash_attention_backward", "flash_attention_bwd", _torch_backward)
+    dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, causal, window)
+    return dq, dk, dv
+
+
+@flash_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      causal, window, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, backend = inputs
+    out, lse = output
+    ctx.args = (max_q, max_k, scale, causal, window, backend)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, scale, causal, window, backend = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.thinkfuse.flash_attention_bwd(
+        with_unit_last_stride(dout), q, k, v, out, lse, None if dlse is None else dlse.contiguous(),
+        cu_q, cu_k, max_q, max_k, scale, causal, window, backend,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, window, num_splits):
+    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window if window > 0 else None)
+
+
+@torch.library.custom_op("thinkfuse::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float, window: int,
+    num_splits: int, backend: str,
+) -> Tensor:
+    fn = implementation(backend, "decode_attention", "decode_attention_forward", "decode_attention", _torch_decode)
+    return fn(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, num_splits)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, num_splits, backend):
+    return q.new_empty(q.shape)

@@ -1,0 +1,389 @@
+"""thinkfuse.ops.flash_attention / decode_attention: every backend against reference.py (forward,
+lse and gradients), causal and not, GQA, Sq < Sk and Sq > Sk, sliding windows, seqlen 1, sizes
+that are not multiples of the blocks, packed batches with empty and long sequences, decode with
+split-K and speculative verify, bad inputs, custom-op registration and a sm_90 PTX compile.
+
+Shapes are tiny: on CPU the Triton kernels run in the interpreter (float32 / float16 only: the
+interpreter's bfloat16 tl.dot is wrong)."""
+
+import pytest
+import torch
+from conftest import DEVICE, KERNEL_BACKENDS
+from ptx import compile_in_subprocess
+from tolerances import assert_close_fp32
+
+import thinkfuse
+from thinkfuse import reference
+from thinkfuse.ops import decode_attention, flash_attention
+
+CUDA_OP = "flash_attention_fwd"
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, sliding_window)
+CASES = {
+    "causal-mha": (1, 37, 37, 2, 2, 32, True, None),
+    "causal-gqa2-batch": (2, 33, 33, 4, 2, 16, True, None),
+    "noncausal-gqa4": (1, 40, 40, 4, 1, 32, False, None),
+    "causal-sq<sk": (1, 17, 45, 4, 2, 64, True, None),
+    "causal-sq>sk-empty-rows": (1, 40, 19, 2, 1, 16, True, None),
+    "window": (1, 48, 48, 4, 2, 32, True, 5),
+    "window-sq<sk": (1, 20, 50, 2, 1, 32, True, 9),
+    "window-wider-than-blocks": (1, 64, 64, 2, 1, 16, True, 50),
+    "seqlen1": (2, 1, 1, 2, 1, 32, True, None),
+    "one-query-many-keys": (1, 1, 40, 4, 2, 32, True, None),
+    "noncausal-sq!=sk": (1, 23, 41, 2, 2, 32, False, None),
+    "head-dim-96": (1, 30, 30, 2, 1, 96, True, None),
+}
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype)
+
+
+def _qkv(b, sq, sk, hq, hkv, d, dtype=torch.float32, seed=0):
+    return _randn(b, sq, hq, d, dtype=dtype, seed=seed), _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 1), \
+        _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 2)
+
+
+def _run(fn, inputs, seed=7):
+    """(out, lse, dq, dk, dv): gradients of a random projection of out and of the finite lse."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out, lse = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    r_out = torch.randn(out.shape, generator=gen).to(out.device, torch.float64)
+    r_lse = torch.randn(lse.shape, generator=gen).to(out.device, torch.float64)
+    finite = torch.isfinite(lse)
+    loss = (out.double() * r_out).sum() + (torch.where(finite, lse, 0.0).double() * r_lse).sum()
+    loss.backward()
+    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+def _assert_lse_equal(ours, ref):
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "rows without keys must have lse -inf"
+    finite = torch.isfinite(ref)
+    assert_close_fp32(ours[finite], ref[finite])
+
+
+def _compare(ours, ref):
+    (o, l, *grads), (ro, rl, *rgrads) = ours, ref
+    assert o.dtype == ro.dtype and o.shape == ro.shape
+    assert_close_fp32(o, ro)
+    _assert_lse_equal(l, rl)
+    for g, rg in zip(grads, rgrads):
+        assert g.shape == rg.shape and g.dtype == rg.dtype
+        assert_close_fp32(g, rg, tol=1e-4)
+
+
+# --- padded layout ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp32_matches_reference(backend, case):
+    b, sq, sk, hq, hkv, d, causal, window = CASES[case]
+    inputs = _qkv(b, sq, sk, hq, hkv, d)
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, causal=causal, sliding_window=window, return_lse=True, backend=backend)
+
+    def ref(q, k, v):
+        return reference.flash_attention(q, k, v, causal, None, window, return_lse=True)
+
+    _compare(_run(ours, inputs), _run(ref, inputs))
+
+
+def test_empty_rows_are_zero(backend):
+    """Sq > Sk with a causal mask: the first Sq - Sk queries see no key."""
+    q, k, v = _qkv(1, 20, 6, 2, 1, 16)
+    out, lse = flash_attention(q, k, v, return_lse=True, backend=backend)
+    assert torch.equal(out[:, :14], torch.zeros_like(out[:, :14]))
+    assert torch.isneginf(lse[:, :, :14]).all() and torch.isfinite(lse[:, :, 14:]).all()
+
+
+def test_reference_matches_sdpa():
+    q, k, v = _qkv(2, 19, 19, 4, 2, 32)
+    ours = reference.flash_attention(q, k, v, causal=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
+        is_causal=True,
+    ).transpose(1, 2)
+    torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_scale_and_strided_inputs(backend):
+    base = _randn(1, 4, 29, 32)  # [B, H, S, D] transposed to [B, S, H, D]: non-contiguous
+    q = base.transpose(1, 2)
+    kv = _randn(1, 2, 29, 32, seed=3).transpose(1, 2)
+    ours = flash_attention(q, kv, kv, softmax_scale=0.3, backend=backend)
+    ref = reference.flash_attention(q.contiguous(), kv.contiguous(), kv.contiguous(), True, 0.3)
+    assert_close_fp32(ours, ref)
+    assert not q.is_contiguous()
+
+
+def test_fp16_close_to_reference(kernel_backend):
+    q, k, v = _qkv(1, 33, 33, 4, 2, 32, dtype=torch.float16)
+    inputs = (q, k, v)
+    ours = _run(lambda *t: flash_attention(*t, return_lse=True, backend=kernel_backend), inputs)
+    ref = _run(lambda *t: reference.flash_attention(*t, return_lse=True), inputs)
+    for o, r in zip(ours, ref):
+        assert o.dtype == r.dtype
+        torch.testing.assert_close(o.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_return_lse_shapes(backend):
+    q, k, v = _qkv(2, 5, 7, 4, 2, 16)
+    out = flash_attention(q, k, v, backend=backend)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
+    out, lse = flash_attention(q, k, v, return_lse=True, backend=backend)
+    assert lse.shape == (2, 4, 5) and lse.dtype == torch.float32
+
+
+# --- packed (varlen) layout ----------------------------------------------------------------------
+
+
+VARLEN = {
+    # q lengths, k lengths: empty sequences, one long and several short, q shorter than k
+    "same-lengths": ([0, 50, 3, 1, 7, 0], [0, 50, 3, 1, 7, 0]),
+    "q-shorter": ([2, 5, 0, 1], [9, 40, 0, 3]),
+    "q-without-keys": ([3, 4], [0, 6]),
+}
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", list(VARLEN))
+def test_varlen_matches_reference(backend, case, causal, window):
+    if window is not None and not causal:
+        pytest.skip("a sliding window requires causal")
+    lq, lk = VARLEN[case]
+    q = _randn(sum(lq), 4, 32)
+    k, v = _randn(sum(lk), 2, 32, seed=1), _randn(sum(lk), 2, 32, seed=2)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, causal=causal, sliding_window=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                               max_seqlen_q=max(lq), max_seqlen_k=max(lk), return_lse=True, backend=backend)
+
+    def ref(q, k, v):
+        return reference.flash_attention(q, k, v, causal, None, window, cu_q, cu_k, return_lse=True)
+
+    result = _run(ours, (q, k, v))
+    assert result[1].shape == (4, sum(lq))
+    _compare(result, _run(ref, (q, k, v)))
+
+
+def test_varlen_equals_padded_per_sequence(kernel_backend):
+    lengths = [5, 33, 1]
+    q = _randn(sum(lengths), 2, 16)
+    k, v = _randn(sum(lengths), 1, 16, seed=1), _randn(sum(lengths), 1, 16, seed=2)
+    cu = _cu(lengths)
+    packed = flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=kernel_backend)  # max_seqlen read
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = flash_attention(q[None, s:e], k[None, s:e], v[None, s:e], backend=kernel_backend)[0]
+        assert_close_fp32(packed[s:e], alone)
+
+
+# --- decode ----------------------------------------------------------------------------------------
+
+
+# (B, Sq, S_max, Hq, Hkv, D, cache_seqlens, sliding_window, num_splits)
+DECODE = {
+    "decode": (2, 1, 50, 8, 2, 32, [50, 17], None, None),
+    "decode-split3": (2, 1, 64, 4, 1, 64, [64, 33], None, 3),
+    "verify-sq4": (2, 4, 40, 8, 2, 32, [40, 4], None, 2),
+    "verify-sq8-group8": (1, 8, 48, 8, 1, 16, [45], None, 4),
+    "window": (3, 3, 40, 4, 4, 16, [3, 40, 21], 5, 4),
+    "head-dim-96": (1, 2, 30, 2, 1, 96, [30], None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE))
+def test_decode_matches_reference(backend, case):
+    b, sq, smax, hq, hkv, d, lens, window, splits = DECODE[case]
+    q = _randn(b, sq, hq, d)
+    kc, vc = _randn(b, smax, hkv, d, seed=1), _randn(b, smax, hkv, d, seed=2)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ours = decode_attention(q, kc, vc, seqlens, sliding_window=window, num_splits=splits, backend=backend)
+    ref = reference.decode_attention(q, kc, vc, seqlens, None, window)
+    assert ours.shape == q.shape and ours.dtype == q.dtype
+    assert_close_fp32(ours, ref)
+
+
+def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_backend):
+    q = _randn(1, 3, 4, 32)
+    kc, vc = _randn(1, 37, 2, 32, seed=1), _randn(1, 37, 2, 32, seed=2)
+    seqlens = torch.tensor([37], dtype=torch.int32, device=DEVICE)
+    full = flash_attention(q, kc, vc, backend=kernel_backend)
+    for splits in (1, 2, 3):
+        assert_close_fp32(decode_attention(q, kc, vc, seqlens, num_splits=splits, backend=kernel_backend), full)
+
+
+def test_decode_fp16(kernel_backend):
+    q = _randn(2, 2, 4, 32, dtype=torch.float16)
+    kc, vc = _randn(2, 40, 2, 32, dtype=torch.float16, seed=1), _randn(2, 40, 2, 32, dtype=torch.float16, seed=2)
+    seqlens = torch.tensor([40, 9], dtype=torch.int32, device=DEVICE)
+    ours = decode_attention(q, kc, vc, seqlens, num_splits=2, backend=kernel_backend)
+    ref = reference.decode_attention(q, kc, vc, seqlens)
+    assert ours.dtype == torch.float16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+# --- bad inputs ------------------------------------------------------------------------------------
+
+
+def _bad_attention_calls():
+    q, k, v = _qkv(1, 8, 8, 4, 2, 32)
+    q3, k3 = q[0], k[0]
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    return {
+        "heads-not-divisible": (lambda: flash_attention(q, k[:, :, :1].expand(1, 8, 3, 32), v[:, :, :1].expand(1, 8, 3, 32)), ValueError, "heads"),
+        "head-dim": (lambda: flash_attention(*_qkv(1, 8, 8, 2, 2, 48)), ValueError, "head_dim"),
+        "head-dim-mismatch": (lambda: flash_attention(q, k[..., :16], v[..., :16]), ValueError, "head_dim"),
+        "dtype-mismatch": (lambda: flash_attention(q, k.half(), v.half()), TypeError, "dtype"),
+        "int-q": (lambda: flash_attention(q.long(), k, v), TypeError, "q"),
+        "rank": (lambda: flash_attention(q[0], k, v), ValueError, "q"),
+        "v-shape": (lambda: flash_attention(q, k, v[:, :4]), ValueError, "v"),
+        "batch": (lambda: flash_attention(q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)), ValueError, "batch"),
+        "window-noncausal": (lambda: flash_attention(q, k, v, causal=False, sliding_window=4), ValueError, "causal"),
+        "window-zero": (lambda: flash_attention(q, k, v, sliding_window=0), ValueError, "sliding_window"),
+        "scale": (lambda: flash_attention(q, k, v, softmax_scale=float("nan")), ValueError, "softmax_scale"),
+        "cu-one-side": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=cu), ValueError, "cu_seqlens"),
+        "cu-int64": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=cu.long(), cu_seqlens_k=cu), TypeError, "int32"),
+        "cu-decreasing": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=torch.tensor([0, 6, 4, 8], dtype=torch.int32),
+                                                  cu_seqlens_k=torch.tensor([0, 2, 4, 8], dtype=torch.int32)),
+                          ValueError, "non-decreasing"),
+        "cu-total": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32),
+                                             cu_seqlens_k=cu), ValueError, "cu_seqlens_q"),
+        "cu-lengths": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 4, 8], dtype=torch.int32)),
+                       ValueError, "cu_seqlens_k"),
+        "max-seqlen-small": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3),
+                             ValueError, "max_seqlen_q"),
+        "max-seqlen-padded": (lambda: flash_attention(q, k, v, max_seqlen_q=8), ValueError, "max_seqlen"),
+        "causal-type": (lambda: flash_attention(q, k, v, causal=1), TypeError, "causal"),
+    }
+
+
+BAD_ATTENTION = list(_bad_attention_calls())
+
+
+@pytest.mark.parametrize("case", BAD_ATTENTION)
+def test_bad_attention_inputs(backend, case):
+    call, error, word = _bad_attention_calls()[case]
+    with thinkfuse.use_backend(backend), pytest.raises(error, match=word):
+        call()
+
+
+def _bad_decode_calls():
+    q = _randn(2, 1, 4, 32)
+    kc = _randn(2, 16, 2, 32, seed=1)
+    lens = torch.tensor([16, 3], dtype=torch.int32, device=DEVICE)
+    return {
+        "heads": (lambda: decode_attention(q, kc[:, :, :1].expand(2, 16, 3, 32), kc[:, :, :1].expand(2, 16, 3, 32), lens), ValueError, "heads"),
+        "seqlens-int64": (lambda: decode_attention(q, kc, kc, lens.long()), TypeError, "int32"),
+        "seqlens-shape": (lambda: decode_attention(q, kc, kc, lens[:1]), ValueError, "cache_seqlens"),
+        "seqlens-too-long": (lambda: decode_attention(q, kc, kc, lens.cpu() + 1), ValueError, "cache_seqlens"),
+        "too-many-queries": (lambda: decode_attention(_randn(2, 17, 4, 32), kc, kc, lens + 16), ValueError, "query tokens"),
+        "dtype": (lambda: decode_attention(q.half(), kc, kc, lens), TypeError, "dtype"),
+        "cache-shape": (lambda: decode_attention(q, kc, kc[:, :8], lens), ValueError, "v_cache"),
+        "head-dim": (lambda: decode_attention(_randn(2, 1, 4, 40), _randn(2, 16, 2, 40), _randn(2, 16, 2, 40), lens), ValueError, "head_dim"),
+        "num-splits": (lambda: decode_attention(q, kc, kc, lens, num_splits=0), ValueError, "num_splits"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_decode_calls()))
+def test_bad_decode_inputs(backend, case):
+    call, error, word = _bad_decode_calls()[case]
+    if DEVICE.type != "cpu" and case == "seqlens-too-long":
+        pytest.skip("value checks run eagerly on CPU tensors only")
+    with thinkfuse.use_backend(backend), pytest.raises(error, match=word):
+        call()
+
+
+# --- custom ops --------------------------------------------------------------------------------------
+
+
+def test_opcheck_flash_attention(kernel_backend):
+    q, k, v = _qkv(1, 9, 9, 2, 1, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.thinkfuse.flash_attention_fwd, (q, k, v, None, None, 9, 9, 0.25, True, 0, kernel_backend))
+    cu = _cu([4, 5])
+    torch.library.opcheck(torch.ops.thinkfuse.flash_attention_fwd,
+                          (q[0], k[0], v[0], cu, cu, 5, 5, 0.25, True, 3, kernel_backend))
+    out, lse = torch.ops.thinkfuse.flash_attention_fwd(q, k, v, None, None, 9, 9, 0.25, True, 0, kernel_backend)
+    torch.library.opcheck(torch.ops.thinkfuse.flash_attention_bwd,
+                          (torch.ones_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None,
+                           None, None, 9, 9, 0.25, True, 0, kernel_backend))
+
+
+def test_opcheck_decode_attention(kernel_backend):
+    q, kc, vc = _randn(2, 2, 4, 16), _randn(2, 12, 2, 16, seed=1), _randn(2, 12, 2, 16, seed=2)
+    seqlens = torch.tensor([12, 5], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.thinkfuse.decode_attention, (q, kc, vc, seqlens, 0.25, 0, 2, kernel_backend))
+
+
+def test_kernel_backend_op_matches_torch_form(kernel_backend):
+    """The custom op's "torch" value (explicit torch form, gradients included) agrees with the kernels."""
+    inputs = _qkv(1, 11, 13, 2, 1, 16)
+
+    def op(name):
+        return lambda q, k, v: torch.ops.thinkfuse.flash_attention_fwd(q, k, v, None, None, 11, 13, 0.25, True, 4, name)
+
+    _compare(_run(op(kernel_backend), inputs), _run(op("torch"), inputs))
+
+
+def test_torch_compile_fullgraph(kernel_backend):
+    inputs = _qkv(1, 12, 12, 2, 1, 16)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, sliding_window=5, return_lse=True, backend=kernel_backend)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    _compare(_run(compiled, inputs), _run(fn, inputs))
+
+
+# --- the real compiler -------------------------------------------------------------------------------
+
+
+_COMPILE_SCRIPT = """
+from thinkfuse.kernels import attention as A, decode_attention as DA
+
+def types(fn, dt, constexprs):
+    out = []
+    for n in fn.arg_names:
+        if n in constexprs:
+            continue
+        if n in ("LSE", "DELTA", "O_PART", "LSE_PART"):
+            out.append("*fp32")
+        elif n.startswith("CU") or n == "SEQLENS":
+            out.append("*i32")
+        elif n.isupper():
+            out.append(f"*{dt}")
+        else:
+            out.append("fp32" if "scale" in n else "i32")
+    return out
+
+def build(fn, dt, **constexprs):
+    return compile_ptx(fn, types(fn, dt, constexprs), constexprs, num_warps=4)
+
+ptx = build(A._attn_fwd_kernel, "bf16", IS_VARLEN=False, CAUSAL=True, HAS_WINDOW=False, BLOCK_M=128, BLOCK_N=64,
+            BLOCK_D=128, EVEN_D=True, PRECISION="tf32")
+assert "mma" in ptx, "forward does not use tensor cores"
+build(A._attn_fwd_kernel, "fp16", IS_VARLEN=True, CAUSAL=True, HAS_WINDOW=True, BLOCK_M=64, BLOCK_N=64,
+      BLOCK_D=128, EVEN_D=False, PRECISION="tf32")
+build(A._attn_bwd_preprocess_kernel, "bf16", IS_VARLEN=True, BLOCK_M=64, BLOCK_D=128)
+build(A._attn_bwd_dkdv_kernel, "bf16", IS_VARLEN=False, CAUSAL=True, HAS_WINDOW=True, BLOCK_M=64, BLOCK_N=64,
+      BLOCK_D=128, PRECISION="tf32")
+build(A._attn_bwd_dq_kernel, "fp32", IS_VARLEN=True, CAUSAL=False, HAS_WINDOW=False, BLOCK_M=32, BLOCK_N=32,
+      BLOCK_D=128, PRECISION="ieee")
+build(DA._decode_split_kernel, "bf16", HAS_WINDOW=True, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+build(DA._decode_combine_kernel, "bf16", BLOCK_S=16, BLOCK_D=128)
+print("compiled")
+"""
+
+
+def test_attention_kernels_compile_for_sm90():
+    compile_in_subprocess(_COMPILE_SCRIPT)

@@ -29,32 +29,6 @@
 
 namespace thinkfuse {
 
-// ---------------------------------------------------------------------------------------------
-// Generic block all-reduce of a small struct S under a commutative `combine`. S provides
-// `static S shfl_xor(const S&, int lane_mask)`. Every thread gets bitwise the same result: the
-// xor butterfly combines the same sets in every lane (commutativity makes the operand order
-// irrelevant), and every thread folds the per-warp partials itself in warp order. Block size a
-// multiple of 32 (at most 1024); every thread must call it; it may be called repeatedly.
-// ---------------------------------------------------------------------------------------------
-
-template <typename S, typename Combine>
-__device__ __forceinline__ S block_allreduce(S x, Combine combine) {
-  __shared__ S partials[kWarpSize];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int num_warps = blockDim.x / kWarpSize;
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    x = combine(x, S::shfl_xor(x, offset));
-  }
-  if (lane == 0) partials[warp] = x;
-  __syncthreads();
-  S total = partials[0];
-  for (int w = 1; w < num_warps; ++w) total = combine(total, partials[w]);
-  __syncthreads();  // the next call may overwrite partials
-  return total;
-}
-
 namespace logprobs {
 
 using swiglu::exp_accurate;

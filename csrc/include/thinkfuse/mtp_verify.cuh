@@ -23,7 +23,7 @@
 #include <cstdint>
 
 #include "thinkfuse/common.cuh"
-#include "thinkfuse/logprobs.cuh"  // block_allreduce, LseStats helpers
+#include "thinkfuse/logprobs.cuh"  // safe_shift
 #include "thinkfuse/swiglu.cuh"    // exp_accurate
 
 namespace thinkfuse {

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import FLOAT_DTYPES, as_rows, check_float, check_same_device, check_tensor
 from ..backend import resolve_backend
-from ._registry import cuda_ops, triton_kernels
+from ._registry import implementation
 
 
 def rms_norm(
@@ -88,27 +88,13 @@ def _torch_backward(dy, h, weight, rstd, dh):
     return dx.to(h.dtype), dw.to(weight.dtype)
 
 
-def _forward_impl(backend: str):
-    if backend == "triton":
-        return triton_kernels("rms_norm").rms_norm_forward
-    if backend == "cuda":
-        return cuda_ops().rms_norm_fwd
-    return _torch_forward
-
-
-def _backward_impl(backend: str):
-    if backend == "triton":
-        return triton_kernels("rms_norm").rms_norm_backward
-    if backend == "cuda":
-        return cuda_ops().rms_norm_bwd
-    return _torch_backward
-
-
 @torch.library.custom_op("thinkfuse::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(
     x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, h, rstd = _forward_impl(backend)(x, weight, residual, eps)
+    y, h, rstd = implementation(backend, "rms_norm", "rms_norm_forward", "rms_norm_fwd", _torch_forward)(
+        x, weight, residual, eps
+    )
     return y, h, rstd
 
 
@@ -124,7 +110,9 @@ def _(x, weight, residual, eps, backend):
 def rms_norm_bwd(
     dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor]:
-    dx, dw = _backward_impl(backend)(dy, h, weight, rstd, dh)
+    dx, dw = implementation(backend, "rms_norm", "rms_norm_backward", "rms_norm_bwd", _torch_backward)(
+        dy, h, weight, rstd, dh
+    )
     return dx, dw
 
 

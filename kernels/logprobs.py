@@ -11,8 +11,8 @@ dtype, ``(g_logprob * (onehot - p) - g_entropy * p * (log p + entropy)) / T``.
 
 Rows whose token id is negative are ignored: output 0, zero gradient, and the forward skips
 their pass over the vocabulary. A token id >= V reads nothing out of bounds and gives a NaN
-log-prob. The tile helpers here are shared with the fused lm_head kernels
-(``fused_linear_logprobs.py``), which produce the same tiles from a matmul instead of a load.
+log-prob. ``thinkfuse.ops.fused_linear_token_logprobs`` runs these kernels on each chunk of
+logits that cuBLAS computes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _MAX_BLOCK_N = 4096  # vocab entries per block: 16 fp32 values per thread at 8 w
 _TILE_ELEMENTS = 4096  # rows x block: several rows share a program when the vocab is small
 
 
-# --- tile math shared with fused_linear_logprobs.py ---------------------------------------------
+# --- tile math --------------------------------------------------------------------------------------
 
 
 @triton.jit

@@ -13,9 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import thinkfuse
 from thinkfuse import reference
 from thinkfuse.ops import fused_linear_token_logprobs
-from thinkfuse.ops.logprobs import CHUNK_LOGITS_BYTES, default_chunk_tokens
+from thinkfuse.ops.logprobs import (CHUNK_LOGITS_BYTES, KERNEL_CHUNK_LOGITS_BYTES, default_chunk_tokens,
+                                    kernel_chunk_tokens)
 
-CUDA_OP = "fused_linear_logprobs_fwd"  # the cuda backend runs only where the extension has this kernel
+CUDA_OP = "token_logprobs_fwd"  # the cuda backend runs the token_logprobs kernels on each chunk
 KERNEL_BACKENDS = [b for b in backends_with(CUDA_OP) if b != "torch"]
 
 IGNORED = -100
@@ -216,8 +217,8 @@ def _largest_intermediate(fn, hidden, weight, bias, ids):
 def test_peak_intermediate_is_bounded_by_the_chunk_not_tokens_x_vocab(chosen):
     """No tensor of the forward or backward may approach the full [tokens, V] logits.
 
-    tokens x V = 256 x 1000, while the torch backend's chunk is 16 x 1000 and the kernels' buffers
-    are [tokens, H] / [V, H]. The same probe sees the materialising reference reach tokens x V, so
+    tokens x V = 256 x 1000, while every backend's chunk is 16 x 1000 and the other buffers are
+    [tokens, H] / [V, H]. The same probe sees the materialising reference reach tokens x V, so
     this test would fail if the op ever held the full logits."""
     n_tokens, n_hidden, n_vocab, chunk = 256, 16, 1000, 16
     hidden, weight, bias, ids = _inputs((n_tokens,), n_hidden, n_vocab)
@@ -227,7 +228,7 @@ def test_peak_intermediate_is_bounded_by_the_chunk_not_tokens_x_vocab(chosen):
     assert reference_peak >= full_logits
 
     ours = _largest_intermediate(_ours(chosen, 1.0, True, chunk_size=chunk), hidden, weight, bias, ids)
-    bound = chunk * n_vocab if chosen == "torch" else max(n_tokens, n_vocab) * n_hidden
+    bound = max(chunk * n_vocab, max(n_tokens, n_vocab) * n_hidden)
     assert ours <= bound, f"largest intermediate {ours} elements > bound {bound}"
     assert ours <= full_logits // 8
 
@@ -239,6 +240,15 @@ def test_default_chunk_is_at_most_256_mib_of_float32_logits():
     assert default_chunk_tokens(151936) == 441
 
 
+def test_kernel_chunks_are_whole_tiles_of_at_most_512_mib_of_logits():
+    assert kernel_chunk_tokens(151936, 2) == 1664  # 1766 fit; rounded down to whole 128-token tiles
+    assert kernel_chunk_tokens(131072, 4) == 1024
+    assert kernel_chunk_tokens(2**30, 2) == 1  # a vocabulary bigger than the budget: one token
+    for n_vocab, itemsize in ((151936, 2), (152064, 2), (131072, 4), (7, 2)):
+        tokens = kernel_chunk_tokens(n_vocab, itemsize)
+        assert tokens * n_vocab * itemsize <= KERNEL_CHUNK_LOGITS_BYTES
+
+
 # --- out-of-range ids and bad inputs --------------------------------------------------------------
 
 
@@ -246,7 +256,7 @@ def test_default_chunk_is_at_most_256_mib_of_float32_logits():
 def test_out_of_range_id_gives_nan_in_the_kernels(kb):
     hidden, weight, bias, ids = _inputs((3,), 16, 50)
     ids[2] = 55
-    logprobs, _, _ = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 1.0, False, kb)
+    logprobs, _, _ = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 1.0, False, 2, kb)
     assert torch.isnan(logprobs[2]) and torch.isfinite(logprobs[0])
 
 
@@ -296,23 +306,25 @@ def test_custom_ops_pass_opcheck(backend):
     for b, return_entropy in ((bias, True), (None, False)):
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
         torch.library.opcheck(torch.ops.thinkfuse.fused_linear_logprobs_fwd.default,
-                              (leaves[0], leaves[1], ids, leaves[2], 0.8, return_entropy, backend))
-    _, entropy, lse = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 0.8, True, "torch")
+                              (leaves[0], leaves[1], ids, leaves[2], 0.8, return_entropy, 2, backend))
+    _, entropy, lse = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 0.8, True, 2,
+                                                                     "torch")
     grad = torch.randn(5, device=DEVICE)
     for weight_grad in (True, False):
         torch.library.opcheck(torch.ops.thinkfuse.fused_linear_logprobs_bwd.default,
-                              (grad, grad * 0.3, hidden, weight, ids, bias, lse, entropy, 0.8, weight_grad, backend))
+                              (grad, grad * 0.3, hidden, weight, ids, bias, lse, entropy, 0.8, weight_grad, 2,
+                               backend))
     torch.library.opcheck(torch.ops.thinkfuse.fused_linear_logprobs_bwd.default,
-                          (grad, None, hidden, weight, ids, None, lse, None, 0.8, True, backend))
+                          (grad, None, hidden, weight, ids, None, lse, None, 0.8, True, 2, backend))
 
 
 def test_custom_ops_torch_forms_match_the_kernels(kernel_backend):
     hidden, weight, bias, ids = _inputs((9,), 24, 300)
-    ours = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 0.8, True, kernel_backend)
-    ref = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 0.8, True, "torch")
+    ours = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 0.8, True, 4, kernel_backend)
+    ref = torch.ops.thinkfuse.fused_linear_logprobs_fwd(hidden, weight, ids, bias, 0.8, True, 4, "torch")
     _assert_all_close(ours, ref)
     grad = torch.randn(9, device=DEVICE)
-    args = (grad, grad * 0.3, hidden, weight, ids, bias, ref[2], ref[1], 0.8, True)
+    args = (grad, grad * 0.3, hidden, weight, ids, bias, ref[2], ref[1], 0.8, True, 4)
     _assert_all_close(torch.ops.thinkfuse.fused_linear_logprobs_bwd(*args, kernel_backend),
                       torch.ops.thinkfuse.fused_linear_logprobs_bwd(*args, "torch"))
 
@@ -345,7 +357,7 @@ def test_torch_compile_kernel_backend_fullgraph(kb):
 
 _COMPILE_SCRIPT = (
     """
-    from thinkfuse.kernels import fused_linear_logprobs as fused, logprobs
+    from thinkfuse.kernels import logprobs
 
     dt = "bf16"
     row = {"BLOCK_M": 1, "BLOCK_N": 4096}
@@ -355,15 +367,6 @@ _COMPILE_SCRIPT = (
     compile_ptx(logprobs._token_logprobs_bwd_kernel,
                 [f"*{dt}", "*i64"] + ["*fp32"] * 4 + [f"*{dt}", "i64", "i64"] + ["i32"] * 3 + ["fp32"],
                 {"HAS_D_ENTROPY": True, **row}, num_warps=8)
-    tile = {"HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
-    tail = ["i32"] * 5 + ["fp32"]
-    ptx = compile_ptx(fused._fused_fwd_kernel, [f"*{dt}"] * 3 + ["*i64"] + ["*fp32"] * 3 + tail,
-                      {**tile, "RETURN_ENTROPY": True}, num_warps=8, num_stages=3)
-    assert "mma" in ptx, "the fused forward does not use the tensor cores"
-    compile_ptx(fused._fused_bwd_hidden_kernel, [f"*{dt}"] * 3 + ["*i64"] + ["*fp32"] * 5 + tail,
-                {**tile, "HAS_D_ENTROPY": True}, num_warps=8, num_stages=3)
-    compile_ptx(fused._fused_bwd_weight_kernel, [f"*{dt}"] * 3 + ["*i64"] + ["*fp32"] * 6 + tail,
-                {**tile, "HAS_D_ENTROPY": True}, num_warps=8, num_stages=3)
     print("compiled")
     """
 )

@@ -6,8 +6,13 @@ float32 logits.
   logits (online logsumexp); backward writes ``d logits`` straight in the logits' dtype. No float32
   copy of the logits is made.
 - ``fused_linear_token_logprobs(hidden, weight, token_ids)``: the same for the lm_head's logits
-  ``hidden @ weight.T + bias``, which are never held for all tokens at once: the kernels work on
-  tiles of tokens x vocab, the torch backend on chunks of tokens (recomputed in backward).
+  ``hidden @ weight.T + bias``, which are never held for all tokens at once. Every backend works
+  on chunks of tokens: a chunk's logits come from one tensor-core matmul (cuBLAS, in the
+  activation dtype, exactly as the lm_head computes them), then the backend's log-prob kernel
+  reduces them (cuda/triton) or float32 torch code does (torch); backward recomputes the chunk,
+  turns it into d logits with the backend's kernel, and feeds two more matmuls (d hidden, and
+  d weight accumulated in float32). A first version that did the matmul inside a Triton kernel
+  (tl.dot tiles) measured 5-12x slower than this on an H100 (bench/results/2026-11-22_*).
 
 Token ids: negative ids (padding, ``-100``) give 0 and no gradient (entropy too). Ids >= V raise
 ``ValueError`` on CPU tensors (checked eagerly); on GPU tensors, where that check would cost a
@@ -28,25 +33,15 @@ conventions (kernels/logprobs.py, kernels/fused_linear_logprobs.py):
     token_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor token_ids,
                        Tensor lse, Tensor? entropy, float temperature) -> Tensor grad_logits
         # grad_* float32 [B*T] contiguous; grad_logits contiguous [B, T, V] in logits' dtype
-    fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor token_ids, Tensor? bias,
-                              float temperature, bool return_entropy)
-        -> (Tensor logprobs, Tensor entropy, Tensor lse)
-        # hidden [N, H] and weight [V, H] with unit stride on H (any row stride), same dtype;
-        # bias [V] contiguous; token_ids [N] contiguous int32/int64; outputs float32 [N]
-    fused_linear_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden,
-                              Tensor weight, Tensor token_ids, Tensor? bias, Tensor lse,
-                              Tensor? entropy, float temperature, bool weight_grad)
-        -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)
-        # grad_hidden [N, H] in hidden's dtype; grad_weight [V, H] / grad_bias [V] in their
-        # parameter's dtype, or empty [0] tensors of hidden's dtype when weight_grad is False (or
-        # there is no bias);
-        # d_hidden/d_weight/d_bias accumulated in float32.
+The fused op needs nothing more from the extension: its cuda backend runs the two kernels above on
+each chunk of logits.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -58,6 +53,9 @@ from ._registry import implementation
 TOKEN_ID_DTYPES = (torch.int32, torch.int64)
 # The torch backend's chunks hold at most this many bytes of float32 logits.
 CHUNK_LOGITS_BYTES = 256 * 2**20
+# The kernel backends' chunks hold at most this many bytes of logits in the activation dtype (plus
+# as many again for their gradient in backward): big enough for the matmuls to run at full rate.
+KERNEL_CHUNK_LOGITS_BYTES = 512 * 2**20
 
 
 def token_logprobs(
@@ -105,9 +103,9 @@ def fused_linear_token_logprobs(
     hidden ``[..., H]``, weight ``[V, H]`` (the lm_head's weight, same dtype as hidden), bias
     ``[V]`` or None, token_ids ``[...]`` (hidden's leading shape) int32/int64.
 
-    ``chunk_size`` is a hint, in tokens: the torch backend computes the logits of that many
-    tokens at a time (default: chunks of at most ``CHUNK_LOGITS_BYTES`` of float32 logits); the
-    triton and cuda backends choose their own tiles.
+    ``chunk_size``: the logits of this many tokens are computed at a time (default: chunks of at
+    most ``KERNEL_CHUNK_LOGITS_BYTES`` of logits for the cuda and triton backends,
+    ``CHUNK_LOGITS_BYTES`` of float32 logits for the torch backend).
 
     Under ZeRO-3 / FSDP the caller passes the full (gathered) ``weight`` and ``bias``, and they
     must stay whole until the backward has run, since it recomputes the logits from them:
@@ -115,7 +113,8 @@ def fused_linear_token_logprobs(
     the backward, ``weight.full_tensor()`` for an FSDP2 DTensor (see ``thinkfuse.grpo``).
     """
     temperature = _check_fused_args(hidden, weight, token_ids, bias, temperature, chunk_size)
-    name = resolve_backend(hidden.device, backend, cuda_op="fused_linear_logprobs_fwd")
+    # The cuda backend runs the token_logprobs kernels on each chunk.
+    name = resolve_backend(hidden.device, backend, cuda_op="token_logprobs_fwd")
     rows, ids = as_rows(hidden), _flat_ids(token_ids)
     weight = with_unit_last_stride(weight)
     bias = bias.contiguous() if bias is not None else None
@@ -125,8 +124,9 @@ def fused_linear_token_logprobs(
             rows, weight, ids, bias, temperature, bool(return_entropy), chunk
         )
     else:
+        chunk = chunk_size or kernel_chunk_tokens(weight.shape[0], weight.element_size())
         logprobs, entropy, _ = torch.ops.thinkfuse.fused_linear_logprobs_fwd(
-            rows, weight, ids, bias, temperature, bool(return_entropy), name
+            rows, weight, ids, bias, temperature, bool(return_entropy), chunk, name
         )
     return _outputs(logprobs, entropy, token_ids.shape, return_entropy)
 
@@ -134,6 +134,13 @@ def fused_linear_token_logprobs(
 def default_chunk_tokens(n_vocab: int) -> int:
     """Tokens per chunk of the torch backend: at most ``CHUNK_LOGITS_BYTES`` of float32 logits."""
     return max(1, CHUNK_LOGITS_BYTES // (4 * n_vocab))
+
+
+def kernel_chunk_tokens(n_vocab: int, itemsize: int) -> int:
+    """Tokens per chunk of the kernel backends: at most ``KERNEL_CHUNK_LOGITS_BYTES`` of logits
+    of ``itemsize`` bytes, a multiple of 128 tokens when that many fit (whole matmul tiles)."""
+    tokens = max(1, KERNEL_CHUNK_LOGITS_BYTES // (itemsize * n_vocab))
+    return tokens - tokens % 128 if tokens >= 128 else tokens
 
 
 def _outputs(logprobs, entropy, shape, return_entropy):
@@ -330,50 +337,105 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return d_logits, None, None, None
 
 
-def _fused_torch_forward(hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens=None):
+class ChunkReducer(NamedTuple):
+    """How one backend turns a chunk of logits ``[c, V]`` into statistics and gradients."""
+
+    # (logits, ids, temperature, return_entropy) -> (logprob [c], entropy [c] or None, lse [c])
+    stats: Callable
+    # (logits, ids, lse, entropy or None, grad_logprob or None, grad_entropy or None, temperature)
+    #   -> d logits [c, V] (float32 for torch, the logits' dtype for the kernels)
+    logits_grad: Callable
+
+
+TORCH_REDUCER = ChunkReducer(_chunk_stats, _chunk_logits_grad)
+
+
+def kernel_reducer(backend: str) -> ChunkReducer:
+    """The token_logprobs kernels of ``backend`` ("cuda" or "triton") applied to one chunk."""
+    forward = implementation(backend, "logprobs", "token_logprobs_forward", "token_logprobs_fwd", None)
+    backward = implementation(backend, "logprobs", "token_logprobs_backward", "token_logprobs_bwd", None)
+
+    def stats(logits, ids, temperature, return_entropy):
+        logprob, entropy, lse = forward(logits.unsqueeze(0), ids, temperature, return_entropy)
+        return logprob, (entropy if return_entropy else None), lse
+
+    def logits_grad(logits, ids, lse, entropy, grad_logprob, grad_entropy, temperature):
+        if grad_logprob is None:
+            grad_logprob = torch.zeros_like(lse)
+        grad = backward(grad_logprob, grad_entropy, logits.unsqueeze(0), ids, lse,
+                        entropy if grad_entropy is not None else None, temperature)
+        return grad[0]
+
+    return ChunkReducer(stats, logits_grad)
+
+
+def _chunk_bounds(n_tokens: int, chunk_tokens: int):
+    for start in range(0, n_tokens, chunk_tokens):
+        yield start, min(start + chunk_tokens, n_tokens)
+
+
+def _fused_chunked_forward(hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens,
+                           reducer: ChunkReducer = TORCH_REDUCER):
     """Chunks of tokens: each chunk's logits ``F.linear(hidden, weight, bias)`` in the activation
     dtype (as the lm_head computes them), then their float32 statistics."""
     n_tokens = hidden.shape[0]
-    chunk_tokens = chunk_tokens or default_chunk_tokens(weight.shape[0])
     out = lambda n: torch.zeros((n,), dtype=torch.float32, device=hidden.device)  # noqa: E731
     logprobs, lse, entropy = out(n_tokens), out(n_tokens), out(n_tokens if return_entropy else 0)
-    for start in range(0, n_tokens, chunk_tokens):
-        end = min(start + chunk_tokens, n_tokens)
+    for start, end in _chunk_bounds(n_tokens, chunk_tokens):
         logits = torch.nn.functional.linear(hidden[start:end], weight, bias)
-        lp, ent, chunk_lse = _chunk_stats(logits, ids[start:end], temperature, return_entropy)
+        lp, ent, chunk_lse = reducer.stats(logits, ids[start:end], temperature, return_entropy)
         logprobs[start:end], lse[start:end] = lp, chunk_lse
         if return_entropy:
             entropy[start:end] = ent
     return logprobs, entropy, lse
 
 
-def _fused_torch_backward(grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, temperature,
-                          weight_grad, chunk_tokens=None):
+def _fused_chunked_backward(grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, temperature,
+                            weight_grad, chunk_tokens, reducer: ChunkReducer = TORCH_REDUCER):
     """(d_hidden, d_weight or empty, d_bias or empty). d_hidden of a chunk is one matmul in the
     weight's dtype (as autograd of the lm_head computes it); d_weight and d_bias are accumulated
     over chunks in float32."""
-    n_tokens = hidden.shape[0]
     n_vocab = weight.shape[0]
-    chunk_tokens = chunk_tokens or default_chunk_tokens(n_vocab)
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_weight = torch.zeros(weight.shape if weight_grad else (0,), **f32)
     d_bias = torch.zeros((n_vocab,) if weight_grad and bias is not None else (0,), **f32)
-    for start in range(0, n_tokens, chunk_tokens):
-        end = min(start + chunk_tokens, n_tokens)
+    for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
         piece = lambda t: None if t is None else t[start:end]  # noqa: E731
         h = hidden[start:end]
         logits = torch.nn.functional.linear(h, weight, bias)
-        grad = _chunk_logits_grad(logits, ids[start:end], lse[start:end], piece(entropy), piece(grad_logprobs),
-                                  piece(grad_entropy), temperature)
+        grad = reducer.logits_grad(logits, ids[start:end], lse[start:end], piece(entropy), piece(grad_logprobs),
+                                   piece(grad_entropy), temperature)
         del logits
         d_hidden[start:end] = grad.to(weight.dtype) @ weight
         if weight_grad:
-            d_weight.addmm_(grad.t(), h.float())
+            d_weight = _add_outer_product(d_weight, grad, h)
             if bias is not None:
-                d_bias += grad.sum(0)
+                d_bias += grad.sum(0, dtype=torch.float32)
     d_bias = d_bias.to(bias.dtype) if bias is not None and weight_grad else hidden.new_empty((0,))
     return d_hidden, d_weight.to(weight.dtype), d_bias
+
+
+def _add_outer_product(acc: Tensor, grad: Tensor, h: Tensor) -> Tensor:
+    """``acc + grad.T @ h`` for a float32 ``acc`` [V, H], summed in float32 whatever the dtype of
+    ``grad`` [c, V] and ``h`` [c, H]: on CUDA a half-precision matmul with a float32 output
+    (``addmm(..., out_dtype=float32)``), so no float32 copy of the chunk is made."""
+    if grad.dtype == torch.float32 and h.dtype == torch.float32:
+        return acc.addmm_(grad.t(), h)
+    if acc.is_cuda and grad.dtype == h.dtype and _cuda_addmm_out_dtype_works(acc.device):
+        return torch.addmm(acc, grad.t(), h, out_dtype=torch.float32)
+    return acc.addmm_(grad.t().float(), h.float())
+
+
+@functools.cache
+def _cuda_addmm_out_dtype_works(device: torch.device) -> bool:
+    """Whether this torch build runs ``addmm`` with a half-precision input and ``out_dtype``."""
+    try:
+        one = torch.ones((1, 1), device=device, dtype=torch.bfloat16)
+        torch.addmm(torch.zeros((1, 1), device=device), one, one, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 class _ChunkedFusedLinearLogprobs(torch.autograd.Function):
@@ -382,7 +444,7 @@ class _ChunkedFusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens):
-        logprobs, entropy, lse = _fused_torch_forward(
+        logprobs, entropy, lse = _fused_chunked_forward(
             hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens
         )
         ctx.set_materialize_grads(False)
@@ -398,7 +460,7 @@ class _ChunkedFusedLinearLogprobs(torch.autograd.Function):
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 7
         weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-        d_hidden, d_weight, d_bias = _fused_torch_backward(
+        d_hidden, d_weight, d_bias = _fused_chunked_backward(
             grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, ctx.temperature, weight_grad,
             ctx.chunk_tokens,
         )
@@ -473,19 +535,23 @@ def _grad_rows(grad, like):
     return torch.zeros_like(like) if grad is None else grad.float().contiguous()
 
 
+def _reducer(backend: str) -> ChunkReducer:
+    return TORCH_REDUCER if backend == "torch" else kernel_reducer(backend)
+
+
 @torch.library.custom_op("thinkfuse::fused_linear_logprobs_fwd", mutates_args=())
 def fused_linear_logprobs_fwd(
     hidden: Tensor, weight: Tensor, token_ids: Tensor, bias: Optional[Tensor], temperature: float,
-    return_entropy: bool, backend: str,
+    return_entropy: bool, chunk_tokens: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fn = implementation(backend, "fused_linear_logprobs", "fused_linear_logprobs_forward",
-                        "fused_linear_logprobs_fwd", _fused_torch_forward)
-    logprobs, entropy, lse = fn(hidden, weight, token_ids, bias, temperature, return_entropy)
+    logprobs, entropy, lse = _fused_chunked_forward(
+        hidden, weight, token_ids, bias, temperature, return_entropy, chunk_tokens, _reducer(backend)
+    )
     return logprobs, entropy, lse
 
 
 @fused_linear_logprobs_fwd.register_fake
-def _(hidden, weight, token_ids, bias, temperature, return_entropy, backend):
+def _(hidden, weight, token_ids, bias, temperature, return_entropy, chunk_tokens, backend):
     n_tokens = hidden.shape[0]
     f32 = lambda n: hidden.new_empty((n,), dtype=torch.float32)  # noqa: E731
     return f32(n_tokens), f32(n_tokens if return_entropy else 0), f32(n_tokens)
@@ -495,19 +561,18 @@ def _(hidden, weight, token_ids, bias, temperature, return_entropy, backend):
 def fused_linear_logprobs_bwd(
     grad_logprobs: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor, token_ids: Tensor,
     bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor], temperature: float, weight_grad: bool,
-    backend: str,
+    chunk_tokens: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fn = implementation(backend, "fused_linear_logprobs", "fused_linear_logprobs_backward",
-                        "fused_linear_logprobs_bwd", _fused_torch_backward)
-    d_hidden, d_weight, d_bias = fn(
-        grad_logprobs, grad_entropy, hidden, weight, token_ids, bias, lse, entropy, temperature, weight_grad
+    d_hidden, d_weight, d_bias = _fused_chunked_backward(
+        grad_logprobs, grad_entropy, hidden, weight, token_ids, bias, lse, entropy, temperature, weight_grad,
+        chunk_tokens, _reducer(backend),
     )
     return d_hidden, d_weight, d_bias
 
 
 @fused_linear_logprobs_bwd.register_fake
 def _(grad_logprobs, grad_entropy, hidden, weight, token_ids, bias, lse, entropy, temperature, weight_grad,
-      backend):
+      chunk_tokens, backend):
     d_weight = weight.new_empty(weight.shape if weight_grad else (0,))
     has_d_bias = weight_grad and bias is not None
     d_bias = bias.new_empty(bias.shape) if has_d_bias else hidden.new_empty((0,))
@@ -515,10 +580,10 @@ def _(grad_logprobs, grad_entropy, hidden, weight, token_ids, bias, lse, entropy
 
 
 def _setup_fused_context(ctx, inputs, output):
-    hidden, weight, token_ids, bias, temperature, return_entropy, backend = inputs
+    hidden, weight, token_ids, bias, temperature, return_entropy, chunk_tokens, backend = inputs
     _logprobs, entropy, lse = output
     ctx.temperature, ctx.return_entropy, ctx.backend = temperature, return_entropy, backend
-    ctx.has_bias = bias is not None
+    ctx.chunk_tokens, ctx.has_bias = chunk_tokens, bias is not None
     ctx.save_for_backward(hidden, weight, token_ids, bias, lse, entropy)
 
 
@@ -529,14 +594,15 @@ def _fused_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     weight_grad = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])
     d_hidden, d_weight, d_bias = torch.ops.thinkfuse.fused_linear_logprobs_bwd(
         _grad_rows(grad_logprobs, lse), grad_entropy.contiguous() if has_d_entropy else None, hidden, weight,
-        token_ids, bias, lse, entropy if has_d_entropy else None, ctx.temperature, weight_grad, ctx.backend,
+        token_ids, bias, lse, entropy if has_d_entropy else None, ctx.temperature, weight_grad, ctx.chunk_tokens,
+        ctx.backend,
     )
     return (
         d_hidden,
         d_weight if weight_grad else None,
         None,
         d_bias if weight_grad and ctx.has_bias else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 

@@ -62,7 +62,12 @@ SMOKE_HIDDEN = 64
 SMOKE_VERL_CHUNK = 3  # chunks of 3, 3, 2: exercises the chunk loop and a short last chunk
 SMOKE_MODEL = "tiny"
 
-CUDA_OPS = {TOKEN_LOGPROBS: "token_logprobs_fwd", FUSED_LINEAR: "fused_linear_logprobs_fwd"}
+# The fused op's cuda backend runs the token_logprobs kernels on chunks of cuBLAS logits.
+CUDA_OPS = {TOKEN_LOGPROBS: "token_logprobs_fwd", FUSED_LINEAR: "token_logprobs_fwd"}
+# fused_linear: 4096 tokens for every (hidden, vocab) pair; the longer GRPO batches (where the
+# logits wall is) only for the smallest and the largest hidden size of the presets.
+FUSED_TOKENS = 4096
+FUSED_LONG_TOKENS = (16384, 32768)
 LIGER_FLCE = ("liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss")
 
 BYTES_COUNTED = (
@@ -128,8 +133,11 @@ def _fused_shapes(config: Config) -> list[tuple[int, int, int, str]]:
     groups: dict[tuple[int, int], list[str]] = {}
     for name, spec in config.presets.items():
         groups.setdefault((spec["hidden_size"], spec["vocab_size"]), []).append(name)
-    return [(tokens, hidden, vocab, ",".join(names))
-            for tokens in TOKENS for (hidden, vocab), names in sorted(groups.items())]
+    pairs = sorted(groups)
+    shapes = [(FUSED_TOKENS, hidden, vocab, ",".join(groups[hidden, vocab])) for hidden, vocab in pairs]
+    for hidden, vocab in dict.fromkeys((pairs[0], pairs[-1])):
+        shapes += [(tokens, hidden, vocab, ",".join(groups[hidden, vocab])) for tokens in FUSED_LONG_TOKENS]
+    return shapes
 
 
 def _seq_tokens(config: Config) -> int:

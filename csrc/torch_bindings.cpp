@@ -44,7 +44,8 @@ void check_device(const at::Tensor& t, const char* name, const at::Device& devic
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name,
                     " must have shape [", rows, ", ", cols, "], got ", t.sizes());
-  TORCH_CHECK_VALUE(t.stride(1) == 1 || cols <= 1, name,
+  // An empty tensor's strides mean nothing (an expanded empty gradient has stride 0).
+  TORCH_CHECK_VALUE(t.stride(1) == 1 || cols <= 1 || rows == 0, name,
                     " must have unit stride along its last dimension, got strides ", t.strides());
 }
 

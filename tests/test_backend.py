@@ -48,7 +48,8 @@ def test_default_selection_by_device():
 
 
 def test_precedence_argument_context_global_environment(monkeypatch):
-    cpu = torch.device("cpu")
+    # On a GPU machine the tests run triton compiled (no interpreter), which needs CUDA tensors.
+    cpu = torch.device("cuda" if HAS_CUDA else "cpu")
     monkeypatch.setenv("THINKFUSE_BACKEND", "triton")
     assert backend_mod.resolve_backend(cpu) == "triton"
     thinkfuse.set_backend("torch")

@@ -36,7 +36,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None) -> Tensor
     """
     _check_gate_up(gate, up)
     name = resolve_backend(gate.device, backend, cuda_op="swiglu_fwd")
-    if name == "torch":
+    if name == "torch" or gate.numel() == 0:  # nothing for a kernel to do
         return reference.swiglu(gate, up)
     return torch.ops.thinkfuse.swiglu_fwd(as_rows(gate), as_rows(up), name).view(gate.shape)
 
@@ -49,7 +49,7 @@ def swiglu_fused(gate_up: Tensor, *, backend: Optional[str] = None) -> Tensor:
             f"gate_up's last dim must be even and non-zero (gate and up halves), got {gate_up.shape[-1]}"
         )
     name = resolve_backend(gate_up.device, backend, cuda_op="swiglu_fused_fwd")
-    if name == "torch":
+    if name == "torch" or gate_up.numel() == 0:  # nothing for a kernel to do
         return reference.swiglu(*gate_up.chunk(2, dim=-1))
     out_shape = (*gate_up.shape[:-1], gate_up.shape[-1] // 2)
     return torch.ops.thinkfuse.swiglu_fused_fwd(as_rows(gate_up), name).view(out_shape)

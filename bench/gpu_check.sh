@@ -46,8 +46,8 @@ copy_out() {
 }
 
 time_left() {
-    # Seconds left in the budget, keeping 20 s to write the summary and copy the output.
-    echo $((BUDGET - SECONDS - 20))
+    # Seconds left in the budget, keeping 60 s for the SIGKILL grace, the summary and the copy.
+    echo $((BUDGET - SECONDS - 60))
 }
 
 run_step() {
@@ -64,8 +64,8 @@ run_step() {
     [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name (limit ${limit}s)"
     start=$SECONDS
-    # -k 15: after SIGTERM, 15 s for the benchmark to write the rows it has before SIGKILL.
-    timeout -k 15 "$limit" bash -c "$func" >"$LOG_DIR/$name.log" 2>&1
+    # -k 30: after SIGTERM, 30 s for the benchmark to write the rows it has before SIGKILL.
+    timeout -k 30 "$limit" bash -c "$func" >"$LOG_DIR/$name.log" 2>&1
     rc=$?
     local took=$((SECONDS - start))
     if [ "$rc" -eq 0 ]; then
@@ -149,7 +149,14 @@ for step in "${STEPS[@]}"; do
         build) run_step build "$BUILD_TIMEOUT" step_build ;;
         backends) run_step backends 60 step_backends show ;;
         tests) run_step tests "$TESTS_TIMEOUT" step_tests ;;
-        bench) run_step bench "$BENCH_TIMEOUT" step_bench ;;
+        bench)
+            run_step bench "$BENCH_TIMEOUT" step_bench
+            # Killed before it could write its results (SIGKILL after the grace period): finish
+            # them from the partial files it leaves.
+            if [ -f "$RESULTS_DIR/metadata.partial.json" ]; then
+                "$PYTHON" -m bench --finalize "$RESULTS_DIR" --out "$RESULTS_DIR" >"$LOG_DIR/finalize.log" 2>&1
+                copy_out
+            fi ;;
         *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests bench)"); FAILED=1 ;;
     esac
 done

@@ -684,6 +684,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup (ms)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time (ms)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--finalize", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run nothing: write the results of runs killed before they could "
+                             "(their rows.partial.jsonl + metadata.partial.json, or results.json), "
+                             "merged, into --out")
     return parser.parse_args(argv)
 
 
@@ -742,8 +746,13 @@ def _progress(index: int, total: int, row: dict) -> None:
           f"{row['impl']}: {result}", file=sys.stderr, flush=True)
 
 
+PARTIAL_ROWS, PARTIAL_METADATA = "rows.partial.jsonl", "metadata.partial.json"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.finalize:
+        return finalize(args.finalize, resolve_out_dir(args), plots=not args.no_plots)
     presets, presets_source = load_presets()
     if args.model is not None and args.model not in presets:
         print(f"unknown --model {args.model!r}; presets: {', '.join(presets)}", file=sys.stderr)
@@ -759,27 +768,68 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     interrupted = None
     rows: list[dict] = []
-    partial_path = out_dir / "rows.partial.jsonl"
+    partial_path = out_dir / PARTIAL_ROWS
     peaks: dict = {}
     try:
         peaks = measure_device_peaks(config)
+        # Saved before any case runs, so that a run killed outright (SIGKILL) can still be
+        # finished from its partial files with --finalize.
+        metadata = collect_metadata(config, peaks, presets_source, ops)
+        (out_dir / PARTIAL_METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
         rows = run_ops(ops, config, partial_path)
     except (Interrupted, KeyboardInterrupt) as exc:
         interrupted = str(exc) or type(exc).__name__
         rows = _read_partial(partial_path)
-    add_derived_metrics(rows, peaks)
     metadata = collect_metadata(config, peaks, presets_source, ops) | {"interrupted": interrupted}
+    return write_results(out_dir, metadata, rows, plots=not args.no_plots)
+
+
+def write_results(out_dir: Path, metadata: dict, rows: list[dict], plots: bool = True) -> int:
+    """Derived metrics, results.json/.md, the terminal tables and plots; removes the partial
+    files. Returns the exit status (1 when a case failed or the run was interrupted)."""
+    add_derived_metrics(rows, metadata.get("peaks") or {})
     write_json(out_dir, metadata, rows)
     write_markdown(out_dir, metadata, rows)
-    partial_path.unlink(missing_ok=True)
+    for name in (PARTIAL_ROWS, PARTIAL_METADATA):
+        (out_dir / name).unlink(missing_ok=True)
     print_tables(rows, metadata)
-    if not args.no_plots:
+    if plots:
         write_plots(out_dir, rows)
     print(f"results: {out_dir}")
     errors = [row for row in rows if row["status"] == "error"]
     if errors:
         print(f"{len(errors)} case(s) failed; see the status column", file=sys.stderr)
-    return 1 if errors or interrupted else 0
+    return 1 if errors or metadata.get("interrupted") else 0
+
+
+def finalize(run_dirs: list[Path], out_dir: Path, plots: bool = True) -> int:
+    """Results from the partial files of runs that were killed before writing them (and/or the
+    results.json of finished runs), merged in the order given. The metadata (device, versions,
+    measured peaks) is the first run's; every run must have been on the same device."""
+    metadata, rows = None, []
+    for run_dir in run_dirs:
+        run_meta, run_rows = _load_run(run_dir)
+        if metadata is None:
+            metadata = run_meta
+        elif run_meta["device"] != metadata["device"]:
+            raise SystemExit(f"{run_dir} ran on {run_meta['device']}, not {metadata['device']}")
+        rows += run_rows
+    metadata = dict(metadata, merged_from=[str(d) for d in run_dirs],
+                    interrupted=metadata.get("interrupted") or "run(s) stopped before writing results; "
+                    "finished from the rows they had measured")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_results(out_dir, metadata, rows, plots)
+
+
+def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    results = run_dir / "results.json"
+    if results.exists():
+        data = json.loads(results.read_text())
+        return data["metadata"], data["rows"]
+    meta_path = run_dir / PARTIAL_METADATA
+    if not meta_path.exists():
+        raise SystemExit(f"{run_dir} has neither results.json nor {PARTIAL_METADATA}")
+    return json.loads(meta_path.read_text()), _read_partial(run_dir / PARTIAL_ROWS)
 
 
 def _read_partial(path: Path) -> list[dict]:

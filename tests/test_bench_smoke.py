@@ -145,6 +145,25 @@ def test_smoke_writes_markdown_and_plots(smoke):
         assert (out / f"{op}_copy_bw_fraction.png").stat().st_size > 0
 
 
+def test_finalize_merges_killed_and_finished_runs(smoke, tmp_path):
+    """A run killed outright leaves metadata.partial.json + rows.partial.jsonl; --finalize writes
+    its results, merged with a finished run's results.json, and recomputes the derived metrics."""
+    out, results = smoke
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    metadata = dict(results["metadata"], peaks={"copy_gbps": 1000.0, "matmul_bf16_tflops": 100.0})
+    (killed / harness.PARTIAL_METADATA).write_text(json.dumps(metadata))
+    row = dict(results["rows"][0], median_ms=2.0, bytes_moved=4_000_000, flops=None, status="ok")
+    (killed / harness.PARTIAL_ROWS).write_text(json.dumps(row) + "\n")
+    merged = tmp_path / "merged"
+    assert harness.main(["--finalize", str(killed), str(out), "--out", str(merged), "--no-plots"]) == 1
+    data = json.loads((merged / "results.json").read_text())
+    assert len(data["rows"]) == 1 + len(results["rows"])
+    assert data["rows"][0]["gbps"] == pytest.approx(2.0) and data["rows"][0]["frac_copy_bw"] == pytest.approx(2e-3)
+    assert data["metadata"]["merged_from"] == [str(killed), str(out)] and data["metadata"]["interrupted"]
+    assert not (merged / harness.PARTIAL_ROWS).exists()
+
+
 def test_smoke_refuses_to_write_under_bench_results():
     with pytest.raises(SystemExit, match="refusing"):
         harness.main(["--smoke", "--out", str(harness.RESULTS_ROOT / "smoke")])
@@ -228,8 +247,9 @@ def test_logprobs_gpu_case_list_covers_tokens_vocabs_hidden_sizes_modes_and_impl
     fused = {(c.shape["tokens"], c.shape["hidden"], c.shape["vocab"], c.mode, c.impl)
              for c in cases if c.variant == "fused_linear"}
     pairs = {(1536, 151936), (5120, 152064), (4096, 151680), (3072, 131072), (4096, 131072), (5120, 131072)}
-    assert fused == {(t, h, v, m, i)
-                     for t in (4096, 16384) for h, v in pairs for m in MODES for i in FUSED_LINEAR_IMPLS}
+    long_pairs = {(1536, 151936), (5120, 152064)}  # the smallest and largest hidden sizes
+    shapes = {(4096, h, v) for h, v in pairs} | {(t, h, v) for t in (16384, 32768) for h, v in long_pairs}
+    assert fused == {(t, h, v, m, i) for t, h, v in shapes for m in MODES for i in FUSED_LINEAR_IMPLS}
     assert len(cases) == len(token) + len(fused)
     assert {c.model for c in cases if c.variant == "token_logprobs" and c.shape["vocab"] == 131072} == {
         "ministral-3-3b,ministral-3-8b,ministral-3-14b"}

@@ -1,0 +1,645 @@
+"""End-to-end cases: a training step, a GRPO loss step and greedy decoding of whole models
+(random weights, built in-process from the transformers config classes; nothing is downloaded).
+
+Variants (the model column names the preset whose shape is used; ``--smoke`` uses the tiny
+models of ``thinkfuse.tiny`` instead, see the end of this docstring):
+
+- ``train-step`` (fwd+bwd rows), one case per preset: the family's ``*ForCausalLM`` at the
+  preset's real width (hidden, heads, kv heads, head_dim, intermediate, vocab, RoPE, tying) with
+  ``TRAIN_LAYERS`` = 2 decoder layers, in the run's dtype, ``TRAIN_BATCH`` x ``TRAIN_SEQ`` =
+  2 x 4096 = 8192 random tokens. One timed call = ``model(input_ids, labels=input_ids).loss``
+  (transformers' shifted cross-entropy through the lm_head: the ``[tokens, V]`` logits are
+  materialised and upcast to float32 there) and the gradient of that loss for every parameter
+  (``torch.autograd.grad``; no optimizer step). MiMo is built without its MTP layer (HF's
+  forward never runs it). The thinkfuse rows' backend: see ``thinkfuse_backend``.
+  Implementations:
+  - ``hf-sdpa``: the unpatched model, ``attn_implementation="sdpa"``.
+  - ``thinkfuse``: the same model after ``thinkfuse.patch_model(model)`` with its defaults
+    (every rule it has for the family: RMSNorm, SwiGLU, RoPE and, where patch_model provides
+    it, attention) and the automatic backend (per op the cuda kernel where the extension has
+    it, else triton).
+  - ``liger``: the same model after Liger-Kernel's ``apply_liger_kernel_to_<family>(model=...,
+    rope, rms_norm, swiglu)`` with ``cross_entropy`` and ``fused_linear_cross_entropy`` off, so
+    all three compute the same loss and only the decoder kernels differ. Liger's RoPE patch is a
+    module-level global of ``modeling_<family>``: it is put in place only around this row's
+    forward, so no other row runs it. Missing where Liger has no function for the family
+    (Ministral 3) or is not installed.
+  FLOPs counted (TFLOP/s column): 3 x the forward's matmul FLOPs, forward = ``2 * tokens *
+  (layers * (q, k, v, o and the three MLP projections) + H * V)`` plus causal attention
+  ``layers * 2 * B * heads * S^2 * head_dim``. Tokens/s = ``tokens / ms * 1000``.
+- ``grpo-step`` (fwd+bwd rows): one GRPO loss forward+backward from the policy's final hidden
+  states ``[T / 1024, 1024, H]`` through the lm_head weight ``[V, H]`` (std ``H^-0.5``), for
+  T in 4096 / 16384 / 32768 at the palmyra-mini shape (1536, 151936) and the am-thinking-v1
+  shape (5120, 152064); TRL's defaults: ``loss_type="dapo"``, beta 0 (no reference model),
+  on-policy (``old_logprobs = logprobs.detach()``), temperature 1, every token scored (mask of
+  ones), one random advantage per sequence. Gradients for hidden and the lm_head weight.
+  - ``thinkfuse``: ``thinkfuse.grpo.GRPOLoss`` (``fused_linear_token_logprobs``, automatic
+    backend: the logits are never materialised).
+  - ``trl-materialised``: ``hidden @ W.T`` (full bf16 logits), TRL's per-sequence
+    ``selective_log_softmax`` (log_softmax in the logits' dtype, then gather; the function of
+    bench/logprobs.py), then ``thinkfuse.grpo.grpo_loss``, which is plain torch and matches
+    TRL's formulas: the loss arithmetic is identical in both rows, only the log-prob path
+    differs.
+  FLOPs counted: ``2 * T * H * V`` for the logits matmul, x 3 with the backward (a fused
+  backward's recomputation of the logits not counted), as bench/logprobs.py's fused_linear.
+- ``decode`` (fwd rows): the MiMo-7B preset at full depth (36 layers + 1 MTP layer, ~15 GB of
+  bf16 weights), batch 1, a random 128-token prompt, exactly 128 new tokens (no eos).
+  - ``hf-sdpa``: ``model.generate(greedy, max_new_tokens=128)`` on the unpatched model.
+  - ``thinkfuse-mtp``: ``thinkfuse.speculative.mtp_generate`` on the patched model (trunk
+    verifies [pending, draft] in one 2-token forward, ``mtp_verify``, the MTP layer drafts).
+  With random weights the MTP layer's drafts are (almost) never accepted, so this row pays for
+  speculation without its benefit: it is a lower bound, not MiMo's real speed. Tokens/s =
+  ``128 / ms * 1000``.
+- ``decode-step`` (fwd rows): the cost of one decoding step at a fixed context of 192 tokens
+  (the prompt plus half the new tokens, the mean context of the ``decode`` rows), the caches
+  cropped back after each call so every call sees the same context:
+  - ``hf-sdpa``: one 1-token trunk forward of the unpatched model + argmax (one plain step of
+    ``generate``).
+  - ``thinkfuse``: the same step on the patched model.
+  - ``thinkfuse-mtp``: one speculative step on the patched model: the 2-token verify forward,
+    ``thinkfuse.ops.mtp_verify`` (greedy), then the MTP layer over the 2 verified rows (the
+    accepted case) + argmax of its draft.
+  Cost ratio = ms(thinkfuse-mtp) / ms(plain step). One MTP layer drafts one token, so a step
+  emits 1 + a tokens on average at acceptance a; the implied decode speedup at MiMo's reported
+  ~90% acceptance is ``1.9 / cost ratio`` (vs ``hf-sdpa``: the whole thinkfuse stack; vs
+  ``thinkfuse``: speculation alone). ``python -m bench.e2e <results.json>`` prints these and
+  every row's tokens/s, since the harness has no per-row field for derived numbers.
+
+Peak memory (harness ``peak_mem_mb``): one call's peak beyond what was allocated before it,
+i.e. without the weights; it includes the gradients, activations, logits and KV caches.
+
+Out of memory: a CUDA OOM in a row becomes an ``error`` whose reason starts with ``out of
+memory`` (the harness has no status for it, and a row can only be ``missing`` before it runs),
+the cache is emptied and the run goes on. The ``trl-materialised`` rows, the ones at risk, are
+tried once when the case list is made (GPU runs only): if that raises OOM, the row is
+``missing`` with reason ``out of memory (...)`` instead.
+
+``--smoke`` (CPU, float32): the tiny model of each family in the presets (hidden 64, 2 layers,
+4/2 heads, vocab 256): train-step on 2 x 16 tokens, grpo-step on 8 tokens (sequences of 4)
+x hidden 64 x vocab 256, decode on tiny MiMo with an 8-token prompt and 8 new tokens
+(decode-step at context 12). thinkfuse rows run the triton backend under the interpreter when
+TRITON_INTERPRET=1 (the e2e smoke then takes ~25 s on 2 CPU cores, ~14 s without), else the
+automatic backend (torch on CPU tensors). Tiny MiMo keeps its MTP layer; train-step leaves its
+parameters out of the gradients (autograd.grad rejects tensors the loss does not use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+import thinkfuse
+from bench import harness
+from bench.harness import FWD, FWD_BWD, LIGER, Case, Config, Workload
+from bench.logprobs import _oom_guard, _OomGuardedWorkload, trl_selective_log_softmax
+
+OP = "e2e"
+TRAIN, GRPO, DECODE, DECODE_STEP = "train-step", "grpo-step", "decode", "decode-step"
+HF_SDPA, THINKFUSE, THINKFUSE_MTP, TRL_MATERIALISED = "hf-sdpa", "thinkfuse", "thinkfuse-mtp", "trl-materialised"
+
+TRAIN_LAYERS, TRAIN_BATCH, TRAIN_SEQ = 2, 2, 4096
+GRPO_TOKENS = (4096, 16384, 32768)
+GRPO_SEQ = 1024  # completion tokens per sequence
+GRPO_PRESETS = ("palmyra-mini", "am-thinking-v1")  # the smallest lm_head and a large one
+GRPO_LOSS = dict(loss_type="dapo", beta=0.0)  # TRL GRPOConfig defaults
+DECODE_PROMPT, DECODE_NEW = 128, 128
+ACCEPTANCE = 0.9  # MiMo's reported MTP acceptance
+OOM_PREFIX = "out of memory"  # how bench.logprobs._oom_guard words a CUDA OOM
+
+SMOKE_TRAIN_BATCH, SMOKE_TRAIN_SEQ = 2, 16
+SMOKE_GRPO_TOKENS, SMOKE_GRPO_SEQ, SMOKE_HIDDEN = (8,), 4, 64
+SMOKE_DECODE_PROMPT, SMOKE_DECODE_NEW = 8, 8
+
+# Liger-Kernel entry point per family: MiMo's trunk is Qwen2's modules. Ministral 3 has none
+# (liger's apply_liger_kernel_to_ministral is the older `ministral` model), so it is missing.
+LIGER_APPLY = {
+    "qwen2": ("apply_liger_kernel_to_qwen2", "transformers.models.qwen2.modeling_qwen2"),
+    "mimo": ("apply_liger_kernel_to_qwen2", "transformers.models.qwen2.modeling_qwen2"),
+    "mistral": ("apply_liger_kernel_to_mistral", "transformers.models.mistral.modeling_mistral"),
+    "ministral3": ("apply_liger_kernel_to_ministral3", "transformers.models.ministral3.modeling_ministral3"),
+}
+LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+BYTES_COUNTED = (
+    "none (end-to-end rows). TFLOP/s: train-step counts 3x the forward's matmul and causal "
+    "attention FLOPs; grpo-step 3 * 2*T*H*V; decode rows count none. Tokens/s = tokens in the "
+    "shape / ms * 1000 (decode: new_tokens / ms * 1000). decode-step: cost ratio = "
+    "ms(thinkfuse-mtp) / ms(hf-sdpa or thinkfuse), implied speedup at 90% acceptance = 1.9 / "
+    "ratio. `python -m bench.e2e results.json` prints them. See bench/e2e.py's docstring."
+)
+
+
+def cases(config: Config) -> list[Case]:
+    out: list[Case] = []
+    if FWD_BWD in config.modes:
+        out += train_cases(config) + grpo_cases(config)
+    if FWD in config.modes:
+        out += decode_cases(config)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a preset's shape (or a tiny model's family) and the number of layers."""
+
+    name: str  # preset name, or tiny-<family>
+    family: str
+    preset: Optional[dict]  # None: thinkfuse.tiny's model of this family
+    layers: Optional[int] = None  # None: the preset's own depth
+    mtp_layers: int = 0
+
+
+def _model_classes(family: str):
+    if family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2Config, Qwen2ForCausalLM
+    if family == "mimo":
+        from thinkfuse.models import MiMoConfig, MiMoForCausalLM
+
+        return MiMoConfig, MiMoForCausalLM
+    if family == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralConfig, MistralForCausalLM
+    if family == "ministral3":
+        from transformers import Ministral3Config, Ministral3ForCausalLM
+
+        return Ministral3Config, Ministral3ForCausalLM
+    raise ValueError(f"no end-to-end model for family {family!r}")
+
+
+def hf_config(spec: ModelSpec):
+    """The family's transformers config with the preset's shape fields (nothing allocated)."""
+    preset = spec.preset
+    config_class, _ = _model_classes(spec.family)
+    fields = dict(
+        hidden_size=preset["hidden_size"], intermediate_size=preset["intermediate_size"],
+        num_hidden_layers=spec.layers or preset["num_hidden_layers"],
+        num_attention_heads=preset["num_attention_heads"], num_key_value_heads=preset["num_key_value_heads"],
+        head_dim=preset["head_dim"], vocab_size=preset["vocab_size"], rms_norm_eps=preset["rms_norm_eps"],
+        max_position_embeddings=preset["max_position_embeddings"],
+        tie_word_embeddings=preset["tie_word_embeddings"], rope_parameters=dict(preset["rope_parameters"]),
+    )
+    if spec.family == "mimo":
+        fields["num_nextn_predict_layers"] = spec.mtp_layers
+    if spec.family == "mistral":
+        fields["sliding_window"] = None
+    return config_class(**fields)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(spec: ModelSpec, config: Config) -> torch.nn.Module:
+    """Random weights, created directly on the device in the run's dtype (a 7B model never
+    exists in float32), SDPA attention."""
+    torch.manual_seed(0)
+    if spec.preset is None:
+        from thinkfuse.tiny import tiny_model
+
+        model = tiny_model(spec.family, dtype=config.dtype).to(config.device)
+    else:
+        _, model_class = _model_classes(spec.family)
+        with torch.device(config.device), _default_dtype(config.dtype):
+            model = model_class(hf_config(spec))
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def thinkfuse_backend(config: Config) -> Optional[str]:
+    """None (automatic: cuda where the extension has the op, else triton) on a GPU run; in a
+    smoke run the Triton kernels under the interpreter when TRITON_INTERPRET=1, else automatic
+    (torch on CPU)."""
+    from thinkfuse.backend import triton_interpreter_enabled
+
+    return "triton" if config.smoke and triton_interpreter_enabled() else None
+
+
+def _train_specs(config: Config) -> list[ModelSpec]:
+    """One spec per preset on a GPU run; one tiny model per family in a smoke run."""
+    if config.smoke:
+        families = dict.fromkeys(spec["family"] for spec in config.presets.values())
+        return [ModelSpec(f"tiny-{family}", family, None) for family in families]
+    return [ModelSpec(name, spec["family"], spec, layers=TRAIN_LAYERS) for name, spec in config.presets.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# train-step
+
+
+def train_cases(config: Config) -> list[Case]:
+    batch, seq = (SMOKE_TRAIN_BATCH, SMOKE_TRAIN_SEQ) if config.smoke else (TRAIN_BATCH, TRAIN_SEQ)
+    out = []
+    for spec in _train_specs(config):
+        flops = None if spec.preset is None else train_flops(spec.preset, TRAIN_LAYERS, batch, seq)
+        for impl, patch, missing in _train_impls(spec, config):
+            build = functools.partial(_build_train, spec, patch, batch, seq, config)
+            out.append(Case(
+                op=OP, impl=impl, variant=TRAIN, mode=FWD_BWD,
+                shape={"tokens": batch * seq, "seq": seq, "layers": TRAIN_LAYERS},  # tiny models: 2 too
+                model=spec.name, dtype=config.dtype, flops=flops,
+                build=None if missing else _oom_guard(build), missing=missing,
+            ))
+    return out
+
+
+def train_flops(preset: dict, layers: int, batch: int, seq: int) -> int:
+    """3 x the forward's matmul FLOPs (see the docstring)."""
+    hidden, inter = preset["hidden_size"], preset["intermediate_size"]
+    vocab, head_dim = preset["vocab_size"], preset["head_dim"]
+    q_width = preset["num_attention_heads"] * head_dim
+    kv_width = preset["num_key_value_heads"] * head_dim
+    per_layer = 2 * hidden * q_width + 2 * hidden * kv_width + 3 * hidden * inter  # q, o; k, v; MLP
+    tokens = batch * seq
+    linear = 2 * tokens * (layers * per_layer + hidden * vocab)
+    attention = layers * 2 * batch * preset["num_attention_heads"] * seq * seq * head_dim  # causal half
+    return 3 * (linear + attention)
+
+
+def _train_impls(spec: ModelSpec, config: Config):
+    """(implementation name, patch function (model) -> forward context factory, why missing)."""
+    impls = [(HF_SDPA, _no_patch, None),
+             (THINKFUSE, functools.partial(_thinkfuse_patch, backend=thinkfuse_backend(config)), None)]
+    if spec.family not in LIGER_APPLY:
+        return impls + [(LIGER, None, f"no Liger-Kernel entry point known for family {spec.family}")]
+    name, modeling = LIGER_APPLY[spec.family]
+    apply_fn, missing = harness.liger_attr(config, "liger_kernel.transformers", name)
+    impls.append((LIGER, functools.partial(_liger_patch, apply_fn, modeling), missing))
+    return impls
+
+
+def _no_patch(model) -> Callable[[], Any]:
+    return contextlib.nullcontext
+
+
+def _thinkfuse_patch(model, backend: Optional[str]) -> Callable[[], Any]:
+    thinkfuse.patch_model(model, backend=backend)
+    return contextlib.nullcontext
+
+
+def _liger_patch(apply_fn, modeling_name: str, model) -> Callable[[], Any]:
+    """Apply Liger to this instance; its module-level replacements (RoPE) are taken back at once
+    and returned as a context that re-applies them around this row's forward only."""
+    modeling = importlib.import_module(modeling_name)
+    before = dict(vars(modeling))
+    accepted = inspect.signature(apply_fn).parameters
+    apply_fn(model=model, **{k: v for k, v in LIGER_OPTIONS.items() if k in accepted})
+    changed = {k: v for k, v in vars(modeling).items() if before.get(k, _ABSENT) is not v}
+    _restore(modeling, changed, before)
+    return functools.partial(_module_attrs, modeling, changed)
+
+
+_ABSENT = object()
+
+
+def _restore(module, names, before: dict) -> None:
+    for name in names:
+        if before.get(name, _ABSENT) is _ABSENT:
+            delattr(module, name)
+        else:
+            setattr(module, name, before[name])
+
+
+@contextlib.contextmanager
+def _module_attrs(module, values: dict):
+    before = {name: getattr(module, name, _ABSENT) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        _restore(module, values, before)
+
+
+def trained_parameters(model) -> tuple[torch.Tensor, ...]:
+    """Every parameter the causal-LM forward uses: all but MiMo's MTP layers (tiny MiMo has one;
+    autograd.grad rejects a tensor that is not in the graph)."""
+    return tuple(p for name, p in model.named_parameters() if p.requires_grad and ".mtp_layers." not in name)
+
+
+def _build_train(spec: ModelSpec, patch, batch: int, seq: int, config: Config) -> Workload:
+    model = build_model(spec, config).train()
+    forward_context = patch(model)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, seq), device=config.device)
+
+    def forward():
+        with forward_context():
+            return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    params = trained_parameters(model)
+    ones = torch.ones((), device=config.device, dtype=torch.float32)
+    return _OomGuardedWorkload(forward=forward, inputs=params, grad_outputs=(ones,))
+
+
+# ---------------------------------------------------------------------------------------------
+# grpo-step
+
+
+def grpo_cases(config: Config) -> list[Case]:
+    out = []
+    for tokens, hidden, vocab, model in _grpo_shapes(config):
+        for impl, make_loss in ((THINKFUSE, _thinkfuse_grpo), (TRL_MATERIALISED, _materialised_grpo)):
+            build = _oom_guard(functools.partial(_build_grpo, make_loss, tokens, hidden, vocab, config))
+            missing = _oom_probe(build, config) if impl == TRL_MATERIALISED else None
+            out.append(Case(
+                op=OP, impl=impl, variant=GRPO, mode=FWD_BWD,
+                shape={"tokens": tokens, "hidden": hidden, "vocab": vocab}, model=model, dtype=config.dtype,
+                flops=3 * 2 * tokens * hidden * vocab, build=None if missing else build, missing=missing,
+            ))
+    return out
+
+
+def _grpo_shapes(config: Config) -> list[tuple[int, int, int, str]]:
+    if config.smoke:
+        from thinkfuse.tiny import VOCAB
+
+        return [(t, SMOKE_HIDDEN, VOCAB, "tiny") for t in SMOKE_GRPO_TOKENS]
+    names = [n for n in GRPO_PRESETS if n in config.presets] or list(config.presets)
+    return [(t, config.presets[n]["hidden_size"], config.presets[n]["vocab_size"], n)
+            for n in names for t in GRPO_TOKENS]
+
+
+def _grpo_seq(config: Config) -> int:
+    return SMOKE_GRPO_SEQ if config.smoke else GRPO_SEQ
+
+
+def _thinkfuse_grpo(config: Config):
+    loss_fn = thinkfuse.grpo.GRPOLoss(**GRPO_LOSS, backend=thinkfuse_backend(config))
+
+    def loss(hidden, weight, ids, mask, advantages):
+        return loss_fn(hidden, weight, ids, mask, advantages)[0]
+
+    return loss
+
+
+def _materialised_grpo(config: Config):
+    def loss(hidden, weight, ids, mask, advantages):
+        logits = hidden @ weight.t()
+        logprobs = trl_selective_log_softmax(logits, ids).float()
+        return thinkfuse.grpo.grpo_loss(logprobs, None, advantages, mask, **GRPO_LOSS)[0]
+
+    return loss
+
+
+def _build_grpo(make_loss, tokens: int, hidden_size: int, vocab: int, config: Config) -> Workload:
+    device, dtype = config.device, config.dtype
+    seq = _grpo_seq(config)
+    batch = tokens // seq
+    loss = make_loss(config)
+    hidden = torch.randn(batch, seq, hidden_size, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype) * hidden_size**-0.5).requires_grad_()
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    mask = torch.ones(batch, seq, device=device, dtype=torch.int64)
+    advantages = torch.randn(batch, device=device, dtype=torch.float32)
+    ones = torch.ones((), device=device, dtype=torch.float32)
+    return _OomGuardedWorkload(forward=lambda: loss(hidden, weight, ids, mask, advantages),
+                               inputs=(hidden, weight), grad_outputs=(ones,))
+
+
+def _oom_probe(build, config: Config) -> Optional[str]:
+    """GPU runs: one fwd+bwd of the case now; ``out of memory (...)`` if it does not fit."""
+    if config.device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        build().runner(FWD_BWD)()
+    except Exception as exc:  # anything but OOM: the row itself will run and report it
+        if str(exc).startswith(OOM_PREFIX):
+            return f"out of memory ({str(exc)[len(OOM_PREFIX):].lstrip(': ')[:160]})"
+    finally:
+        torch.cuda.empty_cache()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# decode and decode-step
+
+
+def decode_cases(config: Config) -> list[Case]:
+    prompt, new = (SMOKE_DECODE_PROMPT, SMOKE_DECODE_NEW) if config.smoke else (DECODE_PROMPT, DECODE_NEW)
+    context = prompt + new // 2
+    out = []
+    for spec in _mtp_specs(config):
+        for impl, make in ((HF_SDPA, _hf_generate), (THINKFUSE_MTP, _mtp_generate)):
+            build = functools.partial(_build_generate, make, impl != HF_SDPA, spec, prompt, new, config)
+            out.append(_decode_case(spec, DECODE, impl, {"batch": 1, "prompt": prompt, "new_tokens": new}, build,
+                                    config))
+        for impl, make in ((HF_SDPA, _plain_step), (THINKFUSE, _plain_step), (THINKFUSE_MTP, _mtp_step)):
+            build = functools.partial(_build_step, make, impl != HF_SDPA, spec, context, config)
+            out.append(_decode_case(spec, DECODE_STEP, impl, {"batch": 1, "context": context}, build, config))
+    return out
+
+
+def _decode_case(spec: ModelSpec, variant: str, impl: str, shape: dict, build, config: Config) -> Case:
+    return Case(op=OP, impl=impl, variant=variant, mode=FWD, shape=shape, model=spec.name,
+                dtype=config.dtype, build=_oom_guard(build))
+
+
+def _mtp_specs(config: Config) -> list[ModelSpec]:
+    """MiMo at full depth for every preset with an MTP layer (tiny MiMo in a smoke run)."""
+    if config.smoke:
+        has_mtp = any(spec.get("num_nextn_predict_layers") for spec in config.presets.values())
+        return [ModelSpec("tiny-mimo", "mimo", None)] if has_mtp else []
+    return [ModelSpec(name, "mimo", spec, mtp_layers=spec["num_nextn_predict_layers"])
+            for name, spec in config.presets.items() if spec.get("num_nextn_predict_layers")]
+
+
+def _decode_model(spec: ModelSpec, patched: bool, config: Config):
+    model = build_model(spec, config).eval()
+    # No eos: every row generates exactly the requested number of tokens.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    if patched:
+        thinkfuse.patch_model(model, backend=thinkfuse_backend(config))
+    return model
+
+
+def _hf_generate(model, input_ids, new: int):
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                          max_new_tokens=new, min_new_tokens=new)
+
+
+def _mtp_generate(model, input_ids, new: int):
+    return thinkfuse.speculative.mtp_generate(model, input_ids, max_new_tokens=new, eos_token_id=[])[0]
+
+
+def _build_generate(make, patched: bool, spec: ModelSpec, prompt: int, new: int, config: Config) -> Workload:
+    model = _decode_model(spec, patched, config)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=config.device)
+    return _decode_workload(lambda: make(model, input_ids, new), config)
+
+
+@dataclass
+class _Context:
+    """A prefilled context of ``length`` tokens: the trunk's cache (and the MTP layer's), the
+    token to feed next and, for speculation, the draft for the token after it."""
+
+    length: int
+    trunk_cache: Any
+    mtp_cache: Any
+    pending: torch.Tensor  # [1]
+    draft: torch.Tensor  # [1]
+
+
+def _prefill(model, length: int, config: Config) -> _Context:
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (1, length + 2), device=config.device)
+    context, pending, draft = ids[:, :length], ids[:, length], ids[:, length + 1]
+    trunk_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        _, hidden = model.forward_with_pre_norm_hidden(context, past_key_values=trunk_cache, use_cache=True,
+                                                       logits_to_keep=1)
+        mtp_cache = DynamicCache()
+        # MTP row t pairs h_t with token t+1, as mtp_generate's prefill does.
+        next_ids = torch.cat([context[:, 1:], pending[:, None]], dim=1)
+        model.mtp_forward(hidden, next_ids, past_key_values=mtp_cache, logits_to_keep=1)
+    return _Context(length, trunk_cache, mtp_cache, pending, draft)
+
+
+def _plain_step(model, ctx: _Context) -> torch.Tensor:
+    """One greedy decode step (1 token) at the context; the cache is cropped back after."""
+    mask = torch.ones((1, ctx.length + 1), dtype=torch.int64, device=ctx.pending.device)
+    position = torch.full((1, 1), ctx.length, device=ctx.pending.device)
+    logits = model(ctx.pending[:, None], attention_mask=mask, position_ids=position,
+                   past_key_values=ctx.trunk_cache, use_cache=True).logits
+    ctx.trunk_cache.crop(-1)
+    return logits[:, -1].argmax(-1)
+
+
+def _mtp_step(model, ctx: _Context) -> torch.Tensor:
+    """One speculative step (2-token verify, mtp_verify, MTP draft over the 2 verified rows);
+    both caches are cropped back after."""
+    device = ctx.pending.device
+    mask = torch.ones((1, ctx.length + 2), dtype=torch.int64, device=device)
+    positions = ctx.length + torch.arange(2, device=device)[None]
+    outputs, hidden = model.forward_with_pre_norm_hidden(
+        torch.stack([ctx.pending, ctx.draft], dim=1), attention_mask=mask, position_ids=positions,
+        past_key_values=ctx.trunk_cache, use_cache=True,
+    )
+    tokens, _ = thinkfuse.ops.mtp_verify(ctx.draft[:, None], outputs.logits, temperature=0.0)
+    draft_logits = model.mtp_forward(hidden, tokens.clamp(min=0), position_ids=positions, attention_mask=mask,
+                                     past_key_values=ctx.mtp_cache, logits_to_keep=1).logits
+    ctx.trunk_cache.crop(-2)
+    ctx.mtp_cache.crop(-2)
+    return draft_logits[:, -1].argmax(-1)
+
+
+def _build_step(make, patched: bool, spec: ModelSpec, context: int, config: Config) -> Workload:
+    model = _decode_model(spec, patched, config)
+    ctx = _prefill(model, context, config)
+    return _decode_workload(lambda: make(model, ctx), config)
+
+
+def _decode_workload(run, config: Config) -> Workload:
+    """Forward-only; thinkfuse ops called without a backend argument (mtp_generate's and the
+    step's mtp_verify) use the run's thinkfuse backend."""
+    backend = thinkfuse_backend(config)
+
+    def forward():
+        with thinkfuse.use_backend(backend):
+            return run()
+
+    return _OomGuardedWorkload(forward=forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived numbers the harness has no column for: `python -m bench.e2e results.json`
+
+
+def tokens_per_s(row: dict) -> Optional[float]:
+    """Tokens per second of a timed e2e row (decode-step: plain steps emit 1 token, speculative
+    steps 1 + ACCEPTANCE tokens on average)."""
+    ms = row.get("median_ms")
+    if row["op"] != OP or not ms:
+        return None
+    shape = row["shape"]
+    if row["variant"] == DECODE_STEP:
+        tokens = 1 + ACCEPTANCE if row["impl"] == THINKFUSE_MTP else 1
+    else:
+        tokens = shape.get("new_tokens", shape.get("tokens"))
+    return tokens / ms * 1000
+
+
+def step_costs(rows: list[dict]) -> list[dict]:
+    """Per decode-step group: the MTP step's cost ratio vs each plain step and the implied
+    speedup at ACCEPTANCE (1 + ACCEPTANCE tokens per speculative step)."""
+    out = []
+    steps = [r for r in rows if r["op"] == OP and r["variant"] == DECODE_STEP and r.get("median_ms")]
+    for mtp in (r for r in steps if r["impl"] == THINKFUSE_MTP):
+        for plain in (r for r in steps if r["impl"] != THINKFUSE_MTP and r["model"] == mtp["model"]
+                      and r["shape_label"] == mtp["shape_label"]):
+            ratio = mtp["median_ms"] / plain["median_ms"]
+            out.append({"model": mtp["model"], "context": mtp["shape"]["context"], "vs": plain["impl"],
+                        "cost_ratio": ratio, "implied_speedup": (1 + ACCEPTANCE) / ratio})
+    return out
+
+
+BASELINES = {TRAIN: HF_SDPA, GRPO: TRL_MATERIALISED, DECODE: HF_SDPA, DECODE_STEP: HF_SDPA}
+
+
+def speedup_vs_baseline(row: dict, rows: list[dict]) -> Optional[float]:
+    """Baseline ms / this row's ms, the baseline being the same variant, model and shape's
+    ``hf-sdpa`` (grpo-step: ``trl-materialised``) row; the harness's speedup columns only know
+    hf-eager and torch-compile."""
+    baseline = BASELINES.get(row["variant"])
+    for other in rows:
+        if (other["op"], other["impl"], other["variant"], other["model"], other["shape_label"]) == (
+                OP, baseline, row["variant"], row["model"], row["shape_label"]) and other.get("median_ms"):
+            return other["median_ms"] / row["median_ms"] if row.get("median_ms") else None
+    return None
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    lines = ["e2e tokens/s (and speedup vs hf-sdpa / trl-materialised; decode-step: per step):"]
+    for row in rows:
+        rate = tokens_per_s(row)
+        if rate is None:
+            continue
+        speculative = row["variant"] == DECODE_STEP and row["impl"] == THINKFUSE_MTP
+        implied = f" (implied at {ACCEPTANCE:.0%} acceptance)" if speculative else ""
+        speedup = speedup_vs_baseline(row, rows)
+        lines.append(f"  {row['variant']:<12} {row['model']:<16} {row['shape_label']:<18} {row['impl']:<17} "
+                     f"{rate:>10,.0f} tokens/s{implied}  {row['median_ms']:.4g} ms"
+                     f"{f' ({speedup:.2f}x)' if speedup else ''}, peak {row['peak_mem_mb'] or 0:.0f} MB")
+    costs = step_costs(rows)
+    if costs:
+        lines.append(f"decode-step: speculative step cost, implied speedup at {ACCEPTANCE:.0%} acceptance:")
+        for c in costs:
+            lines.append(f"  {c['model']} context {c['context']}: thinkfuse-mtp / {c['vs']} = "
+                         f"{c['cost_ratio']:.3f} -> {c['implied_speedup']:.2f}x")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m bench.e2e RESULTS_JSON", file=sys.stderr)
+        return 2
+    rows = json.loads(Path(argv[0]).read_text())["rows"]
+    print("\n".join(summary_lines(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

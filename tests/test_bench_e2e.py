@@ -1,0 +1,120 @@
+"""bench/e2e.py without a GPU: its case lists, FLOP counts and derived numbers, the Liger
+global-patch containment, and the decode-step workloads on tiny MiMo (the smoke run in
+test_bench_smoke.py only checks that every e2e row is ok or missing)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import e2e, harness  # noqa: E402
+
+
+def _config(**overrides) -> harness.Config:
+    presets, _ = harness.load_presets()
+    config = dict(smoke=False, device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                  modes=("fwd", "fwd+bwd"), presets=presets, compile_backend="inductor")
+    return harness.Config(**(config | overrides))
+
+
+def _smoke_config() -> harness.Config:
+    return _config(smoke=True, device=torch.device("cpu"), dtype=torch.float32, compile_backend="aot_eager")
+
+
+def test_gpu_case_list():
+    cases = e2e.cases(_config())
+    counts = Counter((c.variant, c.impl, c.mode) for c in cases)
+    presets = len(_config().presets)
+    assert counts[("train-step", "hf-sdpa", "fwd+bwd")] == presets
+    assert counts[("train-step", "thinkfuse", "fwd+bwd")] == presets
+    assert counts[("train-step", "liger", "fwd+bwd")] == presets
+    grpo = {(c.model, c.shape["tokens"], c.impl) for c in cases if c.variant == "grpo-step"}
+    assert grpo == {(m, t, i) for m in e2e.GRPO_PRESETS for t in e2e.GRPO_TOKENS
+                    for i in ("thinkfuse", "trl-materialised")}
+    assert {(c.variant, c.impl) for c in cases if c.mode == "fwd"} == {
+        ("decode", "hf-sdpa"), ("decode", "thinkfuse-mtp"),
+        ("decode-step", "hf-sdpa"), ("decode-step", "thinkfuse"), ("decode-step", "thinkfuse-mtp")}
+    assert {c.model for c in cases if c.mode == "fwd"} == {"mimo-7b"}
+    # Liger has no Ministral 3 entry point: those rows are missing with a reason, never absent.
+    assert all(c.missing for c in cases if c.impl == "liger" and c.model.startswith("ministral-3"))
+    # Mode and model filters: no decode rows for fwd+bwd only, none for a preset without MTP.
+    assert {c.mode for c in e2e.cases(_config(modes=("fwd+bwd",)))} == {"fwd+bwd"}
+    presets, _ = harness.load_presets()
+    palmyra = e2e.cases(_config(presets={"palmyra-mini": presets["palmyra-mini"]}))
+    assert {c.variant for c in palmyra} == {"train-step", "grpo-step"}
+
+
+def test_train_flops():
+    spec = harness.load_presets()[0]["palmyra-mini"]
+    h, i, v, d, hq, hkv, layers, b, s = 1536, 8960, 151936, 128, 12, 2, 2, 2, 4096
+    per_layer = 2 * h * hq * d + 2 * h * hkv * d + 3 * h * i
+    forward = 2 * b * s * (layers * per_layer + h * v) + layers * 2 * b * hq * s * s * d
+    assert e2e.train_flops(spec, layers, b, s) == 3 * forward
+
+
+def test_liger_globals_are_applied_only_around_the_forward():
+    modeling = types.ModuleType("fake_modeling_for_e2e")
+    modeling.apply_rotary_pos_emb = "hf"
+    sys.modules[modeling.__name__] = modeling
+    seen = {}
+
+    def apply_fake(model=None, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                   fused_linear_cross_entropy=True):
+        seen.update(cross_entropy=cross_entropy, fused_linear_cross_entropy=fused_linear_cross_entropy)
+        modeling.apply_rotary_pos_emb = "liger"
+        modeling.LigerOnly = object()
+
+    try:
+        context = e2e._liger_patch(apply_fake, modeling.__name__, model=None)
+        assert seen == {"cross_entropy": False, "fused_linear_cross_entropy": False}
+        assert modeling.apply_rotary_pos_emb == "hf" and not hasattr(modeling, "LigerOnly")
+        with context():
+            assert modeling.apply_rotary_pos_emb == "liger" and hasattr(modeling, "LigerOnly")
+        assert modeling.apply_rotary_pos_emb == "hf" and not hasattr(modeling, "LigerOnly")
+    finally:
+        del sys.modules[modeling.__name__]
+
+
+def test_decode_steps_leave_the_caches_as_they_found_them():
+    config = _smoke_config()
+    spec = e2e.ModelSpec("tiny-mimo", "mimo", None)
+    model = e2e._decode_model(spec, False, config)
+    ctx = e2e._prefill(model, 12, config)
+    with torch.no_grad():
+        plain = [e2e._plain_step(model, ctx) for _ in range(2)]
+        drafts = [e2e._mtp_step(model, ctx) for _ in range(2)]
+        # the verify forward's first token is the plain step's greedy token
+        mask = torch.ones((1, 14), dtype=torch.int64)
+        outputs = model(torch.stack([ctx.pending, ctx.draft], 1), attention_mask=mask,
+                        position_ids=12 + torch.arange(2)[None], past_key_values=ctx.trunk_cache)
+    assert torch.equal(plain[0], plain[1]) and torch.equal(drafts[0], drafts[1])
+    assert torch.equal(outputs.logits[:, 0].argmax(-1), plain[0])
+    assert ctx.mtp_cache.get_seq_length() == 12
+
+
+def test_derived_numbers():
+    rows = []
+    for variant, shape, impl, ms in (
+        ("train-step", {"tokens": 8192, "seq": 4096, "layers": 2}, "hf-sdpa", 200.0),
+        ("decode", {"batch": 1, "prompt": 128, "new_tokens": 128}, "thinkfuse-mtp", 2000.0),
+        ("decode-step", {"batch": 1, "context": 192}, "hf-sdpa", 20.0),
+        ("decode-step", {"batch": 1, "context": 192}, "thinkfuse-mtp", 25.0),
+    ):
+        case = harness.Case(op="e2e", impl=impl, variant=variant, mode="fwd", shape=shape, model="mimo-7b",
+                            dtype=torch.bfloat16)
+        rows.append(harness.base_row(case) | {"status": "ok", "median_ms": ms})
+    expected = [8192 / 0.2, 128 / 2.0, 50.0, 1.9 / 0.025]
+    assert [e2e.tokens_per_s(r) for r in rows] == pytest.approx(expected)
+    (cost,) = e2e.step_costs(rows)
+    assert cost["vs"] == "hf-sdpa" and cost["cost_ratio"] == 1.25
+    assert abs(cost["implied_speedup"] - 1.9 / 1.25) < 1e-12
+    assert any("1.52x" in line for line in e2e.summary_lines(rows))

@@ -118,14 +118,36 @@ struct Params {
   float temperature;
 };
 
+// One block reads a whole vocabulary row, so each thread must keep several loads in flight to
+// hide DRAM latency: a plain strided loop issues one load per iteration (measured on an H100:
+// ~240 us for one greedy position of 151680 bf16 logits, latency-bound).
+constexpr int kLoadsInFlight = 8;
+
+// x[u] = row[base + u * blockDim.x] as float, -inf past V: all loads issued before any is used.
+template <typename T>
+__device__ __forceinline__ void load_strided(const T* row, int base, int vocab,
+                                             float (&x)[kLoadsInFlight]) {
+#pragma unroll
+  for (int u = 0; u < kLoadsInFlight; ++u) {
+    const int c = base + u * static_cast<int>(blockDim.x);
+    x[u] = c < vocab ? to_float(row[c]) : -INFINITY;
+  }
+}
+
 // Block argmax of row[0:V] (NaN as +inf, ties to the lowest id).
 template <typename T>
 __device__ int block_argmax(const T* row, int vocab) {
   ArgMax best{-INFINITY, 0};
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-    float x = to_float(row[c]);
-    x = x != x ? INFINITY : x;
-    if (x > best.v) best = ArgMax{x, c};  // increasing ids: strict keeps the lowest
+  for (int base = threadIdx.x; base < vocab; base += kLoadsInFlight * blockDim.x) {
+    float x[kLoadsInFlight];
+    load_strided(row, base, vocab, x);
+#pragma unroll
+    for (int u = 0; u < kLoadsInFlight; ++u) {
+      const float v = x[u] != x[u] ? INFINITY : x[u];
+      // Each thread visits its ids in increasing order: strict > keeps the lowest on ties (and
+      // the -inf padding past V never wins).
+      if (v > best.v) best = ArgMax{v, base + u * static_cast<int>(blockDim.x)};
+    }
   }
   // A thread that saw no id > -inf keeps index 0, which only wins when every value is -inf
   // (then the answer is 0 anyway).
@@ -138,17 +160,24 @@ template <typename T>
 __device__ SoftmaxStats block_softmax_stats(const T* row, int vocab, float temperature,
                                             int64_t excluded) {
   SoftmaxStats st{-INFINITY, 0.0f, 0.0f};
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-    const float x = __fdiv_rn(to_float(row[c]), temperature);
-    if (x > st.m) {
-      const float scale = exp_accurate(st.m - x);
-      st.total *= scale;
-      st.excl *= scale;
-      st.m = x;
+  for (int base = threadIdx.x; base < vocab; base += kLoadsInFlight * blockDim.x) {
+    float raw[kLoadsInFlight];
+    load_strided(row, base, vocab, raw);
+#pragma unroll
+    for (int u = 0; u < kLoadsInFlight; ++u) {
+      const int c = base + u * static_cast<int>(blockDim.x);
+      if (c >= vocab) break;
+      const float x = __fdiv_rn(raw[u], temperature);
+      if (x > st.m) {
+        const float scale = exp_accurate(st.m - x);
+        st.total *= scale;
+        st.excl *= scale;
+        st.m = x;
+      }
+      const float e = exp_accurate(x - logprobs::safe_shift(st.m));
+      st.total += e;
+      if (c != excluded) st.excl += e;
     }
-    const float e = exp_accurate(x - logprobs::safe_shift(st.m));
-    st.total += e;
-    if (c != excluded) st.excl += e;
   }
   st = block_allreduce(st, [](const SoftmaxStats& a, const SoftmaxStats& b) {
     return combine_stats(a, b);

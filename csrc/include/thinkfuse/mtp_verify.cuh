@@ -121,7 +121,8 @@ struct Params {
 // One block reads a whole vocabulary row, so each thread must keep several loads in flight to
 // hide DRAM latency: a plain strided loop issues one load per iteration (measured on an H100:
 // ~240 us for one greedy position of 151680 bf16 logits, latency-bound).
-constexpr int kLoadsInFlight = 8;
+constexpr int kLoadsInFlight = 8;   // scalar loads per thread per step (softmax statistics)
+constexpr int kChunksInFlight = 4;  // chunks of kVecSize<T> ids per thread per step (argmax)
 
 // x[u] = row[base + u * blockDim.x] as float, -inf past V: all loads issued before any is used.
 template <typename T>
@@ -134,19 +135,35 @@ __device__ __forceinline__ void load_strided(const T* row, int base, int vocab,
   }
 }
 
-// Block argmax of row[0:V] (NaN as +inf, ties to the lowest id).
-template <typename T>
+// Block argmax of row[0:V] (NaN as +inf, ties to the lowest id). The row is read in chunks of
+// kVecSize<T> consecutive ids, one 16-byte load each when kAligned (the row start is 16-byte
+// aligned), kChunksInFlight chunks per thread before any is compared.
+template <bool kAligned, typename T>
 __device__ int block_argmax(const T* row, int vocab) {
+  constexpr int kVec = kVecSize<T>;
+  const int step = static_cast<int>(blockDim.x) * kVec;
   ArgMax best{-INFINITY, 0};
-  for (int base = threadIdx.x; base < vocab; base += kLoadsInFlight * blockDim.x) {
-    float x[kLoadsInFlight];
-    load_strided(row, base, vocab, x);
+  for (int base = static_cast<int>(threadIdx.x) * kVec; base < vocab; base += kChunksInFlight * step) {
+    float x[kChunksInFlight][kVec];
 #pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      const float v = x[u] != x[u] ? INFINITY : x[u];
-      // Each thread visits its ids in increasing order: strict > keeps the lowest on ties (and
-      // the -inf padding past V never wins).
-      if (v > best.v) best = ArgMax{v, base + u * static_cast<int>(blockDim.x)};
+    for (int u = 0; u < kChunksInFlight; ++u) {
+      const int col = base + u * step;
+      if (col < vocab) {
+        logprobs::load_chunk<kAligned>(row + col, vocab - col, x[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) x[u][i] = -INFINITY;
+      }
+    }
+    // Each thread visits its ids in increasing order: strict > keeps the lowest on ties.
+#pragma unroll
+    for (int u = 0; u < kChunksInFlight; ++u) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const int col = base + u * step + i;
+        const float v = x[u][i] != x[u][i] ? INFINITY : x[u][i];
+        if (col < vocab && v > best.v) best = ArgMax{v, col};
+      }
     }
   }
   // A thread that saw no id > -inf keeps index 0, which only wins when every value is -inf
@@ -305,7 +322,7 @@ __device__ float block_weight_total(const T* row, const void* probs_row, DType p
          }).v;
 }
 
-template <typename T>
+template <bool kAligned, typename T>
 __global__ void __launch_bounds__(kThreads) greedy_kernel(const Params<T> p) {
   const int64_t b = blockIdx.x;
   const T* logits_row = p.logits + b * p.stride_lb;
@@ -313,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) greedy_kernel(const Params<T> p) {
   int accepted = 0;
   int final_token = -1;
   for (int j = 0; j < p.k; ++j) {
-    const int target = block_argmax(logits_row + j * p.stride_lk, p.vocab);
+    const int target = block_argmax<kAligned>(logits_row + j * p.stride_lk, p.vocab);
     const int64_t draft = p.draft[b * p.k + j];
     if (draft != target) {
       final_token = target;
@@ -322,7 +339,9 @@ __global__ void __launch_bounds__(kThreads) greedy_kernel(const Params<T> p) {
     if (threadIdx.x == 0) tokens[j] = draft;
     ++accepted;
   }
-  if (accepted == p.k) final_token = block_argmax(logits_row + p.k * p.stride_lk, p.vocab);
+  if (accepted == p.k) {
+    final_token = block_argmax<kAligned>(logits_row + p.k * p.stride_lk, p.vocab);
+  }
   if (threadIdx.x == 0) {
     tokens[accepted] = final_token;
     for (int j = accepted + 1; j <= p.k; ++j) tokens[j] = -1;
@@ -394,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) sampled_kernel(const Params<T> p) {
                                             p.temperature, st.m, st.total, excluded, rejected,
                                             threshold);
   // Nothing to draw from (all -inf or NaN logits): the argmax, as greedy would.
-  if (final_token < 0) final_token = block_argmax(position, p.vocab);
+  if (final_token < 0) final_token = block_argmax<false>(position, p.vocab);
   if (threadIdx.x == 0) {
     tokens[accepted] = final_token;
     for (int j = accepted + 1; j <= p.k; ++j) tokens[j] = -1;
@@ -407,7 +426,13 @@ cudaError_t verify(const Params<T>& p, int64_t batch, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(batch));
   if (p.uniforms == nullptr) {
-    greedy_kernel<<<grid, kThreads, 0, stream>>>(p);
+    const bool aligned = rows_are_16B_aligned(p.logits, p.stride_lb) &&
+                         rows_are_16B_aligned(p.logits, p.stride_lk);
+    if (aligned) {
+      greedy_kernel<true><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      greedy_kernel<false><<<grid, kThreads, 0, stream>>>(p);
+    }
   } else {
     sampled_kernel<<<grid, kThreads, 0, stream>>>(p);
   }

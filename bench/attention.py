@@ -293,6 +293,7 @@ def _decode_cases(config: Config) -> list[Case]:
                 op=OP, impl=impl, variant=DECODE, mode=FWD, shape=shape, model=problem.heads.models,
                 dtype=config.dtype, bytes_moved=decode_bytes(problem, config.dtype),
                 build=None if missing else build, missing=missing,
+                cuda_graph=True,  # a decode step runs captured; host launch cost is not the op's
             ))
     return out
 

@@ -7,7 +7,9 @@ how a case is timed, how its memory is measured, the derived metrics and the rep
 so that every op is measured the same way.
 
 Timing uses ``triton.testing.do_bench`` (median of CUDA-event timings, L2 flushed between
-repetitions). At the start of a GPU run the device's copy bandwidth and bf16 matmul rate are
+repetitions); cases marked ``cuda_graph`` (decode-time ops, which serving runs captured) use
+``do_bench_cudagraph`` instead, so their rows are GPU time without host launch overhead; each
+row's ``timing`` field says which. At the start of a GPU run the device's copy bandwidth and bf16 matmul rate are
 measured so each row can say what fraction of the *measured* peak it reaches. ``--smoke`` runs
 every case once on CPU at tiny sizes to prove the harness works; it reports no speed numbers.
 """
@@ -152,6 +154,9 @@ class Case:
     flops: Optional[int] = None
     build: Optional[Callable[[], Workload]] = None
     missing: Optional[str] = None  # why this implementation cannot run here
+    # Time replays of a CUDA graph of the call (serving runs decode-time ops captured): GPU time
+    # without the host's launch overhead, which otherwise dominates microsecond-scale ops.
+    cuda_graph: bool = False
 
     @property
     def shape_label(self) -> str:
@@ -223,6 +228,20 @@ def time_ms(fn: Callable[[], Any], config: Config) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=config.warmup_ms, rep=config.rep_ms, return_mode="median"))
+
+
+def time_ms_in_cuda_graph(fn: Callable[[], Any], config: Config) -> tuple[float, str]:
+    """(median milliseconds, timing label) of ``fn`` replayed from a CUDA graph (triton's
+    do_bench_cudagraph); falls back to plain do_bench, saying so, where capture fails."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()):  # capture needs a non-default stream
+            ms = do_bench_cudagraph(fn, rep=config.rep_ms, return_mode="median")
+        return float(ms), "do_bench_cudagraph median (CUDA graph replay: no host overhead)"
+    except Exception as exc:  # e.g. an implementation that synchronises with the host
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+        return time_ms(fn, config), f"do_bench median (CUDA events); graph capture failed: {reason}"
 
 
 def peak_memory_mb(fn: Callable[[], Any]) -> float:
@@ -311,6 +330,9 @@ def run_case(case: Case, config: Config) -> dict[str, Any]:
             return row | {"status": "ok", "timing": "smoke"}
         row["setup_s"] = round(time.perf_counter() - start, 3)
         row["peak_mem_mb"] = peak_memory_mb(fn)
+        if case.cuda_graph:
+            row["median_ms"], timing = time_ms_in_cuda_graph(fn, config)
+            return row | {"status": "ok", "timing": timing}
         row["median_ms"] = time_ms(fn, config)
         return row | {"status": "ok", "timing": "do_bench median (CUDA events)"}
     except Exception as exc:

@@ -6,7 +6,8 @@ with an MTP layer (``num_nextn_predict_layers``: MiMo-7B, V 151680; a ``--model`
 no cases). Target logits ``[B, K+1, V]`` in the run's dtype; the drafts are the target's argmax at
 positions 0..K-1 (greedy accepts them all, the most work for a kernel that scans the prefix).
 Forward only (verification is not differentiable); the harness reports milliseconds per call
-(x 1000 for microseconds).
+(x 1000 for microseconds), timed as replays of a CUDA graph (serving captures the decode step),
+so the numbers are GPU time without the host's launch overhead.
 
 Variants:
 - ``greedy``: temperature 0.
@@ -72,6 +73,7 @@ def cases(config: Config) -> list[Case]:
                     shape={"batch": batch, "drafts": k, "vocab": vocab}, model=model,
                     dtype=config.dtype, bytes_moved=bytes_moved(batch, k, vocab, with_probs, config.dtype),
                     build=None if missing else build, missing=missing,
+                    cuda_graph=True,  # a decode step runs captured; host launch cost is not the op's
                 ))
     return out
 

@@ -13,15 +13,20 @@ from thinkfuse.tiny import BUILDERS, tiny_batch, tiny_model
 
 FAMILY_NAMES = list(BUILDERS)
 # Two decoder layers: two norms each plus the final norm, one MLP and one attention each.
-TWO_LAYER_PATCHES = {"rms_norm": 5, "swiglu": 2, "rope": 2}
+# The attention rule switches the same attention modules the rope rule patches to "thinkfuse".
+TWO_LAYER_PATCHES = {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
 # MiMo's MTP layer adds a decoder block and its own token/hidden/final norms.
-EXPECTED_PATCHES = {"mimo": {"rms_norm": 10, "swiglu": 3, "rope": 3}}
+EXPECTED_PATCHES = {"mimo": {"rms_norm": 10, "swiglu": 3, "rope": 3, "attention": 3}}
 
 
 def _logits_and_grads(model, ids, **inputs):
+    """Logits and parameter gradients; the loss reads only non-padding positions (what padding
+    positions output is meaningless and differs between attention implementations)."""
     model.zero_grad(set_to_none=True)
     logits = model(ids, **inputs).logits
-    (logits * torch.linspace(-1, 1, logits.shape[-1], device=logits.device)).sum().backward()
+    mask = inputs.get("attention_mask")
+    weight = 1.0 if mask is None else mask[..., None].float()
+    (logits * torch.linspace(-1, 1, logits.shape[-1], device=logits.device) * weight).sum().backward()
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -58,7 +63,9 @@ def _assert_patched_matches(family, backend, ids, **inputs):
     ref_logits, ref_grads = _logits_and_grads(model, ids, **inputs)
     thinkfuse.patch_model(model, backend=backend)
     logits, grads = _logits_and_grads(model, ids, **inputs)
-    assert_close_fp32(logits, ref_logits, tol=1e-4)
+    mask = inputs.get("attention_mask")
+    valid = slice(None) if mask is None else mask.bool()
+    assert_close_fp32(logits[valid], ref_logits[valid], tol=1e-4)
     for name, grad in ref_grads.items():
         assert_close_fp32(grads[name], grad, tol=1e-4)
 
@@ -77,7 +84,8 @@ def test_packed_position_ids(family, backend):
     """Two sequences packed in one row: position_ids restart inside the row."""
     ids = tiny_batch(1, 19, device=DEVICE)
     positions = torch.cat([torch.arange(7), torch.arange(12)]).to(DEVICE)[None]
-    _assert_patched_matches(family, backend, ids, position_ids=positions)
+    # use_cache=False: only then do transformers' sdpa masks separate packed sequences.
+    _assert_patched_matches(family, backend, ids, position_ids=positions, use_cache=False)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -94,7 +102,8 @@ def test_torch_backend_is_bit_exact():
     model = tiny_model("qwen2").to(DEVICE)
     ids = tiny_batch(device=DEVICE)
     ref = model(ids).logits
-    thinkfuse.patch_model(model, backend="torch")
+    # attention=False: the torch reference attention sums in another order than sdpa (1e-7 off).
+    thinkfuse.patch_model(model, backend="torch", attention=False)
     assert torch.equal(model(ids).logits, ref)
 
 
@@ -146,12 +155,12 @@ def test_mistral3_vision_tower_and_projector_untouched():
 
 def test_flags_turn_kinds_off():
     model = tiny_model("ministral3")
-    report = thinkfuse.patch_model(model, rms_norm=False, swiglu=False, rope=False)
-    assert report.total == 0 and {"rms_norm", "swiglu", "rope"} <= set(report.disabled)
+    report = thinkfuse.patch_model(model, rms_norm=False, swiglu=False, rope=False, attention=False)
+    assert report.total == 0 and {"rms_norm", "swiglu", "rope", "attention"} <= set(report.disabled)
     assert not _patched_state(model)
-    assert "rms_norm" in str(report)
+    assert "rms_norm" in str(report) and "attention" in str(report)
     report = thinkfuse.patch_model(model, rms_norm=False)
-    assert report.patched == {"swiglu": 2, "rope": 2}
+    assert report.patched == {"swiglu": 2, "rope": 2, "attention": 2}
 
 
 def test_rules_skip_modules_they_do_not_fit():
@@ -162,7 +171,8 @@ def test_rules_skip_modules_they_do_not_fit():
                          num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu",
                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     report = thinkfuse.patch_model(Qwen2ForCausalLM(config))
-    assert report.patched == {"rms_norm": 3}
+    # The attention core still switches: the original forward dispatches through the config.
+    assert report.patched == {"rms_norm": 3, "attention": 1}
 
 
 def test_report_names_backend_and_counts():
@@ -171,7 +181,7 @@ def test_report_names_backend_and_counts():
     assert report.backend == "auto" and report.resolved_backend == "torch" and report.family == "qwen2"
     text = str(report)
     assert "Qwen2ForCausalLM" in text and "rms_norm" in text and "5 modules" in text
-    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2}
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
 
 
 def test_deepcopy_of_patched_model_keeps_its_own_patches():
@@ -179,7 +189,8 @@ def test_deepcopy_of_patched_model_keeps_its_own_patches():
     thinkfuse.patch_model(model, backend="torch")
     clone = copy.deepcopy(model)
     assert clone.model.norm.forward.__self__ is clone.model.norm
-    assert thinkfuse.unpatch_model(clone) == 9
+    assert thinkfuse.unpatch_model(clone) == 11
+    assert clone.config._attn_implementation == "sdpa" and model.config._attn_implementation == "thinkfuse"
     assert "forward" not in clone.model.norm.__dict__
 
 
@@ -202,6 +213,7 @@ def test_every_rule_resolves_to_a_transformers_class():
     for family in FAMILIES:
         for dotted in family.model_classes + tuple(r.module_class for r in family.rules):
             assert resolve_class(dotted) is not None, dotted
+        assert {r.kind for r in family.rules} == set(thinkfuse.patching.KINDS), family.name
 
 
 def test_demo_runs_and_passes(capsys):

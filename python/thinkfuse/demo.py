@@ -67,6 +67,7 @@ def check_family(family: str, backend: str, device: torch.device) -> dict:
         "model": report.model,
         "patched": " ".join(f"{k}:{n}" for k, n in report.patched.items()),
         "backend": report.resolved_backend,
+        "attention": report.attention,  # which attention core ran: thinkfuse:<backend> or transformers
         "logits_err": logits_err,
         "grad_err": grad_err,
         "restored": restored,
@@ -76,10 +77,10 @@ def check_family(family: str, backend: str, device: torch.device) -> dict:
 
 
 def _print_table(rows: list[dict]) -> None:
-    headers = ["family", "model", "patched", "backend", "logits err", "grads err", "unpatch",
+    headers = ["family", "model", "patched", "backend", "attention", "logits err", "grads err", "unpatch",
                "time s", "status"]
     cells = [
-        [r["family"], r["model"], r["patched"], r["backend"], f"{r['logits_err']:.2e}",
+        [r["family"], r["model"], r["patched"], r["backend"], r["attention"], f"{r['logits_err']:.2e}",
          f"{r['grad_err']:.2e}", "yes" if r["restored"] else "NO", f"{r['seconds']:.2f}",
          "ok" if r["ok"] else "FAIL"]
         for r in rows

@@ -6,7 +6,7 @@ left alone: the rules apply only below ``model.language_model``, which is a Mini
 
 from . import mistral
 from .forwards import has_silu_activation, has_static_rope, rms_norm_forward, rope_attention_forward, swiglu_mlp_forward
-from .rules import ModelFamily, PatchRule
+from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.ministral3.modeling_ministral3."
 _VLM = "transformers.models.mistral3.modeling_mistral3."
@@ -16,6 +16,7 @@ RULES = (
     PatchRule("rms_norm", _M + "Ministral3RMSNorm", rms_norm_forward),
     PatchRule("swiglu", _M + "Ministral3MLP", swiglu_mlp_forward, when=has_silu_activation),
     PatchRule("rope", _M + "Ministral3Attention", rope_attention_forward, when=has_static_rope),
+    attention_rule(_M + "Ministral3Attention"),
 )
 
 FAMILY = ModelFamily(

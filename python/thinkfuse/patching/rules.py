@@ -19,9 +19,14 @@ KINDS = ("rms_norm", "swiglu", "rope", "attention")
 
 @dataclass(frozen=True)
 class PatchRule:
+    """One rule. Kind "attention" replaces no forward: it selects the attention implementation
+    registered with transformers as "thinkfuse" (thinkfuse.integrations) for the module, through
+    the module's own config object (per model instance; the rope rule's forward and the original
+    forward both dispatch on it), so its ``forward`` is None."""
+
     kind: str  # one of KINDS
     module_class: str  # dotted path, e.g. "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm"
-    forward: Callable  # replacement forward(self, ...): same parameters as the original
+    forward: Callable | None  # replacement forward(self, ...): same parameters as the original
     # Optional predicate on the module instance: the rule applies only where it holds (e.g. the
     # MLP rule only where the activation is SiLU).
     when: Callable[[nn.Module], bool] | None = None
@@ -29,6 +34,19 @@ class PatchRule:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"PatchRule.kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.forward is None) != (self.kind == "attention"):
+            raise ValueError(f"PatchRule {self.kind!r}: only 'attention' rules come without a forward")
+
+
+def is_causal_attention(module: nn.Module) -> bool:
+    """The attention rule applies to causal decoder self-attention only (vision towers and other
+    bidirectional attention keep their own implementation)."""
+    return bool(getattr(module, "is_causal", False)) and hasattr(module, "config")
+
+
+def attention_rule(module_class: str) -> PatchRule:
+    """The "attention" rule for an attention module class (the same for every family)."""
+    return PatchRule("attention", module_class, None, when=is_causal_attention)
 
 
 def _whole_model(model: nn.Module) -> nn.Module:

@@ -1,0 +1,273 @@
+"""thinkfuse attention as a transformers attention implementation named ``"thinkfuse"``.
+
+    import thinkfuse.integrations  # registers it (patch_model does too)
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="thinkfuse")
+    # or: thinkfuse.patch_model(model), which selects it per instance for the text decoder
+
+Two functions are registered, the way transformers wires ``flash_attention_2``:
+
+- ``AttentionMaskInterface``: ``thinkfuse_attention_mask`` hands the 2-D padding mask through
+  (or None when nothing is padded), like transformers' ``flash_attention_mask``: our kernels
+  take causality, sliding windows and packing as arguments, so no ``[B, 1, Sq, Sk]`` mask is
+  ever built. Mask patterns that are not "causal + padding (+ window, + packing)" (image-token
+  overlays, bidirectional masks) get the dense boolean mask of ``sdpa_mask`` instead.
+  Registering a mask function matters: without one transformers hands every attention function
+  ``attention_mask=None`` and padding is silently ignored.
+- ``AttentionInterface``: ``thinkfuse_attention_forward(module, q [B,Hq,Sq,D], k/v
+  [B,Hkv,Sk,D], attention_mask, ...) -> ([B,Sq,Hq,D], None)`` dispatches to
+  ``ops.flash_attention`` (dense, or unpadded to the packed ``cu_seqlens`` form) and, for
+  inference decode steps, to ``ops.decode_attention``. Anything that is not a causal decoder
+  self-attention (``module.is_causal`` False, e.g. a vision tower; a dense 4-D mask; softcap or
+  attention sinks) runs transformers' own sdpa instead. Dropout is not supported: a training
+  forward with ``attention_dropout > 0`` raises ValueError rather than silently training
+  without dropout.
+
+The backend is the one ``patch_model(model, backend=...)`` chose for the module, else the
+default (``thinkfuse.use_backend`` / ``THINKFUSE_BACKEND`` / fastest for the device).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .ops.attention import MAX_DECODE_QUERIES
+
+#: the name under which the implementation is registered with transformers
+ATTN_IMPLEMENTATION = "thinkfuse"
+
+# patch_model keeps its per-module state (the backend among it) under this attribute; read here
+# by name so that this module does not import the patching engine (which imports this module).
+_PATCH_STATE_ATTR = "_thinkfuse_patch"
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask function
+
+
+def _needs_dense_mask(kwargs) -> bool:
+    """True when create_*_mask asks for a pattern our kernels cannot express with a padding
+    mask: custom or/and overlays (transformers then sets use_vmap) or a bidirectional mask
+    (create_bidirectional_mask is the only caller passing allow_is_bidirectional_skip)."""
+    return bool(kwargs.get("use_vmap")) or "allow_is_bidirectional_skip" in kwargs
+
+
+def thinkfuse_attention_mask(**kwargs):
+    """Mask function for ``AttentionMaskInterface``: the 2-D padding mask (bool ``[B, kv_length]``)
+    when some key is padding, None when none is; the sdpa mask for patterns that are not causal.
+
+    All arguments are keywords (that is how transformers' create_*_mask call it); they are
+    forwarded unchanged to ``sdpa_mask`` when a dense mask is needed, which keeps this working
+    across transformers versions whose mask functions take different arguments."""
+    if _needs_dense_mask(kwargs):
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(**kwargs)
+    attention_mask = kwargs.get("attention_mask")
+    kv_length = kwargs.get("kv_length")
+    if attention_mask is None:
+        return None
+    if kv_length is not None:
+        # Sliding-window caches keep only the last kv_length keys: keep the matching columns.
+        attention_mask = attention_mask[:, -kv_length:]
+        if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+            return None
+    return attention_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpad / pad helpers (own versions of flash-attn's bert_padding, kept small)
+
+_memo_entry: dict = {}
+
+
+def _memoized(tensor: torch.Tensor, extra: tuple, compute):
+    """compute() once per (tensor, extra) for consecutive calls: every layer of one forward gets
+    the same mask / position_ids tensor, and the index computation reads values on the host."""
+    entry = _memo_entry.get("last")
+    if entry is not None:
+        ref, version, key, value = entry
+        if ref() is tensor and version == tensor._version and key == extra:
+            return value
+    value = compute()
+    _memo_entry["last"] = (weakref.ref(tensor), tensor._version, extra, value)
+    return value
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def _unpad_data(valid: torch.Tensor):
+    """Indices of the valid tokens of a bool ``[B, S]`` mask in the flattened ``[B*S]`` axis,
+    the int32 cu_seqlens of the rows, and the longest row."""
+    lengths = valid.sum(-1, dtype=torch.int32)
+    indices = torch.nonzero(valid.flatten(), as_tuple=False).flatten()
+    return indices, _cu_seqlens(lengths), int(lengths.max()) if lengths.numel() else 0
+
+
+def _padding_plan(mask: torch.Tensor, sq: int):
+    """Unpad plan for queries (the newest ``sq`` tokens: with a cache they are the end of the
+    key timeline, so the valid queries are exactly the last valid keys of each row, which is
+    what bottom-right causal alignment per sequence needs) and keys."""
+    valid = mask.bool()
+    return _unpad_data(valid[:, -sq:]), _unpad_data(valid)
+
+
+def _packed_plan(position_ids: torch.Tensor, batch: int, seq: int):
+    """cu_seqlens of the sequences packed in the rows (position_ids restart inside a row, as
+    padding-free training collators write them), or None when each row holds one sequence."""
+    pos = position_ids.expand(batch, seq).reshape(-1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    starts[::seq] = True  # a row never continues the previous one
+    bounds = torch.nonzero(starts, as_tuple=False).flatten()
+    if bounds.numel() == batch:
+        return None
+    cu = torch.cat([bounds, bounds.new_tensor([pos.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _pad(out: torch.Tensor, indices: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """Scatter packed rows ``[total, H, D]`` back to ``[B, S, H, D]``; padding rows are zero
+    (as in flash_attention_2). Differentiable."""
+    full = out.new_zeros((batch * seq, *out.shape[1:]))
+    return full.index_copy(0, indices, out).view(batch, seq, *out.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention function
+
+
+def _module_backend(module):
+    state = getattr(module, _PATCH_STATE_ATTR, None)
+    return getattr(state, "backend", None)
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """transformers' sdpa, for the attention our kernels do not cover (see the module doc)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        # A padding mask (from our mask function): sdpa wants [B, 1, Sq, Sk], True = attend.
+        attention_mask = attention_mask.bool()[:, None, None, -key.shape[2]:]
+        if is_causal:
+            sq, sk = query.shape[2], key.shape[2]
+            rows = torch.arange(sq, device=query.device)[:, None] + (sk - sq)
+            attention_mask = attention_mask & (torch.arange(sk, device=query.device)[None, :] <= rows)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _check_inputs(query, key, value, attention_mask, dropout):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"thinkfuse attention: {name} must be a [B, H, S, D] tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if dropout:
+        raise ValueError(
+            f"thinkfuse attention does not implement dropout (got dropout={dropout}); set the config's "
+            "attention_dropout to 0, or use attn_implementation='sdpa' for training with attention dropout"
+        )
+    if attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask.shape[0] != query.shape[0]:
+            raise ValueError(f"thinkfuse attention: attention_mask has batch {attention_mask.shape[0]}, "
+                             f"query has batch {query.shape[0]}")
+    elif attention_mask is not None and attention_mask.dim() != 4:
+        raise ValueError("thinkfuse attention: attention_mask must be None, a 2-D padding mask [B, S] or a 4-D "
+                         f"mask [B, 1, Sq, Sk], got shape {tuple(attention_mask.shape)}")
+
+
+def _window(sliding_window):
+    # transformers passes None (or 0 in some configs) for full attention.
+    return int(sliding_window) if sliding_window else None
+
+
+def _dense(q, k, v, scaling, window, backend):
+    """No padding: one dense call; Sq < Sk (a KV cache) is bottom-right causal, as caches need.
+    Inference decode steps use the split-K decode kernel."""
+    sq, sk = q.shape[1], k.shape[1]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not grad and sq < sk and sq <= MAX_DECODE_QUERIES:
+        seqlens = torch.full((q.shape[0],), sk, dtype=torch.int32, device=q.device)
+        return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window, backend=backend)
+    return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window, backend=backend)
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backend):
+    return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window,
+                               cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                               backend=backend)
+
+
+def _padded(q, k, v, mask, scaling, window, backend):
+    """Padded batch: unpad to the packed form, run varlen, scatter back (zeros at padding)."""
+    batch, sq, hq, d = q.shape
+    if mask.shape[1] > k.shape[1]:
+        mask = mask[:, -k.shape[1]:]
+    elif mask.shape[1] < k.shape[1]:
+        # A static cache holds more slots than tokens seen so far: the unused slots are not keys.
+        k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
+    sk = k.shape[1]
+    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = _memoized(mask, (sq, sk), lambda: _padding_plan(mask, sq))
+    q_packed = q.reshape(batch * sq, hq, d).index_select(0, idx_q)
+    k_packed = k.reshape(batch * sk, *k.shape[2:]).index_select(0, idx_k)
+    v_packed = v.reshape(batch * sk, *v.shape[2:]).index_select(0, idx_k)
+    out = _varlen(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, scaling, window, backend)
+    return _pad(out, idx_q, batch, sq)
+
+
+def thinkfuse_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Sk, D]`` (GQA not
+    repeated) -> (``[B, Sq, Hq, D]`` contiguous, None)."""
+    _check_inputs(query, key, value, attention_mask, dropout)
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    dense_mask = attention_mask is not None and attention_mask.dim() == 4
+    special = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if not is_causal or dense_mask or special or query.shape[2] > key.shape[2]:
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+    backend = _module_backend(module)
+    window = _window(sliding_window)
+    # Our kernels take [B, S, H, D]; the transposes are views (the ops accept strided inputs).
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    batch, sq = q.shape[:2]
+
+    if attention_mask is not None:
+        out = _padded(q, k, v, attention_mask, scaling, window, backend)
+    else:
+        position_ids = kwargs.get("position_ids")
+        plan = None
+        if position_ids is not None and sq > 1 and sq == k.shape[1]:  # packing exists only without a cache
+            plan = _memoized(position_ids, (batch, sq), lambda: _packed_plan(position_ids, batch, sq))
+        if plan is None:
+            out = _dense(q, k, v, scaling, window, backend)
+        else:
+            cu, max_len = plan
+            flat = [t.reshape(batch * sq, *t.shape[2:]) for t in (q, k, v)]
+            out = _varlen(*flat, cu, cu, max_len, max_len, scaling, window, backend).view(q.shape)
+    return out.contiguous(), None
+
+
+def register_attention() -> None:
+    """Register ``"thinkfuse"`` with transformers' attention and mask interfaces (idempotent;
+    registration is global, per process)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, thinkfuse_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, thinkfuse_attention_mask)

@@ -1,0 +1,10 @@
+"""Integrations of thinkfuse with other libraries (transformers' attention interface).
+
+Importing this package registers attn_implementation "thinkfuse" with transformers.
+"""
+
+from ..attention_interface import ATTN_IMPLEMENTATION, register_attention, thinkfuse_attention_forward, thinkfuse_attention_mask
+
+__all__ = ["ATTN_IMPLEMENTATION", "register_attention", "thinkfuse_attention_forward", "thinkfuse_attention_mask"]
+
+register_attention()

@@ -1,0 +1,243 @@
+"""The "thinkfuse" transformers attention implementation (thinkfuse.integrations) and the
+"attention" patch rule: tiny models of every family in float32 against the unpatched model
+(transformers' sdpa), on the torch backend and the Triton kernels (interpreter on CPU).
+
+Padding positions are compared nowhere: their outputs are meaningless (sdpa and flash-attn
+disagree there too) and nothing downstream reads them.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE
+from tolerances import assert_close_fp32
+
+import thinkfuse
+from thinkfuse.integrations import ATTN_IMPLEMENTATION, thinkfuse_attention_forward, thinkfuse_attention_mask
+from thinkfuse.tiny import BUILDERS, tiny_batch, tiny_model
+
+FAMILIES = list(BUILDERS)
+
+
+def _text_config(model):
+    return model.config.get_text_config()
+
+
+def _masked_logits_and_grads(model, ids, mask=None, **inputs):
+    """Logits and parameter gradients of a loss that reads only the non-padding positions."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, attention_mask=mask, **inputs).logits
+    weight = torch.ones(ids.shape, device=ids.device) if mask is None else mask.float()
+    ramp = torch.linspace(-1, 1, logits.shape[-1], device=logits.device)
+    (logits * ramp * weight[..., None]).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def _assert_matches_unpatched(model, backend, ids, mask=None, **inputs):
+    ref_logits, ref_grads = _masked_logits_and_grads(model, ids, mask, **inputs)
+    report = thinkfuse.patch_model(model, backend=backend)
+    assert report.patched["attention"] >= 2 and _text_config(model)._attn_implementation == ATTN_IMPLEMENTATION
+    logits, grads = _masked_logits_and_grads(model, ids, mask, **inputs)
+    valid = slice(None) if mask is None else mask.bool()
+    assert_close_fp32(logits[valid], ref_logits[valid], tol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert_close_fp32(grads[name], grad, tol=1e-4)
+
+
+def _padding_mask(batch, seq, side):
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    pads = [4, 0, 1][:batch]
+    for row, n in enumerate(pads):
+        if n:
+            if side == "left":
+                mask[row, :n] = 0
+            else:
+                mask[row, seq - n:] = 0
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_logits_and_grads(family, side, backend):
+    ids = tiny_batch(3, 9, device=DEVICE)
+    mask = _padding_mask(3, 9, side)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() derives them
+    _assert_matches_unpatched(tiny_model(family).to(DEVICE), backend, ids, mask, position_ids=positions)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "ministral3"])
+def test_unpadded_and_packed_batches(family, backend):
+    model = tiny_model(family).to(DEVICE)
+    ids = tiny_batch(2, 10, device=DEVICE)
+    _assert_matches_unpatched(model, backend, ids)
+    thinkfuse.unpatch_model(model)
+    # Two rows, each packing sequences of 3+7 and 6+4 tokens (position_ids restart in a row).
+    # use_cache=False: transformers' sdpa masks detect packing only without a cache (thinkfuse,
+    # like flash_attention_2, isolates packed sequences either way).
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], device=DEVICE)
+    _assert_matches_unpatched(model, backend, ids, position_ids=positions, use_cache=False)
+    thinkfuse.unpatch_model(model)
+    # The same with a cache: each packed sequence equals that sequence run alone.
+    with torch.no_grad():
+        alone = [model(ids[r:r + 1, a:b]).logits for r, cuts in enumerate([(0, 3, 10), (0, 6, 10)])
+                 for a, b in zip(cuts, cuts[1:])]
+        thinkfuse.patch_model(model, backend=backend)
+        packed = model(ids, position_ids=positions).logits
+    assert_close_fp32(packed, torch.cat([torch.cat(alone[:2], 1), torch.cat(alone[2:], 1)]), tol=1e-4)
+
+
+def test_sliding_window(backend):
+    model = tiny_model("mistral").to(DEVICE)
+    model.config.sliding_window = 4
+    ids = tiny_batch(2, 10, device=DEVICE)
+    mask = _padding_mask(2, 10, "left")
+    _assert_matches_unpatched(model, backend, ids, mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    thinkfuse.unpatch_model(model)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    thinkfuse.patch_model(model, backend=backend)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0),
+                       ref)
+
+
+def _greedy(model, ids, mask):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_left_padded_matches_unpatched(family, backend):
+    model = tiny_model(family).to(DEVICE)
+    ids = tiny_batch(2, 7, device=DEVICE)
+    mask = _padding_mask(2, 7, "left")
+    ref = _greedy(model, ids, mask)
+    thinkfuse.patch_model(model, backend=backend)
+    assert torch.equal(_greedy(model, ids, mask), ref)
+
+
+def test_greedy_generate_without_padding_uses_decode_kernel(backend, monkeypatch):
+    """No padding: decode steps go to ops.decode_attention (the mask is None, Sq < Sk)."""
+    model = tiny_model("qwen2").to(DEVICE)
+    ids = tiny_batch(2, 7, device=DEVICE)
+    ids = ids[:, :4]
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    calls = []
+    original = thinkfuse.ops.decode_attention
+    monkeypatch.setattr(thinkfuse.ops, "decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    thinkfuse.patch_model(model, backend=backend)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
+    assert len(calls) == 7 * 2  # every decode step after the prefill, in both layers
+
+
+def test_attn_implementation_thinkfuse_without_patching():
+    """Registered with transformers: usable as attn_implementation="thinkfuse" on its own."""
+    from transformers import AutoModelForCausalLM
+
+    reference = tiny_model("qwen2")
+    model = AutoModelForCausalLM.from_config(reference.config, attn_implementation=ATTN_IMPLEMENTATION)
+    model.load_state_dict(reference.state_dict())
+    model.eval()
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    ids = tiny_batch(2, 9)
+    mask = _padding_mask(2, 9, "left")
+    valid = mask.bool()
+    assert_close_fp32(model(ids, attention_mask=mask).logits[valid], reference(ids, attention_mask=mask).logits[valid],
+                      tol=1e-4)
+
+
+def test_mistral3_vision_tower_keeps_its_attention():
+    model = tiny_model("mistral3")
+    vision_before = model.config.vision_config._attn_implementation
+    report = thinkfuse.patch_model(model, backend="torch")
+    assert report.patched["attention"] == 2 and report.attention == "thinkfuse:torch"
+    assert model.config.text_config._attn_implementation == ATTN_IMPLEMENTATION
+    assert model.config.vision_config._attn_implementation == vision_before != ATTN_IMPLEMENTATION
+    assert not any(hasattr(m, "_thinkfuse_patch") for m in model.model.vision_tower.modules())
+    thinkfuse.unpatch_model(model)
+    assert model.config.text_config._attn_implementation == vision_before
+
+
+def test_opt_out_and_exact_restore():
+    model = tiny_model("qwen2")
+    model.config._attn_implementation = "eager"
+    report = thinkfuse.patch_model(model, attention=False)
+    assert "attention" not in report.patched and "attention" in report.disabled
+    assert report.attention == "transformers" and model.config._attn_implementation == "eager"
+    thinkfuse.unpatch_model(model)
+    report = thinkfuse.patch_model(model)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert thinkfuse.patch_model(model).patched == report.patched  # twice: no-op, original kept
+    assert thinkfuse.unpatch_model(model) == report.total
+    assert model.config._attn_implementation == "eager"
+
+
+def test_dropout_in_training_is_a_clear_error():
+    model = tiny_model("qwen2")
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    thinkfuse.patch_model(model, backend="torch")
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(tiny_batch())
+    model.eval()  # inference passes dropout=0
+    model(tiny_batch())
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, is_causal):
+        super().__init__()
+        self.is_causal = is_causal
+        self.num_key_value_groups = 2
+
+
+def _qkv(b=2, hq=4, hkv=2, sq=5, sk=5, d=16):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, hq, sq, d, generator=g), torch.randn(b, hkv, sk, d, generator=g),
+            torch.randn(b, hkv, sk, d, generator=g))
+
+
+def test_non_causal_module_falls_back_to_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = _qkv()
+    module = _Module(is_causal=False)
+    ours, _ = thinkfuse_attention_forward(module, q, k, v, None, scaling=0.25)
+    ref, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False)
+    assert torch.equal(ours, ref)
+
+
+def test_bad_inputs_are_clear_errors():
+    q, k, v = _qkv()
+    module = _Module(is_causal=True)
+    with pytest.raises(ValueError, match="batch"):
+        thinkfuse_attention_forward(module, q, k, v, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        thinkfuse_attention_forward(module, q, k, v, torch.ones(2, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="query"):
+        thinkfuse_attention_forward(module, q[0], k, v, None)
+    with pytest.raises(ValueError, match="heads"):
+        thinkfuse_attention_forward(module, q[:, :3], k, v, None)
+    with pytest.raises(TypeError, match="attention"):
+        thinkfuse.patch_model(tiny_model("qwen2"), attention="yes")
+
+
+def test_mask_function_hands_through_the_padding_mask():
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    assert torch.equal(thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=mask), mask)
+    assert thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=torch.ones(2, 3).bool()) is None
+    assert thinkfuse_attention_mask(batch_size=2, q_length=1, kv_length=2, attention_mask=mask) is None  # window slice
+    assert thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=None) is None
+    dense = thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=mask, use_vmap=True,
+                                     allow_is_causal_skip=False, device="cpu")
+    assert dense.shape == (2, 1, 3, 3)  # custom mask patterns get the sdpa mask
+
+
+def test_attention_rule_without_the_rope_rule():
+    """rope=False keeps transformers' attention forward, which still dispatches to "thinkfuse"."""
+    model = tiny_model("ministral3")
+    ids = tiny_batch(3, 9)
+    mask = _padding_mask(3, 9, "right")
+    ref = model(ids, attention_mask=mask).logits
+    report = thinkfuse.patch_model(model, backend="torch", rope=False)
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "attention": 2}
+    valid = mask.bool()
+    assert_close_fp32(model(ids, attention_mask=mask).logits[valid], ref[valid], tol=1e-4)

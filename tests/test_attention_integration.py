@@ -135,6 +135,7 @@ def test_attn_implementation_thinkfuse_without_patching():
     reference = tiny_model("qwen2")
     model = AutoModelForCausalLM.from_config(reference.config, attn_implementation=ATTN_IMPLEMENTATION)
     model.load_state_dict(reference.state_dict())
+    model.to(reference.device)
     model.eval()
     assert model.config._attn_implementation == ATTN_IMPLEMENTATION
     ids = tiny_batch(2, 9)

@@ -158,8 +158,9 @@ def test_rope_offsets_beyond_int32():
     pos = torch.arange(seq, device="cuda")[None]
     inv_freq = _inv_freq(d)
     q_out, k_out = rope(q, k, pos, inv_freq, llama4_scaling=LLAMA4, backend="cuda")
-    # A float64 truth: at positions near 2**19 the float32 angles of reference.py (and of HF) are
-    # off by up to ~0.03 rad, more than the kernel, which forms them in float64.
+    # Angles as HF forms them (float32 position x inv_freq: at positions near 2**19 that product
+    # is only good to ~0.03 rad, and the kernel reproduces it), the rest in float64: reference.py's
+    # bfloat16 arithmetic (three roundings, cancellation) is further from it than the kernel.
     last = pos[:, -8:]
     ref_q = _rope_float64(q[:, -8:], last, inv_freq) * reference.llama4_query_scale(last.double(), *LLAMA4)[
         :, :, None, None]
@@ -170,8 +171,8 @@ def test_rope_offsets_beyond_int32():
 
 
 def _rope_float64(x, position_ids, inv_freq):
-    """RoPE of x [B, S, H, D] (rotate-half convention) with float64 angles and arithmetic."""
-    freqs = position_ids[..., None].double() * inv_freq.double()
+    """RoPE of x [B, S, H, D] (rotate-half convention): HF's float32 angles, float64 arithmetic."""
+    freqs = (position_ids[..., None].float() * inv_freq.float()).double()
     angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
     x = x.double()
     half = x.shape[-1] // 2

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .backend import cuda_has_op
 from .ops.attention import MAX_DECODE_QUERIES
 
 #: the name under which the implementation is registered with transformers
@@ -142,9 +143,15 @@ def _pad(out: torch.Tensor, indices: torch.Tensor, batch: int, seq: int) -> torc
 # Attention function
 
 
-def _module_backend(module):
+def _module_backend(module, cuda_op: str):
+    """The backend patch_model chose for ``module`` (None: the default), for an op whose CUDA
+    kernel is ``cuda_op``. patch_model(backend="cuda") asks for the fastest kernels; an op the
+    CUDA extension has no kernel for (yet) runs on Triton rather than failing the model."""
     state = getattr(module, _PATCH_STATE_ATTR, None)
-    return getattr(state, "backend", None)
+    backend = getattr(state, "backend", None)
+    if backend == "cuda" and not cuda_has_op(cuda_op):
+        return "triton"
+    return backend
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
@@ -186,24 +193,26 @@ def _window(sliding_window):
     return int(sliding_window) if sliding_window else None
 
 
-def _dense(q, k, v, scaling, window, backend):
+def _dense(q, k, v, scaling, window, backends):
     """No padding: one dense call; Sq < Sk (a KV cache) is bottom-right causal, as caches need.
     Inference decode steps use the split-K decode kernel."""
     sq, sk = q.shape[1], k.shape[1]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not grad and sq < sk and sq <= MAX_DECODE_QUERIES:
         seqlens = torch.full((q.shape[0],), sk, dtype=torch.int32, device=q.device)
-        return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window, backend=backend)
-    return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window, backend=backend)
+        return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window,
+                                    backend=backends["decode_attention"])
+    return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window,
+                               backend=backends["flash_attention_fwd"])
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backend):
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backends):
     return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window,
                                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                               backend=backend)
+                               backend=backends["flash_attention_fwd"])
 
 
-def _padded(q, k, v, mask, scaling, window, backend):
+def _padded(q, k, v, mask, scaling, window, backends):
     """Padded batch: unpad to the packed form, run varlen, scatter back (zeros at padding)."""
     batch, sq, hq, d = q.shape
     if mask.shape[1] > k.shape[1]:
@@ -216,7 +225,7 @@ def _padded(q, k, v, mask, scaling, window, backend):
     q_packed = q.reshape(batch * sq, hq, d).index_select(0, idx_q)
     k_packed = k.reshape(batch * sk, *k.shape[2:]).index_select(0, idx_k)
     v_packed = v.reshape(batch * sk, *v.shape[2:]).index_select(0, idx_k)
-    out = _varlen(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, scaling, window, backend)
+    out = _varlen(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, scaling, window, backends)
     return _pad(out, idx_q, batch, sq)
 
 
@@ -241,25 +250,25 @@ def thinkfuse_attention_forward(
     if not is_causal or dense_mask or special or query.shape[2] > key.shape[2]:
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
-    backend = _module_backend(module)
+    backends = {op: _module_backend(module, op) for op in ("flash_attention_fwd", "decode_attention")}
     window = _window(sliding_window)
     # Our kernels take [B, S, H, D]; the transposes are views (the ops accept strided inputs).
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     batch, sq = q.shape[:2]
 
     if attention_mask is not None:
-        out = _padded(q, k, v, attention_mask, scaling, window, backend)
+        out = _padded(q, k, v, attention_mask, scaling, window, backends)
     else:
         position_ids = kwargs.get("position_ids")
         plan = None
         if position_ids is not None and sq > 1 and sq == k.shape[1]:  # packing exists only without a cache
             plan = _memoized(position_ids, (batch, sq), lambda: _packed_plan(position_ids, batch, sq))
         if plan is None:
-            out = _dense(q, k, v, scaling, window, backend)
+            out = _dense(q, k, v, scaling, window, backends)
         else:
             cu, max_len = plan
             flat = [t.reshape(batch * sq, *t.shape[2:]) for t in (q, k, v)]
-            out = _varlen(*flat, cu, cu, max_len, max_len, scaling, window, backend).view(q.shape)
+            out = _varlen(*flat, cu, cu, max_len, max_len, scaling, window, backends).view(q.shape)
     return out.contiguous(), None
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backend import default_backend, require_backend
+from ..backend import cuda_has_op, default_backend, require_backend
 from ..attention_interface import ATTN_IMPLEMENTATION, register_attention
 from . import ministral3, mistral, qwen2
 from . import mimo
@@ -85,7 +85,12 @@ class PatchReport:
     def attention(self) -> str:
         """Which attention core the patched text model runs: "thinkfuse:<backend>" when the
         attention rule applied, else "transformers" (its configured implementation)."""
-        return f"{ATTN_IMPLEMENTATION}:{self.resolved_backend}" if self.patched.get("attention") else "transformers"
+        if not self.patched.get("attention"):
+            return "transformers"
+        backend = self.resolved_backend
+        if backend == "cuda" and not cuda_has_op("flash_attention_fwd"):
+            backend = "triton"  # what the attention function falls back to (attention_interface)
+        return f"{ATTN_IMPLEMENTATION}:{backend}"
 
     def __str__(self) -> str:
         lines = [

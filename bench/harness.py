@@ -232,7 +232,9 @@ def time_ms(fn: Callable[[], Any], config: Config) -> float:
 
 def time_ms_in_cuda_graph(fn: Callable[[], Any], config: Config) -> tuple[float, str]:
     """(median milliseconds, timing label) of ``fn`` replayed from a CUDA graph (triton's
-    do_bench_cudagraph); falls back to plain do_bench, saying so, where capture fails."""
+    do_bench_cudagraph); falls back to plain do_bench, saying so, where capture fails. Mark only
+    capturable cases: a capture that fails inside a random op leaves torch's CUDA generator
+    unusable for the rest of the process (seen on an H100)."""
     from triton.testing import do_bench_cudagraph
 
     try:

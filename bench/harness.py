@@ -830,30 +830,32 @@ def finalize(run_dirs: list[Path], out_dir: Path, plots: bool = True) -> int:
     """Results from the partial files of runs that were killed before writing them (and/or the
     results.json of finished runs), merged in the order given. The metadata (device, versions,
     measured peaks) is the first run's; every run must have been on the same device."""
-    metadata, rows = None, []
+    metadata, rows, stops = None, [], []
     for run_dir in run_dirs:
-        run_meta, run_rows = _load_run(run_dir)
+        run_meta, run_rows, stopped = _load_run(run_dir)
         if metadata is None:
             metadata = run_meta
         elif run_meta["device"] != metadata["device"]:
             raise SystemExit(f"{run_dir} ran on {run_meta['device']}, not {metadata['device']}")
         rows += run_rows
-    metadata = dict(metadata, merged_from=[str(d) for d in run_dirs],
-                    interrupted=metadata.get("interrupted") or "run(s) stopped before writing results; "
-                    "finished from the rows they had measured")
+        if stopped:
+            stops.append(f"{run_dir.name}: {stopped}")
+    metadata = dict(metadata, merged_from=[str(d) for d in run_dirs], interrupted="; ".join(stops) or None)
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_results(out_dir, metadata, rows, plots)
 
 
-def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+def _load_run(run_dir: Path) -> tuple[dict, list[dict], Optional[str]]:
+    """(metadata, rows, why the run stopped early or None) of a finished or killed run."""
     results = run_dir / "results.json"
     if results.exists():
         data = json.loads(results.read_text())
-        return data["metadata"], data["rows"]
+        return data["metadata"], data["rows"], data["metadata"].get("interrupted")
     meta_path = run_dir / PARTIAL_METADATA
     if not meta_path.exists():
         raise SystemExit(f"{run_dir} has neither results.json nor {PARTIAL_METADATA}")
-    return json.loads(meta_path.read_text()), _read_partial(run_dir / PARTIAL_ROWS)
+    killed = "killed before writing its results (finished from its partial rows)"
+    return json.loads(meta_path.read_text()), _read_partial(run_dir / PARTIAL_ROWS), killed
 
 
 def _read_partial(path: Path) -> list[dict]:

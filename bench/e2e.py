@@ -15,12 +15,12 @@ models of ``thinkfuse.tiny`` instead, see the end of this docstring):
   Implementations:
   - ``hf-sdpa``: the unpatched model, ``attn_implementation="sdpa"``.
   - ``thinkfuse``: the same model after ``thinkfuse.patch_model(model)`` with its defaults
-    (every rule it has for the family: RMSNorm, SwiGLU, RoPE and, where patch_model provides
-    it, attention) and the automatic backend (per op the cuda kernel where the extension has
-    it, else triton).
+    (every rule it has for the family: RMSNorm, SwiGLU, RoPE, attention and the fused loss,
+    which computes the same cross-entropy from the hidden states without holding the logits)
+    and the automatic backend (per op the cuda kernel where the extension has it, else triton).
   - ``liger``: the same model after Liger-Kernel's ``apply_liger_kernel_to_<family>(model=...,
-    rope, rms_norm, swiglu)`` with ``cross_entropy`` and ``fused_linear_cross_entropy`` off, so
-    all three compute the same loss and only the decoder kernels differ. Liger's RoPE patch is a
+    rope, rms_norm, swiglu, fused_linear_cross_entropy)``: its defaults, the fused loss included,
+    as thinkfuse's (``cross_entropy`` off: it is the alternative to the fused one). Liger's RoPE patch is a
     module-level global of ``modeling_<family>``: it is put in place only around this row's
     forward, so no other row runs it. Missing where Liger has no function for the family
     (Ministral 3) or is not installed.
@@ -127,7 +127,7 @@ LIGER_APPLY = {
     "mistral": ("apply_liger_kernel_to_mistral", "transformers.models.mistral.modeling_mistral"),
     "ministral3": ("apply_liger_kernel_to_ministral3", "transformers.models.ministral3.modeling_ministral3"),
 }
-LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
 
 BYTES_COUNTED = (
     "none (end-to-end rows). TFLOP/s: train-step counts 3x the forward's matmul and causal "

@@ -239,6 +239,6 @@ def test_attention_rule_without_the_rope_rule():
     mask = _padding_mask(3, 9, "right")
     ref = model(ids, attention_mask=mask).logits
     report = thinkfuse.patch_model(model, backend="torch", rope=False)
-    assert report.patched == {"rms_norm": 5, "swiglu": 2, "attention": 2}
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "attention": 2, "loss": 1}
     valid = mask.bool()
     assert_close_fp32(model(ids, attention_mask=mask).logits[valid], ref[valid], tol=1e-4)

@@ -75,7 +75,7 @@ def test_liger_globals_are_applied_only_around_the_forward():
 
     try:
         context = e2e._liger_patch(apply_fake, modeling.__name__, model=None)
-        assert seen == {"cross_entropy": False, "fused_linear_cross_entropy": False}
+        assert seen == {"cross_entropy": False, "fused_linear_cross_entropy": True}
         assert modeling.apply_rotary_pos_emb == "hf" and not hasattr(modeling, "LigerOnly")
         with context():
             assert modeling.apply_rotary_pos_emb == "liger" and hasattr(modeling, "LigerOnly")

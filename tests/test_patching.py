@@ -13,10 +13,16 @@ from thinkfuse.tiny import BUILDERS, tiny_batch, tiny_model
 
 FAMILY_NAMES = list(BUILDERS)
 # Two decoder layers: two norms each plus the final norm, one MLP and one attention each.
-# The attention rule switches the same attention modules the rope rule patches to "thinkfuse".
-TWO_LAYER_PATCHES = {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
-# MiMo's MTP layer adds a decoder block and its own token/hidden/final norms.
-EXPECTED_PATCHES = {"mimo": {"rms_norm": 10, "swiglu": 3, "rope": 3, "attention": 3}}
+# The attention rule switches the same attention modules the rope rule patches to "thinkfuse";
+# the loss rule patches the *ForCausalLM itself.
+DECODER_PATCHES = {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
+TWO_LAYER_PATCHES = {**DECODER_PATCHES, "loss": 1}
+EXPECTED_PATCHES = {
+    # MiMo's MTP layer adds a decoder block and its own token/hidden/final norms.
+    "mimo": {"rms_norm": 10, "swiglu": 3, "rope": 3, "attention": 3, "loss": 1},
+    # Only the text model of the VLM is patched (no *ForCausalLM there).
+    "mistral3": DECODER_PATCHES,
+}
 
 
 def _logits_and_grads(model, ids, **inputs):
@@ -155,12 +161,12 @@ def test_mistral3_vision_tower_and_projector_untouched():
 
 def test_flags_turn_kinds_off():
     model = tiny_model("ministral3")
-    report = thinkfuse.patch_model(model, rms_norm=False, swiglu=False, rope=False, attention=False)
-    assert report.total == 0 and {"rms_norm", "swiglu", "rope", "attention"} <= set(report.disabled)
+    report = thinkfuse.patch_model(model, rms_norm=False, swiglu=False, rope=False, attention=False, loss=False)
+    assert report.total == 0 and {"rms_norm", "swiglu", "rope", "attention", "loss"} <= set(report.disabled)
     assert not _patched_state(model)
     assert "rms_norm" in str(report) and "attention" in str(report)
     report = thinkfuse.patch_model(model, rms_norm=False)
-    assert report.patched == {"swiglu": 2, "rope": 2, "attention": 2}
+    assert report.patched == {"swiglu": 2, "rope": 2, "attention": 2, "loss": 1}
 
 
 def test_rules_skip_modules_they_do_not_fit():
@@ -172,7 +178,7 @@ def test_rules_skip_modules_they_do_not_fit():
                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     report = thinkfuse.patch_model(Qwen2ForCausalLM(config))
     # The attention core still switches: the original forward dispatches through the config.
-    assert report.patched == {"rms_norm": 3, "attention": 1}
+    assert report.patched == {"rms_norm": 3, "attention": 1, "loss": 1}
 
 
 def test_report_names_backend_and_counts():
@@ -181,7 +187,7 @@ def test_report_names_backend_and_counts():
     assert report.backend == "auto" and report.resolved_backend == "torch" and report.family == "qwen2"
     text = str(report)
     assert "Qwen2ForCausalLM" in text and "rms_norm" in text and "5 modules" in text
-    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "loss": 1}
 
 
 def test_deepcopy_of_patched_model_keeps_its_own_patches():
@@ -189,9 +195,10 @@ def test_deepcopy_of_patched_model_keeps_its_own_patches():
     thinkfuse.patch_model(model, backend="torch")
     clone = copy.deepcopy(model)
     assert clone.model.norm.forward.__self__ is clone.model.norm
-    assert thinkfuse.unpatch_model(clone) == 11
+    assert clone.forward.__self__ is clone  # the loss rule's forward, bound to the copy
+    assert thinkfuse.unpatch_model(clone) == sum(TWO_LAYER_PATCHES.values())
     assert clone.config._attn_implementation == "sdpa" and model.config._attn_implementation == "thinkfuse"
-    assert "forward" not in clone.model.norm.__dict__
+    assert "forward" not in clone.model.norm.__dict__ and "forward" not in clone.__dict__
 
 
 def test_unsupported_models_are_named():
@@ -213,7 +220,9 @@ def test_every_rule_resolves_to_a_transformers_class():
     for family in FAMILIES:
         for dotted in family.model_classes + tuple(r.module_class for r in family.rules):
             assert resolve_class(dotted) is not None, dotted
-        assert {r.kind for r in family.rules} == set(thinkfuse.patching.KINDS), family.name
+        # The VLM's rules apply to its text model only, which has no *ForCausalLM (no loss rule).
+        kinds = set(thinkfuse.patching.KINDS) - ({"loss"} if family.name == "mistral3" else set())
+        assert {r.kind for r in family.rules} == kinds, family.name
 
 
 def test_demo_runs_and_passes(capsys):

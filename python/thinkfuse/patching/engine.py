@@ -184,6 +184,7 @@ def patch_model(
     swiglu: bool = True,
     rope: bool = True,
     attention: bool = True,
+    loss: bool = True,
 ) -> PatchReport:
     """Patch ``model`` in place, per instance, with thinkfuse's fused ops.
 
@@ -195,13 +196,17 @@ def patch_model(
     decode attention (the "thinkfuse" transformers attention implementation, selected on this
     instance's text config; vision towers keep theirs); ``attention=False`` keeps the model's
     configured implementation (sdpa, flash_attention_2, ...) behind the fused rope.
+
+    ``loss=True`` makes a ``*ForCausalLM``'s training forward with ``labels`` compute the loss
+    from the hidden states (``ops.causal_lm_loss``: the logits are never held) and return
+    ``logits=None``; evaluation and inference keep their logits.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     family = find_family(model)
     if backend is not None:
         require_backend(backend)
-    flags = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "attention": attention}
+    flags = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "attention": attention, "loss": loss}
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"patch_model: {name} must be a bool, got {type(value).__name__}")

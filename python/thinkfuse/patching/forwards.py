@@ -8,6 +8,7 @@ The optional keyword-only ``backend`` is filled in by patch_model when a backend
 from __future__ import annotations
 
 import dataclasses
+import types
 
 from torch import nn
 
@@ -104,3 +105,77 @@ def rope_attention_forward(
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+# --- causal LM: the loss from the hidden states ---------------------------------------------------
+
+
+def has_linear_lm_head(module: nn.Module) -> bool:
+    """The loss rule applies where the logits are a plain linear lm_head of the base model's
+    output, with transformers' standard causal-LM loss (no softcapping, no custom loss_type)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    head = getattr(module, "lm_head", None)
+    return (
+        isinstance(head, nn.Linear)
+        and hasattr(module, "model")
+        and getattr(module.config, "final_logit_softcapping", None) is None
+        and module.loss_function is ForCausalLMLoss
+    )
+
+
+def _original_forward(module: nn.Module):
+    """The forward patch_model replaced: an instance-level one set before it (e.g. an
+    accelerate hook), else the class's."""
+    state = module.__dict__.get("_thinkfuse_patch")  # the engine's per-module state
+    original = getattr(state, "original_forward", None)
+    return original if callable(original) else types.MethodType(type(module).forward, module)
+
+
+def _fused_loss_applies(module: nn.Module, labels, logits_to_keep, kwargs) -> bool:
+    """Training with labels, full-length logits and a ModelOutput return: the case where the
+    logits tensor is only an intermediate of the loss (evaluation keeps its logits)."""
+    return (
+        module.training
+        and labels is not None
+        and isinstance(logits_to_keep, int) and logits_to_keep == 0
+        and kwargs.get("return_dict", True) is not False
+    )
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                      inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, backend=None,
+                      **kwargs):
+    """Forward of Qwen2 / Mistral / Ministral3 / MiMo ``*ForCausalLM``.
+
+    In training with ``labels`` the loss is ``ops.causal_lm_loss`` of the base model's output
+    (transformers' shifted, ignore_index-aware mean cross-entropy, ``num_items_in_batch`` and
+    ``shift_labels`` honoured) and the output's ``logits`` is None: the ``[tokens, V]`` logits
+    and their float32 copy are never held (Liger-Kernel's fused cross-entropy does the same).
+    Everything else (inference, evaluation, ``logits_to_keep``) runs the original forward."""
+    if not _fused_loss_applies(self, labels, logits_to_keep, kwargs):
+        return _original_forward(self)(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, past_key_values=past_key_values,
+                                       inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                       logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)
+    shift_labels = kwargs.get("shift_labels")
+    loss = ops.causal_lm_loss(
+        outputs.last_hidden_state, self.lm_head.weight, None if shift_labels is not None else labels,
+        bias=self.lm_head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
+        ignore_index=kwargs.get("ignore_index", -100), shift_labels=shift_labels, backend=backend,
+    )
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def loss_rule(module_class: str):
+    """The "loss" rule for a ``*ForCausalLM`` class (the same for every family)."""
+    from .rules import PatchRule
+
+    return PatchRule("loss", module_class, causal_lm_forward, when=has_linear_lm_head)
+

@@ -7,6 +7,7 @@ covers every module that has a fused replacement.
 """
 
 from . import qwen2
+from .forwards import loss_rule
 from .rules import ModelFamily
 
 _M = "thinkfuse.models.mimo."
@@ -14,5 +15,5 @@ _M = "thinkfuse.models.mimo."
 FAMILY = ModelFamily(
     name="mimo",
     model_classes=(_M + "MiMoForCausalLM", _M + "MiMoModel"),
-    rules=qwen2.RULES,
+    rules=qwen2.RULES + (loss_rule(_M + "MiMoForCausalLM"),),
 )

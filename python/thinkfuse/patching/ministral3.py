@@ -5,7 +5,8 @@ left alone: the rules apply only below ``model.language_model``, which is a Mini
 """
 
 from . import mistral
-from .forwards import has_silu_activation, has_static_rope, rms_norm_forward, rope_attention_forward, swiglu_mlp_forward
+from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, rope_attention_forward,
+                       swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.ministral3.modeling_ministral3."
@@ -22,7 +23,7 @@ RULES = (
 FAMILY = ModelFamily(
     name="ministral3",
     model_classes=(_M + "Ministral3ForCausalLM", _M + "Ministral3Model"),
-    rules=RULES,
+    rules=RULES + (loss_rule(_M + "Ministral3ForCausalLM"),),
 )
 
 

@@ -1,6 +1,7 @@
 """Mistral (Mistral-7B style, Ministral-8B-2410)."""
 
-from .forwards import has_silu_activation, has_static_rope, rms_norm_forward, rope_attention_forward, swiglu_mlp_forward
+from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, rope_attention_forward,
+                       swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.mistral.modeling_mistral."
@@ -15,5 +16,5 @@ RULES = (
 FAMILY = ModelFamily(
     name="mistral",
     model_classes=(_M + "MistralForCausalLM", _M + "MistralModel"),
-    rules=RULES,
+    rules=RULES + (loss_rule(_M + "MistralForCausalLM"),),
 )

@@ -14,7 +14,7 @@ from typing import Callable
 from torch import nn
 
 # Kinds of rules, in report order; patch_model's keyword flags have the same names.
-KINDS = ("rms_norm", "swiglu", "rope", "attention")
+KINDS = ("rms_norm", "swiglu", "rope", "attention", "loss")
 
 
 @dataclass(frozen=True)

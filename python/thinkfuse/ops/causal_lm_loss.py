@@ -1,0 +1,69 @@
+"""``thinkfuse.ops.causal_lm_loss``: transformers' causal-LM cross-entropy computed from the
+final hidden states, without the ``[tokens, V]`` logits (nor their float32 copy) in memory.
+
+Same result as ``ForCausalLMLoss(lm_head(hidden), labels, ...)`` of transformers: labels are
+shifted left by one (or ``shift_labels`` given as is), ``ignore_index`` positions count for
+nothing, and the summed negative log-likelihood is divided by the number of counted tokens, or
+by ``num_items_in_batch`` when given (gradient accumulation). The log-probabilities come from
+``fused_linear_token_logprobs``, so the logits are formed chunk by chunk in the activation dtype
+(as the lm_head computes them) and reduced in float32 (as the loss upcasts them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import check_tensor
+from .logprobs import fused_linear_token_logprobs
+
+
+def causal_lm_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Mean next-token cross-entropy of ``hidden @ weight.T + bias`` against ``labels``.
+
+    hidden ``[B, S, H]``; weight ``[V, H]`` (the lm_head's); labels ``[B, S]`` (unshifted, as
+    given to a transformers model) or, instead, ``shift_labels`` ``[B, S]`` already aligned
+    with ``hidden``. Returns a float32 scalar (NaN when no token counts and
+    ``num_items_in_batch`` is None, as torch's mean cross-entropy).
+    """
+    targets = _shifted_targets(hidden, labels, shift_labels, ignore_index)
+    counted = targets != ignore_index
+    # Ignored positions become negative ids: the op gives them log-prob 0 and no gradient.
+    ids = torch.where(counted, targets, torch.full_like(targets, -1))
+    logprobs = fused_linear_token_logprobs(hidden, weight, ids, bias=bias, backend=backend)
+    total = -logprobs.sum()
+    if num_items_in_batch is None:
+        return total / counted.sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _shifted_targets(hidden, labels, shift_labels, ignore_index) -> Tensor:
+    check_tensor("hidden", hidden, min_ndim=2)
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("causal_lm_loss needs exactly one of labels and shift_labels")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    name, given = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
+    check_tensor(name, given, dtypes=(torch.int32, torch.int64))
+    if given.shape != hidden.shape[:-1]:
+        raise ValueError(f"{name} shape {tuple(given.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if shift_labels is not None:
+        return shift_labels.to(hidden.device)
+    # Tokens < n predict n: the last position has no target.
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(hidden.device)

@@ -212,6 +212,68 @@ def test_grpo_loss_module_matches_materialised_logits(backend, loss_type):
     assert not metrics["logprobs"][mask == 0].any(), "masked positions are not scored"
 
 
+def _module_inputs(seed=11, n_hidden=24, n_vocab=157):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, n_hidden, generator=gen).to(DEVICE)
+    weight = (torch.randn(n_vocab, n_hidden, generator=gen) / 4).to(DEVICE)
+    bias = (torch.randn(n_vocab, generator=gen) / 4).to(DEVICE)
+    ids = torch.randint(0, n_vocab, (B, T), generator=gen).to(DEVICE)
+    return hidden, weight, bias, ids
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("policy", ["on", "off"])
+def test_one_pass_equals_differentiating_the_log_probs(backend, loss_type, policy):
+    """GRPOLoss(one_pass=True) forms the lm_head gradients in the forward: same loss, metrics and
+    gradients as one_pass=False, also through a scaled loss (gradient accumulation)."""
+    hidden, weight, bias, ids = _module_inputs()
+    _, old, ref, advantages, mask = _batch(9)
+    old = None if policy == "on" else old - 2.5
+
+    def run(one_pass):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        module = GRPOLoss(beta=0.04, loss_type=loss_type, chunk_size=5, backend=backend, one_pass=one_pass)
+        loss, metrics = module(leaves[0], leaves[1], ids, mask, advantages, old, ref - 2.5, bias=leaves[2],
+                               num_items_in_batch=40)
+        (3.0 * loss).backward()
+        return loss.detach(), metrics, [t.grad for t in leaves]
+
+    loss, metrics, grads = run(True)
+    ref_loss, ref_metrics, ref_grads = run(False)
+    assert_close_fp32(loss, ref_loss, tol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert_close_fp32(g, r, tol=1e-5)
+    assert metrics.keys() == ref_metrics.keys()
+    for key in metrics:
+        assert_close_fp32(metrics[key], ref_metrics[key], tol=1e-5)
+
+
+def test_one_pass_frozen_lm_head_and_no_grad(backend):
+    hidden, weight, _, ids = _module_inputs(seed=12)
+    _, old, _, advantages, mask = _batch(10)
+    h = hidden.clone().requires_grad_()
+    loss, _ = GRPOLoss(backend=backend)(h, weight, ids, mask, advantages, old - 2.5)
+    loss.backward()
+    h2 = hidden.clone().requires_grad_()
+    GRPOLoss(backend=backend, one_pass=False)(h2, weight, ids, mask, advantages, old - 2.5)[0].backward()
+    assert_close_fp32(h.grad, h2.grad, tol=1e-5)
+    with torch.no_grad():  # no gradient wanted: the plain path, same loss
+        loss_ng, _ = GRPOLoss(backend=backend)(hidden, weight, ids, mask, advantages, old - 2.5)
+    assert_close_fp32(loss_ng, loss.detach(), tol=1e-6)
+
+
+def test_one_pass_checks_arguments_before_any_work():
+    hidden, weight, _, ids = _module_inputs(seed=13)
+    _, old, _, advantages, mask = _batch(11)
+    h = hidden.clone().requires_grad_()
+    with pytest.raises(ValueError, match="advantages"):
+        GRPOLoss()(h, weight, ids, mask, advantages[:2], old)
+    with pytest.raises(ValueError, match="hidden must be"):
+        GRPOLoss()(h[:, :-1], weight, ids, mask, advantages, old)
+    with pytest.raises(TypeError, match="one_pass"):
+        GRPOLoss(one_pass=1)
+
+
 def test_grpo_loss_module_rejects_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         GRPOLoss(loss_type="sapo")

@@ -36,6 +36,7 @@ set-ups is exercised by the test suite (no DeepSpeed / multi-GPU in CI).
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from typing import Optional
 
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_float, check_same_device, check_tensor
-from .ops.logprobs import TOKEN_ID_DTYPES, fused_linear_token_logprobs, token_logprobs
+from .ops.logprobs import TOKEN_ID_DTYPES, fused_linear_logprobs_with_grads, fused_linear_token_logprobs, token_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 MASK_DTYPES = (torch.bool, torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16)
@@ -181,6 +182,13 @@ class GRPOLoss(nn.Module):
     Positions with ``mask == 0`` are not scored (no lm_head work, no gradient). ``metrics``
     also holds ``logprobs`` (detached, ``[B, T]``), e.g. to serve as the next iteration's
     ``old_logprobs``.
+
+    ``one_pass=True`` (the default, when a gradient is needed, outside torch.compile): the GRPO
+    loss's gradient w.r.t. a token's log-prob depends on that log-prob alone, so the lm_head's
+    gradients are formed in the forward, chunk by chunk, from logits computed once (3 matmuls
+    instead of the 4 of forward + a recomputing backward); the backward only scales them. They
+    are held from the forward to the backward ([B*T, H] + [V, H]), and the loss can be
+    differentiated once. ``one_pass=False`` differentiates ``fused_linear_token_logprobs``.
     """
 
     def __init__(
@@ -194,13 +202,16 @@ class GRPOLoss(nn.Module):
         world_size: int = 1,
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
+        one_pass: bool = True,
     ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if not isinstance(one_pass, bool):
+            raise TypeError(f"one_pass must be a bool, got {type(one_pass).__name__}")
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.max_completion_length, self.world_size = loss_type, max_completion_length, world_size
-        self.chunk_size, self.backend = chunk_size, backend
+        self.chunk_size, self.backend, self.one_pass = chunk_size, backend, one_pass
 
     def forward(
         self,
@@ -224,6 +235,15 @@ class GRPOLoss(nn.Module):
             )
         # Masked positions (padding after eos) get an ignored id: no lm_head work, no gradient.
         scored_ids = completion_ids.masked_fill(mask == 0, -100)
+        loss_kwargs = dict(ref_logprobs=ref_logprobs, beta=self.beta, epsilon_low=self.epsilon_low,
+                           epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                           max_completion_length=self.max_completion_length,
+                           num_items_in_batch=num_items_in_batch, world_size=self.world_size)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, lm_head_weight, bias))
+        if self.one_pass and needs_grad and not torch.compiler.is_compiling():
+            return _one_pass_grpo(hidden, lm_head_weight, bias, scored_ids, mask, advantages, old_logprobs,
+                                  temperature, loss_kwargs, self.chunk_size, self.backend)
         logprobs = fused_linear_token_logprobs(
             hidden, lm_head_weight, scored_ids, bias=bias, temperature=temperature,
             chunk_size=self.chunk_size, backend=self.backend,
@@ -236,6 +256,72 @@ class GRPOLoss(nn.Module):
         )
         metrics["logprobs"] = logprobs.detach()
         return loss, metrics
+
+
+def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, temperature, loss_kwargs,
+                   chunk_size, backend):
+    """GRPOLoss.forward with the lm_head gradients formed in the forward (see GRPOLoss)."""
+    shape = tuple(mask.shape)
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape:
+        raise ValueError(f"hidden must be [B, T, H] with [B, T] = mask's shape {shape}, got {tuple(hidden.shape)}")
+
+    def loss_of(logprobs):
+        return grpo_loss(logprobs, old_logprobs, advantages, mask, **loss_kwargs)
+
+    with torch.no_grad():  # checks every argument before any lm_head work
+        loss_of(torch.zeros(shape, dtype=torch.float32, device=hidden.device))
+    outputs = {}
+    loss = _OnePassLoss.apply(hidden, weight, bias, functools.partial(
+        _one_pass_compute, hidden, weight, bias, ids, loss_of, temperature, chunk_size, backend, outputs))
+    outputs["metrics"]["logprobs"] = outputs["logprobs"]
+    return loss, outputs["metrics"]
+
+
+def _one_pass_compute(hidden, weight, bias, ids, loss_of, temperature, chunk_size, backend, outputs, weight_grad):
+    """(loss, d_hidden, d_weight, d_bias); the metrics and log-probs go to ``outputs``."""
+    shape = tuple(ids.shape)
+    others = torch.zeros(ids.numel(), dtype=torch.float32, device=hidden.device)
+
+    def grad_of_logprobs(lp_chunk, start, end):
+        # The loss is a sum of per-token terms (weights from the mask only), so the gradient at
+        # the chunk's tokens does not depend on the other tokens' values (zeros here).
+        with torch.enable_grad():
+            logprobs = others.clone()
+            logprobs[start:end] = lp_chunk
+            logprobs.requires_grad_()
+            (grad,) = torch.autograd.grad(loss_of(logprobs.view(shape))[0], logprobs)
+        return grad[start:end]
+
+    logprobs, d_hidden, d_weight, d_bias = fused_linear_logprobs_with_grads(
+        hidden.reshape(-1, hidden.shape[-1]), weight, ids.reshape(-1), grad_of_logprobs, bias=bias,
+        temperature=temperature, weight_grad=weight_grad, chunk_size=chunk_size, backend=backend)
+    logprobs = logprobs.view(shape)
+    loss, metrics = loss_of(logprobs)
+    outputs.update(logprobs=logprobs, metrics=metrics)
+    return loss, d_hidden.view(hidden.shape), d_weight, d_bias
+
+
+class _OnePassLoss(torch.autograd.Function):
+    """A scalar loss whose input gradients ``compute`` forms in the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, compute):
+        weight_grad = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        loss, d_hidden, d_weight, d_bias = compute(weight_grad)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.weight_grad, ctx.has_bias = weight_grad, bias is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        scale = lambda t: t * grad_loss.to(t.dtype)  # noqa: E731
+        return (
+            scale(d_hidden) if ctx.needs_input_grad[0] else None,
+            scale(d_weight) if ctx.weight_grad and ctx.needs_input_grad[1] else None,
+            scale(d_bias) if ctx.weight_grad and ctx.has_bias and ctx.needs_input_grad[2] else None,
+            None,
+        )
 
 
 # --- TRL integration ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ._checks import check_float, check_same_device, check_tensor
 from .ops.logprobs import TOKEN_ID_DTYPES, fused_linear_logprobs_with_grads, fused_linear_token_logprobs, token_logprobs
+from .ops.one_pass import one_pass_loss
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 MASK_DTYPES = (torch.bool, torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16)
@@ -271,7 +272,7 @@ def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, te
     with torch.no_grad():  # checks every argument before any lm_head work
         loss_of(torch.zeros(shape, dtype=torch.float32, device=hidden.device))
     outputs = {}
-    loss = _OnePassLoss.apply(hidden, weight, bias, functools.partial(
+    loss = one_pass_loss(hidden, weight, bias, functools.partial(
         _one_pass_compute, hidden, weight, bias, ids, loss_of, temperature, chunk_size, backend, outputs))
     outputs["metrics"]["logprobs"] = outputs["logprobs"]
     return loss, outputs["metrics"]
@@ -299,29 +300,6 @@ def _one_pass_compute(hidden, weight, bias, ids, loss_of, temperature, chunk_siz
     loss, metrics = loss_of(logprobs)
     outputs.update(logprobs=logprobs, metrics=metrics)
     return loss, d_hidden.view(hidden.shape), d_weight, d_bias
-
-
-class _OnePassLoss(torch.autograd.Function):
-    """A scalar loss whose input gradients ``compute`` forms in the forward; backward scales them."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, compute):
-        weight_grad = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-        loss, d_hidden, d_weight, d_bias = compute(weight_grad)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        ctx.weight_grad, ctx.has_bias = weight_grad, bias is not None
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = lambda t: t * grad_loss.to(t.dtype)  # noqa: E731
-        return (
-            scale(d_hidden) if ctx.needs_input_grad[0] else None,
-            scale(d_weight) if ctx.weight_grad and ctx.needs_input_grad[1] else None,
-            scale(d_bias) if ctx.weight_grad and ctx.has_bias and ctx.needs_input_grad[2] else None,
-            None,
-        )
 
 
 # --- TRL integration ----------------------------------------------------------------------------

@@ -6,7 +6,9 @@ shifted left by one (or ``shift_labels`` given as is), ``ignore_index`` position
 nothing, and the summed negative log-likelihood is divided by the number of counted tokens, or
 by ``num_items_in_batch`` when given (gradient accumulation). The log-probabilities come from
 ``fused_linear_token_logprobs``, so the logits are formed chunk by chunk in the activation dtype
-(as the lm_head computes them) and reduced in float32 (as the loss upcasts them).
+(as the lm_head computes them) and reduced in float32 (as the loss upcasts them). When a gradient
+is needed (outside torch.compile), the lm_head's gradients are formed in the same pass
+(``ops.one_pass``): each chunk's logits are computed once, not again in the backward.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_tensor
-from .logprobs import fused_linear_token_logprobs
+from .logprobs import fused_linear_logprobs_with_grads, fused_linear_token_logprobs
+from .one_pass import one_pass_loss
 
 
 def causal_lm_loss(
@@ -43,13 +46,35 @@ def causal_lm_loss(
     counted = targets != ignore_index
     # Ignored positions become negative ids: the op gives them log-prob 0 and no gradient.
     ids = torch.where(counted, targets, torch.full_like(targets, -1))
+    divisor = _divisor(counted, num_items_in_batch)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad and not torch.compiler.is_compiling():
+        return _one_pass(hidden, weight, bias, ids, counted, divisor, backend)
     logprobs = fused_linear_token_logprobs(hidden, weight, ids, bias=bias, backend=backend)
-    total = -logprobs.sum()
+    return -logprobs.sum() / divisor
+
+
+def _divisor(counted: Tensor, num_items_in_batch) -> Tensor:
+    """What the summed negative log-likelihood is divided by: the counted tokens, or the caller's
+    ``num_items_in_batch`` (tokens of the whole accumulated batch)."""
     if num_items_in_batch is None:
-        return total / counted.sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        return counted.sum().float()
+    return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=counted.device)
+
+
+def _one_pass(hidden, weight, bias, ids, counted, divisor, backend):
+    """The loss with its gradients formed in the forward (ops.one_pass): d loss / d logprob of a
+    counted token is -1 / divisor, whatever the log-prob, so each chunk of logits is formed once."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    grad_per_token = -counted.reshape(-1).float() / divisor
+
+    def compute(weight_grad):
+        logprobs, d_hidden, d_weight, d_bias = fused_linear_logprobs_with_grads(
+            rows, weight, ids.reshape(-1), lambda _lp, start, end: grad_per_token[start:end], bias=bias,
+            weight_grad=weight_grad, backend=backend)
+        return -logprobs.sum() / divisor, d_hidden.view(hidden.shape), d_weight, d_bias
+
+    return one_pass_loss(hidden, weight, bias, compute)
 
 
 def _shifted_targets(hidden, labels, shift_labels, ignore_index) -> Tensor:

@@ -1,0 +1,42 @@
+"""A scalar loss whose input gradients are formed in its forward pass.
+
+Losses over the lm_head's log-probs whose gradient w.r.t. each token's log-prob depends on that
+log-prob alone (cross-entropy, GRPO) can turn each chunk of logits into d hidden / d weight as
+soon as it is formed (``ops.logprobs.fused_linear_logprobs_with_grads``): 3 matmuls per chunk
+instead of the 4 of a forward plus a backward that recomputes the logits. ``one_pass_loss`` wraps
+such a computation for autograd: the gradients are held from the forward to the backward, which
+only scales them by the loss's upstream gradient (so the loss can be differentiated once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def one_pass_loss(hidden, weight, bias, compute):
+    """``compute(weight_grad) -> (loss, d_hidden, d_weight, d_bias)`` as a differentiable scalar
+    of (hidden, weight, bias); ``weight_grad`` says whether d_weight / d_bias are needed."""
+    return _OnePassLoss.apply(hidden, weight, bias, compute)
+
+
+class _OnePassLoss(torch.autograd.Function):
+    """A scalar loss whose input gradients ``compute`` forms in the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, compute):
+        weight_grad = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        loss, d_hidden, d_weight, d_bias = compute(weight_grad)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.weight_grad, ctx.has_bias = weight_grad, bias is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        scale = lambda t: t * grad_loss.to(t.dtype)  # noqa: E731
+        return (
+            scale(d_hidden) if ctx.needs_input_grad[0] else None,
+            scale(d_weight) if ctx.weight_grad and ctx.needs_input_grad[1] else None,
+            scale(d_bias) if ctx.weight_grad and ctx.has_bias and ctx.needs_input_grad[2] else None,
+            None,
+        )

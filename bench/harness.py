@@ -17,6 +17,7 @@ every case once on CPU at tiny sizes to prove the harness works; it reports no s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import importlib.metadata
@@ -285,6 +286,9 @@ def measure_device_peaks(config: Config) -> dict[str, Any]:
 METRIC_KEYS = (
     "median_ms", "gbps", "frac_copy_bw", "tflops", "frac_matmul_peak",
     "speedup_vs_hf_eager", "speedup_vs_torch_compile", "peak_mem_mb",
+    # thinkfuse rows: {baseline impl: its ms / this row's ms} for every baseline of the same
+    # group (op, variant, shape, mode, dtype) measured in the run, and the fastest of them.
+    "speedup_vs", "best_baseline", "speedup_vs_best_baseline",
 )
 
 
@@ -347,6 +351,9 @@ def run_case(case: Case, config: Config) -> dict[str, Any]:
 
 def add_derived_metrics(rows: list[dict], peaks: dict) -> None:
     """GB/s, TFLOP/s, fractions of measured peaks, speedups vs baselines of the same run."""
+    for row in rows:  # rows of runs from before a metric existed (--finalize) get it empty
+        for key in METRIC_KEYS:
+            row.setdefault(key, None)
     baselines = {
         (_group_key(row), row["impl"]): row["median_ms"]
         for row in rows
@@ -364,6 +371,27 @@ def add_derived_metrics(rows: list[dict], peaks: dict) -> None:
             row["frac_matmul_peak"] = _ratio(row["tflops"], peaks.get("matmul_bf16_tflops"))
         row["speedup_vs_hf_eager"] = _ratio(baselines.get((_group_key(row), HF_EAGER)), ms)
         row["speedup_vs_torch_compile"] = _ratio(baselines.get((_group_key(row), TORCH_COMPILE)), ms)
+    _add_speedups_vs_every_baseline(rows)
+
+
+def is_thinkfuse(impl: str) -> bool:
+    return impl.startswith("thinkfuse")
+
+
+def _add_speedups_vs_every_baseline(rows: list[dict]) -> None:
+    """For each thinkfuse row: its speedup over every other implementation of its group that ran
+    (HF, torch.compile, Liger, SDPA, flash-attn, FlashInfer, TRL, ...), and over the fastest."""
+    timed: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row["median_ms"] and not is_thinkfuse(row["impl"]):
+            timed.setdefault(_group_key(row), {})[row["impl"]] = row["median_ms"]
+    for row in rows:
+        baselines = timed.get(_group_key(row))
+        if not row["median_ms"] or not is_thinkfuse(row["impl"]) or not baselines:
+            continue
+        row["speedup_vs"] = {impl: ms / row["median_ms"] for impl, ms in sorted(baselines.items())}
+        best = min(baselines, key=baselines.get)
+        row["best_baseline"], row["speedup_vs_best_baseline"] = best, row["speedup_vs"][best]
 
 
 def _group_key(row: dict) -> tuple:
@@ -529,6 +557,8 @@ COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("TFLOP/s", lambda r: _fmt(r["tflops"], 4)),
     ("vs hf-eager", lambda r: _speedup(r["speedup_vs_hf_eager"])),
     ("vs compile", lambda r: _speedup(r["speedup_vs_torch_compile"])),
+    ("vs best baseline", lambda r: f"{_speedup(r['speedup_vs_best_baseline'])} ({r['best_baseline']})"
+                                   if r["best_baseline"] else "-"),
     ("peak MB", lambda r: _fmt(r["peak_mem_mb"], 4)),
 ]
 
@@ -747,7 +777,7 @@ def resolve_out_dir(args: argparse.Namespace) -> Path:
 def run_ops(ops: list[str], config: Config, partial_path: Path) -> list[dict]:
     """Run every case of every op, streaming rows to ``partial_path`` as they complete."""
     rows: list[dict] = []
-    with partial_path.open("w") as partial:
+    with partial_path.open("w") as partial, _progress_display() as progress:
         for op in ops:
             try:
                 cases = op_cases(op, config)
@@ -760,8 +790,36 @@ def run_ops(ops: list[str], config: Config, partial_path: Path) -> list[dict]:
                 rows.append(row)
                 partial.write(json.dumps(row) + "\n")
                 partial.flush()
-                _progress(index, len(cases), row)
+                progress(index, len(cases), row)
     return rows
+
+
+@contextlib.contextmanager
+def _progress_display():
+    """A rich progress bar per op on an interactive terminal; one line per case otherwise (logs
+    of gpu_check.sh, CI)."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        rich_available = False
+    else:
+        rich_available = True
+    if not (rich_available and sys.stderr.isatty()):
+        yield _progress
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(index: int, total: int, row: dict) -> None:
+            op = row["op"]
+            if op not in tasks:
+                tasks[op] = bar.add_task(op, total=total)
+            bar.update(tasks[op], completed=index,
+                       description=f"{op}: {row['variant']} {row['shape_label']} {row['mode']} {row['impl']}")
+
+        yield update
 
 
 def _progress(index: int, total: int, row: dict) -> None:

@@ -164,6 +164,21 @@ def test_finalize_merges_killed_and_finished_runs(smoke, tmp_path):
     assert not (merged / harness.PARTIAL_ROWS).exists()
 
 
+def test_thinkfuse_rows_get_speedups_over_every_baseline_of_their_group():
+    def row(impl, ms, shape="s"):
+        r = dict(op="attention", variant="v", shape_label=shape, mode="fwd", dtype="bfloat16", impl=impl,
+                 bytes_moved=None, flops=None)
+        return r | dict.fromkeys(harness.METRIC_KEYS) | {"median_ms": ms}
+
+    rows = [row("thinkfuse-triton", 2.0), row("sdpa-flash", 3.0), row("sdpa-cudnn", 1.0), row("hf-eager", 8.0),
+            row("thinkfuse-cuda", None), row("sdpa-flash", 1.0, shape="other")]
+    harness.add_derived_metrics(rows, {})
+    ours = rows[0]
+    assert ours["speedup_vs"] == {"hf-eager": 4.0, "sdpa-cudnn": 0.5, "sdpa-flash": 1.5}
+    assert ours["best_baseline"] == "sdpa-cudnn" and ours["speedup_vs_best_baseline"] == 0.5
+    assert all(r["speedup_vs"] is None for r in rows[1:])  # baselines, an untimed row, another group
+
+
 def test_smoke_refuses_to_write_under_bench_results():
     with pytest.raises(SystemExit, match="refusing"):
         harness.main(["--smoke", "--out", str(harness.RESULTS_ROOT / "smoke")])

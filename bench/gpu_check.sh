@@ -5,13 +5,20 @@
 #   bash bench/gpu_check.sh                 # all steps: env build backends tests bench
 #   bash bench/gpu_check.sh tests bench     # a subset (e.g. the build is already in place)
 #
+# A remote command gets 10 minutes, and the build + tests take ~4 of them, so a GPU session
+# runs two calls (a fresh machine each time, hence the build in both):
+#   bash bench/gpu_check.sh env build backends tests
+#   bash bench/gpu_check.sh build bench
+# The bench step runs BENCH_JOBS (below) one after the other, each under its own time limit so
+# one slow op cannot starve the others, then merges them into one results directory.
+#
 # Works without network access: it uses the torch/triton already installed (no build
 # isolation, no dependency resolution). Every step runs even when an earlier one failed; the
 # summary at the end lists each step's status and the exit status is non-zero if any failed.
 #
 # Output: bench/results/<YYYY-MM-DD>_<device-slug>/ (results.json, results.md, PNGs, logs/),
-# copied to "$OUT" after every step when OUT is set (so a run killed from outside keeps what
-# finished). The whole script stays inside GPU_CHECK_BUDGET seconds (default 570, under the
+# tarred to "$OUT/<that name>.tgz" after every step when OUT is set (so a run killed from
+# outside keeps what finished). The whole script stays inside GPU_CHECK_BUDGET seconds (default 570, under the
 # 10 minutes a remote command gets): each step's time limit is cut to what is left, and the
 # benchmark, stopped by SIGTERM, still writes the rows it measured.
 #
@@ -26,7 +33,18 @@ PYTHON=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET:-570}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-480}
+# Tests in parallel processes when pytest-xdist is there (Triton's JIT compiles are CPU-bound).
+export TEST_WORKERS=${TEST_WORKERS:-$(nproc)}
+# name:seconds:bench arguments. Shapes cut to one model where the full preset list takes longer
+# than a call (attention: 226 cases per head shape).
+BENCH_JOBS=(
+    "memory-bound:150:--op rms_norm --op swiglu --op rope"
+    "mtp-verify:40:--op mtp_verify"
+    "attention:110:--op attention --model mimo-7b"
+    "logprobs:70:--op logprobs --model palmyra-mini"
+    "e2e:90:--op e2e --model palmyra-mini"
+)
 export PYTHONUNBUFFERED=1
 
 if [ "$#" -gt 0 ]; then STEPS=("$@"); else STEPS=(env build backends tests bench); fi
@@ -39,10 +57,11 @@ SUMMARY=()
 FAILED=0
 
 copy_out() {
-    # Copy results and logs to $OUT (when set) so they survive the machine.
+    # One tarball of results and logs to $OUT (when set), so they survive the machine: the device
+    # tool returns at most 8 files, two folders deep.
     [ -n "${OUT:-}" ] || return 0
-    mkdir -p "$OUT/$(basename "$RESULTS_DIR")"
-    cp -r "$RESULTS_DIR"/. "$OUT/$(basename "$RESULTS_DIR")/"
+    mkdir -p "$OUT"
+    tar czf "$OUT/$(basename "$RESULTS_DIR").tgz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")"
 }
 
 time_left() {
@@ -135,13 +154,34 @@ step_tests() {
 }
 
 step_bench() {
-    # exec: `timeout` must signal python itself, and wait for it to finish writing results.
-    exec "$PYTHON" -m bench --out "$RESULTS_DIR"
+    # Each job in its own directory under its own limit (SIGTERM lets the harness write the rows
+    # it has); then one merged results directory. exec-free: the jobs run one by one.
+    local job name limit args
+    while IFS= read -r job; do
+        IFS=: read -r name limit args <<<"$job"
+        echo "--- bench job $name (limit ${limit}s): $args"
+        # shellcheck disable=SC2086  # args is a word list on purpose
+        timeout -s TERM -k 20 "$limit" "$PYTHON" -m bench --no-plots --out "$RESULTS_DIR/jobs/$name" $args
+        echo "--- bench job $name: rc=$?"
+    done <<<"$BENCH_JOBS_SERIALISED"
+    merge_bench_jobs
+}
+
+merge_bench_jobs() {
+    # One results directory from the jobs that got as far as measuring the device.
+    local dirs=() dir
+    for dir in "$RESULTS_DIR"/jobs/*/; do
+        if [ -f "$dir/results.json" ] || [ -f "$dir/metadata.partial.json" ]; then dirs+=("${dir%/}"); fi
+    done
+    [ "${#dirs[@]}" -gt 0 ] || { echo "no bench job measured anything"; return 1; }
+    "$PYTHON" -m bench --finalize "${dirs[@]}" --out "$RESULTS_DIR"
 }
 
 # The steps run in child shells (`timeout` cannot run a function directly).
 export PYTHON RESULTS_DIR
-export -f step_env cuda_arch step_build step_backends step_tests step_bench
+export BENCH_JOBS_SERIALISED
+BENCH_JOBS_SERIALISED=$(printf '%s\n' "${BENCH_JOBS[@]}")
+export -f step_env cuda_arch step_build step_backends step_tests step_bench merge_bench_jobs
 
 for step in "${STEPS[@]}"; do
     case "$step" in
@@ -151,10 +191,9 @@ for step in "${STEPS[@]}"; do
         tests) run_step tests "$TESTS_TIMEOUT" step_tests ;;
         bench)
             run_step bench "$BENCH_TIMEOUT" step_bench
-            # Killed before it could write its results (SIGKILL after the grace period): finish
-            # them from the partial files it leaves.
-            if [ -f "$RESULTS_DIR/metadata.partial.json" ]; then
-                "$PYTHON" -m bench --finalize "$RESULTS_DIR" --out "$RESULTS_DIR" >"$LOG_DIR/finalize.log" 2>&1
+            # The step stopped before merging (its own limit): merge what the jobs wrote.
+            if [ ! -f "$RESULTS_DIR/results.json" ] && [ -d "$RESULTS_DIR/jobs" ]; then
+                merge_bench_jobs >"$LOG_DIR/merge.log" 2>&1
                 copy_out
             fi ;;
         *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests bench)"); FAILED=1 ;;

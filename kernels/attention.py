@@ -180,6 +180,56 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, sq_s, sdo_s, sl_s, offs_m, offs_n, offs_d, d_ok,
+                 q_len, k_len, shift, window, scale_log2, lo, hi,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """dK/dV of one key block from the query blocks [lo, hi) of one query head. MASKED=False:
+    every query row sees every key of the block, so no mask is built."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < q_len
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * sq_s + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdo_s + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(l_base + rows * sl_s, mask=row_ok, other=0.0)
+        delta = tl.load(d_base + rows * sl_s, mask=row_ok, other=0.0)
+        qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        pt = tl.exp2(qkt * scale_log2 - lse[None, :] * 1.4426950408889634)
+        if MASKED:
+            ok = tl.trans(_visible(rows, offs_n, k_len, shift, window, row_ok, CAUSAL, HAS_WINDOW))
+            pt = tl.where(ok, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_n, offs_d, d_ok, row_ok,
+               k_len, shift, window, scale_log2, lo, hi,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dQ of one query block from the key blocks [lo, hi). MASKED=False: every row sees every key
+    of these blocks (all inside k_len), so no mask is built."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < k_len
+        kt = tl.load(k_base + cols[None, :] * sk_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + cols[None, :] * sv_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        p = tl.exp2(qk * scale_log2 - lse[:, None] * 1.4426950408889634)
+        if MASKED:
+            ok = _visible(offs_m, cols, k_len, shift, window, row_ok, CAUSAL, HAS_WINDOW)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
@@ -215,27 +265,26 @@ def _attn_bwd_dkdv_kernel(
         lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
     if HAS_WINDOW:
         hi = tl.minimum(hi, start_n + BLOCK_N - 1 - shift + window)
+    # Query blocks [lo, a) need the mask; from a on every query row sees every key of this block
+    # (causal, no window), so no mask is built. Rows past q_len load q = do = 0 and add nothing.
+    a = hi
+    if not HAS_WINDOW:
+        a = lo
+        if CAUSAL:
+            a = tl.maximum(lo, (tl.maximum(start_n + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+        a = tl.minimum(a, hi)
     for g in range(0, group):
         h = kvh * group + g
         q_base = Q + b * sq_b + h * sq_h + q_start * sq_s
         do_base = DO + b * sdo_b + h * sdo_h + q_start * sdo_s
         l_base = LSE + b * sl_b + h * sl_h + q_start * sl_s
         d_base = DELTA + b * sl_b + h * sl_h + q_start * sl_s
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < q_len
-            qd_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * sq_s + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdo_s + offs_d[None, :], mask=qd_mask, other=0.0)
-            lse = tl.load(l_base + rows * sl_s, mask=row_ok, other=0.0)
-            delta = tl.load(d_base + rows * sl_s, mask=row_ok, other=0.0)
-            qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-            ok = tl.trans(_visible(rows, offs_n, k_len, shift, window, row_ok, CAUSAL, HAS_WINDOW))
-            pt = tl.where(ok, tl.exp2(qkt * scale_log2 - lse[None, :] * 1.4426950408889634), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, sq_s, sdo_s, sl_s, offs_m, offs_n,
+                              offs_d, d_ok, q_len, k_len, shift, window, scale_log2, lo, a,
+                              True, CAUSAL, HAS_WINDOW, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, sq_s, sdo_s, sl_s, offs_m, offs_n,
+                              offs_d, d_ok, q_len, k_len, shift, window, scale_log2, a, hi,
+                              False, CAUSAL, HAS_WINDOW, BLOCK_M, PRECISION)
     dk = dk * scale
     tl.store(DK + b * sdk_b + kvh * sdk_h + (k_start + offs_n[:, None]) * sdk_s + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -285,17 +334,18 @@ def _attn_bwd_dq_kernel(
         hi = tl.minimum(hi, start_m + BLOCK_M + shift)
     if HAS_WINDOW:
         lo = tl.maximum(start_m + shift - window + 1, 0) // BLOCK_N * BLOCK_N
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < k_len
-        kt = tl.load(k_base + cols[None, :] * sk_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + cols[None, :] * sv_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
-        ok = _visible(offs_m, cols, k_len, shift, window, row_ok, CAUSAL, HAS_WINDOW)
-        p = tl.where(ok, tl.exp2(qk * scale_log2 - lse[:, None] * 1.4426950408889634), 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    # Key blocks [lo, c) are seen whole by every row of this tile (causal, no window, inside
+    # k_len): no mask. Rows past q_len load q = do = 0 and are not stored.
+    c = lo
+    if not HAS_WINDOW:
+        c = k_len // BLOCK_N * BLOCK_N
+        if CAUSAL:
+            c = tl.minimum(c, tl.maximum(start_m + shift + 1, 0) // BLOCK_N * BLOCK_N)
+        c = tl.maximum(tl.minimum(c, hi), lo)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_n, offs_d, d_ok, row_ok,
+                    k_len, shift, window, scale_log2, lo, c, False, CAUSAL, HAS_WINDOW, BLOCK_N, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_n, offs_d, d_ok, row_ok,
+                    k_len, shift, window, scale_log2, c, hi, True, CAUSAL, HAS_WINDOW, BLOCK_N, PRECISION)
     dq = dq * scale
     tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_s + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
 

@@ -384,6 +384,10 @@ build(A._attn_bwd_dkdv_kernel, "bf16", IS_VARLEN=False, CAUSAL=True, HAS_WINDOW=
       BLOCK_D=128, PRECISION="tf32")
 build(A._attn_bwd_dq_kernel, "fp32", IS_VARLEN=True, CAUSAL=False, HAS_WINDOW=False, BLOCK_M=32, BLOCK_N=32,
       BLOCK_D=128, PRECISION="ieee")
+# The training configuration: causal, no window (interior blocks take the unmasked path).
+for kernel in (A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel):
+    build(kernel, "bf16", IS_VARLEN=False, CAUSAL=True, HAS_WINDOW=False, BLOCK_M=64, BLOCK_N=64,
+          BLOCK_D=128, PRECISION="tf32")
 build(DA._decode_split_kernel, "bf16", HAS_WINDOW=True, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
 build(DA._decode_combine_kernel, "bf16", BLOCK_S=16, BLOCK_D=128)
 print("compiled")

@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-fast check-cuda bench bench-smoke gpu-check build-cuda clean
+.PHONY: venv demo test test-fast check-cuda bench bench-smoke gpu-check gpu-wheels build-cuda clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ bench-smoke: venv
 ## Everything a GPU machine should run: build, full GPU test suite, benchmarks.
 gpu-check:
 	bash bench/gpu_check.sh
+
+## Baselines the GPU machine's image lacks, as wheels in .whl/ (git-ignored) for it to carry;
+## gpu_check.sh installs whatever .whl/ holds. Pure-Python wheels only (the machine is offline).
+GPU_WHEELS ?= liger-kernel==0.8.5
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/thinkfuse/_C*.so

@@ -49,6 +49,13 @@ export PYTHONUNBUFFERED=1
 
 if [ "$#" -gt 0 ]; then STEPS=("$@"); else STEPS=(env build backends tests bench); fi
 
+# Wheels carried to the machine (`make gpu-wheels`, then the run with carry [".whl"]): baselines
+# such as Liger-Kernel that the machine's image lacks. Installed beside, not into, its Python.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/thinkfuse-wheels .whl/*.whl \
+        && export PYTHONPATH="/tmp/thinkfuse-wheels${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 RESULTS_DIR=$("$PYTHON" -c 'from bench.harness import default_out_dir; print(default_out_dir())' 2>/dev/null) \
     || RESULTS_DIR="$PWD/bench/results/$(date -u +%F)_unknown-device"
 LOG_DIR="$RESULTS_DIR/logs"

@@ -96,3 +96,11 @@ def test_named_backend_never_silently_replaced(monkeypatch):
 def test_cuda_backend_rejects_cpu_tensors():
     with pytest.raises(ValueError, match="cuda backend needs CUDA tensors"):
         thinkfuse.ops.rms_norm(torch.ones(2, 4), torch.ones(4), backend="cuda")
+
+
+def test_backend_for_op_sends_cuda_to_triton_only_where_the_kernel_is_missing(monkeypatch):
+    monkeypatch.setattr(backend_mod, "cuda_has_op", lambda op: op == "rms_norm_fwd")
+    assert backend_mod.backend_for_op("cuda", "rms_norm_fwd") == "cuda"
+    assert backend_mod.backend_for_op("cuda", "flash_attention_fwd") == "triton"
+    assert backend_mod.backend_for_op("triton", "flash_attention_fwd") == "triton"
+    assert backend_mod.backend_for_op(None, "flash_attention_fwd") is None

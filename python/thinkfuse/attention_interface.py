@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backend import cuda_has_op
+from .backend import backend_for_op
 from .ops.attention import MAX_DECODE_QUERIES
 
 #: the name under which the implementation is registered with transformers
@@ -145,13 +145,9 @@ def _pad(out: torch.Tensor, indices: torch.Tensor, batch: int, seq: int) -> torc
 
 def _module_backend(module, cuda_op: str):
     """The backend patch_model chose for ``module`` (None: the default), for an op whose CUDA
-    kernel is ``cuda_op``. patch_model(backend="cuda") asks for the fastest kernels; an op the
-    CUDA extension has no kernel for (yet) runs on Triton rather than failing the model."""
+    kernel is ``cuda_op`` (see backend.backend_for_op)."""
     state = getattr(module, _PATCH_STATE_ATTR, None)
-    backend = getattr(state, "backend", None)
-    if backend == "cuda" and not cuda_has_op(cuda_op):
-        return "triton"
-    return backend
+    return backend_for_op(getattr(state, "backend", None), cuda_op)
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):

@@ -133,6 +133,15 @@ def cuda_has_op(op: str) -> bool:
     return hasattr(torch.ops.thinkfuse_C, op)
 
 
+def backend_for_op(name: str | None, cuda_op: str) -> str | None:
+    """The backend a model-wide choice ``name`` (patch_model's ``backend``) means for one op:
+    "cuda" asks for the fastest kernels, so an op the built extension has no ``cuda_op`` kernel
+    for runs on triton instead of failing the model. Other names (and None: automatic) as given."""
+    if name == "cuda" and not cuda_has_op(cuda_op):
+        return "triton"
+    return name
+
+
 def default_backend(device: torch.device, cuda_op: str | None = None) -> str:
     """The fastest backend for tensors on ``device`` (that has ``cuda_op``, when given)."""
     if device.type == "cuda":

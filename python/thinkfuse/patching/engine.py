@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backend import cuda_has_op, default_backend, require_backend
+from ..backend import backend_for_op, default_backend, require_backend
 from ..attention_interface import ATTN_IMPLEMENTATION, register_attention
 from . import ministral3, mistral, qwen2
 from . import mimo
@@ -87,10 +87,7 @@ class PatchReport:
         attention rule applied, else "transformers" (its configured implementation)."""
         if not self.patched.get("attention"):
             return "transformers"
-        backend = self.resolved_backend
-        if backend == "cuda" and not cuda_has_op("flash_attention_fwd"):
-            backend = "triton"  # what the attention function falls back to (attention_interface)
-        return f"{ATTN_IMPLEMENTATION}:{backend}"
+        return f"{ATTN_IMPLEMENTATION}:{backend_for_op(self.resolved_backend, 'flash_attention_fwd')}"
 
     def __str__(self) -> str:
         lines = [

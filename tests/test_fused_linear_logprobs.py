@@ -375,3 +375,48 @@ _COMPILE_SCRIPT = (
 def test_logprob_kernels_compile_for_sm90():
     """The interpreter cannot catch what only the compiler rejects; PTX needs no device."""
     compile_in_subprocess(_COMPILE_SCRIPT)
+
+
+# --- one pass: log-probs and the lm_head gradients together ------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_pass_with_grads_matches_reference_autograd(backend, bias):
+    """fused_linear_logprobs_with_grads (used by GRPOLoss and causal_lm_loss) against autograd
+    of the materialising reference, for a loss whose d/d logprob is a fixed weight per token."""
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    hidden, weight, b, ids = _inputs((23,), 16, 301, bias=bias)
+    grad_weights = torch.randn(23, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    seen = []
+
+    def grad_of_logprobs(lp_chunk, start, end):
+        seen.append((start, end))
+        return grad_weights[start:end]
+
+    logprobs, d_hidden, d_weight, d_bias = fused_linear_logprobs_with_grads(
+        hidden, weight, ids, grad_of_logprobs, bias=b, chunk_size=5, backend=backend)
+    assert seen == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    ref = reference.fused_linear_token_logprobs(leaves[0], leaves[1], ids, leaves[2] if bias else None)
+    (ref * grad_weights).sum().backward()
+    assert_close_fp32(logprobs, ref.detach())
+    assert_close_fp32(d_hidden, leaves[0].grad)
+    assert_close_fp32(d_weight, leaves[1].grad)
+    if bias:
+        assert_close_fp32(d_bias, leaves[2].grad)
+    else:
+        assert d_bias.numel() == 0
+    _, _, frozen, _ = fused_linear_logprobs_with_grads(hidden, weight, ids, grad_of_logprobs, weight_grad=False,
+                                                       backend=backend)
+    assert frozen.numel() == 0
+
+
+def test_one_pass_with_grads_checks_arguments():
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    hidden, weight, _, ids = _inputs((4,), 8, 20, bias=False)
+    with pytest.raises(ValueError, match="weight must be \\[V, H\\]"):
+        fused_linear_logprobs_with_grads(hidden, weight[:, :7], ids, lambda lp, s, e: lp)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_logprobs_with_grads(hidden, weight, ids, lambda lp, s, e: lp, chunk_size=0)

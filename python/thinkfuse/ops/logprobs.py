@@ -118,13 +118,12 @@ def fused_linear_token_logprobs(
     rows, ids = as_rows(hidden), _flat_ids(token_ids)
     weight = with_unit_last_stride(weight)
     bias = bias.contiguous() if bias is not None else None
+    chunk = _chunk_tokens(name, weight, chunk_size)
     if name == "torch":
-        chunk = chunk_size or default_chunk_tokens(weight.shape[0])
         logprobs, entropy = _ChunkedFusedLinearLogprobs.apply(
             rows, weight, ids, bias, temperature, bool(return_entropy), chunk
         )
     else:
-        chunk = chunk_size or kernel_chunk_tokens(weight.shape[0], weight.element_size())
         logprobs, entropy, _ = torch.ops.thinkfuse.fused_linear_logprobs_fwd(
             rows, weight, ids, bias, temperature, bool(return_entropy), chunk, name
         )
@@ -141,6 +140,15 @@ def kernel_chunk_tokens(n_vocab: int, itemsize: int) -> int:
     of ``itemsize`` bytes, a multiple of 128 tokens when that many fit (whole matmul tiles)."""
     tokens = max(1, KERNEL_CHUNK_LOGITS_BYTES // (itemsize * n_vocab))
     return tokens - tokens % 128 if tokens >= 128 else tokens
+
+
+def _chunk_tokens(backend: str, weight: Tensor, chunk_size: Optional[int]) -> int:
+    """Tokens per chunk: the caller's ``chunk_size``, else the backend's default."""
+    if chunk_size:
+        return chunk_size
+    if backend == "torch":
+        return default_chunk_tokens(weight.shape[0])
+    return kernel_chunk_tokens(weight.shape[0], weight.element_size())
 
 
 def _outputs(logprobs, entropy, shape, return_entropy):
@@ -453,10 +461,7 @@ def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: 
     ids = _flat_ids(token_ids)
     bias = bias.contiguous() if bias is not None else None
     weight = with_unit_last_stride(weight)
-    if name == "torch":
-        chunk = chunk_size or default_chunk_tokens(weight.shape[0])
-    else:
-        chunk = chunk_size or kernel_chunk_tokens(weight.shape[0], weight.element_size())
+    chunk = _chunk_tokens(name, weight, chunk_size)
     logprobs = torch.zeros((hidden.shape[0],), dtype=torch.float32, device=hidden.device)
     grads = _LmHeadGrads(hidden, weight, bias, weight_grad)
     for start, end in _chunk_bounds(hidden.shape[0], chunk):

@@ -54,7 +54,9 @@ def _cuda_extension():
     from torch.utils.cpp_extension import CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    sources = sorted(glob.glob("csrc/ops/*.cu")) + ["csrc/torch_bindings.cpp"]
+    sources = (
+        sorted(glob.glob("csrc/ops/*.cu")) + ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/bindings/*.cpp"))
+    )
     nvcc_flags = [
         "-O3",
         "-std=c++17",

@@ -1,6 +1,8 @@
 // Torch bindings of the thinkfuse CUDA kernels: argument checks, device guard and stream, and
-// registration as torch.ops.thinkfuse_C.*. The only translation unit that includes torch (the
-// kernels are compiled without it, see csrc/include/thinkfuse/ops.h).
+// registration as torch.ops.thinkfuse_C.*. This file defines the library (TORCH_LIBRARY) and the
+// Python module; csrc/bindings/*.cpp add ops to it with TORCH_LIBRARY_FRAGMENT, one file per op
+// group. Only binding files include torch (the kernels are compiled without it, see
+// csrc/include/thinkfuse/ops.h); their shared argument checks are in csrc/bindings/common.h.
 //
 // The checks here are a second line of defence: python/thinkfuse/ops validates arguments first,
 // with friendlier messages. They still name the argument, and raise ValueError / TypeError like
@@ -16,52 +18,16 @@
 #include <string>
 #include <tuple>
 
+#include "bindings/common.h"
 #include "thinkfuse/ops.h"
 
 namespace {
 
-using thinkfuse::DType;
-
-DType kernel_dtype(at::ScalarType type, const char* name) {
-  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, name,
-                   " must be float32, float16 or bfloat16, got ", type);
-  return type == at::kFloat ? DType::kFloat32
-         : type == at::kHalf ? DType::kFloat16
-                             : DType::kBFloat16;
-}
-
-DType kernel_dtype(const at::Tensor& t, const char* name) {
-  return kernel_dtype(t.scalar_type(), name);
-}
-
-void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " like the other inputs, got ",
-                    t.device());
-}
-
-// [rows, cols] whose elements are contiguous within a row; rows may be any stride apart.
-void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name,
-                    " must have shape [", rows, ", ", cols, "], got ", t.sizes());
-  // An empty tensor's strides mean nothing (an expanded empty gradient has stride 0).
-  TORCH_CHECK_VALUE(t.stride(1) == 1 || cols <= 1 || rows == 0, name,
-                    " must have unit stride along its last dimension, got strides ", t.strides());
-}
-
-void check_vector(const at::Tensor& t, const char* name, int64_t size) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == size, name, " must have shape [", size,
-                    "], got ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-}
+using namespace thinkfuse::bindings;
 
 void check_width(int64_t cols) {
   TORCH_CHECK_VALUE(cols <= thinkfuse::kRmsNormMaxCols, "rows wider than ",
                     thinkfuse::kRmsNormMaxCols, " elements are not supported, got ", cols);
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
@@ -155,10 +121,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
 // Stride of dim, or 0 when the dim has one element: its index is always 0, and an arbitrary
 // stride there (torch allows any) must not block vectorisation. Also makes a [1, S] position
 // or cos/sin tensor broadcast over the batch.
-int64_t stride_or_zero(const at::Tensor& t, int64_t dim) {
-  return t.size(dim) == 1 ? 0 : t.stride(dim);
-}
-
 thinkfuse::HeadsView heads_view(const at::Tensor& t) {
   return {t.const_data_ptr(), t.size(2), stride_or_zero(t, 0), stride_or_zero(t, 1),
           stride_or_zero(t, 2)};

@@ -4,7 +4,7 @@
 #   - every csrc/ops/*.cu with nvcc for sm_80 and sm_90a (the archs setup.py builds), warnings
 #     as errors, with torch's half/bfloat16 restrictions defined so the kernels cannot rely on
 #     implicit conversions either way;
-#   - csrc/torch_bindings.cpp with the host compiler, against torch's and CUDA's headers.
+#   - csrc/torch_bindings.cpp and csrc/bindings/*.cpp with the host compiler, against torch's and CUDA's headers.
 # Uses `python` from PATH (CI activates a venv). Exits non-zero on the first failure.
 # Usage: bash scripts/check_cuda.sh   (NVCC, CUDA_HOME and CXX override the tools)
 set -euo pipefail
@@ -45,11 +45,14 @@ done
 
 # The CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h (it only matters for
 # Windows DLL exports); C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips its include.
-echo "$CXX -fsyntax-only csrc/torch_bindings.cpp"
-"$CXX" -fsyntax-only -std=c++17 -Wall -Wextra -Werror \
-  -D_GLIBCXX_USE_CXX11_ABI="$TORCH_ABI" -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
-  -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
-  -I csrc/include "${TORCH_ISYSTEM[@]}" -isystem "$CUDA_HOME/include" -isystem "$PYTHON_INCLUDE" \
-  csrc/torch_bindings.cpp
+for src in csrc/torch_bindings.cpp csrc/bindings/*.cpp; do
+  [[ -e "$src" ]] || continue
+  echo "$CXX -fsyntax-only $src"
+  "$CXX" -fsyntax-only -std=c++17 -Wall -Wextra -Werror \
+    -D_GLIBCXX_USE_CXX11_ABI="$TORCH_ABI" -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
+    -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+    -I csrc/include "${TORCH_ISYSTEM[@]}" -isystem "$CUDA_HOME/include" -isystem "$PYTHON_INCLUDE" \
+    "$src"
+done
 
 echo "check_cuda: all CUDA sources compile"

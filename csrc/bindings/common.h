@@ -1,0 +1,60 @@
+// Argument checks shared by the binding translation units (torch_bindings.cpp and
+// csrc/bindings/*.cpp). Torch-facing; never include it from a kernel file.
+#pragma once
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+
+#include "thinkfuse/ops.h"
+
+namespace thinkfuse::bindings {
+
+using thinkfuse::DType;
+
+inline DType kernel_dtype(at::ScalarType type, const char* name) {
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, name,
+                   " must be float32, float16 or bfloat16, got ", type);
+  return type == at::kFloat ? DType::kFloat32
+         : type == at::kHalf ? DType::kFloat16
+                             : DType::kBFloat16;
+}
+
+inline DType kernel_dtype(const at::Tensor& t, const char* name) {
+  return kernel_dtype(t.scalar_type(), name);
+}
+
+inline void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " like the other inputs, got ",
+                    t.device());
+}
+
+// [rows, cols] whose elements are contiguous within a row; rows may be any stride apart.
+inline void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name,
+                    " must have shape [", rows, ", ", cols, "], got ", t.sizes());
+  // An empty tensor's strides mean nothing (an expanded empty gradient has stride 0).
+  TORCH_CHECK_VALUE(t.stride(1) == 1 || cols <= 1 || rows == 0, name,
+                    " must have unit stride along its last dimension, got strides ", t.strides());
+}
+
+inline void check_vector(const at::Tensor& t, const char* name, int64_t size) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == size, name, " must have shape [", size,
+                    "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+// The stride of `dim`, or 0 where that dim has one element (its stride is then meaningless and
+// may be anything, e.g. after an expand).
+inline int64_t stride_or_zero(const at::Tensor& t, int64_t dim) {
+  return t.size(dim) == 1 ? 0 : t.stride(dim);
+}
+
+}  // namespace thinkfuse::bindings

@@ -104,3 +104,15 @@ def test_backend_for_op_sends_cuda_to_triton_only_where_the_kernel_is_missing(mo
     assert backend_mod.backend_for_op("cuda", "flash_attention_fwd") == "triton"
     assert backend_mod.backend_for_op("triton", "flash_attention_fwd") == "triton"
     assert backend_mod.backend_for_op(None, "flash_attention_fwd") is None
+
+
+def test_kernels_pending_validation_are_never_chosen_for_the_user(monkeypatch):
+    pending = next(iter(backend_mod.CUDA_OPS_PENDING_VALIDATION))
+    monkeypatch.setattr(backend_mod, "cuda_has_op", lambda op: True)
+    monkeypatch.setattr(backend_mod, "why_unavailable", lambda name: None)
+    assert backend_mod.backend_for_op("cuda", pending) == "triton"
+    assert backend_mod.backend_for_op("cuda", "rms_norm_fwd") == "cuda"
+    assert backend_mod.default_backend(torch.device("cuda"), pending) == "triton"
+    assert backend_mod.default_backend(torch.device("cuda"), "rms_norm_fwd") == "cuda"
+    # an explicit request still reaches the kernel (the GPU tests rely on it)
+    assert backend_mod.resolve_backend(torch.device("cuda"), "cuda", pending) == "cuda"

@@ -13,8 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import thinkfuse
 from thinkfuse import reference
 from thinkfuse.ops import fused_linear_token_logprobs
+from thinkfuse.ops import logprobs as logprobs_mod
 from thinkfuse.ops.logprobs import (CHUNK_LOGITS_BYTES, KERNEL_CHUNK_LOGITS_BYTES, default_chunk_tokens,
-                                    kernel_chunk_tokens)
+                                    kernel_chunk_tokens, vocab_slab_plan)
 
 CUDA_OP = "token_logprobs_fwd"  # the cuda backend runs the token_logprobs kernels on each chunk
 KERNEL_BACKENDS = [b for b in backends_with(CUDA_OP) if b != "torch"]
@@ -113,6 +114,57 @@ def test_torch_backend_chunk_sizes(chunk_size):
     _assert_all_close(ours, ref)
 
 
+# --- the weight-gradient backward over vocab slabs --------------------------------------------
+
+SLAB_LAYOUTS = {  # name: (MIN_VOCAB_SLAB, tokens, V, chunk_size, expected (slab, tokens per block))
+    "one block per slab": (16, 37, 1001, 5, (135, 37)),
+    "several blocks per slab": (400, 37, 1001, 5, (256, 19)),
+    "odd last slab": (300, 9, 777, 1, (256, 3)),
+    "one token per block": (600, 9, 777, 1, (512, 1)),
+}
+
+
+@pytest.mark.parametrize("layout", list(SLAB_LAYOUTS))
+@pytest.mark.parametrize("bias,temperature,return_entropy", CASES)
+def test_vocab_slab_backward_matches_reference(backend, monkeypatch, layout, bias, temperature, return_entropy):
+    """Backward by vocab slabs (d_weight rows written once per slab) against the reference, with
+    targets in every slab, an ignored id, and slabs that need one or several token blocks."""
+    min_slab, n_tokens, n_vocab, chunk, plan = SLAB_LAYOUTS[layout]
+    monkeypatch.setattr(logprobs_mod, "MIN_VOCAB_SLAB", min_slab)
+    assert vocab_slab_plan(n_tokens, n_vocab, chunk) == plan
+    hidden, weight, b, ids = _inputs((n_tokens,), 24, n_vocab, bias=bias, seed=n_tokens)
+    ids[0], ids[-1] = n_vocab - 1, 0  # the first and the last slab hold a target
+    ours = _run(_ours(backend, temperature, return_entropy, chunk_size=chunk), (hidden, weight, b), ids)
+    ref = _run(_reference(temperature, return_entropy), (hidden, weight, b), ids)
+    _assert_all_close(ours, ref)
+
+
+def test_vocab_slab_plan_keeps_blocks_within_the_chunk_budget():
+    for n_tokens, n_vocab, chunk in [(32768, 151936, 1664), (4096, 131072, 2048), (100, 1000, 7), (5, 9, 100)]:
+        slab, block = vocab_slab_plan(n_tokens, n_vocab, chunk)
+        assert 1 <= slab <= n_vocab and 1 <= block <= n_tokens
+        assert slab * block <= max(chunk * n_vocab, slab)
+    # everything fits one chunk: no slabs
+    assert vocab_slab_plan(5, 9, 100) == (9, 5)
+    # Palmyra-mini's vocabulary, 32k tokens, 512 MiB bf16 chunks: slabs of whole tiles over all tokens
+    slab, block = vocab_slab_plan(32768, 151936, kernel_chunk_tokens(151936, 2))
+    assert block == 32768 and slab % 256 == 0 and slab >= logprobs_mod.MIN_VOCAB_SLAB
+
+
+def test_vocab_slab_backward_holds_no_float32_weight_sized_buffer(monkeypatch):
+    """The point of the slabs: the largest float32 buffer of the backward is [tokens, H] (or one
+    slab), never the [V, H] accumulator of a token-chunked backward."""
+    monkeypatch.setattr(logprobs_mod, "MIN_VOCAB_SLAB", 64)
+    n_tokens, n_hidden, n_vocab, chunk = 64, 8, 4000, 4
+    hidden, weight, bias, ids = _inputs((n_tokens,), n_hidden, n_vocab, dtype=torch.bfloat16)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logprobs = fused_linear_token_logprobs(h, w, ids, chunk_size=chunk, backend="torch")
+    with _LargestTensor(torch.float32) as probe:
+        logprobs.sum().backward()
+    assert probe.largest < n_vocab * n_hidden, probe.largest
+    assert w.grad.dtype == torch.bfloat16
+
+
 def _low_precision_dtypes(backend):
     # The Triton interpreter's tl.dot is wrong on bfloat16 (ARCHITECTURE.md): float16 only there.
     interpreted = backend == "triton" and DEVICE.type == "cpu"
@@ -191,16 +243,17 @@ def test_empty(backend):
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the element count of every tensor any torch op produces (autograd's included)."""
+    """Records the element count of every tensor any torch op produces (autograd's included),
+    or only of those of ``dtype``."""
 
-    def __init__(self):
+    def __init__(self, dtype=None):
         super().__init__()
-        self.largest = 0
+        self.largest, self.dtype = 0, dtype
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and (self.dtype is None or t.dtype == self.dtype):
                 self.largest = max(self.largest, t.numel())
         return out
 

@@ -262,6 +262,18 @@ def test_one_pass_frozen_lm_head_and_no_grad(backend):
     assert_close_fp32(loss_ng, loss.detach(), tol=1e-6)
 
 
+def test_one_pass_gradients_are_handed_out_once():
+    """The one-pass gradients are scaled in place (no second [V, H] buffer): a second backward
+    through the same loss must raise, not return gradients scaled twice."""
+    hidden, weight, _, ids = _module_inputs(seed=14)
+    _, old, _, advantages, mask = _batch(12)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = GRPOLoss()(h, w, ids, mask, advantages, old - 2.5)
+    (2.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated only once"):
+        loss.backward()
+
+
 def test_one_pass_checks_arguments_before_any_work():
     hidden, weight, _, ids = _module_inputs(seed=13)
     _, old, _, advantages, mask = _batch(11)

@@ -9,9 +9,11 @@ float32 logits.
   ``hidden @ weight.T + bias``, which are never held for all tokens at once. Every backend works
   on chunks of tokens: a chunk's logits come from one tensor-core matmul (cuBLAS, in the
   activation dtype, exactly as the lm_head computes them), then the backend's log-prob kernel
-  reduces them (cuda/triton) or float32 torch code does (torch); backward recomputes the chunk,
-  turns it into d logits with the backend's kernel, and feeds two more matmuls (d hidden, and
-  d weight accumulated in float32). A first version that did the matmul inside a Triton kernel
+  reduces them (cuda/triton) or float32 torch code does (torch); backward recomputes the logits,
+  turns them into d logits with the backend's kernel, and feeds two more matmuls (d hidden and
+  d weight). With a weight gradient, backward walks vocab slabs rather than token chunks, so each
+  slab's d_weight rows come from one matmul over all tokens and no float32 [V, H] accumulator
+  exists (only float32 d_hidden [N, H]). A first version that did the matmul inside a Triton kernel
   (tl.dot tiles) measured 5-12x slower than this on an H100 (bench/results/2026-11-22_*).
 
 Token ids: negative ids (padding, ``-100``) give 0 and no gradient (entropy too). Ids >= V raise
@@ -56,6 +58,9 @@ CHUNK_LOGITS_BYTES = 256 * 2**20
 # The kernel backends' chunks hold at most this many bytes of logits in the activation dtype (plus
 # as many again for their gradient in backward): big enough for the matmuls to run at full rate.
 KERNEL_CHUNK_LOGITS_BYTES = 512 * 2**20
+# Narrowest vocab slab the weight-gradient backward uses (see vocab_slab_plan): its d_hidden
+# matmul sums over the slab's columns, and fewer would starve the tensor cores.
+MIN_VOCAB_SLAB = 2048
 
 
 def token_logprobs(
@@ -414,7 +419,7 @@ class _LmHeadGrads:
         """Chunk [start, end) of the tokens: inputs ``h`` [c, H], d logits ``grad`` [c, V]."""
         self.d_hidden[start:end] = grad.to(self.weight.dtype) @ self.weight
         if self.weight_grad:
-            self.d_weight = _add_outer_product(self.d_weight, grad, h)
+            self.d_weight = _add_product(self.d_weight, grad.t(), h)
             if self.bias is not None:
                 self.d_bias += grad.sum(0, dtype=torch.float32)
 
@@ -427,17 +432,87 @@ class _LmHeadGrads:
 
 def _fused_chunked_backward(grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, temperature,
                             weight_grad, chunk_tokens, reducer: ChunkReducer = TORCH_REDUCER):
-    """(d_hidden, d_weight or empty, d_bias or empty), recomputing each chunk's logits."""
+    """(d_hidden, d_weight or empty, d_bias or empty), recomputing the logits piece by piece.
+
+    With a weight gradient the pieces are vocab slabs (``_backward_by_vocab_slabs``) whenever the
+    tokens do not fit one chunk: each slab's d_weight rows are then complete after the slab, and no
+    float32 [V, H] accumulator is needed. Otherwise chunks of tokens, as in the forward."""
+    grad_args = (grad_logprobs, grad_entropy, ids, lse, entropy, temperature, reducer)
+    if weight_grad:
+        slab, block = vocab_slab_plan(hidden.shape[0], weight.shape[0], chunk_tokens)
+        if slab < weight.shape[0]:
+            return _backward_by_vocab_slabs(hidden, weight, bias, slab, block, *grad_args)
     grads = _LmHeadGrads(hidden, weight, bias, weight_grad)
     for start, end in _chunk_bounds(hidden.shape[0], chunk_tokens):
-        piece = lambda t: None if t is None else t[start:end]  # noqa: E731
         h = hidden[start:end]
-        logits = torch.nn.functional.linear(h, weight, bias)
-        grad = reducer.logits_grad(logits, ids[start:end], lse[start:end], piece(entropy), piece(grad_logprobs),
-                                   piece(grad_entropy), temperature)
-        del logits
+        grad = _logits_grad_piece(h, weight, bias, start, end, 0, weight.shape[0], *grad_args)
         grads.add_chunk(start, end, h, grad)
     return grads.result()
+
+
+def vocab_slab_plan(n_tokens: int, n_vocab: int, chunk_tokens: int) -> tuple[int, int]:
+    """(vocab columns per slab, tokens per block) for a backward with a weight gradient: blocks of
+    [tokens, slab] logits no bigger than the forward's [chunk_tokens, V] chunks, with all tokens in
+    one block when a slab of at least MIN_VOCAB_SLAB columns allows it (its d_weight rows are then
+    one matmul over every token, rounded once). A slab of V columns means: chunk over tokens."""
+    budget = max(1, chunk_tokens) * n_vocab
+    if n_tokens * n_vocab <= budget:
+        return n_vocab, n_tokens
+    slab = min(n_vocab, max(MIN_VOCAB_SLAB, budget // max(1, n_tokens)))
+    if 256 <= slab < n_vocab:
+        slab -= slab % 256  # whole matmul tiles
+    block = max(1, min(n_tokens, budget // slab))
+    if 128 <= block < n_tokens:
+        block -= block % 128
+    return slab, block
+
+
+def _slab_ids(ids: Tensor, start: int, end: int) -> Tensor:
+    """Token ids relative to the vocab columns [start, end): ignored rows stay negative (no
+    gradient); a target outside the slab becomes ``end - start``, which matches no column (the
+    row still gets its ``-p`` terms, but no onehot term)."""
+    outside = (ids < start) | (ids >= end)
+    return torch.where(ids < 0, -1, torch.where(outside, end - start, ids - start))
+
+
+def _logits_grad_piece(h, weight, bias, t0, t1, v0, v1, grad_logprobs, grad_entropy, ids, lse, entropy,
+                       temperature, reducer):
+    """d logits of tokens [t0, t1) x vocab columns [v0, v1), from recomputed logits."""
+    piece = lambda t: None if t is None else t[t0:t1]  # noqa: E731
+    full_vocab = v0 == 0 and v1 == weight.shape[0]
+    w, b = (weight, bias) if full_vocab else (weight[v0:v1], None if bias is None else bias[v0:v1])
+    logits = torch.nn.functional.linear(h, w, b)
+    chunk_ids = ids[t0:t1] if full_vocab else _slab_ids(ids[t0:t1], v0, v1)
+    return reducer.logits_grad(logits, chunk_ids, lse[t0:t1], piece(entropy), piece(grad_logprobs),
+                               piece(grad_entropy), temperature)
+
+
+def _backward_by_vocab_slabs(hidden, weight, bias, slab, block, *grad_args):
+    """The weight-gradient backward over vocab slabs of ``slab`` columns, each in blocks of
+    ``block`` tokens: d_weight rows of a slab are written once, in the weight's dtype; d_hidden
+    and d_bias are summed over slabs in float32 ([N, H] and [V]: small next to [V, H])."""
+    n_tokens, n_vocab = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros(hidden.shape, **f32)
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    d_bias = torch.zeros((n_vocab if bias is not None else 0,), **f32)
+    for v0, v1 in _chunk_bounds(n_vocab, slab):
+        w = weight[v0:v1]
+        d_w = None if block >= n_tokens else torch.zeros(w.shape, **f32)
+        for t0, t1 in _chunk_bounds(n_tokens, block):
+            h = hidden[t0:t1]
+            grad = _logits_grad_piece(h, weight, bias, t0, t1, v0, v1, *grad_args)
+            d_hidden[t0:t1] = _add_product(d_hidden[t0:t1], grad, w)
+            if d_w is None:
+                d_weight[v0:v1] = _product(grad.t(), h, weight.dtype)
+            else:
+                d_w = _add_product(d_w, grad.t(), h)
+            if bias is not None:
+                d_bias[v0:v1] += grad.sum(0, dtype=torch.float32)
+        if d_w is not None:
+            d_weight[v0:v1] = d_w
+    d_bias = d_bias.to(bias.dtype) if bias is not None else d_hidden.new_empty((0,), dtype=hidden.dtype)
+    return d_hidden.to(hidden.dtype), d_weight, d_bias
 
 
 def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: Tensor, grad_of_logprobs,
@@ -476,15 +551,23 @@ def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: 
     return (logprobs, *grads.result())
 
 
-def _add_outer_product(acc: Tensor, grad: Tensor, h: Tensor) -> Tensor:
-    """``acc + grad.T @ h`` for a float32 ``acc`` [V, H], summed in float32 whatever the dtype of
-    ``grad`` [c, V] and ``h`` [c, H]: on CUDA a half-precision matmul with a float32 output
-    (``addmm(..., out_dtype=float32)``), so no float32 copy of the chunk is made."""
-    if grad.dtype == torch.float32 and h.dtype == torch.float32:
-        return acc.addmm_(grad.t(), h)
-    if acc.is_cuda and grad.dtype == h.dtype and _cuda_addmm_out_dtype_works(acc.device):
-        return torch.addmm(acc, grad.t(), h, out_dtype=torch.float32)
-    return acc.addmm_(grad.t().float(), h.float())
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``acc + a @ b`` for a float32 ``acc``, summed in float32 whatever the dtype of ``a`` and
+    ``b``: on CUDA a half-precision matmul with a float32 output (``addmm(..., out_dtype=float32)``),
+    so no float32 copy of a chunk is made."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if acc.is_cuda and a.dtype == b.dtype and _cuda_addmm_out_dtype_works(acc.device):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.addmm_(a.float(), b.float())
+
+
+def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` in ``dtype``, summed in float32 and rounded once: one matmul in ``dtype`` when
+    both inputs have it (tensor cores accumulate in float32), else in float32."""
+    if a.dtype == dtype and b.dtype == dtype:
+        return a @ b
+    return (a.float() @ b.float()).to(dtype)
 
 
 @functools.cache

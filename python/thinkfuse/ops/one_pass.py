@@ -5,7 +5,8 @@ log-prob alone (cross-entropy, GRPO) can turn each chunk of logits into d hidden
 soon as it is formed (``ops.logprobs.fused_linear_logprobs_with_grads``): 3 matmuls per chunk
 instead of the 4 of a forward plus a backward that recomputes the logits. ``one_pass_loss`` wraps
 such a computation for autograd: the gradients are held from the forward to the backward, which
-only scales them by the loss's upstream gradient (so the loss can be differentiated once).
+only scales them, in place, by the loss's upstream gradient (so the loss can be differentiated
+once: a second backward raises).
 """
 
 from __future__ import annotations
@@ -27,13 +28,22 @@ class _OnePassLoss(torch.autograd.Function):
         weight_grad = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
         loss, d_hidden, d_weight, d_bias = compute(weight_grad)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        ctx.weight_grad, ctx.has_bias = weight_grad, bias is not None
+        ctx.weight_grad, ctx.has_bias, ctx.consumed = weight_grad, bias is not None, False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The gradients are scaled in place and handed to autograd: a copy would double the
+        # d_weight memory ([V, H]) at the very moment the optimizer's gradients are also alive.
+        # That is why the loss can be differentiated once.
+        if ctx.consumed:
+            raise RuntimeError(
+                "a one-pass loss (thinkfuse GRPOLoss / causal_lm_loss) can be differentiated only once; "
+                "its gradients were formed in the forward and have been handed out already"
+            )
+        ctx.consumed = True
         d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = lambda t: t * grad_loss.to(t.dtype)  # noqa: E731
+        scale = lambda t: t.mul_(grad_loss.to(t.dtype))  # noqa: E731
         return (
             scale(d_hidden) if ctx.needs_input_grad[0] else None,
             scale(d_weight) if ctx.weight_grad and ctx.needs_input_grad[1] else None,

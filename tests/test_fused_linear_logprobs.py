@@ -243,8 +243,9 @@ def test_empty(backend):
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the element count of every tensor any torch op produces (autograd's included),
-    or only of those of ``dtype``."""
+    """Records the element count of every floating-point tensor any torch op produces (autograd's
+    included), or only of those of ``dtype``. (The Triton interpreter moves kernel arguments as
+    raw uint8 storage: those byte buffers are not tensors of the op.)"""
 
     def __init__(self, dtype=None):
         super().__init__()
@@ -253,7 +254,7 @@ class _LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and (self.dtype is None or t.dtype == self.dtype):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and self.dtype in (None, t.dtype):
                 self.largest = max(self.largest, t.numel())
         return out
 

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .._checks import as_rows, check_float, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import resolve_backend
-from ._registry import implementation
+from ._registry import call, custom_op, implementation
 
 TOKEN_ID_DTYPES = (torch.int32, torch.int64)
 # The torch backend's chunks hold at most this many bytes of float32 logits.
@@ -85,8 +85,8 @@ def token_logprobs(
     if name == "torch":
         logprobs, entropy = _ChunkedTokenLogprobs.apply(logits3, ids, temperature, bool(return_entropy))
     else:
-        logprobs, entropy, _ = torch.ops.thinkfuse.token_logprobs_fwd(
-            logits3, ids, temperature, bool(return_entropy), name
+        logprobs, entropy, _ = call(
+            "token_logprobs_fwd", logits3, ids, temperature, bool(return_entropy), name
         )
     return _outputs(logprobs, entropy, token_ids.shape, return_entropy)
 
@@ -129,8 +129,8 @@ def fused_linear_token_logprobs(
             rows, weight, ids, bias, temperature, bool(return_entropy), chunk
         )
     else:
-        logprobs, entropy, _ = torch.ops.thinkfuse.fused_linear_logprobs_fwd(
-            rows, weight, ids, bias, temperature, bool(return_entropy), chunk, name
+        logprobs, entropy, _ = call(
+            "fused_linear_logprobs_fwd", rows, weight, ids, bias, temperature, bool(return_entropy), chunk, name
         )
     return _outputs(logprobs, entropy, token_ids.shape, return_entropy)
 
@@ -621,7 +621,7 @@ class _ChunkedFusedLinearLogprobs(torch.autograd.Function):
 # sees it as a constant; its "torch" value runs the chunked torch forms above (opcheck, tests).
 
 
-@torch.library.custom_op("thinkfuse::token_logprobs_fwd", mutates_args=())
+@custom_op("token_logprobs_fwd")
 def token_logprobs_fwd(
     logits: Tensor, token_ids: Tensor, temperature: float, return_entropy: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -638,7 +638,7 @@ def _(logits, token_ids, temperature, return_entropy, backend):
     return f32(n_rows), f32(n_rows if return_entropy else 0), f32(n_rows)
 
 
-@torch.library.custom_op("thinkfuse::token_logprobs_bwd", mutates_args=())
+@custom_op("token_logprobs_bwd")
 def token_logprobs_bwd(
     grad_logprobs: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, token_ids: Tensor, lse: Tensor,
     entropy: Optional[Tensor], temperature: float, backend: str,
@@ -663,8 +663,8 @@ def _setup_token_context(ctx, inputs, output):
 def _token_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     logits, token_ids, lse, entropy = ctx.saved_tensors
     has_d_entropy = ctx.return_entropy and grad_entropy is not None
-    d_logits = torch.ops.thinkfuse.token_logprobs_bwd(
-        _grad_rows(grad_logprobs, lse), grad_entropy.contiguous() if has_d_entropy else None, logits, token_ids,
+    d_logits = call(
+        "token_logprobs_bwd", _grad_rows(grad_logprobs, lse), grad_entropy.contiguous() if has_d_entropy else None, logits, token_ids,
         lse, entropy if has_d_entropy else None, ctx.temperature, ctx.backend,
     )
     return d_logits, None, None, None, None
@@ -682,7 +682,7 @@ def _reducer(backend: str) -> ChunkReducer:
     return TORCH_REDUCER if backend == "torch" else kernel_reducer(backend)
 
 
-@torch.library.custom_op("thinkfuse::fused_linear_logprobs_fwd", mutates_args=())
+@custom_op("fused_linear_logprobs_fwd")
 def fused_linear_logprobs_fwd(
     hidden: Tensor, weight: Tensor, token_ids: Tensor, bias: Optional[Tensor], temperature: float,
     return_entropy: bool, chunk_tokens: int, backend: str,
@@ -700,7 +700,7 @@ def _(hidden, weight, token_ids, bias, temperature, return_entropy, chunk_tokens
     return f32(n_tokens), f32(n_tokens if return_entropy else 0), f32(n_tokens)
 
 
-@torch.library.custom_op("thinkfuse::fused_linear_logprobs_bwd", mutates_args=())
+@custom_op("fused_linear_logprobs_bwd")
 def fused_linear_logprobs_bwd(
     grad_logprobs: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor, token_ids: Tensor,
     bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor], temperature: float, weight_grad: bool,
@@ -735,8 +735,8 @@ def _fused_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     has_d_entropy = ctx.return_entropy and grad_entropy is not None
     # A frozen lm_head (e.g. LoRA) skips the whole d_weight pass.
     weight_grad = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])
-    d_hidden, d_weight, d_bias = torch.ops.thinkfuse.fused_linear_logprobs_bwd(
-        _grad_rows(grad_logprobs, lse), grad_entropy.contiguous() if has_d_entropy else None, hidden, weight,
+    d_hidden, d_weight, d_bias = call(
+        "fused_linear_logprobs_bwd", _grad_rows(grad_logprobs, lse), grad_entropy.contiguous() if has_d_entropy else None, hidden, weight,
         token_ids, bias, lse, entropy if has_d_entropy else None, ctx.temperature, weight_grad, ctx.chunk_tokens,
         ctx.backend,
     )

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import FLOAT_DTYPES, as_rows, check_float, check_same_device, check_tensor
 from ..backend import resolve_backend
-from ._registry import implementation
+from ._registry import call, custom_op, implementation
 
 
 def rms_norm(
@@ -38,7 +38,7 @@ def rms_norm(
         return reference.rms_norm(x, weight, eps, residual)
 
     res_rows = None if residual is None else as_rows(residual)
-    y, h, _ = torch.ops.thinkfuse.rms_norm_fwd(as_rows(x), weight.contiguous(), res_rows, float(eps), name)
+    y, h, _ = call("rms_norm_fwd", as_rows(x), weight.contiguous(), res_rows, float(eps), name)
     y = y.view(x.shape)
     return y if residual is None else (y, h.view(x.shape))
 
@@ -88,7 +88,7 @@ def _torch_backward(dy, h, weight, rstd, dh):
     return dx.to(h.dtype), dw.to(weight.dtype)
 
 
-@torch.library.custom_op("thinkfuse::rms_norm_fwd", mutates_args=())
+@custom_op("rms_norm_fwd")
 def rms_norm_fwd(
     x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +106,7 @@ def _(x, weight, residual, eps, backend):
     return y, h, x.new_empty((rows,), dtype=torch.float32)
 
 
-@torch.library.custom_op("thinkfuse::rms_norm_bwd", mutates_args=())
+@custom_op("rms_norm_bwd")
 def rms_norm_bwd(
     dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -132,7 +132,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-    dx, dw = torch.ops.thinkfuse.rms_norm_bwd(as_rows(dy), h, weight, rstd, dh, ctx.backend)
+    dx, dw = call("rms_norm_bwd", as_rows(dy), h, weight, rstd, dh, ctx.backend)
     return dx, dw, (dx if ctx.has_residual else None), None, None
 
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import resolve_backend
-from ._registry import implementation
+from ._registry import call, custom_op, implementation
 
 POSITION_DTYPES = (torch.int32, torch.int64)
 # transformers converts its inv_freq buffer with `.to(torch.float)` (a model cast to bfloat16
@@ -70,8 +70,8 @@ def rope(
     if name == "torch":
         return reference.rope(q, k, position_ids, inv_freq, attention_scaling, llama4)
     beta, original_max = llama4 or _NO_TEMPERATURE
-    return torch.ops.thinkfuse.rope_fwd(
-        with_unit_last_stride(q), with_unit_last_stride(k), position_ids, inv_freq.contiguous(),
+    return call(
+        "rope_fwd", with_unit_last_stride(q), with_unit_last_stride(k), position_ids, inv_freq.contiguous(),
         float(attention_scaling), float(beta), int(original_max), name,
     )
 
@@ -88,8 +88,8 @@ def apply_rotary_pos_emb(
     name = resolve_backend(q.device, backend, cuda_op="apply_rotary_fwd")
     if name == "torch":
         return reference.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
-    q_out, k_out = torch.ops.thinkfuse.apply_rotary_fwd(
-        with_unit_last_stride(_to_bshd(q, unsqueeze_dim)), with_unit_last_stride(_to_bshd(k, unsqueeze_dim)),
+    q_out, k_out = call(
+        "apply_rotary_fwd", with_unit_last_stride(_to_bshd(q, unsqueeze_dim)), with_unit_last_stride(_to_bshd(k, unsqueeze_dim)),
         with_unit_last_stride(cos), with_unit_last_stride(sin), name,
     )
     return _to_bshd(q_out, unsqueeze_dim), _to_bshd(k_out, unsqueeze_dim)
@@ -229,7 +229,7 @@ def _torch_apply_rotary_backward(dq, dk, cos, sin, q_dtype, k_dtype):
     return _torch_rotate(dq, cos32, sin32, q_dtype), _torch_rotate(dk, cos32, sin32, k_dtype)
 
 
-@torch.library.custom_op("thinkfuse::rope_fwd", mutates_args=())
+@custom_op("rope_fwd")
 def rope_fwd(
     q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: Tensor, attention_scaling: float,
     llama4_beta: float, llama4_original_max: int, backend: str,
@@ -244,7 +244,7 @@ def _(q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_origi
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("thinkfuse::rope_bwd", mutates_args=())
+@custom_op("rope_bwd")
 def rope_bwd(
     dq_out: Tensor, dk_out: Tensor, position_ids: Tensor, inv_freq: Tensor, attention_scaling: float,
     llama4_beta: float, llama4_original_max: int, backend: str,
@@ -282,8 +282,8 @@ def _setup_rope_context(ctx, inputs, output):
 def _rope_backward(ctx, dq_out, dk_out):
     position_ids, inv_freq = ctx.saved_tensors
     q_meta, k_meta = ctx.out_meta
-    dq, dk = torch.ops.thinkfuse.rope_bwd(
-        _grad_or_zeros(dq_out, q_meta), _grad_or_zeros(dk_out, k_meta), position_ids, inv_freq,
+    dq, dk = call(
+        "rope_bwd", _grad_or_zeros(dq_out, q_meta), _grad_or_zeros(dk_out, k_meta), position_ids, inv_freq,
         *ctx.scalars, ctx.backend,
     )
     return dq, dk, None, None, None, None, None, None
@@ -292,7 +292,7 @@ def _rope_backward(ctx, dq_out, dk_out):
 rope_fwd.register_autograd(_rope_backward, setup_context=_setup_rope_context)
 
 
-@torch.library.custom_op("thinkfuse::apply_rotary_fwd", mutates_args=())
+@custom_op("apply_rotary_fwd")
 def apply_rotary_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     fn = implementation(backend, "rope", "apply_rotary_forward", "apply_rotary_fwd", _torch_apply_rotary_forward)
     q_out, k_out = fn(q, k, cos, sin)
@@ -307,7 +307,7 @@ def _(q, k, cos, sin, backend):
     )
 
 
-@torch.library.custom_op("thinkfuse::apply_rotary_bwd", mutates_args=())
+@custom_op("apply_rotary_bwd")
 def apply_rotary_bwd(
     dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype,
     backend: str,
@@ -348,7 +348,7 @@ def _apply_rotary_backward(ctx, dq_out, dk_out):
     cos, sin, *saved_qk = ctx.saved_tensors
     q_meta, k_meta = ctx.out_meta
     dq_out, dk_out = _grad_or_zeros(dq_out, q_meta), _grad_or_zeros(dk_out, k_meta)
-    dq, dk = torch.ops.thinkfuse.apply_rotary_bwd(dq_out, dk_out, cos, sin, ctx.q_dtype, ctx.k_dtype, ctx.backend)
+    dq, dk = call("apply_rotary_bwd", dq_out, dk_out, cos, sin, ctx.q_dtype, ctx.k_dtype, ctx.backend)
     dcos = dsin = None
     if ctx.cos_sin_need_grad:
         dcos, dsin = _cos_sin_grads(dq_out, dk_out, *saved_qk, cos)

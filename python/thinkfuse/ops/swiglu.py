@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import as_rows, check_same_device, check_tensor
 from ..backend import resolve_backend
-from ._registry import implementation
+from ._registry import call, custom_op, implementation
 
 
 def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -38,7 +38,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None) -> Tensor
     name = resolve_backend(gate.device, backend, cuda_op="swiglu_fwd")
     if name == "torch" or gate.numel() == 0:  # nothing for a kernel to do
         return reference.swiglu(gate, up)
-    return torch.ops.thinkfuse.swiglu_fwd(as_rows(gate), as_rows(up), name).view(gate.shape)
+    return call("swiglu_fwd", as_rows(gate), as_rows(up), name).view(gate.shape)
 
 
 def swiglu_fused(gate_up: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -52,7 +52,7 @@ def swiglu_fused(gate_up: Tensor, *, backend: Optional[str] = None) -> Tensor:
     if name == "torch" or gate_up.numel() == 0:  # nothing for a kernel to do
         return reference.swiglu(*gate_up.chunk(2, dim=-1))
     out_shape = (*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-    return torch.ops.thinkfuse.swiglu_fused_fwd(as_rows(gate_up), name).view(out_shape)
+    return call("swiglu_fused_fwd", as_rows(gate_up), name).view(out_shape)
 
 
 def _check_gate_up(gate, up) -> None:
@@ -92,7 +92,7 @@ def _torch_fused_backward(dy, gate_up):
     return torch.cat(_torch_backward(dy, *gate_up.chunk(2, dim=-1)), dim=-1)
 
 
-@torch.library.custom_op("thinkfuse::swiglu_fwd", mutates_args=())
+@custom_op("swiglu_fwd")
 def swiglu_fwd(gate: Tensor, up: Tensor, backend: str) -> Tensor:
     return implementation(backend, "swiglu", "swiglu_forward", "swiglu_fwd", _torch_forward)(gate, up)
 
@@ -102,7 +102,7 @@ def _(gate, up, backend):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("thinkfuse::swiglu_bwd", mutates_args=())
+@custom_op("swiglu_bwd")
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     dgate, dup = implementation(backend, "swiglu", "swiglu_backward", "swiglu_bwd", _torch_backward)(dy, gate, up)
     return dgate, dup
@@ -121,14 +121,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dgate, dup = torch.ops.thinkfuse.swiglu_bwd(as_rows(dy), gate, up, ctx.backend)
+    dgate, dup = call("swiglu_bwd", as_rows(dy), gate, up, ctx.backend)
     return dgate, dup, None
 
 
 swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("thinkfuse::swiglu_fused_fwd", mutates_args=())
+@custom_op("swiglu_fused_fwd")
 def swiglu_fused_fwd(gate_up: Tensor, backend: str) -> Tensor:
     fn = implementation(backend, "swiglu", "swiglu_fused_forward", "swiglu_fused_fwd", _torch_fused_forward)
     return fn(gate_up)
@@ -139,7 +139,7 @@ def _(gate_up, backend):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
-@torch.library.custom_op("thinkfuse::swiglu_fused_bwd", mutates_args=())
+@custom_op("swiglu_fused_bwd")
 def swiglu_fused_bwd(dy: Tensor, gate_up: Tensor, backend: str) -> Tensor:
     fn = implementation(backend, "swiglu", "swiglu_fused_backward", "swiglu_fused_bwd", _torch_fused_backward)
     return fn(dy, gate_up)
@@ -158,7 +158,7 @@ def _setup_fused_context(ctx, inputs, output):
 
 def _fused_backward(ctx, dy):
     (gate_up,) = ctx.saved_tensors
-    return torch.ops.thinkfuse.swiglu_fused_bwd(as_rows(dy), gate_up, ctx.backend), None
+    return call("swiglu_fused_bwd", as_rows(dy), gate_up, ctx.backend), None
 
 
 swiglu_fused_fwd.register_autograd(_fused_backward, setup_context=_setup_fused_context)

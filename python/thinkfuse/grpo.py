@@ -189,7 +189,10 @@ class GRPOLoss(nn.Module):
     gradients are formed in the forward, chunk by chunk, from logits computed once (3 matmuls
     instead of the 4 of forward + a recomputing backward); the backward only scales them. They
     are held from the forward to the backward ([B*T, H] + [V, H]), and the loss can be
-    differentiated once. ``one_pass=False`` differentiates ``fused_linear_token_logprobs``.
+    differentiated once. While it runs, d_weight is summed over token chunks in a float32 [V, H]
+    buffer. ``one_pass=False`` differentiates ``fused_linear_token_logprobs``, whose backward walks
+    vocab slabs and needs no [V, H] buffer beyond d_weight itself: one matmul more, less memory
+    for half-precision lm_heads (the choice when memory is the limit).
     """
 
     def __init__(

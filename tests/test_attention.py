@@ -8,15 +8,18 @@ interpreter's bfloat16 tl.dot is wrong)."""
 
 import pytest
 import torch
-from conftest import DEVICE, KERNEL_BACKENDS
+from conftest import DEVICE, KERNEL_BACKENDS, backends_with
 from ptx import compile_in_subprocess
 from tolerances import assert_close_fp32
 
 import thinkfuse
 from thinkfuse import reference
+from thinkfuse.ops import attention as attention_ops
 from thinkfuse.ops import decode_attention, flash_attention
 
 CUDA_OP = "flash_attention_fwd"
+#: the cuda kernel is tensor-core only: float32 with backend="cuda" must raise this
+CUDA_FP32_ERROR = (TypeError, "float16 or bfloat16")
 
 # (B, Sq, Sk, Hq, Hkv, D, causal, sliding_window)
 CASES = {
@@ -75,6 +78,17 @@ def _compare(ours, ref):
         assert_close_fp32(g, rg, tol=1e-4)
 
 
+def _cuda_refuses(backend, dtype=torch.float32):
+    """The cuda flash_attention kernel has no float32 path: named explicitly, it must raise."""
+    return backend == "cuda" and dtype not in attention_ops.CUDA_FLASH_DTYPES
+
+
+def _expect_cuda_refusal(call):
+    error, word = CUDA_FP32_ERROR
+    with pytest.raises(error, match=word):
+        call()
+
+
 # --- padded layout ----------------------------------------------------------------------------------
 
 
@@ -89,12 +103,16 @@ def test_fp32_matches_reference(backend, case):
     def ref(q, k, v):
         return reference.flash_attention(q, k, v, causal, None, window, return_lse=True)
 
+    if _cuda_refuses(backend):
+        return _expect_cuda_refusal(lambda: ours(*inputs))
     _compare(_run(ours, inputs), _run(ref, inputs))
 
 
 def test_empty_rows_are_zero(backend):
     """Sq > Sk with a causal mask: the first Sq - Sk queries see no key."""
     q, k, v = _qkv(1, 20, 6, 2, 1, 16)
+    if _cuda_refuses(backend):
+        return _expect_cuda_refusal(lambda: flash_attention(q, k, v, backend=backend))
     out, lse = flash_attention(q, k, v, return_lse=True, backend=backend)
     assert torch.equal(out[:, :14], torch.zeros_like(out[:, :14]))
     assert torch.isneginf(lse[:, :, :14]).all() and torch.isfinite(lse[:, :, 14:]).all()
@@ -114,6 +132,8 @@ def test_softmax_scale_and_strided_inputs(backend):
     base = _randn(1, 4, 29, 32)  # [B, H, S, D] transposed to [B, S, H, D]: non-contiguous
     q = base.transpose(1, 2)
     kv = _randn(1, 2, 29, 32, seed=3).transpose(1, 2)
+    if _cuda_refuses(backend):
+        return _expect_cuda_refusal(lambda: flash_attention(q, kv, kv, softmax_scale=0.3, backend=backend))
     ours = flash_attention(q, kv, kv, softmax_scale=0.3, backend=backend)
     ref = reference.flash_attention(q.contiguous(), kv.contiguous(), kv.contiguous(), True, 0.3)
     assert_close_fp32(ours, ref)
@@ -121,7 +141,7 @@ def test_softmax_scale_and_strided_inputs(backend):
 
 
 def test_fp16_close_to_reference(kernel_backend):
-    q, k, v = _qkv(1, 33, 33, 4, 2, 32, dtype=torch.float16)
+    q, k, v = _qkv(1, 33, 33, 4, 2, 64, dtype=torch.float16)
     inputs = (q, k, v)
     ours = _run(lambda *t: flash_attention(*t, return_lse=True, backend=kernel_backend), inputs)
     ref = _run(lambda *t: reference.flash_attention(*t, return_lse=True), inputs)
@@ -132,6 +152,8 @@ def test_fp16_close_to_reference(kernel_backend):
 
 def test_return_lse_shapes(backend):
     q, k, v = _qkv(2, 5, 7, 4, 2, 16)
+    if _cuda_refuses(backend):
+        q, k, v = q.half(), k.half(), v.half()  # the shapes are what this test checks
     out = flash_attention(q, k, v, backend=backend)
     assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
     out, lse = flash_attention(q, k, v, return_lse=True, backend=backend)
@@ -171,6 +193,8 @@ def test_varlen_matches_reference(backend, case, causal, window):
     def ref(q, k, v):
         return reference.flash_attention(q, k, v, causal, None, window, cu_q, cu_k, return_lse=True)
 
+    if _cuda_refuses(backend):
+        return _expect_cuda_refusal(lambda: ours(q, k, v))
     result = _run(ours, (q, k, v))
     assert result[1].shape == (4, sum(lq))
     _compare(result, _run(ref, (q, k, v)))
@@ -181,6 +205,9 @@ def test_varlen_equals_padded_per_sequence(kernel_backend):
     q = _randn(sum(lengths), 2, 16)
     k, v = _randn(sum(lengths), 1, 16, seed=1), _randn(sum(lengths), 1, 16, seed=2)
     cu = _cu(lengths)
+    if _cuda_refuses(kernel_backend):
+        return _expect_cuda_refusal(lambda: flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                            backend=kernel_backend))
     packed = flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=kernel_backend)  # max_seqlen read
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         alone = flash_attention(q[None, s:e], k[None, s:e], v[None, s:e], backend=kernel_backend)[0]
@@ -217,7 +244,8 @@ def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_ba
     q = _randn(1, 3, 4, 32)
     kc, vc = _randn(1, 37, 2, 32, seed=1), _randn(1, 37, 2, 32, seed=2)
     seqlens = torch.tensor([37], dtype=torch.int32, device=DEVICE)
-    full = flash_attention(q, kc, vc, backend=kernel_backend)
+    # (the cuda flash_attention kernel has no float32 path; decode's is what this test is about)
+    full = flash_attention(q, kc, vc, backend="torch" if _cuda_refuses(kernel_backend) else kernel_backend)
     for splits in (1, 2, 3):
         assert_close_fp32(decode_attention(q, kc, vc, seqlens, num_splits=splits, backend=kernel_backend), full)
 
@@ -313,6 +341,9 @@ def test_bad_decode_inputs(backend, case):
 
 def test_opcheck_flash_attention(kernel_backend):
     q, k, v = _qkv(1, 9, 9, 2, 1, 16)
+    if _cuda_refuses(kernel_backend):
+        return _expect_cuda_refusal(lambda: torch.ops.thinkfuse.flash_attention_fwd(
+            q, k, v, None, None, 9, 9, 0.25, True, 0, kernel_backend))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.thinkfuse.flash_attention_fwd, (q, k, v, None, None, 9, 9, 0.25, True, 0, kernel_backend))
     cu = _cu([4, 5])
@@ -337,6 +368,8 @@ def test_kernel_backend_op_matches_torch_form(kernel_backend):
     def op(name):
         return lambda q, k, v: torch.ops.thinkfuse.flash_attention_fwd(q, k, v, None, None, 11, 13, 0.25, True, 4, name)
 
+    if _cuda_refuses(kernel_backend):
+        return _expect_cuda_refusal(lambda: op(kernel_backend)(*inputs))
     _compare(_run(op(kernel_backend), inputs), _run(op("torch"), inputs))
 
 
@@ -346,8 +379,234 @@ def test_torch_compile_fullgraph(kernel_backend):
     def fn(q, k, v):
         return flash_attention(q, k, v, sliding_window=5, return_lse=True, backend=kernel_backend)
 
+    if _cuda_refuses(kernel_backend):
+        return _expect_cuda_refusal(lambda: fn(*inputs))
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     _compare(_run(compiled, inputs), _run(fn, inputs))
+
+
+# --- the cuda kernel: float16 / bfloat16 on tensor cores ----------------------------------------------
+# (run only in a GPU build that has the kernel; everything above also runs backend="cuda" there)
+
+HAS_CUDA_KERNEL = "cuda" in backends_with(CUDA_OP)
+needs_cuda_kernel = pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="needs a GPU build with the cuda flash_attention_fwd kernel")
+LOW_DTYPES = [torch.float16, torch.bfloat16]
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, sliding_window)
+CUDA_CASES = {
+    "causal-d128": (2, 129, 129, 4, 4, 128, True, None),
+    "noncausal-d128-gqa8": (1, 127, 127, 8, 1, 128, False, None),
+    "causal-d64-gqa2-1000": (2, 1000, 1000, 4, 2, 64, True, None),
+    "causal-d96-gqa4": (1, 257, 257, 8, 2, 96, True, None),
+    "noncausal-d96-odd": (2, 17, 17, 2, 2, 96, False, None),
+    "causal-sq<sk": (1, 17, 1000, 4, 2, 128, True, None),
+    "noncausal-sq<sk": (1, 129, 300, 2, 1, 64, False, None),
+    "causal-sq>sk-empty-rows": (1, 300, 129, 2, 2, 128, True, None),
+    "noncausal-sq>sk": (1, 200, 17, 2, 1, 96, False, None),
+    "seqlen1": (3, 1, 1, 4, 1, 128, True, None),
+    "one-query-many-keys": (2, 1, 1000, 8, 8, 64, True, None),
+    "batch-gqa8": (3, 17, 17, 8, 1, 64, True, None),
+    "window": (1, 1000, 1000, 4, 2, 128, True, 100),
+    "window-1": (2, 129, 129, 2, 1, 64, True, 1),
+    "window-sq<sk": (1, 127, 1000, 4, 1, 96, True, 300),
+    "window-sq>sk": (1, 400, 150, 2, 1, 128, True, 70),
+    "window-wider-than-seq": (1, 300, 300, 2, 2, 128, True, 4096),
+    "d16": (1, 129, 129, 2, 1, 16, True, None),
+    "d32-noncausal": (1, 127, 200, 4, 2, 32, False, None),
+    "d256-window": (2, 300, 300, 2, 1, 256, True, 77),
+    "d256-noncausal": (1, 65, 97, 2, 2, 256, False, None),
+}
+
+
+def _assert_low_close(ours, ref, ulps):
+    """Max error within `ulps` units in the last place of the dtype, relative to the reference's
+    largest magnitude (P and out are rounded to the dtype inside the kernel)."""
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    assert not torch.isnan(ours).any(), "NaN in result"
+    scale = max(ref.float().abs().max().item(), 1.0) if ref.numel() else 1.0
+    err = (ours.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
+    assert err <= ulps * ULP[ours.dtype] * scale, f"max error {err:.3e} > {ulps} ulp x scale {scale:.3e}"
+
+
+def _assert_lse_close(ours, ref):
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert torch.equal(torch.isneginf(ours), torch.isneginf(ref)), "rows without keys must have lse -inf"
+    assert not torch.isnan(ours).any()
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-3)
+
+
+def _compare_cuda(ours, ref, with_grads):
+    (o, l, *grads), (ro, rl, *rgrads) = ours, ref
+    _assert_low_close(o, ro, 4)
+    _assert_lse_close(l, rl)
+    if with_grads:
+        for g, rg in zip(grads, rgrads):
+            _assert_low_close(g, rg, 8)
+
+
+def _run_cuda_and_reference(inputs, with_grads, **kwargs):
+    def ours(q, k, v):
+        return flash_attention(q, k, v, return_lse=True, backend="cuda", **kwargs)
+
+    def ref(q, k, v):
+        return reference.flash_attention(q, k, v, kwargs.get("causal", True), kwargs.get("softmax_scale"),
+                                         kwargs.get("sliding_window"), kwargs.get("cu_seqlens_q"),
+                                         kwargs.get("cu_seqlens_k"), return_lse=True)
+
+    if with_grads:
+        return _run(ours, inputs), _run(ref, inputs)
+    with torch.no_grad():
+        return list(ours(*inputs)), list(ref(*inputs))
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_cuda_matches_reference(case, dtype):
+    b, sq, sk, hq, hkv, d, causal, window = CUDA_CASES[case]
+    inputs = _qkv(b, sq, sk, hq, hkv, d, dtype=dtype, seed=11)
+    with_grads = True  # head dims the cuda backward lacks are differentiated by the triton backward
+    ours, ref = _run_cuda_and_reference(inputs, with_grads, causal=causal, sliding_window=window)
+    _compare_cuda(ours, ref, with_grads)
+    if causal and sq > sk:  # rows that see no key: exactly 0 and -inf
+        out, lse = ours[0], ours[1]
+        assert torch.equal(out[:, : sq - sk], torch.zeros_like(out[:, : sq - sk]))
+        assert torch.isneginf(lse[:, :, : sq - sk]).all()
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=["fp16", "bf16"])
+def test_cuda_softmax_scale(dtype):
+    inputs = _qkv(1, 150, 150, 4, 2, 128, dtype=dtype, seed=5)
+    ours, ref = _run_cuda_and_reference(inputs, False, softmax_scale=0.02)
+    _compare_cuda(ours, ref, False)
+
+
+CUDA_VARLEN = {
+    # q lengths, k lengths
+    "empty-and-one-long": ([0, 700, 3, 1, 0, 17, 129, 0], [0, 700, 3, 1, 0, 17, 129, 0]),
+    "q-shorter": ([1, 5, 0, 64, 200], [9, 400, 0, 64, 1000]),
+    "q-without-keys": ([3, 130, 4], [0, 1, 6]),
+    "many-short": ([1, 2, 3, 5, 8, 13, 21, 34, 55, 89] * 3, [1, 2, 3, 5, 8, 13, 21, 34, 55, 89] * 3),
+}
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 33)])
+@pytest.mark.parametrize("case", list(CUDA_VARLEN))
+def test_cuda_varlen_matches_reference(case, causal, window, d, dtype):
+    lq, lk = CUDA_VARLEN[case]
+    q = _randn(sum(lq), 8, d, dtype=dtype)
+    k, v = _randn(sum(lk), 2, d, dtype=dtype, seed=1), _randn(sum(lk), 2, d, dtype=dtype, seed=2)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    ours, ref = _run_cuda_and_reference((q, k, v), True, causal=causal, sliding_window=window, cu_seqlens_q=cu_q,
+                                        cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    assert ours[1].shape == (8, sum(lq))
+    _compare_cuda(ours, ref, True)
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=["fp16", "bf16"])
+def test_cuda_strided_inputs(dtype):
+    """Views of a fused qkv projection, a transposed [B, H, S, D] tensor, and an odd storage offset
+    (rows not 16-byte aligned: copied by the binding) all give the contiguous result."""
+    b, s, hq, hkv, d = 2, 131, 8, 2, 128
+    fused = _randn(b, s, (hq + 2 * hkv) * d, dtype=dtype, seed=3)
+    q = fused[..., : hq * d].view(b, s, hq, d)
+    k = fused[..., hq * d:(hq + hkv) * d].view(b, s, hkv, d)
+    v = fused[..., (hq + hkv) * d:].view(b, s, hkv, d)
+    assert not q.is_contiguous()
+    qt = _randn(b, hq, s, d, dtype=dtype, seed=4).transpose(1, 2)
+    flat = _randn(b * s * hkv * d + 1, dtype=dtype, seed=5)
+    k_odd = flat[1:].view(b, s, hkv, d)  # 2-byte offset
+    assert k_odd.data_ptr() % 16 != 0
+    for qq, kk, vv in ((q, k, v), (qt, k, v), (q, k_odd, v), (qt, k_odd, k_odd)):
+        ours, ref = _run_cuda_and_reference((qq, kk, vv), True, causal=True)
+        _compare_cuda(ours, ref, True)
+        contiguous = flash_attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), backend="cuda")
+        assert torch.equal(ours[0], contiguous)
+
+
+@needs_cuda_kernel
+def test_cuda_packed_strided_inputs():
+    lengths = [5, 300, 0, 77]
+    total, hq, hkv, d = sum(lengths), 4, 2, 64
+    fused = _randn(total, hq + 2 * hkv, d, dtype=torch.bfloat16, seed=6)
+    q, k, v = fused[:, :hq], fused[:, hq:hq + hkv], fused[:, hq + hkv:]
+    cu = _cu(lengths)
+    ours, ref = _run_cuda_and_reference((q, k, v), True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                        max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    _compare_cuda(ours, ref, True)
+
+
+@needs_cuda_kernel
+def test_cuda_return_lse_and_empty_inputs():
+    q, k, v = _qkv(2, 40, 40, 4, 2, 64, dtype=torch.bfloat16)
+    out = flash_attention(q, k, v, backend="cuda")
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    out2, lse = flash_attention(q, k, v, return_lse=True, backend="cuda")
+    assert torch.equal(out, out2) and lse.shape == (2, 4, 40) and lse.dtype == torch.float32
+    # no keys at all: zeros and -inf; no queries: empty results
+    out, lse = flash_attention(q, k[:, :0], v[:, :0], return_lse=True, backend="cuda")
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out, lse = flash_attention(q[:, :0], k, v, return_lse=True, backend="cuda")
+    assert out.shape == (2, 0, 4, 64) and lse.shape == (2, 4, 0)
+
+
+@needs_cuda_kernel
+def test_cuda_refuses_float32_and_other_head_dims(monkeypatch):
+    q, k, v = _qkv(1, 8, 8, 2, 1, 64)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        flash_attention(q, k, v, backend="cuda")
+    with thinkfuse.use_backend("cuda"), pytest.raises(TypeError, match="float16 or bfloat16"):
+        flash_attention(q, k, v)
+    # the binding's own checks (reached only by calling the op directly)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        torch.ops.thinkfuse_C.flash_attention_fwd(q, k, v, None, None, 8, 8, 0.125, True, 0)
+    q48, k48, v48 = (t.bfloat16() for t in _qkv(1, 8, 8, 2, 1, 48))
+    with pytest.raises(ValueError, match="head_dim"):
+        torch.ops.thinkfuse_C.flash_attention_fwd(q48, k48, v48, None, None, 8, 8, 0.125, True, 0)
+    # a head dim the python layer accepts but the kernel would not
+    monkeypatch.setattr(attention_ops, "CUDA_FLASH_HEAD_DIMS", (128,))
+    with pytest.raises(ValueError, match="head_dim 64"):
+        flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="cuda")
+
+
+@needs_cuda_kernel
+def test_cuda_torch_compile_fullgraph():
+    inputs = _qkv(1, 70, 70, 4, 2, 64, dtype=torch.bfloat16)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, sliding_window=9, return_lse=True, backend="cuda")
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    ours, ref = _run(compiled, inputs), _run(fn, inputs)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])  # the same forward kernel
+    _compare_cuda(ours, ref, True)
+
+
+def test_automatic_choice_sends_what_cuda_lacks_to_triton(monkeypatch):
+    """When the cuda backend is chosen automatically, float32 (or a head dim the kernel lacks)
+    runs on triton; named explicitly, it raises before any kernel runs. Runs on CPU too: the
+    automatic choice is forced to "cuda"."""
+    if "triton" not in KERNEL_BACKENDS:
+        pytest.skip("needs the triton backend")
+    monkeypatch.setattr(attention_ops, "resolve_backend", lambda device, requested=None, cuda_op=None: "cuda")
+    q, k, v = _qkv(1, 9, 9, 2, 1, 16)
+    out = flash_attention(q, k, v)  # automatic: triton
+    assert_close_fp32(out, reference.flash_attention(q, k, v))
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        flash_attention(q, k, v, backend="cuda")
+    monkeypatch.setattr(attention_ops, "CUDA_FLASH_HEAD_DIMS", (64,))
+    qh, kh, vh = q.half(), k.half(), v.half()
+    out = flash_attention(qh, kh, vh)  # head dim 16 the (pretend) kernel lacks: triton
+    torch.testing.assert_close(out.float(), reference.flash_attention(qh, kh, vh).float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="head_dim 16"):
+        flash_attention(qh, kh, vh, backend="cuda")
 
 
 # --- the real compiler -------------------------------------------------------------------------------

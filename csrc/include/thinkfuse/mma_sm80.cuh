@@ -33,6 +33,15 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
                "l"(gmem_src), "r"(src_bytes));
 }
 
+// Copies 4 bytes (both addresses 4-byte aligned), or writes 4 zero bytes when !valid (same
+// contract as cp_async_16). 4-byte copies need the .ca (L1-allocating) form. For small float
+// vectors whose start is not 16-byte aligned (per-row softmax statistics of a query block).
+__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(smem_dst)),
+               "l"(gmem_src), "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most `kPending` committed groups are still in flight.

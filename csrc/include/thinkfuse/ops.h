@@ -176,24 +176,160 @@ cudaError_t token_logprobs_backward(const float* grad_logprobs, const float* gra
                                     DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// Speculative verification (kernels/mtp_verify.py semantics), one launch, no host sync.
+// Speculative verification (kernels/mtp_verify.py semantics), no host sync.
 // draft: [B, K] int64 contiguous (ids outside [0, V) are rejected). logits: [B, K+1, V] in
 // logits_dtype, unit stride on V, element strides stride_lb / stride_lk. probs: nullptr or
 // [B, K, V] in probs_dtype, unit stride on V. uniforms: nullptr for greedy (temperature == 0),
 // else [B, K+1] float32 contiguous. tokens: [B, K+1] int64 contiguous; num_accepted [B] int64.
 // batch > kMtpMaxBatch, k > kMtpMaxDrafts or V outside [1, kMtpMaxVocab] return
 // cudaErrorInvalidValue; so does temperature > 0 without uniforms.
+// Work split: `splits` from mtp_verify_splits. 0: one block per batch row walks the K+1
+// positions (the original kernel). >= 1: every vocabulary row (b, j) is cut into `splits`
+// slices, one block each, and the last block of a batch row finishes it; this path needs
+// `workspace` (4-byte aligned, mtp_verify_workspace_bytes long, contents irrelevant: its
+// counters are zeroed on the stream) and launches a memset and 1 (greedy, sampled without
+// draft probs) or 2 kernels, all on `stream`. A workspace may be reused once the launch that
+// used it is complete (stream order suffices).
 // ---------------------------------------------------------------------------------------------
 
 constexpr int64_t kMtpMaxVocab = int64_t{1} << 30;
 constexpr int64_t kMtpMaxDrafts = int64_t{1} << 20;
 constexpr int64_t kMtpMaxBatch = (int64_t{1} << 31) - 1;
+constexpr int64_t kMtpMaxSplits = 1024;  // largest num_splits a caller may ask for
+
+// The work split for a call: num_splits <= 0 picks one from B, K, V, the mode and the SM count
+// (the split path: enough slices per row for about 4 blocks per SM, slices of at least 2048
+// ids, and when sampling at most 16384, the most the finishing block re-reads for a draw);
+// 1 asks for the one-block-per-row kernel (returns 0); >= 2 asks for that many slices per
+// vocabulary row, fewer where V has too few ids (slices are multiples of 8 ids). Returns the
+// `splits` argument of mtp_verify: 0 or the number of slices actually used. num_splits >
+// kMtpMaxSplits is the caller's error (the binding refuses it); it is clamped here.
+int64_t mtp_verify_splits(int64_t batch, int64_t k, int64_t vocab, bool sampled,
+                          int64_t num_splits, int64_t sm_count);
+// Bytes of workspace mtp_verify needs for `splits` (0 for splits == 0).
+int64_t mtp_verify_workspace_bytes(int64_t batch, int64_t k, int64_t splits, bool sampled);
 
 cudaError_t mtp_verify(const int64_t* draft, const void* logits, int64_t stride_lb,
                        int64_t stride_lk, const void* probs, int64_t stride_pb,
                        int64_t stride_pk, const float* uniforms, int64_t* tokens,
                        int64_t* num_accepted, int64_t batch, int64_t k, int64_t vocab,
-                       float temperature, DType logits_dtype, DType probs_dtype,
-                       cudaStream_t stream);
+                       float temperature, DType logits_dtype, DType probs_dtype, int64_t splits,
+                       void* workspace, int64_t workspace_bytes, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention forward (kernels/attention.py semantics; tensor cores, sm80+). The problem
+// (layouts, strides, cu_seqlens, GQA group, scale, causal, window) is described by
+// FlashAttnParams in thinkfuse/flash_attention_params.cuh (include it to fill one). float16 and
+// bfloat16 only; head_dim one of those flash_attention_forward_head_dim_supported accepts. q, k,
+// v, out need 16-byte aligned rows (base pointer and every batch / seq / head stride a multiple
+// of 16 bytes); out and lse are written for every row of every sequence (rows of a packed q
+// outside all sequences are left untouched). Returns cudaErrorInvalidValue for float32, other
+// head dims, max_seqlen_* > kFlashAttnMaxSeqlen, batch or heads_q > kFlashAttnMaxGridDim.
+// ---------------------------------------------------------------------------------------------
+
+struct FlashAttnParams;
+
+constexpr int kFlashAttnMaxSeqlen = 1 << 28;
+constexpr int kFlashAttnMaxGridDim = 65535;  // batch and heads_q are CUDA grid dims y and z
+
+constexpr bool flash_attention_forward_head_dim_supported(int64_t head_dim) {
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 96 ||
+         head_dim == 128 || head_dim == 256;
+}
+
+cudaError_t flash_attention_forward(const FlashAttnParams& params, DType dtype,
+                                    cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention backward (kernels/attention.py semantics; tensor cores, sm80+). The problem is
+// the forward's FlashAttnParams (q, k, v, the forward's out and lse, cu_seqlens, sizes, scale,
+// causal, window); FlashAttnBwdArgs adds the output gradient, the optional lse gradient, the
+// outputs and the workspaces. With P = exp(scale q.k - lse):
+//   delta = rowsum(dO * O) - dlse,  dS = P (dP - delta),  dP = dO V^T,
+//   dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO   (dK, dV summed over the GQA group).
+// float16 / bfloat16 only; head_dim in flash_attention_backward_head_dim_supported. q, k, v and
+// dout need 16-byte aligned rows (base pointer and every batch / seq / head stride a multiple of
+// 16 bytes); out, lse and dlse any strides (unit along D / the sequence). Outputs contiguous in
+// the inputs' dtype: dq [rows_q, Hq, D], dk and dv [rows_k, Hkv, D], rows = B * S (padded) or
+// total (packed). dq is written for every row (zeros outside all sequences); dk and dv for every
+// key of every sequence (packed rows outside all sequences are left untouched: zero them first).
+// Workspaces (float32, no initialisation needed): dq_accum rows_q * Hq * D floats, 16-byte
+// aligned; lse_log2 and delta each laid out like a contiguous lse (B * Hq * Sq or Hq * total_q).
+// Returns cudaErrorInvalidValue for float32, other head dims, max_seqlen_* >
+// kFlashAttnMaxSeqlen, heads_kv > kFlashAttnMaxGridDim or a group that does not divide.
+// ---------------------------------------------------------------------------------------------
+
+struct FlashAttnBwdArgs {
+  const void* dout = nullptr;  // like q (dtype and shape), any strides with a unit one on D
+  int64_t do_batch_stride = 0, do_seq_stride = 0, do_head_stride = 0;
+  const float* dlse = nullptr;  // gradient into lse, laid out like lse; nullptr: none
+  int64_t dlse_batch_stride = 0, dlse_head_stride = 0;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dq_accum = nullptr;
+  float* lse_log2 = nullptr;
+  float* delta = nullptr;
+};
+
+constexpr bool flash_attention_backward_head_dim_supported(int64_t head_dim) {
+  return head_dim == 64 || head_dim == 96 || head_dim == 128;
+}
+
+cudaError_t flash_attention_backward(const FlashAttnParams& params, const FlashAttnBwdArgs& args,
+                                     DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention over a KV cache (kernels/decode_attention.py semantics; flash-decoding on
+// CUDA cores, float32 / float16 / bfloat16). q [B, Sq, Hq, D], k_cache and v_cache
+// [B, S_max, Hkv, D] (HeadsView: unit stride on D, any other strides in elements; heads must
+// match the shape). cache_seqlens [B] int32 contiguous: valid keys per row, the Sq query tokens
+// included, clamped to [0, S_max] on the device. Query t of row b sits at key position
+// pos = L - Sq + t and sees the keys j <= pos, and with window > 0 only j > pos - window
+// (window <= 0: none). Rows that see no key output 0. out: contiguous [B, Sq, Hq, D] in dtype.
+// num_splits must come from decode_attention_num_splits (same shape and dtype, current device);
+// when it is > 1 the caller provides the float32 workspaces o_part [B, num_splits, Hq * Sq, D]
+// and lse_part [B, num_splits, Hq * Sq] (contiguous, no initialisation needed); else both may be
+// nullptr. out, o_part and lse_part must be 16-byte aligned. Invalid shapes (see
+// decode_attention_shape_valid) or an inconsistent num_splits return cudaErrorInvalidValue.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kDecodeMaxQueries = 16;                 // Sq
+constexpr int64_t kDecodeMaxSeqlenK = int64_t{1} << 29;   // S_max (int key positions)
+constexpr int64_t kDecodeMaxHeads = int64_t{1} << 16;     // Hq (int row arithmetic)
+
+struct DecodeAttentionShape {
+  int64_t batch;         // B
+  int64_t seqlen_q;      // Sq, 1 .. kDecodeMaxQueries
+  int64_t q_heads;       // Hq, a multiple of kv_heads, <= kDecodeMaxHeads
+  int64_t kv_heads;      // Hkv >= 1
+  int64_t head_dim;      // decode_attention_head_dim_supported
+  int64_t max_seqlen_k;  // S_max, 0 .. kDecodeMaxSeqlenK
+};
+
+constexpr bool decode_attention_head_dim_supported(int64_t head_dim) {
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 96 ||
+         head_dim == 128 || head_dim == 256;
+}
+
+constexpr bool decode_attention_shape_valid(const DecodeAttentionShape& s) {
+  return s.batch >= 0 && s.seqlen_q >= 1 && s.seqlen_q <= kDecodeMaxQueries && s.kv_heads >= 1 &&
+         s.q_heads >= 0 && s.q_heads <= kDecodeMaxHeads && s.q_heads % s.kv_heads == 0 &&
+         decode_attention_head_dim_supported(s.head_dim) && s.max_seqlen_k >= 0 &&
+         s.max_seqlen_k <= kDecodeMaxSeqlenK;
+}
+
+// The key-axis split count decode_attention runs with: requested > 0 asks for that many splits
+// (fewer when S_max is short: every split holds at least one key tile); requested <= 0 picks
+// one from the shapes and the current device (SM count, resident blocks), never from the
+// lengths. Returns >= 1, or -1 for an invalid shape or a failed device query.
+int64_t decode_attention_num_splits(const DecodeAttentionShape& shape, int64_t requested,
+                                    DType dtype);
+
+cudaError_t decode_attention(const DecodeAttentionShape& shape, const HeadsView& q,
+                             const HeadsView& k_cache, const HeadsView& v_cache,
+                             const int32_t* cache_seqlens, float softmax_scale, int64_t window,
+                             int64_t num_splits, float* o_part, float* lse_part, void* out,
+                             DType dtype, cudaStream_t stream);
 
 }  // namespace thinkfuse

@@ -19,6 +19,10 @@ no sliding window; ``num_splits <= 0`` means choose):
                      float softmax_scale, int window, int num_splits) -> Tensor out
 lse is float32 ``[B, Hq, Sq]`` (padded) or ``[Hq, total]`` (packed); rows that see no key have
 out 0 and lse -inf.
+
+The cuda flash_attention kernel (tensor cores) takes float16 / bfloat16 and the head dims of
+``CUDA_FLASH_HEAD_DIMS``: other inputs raise TypeError / ValueError when the cuda backend was
+named, and run on triton when it was chosen automatically.
 """
 
 from __future__ import annotations
@@ -30,13 +34,19 @@ from torch import Tensor
 
 from .. import reference
 from .._checks import check_float, check_same_device, check_tensor, with_unit_last_stride
-from ..backend import resolve_backend
-from ._registry import implementation
+from ..backend import _constant_under_compile, get_backend, resolve_backend, why_unavailable
+from ._registry import call, custom_op, implementation
 
 #: head dims the kernels accept (64, 96 and 128 are the real models'; the small ones are for tests)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 #: most query tokens per row decode_attention takes (decode 1, speculative verify k + 1)
 MAX_DECODE_QUERIES = 16
+#: what the cuda flash_attention forward kernel (tensor cores, mma.sync) takes
+CUDA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_FLASH_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+#: head dims of the cuda backward kernel; for the others a cuda forward is differentiated by the
+#: triton backward (same lse convention), so training works at every head dim the forward takes
+CUDA_FLASH_BWD_HEAD_DIMS = (64, 96, 128)
 
 
 def flash_attention(
@@ -63,7 +73,7 @@ def flash_attention(
     """
     scale = _check_attention(q, k, v, causal, softmax_scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, return_lse)
-    name = resolve_backend(q.device, backend, cuda_op="flash_attention_fwd")
+    name = _flash_backend(q, backend)
     if name == "torch":
         return reference.flash_attention(q, k, v, causal, scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
                                          return_lse)
@@ -74,7 +84,8 @@ def flash_attention(
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if len(cu_seqlens_k) > 1 else 0
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
-    out, lse = torch.ops.thinkfuse.flash_attention_fwd(
+    out, lse = call(
+        "flash_attention_fwd",
         with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v), cu_seqlens_q, cu_seqlens_k,
         int(max_seqlen_q), int(max_seqlen_k), scale, bool(causal), int(sliding_window or 0), name,
     )
@@ -102,10 +113,51 @@ def decode_attention(
     name = resolve_backend(q.device, backend, cuda_op="decode_attention")
     if name == "torch":
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, sliding_window)
-    return torch.ops.thinkfuse.decode_attention(
+    return call(
+        "decode_attention",
         with_unit_last_stride(q), with_unit_last_stride(k_cache), with_unit_last_stride(v_cache),
         cache_seqlens.contiguous(), scale, int(sliding_window or 0), int(num_splits or 0), name,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+
+
+@_constant_under_compile
+def _backend_was_named(requested: Optional[str]) -> bool:
+    """Whether the backend comes from a name (the argument, use_backend, set_backend or
+    THINKFUSE_BACKEND) rather than the automatic choice."""
+    return requested is not None or get_backend() is not None
+
+
+def _cuda_flash_refusal(q: Tensor) -> Optional[Exception]:
+    """Why the cuda flash_attention kernel cannot take q (None when it can)."""
+    if q.dtype not in CUDA_FLASH_DTYPES:
+        return TypeError(
+            f"q dtype {q.dtype} is not supported by the cuda flash_attention kernel (tensor cores: "
+            "float16 or bfloat16); use backend='triton' or 'torch' for float32"
+        )
+    if q.shape[-1] not in CUDA_FLASH_HEAD_DIMS:
+        return ValueError(
+            f"head_dim {q.shape[-1]} is not supported by the cuda flash_attention kernel; expected one "
+            f"of {CUDA_FLASH_HEAD_DIMS}; use backend='triton' or 'torch'"
+        )
+    return None
+
+
+def _flash_backend(q: Tensor, requested: Optional[str]) -> str:
+    """The backend flash_attention runs on. Inputs the cuda kernel lacks (float32, other head
+    dims) raise when cuda was asked for by name, and go to triton when it was chosen
+    automatically."""
+    name = resolve_backend(q.device, requested, cuda_op="flash_attention_fwd")
+    if name == "cuda":
+        refusal = _cuda_flash_refusal(q)
+        if refusal is not None:
+            if _backend_was_named(requested):
+                raise refusal
+            name = "triton" if why_unavailable("triton") is None else "torch"
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +362,7 @@ def _lse_shape(q, cu_q):
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
-@torch.library.custom_op("thinkfuse::flash_attention_fwd", mutates_args=())
+@custom_op("flash_attention_fwd")
 def flash_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window: int, backend: str,
@@ -325,7 +377,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("thinkfuse::flash_attention_bwd", mutates_args=())
+@custom_op("flash_attention_bwd")
 def flash_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
@@ -355,7 +407,10 @@ def _backward(ctx, dout, dlse):
     max_q, max_k, scale, causal, window, backend = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.thinkfuse.flash_attention_bwd(
+    if backend == "cuda" and q.shape[-1] not in CUDA_FLASH_BWD_HEAD_DIMS:
+        backend = "triton"
+    dq, dk, dv = call(
+        "flash_attention_bwd",
         with_unit_last_stride(dout), q, k, v, out, lse, None if dlse is None else dlse.contiguous(),
         cu_q, cu_k, max_q, max_k, scale, causal, window, backend,
     )
@@ -369,7 +424,7 @@ def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, window, num_splits)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window if window > 0 else None)
 
 
-@torch.library.custom_op("thinkfuse::decode_attention", mutates_args=())
+@custom_op("decode_attention")
 def decode_attention_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float, window: int,
     num_splits: int, backend: str,

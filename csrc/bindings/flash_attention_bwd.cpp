@@ -1,0 +1,282 @@
+// Torch binding of the flash-attention backward: torch.ops.thinkfuse_C.flash_attention_bwd.
+// Argument checks (ValueError / TypeError naming the argument), output and workspace allocation,
+// device guard and stream; the kernels are in csrc/ops/flash_attention_bwd.cu.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "thinkfuse/flash_attention_params.cuh"
+#include "thinkfuse/ops.h"
+
+namespace {
+
+using namespace thinkfuse::bindings;
+
+// float16 / bfloat16 only (the tensor-core kernels have no float32 path).
+DType half_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
+                   " must be float16 or bfloat16 for the cuda flash_attention backward, got ",
+                   t.scalar_type());
+  return kernel_dtype(t, name);
+}
+
+void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " dtype ", t.scalar_type(),
+                   " must equal q dtype ", q.scalar_type());
+}
+
+void check_unit_last_stride(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) <= 1 || t.numel() == 0, name,
+                    " must have unit stride along its last dimension, got strides ", t.strides());
+}
+
+// The kernels copy 16-byte chunks with cp.async: the base pointer and every stride of a dim
+// with more than one element must be 16-byte multiples. A tensor that is not (an odd slice of
+// a fused projection, an offset view) is copied into a fresh contiguous one.
+at::Tensor rows_16B_aligned(const at::Tensor& t) {
+  bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    ok = ok && (stride_or_zero(t, d) * t.element_size()) % 16 == 0;
+  }
+  return ok || t.numel() == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// (batch, seq, head) strides of a [B, S, H, D] or [total, H, D] tensor; 0 where a dim has one
+// element, and a packed tensor has no batch dim.
+struct Strides3 {
+  int64_t b = 0, s = 0, h = 0;
+};
+
+Strides3 token_strides(const at::Tensor& t, bool packed) {
+  Strides3 st;
+  if (packed) {
+    st.s = stride_or_zero(t, 0);
+    st.h = stride_or_zero(t, 1);
+  } else {
+    st.b = stride_or_zero(t, 0);
+    st.s = stride_or_zero(t, 1);
+    st.h = stride_or_zero(t, 2);
+  }
+  return st;
+}
+
+// lse-shaped float32 ([B, Hq, Sq] or [Hq, total_q]); returns it with a unit stride along the
+// sequence (a copy only if it had none).
+at::Tensor check_lse(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                     const at::Device& device) {
+  check_device(t, name, device);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  const int64_t last = t.dim() - 1;
+  return t.size(last) <= 1 || t.stride(last) == 1 ? t : t.contiguous();
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Device& device) {
+  check_device(cu, name, device);
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name,
+                    " must be 1-D with batch + 1 >= 1 entries, got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
+}
+
+int checked_seqlen(int64_t value, const char* name) {
+  TORCH_CHECK_VALUE(value >= 0 && value <= thinkfuse::kFlashAttnMaxSeqlen, name, " must be in [0, ",
+                    thinkfuse::kFlashAttnMaxSeqlen, "], got ", value);
+  return static_cast<int>(value);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& dlse_in, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double softmax_scale, bool causal, int64_t window) {
+  const at::Device device = q_in.device();
+  check_device(q_in, "q", device);
+  check_device(k_in, "k", device);
+  check_device(v_in, "v", device);
+  check_device(out, "out", device);
+  check_device(dout_in, "dout", device);
+  const DType dtype = half_dtype(q_in, "q");
+  check_like_q(k_in, "k", q_in);
+  check_like_q(v_in, "v", q_in);
+  check_like_q(out, "out", q_in);
+  check_like_q(dout_in, "dout", q_in);
+
+  TORCH_CHECK_VALUE(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+                    "cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or both "
+                    "be None");
+  const bool packed = cu_seqlens_q.has_value();
+  const int64_t rank = packed ? 3 : 4;
+  const char* layout = packed ? "[total_tokens, H, D] with cu_seqlens" : "[B, S, H, D]";
+  TORCH_CHECK_VALUE(q_in.dim() == rank, "q must be ", layout, ", got shape ", q_in.sizes());
+  TORCH_CHECK_VALUE(k_in.dim() == rank, "k must be ", layout, ", got shape ", k_in.sizes());
+  TORCH_CHECK_VALUE(v_in.sizes() == k_in.sizes(), "v shape ", v_in.sizes(),
+                    " must equal k shape ", k_in.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q_in.sizes(), "out shape ", out.sizes(),
+                    " must equal q shape ", q_in.sizes());
+  TORCH_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "dout shape ", dout_in.sizes(),
+                    " must equal q shape ", q_in.sizes());
+  const int64_t head_dim = q_in.size(-1);
+  const int64_t heads_q = q_in.size(-2);
+  const int64_t heads_kv = k_in.size(-2);
+  TORCH_CHECK_VALUE(k_in.size(-1) == head_dim, "k head_dim ", k_in.size(-1),
+                    " must equal q's head_dim ", head_dim);
+  TORCH_CHECK_VALUE(thinkfuse::flash_attention_backward_head_dim_supported(head_dim), "head_dim ",
+                    head_dim,
+                    " is not supported by the cuda flash_attention backward; expected 64, 96 or "
+                    "128");
+  TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, "q has ", heads_q,
+                    " heads, which is not a multiple of k's ", heads_kv,
+                    " heads (GQA needs Hq % Hkv == 0)");
+  TORCH_CHECK_VALUE(heads_q <= thinkfuse::kFlashAttnMaxGridDim &&
+                        heads_kv <= thinkfuse::kFlashAttnMaxGridDim,
+                    "at most ", thinkfuse::kFlashAttnMaxGridDim, " heads are supported, got ",
+                    heads_q);
+  check_unit_last_stride(q_in, "q");
+  check_unit_last_stride(k_in, "k");
+  check_unit_last_stride(v_in, "v");
+  check_unit_last_stride(out, "out");
+  check_unit_last_stride(dout_in, "dout");
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ",
+                    softmax_scale);
+
+  int64_t batch = 0;
+  int sq = 0;
+  int sk = 0;
+  if (packed) {
+    check_cu_seqlens(*cu_seqlens_q, "cu_seqlens_q", device);
+    check_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", device);
+    TORCH_CHECK_VALUE(cu_seqlens_k->size(0) == cu_seqlens_q->size(0), "cu_seqlens_k has ",
+                      cu_seqlens_k->size(0), " entries but cu_seqlens_q has ",
+                      cu_seqlens_q->size(0), "; both must be batch + 1");
+    batch = cu_seqlens_q->size(0) - 1;
+    sq = checked_seqlen(max_seqlen_q, "max_seqlen_q");
+    sk = checked_seqlen(max_seqlen_k, "max_seqlen_k");
+  } else {
+    TORCH_CHECK_VALUE(k_in.size(0) == q_in.size(0), "k batch ", k_in.size(0),
+                      " must equal q batch ", q_in.size(0));
+    batch = q_in.size(0);
+    sq = checked_seqlen(q_in.size(1), "q's sequence length");
+    sk = checked_seqlen(k_in.size(1), "k's sequence length");
+  }
+  TORCH_CHECK_VALUE(batch <= std::numeric_limits<int>::max(), "batch ", batch, " is too large");
+  const std::vector<int64_t> lse_shape =
+      packed ? std::vector<int64_t>{heads_q, q_in.size(0)}
+             : std::vector<int64_t>{batch, heads_q, static_cast<int64_t>(sq)};
+  const at::Tensor lse = check_lse(lse_in, "lse", lse_shape, device);
+  std::optional<at::Tensor> dlse;
+  if (dlse_in.has_value()) dlse = check_lse(*dlse_in, "dlse", lse_shape, device);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor q = rows_16B_aligned(q_in);
+  const at::Tensor k = rows_16B_aligned(k_in);
+  const at::Tensor v = rows_16B_aligned(v_in);
+  const at::Tensor dout = rows_16B_aligned(dout_in);
+
+  // Outputs contiguous like q, k, v. Packed dk/dv start at zero: rows outside every sequence
+  // are never written by the kernel (dq's are, by the preprocessing and conversion kernels).
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = packed ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
+  at::Tensor dv = packed ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
+  const int64_t rows_q = packed ? q.size(0) : batch * sq;
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq_accum = at::empty({rows_q * heads_q * head_dim}, f32);
+  at::Tensor stats = at::empty({2, rows_q * heads_q}, f32);  // lse_log2, delta
+
+  thinkfuse::FlashAttnParams p;
+  const Strides3 qs = token_strides(q, packed);
+  const Strides3 ks = token_strides(k, packed);
+  const Strides3 vs = token_strides(v, packed);
+  const Strides3 os = token_strides(out, packed);
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_batch_stride = qs.b;
+  p.q_seq_stride = qs.s;
+  p.q_head_stride = qs.h;
+  p.k_batch_stride = ks.b;
+  p.k_seq_stride = ks.s;
+  p.k_head_stride = ks.h;
+  p.v_batch_stride = vs.b;
+  p.v_seq_stride = vs.s;
+  p.v_head_stride = vs.h;
+  p.out = const_cast<void*>(out.const_data_ptr());  // read only by the backward
+  p.o_batch_stride = os.b;
+  p.o_seq_stride = os.s;
+  p.o_head_stride = os.h;
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());  // read only by the backward
+  p.lse_batch_stride = packed ? 0 : stride_or_zero(lse, 0);
+  p.lse_head_stride = stride_or_zero(lse, packed ? 0 : 1);
+  if (packed) {
+    p.cu_seqlens_q = cu_seqlens_q->const_data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_seqlens_k->const_data_ptr<int32_t>();
+    p.total_q = q.size(0);
+    p.total_k = k.size(0);
+  }
+  p.batch = static_cast<int>(batch);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.head_dim = static_cast<int>(head_dim);
+  p.max_seqlen_q = sq;
+  p.max_seqlen_k = sk;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.causal = causal;
+  // A window wider than every sequence hides nothing; clamping keeps it in int range.
+  p.window = window <= 0 ? 0
+                         : static_cast<int>(std::min<int64_t>(
+                               window, int64_t{thinkfuse::kFlashAttnMaxSeqlen} + 1));
+
+  thinkfuse::FlashAttnBwdArgs a;
+  const Strides3 ds = token_strides(dout, packed);
+  a.dout = dout.const_data_ptr();
+  a.do_batch_stride = ds.b;
+  a.do_seq_stride = ds.s;
+  a.do_head_stride = ds.h;
+  if (dlse.has_value()) {
+    a.dlse = dlse->const_data_ptr<float>();
+    a.dlse_batch_stride = packed ? 0 : stride_or_zero(*dlse, 0);
+    a.dlse_head_stride = stride_or_zero(*dlse, packed ? 0 : 1);
+  }
+  a.dq = dq.mutable_data_ptr();
+  a.dk = dk.mutable_data_ptr();
+  a.dv = dv.mutable_data_ptr();
+  a.dq_accum = dq_accum.mutable_data_ptr<float>();
+  a.lse_log2 = stats.mutable_data_ptr<float>();
+  a.delta = a.lse_log2 + rows_q * heads_q;
+
+  if (batch > 0 && q.numel() + k.numel() > 0) {
+    check_launch(thinkfuse::flash_attention_backward(p, a, dtype,
+                                                     c10::cuda::getCurrentCUDAStream().stream()),
+                 "flash_attention_bwd");
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(thinkfuse_C, m) {
+  m.def(
+      "flash_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal, int window) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) { m.impl("flash_attention_bwd", &flash_attention_bwd); }

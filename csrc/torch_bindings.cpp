@@ -511,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor> mtp_verify(const at::Tensor& draft_tokens,
                                               const at::Tensor& target_logits,
                                               const std::optional<at::Tensor>& draft_probs,
                                               const std::optional<at::Tensor>& uniforms,
-                                              double temperature) {
+                                              double temperature, int64_t num_splits) {
   TORCH_CHECK_VALUE(draft_tokens.dim() == 2, "draft_tokens must be 2-D [B, K], got shape ",
                     draft_tokens.sizes());
   const int64_t batch = draft_tokens.size(0);
@@ -568,11 +568,28 @@ std::tuple<at::Tensor, at::Tensor> mtp_verify(const at::Tensor& draft_tokens,
   // (greedy) 0, so it is kept positive.
   float temp = static_cast<float>(temperature);
   if (sampled && temp == 0.0f) temp = std::numeric_limits<float>::min();
+  TORCH_CHECK_VALUE(num_splits <= thinkfuse::kMtpMaxSplits, "num_splits must be <= ",
+                    thinkfuse::kMtpMaxSplits,
+                    " (<= 0: chosen by heuristic, 1: one block per batch row), got ", num_splits);
 
   const c10::cuda::CUDAGuard guard(device);
   const auto i64 = target_logits.options().dtype(at::kLong);
   at::Tensor tokens = at::empty({batch, k + 1}, i64);
   at::Tensor num_accepted = at::empty({batch}, i64);
+  // The work split (0: one block per batch row; else vocabulary slices per row, which need a
+  // workspace for the per-slice partials and the per-row ticket counters the launch zeroes).
+  int sm_count = 0;
+  if (num_splits <= 0 && batch > 0) {
+    check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device.index()),
+                 "mtp_verify (SM count)");
+  }
+  const int64_t splits =
+      thinkfuse::mtp_verify_splits(batch, k, vocab, sampled, num_splits, sm_count);
+  const int64_t workspace_bytes = thinkfuse::mtp_verify_workspace_bytes(batch, k, splits, sampled);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({(workspace_bytes + 3) / 4}, target_logits.options().dtype(at::kInt));
+  }
   check_launch(
       thinkfuse::mtp_verify(
           draft_tokens.const_data_ptr<int64_t>(), target_logits.const_data_ptr(),
@@ -582,7 +599,9 @@ std::tuple<at::Tensor, at::Tensor> mtp_verify(const at::Tensor& draft_tokens,
           has_probs ? stride_or_zero(*draft_probs, 1) : 0,
           sampled ? uniforms->const_data_ptr<float>() : nullptr,
           tokens.mutable_data_ptr<int64_t>(), num_accepted.mutable_data_ptr<int64_t>(), batch, k,
-          vocab, temp, logits_dtype, probs_dtype, c10::cuda::getCurrentCUDAStream().stream()),
+          vocab, temp, logits_dtype, probs_dtype, splits,
+          workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, workspace_bytes,
+          c10::cuda::getCurrentCUDAStream().stream()),
       "mtp_verify");
   return {tokens, num_accepted};
 }
@@ -623,7 +642,7 @@ TORCH_LIBRARY(thinkfuse_C, m) {
       "Tensor token_ids, Tensor lse, Tensor? entropy, float temperature) -> Tensor grad_logits");
   m.def(
       "mtp_verify(Tensor draft_tokens, Tensor target_logits, Tensor? draft_probs, "
-      "Tensor? uniforms, float temperature) -> (Tensor tokens, Tensor num_accepted)");
+      "Tensor? uniforms, float temperature, int num_splits=1) -> (Tensor tokens, Tensor num_accepted)");
 }
 
 TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) {

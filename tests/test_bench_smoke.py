@@ -47,7 +47,7 @@ TOKEN_LOGPROBS_IMPLS = (*THINKFUSE_IMPLS, "trl-selective-log-softmax", "torch-co
 FUSED_LINEAR_IMPLS = (*THINKFUSE_IMPLS, "materialised", "verl-chunked", "liger")
 # mtp_verify: B 2, K 2, V 64; forward only (not differentiable).
 MTP_VARIANTS = ("greedy", "sample", "sample+draft_probs")
-MTP_IMPLS = (*THINKFUSE_IMPLS, "vllm-style", "flashinfer")
+MTP_IMPLS = (*THINKFUSE_IMPLS, "thinkfuse-cuda-split", "vllm-style", "flashinfer")
 ALL_OPS = ("logprobs", "mtp_verify", "rms_norm", "rope", "swiglu")
 
 

@@ -254,6 +254,23 @@ def test_kernel_sampled_tokens_follow_the_target_distribution(draft_mode, kernel
 
 
 # ---------------------------------------------------------------------------------------------
+# num_splits: the cuda kernel's work split (1: one block per row, >= 2: vocabulary slices, <= 0:
+# heuristic); other backends ignore it. Tokens do not depend on it (greedy: exactly; sampling: up
+# to float32 summation order, which these cases do not reach).
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_num_splits_does_not_change_tokens(temperature, backend):
+    draft, logits, probs = _sampling_case(12, 3, 300, seed=6, draft_mode="probs")
+    args = (draft.to(DEVICE), logits.to(DEVICE))
+    kwargs = dict(temperature=temperature, draft_probs=probs.to(DEVICE), backend=backend)
+    expected = mtp_verify(*args, generator=_generator(4), **kwargs)
+    for num_splits in (1, 0, -2, 2, 7, 1024):
+        ours = mtp_verify(*args, generator=_generator(4), num_splits=num_splits, **kwargs)
+        assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1]), num_splits
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad inputs
 
 
@@ -314,6 +331,10 @@ def test_bad_inputs(change, error, match):
         (dict(temperature=1.0, draft_probs=torch.ones(1, 2, 8, dtype=torch.long)), TypeError, "draft_probs must have"),
         (dict(temperature=1.0, generator=1), TypeError, "generator must be a torch.Generator"),
         (dict(backend="nope"), ValueError, "backend must be one of"),
+        (dict(num_splits=1.5), TypeError, "num_splits must be an int"),
+        (dict(num_splits=True), TypeError, "num_splits must be an int"),
+        (dict(num_splits="2"), TypeError, "num_splits must be an int"),
+        (dict(num_splits=1025), ValueError, "num_splits must be <= 1024"),
     ],
 )
 def test_bad_options(kwargs, error, match):

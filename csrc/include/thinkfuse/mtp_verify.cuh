@@ -10,12 +10,15 @@
 //            after K acceptances from q_K: one inverse-CDF draw over V in id order with
 //            threshold uniforms[:, K] * total weight; when no weight is positive, the argmax.
 //
-// One launch, one block per batch row. Every pass over a vocabulary row is block-wide (threads
-// stride over V, then a block all-reduce), so rows of 152k ids cost one read per pass. The
-// sequential accept/reject walk is done redundantly by every thread on block-reduced values
-// (bitwise the same in every thread), so the decisions need no broadcast; thread 0 writes. The
-// inverse CDF walks tiles of kThreads * kItems consecutive ids: each thread sums its kItems,
-// a block exclusive scan places them, and the first crossing is a block min.
+// Two paths (mtp_verify's `splits`): the one-block-per-row kernels described here (splits 0),
+// and the split path at the end of this file (vocabulary rows cut into slices, one block each).
+//
+// One-block path: one launch, one block per batch row. Every pass over a vocabulary row is
+// block-wide (threads stride over V, then a block all-reduce), so rows of 152k ids cost one read
+// per pass. The sequential accept/reject walk is done redundantly by every thread on
+// block-reduced values (bitwise the same in every thread), so the decisions need no broadcast;
+// thread 0 writes. The inverse CDF walks tiles of kThreads * kItems consecutive ids: each thread
+// sums its kItems, a block exclusive scan places them, and the first crossing is a block min.
 // float32 math like the Triton kernel; exp is exp_accurate (--use_fast_math would make expf the
 // approximate __expf) and divisions are IEEE (__fdiv_rn), as in torch.
 #pragma once
@@ -435,6 +438,712 @@ cudaError_t verify(const Params<T>& p, int64_t batch, cudaStream_t stream) {
     }
   } else {
     sampled_kernel<<<grid, kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+
+// =============================================================================================
+// Split path: many blocks per batch row (mtp_verify's num_splits != 1).
+//
+// The one-block-per-row kernels above are latency-bound when B is small: one block reads all
+// K+1 vocabulary rows of its batch row (H100, B=1, K=1, V=151680 bf16: 32.8 us for ~600 KB). Here
+// each vocabulary row (b, j) is cut into `splits` slices of `slice` consecutive ids (a multiple
+// of kSliceAlign, so every slice start keeps the row's 16-byte alignment), and
+//
+//   kernel 1, grid B * (K+1) * splits blocks (one 1-D index, b-major, then j, then the slice, so
+//     the blocks of one row are dispatched together): each block reduces its slice to partials
+//     in the workspace: greedy (max of the raw logits with NaN as +inf, its lowest id); sampled
+//     the same plus the softmax statistics of logits / temperature (slice max m_s, sum of
+//     exp(x - m_s), the same sum without the draft id of position j < K). Thread 0 stores them,
+//     __threadfence(), then takes a ticket from the row's counter (atomicAdd). The block that
+//     draws the last ticket of its row (all (K+1) * splits partials are then visible: the
+//     writers' fences precede their tickets, and the last block fences after its own) does the
+//     sequential accept walk over the K+1 positions from the partials (read with __ldcg, at the
+//     L2, never a stale L1 line), writes tokens / num_accepted, and puts the counter back to 0.
+//     Sampling: the final token is drawn there too (bonus, or correction of a deterministic
+//     draft): the slice masses follow from the partials (mass_s = sum_s * exp(m_s - m)), an
+//     inverse CDF over the masses picks the slice and a second one inside that slice (the only
+//     logits this block re-reads) picks the id.
+//   kernel 2 (sampled with draft_probs only; its blocks exit at once for rows that do not need
+//     it): a correction drawn from max(q - p, 0) needs the row's global max and normaliser
+//     before any slice mass can be formed, so kernel 1's last block stores them and the final
+//     position; blocks (b, slice) sum the residual weights of their slice, and the last one of
+//     the row (second counter, same protocol) locates the slice and the id as above.
+//
+// Launches: a cudaMemsetAsync of the 2 * B counters, kernel 1, and kernel 2 when there are draft
+// probabilities; all on the caller's stream, no host synchronisation, capturable in a CUDA graph
+// (a replay re-runs the memset, and each last block also puts its counter back to 0, so a
+// persistent workspace would stay valid too).
+//
+// Exactness against the one-block kernels (same uniforms):
+//   - greedy: bit-identical. The max is order-independent and every reduction (per thread in
+//     increasing id order with a strict >, across threads, across slices) keeps the lowest id
+//     among equal maxima, NaN mapped to +inf as there.
+//   - sampled: the same float32 formulas per element (x = logit / T with an IEEE division,
+//     exp_accurate); the max m is the same value; the sums (normaliser Z, slice masses, the
+//     running CDF) are added in a different order (per slice, then across slices), so they
+//     can differ from the one-block kernel's in the last bits, and so can u * p < q at a
+//     boundary and the id picked when u * W lands within a rounding error of a CDF step. Both
+//     kernels implement the same exact rejection-sampling scheme (accept min(1, q/p), draw the
+//     correction from normalise(max(q - p, 0)), the bonus from q_K); the only departure from the
+//     exact distribution, in either, is float32 rounding of sums of non-negative terms (a
+//     relative error of order V * 2^-24 at worst, far less in practice), and the CDF walked is
+//     monotone, so every id of positive weight keeps an interval of the right length up to that
+//     rounding. Tokens therefore match the one-block kernel and the float64 reference except on
+//     such boundary events (probability ~1e-7 per decision).
+//   - degenerate rows as there: a NaN anywhere in the final position's row (normaliser NaN)
+//     emits the argmax of the raw logits; no positive weight emits the argmax; when rounding
+//     leaves no crossing, the last id of positive weight (here: of the chosen slice).
+//
+// Early exit (skipping the blocks of positions after a rejection, as the one-block kernels
+// stop reading) is not done: a position's verdict exists only once all its slices are in, and
+// at small B all blocks run in one wave, so nothing would be skipped; at large B it could save
+// the reads of rejected rows' later positions, at the price of a per-row flag that blocks poll
+// before reading. Left for measurement on a GPU.
+// =============================================================================================
+
+constexpr int kSplitThreads = 256;
+constexpr int kSplitWarps = kSplitThreads / kWarpSize;
+// Slice starts are multiples of 8 ids: 16 bytes of bf16/fp16, 32 of fp32.
+constexpr int kSliceAlign = 8;
+// The heuristic's smallest slice: one 16-byte load per thread of bf16.
+constexpr int kMinHeuristicSlice = kSplitThreads * 8;
+// The heuristic's target: this many blocks per SM in kernel 1 (about one wave of 256-thread
+// blocks with room to spare; more slices only add partials to reduce).
+constexpr int kTargetBlocksPerSm = 4;
+constexpr int kSplitItems = 8;  // consecutive ids per thread per tile of the in-slice draw
+constexpr int kMassItems = 4;   // slices per thread per tile when locating the slice
+// The heuristic's largest slice when sampling: the finishing block walks one slice for the draw,
+// kSplitThreads * kSplitItems ids per step (a few block barriers each), so at most 8 steps.
+constexpr int kMaxSampledSlice = 8 * kSplitThreads * kSplitItems;
+
+// Host: ids per slice for `splits` requested slices of a vocabulary row. ceil(V / slice) is the
+// number of slices actually used; feeding that number back gives the same slice (a fixed point).
+inline int64_t split_slice(int64_t vocab, int64_t splits) {
+  return round_up<int64_t>(ceil_div<int64_t>(vocab, splits), kSliceAlign);
+}
+
+// Device pointers into the workspace (all 4-byte words). R = B * (K+1) rows, S slices.
+struct SplitWorkspace {
+  int* counters;     // [B] kernel 1's tickets per row; 0 between launches
+  int* counters2;    // [B] kernel 2's tickets per row; 0 between launches
+  float* part_v;     // [R * S] slice max of the raw logits, NaN as +inf
+  int* part_i;       // [R * S] its lowest id (0 for an all -inf slice)
+  float* part_m;     // [R * S] sampled: slice max of logits / T (-inf for an all -inf slice)
+  float* part_total; // [R * S] sampled: sum of exp(x - m_s) over the slice
+  float* part_excl;  // [R * S] sampled: the same without the draft id (positions j < K)
+  float* mass;       // [B * S] sampled: residual mass of each slice (kernel 2)
+  int* row_pos;      // [B] sampled: position of the final token (kernel 1 -> kernel 2)
+  float* row_m;      // [B] its max of logits / T (0 when all -inf)
+  float* row_z;      // [B] its normaliser
+  int* row_fallback; // [B] its argmax, emitted when nothing can be drawn
+  int* row_status;   // [B] 1: kernel 2 draws the final token of the row; 0: done by kernel 1
+};
+
+// Host: lays the workspace out from `base` (nullptr: sizes only) and returns its size in 4-byte
+// words. Offsets are computed as integers; pointers are formed only from a real base.
+inline int64_t layout_split_workspace(void* base, int64_t batch, int64_t k, int64_t splits,
+                                      bool sampled, SplitWorkspace* ws) {
+  const int64_t parts = batch * (k + 1) * splits;
+  int64_t offset = 0;
+  auto take = [&](int64_t words) {
+    const int64_t at = offset;
+    offset += words;
+    return at;
+  };
+  const int64_t counters = take(batch);
+  const int64_t counters2 = take(batch);
+  const int64_t part_v = take(parts);
+  const int64_t part_i = take(parts);
+  int64_t part_m = 0, part_total = 0, part_excl = 0, mass = 0;
+  int64_t row_pos = 0, row_m = 0, row_z = 0, row_fallback = 0, row_status = 0;
+  if (sampled) {
+    part_m = take(parts);
+    part_total = take(parts);
+    part_excl = take(parts);
+    mass = take(batch * splits);
+    row_pos = take(batch);
+    row_m = take(batch);
+    row_z = take(batch);
+    row_fallback = take(batch);
+    row_status = take(batch);
+  }
+  if (base != nullptr && ws != nullptr) {
+    int* const ints = static_cast<int*>(base);
+    float* const floats = static_cast<float*>(base);
+    ws->counters = ints + counters;
+    ws->counters2 = ints + counters2;
+    ws->part_v = floats + part_v;
+    ws->part_i = ints + part_i;
+    ws->part_m = sampled ? floats + part_m : nullptr;
+    ws->part_total = sampled ? floats + part_total : nullptr;
+    ws->part_excl = sampled ? floats + part_excl : nullptr;
+    ws->mass = sampled ? floats + mass : nullptr;
+    ws->row_pos = sampled ? ints + row_pos : nullptr;
+    ws->row_m = sampled ? floats + row_m : nullptr;
+    ws->row_z = sampled ? floats + row_z : nullptr;
+    ws->row_fallback = sampled ? ints + row_fallback : nullptr;
+    ws->row_status = sampled ? ints + row_status : nullptr;
+  }
+  return offset;
+}
+
+template <typename T>
+struct SplitParams {
+  Params<T> p;
+  SplitWorkspace ws;
+  int splits;  // slices per vocabulary row
+  int slice;   // ids per slice (the last one may be shorter)
+};
+
+// Per-slice partials of the sampled kernel: softmax statistics and the raw argmax.
+struct SliceStats {
+  float m;
+  float total;
+  float excl;
+  float v;
+  int i;
+
+  static __device__ __forceinline__ SliceStats shfl_xor(const SliceStats& a, int mask) {
+    SliceStats out;
+    out.m = __shfl_xor_sync(0xffffffffu, a.m, mask);
+    out.total = __shfl_xor_sync(0xffffffffu, a.total, mask);
+    out.excl = __shfl_xor_sync(0xffffffffu, a.excl, mask);
+    out.v = __shfl_xor_sync(0xffffffffu, a.v, mask);
+    out.i = __shfl_xor_sync(0xffffffffu, a.i, mask);
+    return out;
+  }
+};
+
+__device__ __forceinline__ SliceStats combine_slices(const SliceStats& a, const SliceStats& b) {
+  const SoftmaxStats st = combine_stats(SoftmaxStats{a.m, a.total, a.excl},
+                                        SoftmaxStats{b.m, b.total, b.excl});
+  const ArgMax am = better(ArgMax{a.v, a.i}, ArgMax{b.v, b.i});
+  return SliceStats{st.m, st.total, st.excl, am.v, am.i};
+}
+
+// (id, running CDF before it) for the inverse CDF; the lower / higher id wins.
+struct IdCarry {
+  int id;
+  float before;
+
+  static __device__ __forceinline__ IdCarry shfl_xor(const IdCarry& a, int mask) {
+    IdCarry out;
+    out.id = __shfl_xor_sync(0xffffffffu, a.id, mask);
+    out.before = __shfl_xor_sync(0xffffffffu, a.before, mask);
+    return out;
+  }
+};
+
+constexpr int kNoId = 0x7fffffff;
+
+// Butterfly over one warp; lane 0's result is the one used (with contracted FMAs the lanes may
+// differ in the last bit for the softmax statistics, so no lane but 0 is trusted).
+template <typename S, typename Combine>
+__device__ __forceinline__ S warp_allreduce(S x, Combine combine) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    x = combine(x, S::shfl_xor(x, offset));
+  }
+  return x;
+}
+
+// Block argmax of row[lo:hi) (NaN as +inf, the lowest id on ties; ids are row indices). As
+// block_argmax, chunks of kVecSize<T> ids, kChunksInFlight loads per thread before any compare.
+// lo is a multiple of kSliceAlign, so with kAligned every full chunk is one 16-byte load.
+template <bool kAligned, typename T>
+__device__ ArgMax slice_argmax(const T* row, int lo, int hi) {
+  constexpr int kVec = kVecSize<T>;
+  constexpr int kStep = kSplitThreads * kVec;
+  const int len = hi - lo;
+  ArgMax best{-INFINITY, 0};
+  for (int base = static_cast<int>(threadIdx.x) * kVec; base < len; base += kChunksInFlight * kStep) {
+    float x[kChunksInFlight][kVec];
+#pragma unroll
+    for (int u = 0; u < kChunksInFlight; ++u) {
+      const int col = base + u * kStep;
+      if (col < len) {
+        logprobs::load_chunk<kAligned>(row + lo + col, len - col, x[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) x[u][i] = -INFINITY;
+      }
+    }
+    // Each thread visits its ids in increasing order: strict > keeps the lowest on ties.
+#pragma unroll
+    for (int u = 0; u < kChunksInFlight; ++u) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const int col = base + u * kStep + i;
+        const float v = x[u][i] != x[u][i] ? INFINITY : x[u][i];
+        if (col < len && v > best.v) best = ArgMax{v, lo + col};
+      }
+    }
+  }
+  // A thread (or slice) that saw no value above -inf keeps id 0, which only wins when the whole
+  // row is -inf (torch.argmax's answer is then 0 as well).
+  return block_allreduce(best, [](const ArgMax& a, const ArgMax& b) { return better(a, b); });
+}
+
+// Chunks in flight per thread in slice_stats: the per-element IEEE division and exp make that
+// loop compute-heavy, and 4 chunks of 8 (bf16) spill on sm_90a.
+constexpr int kStatsChunks = 2;
+
+// Softmax statistics of row[lo:hi) / temperature (excl leaves out id `excluded`, -1: none) and
+// the raw argmax, from one read. Chunked online softmax: one rescale per kStatsChunks chunks.
+template <bool kAligned, typename T>
+__device__ SliceStats slice_stats(const T* row, int lo, int hi, float temperature,
+                                  int64_t excluded) {
+  constexpr int kVec = kVecSize<T>;
+  constexpr int kStep = kSplitThreads * kVec;
+  const int len = hi - lo;
+  SliceStats st{-INFINITY, 0.0f, 0.0f, -INFINITY, 0};
+  for (int base = static_cast<int>(threadIdx.x) * kVec; base < len; base += kStatsChunks * kStep) {
+    float x[kStatsChunks][kVec];
+#pragma unroll
+    for (int u = 0; u < kStatsChunks; ++u) {
+      const int col = base + u * kStep;
+      if (col < len) {
+        logprobs::load_chunk<kAligned>(row + lo + col, len - col, x[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) x[u][i] = -INFINITY;
+      }
+    }
+    float chunk_max = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kStatsChunks; ++u) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const int col = base + u * kStep + i;
+        const float raw = x[u][i];
+        const float v = raw != raw ? INFINITY : raw;
+        if (col < len && v > st.v) {
+          st.v = v;
+          st.i = lo + col;
+        }
+        // x / T, as the one-block kernel (IEEE division); past the slice: -inf (no weight).
+        const float z = col < len ? __fdiv_rn(raw, temperature) : -INFINITY;
+        x[u][i] = z;
+        if (z > chunk_max) chunk_max = z;  // false for NaN: NaN never becomes the max
+      }
+    }
+    if (chunk_max > st.m) {
+      const float scale = exp_accurate(st.m - chunk_max);
+      st.total *= scale;
+      st.excl *= scale;
+      st.m = chunk_max;
+    }
+    const float shift = logprobs::safe_shift(st.m);
+#pragma unroll
+    for (int u = 0; u < kStatsChunks; ++u) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const int col = base + u * kStep + i;
+        if (col < len) {
+          const float e = exp_accurate(x[u][i] - shift);
+          st.total += e;
+          if (lo + col != excluded) st.excl += e;
+        }
+      }
+    }
+  }
+  return block_allreduce(st, [](const SliceStats& a, const SliceStats& b) {
+    return combine_slices(a, b);
+  });
+}
+
+// Ticket protocol: thread 0 has stored this block's partials. Returns true in every thread of
+// the block that arrives last among `expected` blocks sharing `counter`; that block may then
+// read every partial (with __ldcg).
+__device__ __forceinline__ bool arrive_last(int* counter, int expected) {
+  __shared__ int last;
+  if (threadIdx.x == 0) {
+    __threadfence();  // release: the partials before the ticket
+    const int ticket = atomicAdd(counter, 1);
+    last = ticket == expected - 1 ? 1 : 0;
+  }
+  __syncthreads();
+  const bool is_last = last != 0;
+  if (is_last) __threadfence();  // acquire: the partials after the ticket
+  return is_last;
+}
+
+// Inverse CDF over items [lo, hi) of weight fn(c) >= 0 (NaN counts as no weight), starting from
+// the running sum `carry`: the first item of positive weight whose running sum exceeds
+// `threshold`, with the running sum before it; when rounding leaves none, the last item of
+// positive weight; id -1 when no weight is positive. Tiles of blockDim.x * kItems consecutive
+// items; a block exclusive scan places each thread's kItems (as block_inverse_cdf). Every
+// thread must call it and gets the same answer.
+template <int kItems, typename Fn>
+__device__ IdCarry range_inverse_cdf(const Fn& fn, int lo, int hi, float carry, float threshold) {
+  const int tile = static_cast<int>(blockDim.x) * kItems;
+  IdCarry last{-1, 0.0f};
+  for (int start = lo; start < hi; start += tile) {
+    const int first = start + static_cast<int>(threadIdx.x) * kItems;
+    float w[kItems];
+    float local = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int c = first + i;
+      w[i] = c < hi ? fn(c) : 0.0f;
+      local += w[i];
+    }
+    float tile_total;
+    float cdf = carry + block_exclusive_scan(local, tile_total);
+    IdCarry found{kNoId, 0.0f};
+    IdCarry positive{-1, 0.0f};
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const float before = cdf;
+      cdf += w[i];
+      if (w[i] > 0.0f) {
+        positive = IdCarry{first + i, before};
+        if (cdf > threshold && found.id == kNoId) found = IdCarry{first + i, before};
+      }
+    }
+    found = block_allreduce(found, [](const IdCarry& a, const IdCarry& b) {
+      return a.id < b.id ? a : b;
+    });
+    if (found.id != kNoId) return found;
+    positive = block_allreduce(positive, [](const IdCarry& a, const IdCarry& b) {
+      return a.id > b.id ? a : b;
+    });
+    if (positive.id > last.id) last = positive;
+    carry += tile_total;
+  }
+  return last;
+}
+
+// The draw of one final token from per-slice masses mass(s) (s < splits) and per-id weights
+// weight(c) (c < vocab), threshold u * (sum of the masses): locate the slice by the masses, then
+// the id inside it, continuing the running sum. -1 when no weight is positive. Block-wide.
+template <typename MassFn, typename WeightFn>
+__device__ int split_draw(int splits, int slice, int vocab, float u, const MassFn& mass,
+                          const WeightFn& weight) {
+  float local = 0.0f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) local += mass(s);
+  const float total = block_allreduce(FloatSum{local}, [](const FloatSum& a, const FloatSum& b) {
+                        return FloatSum{a.v + b.v};
+                      }).v;
+  const float threshold = u * total;
+  const IdCarry where = range_inverse_cdf<kMassItems>(mass, 0, splits, 0.0f, threshold);
+  if (where.id < 0) return -1;
+  const int lo = where.id * slice;
+  const int hi = min(lo + slice, vocab);
+  IdCarry token = range_inverse_cdf<kSplitItems>(weight, lo, hi, where.before, threshold);
+  // A slice of positive mass whose ids, recomputed one by one, all underflow to 0 (a rounding
+  // corner that should not occur): fall back to the whole row, as the one-block kernel walks it.
+  if (token.id < 0) token = range_inverse_cdf<kSplitItems>(weight, 0, vocab, 0.0f, threshold);
+  return token.id;
+}
+
+// Row b's tokens: the accepted drafts, then `final_token` (unless !write_final: kernel 2 writes
+// that slot), then -1; and num_accepted.
+template <typename T>
+__device__ void write_row(const Params<T>& p, int64_t b, int accepted, int final_token,
+                          bool write_final) {
+  int64_t* tokens = p.tokens + b * (p.k + 1);
+  for (int j = threadIdx.x; j <= p.k; j += blockDim.x) {
+    if (j < accepted) {
+      tokens[j] = p.draft[b * p.k + j];
+    } else if (j == accepted) {
+      if (write_final) tokens[j] = final_token;
+    } else {
+      tokens[j] = -1;
+    }
+  }
+  if (threadIdx.x == 0) p.num_accepted[b] = accepted;
+}
+
+// Index of this block in kernel 1's grid: row b, position j, slice s.
+struct BlockPlace {
+  int64_t b;
+  int64_t rj;  // b * (K+1) + j
+  int j;
+  int s;
+};
+
+__device__ __forceinline__ BlockPlace place_block(int splits, int positions) {
+  BlockPlace at;
+  const int64_t id = blockIdx.x;
+  at.rj = id / splits;
+  at.s = static_cast<int>(id - at.rj * splits);
+  at.b = at.rj / positions;
+  at.j = static_cast<int>(at.rj - at.b * positions);
+  return at;
+}
+
+// The last block of row b: greedy walk. Warp w reduces the partials of position j0 + w (groups
+// of kSplitWarps positions, so one L2 round trip per group), lane 0 publishes its argmax and
+// verdict in shared memory, and every thread walks the same shared values.
+template <typename T>
+__device__ void greedy_finish(const SplitParams<T>& sp, int64_t b) {
+  const Params<T>& p = sp.p;
+  const int positions = p.k + 1;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  __shared__ int target[kSplitWarps];
+  __shared__ int accept[kSplitWarps];
+  int accepted = 0;
+  int final_token = -1;
+  for (int j0 = 0; j0 < positions; j0 += kSplitWarps) {
+    const int j = j0 + warp;
+    if (j < positions) {
+      const int64_t base = (b * positions + j) * sp.splits;
+      ArgMax best{-INFINITY, 0};
+      for (int s = lane; s < sp.splits; s += kWarpSize) {
+        best = better(best, ArgMax{__ldcg(sp.ws.part_v + base + s), __ldcg(sp.ws.part_i + base + s)});
+      }
+      best = warp_allreduce(best, [](const ArgMax& a, const ArgMax& c) { return better(a, c); });
+      if (lane == 0) {
+        target[warp] = best.i;
+        accept[warp] = j < p.k && p.draft[b * p.k + j] == static_cast<int64_t>(best.i) ? 1 : 0;
+      }
+    }
+    __syncthreads();
+    const int n = min(kSplitWarps, positions - j0);
+    int w = 0;
+    while (w < n && accept[w] != 0) ++w;
+    const bool done = w < n;  // position K is never accepted: the last group always ends it
+    if (done) {
+      accepted = j0 + w;
+      final_token = target[w];
+    }
+    __syncthreads();  // the next group overwrites target / accept
+    if (done) break;
+  }
+  write_row(p, b, accepted, final_token, true);
+  if (threadIdx.x == 0) sp.ws.counters[b] = 0;  // every ticket of this launch has been drawn
+}
+
+// The last block of row b: sampled walk (as greedy_finish, with the acceptance test of the
+// one-block kernel evaluated by lane 0 of the position's warp), then the draw of the final
+// token, or its hand-over to kernel 2 for a correction from max(q - p, 0).
+template <typename T>
+__device__ void sampled_finish(const SplitParams<T>& sp, int64_t b) {
+  const Params<T>& p = sp.p;
+  const int positions = p.k + 1;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const bool has_probs = p.probs != nullptr;
+  __shared__ float sh_m[kSplitWarps];
+  __shared__ float sh_total[kSplitWarps];
+  __shared__ int sh_argmax[kSplitWarps];
+  __shared__ int sh_accept[kSplitWarps];
+  int accepted = 0;
+  float m = 0.0f;
+  float z = 0.0f;
+  int fallback = 0;
+  for (int j0 = 0; j0 < positions; j0 += kSplitWarps) {
+    const int j = j0 + warp;
+    if (j < positions) {
+      const int64_t base = (b * positions + j) * sp.splits;
+      SliceStats acc{-INFINITY, 0.0f, 0.0f, -INFINITY, 0};
+      for (int s = lane; s < sp.splits; s += kWarpSize) {
+        const SliceStats part{__ldcg(sp.ws.part_m + base + s), __ldcg(sp.ws.part_total + base + s),
+                              __ldcg(sp.ws.part_excl + base + s), __ldcg(sp.ws.part_v + base + s),
+                              __ldcg(sp.ws.part_i + base + s)};
+        acc = combine_slices(acc, part);
+      }
+      acc = warp_allreduce(acc, [](const SliceStats& a, const SliceStats& c) {
+        return combine_slices(a, c);
+      });
+      if (lane == 0) {
+        const float m_j = logprobs::safe_shift(acc.m);
+        int ok = 0;
+        if (j < p.k) {  // the one-block kernel's test, on this position's statistics
+          const int64_t draft = p.draft[b * p.k + j];
+          const bool valid = draft >= 0 && draft < p.vocab;
+          const T* position = p.logits + b * p.stride_lb + j * p.stride_lk;
+          const float x_draft =
+              valid ? __fdiv_rn(to_float(position[draft]), p.temperature) : -INFINITY;
+          const float q_draft = __fdiv_rn(exp_accurate(x_draft - m_j), acc.total);
+          float p_draft = 1.0f;
+          if (has_probs && valid) {
+            p_draft = load_prob(p.probs, p.probs_dtype, b * p.stride_pb + j * p.stride_pk + draft);
+          }
+          ok = valid && p.uniforms[b * positions + j] * p_draft < q_draft ? 1 : 0;
+        }
+        sh_m[warp] = m_j;
+        sh_total[warp] = acc.total;
+        sh_argmax[warp] = acc.i;
+        sh_accept[warp] = ok;
+      }
+    }
+    __syncthreads();
+    const int n = min(kSplitWarps, positions - j0);
+    int w = 0;
+    while (w < n && sh_accept[w] != 0) ++w;
+    const bool done = w < n;  // position K is never accepted
+    if (done) {
+      accepted = j0 + w;
+      m = sh_m[w];
+      z = sh_total[w];
+      fallback = sh_argmax[w];
+    }
+    __syncthreads();
+    if (done) break;
+  }
+  const bool rejected = accepted < p.k;
+  const T* position = p.logits + b * p.stride_lb + static_cast<int64_t>(accepted) * p.stride_lk;
+  int final_token = fallback;  // NaN in the row (z is NaN): the argmax, as the one-block kernel
+  bool deferred = false;
+  if (z == z) {
+    if (has_probs && rejected) {
+      deferred = true;  // kernel 2: the residual masses need m and z, known only now
+    } else {
+      // Bonus (weights exp(x - m)) or a rejected deterministic draft (the same without the
+      // draft id, whose slice's sum the partials hold as part_excl).
+      const int64_t excluded = rejected ? p.draft[b * p.k + accepted] : -1;
+      const int64_t base = (b * positions + accepted) * sp.splits;
+      const float* sums = rejected ? sp.ws.part_excl : sp.ws.part_total;
+      const auto mass = [&](int s) {
+        return __ldcg(sums + base + s) * exp_accurate(__ldcg(sp.ws.part_m + base + s) - m);
+      };
+      const auto weight = [&](int c) {
+        return draw_weight(position, nullptr, p.probs_dtype, c, p.temperature, m, z, excluded,
+                           false);
+      };
+      const int drawn = split_draw(sp.splits, sp.slice, p.vocab, p.uniforms[b * positions + p.k],
+                                   mass, weight);
+      if (drawn >= 0) final_token = drawn;
+    }
+  }
+  write_row(p, b, accepted, final_token, !deferred);
+  if (threadIdx.x == 0) {
+    sp.ws.row_status[b] = deferred ? 1 : 0;
+    if (deferred) {
+      sp.ws.row_pos[b] = accepted;
+      sp.ws.row_m[b] = m;
+      sp.ws.row_z[b] = z;
+      sp.ws.row_fallback[b] = fallback;
+    }
+    sp.ws.counters[b] = 0;
+  }
+}
+
+template <bool kAligned, typename T>
+__global__ void __launch_bounds__(kSplitThreads) split_greedy_kernel(const SplitParams<T> sp) {
+  const Params<T>& p = sp.p;
+  const int positions = p.k + 1;
+  const BlockPlace at = place_block(sp.splits, positions);
+  const int lo = at.s * sp.slice;
+  const int hi = min(lo + sp.slice, p.vocab);
+  const T* row = p.logits + at.b * p.stride_lb + at.j * p.stride_lk;
+  const ArgMax best = slice_argmax<kAligned>(row, lo, hi);
+  if (threadIdx.x == 0) {
+    const int64_t slot = at.rj * sp.splits + at.s;
+    sp.ws.part_v[slot] = best.v;
+    sp.ws.part_i[slot] = best.i;
+  }
+  if (!arrive_last(sp.ws.counters + at.b, positions * sp.splits)) return;
+  greedy_finish(sp, at.b);
+}
+
+template <bool kAligned, typename T>
+__global__ void __launch_bounds__(kSplitThreads) split_sampled_kernel(const SplitParams<T> sp) {
+  const Params<T>& p = sp.p;
+  const int positions = p.k + 1;
+  const BlockPlace at = place_block(sp.splits, positions);
+  const int lo = at.s * sp.slice;
+  const int hi = min(lo + sp.slice, p.vocab);
+  const T* row = p.logits + at.b * p.stride_lb + at.j * p.stride_lk;
+  const int64_t excluded = at.j < p.k ? p.draft[at.b * p.k + at.j] : -1;
+  const SliceStats st = slice_stats<kAligned>(row, lo, hi, p.temperature, excluded);
+  if (threadIdx.x == 0) {
+    const int64_t slot = at.rj * sp.splits + at.s;
+    sp.ws.part_m[slot] = st.m;
+    sp.ws.part_total[slot] = st.total;
+    sp.ws.part_excl[slot] = st.excl;
+    sp.ws.part_v[slot] = st.v;
+    sp.ws.part_i[slot] = st.i;
+  }
+  if (!arrive_last(sp.ws.counters + at.b, positions * sp.splits)) return;
+  sampled_finish(sp, at.b);
+}
+
+// Kernel 2: correction tokens drawn from max(q - p, 0). Grid B * splits, block (b, s).
+template <typename T>
+__global__ void __launch_bounds__(kSplitThreads) split_residual_kernel(const SplitParams<T> sp) {
+  const Params<T>& p = sp.p;
+  const int64_t id = blockIdx.x;
+  const int64_t b = id / sp.splits;
+  const int s = static_cast<int>(id - b * sp.splits);
+  if (sp.ws.row_status[b] != 1) return;  // written by kernel 1; uniform over the block
+  const int accepted = sp.ws.row_pos[b];
+  const float m = sp.ws.row_m[b];
+  const float z = sp.ws.row_z[b];
+  const T* position = p.logits + b * p.stride_lb + static_cast<int64_t>(accepted) * p.stride_lk;
+  const int64_t offset = b * p.stride_pb + static_cast<int64_t>(accepted) * p.stride_pk;
+  const void* probs_row =
+      p.probs_dtype == DType::kFloat32
+          ? static_cast<const void*>(static_cast<const float*>(p.probs) + offset)
+          : static_cast<const void*>(static_cast<const uint16_t*>(p.probs) + offset);
+  const auto weight = [&](int c) {
+    return draw_weight(position, probs_row, p.probs_dtype, c, p.temperature, m, z, -1, true);
+  };
+  const int lo = s * sp.slice;
+  const int hi = min(lo + sp.slice, p.vocab);
+  float local = 0.0f;
+  for (int c = lo + static_cast<int>(threadIdx.x); c < hi; c += blockDim.x) local += weight(c);
+  const float mass = block_allreduce(FloatSum{local}, [](const FloatSum& a, const FloatSum& c) {
+                       return FloatSum{a.v + c.v};
+                     }).v;
+  if (threadIdx.x == 0) sp.ws.mass[b * sp.splits + s] = mass;
+  if (!arrive_last(sp.ws.counters2 + b, sp.splits)) return;
+  const float* masses = sp.ws.mass + b * sp.splits;
+  const auto slice_mass = [&](int t) { return __ldcg(masses + t); };
+  int token = split_draw(sp.splits, sp.slice, p.vocab, p.uniforms[b * (p.k + 1) + p.k],
+                         slice_mass, weight);
+  if (token < 0) token = sp.ws.row_fallback[b];  // nothing to draw from: the argmax
+  if (threadIdx.x == 0) {
+    p.tokens[b * (p.k + 1) + accepted] = token;
+    sp.ws.counters2[b] = 0;
+  }
+}
+
+// Launches the split path: `splits` must be a resolved count (ceil(V / split_slice(V, splits))
+// == splits) and the workspace at least layout_split_workspace's size.
+template <typename T>
+cudaError_t verify_split(const Params<T>& p, int64_t batch, int64_t splits, void* workspace,
+                         int64_t workspace_bytes, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  const int64_t slice = split_slice(p.vocab, splits);
+  const int64_t rows = batch * (p.k + 1);
+  if (splits < 1 || ceil_div<int64_t>(p.vocab, slice) != splits ||
+      rows > int64_t{0x7fffffff} / splits) {
+    return cudaErrorInvalidValue;
+  }
+  const bool sampled = p.uniforms != nullptr;
+  SplitParams<T> sp;
+  sp.p = p;
+  const int64_t words = layout_split_workspace(workspace, batch, p.k, splits, sampled, &sp.ws);
+  if (workspace == nullptr || workspace_bytes < words * 4) return cudaErrorInvalidValue;
+  sp.splits = static_cast<int>(splits);
+  sp.slice = static_cast<int>(slice);
+  // Both ticket counters (the first 2 * B words) start at 0.
+  TF_CUDA_TRY(cudaMemsetAsync(workspace, 0, static_cast<size_t>(2 * batch) * sizeof(int), stream));
+  const dim3 grid(static_cast<unsigned>(rows * splits));
+  const bool aligned = rows_are_16B_aligned(p.logits, p.stride_lb) &&
+                       rows_are_16B_aligned(p.logits, p.stride_lk);
+  if (!sampled) {
+    if (aligned) {
+      split_greedy_kernel<true><<<grid, kSplitThreads, 0, stream>>>(sp);
+    } else {
+      split_greedy_kernel<false><<<grid, kSplitThreads, 0, stream>>>(sp);
+    }
+    return cudaGetLastError();
+  }
+  if (aligned) {
+    split_sampled_kernel<true><<<grid, kSplitThreads, 0, stream>>>(sp);
+  } else {
+    split_sampled_kernel<false><<<grid, kSplitThreads, 0, stream>>>(sp);
+  }
+  TF_CUDA_TRY(cudaGetLastError());
+  if (p.probs != nullptr && p.k > 0) {
+    split_residual_kernel<<<dim3(static_cast<unsigned>(batch * splits)), kSplitThreads, 0, stream>>>(sp);
   }
   return cudaGetLastError();
 }

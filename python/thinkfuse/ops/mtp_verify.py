@@ -10,9 +10,10 @@ stream): no host synchronisation, and the launch can be captured in a CUDA graph
 backend uses the same uniforms, so every backend returns the same tokens for the same generator
 state.
 
-The CUDA extension is expected to provide, with the Triton launcher's argument order:
+The CUDA extension is expected to provide, with the Triton launcher's argument order plus
+num_splits:
     mtp_verify(Tensor draft_tokens, Tensor target_logits, Tensor? draft_probs, Tensor? uniforms,
-               float temperature) -> (Tensor tokens, Tensor num_accepted)
+               float temperature, int num_splits=1) -> (Tensor tokens, Tensor num_accepted)
     draft_tokens  [B, K]      int64, contiguous; ids outside [0, V) must be treated as rejected
     target_logits [B, K+1, V] float32/float16/bfloat16, unit stride on V (any B, K strides)
     draft_probs   [B, K, V]   None, or float32/float16/bfloat16 with a unit stride on V; read only
@@ -21,9 +22,17 @@ The CUDA extension is expected to provide, with the Triton launcher's argument o
                               column j < K decides acceptance at j (accept iff u * p < q), column K
                               drives the one inverse-CDF draw of the final token
     temperature   >= 0, finite
+    num_splits    <= MAX_NUM_SPLITS. 1: one block per batch row walks the K+1 positions;
+                  >= 2: each vocabulary row is split over that many blocks (fewer for a small
+                  vocabulary) and the last block of a batch row finishes it; <= 0: the split is
+                  chosen from B, K, V, the mode and the SM count. The tokens are the same (greedy:
+                  bit-identical; sampled: up to float32 summation order, see
+                  csrc/include/thinkfuse/mtp_verify.cuh)
     tokens        [B, K+1]    int64: accepted drafts, then the correction/bonus token, then -1
     num_accepted  [B]         int64 in [0, K]
-One launch, no host synchronisation (CUDA-graph capturable).
+No host synchronisation, CUDA-graph capturable: one launch with num_splits == 1; otherwise a
+memset and one launch (two when sampling with draft_probs), all on the current stream. The
+Triton launcher takes no num_splits (its own grid is one program per batch row).
 """
 
 from __future__ import annotations
@@ -36,9 +45,18 @@ from torch import Tensor
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import resolve_backend
-from ._registry import implementation
+from ._registry import call, custom_op, implementation
 
 _ID_DTYPES = (torch.int32, torch.int64)
+
+#: The cuda backend's work split when the caller names none (``num_splits=None``). 1 keeps the
+#: one-block-per-row kernel, which has passed the GPU tests; the split path (0: heuristic) is
+#: compile-checked only and has not run on a GPU yet. Switch to 0 once
+#: tests/test_logprobs_mtp_cuda.py (its split tests included) passes on one and bench/mtp_verify.py
+#: shows the thinkfuse-cuda-split rows ahead.
+CUDA_NUM_SPLITS = 1
+#: Largest num_splits accepted (kMtpMaxSplits in csrc/include/thinkfuse/ops.h).
+MAX_NUM_SPLITS = 1024
 
 
 def mtp_verify(
@@ -49,6 +67,7 @@ def mtp_verify(
     draft_probs: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
+    num_splits: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Accept a prefix of ``draft_tokens`` ``[B, K]`` given ``target_logits`` ``[B, K+1, V]``.
 
@@ -67,8 +86,14 @@ def mtp_verify(
 
     Draft ids outside ``[0, V)`` raise ValueError on CPU tensors; on GPU tensors (where the
     check would cost a host sync) they are rejected.
+
+    ``num_splits`` picks the cuda kernel's work split (other backends ignore it): None is
+    ``CUDA_NUM_SPLITS``; 1 one block per batch row; ``>= 2`` that many blocks per vocabulary row;
+    ``<= 0`` chosen from the shapes and the GPU. Tokens do not depend on it (greedy: exactly;
+    sampling: up to float32 rounding of sums, see the module docstring).
     """
     temperature = _check_args(draft_tokens, target_logits, temperature, draft_probs, generator)
+    splits = _check_num_splits(num_splits)
     name = resolve_backend(target_logits.device, backend, cuda_op="mtp_verify")
     draft = draft_tokens.to(torch.int64).contiguous()
     logits = with_unit_last_stride(target_logits)
@@ -79,7 +104,20 @@ def mtp_verify(
         uniforms = _uniforms(draft.shape[0], draft.shape[1] + 1, logits.device, generator)
     if name == "torch":
         return reference.mtp_verify(draft, logits, temperature, probs, uniforms)
-    return torch.ops.thinkfuse.mtp_verify(draft, logits, probs, uniforms, temperature, name)
+    return call("mtp_verify", draft, logits, probs, uniforms, temperature, name, splits)
+
+
+def _check_num_splits(num_splits) -> int:
+    if num_splits is None:
+        return CUDA_NUM_SPLITS
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
+    if num_splits > MAX_NUM_SPLITS:
+        raise ValueError(
+            f"num_splits must be <= {MAX_NUM_SPLITS} (<= 0: chosen by heuristic, 1: one block per "
+            f"batch row), got {num_splits}"
+        )
+    return int(num_splits)
 
 
 def _uniforms(rows: int, cols: int, device: torch.device, generator) -> Tensor:
@@ -133,7 +171,7 @@ def _check_ids_in_range(draft_tokens: Tensor, vocab: int) -> None:
 # Custom op. `backend` is a plain string argument so torch.compile sees it as a constant.
 
 
-@torch.library.custom_op("thinkfuse::mtp_verify", mutates_args=())
+@custom_op("mtp_verify")
 def mtp_verify_op(
     draft_tokens: Tensor,
     target_logits: Tensor,
@@ -141,8 +179,11 @@ def mtp_verify_op(
     uniforms: Optional[Tensor],
     temperature: float,
     backend: str,
+    num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     fn = implementation(backend, "mtp_verify", "mtp_verify", "mtp_verify", _torch_verify)
+    if backend == "cuda":  # only the CUDA kernel has a work split to choose
+        return fn(draft_tokens, target_logits, draft_probs, uniforms, temperature, num_splits)
     tokens, num_accepted = fn(draft_tokens, target_logits, draft_probs, uniforms, temperature)
     return tokens, num_accepted
 
@@ -153,7 +194,7 @@ def _torch_verify(draft_tokens, target_logits, draft_probs, uniforms, temperatur
 
 
 @mtp_verify_op.register_fake
-def _(draft_tokens, target_logits, draft_probs, uniforms, temperature, backend):
+def _(draft_tokens, target_logits, draft_probs, uniforms, temperature, backend, num_splits):
     batch, k = draft_tokens.shape
     tokens = draft_tokens.new_empty((batch, k + 1), dtype=torch.int64)
     return tokens, draft_tokens.new_empty((batch,), dtype=torch.int64)

@@ -15,6 +15,9 @@ Variants:
 - ``fused_linear``: T tokens x (hidden H, vocab V) of each distinct pair in the presets; hidden
   ``[T, H]`` and lm_head weight ``[V, H]`` in the run's dtype, no bias, temperature 1.
   - ``thinkfuse-<backend>``: ``fused_linear_token_logprobs(hidden, weight, token_ids)``.
+  - ``thinkfuse-<backend>-one-pass`` (fwd+bwd only): the one-pass form of GRPOLoss and
+    causal_lm_loss, ``sum(logprobs * g)`` with the lm_head gradients formed in the forward by
+    ``fused_linear_logprobs_with_grads`` (3 matmuls per chunk; its backward only scales them).
   - ``materialised``: ``hidden @ weight.T`` (the full ``[T, V]`` logits), then the TRL-style
     per-sequence log_softmax + gather above.
   - ``verl-chunked``: after verl's ``FusedLinearForPPO``: 512-token chunks, each computing its
@@ -54,6 +57,7 @@ TRL, MATERIALISED, VERL = "trl-selective-log-softmax", "materialised", "verl-chu
 TOKENS = (4096, 16384)
 SEQ_TOKENS = 1024  # completion tokens per sequence: the TRL-style loop runs once per sequence
 VERL_CHUNK = 512
+ONE_PASS_SUFFIX = "-one-pass"  # fwd+bwd rows only: its forward is the fused op's
 
 SMOKE_TOKENS = 8
 SMOKE_SEQ_TOKENS = 4  # two sequences, so the per-sequence loop runs more than once
@@ -95,6 +99,8 @@ def cases(config: Config) -> list[Case]:
     for tokens, hidden, vocab, model in _fused_shapes(config):
         for mode in config.modes:
             for impl, forward_factory, missing in _fused_impls(config):
+                if impl.endswith(ONE_PASS_SUFFIX) and mode != FWD_BWD:
+                    continue
                 build = functools.partial(_build_fused, forward_factory, tokens, hidden, vocab, mode, config)
                 out.append(Case(
                     op=OP, impl=impl, variant=FUSED_LINEAR, mode=mode,
@@ -239,6 +245,31 @@ def _thinkfuse_fused(config: Config, backend: str):
     return functools.partial(thinkfuse.ops.fused_linear_token_logprobs, backend=backend)
 
 
+def _thinkfuse_one_pass(config: Config, backend: str):
+    """The one-pass form GRPOLoss and causal_lm_loss use: the scalar ``sum(logprobs * g)`` for a
+    fixed random ``g`` (the fwd+bwd rows' gradient), its lm_head gradients formed in the forward
+    (3 matmuls per chunk instead of 4); its backward only scales them."""
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+    from thinkfuse.ops.one_pass import one_pass_loss
+
+    fixed = {}
+
+    def forward(hidden, weight, token_ids):
+        if "g" not in fixed:
+            fixed["g"] = torch.randn(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        g = fixed["g"]
+
+        def compute(weight_grad):
+            logprobs, d_hidden, d_weight, d_bias = fused_linear_logprobs_with_grads(
+                hidden.detach(), weight.detach(), token_ids, lambda _lp, start, end: g[start:end],
+                weight_grad=weight_grad, backend=backend)
+            return (logprobs * g).sum(), d_hidden, d_weight, d_bias
+
+        return one_pass_loss(hidden, weight, None, compute)
+
+    return forward
+
+
 def _materialised(config: Config):
     seq = _seq_tokens(config)
 
@@ -288,8 +319,11 @@ def _token_impls(config: Config):
 
 def _fused_impls(config: Config):
     """(implementation name, forward factory, why missing) in table order."""
+    thinkfuse_impls = _thinkfuse_impls(config, CUDA_OPS[FUSED_LINEAR])
     impls = [(name, functools.partial(_thinkfuse_fused, backend=backend), missing)
-             for name, backend, missing in _thinkfuse_impls(config, CUDA_OPS[FUSED_LINEAR])]
+             for name, backend, missing in thinkfuse_impls]
+    impls += [(f"{name}{ONE_PASS_SUFFIX}", functools.partial(_thinkfuse_one_pass, backend=backend), missing)
+              for name, backend, missing in thinkfuse_impls]
     impls.append((MATERIALISED, _materialised, None))
     impls.append((VERL, _verl_chunked, None))
     liger_class, missing = harness.liger_attr(config, *LIGER_FLCE)
@@ -334,7 +368,7 @@ def _build_fused(make_forward, tokens: int, hidden_size: int, vocab: int, mode: 
     workload = _OomGuardedWorkload(forward=lambda: forward(hidden, weight, token_ids))
     if needs_grad:
         workload.inputs = (hidden, weight)
-        if getattr(make_forward, "func", None) is _liger:  # a scalar loss
+        if getattr(make_forward, "func", None) in (_liger, _thinkfuse_one_pass):  # a scalar loss
             workload.grad_outputs = (torch.ones((), device=device, dtype=torch.float32),)
         else:
             workload.grad_outputs = (torch.randn(tokens, device=device, dtype=torch.float32),)

@@ -45,6 +45,7 @@ SWIGLU_IMPLS = (*THINKFUSE_IMPLS, *(f"{name}-fused" for name in THINKFUSE_IMPLS)
 # logprobs: token_logprobs on 8 tokens x V 1000; fused_linear on 8 tokens x hidden 64 x V 1000.
 TOKEN_LOGPROBS_IMPLS = (*THINKFUSE_IMPLS, "trl-selective-log-softmax", "torch-compile")
 FUSED_LINEAR_IMPLS = (*THINKFUSE_IMPLS, "materialised", "verl-chunked", "liger")
+ONE_PASS_IMPLS = tuple(f"{name}-one-pass" for name in THINKFUSE_IMPLS)  # fwd+bwd rows only
 # mtp_verify: B 2, K 2, V 64; forward only (not differentiable).
 MTP_VARIANTS = ("greedy", "sample", "sample+draft_probs")
 MTP_IMPLS = (*THINKFUSE_IMPLS, "thinkfuse-cuda-split", "vllm-style", "flashinfer")
@@ -96,6 +97,7 @@ def test_smoke_has_a_row_for_every_logprobs_case_and_implementation(smoke):
     _, results = smoke
     expected = set(itertools.product(("token_logprobs",), ("8x1000",), MODES, TOKEN_LOGPROBS_IMPLS))
     expected |= set(itertools.product(("fused_linear",), ("8x64x1000",), MODES, FUSED_LINEAR_IMPLS))
+    expected |= set(itertools.product(("fused_linear",), ("8x64x1000",), ("fwd+bwd",), ONE_PASS_IMPLS))
     assert _row_keys(results, "logprobs") == expected
 
 
@@ -264,7 +266,8 @@ def test_logprobs_gpu_case_list_covers_tokens_vocabs_hidden_sizes_modes_and_impl
     pairs = {(1536, 151936), (5120, 152064), (4096, 151680), (3072, 131072), (4096, 131072), (5120, 131072)}
     long_pairs = {(1536, 151936), (5120, 152064)}  # the smallest and largest hidden sizes
     shapes = {(4096, h, v) for h, v in pairs} | {(t, h, v) for t in (16384, 32768) for h, v in long_pairs}
-    assert fused == {(t, h, v, m, i) for t, h, v in shapes for m in MODES for i in FUSED_LINEAR_IMPLS}
+    assert fused == {(t, h, v, m, i) for t, h, v in shapes for m in MODES for i in FUSED_LINEAR_IMPLS} | {
+        (t, h, v, "fwd+bwd", i) for t, h, v in shapes for i in ONE_PASS_IMPLS}
     assert len(cases) == len(token) + len(fused)
     assert {c.model for c in cases if c.variant == "token_logprobs" and c.shape["vocab"] == 131072} == {
         "ministral-3-3b,ministral-3-8b,ministral-3-14b"}

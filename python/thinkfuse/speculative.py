@@ -164,8 +164,9 @@ def _verify_step(model, state: _State, temperature, generator, out, stats) -> _M
     generating = ~out.done_rows()
     stats["target_forwards"] += 1
     stats["steps"] += 1
-    stats["drafted"] += int(generating.sum())
-    stats["accepted"] += int((num_accepted * generating).sum())
+    # counted on the device: an int() here would be one more host synchronisation per step
+    stats["drafted"] = stats["drafted"] + generating.sum()
+    stats["accepted"] = stats["accepted"] + (num_accepted * generating).sum()
     out.append(tokens, num_accepted + 1)
 
     accepted = num_accepted.bool()
@@ -233,6 +234,7 @@ class _NewTokens:
 
 
 def _finish_stats(stats: dict, out: _NewTokens) -> dict:
+    stats["drafted"], stats["accepted"] = int(stats["drafted"]), int(stats["accepted"])
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     stats["new_tokens"] = int(out.count.sum())
     return stats

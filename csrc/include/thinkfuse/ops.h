@@ -280,18 +280,19 @@ cudaError_t flash_attention_backward(const FlashAttnParams& params, const FlashA
                                      DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// Decode attention over a KV cache (kernels/decode_attention.py semantics; flash-decoding on
-// CUDA cores, float32 / float16 / bfloat16). q [B, Sq, Hq, D], k_cache and v_cache
-// [B, S_max, Hkv, D] (HeadsView: unit stride on D, any other strides in elements; heads must
-// match the shape). cache_seqlens [B] int32 contiguous: valid keys per row, the Sq query tokens
-// included, clamped to [0, S_max] on the device. Query t of row b sits at key position
-// pos = L - Sq + t and sees the keys j <= pos, and with window > 0 only j > pos - window
-// (window <= 0: none). Rows that see no key output 0. out: contiguous [B, Sq, Hq, D] in dtype.
-// num_splits must come from decode_attention_num_splits (same shape and dtype, current device);
-// when it is > 1 the caller provides the float32 workspaces o_part [B, num_splits, Hq * Sq, D]
-// and lse_part [B, num_splits, Hq * Sq] (contiguous, no initialisation needed); else both may be
-// nullptr. out, o_part and lse_part must be 16-byte aligned. Invalid shapes (see
-// decode_attention_shape_valid) or an inconsistent num_splits return cudaErrorInvalidValue.
+// Decode attention over a KV cache (kernels/decode_attention.py semantics; flash-decoding with
+// mma.sync for float16 / bfloat16 and CUDA-core FMAs for float32; sm80+). q [B, Sq, Hq, D],
+// k_cache and v_cache [B, S_max, Hkv, D] (HeadsView: unit stride on D, any other strides in
+// elements; heads must match the shape). cache_seqlens [B] int32 contiguous: valid keys per row,
+// the Sq query tokens included, clamped to [0, S_max] on the device. Query t of row b sits at
+// key position pos = L - Sq + t and sees the keys j <= pos, and with window > 0 only
+// j > pos - window (window <= 0: none). Rows that see no key output 0. out: contiguous
+// [B, Sq, Hq, D] in dtype. num_splits must come from decode_attention_num_splits (same shape
+// and dtype, current device); when it is > 1 the caller provides the float32 workspaces o_part
+// [B, num_splits, Hq * Sq, D] and lse_part [B, num_splits, Hq * Sq] (contiguous, no
+// initialisation needed); else both may be nullptr. out, o_part and lse_part must be 16-byte
+// aligned. Invalid shapes (see decode_attention_shape_valid) or an inconsistent num_splits
+// return cudaErrorInvalidValue.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int64_t kDecodeMaxQueries = 16;                 // Sq
@@ -331,5 +332,26 @@ cudaError_t decode_attention(const DecodeAttentionShape& shape, const HeadsView&
                              const int32_t* cache_seqlens, float softmax_scale, int64_t window,
                              int64_t num_splits, float* o_part, float* lse_part, void* out,
                              DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention forward for Hopper (sm_90a: wgmma, TMA, warp specialisation; FA3-style),
+// torch.ops.thinkfuse_C.flash_attention_fwd_sm90: the same problem (FlashAttnParams), outputs and
+// semantics as flash_attention_forward. float16 / bfloat16, head_dim in
+// flash_attention_forward_sm90_head_dim_supported. q, k, v and out need a 16-byte aligned base
+// and 16-byte multiple batch / seq / head strides. Returns cudaErrorInvalidValue for invalid
+// params (as flash_attention_forward; also packed totals beyond int32 TMA coordinates),
+// cudaErrorNotSupported when the current device is not compute capability 9.0 or the extension
+// holds no sm_90a code for the kernel (or the driver cannot encode tensor maps), and
+// cudaErrorInvalidPitchValue when q / k / v / out are not 16-byte aligned as above or the driver
+// refuses to encode their strides as a TMA tensor map (the caller may retry with contiguous
+// copies).
+// ---------------------------------------------------------------------------------------------
+
+constexpr bool flash_attention_forward_sm90_head_dim_supported(int64_t head_dim) {
+  return head_dim == 64 || head_dim == 128;
+}
+
+cudaError_t flash_attention_forward_sm90(const FlashAttnParams& params, DType dtype,
+                                         cudaStream_t stream);
 
 }  // namespace thinkfuse

@@ -122,6 +122,40 @@ __device__ __forceinline__ void sequence_bounds(const int32_t* cu, int b, int64_
   len = static_cast<int>(min(e - s, static_cast<int64_t>(kMaxSeqlen)));
 }
 
+// The key blocks (of block_n keys) that the query rows [m_start, m_start + block_m) of a sequence
+// with k_len keys and shift = k_len - q_len can see (bottom-right causal mask, sliding window):
+// blocks n_first .. n_first + n_blocks - 1 (none when n_blocks == 0), and the key range
+// [full_lo, full_hi) that every row of the tile sees entirely (blocks inside it need no mask; the
+// others, diagonal / window edge / k_len tail, build the mask per element). Shared by the sm80
+// kernel here and the sm90 one (flash_attention_fwd_sm90.cuh).
+struct KeyBlocks {
+  int n_first;
+  int n_blocks;
+  int full_lo;
+  int full_hi;
+};
+
+__device__ __forceinline__ KeyBlocks key_blocks(int m_start, int block_m, int block_n, int k_len,
+                                                int shift, bool causal, int window) {
+  int hi = k_len;
+  if (causal) hi = min(hi, m_start + block_m + shift);  // last row: keys <= its position
+  int lo = 0;
+  if (window > 0) lo = max(m_start + shift - window + 1, 0) / block_n * block_n;  // first row
+  int full_hi = k_len / block_n * block_n;
+  if (causal) full_hi = min(full_hi, max(m_start + shift + 1, 0) / block_n * block_n);
+  int full_lo = lo;
+  if (window > 0) {
+    const int last_lo = max(m_start + block_m - 1 + shift - window + 1, 0);  // last row's first key
+    full_lo = max(full_lo, (last_lo + block_n - 1) / block_n * block_n);
+  }
+  KeyBlocks r;
+  r.full_lo = min(max(full_lo, lo), hi);
+  r.full_hi = max(min(full_hi, hi), r.full_lo);
+  r.n_first = lo / block_n;
+  r.n_blocks = hi > lo ? (hi + block_n - 1) / block_n - r.n_first : 0;
+  return r;
+}
+
 // cp.async a [kRows][D] tile whose row r is `base + (first + r) * row_stride` (rows at or past
 // `valid_rows` zero-filled) into shared memory at `smem` (layout Cfg::offset). Thread tid copies
 // chunk c = tid % kChunks of rows r0 + i * kRowsPerPass, r0 = tid / kChunks (threads past
@@ -344,22 +378,12 @@ __global__ void __launch_bounds__(Config<D>::kThreads, Config<D>::kMinBlocksPerS
   const int shift = k_len - q_len;
   const int window = p.window;
 
-  // Key range [lo, hi) this tile can see, and [a, c): blocks every row of it sees entirely.
-  int hi = k_len;
-  if (p.causal) hi = min(hi, m_start + kBlockM + shift);  // last row: keys <= its position
-  int lo = 0;
-  if (window > 0) lo = max(m_start + shift - window + 1, 0) / kBlockN * kBlockN;  // first row
-  int full_hi = k_len / kBlockN * kBlockN;
-  if (p.causal) full_hi = min(full_hi, max(m_start + shift + 1, 0) / kBlockN * kBlockN);
-  int full_lo = lo;
-  if (window > 0) {
-    const int last_lo = max(m_start + kBlockM - 1 + shift - window + 1, 0);  // last row's first key
-    full_lo = max(full_lo, (last_lo + kBlockN - 1) / kBlockN * kBlockN);
-  }
-  const int a = min(max(full_lo, lo), hi);
-  const int c = max(min(full_hi, hi), a);
-  const int n_first = lo / kBlockN;
-  const int n_blocks = hi > lo ? (hi + kBlockN - 1) / kBlockN - n_first : 0;
+  // Key blocks this tile visits, and [a, c): the keys every row of it sees entirely.
+  const KeyBlocks kb = key_blocks(m_start, kBlockM, kBlockN, k_len, shift, p.causal, window);
+  const int a = kb.full_lo;
+  const int c = kb.full_hi;
+  const int n_first = kb.n_first;
+  const int n_blocks = kb.n_blocks;
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                     q_start * p.q_seq_stride;

@@ -18,6 +18,8 @@ Variants:
   / 4 kv heads, D 128) when no preset has GQA group 8.
 
 Implementations (each timed as a user calls it, from the tensors to the attention output):
+- ``thinkfuse-cuda-sm90`` (dense forward rows): the Hopper kernel ``flash_attention_fwd_sm90``
+  (wgmma + TMA) called directly, until a GPU run validates it for the op's cuda backend.
 - ``thinkfuse-<backend>``: the torch ops ``flash_attention(q, k, v, causal=..., [cu_seqlens_*,
   max_seqlen_*,] backend=...)`` / ``decode_attention(q, k_cache, v_cache, cache_seqlens,
   backend=...)``. The cuda rows are missing until the extension has the kernels. The torch
@@ -85,6 +87,8 @@ SMOKE_MODEL = "tiny"
 
 CUDA_FLASH_OPS = {FWD: ("flash_attention_fwd",), FWD_BWD: ("flash_attention_fwd", "flash_attention_bwd")}
 CUDA_DECODE_OP = "decode_attention"
+SM90_FLASH_OP = "flash_attention_fwd_sm90"
+SM90_IMPL = "thinkfuse-cuda-sm90"  # forward rows of the dense variants only
 
 BYTES_COUNTED = (
     "flash and varlen rows count FLOPs, not bytes: the two attention matmuls, forward "
@@ -338,6 +342,32 @@ def _thinkfuse_dense(problem: DenseProblem, backend: str):
     return functools.partial(thinkfuse.ops.flash_attention, causal=problem.causal, backend=backend)
 
 
+def _thinkfuse_sm90_dense(problem: DenseProblem):
+    """The Hopper forward kernel (wgmma + TMA), called directly: the op routes to it only once a
+    GPU run has validated it."""
+    scale = problem.heads.head_dim ** -0.5
+
+    def forward(q, k, v):
+        seqlen = q.shape[1]
+        out, _ = torch.ops.thinkfuse_C.flash_attention_fwd_sm90(
+            q, k, v, None, None, seqlen, seqlen, scale, problem.causal, 0)
+        return out
+
+    return forward
+
+
+def _sm90_missing(config: Config) -> Optional[str]:
+    from thinkfuse.backend import cuda_has_op
+
+    if config.device.type != "cuda":
+        return "runs only on CUDA tensors (smoke mode is CPU)"
+    if not cuda_has_op(SM90_FLASH_OP):
+        return f"this build of the CUDA extension has no {SM90_FLASH_OP} kernel"
+    if torch.cuda.get_device_capability(config.device) != (9, 0):
+        return "needs a compute capability 9.0 GPU (H100/H200)"
+    return None
+
+
 def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     """transformers' ``repeat_kv``: ``[B, Hkv, S, D]`` -> ``[B, Hkv * group, S, D]`` (a copy)."""
     if group == 1:
@@ -399,6 +429,8 @@ def _flash_impls(config: Config, problem: DenseProblem, mode: str):
     """(implementation name, factory () -> forward(q, k, v), why missing) in table order."""
     impls = [(name, functools.partial(_thinkfuse_dense, problem, backend), missing)
              for name, backend, missing in _thinkfuse_impls(config, CUDA_FLASH_OPS[mode])]
+    if mode == FWD:
+        impls.append((SM90_IMPL, functools.partial(_thinkfuse_sm90_dense, problem), _sm90_missing(config)))
     hf_eager, missing = harness.optional_attr("transformers.models.qwen2.modeling_qwen2", "eager_attention_forward")
     impls.append((HF_EAGER, functools.partial(_hf_eager_dense, problem, hf_eager, config),
                   missing or _hf_eager_missing(problem)))

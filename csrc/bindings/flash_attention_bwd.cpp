@@ -142,14 +142,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   TORCH_CHECK_VALUE(heads_q <= thinkfuse::kFlashAttnMaxGridDim &&
                         heads_kv <= thinkfuse::kFlashAttnMaxGridDim,
                     "at most ", thinkfuse::kFlashAttnMaxGridDim, " heads are supported, got ",
-                    heads_q);
+                    heads_q, " query and ", heads_kv, " key/value heads");
   check_unit_last_stride(q_in, "q");
   check_unit_last_stride(k_in, "k");
   check_unit_last_stride(v_in, "v");
   check_unit_last_stride(out, "out");
   check_unit_last_stride(dout_in, "dout");
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ",
-                    softmax_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
+                    "softmax_scale must be finite and > 0, got ", softmax_scale);
+  TORCH_CHECK_VALUE(window <= 0 || causal, "a sliding window (window > 0) requires causal=True");
 
   int64_t batch = 0;
   int sq = 0;

@@ -20,6 +20,7 @@ bool valid_problem(const FlashAttnParams& p) {
   if (p.heads_kv > kFlashAttnMaxGridDim) return false;
   if (p.heads_kv > 0 && (p.group < 1 || p.heads_q != p.group * p.heads_kv)) return false;
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
+  if (!p.rows_16B_aligned(2)) return false;  // both backward dtypes are 2-byte
   if (p.total_q > kFlashAttnMaxSeqlen * int64_t{1024} ||
       p.total_k > kFlashAttnMaxSeqlen * int64_t{1024}) {
     return false;

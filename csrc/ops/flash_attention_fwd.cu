@@ -41,7 +41,7 @@ bool valid_params(const FlashAttnParams& p) {
   }
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
   return p.q != nullptr && p.k != nullptr && p.v != nullptr && p.out != nullptr &&
-         p.lse != nullptr;
+         p.lse != nullptr && p.rows_16B_aligned(2);
 }
 
 }  // namespace

@@ -64,6 +64,22 @@ struct FlashAttnParams {
   int window = 0;  // > 0: sliding window (causal only); <= 0: none
 
   bool is_varlen() const { return cu_seqlens_q != nullptr; }
+
+  // Whether q, k, v and out start on 16 bytes and every batch / seq / head stride is a multiple
+  // of 16 bytes for elements of `element_bytes`: the kernels move rows with 16-byte copies, and
+  // a misaligned one would be a sticky CUDA error. (The bindings copy inputs that are not.)
+  bool rows_16B_aligned(int element_bytes) const {
+    const auto ok_ptr = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    const auto ok_strides = [element_bytes](int64_t a, int64_t b, int64_t c) {
+      return (a * element_bytes) % 16 == 0 && (b * element_bytes) % 16 == 0 &&
+             (c * element_bytes) % 16 == 0;
+    };
+    return ok_ptr(q) && ok_ptr(k) && ok_ptr(v) && ok_ptr(out) &&
+           ok_strides(q_batch_stride, q_seq_stride, q_head_stride) &&
+           ok_strides(k_batch_stride, k_seq_stride, k_head_stride) &&
+           ok_strides(v_batch_stride, v_seq_stride, v_head_stride) &&
+           ok_strides(o_batch_stride, o_seq_stride, o_head_stride);
+  }
 };
 
 }  // namespace thinkfuse

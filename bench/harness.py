@@ -111,6 +111,12 @@ class Config:
     compile_backend: str
     warmup_ms: int = 25
     rep_ms: int = 100
+    impls: tuple[str, ...] = ()  # --impl: only these implementations (empty: all)
+    skip_impls: tuple[str, ...] = ()  # --skip-impl
+
+    def selects(self, impl: str) -> bool:
+        """Whether the implementation filters keep rows of ``impl``."""
+        return (not self.impls or impl in self.impls) and impl not in self.skip_impls
 
 
 @dataclass
@@ -730,6 +736,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--model", help="only this model preset's shapes (a models.json name)")
     parser.add_argument("--mode", choices=sorted(MODE_CHOICES), default="full",
                         help="fwd: forward rows; bwd: forward+backward rows; full: both (default)")
+    parser.add_argument("--impl", action="append", default=[], metavar="NAME",
+                        help="only rows of this implementation (repeatable), e.g. thinkfuse-cuda")
+    parser.add_argument("--skip-impl", action="append", default=[], metavar="NAME",
+                        help="no rows of this implementation (repeatable)")
     parser.add_argument("--smoke", action="store_true",
                         help="run every case once on CPU at tiny sizes; no timings")
     parser.add_argument("--out", type=Path,
@@ -757,6 +767,8 @@ def make_config(args: argparse.Namespace, presets: dict[str, dict]) -> Config:
         compile_backend=SMOKE_COMPILE_BACKEND if args.smoke else GPU_COMPILE_BACKEND,
         warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms,
+        impls=tuple(args.impl),
+        skip_impls=tuple(args.skip_impl),
     )
 
 
@@ -780,7 +792,7 @@ def run_ops(ops: list[str], config: Config, partial_path: Path) -> list[dict]:
     with partial_path.open("w") as partial, _progress_display() as progress:
         for op in ops:
             try:
-                cases = op_cases(op, config)
+                cases = [case for case in op_cases(op, config) if config.selects(case.impl)]
             except Exception as exc:
                 traceback.print_exc()
                 cases, failed = [], error_row(op, f"cases() failed: {type(exc).__name__}: {exc}")

@@ -213,6 +213,22 @@ def test_model_and_mode_filters():
     assert {c.model for c in cases} == {"mimo-7b"}
 
 
+def test_impl_filters(tmp_path):
+    args = harness.parse_args(["--smoke", "--impl", "thinkfuse-cuda", "--impl", "hf-eager", "--skip-impl", "hf-eager"])
+    config = harness.make_config(args, harness.load_presets()[0])
+    assert config.selects("thinkfuse-cuda")
+    assert not config.selects("hf-eager") and not config.selects("liger")
+    assert _gpu_config().selects("anything")
+    # the smoke run honours them: only the named implementation's rows
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--op", "swiglu", "--impl", "hf-eager", "--out", str(tmp_path)],
+        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows and {row["impl"] for row in rows} == {"hf-eager"}
+
+
 def test_bytes_counted():
     t, n, bf16 = 4096, 1536, 2
     assert rms_norm.bytes_moved(t, n, "norm", "fwd", torch.bfloat16) == (2 * t * n + n) * bf16

@@ -655,3 +655,17 @@ print("compiled")
 
 def test_attention_kernels_compile_for_sm90():
     compile_in_subprocess(_COMPILE_SCRIPT)
+
+
+def test_cuda_forward_uses_the_hopper_kernel_only_where_it_applies_and_is_validated():
+    from thinkfuse.backend import CUDA_OPS_PENDING_VALIDATION
+    from thinkfuse.ops.attention import HOPPER_FLASH_OP, hopper_kernel_applies
+
+    assert HOPPER_FLASH_OP in CUDA_OPS_PENDING_VALIDATION  # until a GPU run validates it
+    assert hopper_kernel_applies(torch.bfloat16, 128, (9, 0), validated=True)
+    assert hopper_kernel_applies(torch.float16, 64, (9, 0), validated=True)
+    assert not hopper_kernel_applies(torch.bfloat16, 128, (9, 0), validated=False)
+    assert not hopper_kernel_applies(torch.bfloat16, 128, (8, 0), validated=True)
+    assert not hopper_kernel_applies(torch.bfloat16, 128, (10, 0), validated=True)
+    assert not hopper_kernel_applies(torch.bfloat16, 96, (9, 0), validated=True)
+    assert not hopper_kernel_applies(torch.float32, 128, (9, 0), validated=True)

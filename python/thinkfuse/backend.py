@@ -138,7 +138,9 @@ def cuda_has_op(op: str) -> bool:
 #: backend="cuda" keep these ops on triton; an explicit ``backend="cuda"`` on the op still runs
 #: the kernel (that is how the GPU tests exercise it). Remove an entry once a GPU run has
 #: validated the kernel and shown it is the faster one (bench/results).
-CUDA_OPS_PENDING_VALIDATION = frozenset({"flash_attention_fwd", "flash_attention_bwd", "decode_attention"})
+CUDA_OPS_PENDING_VALIDATION = frozenset(
+    {"flash_attention_fwd", "flash_attention_bwd", "flash_attention_fwd_sm90", "decode_attention"}
+)
 
 
 def cuda_preferred_for(cuda_op: str) -> bool:

@@ -27,6 +27,7 @@ named, and run on triton when it was chosen automatically.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from .. import reference
 from .._checks import check_float, check_same_device, check_tensor, with_unit_last_stride
-from ..backend import _constant_under_compile, get_backend, resolve_backend, why_unavailable
+from ..backend import _constant_under_compile, cuda_preferred_for, get_backend, resolve_backend, why_unavailable
 from ._registry import call, custom_op, implementation
 
 #: head dims the kernels accept (64, 96 and 128 are the real models'; the small ones are for tests)
@@ -47,6 +48,10 @@ CUDA_FLASH_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 #: head dims of the cuda backward kernel; for the others a cuda forward is differentiated by the
 #: triton backward (same lse convention), so training works at every head dim the forward takes
 CUDA_FLASH_BWD_HEAD_DIMS = (64, 96, 128)
+#: the Hopper forward kernel (wgmma + TMA, sm_90a): the cuda forward's kernel on H100/H200 for
+#: these head dims once validated; the mma.sync kernel otherwise
+HOPPER_FLASH_OP = "flash_attention_fwd_sm90"
+HOPPER_FLASH_HEAD_DIMS = (64, 128)
 
 
 def flash_attention(
@@ -367,9 +372,26 @@ def flash_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fn = implementation(backend, "attention", "flash_attention_forward", "flash_attention_fwd", _torch_forward)
+    cuda_fn = HOPPER_FLASH_OP if backend == "cuda" and _hopper_kernel_applies(q) else "flash_attention_fwd"
+    fn = implementation(backend, "attention", "flash_attention_forward", cuda_fn, _torch_forward)
     out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
     return out, lse
+
+
+def _hopper_kernel_applies(q: Tensor) -> bool:
+    """Whether the cuda forward of ``q`` runs the Hopper kernel (wgmma + TMA) rather than the
+    mma.sync one: on a compute capability 9.0 GPU, for the dtypes and head dims it has, once it
+    is validated (backend.CUDA_OPS_PENDING_VALIDATION) and built."""
+    return hopper_kernel_applies(q.dtype, q.shape[-1], _capability(q.device), cuda_preferred_for(HOPPER_FLASH_OP))
+
+
+def hopper_kernel_applies(dtype: torch.dtype, head_dim: int, capability: tuple[int, int], validated: bool) -> bool:
+    return validated and capability == (9, 0) and dtype in CUDA_FLASH_DTYPES and head_dim in HOPPER_FLASH_HEAD_DIMS
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 @flash_attention_fwd.register_fake

@@ -136,13 +136,29 @@ cudaError_t launch(const FlashAttnParams& p, const TmaDescriptor& tma_q,
                    const TmaDescriptor& tma_k, const TmaDescriptor& tma_v, cudaStream_t stream) {
   using Cfg = flash_fwd_sm90::Config<D>;
   auto* kernel = &flash_fwd_sm90::forward_kernel<T, D>;
-  // The image the runtime picked must be the sm_90a build (an extension built without 9.0a
-  // would JIT the compute_80 PTX, whose kernel body only traps).
+  // The image the runtime picked must hold the sm_90a kernel body. Other images hold a stub that
+  // traps (a sticky error that kills the context): an extension built without 9.0a JITs the
+  // compute_80 PTX, and one built for plain 9.0 has ptx/binary version 90 like the real one. The
+  // stub uses a handful of registers, while the real kernel is built to own the whole register
+  // file that setmaxnreg then moves between its warpgroups (also guards against a compiler that
+  // allocates fewer, where setmaxnreg.inc would wait forever).
   cudaFuncAttributes attr;
-  TF_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel));
-  if (attr.ptxVersion < 90 || attr.binaryVersion < 90) return cudaErrorNotSupported;
-  TF_CUDA_TRY(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // leave no error behind for torch's next launch check
+    return cudaErrorNotSupported;
+  }
+  constexpr int kRegisterFile =
+      128 * Cfg::kProducerRegs + 128 * Cfg::kConsumerWarpgroups * Cfg::kConsumerRegs;
+  if (attr.ptxVersion < 90 || attr.binaryVersion < 90 ||
+      attr.numRegs * Cfg::kThreads < kRegisterFile) {
+    return cudaErrorNotSupported;
+  }
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, Cfg::kBlockM)),
                   static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, tma_q, tma_k, tma_v);

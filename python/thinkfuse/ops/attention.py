@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import check_float, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import _constant_under_compile, cuda_preferred_for, get_backend, resolve_backend, why_unavailable
-from ._registry import call, custom_op, implementation
+from ._registry import call, cuda_ops, custom_op, implementation
 
 #: head dims the kernels accept (64, 96 and 128 are the real models'; the small ones are for tests)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
@@ -372,16 +372,29 @@ def flash_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    cuda_fn = HOPPER_FLASH_OP if backend == "cuda" and _hopper_kernel_applies(q) else "flash_attention_fwd"
-    fn = implementation(backend, "attention", "flash_attention_forward", cuda_fn, _torch_forward)
-    out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
+    if backend == "cuda" and _hopper_kernel_applies(q):
+        try:
+            return getattr(cuda_ops(), HOPPER_FLASH_OP)(*args)
+        except ValueError as exc:  # this build or driver cannot run it (the binding says so)
+            if "not supported here" not in str(exc):
+                raise
+            _HOPPER_UNSUPPORTED.add(q.device)
+    fn = implementation(backend, "attention", "flash_attention_forward", "flash_attention_fwd", _torch_forward)
+    out, lse = fn(*args)
     return out, lse
+
+
+#: devices where the Hopper kernel refused to run (e.g. an extension built for 9.0 without "a")
+_HOPPER_UNSUPPORTED: set = set()
 
 
 def _hopper_kernel_applies(q: Tensor) -> bool:
     """Whether the cuda forward of ``q`` runs the Hopper kernel (wgmma + TMA) rather than the
     mma.sync one: on a compute capability 9.0 GPU, for the dtypes and head dims it has, once it
     is validated (backend.CUDA_OPS_PENDING_VALIDATION) and built."""
+    if q.device in _HOPPER_UNSUPPORTED:
+        return False
     return hopper_kernel_applies(q.dtype, q.shape[-1], _capability(q.device), cuda_preferred_for(HOPPER_FLASH_OP))
 
 

@@ -36,12 +36,26 @@ NVCC_FLAGS=(
   -Werror all-warnings -Xcompiler -Wall,-Wextra
   -I csrc/include
 )
+# One nvcc per (arch, source), in batches of JOBS (default: the CPU count); each is waited for by
+# pid, so every failure is seen.
+JOBS=${JOBS:-$(nproc)}
+failed=0
+batch=()
+wait_batch() {
+  local pid
+  for pid in "${batch[@]}"; do wait "$pid" || failed=1; done
+  batch=()
+}
 for arch in sm_80 sm_90a; do
   for src in csrc/ops/*.cu; do
     echo "nvcc -arch=$arch $src"
-    "$NVCC" -c -arch="$arch" "${NVCC_FLAGS[@]}" "$src" -o /dev/null
+    "$NVCC" -c -arch="$arch" "${NVCC_FLAGS[@]}" "$src" -o /dev/null &
+    batch+=($!)
+    [[ ${#batch[@]} -lt $JOBS ]] || wait_batch
   done
 done
+wait_batch
+[[ $failed -eq 0 ]] || { echo "check_cuda: an nvcc compile failed (see above)" >&2; exit 1; }
 
 # The CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h (it only matters for
 # Windows DLL exports); C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips its include.

@@ -14,6 +14,14 @@
 
 #include "thinkfuse/ops.h"
 
+// Kernel launch: TF_LAUNCH_KERNEL(grid, block, smem, stream, kernel)(args...) is
+// kernel<<<grid, block, smem, stream>>>(args...). A macro because the host emulation of the
+// kernels (tests/cuda_emulation, built with THINKFUSE_HOST_EMULATION by a host compiler, which
+// cannot parse <<< >>>) defines it as a call into its emulated launch.
+#if !defined(THINKFUSE_HOST_EMULATION)
+#define TF_LAUNCH_KERNEL(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 // Evaluates a CUDA runtime call and returns its error from the enclosing function on failure.
 // Launchers return cudaError_t instead of throwing: the torch binding turns it into an error.
 #define TF_CUDA_TRY(expr)                      \

@@ -949,8 +949,8 @@ cudaError_t launch(const Params<T>& p, int device, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * p.num_splits * p.row_tiles;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  split_kernel<T, kD, kRows>
-      <<<static_cast<unsigned>(blocks), kThreads, C::kSmemBytes, stream>>>(p);
+  TF_LAUNCH_KERNEL(static_cast<unsigned>(blocks), kThreads, C::kSmemBytes, stream,
+                   split_kernel<T, kD, kRows>)(p);
   TF_CUDA_TRY(cudaGetLastError());
   if (p.num_splits == 1) return cudaSuccess;
 
@@ -966,7 +966,8 @@ cudaError_t launch(const Params<T>& p, int device, cudaStream_t stream) {
   cp.num_splits = p.num_splits;
   const int64_t combine_blocks = ceil_div<int64_t>(cp.rows * (kD / 4), kCombineThreads);
   if (combine_blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  combine_kernel<T><<<static_cast<unsigned>(combine_blocks), kCombineThreads, 0, stream>>>(cp);
+  TF_LAUNCH_KERNEL(static_cast<unsigned>(combine_blocks), kCombineThreads, 0, stream,
+                   combine_kernel<T>)(cp);
   return cudaGetLastError();
 }
 

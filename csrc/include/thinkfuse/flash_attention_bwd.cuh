@@ -610,7 +610,7 @@ cudaError_t launch_dkdv(const KernelParams<T>& p, cudaStream_t stream) {
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(p.heads_kv));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  TF_LAUNCH_KERNEL(grid, Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(p);
   return cudaGetLastError();
 }
 
@@ -636,8 +636,8 @@ cudaError_t backward(const KernelParams<T>& p, int head_dim, cudaStream_t stream
   if (pairs > 0) {
     const int64_t blocks = (pairs + kPreWarps - 1) / kPreWarps;
     if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-    preprocess_kernel<T><<<static_cast<unsigned>(blocks), kPreWarps * kWarpSize, 0, stream>>>(
-        p, head_dim);
+    TF_LAUNCH_KERNEL(static_cast<unsigned>(blocks), kPreWarps * kWarpSize, 0, stream,
+                     preprocess_kernel<T>)(p, head_dim);
     TF_CUDA_TRY(cudaGetLastError());
   }
   cudaError_t err = cudaErrorInvalidValue;
@@ -658,8 +658,8 @@ cudaError_t backward(const KernelParams<T>& p, int head_dim, cudaStream_t stream
   const int64_t n4 = pairs * head_dim / 4;
   if (n4 > 0) {
     const int64_t blocks = std::min<int64_t>((n4 + 255) / 256, int64_t{1} << 20);
-    convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p.dq_accum, p.dq, n4,
-                                                                         p.scale);
+    TF_LAUNCH_KERNEL(static_cast<unsigned>(blocks), 256, 0, stream, convert_kernel<T>)(
+        p.dq_accum, p.dq, n4, p.scale);
     TF_CUDA_TRY(cudaGetLastError());
   }
   return cudaSuccess;

@@ -508,7 +508,7 @@ cudaError_t launch(const FlashAttnParams& p, cudaStream_t stream) {
   TF_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, Cfg::kBlockM)),
                   static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
+  TF_LAUNCH_KERNEL(grid, Cfg::kThreads, kSmem, stream, kernel)(p);
   return cudaGetLastError();
 }
 

@@ -280,13 +280,13 @@ cudaError_t forward(const FwdParams<T>& p, cudaStream_t stream) {
   const bool entropy = p.entropy != nullptr;
   const dim3 grid(static_cast<unsigned>(p.rows));
   if (aligned && entropy) {
-    fwd_kernel<true, true><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, fwd_kernel<true, true>)(p);
   } else if (aligned) {
-    fwd_kernel<true, false><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, fwd_kernel<true, false>)(p);
   } else if (entropy) {
-    fwd_kernel<false, true><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, fwd_kernel<false, true>)(p);
   } else {
-    fwd_kernel<false, false><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, fwd_kernel<false, false>)(p);
   }
   return cudaGetLastError();
 }
@@ -299,13 +299,13 @@ cudaError_t backward(const BwdParams<T>& p, cudaStream_t stream) {
   const bool d_entropy = p.grad_entropy != nullptr;
   const dim3 grid(static_cast<unsigned>(p.rows));
   if (aligned && d_entropy) {
-    bwd_kernel<true, true><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, bwd_kernel<true, true>)(p);
   } else if (aligned) {
-    bwd_kernel<true, false><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, bwd_kernel<true, false>)(p);
   } else if (d_entropy) {
-    bwd_kernel<false, true><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, bwd_kernel<false, true>)(p);
   } else {
-    bwd_kernel<false, false><<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, bwd_kernel<false, false>)(p);
   }
   return cudaGetLastError();
 }

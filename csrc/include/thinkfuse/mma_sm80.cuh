@@ -16,6 +16,12 @@
 
 #include <cstdint>
 
+#if defined(THINKFUSE_HOST_EMULATION)
+// Host emulation (tests/cuda_emulation, built with g++): the same functions with the semantics
+// above, implemented by the emulator; the device code below is not compiled there.
+#include "thinkfuse_emu/mma_sm80.h"
+#else
+
 namespace thinkfuse::mma {
 
 __device__ __forceinline__ uint32_t smem_address(const void* ptr) {
@@ -124,3 +130,5 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 
 }  // namespace thinkfuse::mma
+
+#endif  // THINKFUSE_HOST_EMULATION

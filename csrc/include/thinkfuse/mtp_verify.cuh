@@ -432,12 +432,12 @@ cudaError_t verify(const Params<T>& p, int64_t batch, cudaStream_t stream) {
     const bool aligned = rows_are_16B_aligned(p.logits, p.stride_lb) &&
                          rows_are_16B_aligned(p.logits, p.stride_lk);
     if (aligned) {
-      greedy_kernel<true><<<grid, kThreads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, greedy_kernel<true>)(p);
     } else {
-      greedy_kernel<false><<<grid, kThreads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, greedy_kernel<false>)(p);
     }
   } else {
-    sampled_kernel<<<grid, kThreads, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, sampled_kernel)(p);
   }
   return cudaGetLastError();
 }
@@ -1130,20 +1130,21 @@ cudaError_t verify_split(const Params<T>& p, int64_t batch, int64_t splits, void
                        rows_are_16B_aligned(p.logits, p.stride_lk);
   if (!sampled) {
     if (aligned) {
-      split_greedy_kernel<true><<<grid, kSplitThreads, 0, stream>>>(sp);
+      TF_LAUNCH_KERNEL(grid, kSplitThreads, 0, stream, split_greedy_kernel<true>)(sp);
     } else {
-      split_greedy_kernel<false><<<grid, kSplitThreads, 0, stream>>>(sp);
+      TF_LAUNCH_KERNEL(grid, kSplitThreads, 0, stream, split_greedy_kernel<false>)(sp);
     }
     return cudaGetLastError();
   }
   if (aligned) {
-    split_sampled_kernel<true><<<grid, kSplitThreads, 0, stream>>>(sp);
+    TF_LAUNCH_KERNEL(grid, kSplitThreads, 0, stream, split_sampled_kernel<true>)(sp);
   } else {
-    split_sampled_kernel<false><<<grid, kSplitThreads, 0, stream>>>(sp);
+    TF_LAUNCH_KERNEL(grid, kSplitThreads, 0, stream, split_sampled_kernel<false>)(sp);
   }
   TF_CUDA_TRY(cudaGetLastError());
   if (p.probs != nullptr && p.k > 0) {
-    split_residual_kernel<<<dim3(static_cast<unsigned>(batch * splits)), kSplitThreads, 0, stream>>>(sp);
+    TF_LAUNCH_KERNEL(dim3(static_cast<unsigned>(batch * splits)), kSplitThreads, 0, stream,
+                     split_residual_kernel)(sp);
   }
   return cudaGetLastError();
 }

@@ -444,13 +444,16 @@ cudaError_t launch_fwd(const FwdParams<XT, WT, OutT>& p, cudaStream_t stream) {
       std::min(ceil_div<int64_t>(p.rows, rows_per_block(p.cols)), kMaxGridBlocks));
   switch (plan.layout) {
     case RowLayout::kWarpCached:
-      fwd_kernel<WarpPerRow, kAligned, kChunks><<<blocks, plan.threads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(blocks, plan.threads, 0, stream,
+                       fwd_kernel<WarpPerRow, kAligned, kChunks>)(p);
       break;
     case RowLayout::kBlockCached:
-      fwd_kernel<BlockPerRow, kAligned, kChunks><<<blocks, plan.threads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(blocks, plan.threads, 0, stream,
+                       fwd_kernel<BlockPerRow, kAligned, kChunks>)(p);
       break;
     case RowLayout::kBlockStreamed:
-      fwd_kernel<BlockPerRow, kAligned, kStreamed><<<blocks, plan.threads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(blocks, plan.threads, 0, stream,
+                       fwd_kernel<BlockPerRow, kAligned, kStreamed>)(p);
       break;
   }
   return cudaGetLastError();
@@ -481,13 +484,16 @@ cudaError_t launch_bwd(const BwdParams<XT, WT, OutT>& p, unsigned blocks, cudaSt
   const RowPlan plan = plan_rows(p.cols, kVec);
   switch (plan.layout) {
     case RowLayout::kWarpCached:
-      bwd_kernel<WarpPerRow, kAligned, kChunks><<<blocks, plan.threads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(blocks, plan.threads, 0, stream,
+                       bwd_kernel<WarpPerRow, kAligned, kChunks>)(p);
       break;
     case RowLayout::kBlockCached:
-      bwd_kernel<BlockPerRow, kAligned, kChunks><<<blocks, plan.threads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(blocks, plan.threads, 0, stream,
+                       bwd_kernel<BlockPerRow, kAligned, kChunks>)(p);
       break;
     case RowLayout::kBlockStreamed:
-      bwd_kernel<BlockPerRow, kAligned, kStreamed><<<blocks, plan.threads, 0, stream>>>(p);
+      TF_LAUNCH_KERNEL(blocks, plan.threads, 0, stream,
+                       bwd_kernel<BlockPerRow, kAligned, kStreamed>)(p);
       break;
   }
   return cudaGetLastError();
@@ -513,8 +519,8 @@ cudaError_t backward(const BwdParams<XT, WT, OutT>& p, WT* dw, int sm_count,
   if (p.cols > 0) {
     const dim3 block(kReduceCols, kReduceSlices);
     const unsigned grid = static_cast<unsigned>(ceil_div(p.cols, kReduceCols));
-    dw_reduce_kernel<<<grid, block, 0, stream>>>(p.dw_partial, blocks * groups_per_block, p.cols,
-                                                 dw);
+    TF_LAUNCH_KERNEL(grid, block, 0, stream, dw_reduce_kernel)(
+        p.dw_partial, blocks * groups_per_block, p.cols, dw);
   }
   return cudaGetLastError();
 }

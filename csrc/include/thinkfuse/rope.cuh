@@ -405,9 +405,9 @@ cudaError_t rope(const QKParams<T, T>& p, const RopeAngles& a, cudaStream_t stre
   const Tiling tiling = plan_tiles(p.tokens, heads, p.half, kVecSize<T>, true);
   const unsigned grid = static_cast<unsigned>(std::min(tiling.tiles, kMaxGridBlocks));
   if (qk_vectorisable(p)) {
-    rope_kernel<true><<<grid, kThreads, 0, stream>>>(p, a, tiling);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, rope_kernel<true>)(p, a, tiling);
   } else {
-    rope_kernel<false><<<grid, kThreads, 0, stream>>>(p, a, tiling);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, rope_kernel<false>)(p, a, tiling);
   }
   return cudaGetLastError();
 }
@@ -425,9 +425,9 @@ cudaError_t apply_rotary(const QKParams<InT, OutT>& p, const CosSinParams<CosT>&
       vec_aligned<CosT, kVec>(cs.cos, {cs.cos_stride_b, cs.cos_stride_s}) &&
       vec_aligned<CosT, kVec>(cs.sin, {cs.sin_stride_b, cs.sin_stride_s});
   if (aligned) {
-    apply_rotary_kernel<true><<<grid, kThreads, 0, stream>>>(p, cs, tiling);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, apply_rotary_kernel<true>)(p, cs, tiling);
   } else {
-    apply_rotary_kernel<false><<<grid, kThreads, 0, stream>>>(p, cs, tiling);
+    TF_LAUNCH_KERNEL(grid, kThreads, 0, stream, apply_rotary_kernel<false>)(p, cs, tiling);
   }
   return cudaGetLastError();
 }

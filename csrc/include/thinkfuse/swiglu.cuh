@@ -159,9 +159,9 @@ cudaError_t forward(const FwdParams<T>& p, cudaStream_t stream) {
                        rows_are_16B_aligned(p.up, p.up_stride) &&
                        rows_are_16B_aligned(p.y, p.y_stride);
   if (aligned) {
-    fwd_kernel<true><<<s.grid, s.block, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(s.grid, s.block, 0, stream, fwd_kernel<true>)(p);
   } else {
-    fwd_kernel<false><<<s.grid, s.block, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(s.grid, s.block, 0, stream, fwd_kernel<false>)(p);
   }
   return cudaGetLastError();
 }
@@ -176,9 +176,9 @@ cudaError_t backward(const BwdParams<T>& p, cudaStream_t stream) {
                        rows_are_16B_aligned(p.dgate, p.dgate_stride) &&
                        rows_are_16B_aligned(p.dup, p.dup_stride);
   if (aligned) {
-    bwd_kernel<true><<<s.grid, s.block, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(s.grid, s.block, 0, stream, bwd_kernel<true>)(p);
   } else {
-    bwd_kernel<false><<<s.grid, s.block, 0, stream>>>(p);
+    TF_LAUNCH_KERNEL(s.grid, s.block, 0, stream, bwd_kernel<false>)(p);
   }
   return cudaGetLastError();
 }

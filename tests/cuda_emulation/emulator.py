@@ -1,0 +1,398 @@
+"""Build and drive the host emulation of thinkfuse's CUDA kernels (see README.md here).
+
+``build()`` compiles the real sources of csrc/ops (g++, -DTHINKFUSE_HOST_EMULATION, the shim
+force-included) with the emulator and the harness into one program, cached under a directory
+keyed by a hash of every input; ``flash_fwd`` / ``flash_bwd`` / ``decode`` / ``mtp_verify`` run one
+case through the real launchers, taking and returning torch CPU tensors and filling the
+launchers' parameters the way csrc/bindings/*.cpp do.
+
+Command line (a case from Python is quicker to write than to pass on the command line)::
+
+    python tests/cuda_emulation/emulator.py build [--mutation NAME]
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+KERNEL_SOURCES = ["flash_attention_fwd", "flash_attention_bwd", "decode_attention", "mtp_verify"]
+EMU_SOURCES = ["runtime", "dynamic_smem", "harness"]
+# Compile-time mutations of the emulator (src/runtime.cpp) that must make the sweeps fail.
+MUTATIONS = ("LDMATRIX", "MMA", "CP_ASYNC_WAIT")
+
+# The nvcc build's restrictions on half / bfloat16 conversions (scripts/check_cuda.sh).
+CXXFLAGS = [
+    "-std=c++17", "-O2", "-g0", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
+    # every thread_local is constant-initialised: no TLS wrapper calls (GCC would also call a
+    # missing init function for the block-scope `extern thread_local` shared memory arrays)
+    "-fno-extern-tls-init",
+    "-DTHINKFUSE_HOST_EMULATION",
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+
+ERRORS = {0: "cudaSuccess", 1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration"}
+
+
+class Unavailable(RuntimeError):
+    """No host compiler or no CUDA headers: the emulation cannot be built here."""
+
+
+class EmulatorFailure(AssertionError):
+    """The emulator stopped the kernel (race, out-of-bounds access, deadlock, ...)."""
+
+
+def toolchain() -> tuple[str, Path]:
+    cxx = os.environ.get("CXX", "g++")
+    cxx_path = shutil.which(cxx)
+    if cxx_path is None:
+        raise Unavailable(f"no host C++ compiler ({cxx!r} not on PATH)")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_bf16.h").is_file():
+            return cxx_path, Path(c) / "include"
+    raise Unavailable("no CUDA headers (cuda_bf16.h) under CUDA_HOME, /usr/local/cuda or nvcc's prefix")
+
+
+def _inputs_digest(cxx: str, cuda_include: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted((CSRC / "include" / "thinkfuse").glob("*"))
+    files += [CSRC / "ops" / f"{s}.cu" for s in KERNEL_SOURCES]
+    files += sorted((HERE / "include").rglob("*.h")) + sorted((HERE / "src").glob("*.cpp"))
+    files.append(Path(__file__))
+    for f in files:
+        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(f.read_bytes())
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    h.update(version.encode())
+    h.update(str(cuda_include).encode())
+    h.update((cuda_include / "cuda.h").read_bytes() if (cuda_include / "cuda.h").exists() else b"")
+    h.update(" ".join(CXXFLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    env = os.environ.get("THINKFUSE_EMU_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "thinkfuse" / "cuda_emulation"
+
+
+def _compile(cxx, cuda_include, src: Path, obj: Path, extra=()):
+    cmd = [cxx, *CXXFLAGS, *extra, "-I", str(HERE / "include"), "-I", str(CSRC / "include"),
+           "-isystem", str(cuda_include), "-c", str(src), "-o", str(obj) + ".tmp"]
+    if src.suffix == ".cu":
+        cmd[1:1] = ["-x", "c++", "-include", "thinkfuse_emu/cuda_emu.h"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"compiling {src.relative_to(ROOT)} failed:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")
+    os.replace(str(obj) + ".tmp", obj)
+
+
+def build(mutation: str | None = None, jobs: int | None = None) -> Path:
+    """Path of the harness program (built unless cached). ``mutation``: one of MUTATIONS, a
+    variant whose emulator is deliberately wrong (only runtime.cpp is recompiled)."""
+    cxx, cuda_include = toolchain()
+    out = cache_root() / _inputs_digest(cxx, cuda_include)
+    out.mkdir(parents=True, exist_ok=True)
+    exe = out / ("emu_harness" if mutation is None else f"emu_harness_{mutation.lower()}")
+    if exe.exists():
+        return exe
+    with open(out / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if exe.exists():
+            return exe
+        units = [(CSRC / "ops" / f"{s}.cu", out / f"{s}.o", ()) for s in KERNEL_SOURCES]
+        units += [(HERE / "src" / f"{s}.cpp", out / f"{s}.o", ()) for s in EMU_SOURCES]
+        if mutation is not None:
+            if mutation not in MUTATIONS:
+                raise ValueError(f"mutation {mutation!r} not in {MUTATIONS}")
+            units.append((HERE / "src" / "runtime.cpp", out / f"runtime_{mutation.lower()}.o",
+                          (f"-DEMU_MUTATE_{mutation}",)))
+        todo = [u for u in units if not u[1].exists()]
+        # the slowest first (decode_attention instantiates 54 kernels)
+        todo.sort(key=lambda u: u[0].name != "decode_attention.cu")
+        jobs = jobs or max(1, min(len(todo), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            for f in [pool.submit(_compile, cxx, cuda_include, *u) for u in todo]:
+                f.result()
+        objs = [out / f"{s}.o" for s in KERNEL_SOURCES + EMU_SOURCES]
+        if mutation is not None:
+            objs[objs.index(out / "runtime.o")] = out / f"runtime_{mutation.lower()}.o"
+        r = subprocess.run([cxx, "-o", str(exe) + ".tmp", *map(str, objs), "-pthread"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"linking the harness failed:\n{r.stderr[-6000:]}")
+        os.replace(str(exe) + ".tmp", exe)
+    _prune(out)
+    return exe
+
+
+def _prune(keep: Path, generations: int = 4):
+    """Removes all but the most recent builds (each edit of a source makes a new one)."""
+    dirs = sorted((d for d in keep.parent.iterdir() if d.is_dir() and d != keep),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in dirs[generations - 1:]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one case.
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Options:
+    """Emulator options of one run (see include/thinkfuse_emu/runtime.h)."""
+    seed: int = 1
+    copies: str = "late"  # late | early | random
+    sched: str = "warp"  # warp | random
+    workers: int = 1
+    device: int = 0  # 0 H100, 1 A100, 2 sm_86 (99 KB shared memory), 3 a 90 KB part
+    shuffle_blocks: bool = True
+    yield_prob: float = 0.05
+    verbose: bool = False  # one line per launch on the harness's stderr
+
+    def scalars(self):
+        return dict(seed=self.seed, copies=self.copies, sched=self.sched, workers=self.workers,
+                    device=self.device, shuffle_blocks=int(self.shuffle_blocks),
+                    yield_prob=self.yield_prob, verbose=int(self.verbose))
+
+
+@dataclass
+class Launch:
+    kernel: str  # the kernel expression at the launch site (spaces as _)
+    grid: tuple
+    threads: int
+    smem: int
+
+
+@dataclass
+class Result:
+    status: int
+    values: dict
+    outputs: dict = field(default_factory=dict)
+
+
+def storage_bytes(t: torch.Tensor) -> bytes:
+    """Every byte of t's storage (the kernel sees the view through its offset and strides)."""
+    n = t.untyped_storage().nbytes() // t.element_size()
+    if n == 0:
+        return b""
+    flat = t.detach().as_strided((n,), (1,), 0)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def poison(shape, dtype) -> torch.Tensor:
+    """A tensor of 0xFF bytes (NaN in every float format; -1 for integers)."""
+    t = torch.empty(shape, dtype=dtype)
+    if t.numel():
+        t.view(torch.uint8).fill_(0xFF)
+    return t
+
+
+def from_bytes(data: bytes, dtype, shape) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+
+
+class _kept_dir:
+    def __enter__(self):
+        return tempfile.mkdtemp(prefix="tf_emu_")
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_case(exe: Path, op: str, scalars: dict, buffers: dict, outputs: list[str],
+             options: Options | None = None, timeout: float = 120) -> Result:
+    """Runs the harness on one case. buffers: name -> tensor (its whole storage is passed);
+    returns the listed outputs as raw bytes. Raises EmulatorFailure when the emulator reports a
+    failure or a guard was overwritten."""
+    options = options or Options()
+    keep = os.environ.get("THINKFUSE_EMU_KEEP")  # keep the case directories (for debugging)
+    with tempfile.TemporaryDirectory(prefix="tf_emu_") if not keep else _kept_dir() as d:
+        lines = {"op": op, **options.scalars(), **scalars,
+                 "buffers": " ".join(buffers), "outputs": " ".join(outputs)}
+        with open(os.path.join(d, "case.txt"), "w") as f:
+            for k, v in lines.items():
+                f.write(f"{k} {int(v) if isinstance(v, bool) else v}\n")
+        for name, t in buffers.items():
+            with open(os.path.join(d, f"{name}.bin"), "wb") as f:
+                f.write(storage_bytes(t))
+        r = subprocess.run([str(exe), d], capture_output=True, text=True, timeout=timeout)
+        if options.verbose:
+            sys.stderr.write(r.stderr)
+        if r.returncode != 0:
+            raise EmulatorFailure(f"harness exit status {r.returncode} (case: {d}):\n{r.stderr[-4000:]}")
+        values = {"launches": []}
+        with open(os.path.join(d, "result.txt")) as f:
+            for line in f:
+                k, *v = line.split()
+                if k == "launch":  # kernel expression, grid x y z, threads per block, smem bytes
+                    values["launches"].append(Launch(v[0], tuple(map(int, v[1:4])), int(v[4]), int(v[5])))
+                else:
+                    values[k] = int(v[0])
+        outs = {}
+        for name in outputs:
+            with open(os.path.join(d, f"{name}.out.bin"), "rb") as f:
+                outs[name] = f.read()
+    return Result(values.pop("status"), values, outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops, as the bindings call them.
+
+def _stride_or_zero(t, d):
+    return 0 if t.shape[d] == 1 else t.stride(d)
+
+
+def _token_strides(t, packed):
+    if packed:
+        return 0, _stride_or_zero(t, 0), _stride_or_zero(t, 1)
+    return _stride_or_zero(t, 0), _stride_or_zero(t, 1), _stride_or_zero(t, 2)
+
+
+def _attention_scalars(q, k, v, out, lse, causal, scale, window, cu_q, cu_k, max_q, max_k):
+    packed = cu_q is not None
+    s = dict(dtype=DTYPE_NAMES[q.dtype], packed=int(packed), causal=int(causal),
+             window=window or 0, scale=repr(float(scale)), head_dim=q.shape[-1],
+             heads_q=q.shape[-2], heads_kv=k.shape[-2], k_empty=int(k.numel() == 0))
+    for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
+        b, sq, h = _token_strides(t, packed)
+        s.update({f"{name}_off": t.storage_offset(), f"{name}_bs": b, f"{name}_ss": sq, f"{name}_hs": h})
+    if packed:
+        s.update(batch=cu_q.numel() - 1, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                 total_q=q.shape[0], total_k=k.shape[0], lse_bs=0, lse_hs=_stride_or_zero(lse, 0))
+    else:
+        s.update(batch=q.shape[0], max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1],
+                 lse_bs=_stride_or_zero(lse, 0), lse_hs=_stride_or_zero(lse, 1))
+    return s
+
+
+def flash_fwd(exe, q, k, v, causal=True, scale=None, window=None, cu_q=None, cu_k=None,
+              max_q=None, max_k=None, options=None):
+    """status, out, lse (and launches) of flash_attention_forward with csrc/bindings/flash_attention.cpp's
+    conventions: out / lse uninitialised (poisoned here) for padded inputs, zeros / -inf for
+    packed ones."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    packed = cu_q is not None
+    hq = q.shape[-2]
+    if packed:
+        out = torch.zeros(q.shape, dtype=q.dtype)
+        lse = torch.full((hq, q.shape[0]), float("-inf"))
+    else:
+        out = poison(q.shape, q.dtype)
+        lse = poison((q.shape[0], hq, q.shape[1]), torch.float32)
+    s = _attention_scalars(q, k, v, out, lse, causal, scale, window, cu_q, cu_k, max_q, max_k)
+    bufs = dict(q=q, k=k, v=v, out=out, lse=lse)
+    if packed:
+        bufs.update(cu_q=cu_q.to(torch.int32).contiguous(), cu_k=cu_k.to(torch.int32).contiguous())
+    r = run_case(exe, "fwd", s, bufs, ["out", "lse"], options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"],
+                           out=from_bytes(r.outputs["out"], q.dtype, q.shape),
+                           lse=from_bytes(r.outputs["lse"], torch.float32, lse.shape))
+
+
+def flash_bwd(exe, dout, q, k, v, out, lse, dlse=None, causal=True, scale=None, window=None,
+              cu_q=None, cu_k=None, max_q=None, max_k=None, options=None):
+    """status, dq, dk, dv (and launches) of flash_attention_backward, as csrc/bindings/flash_attention_bwd.cpp
+    calls it (dq and the workspaces uninitialised, dk / dv zeros for packed inputs)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    packed = cu_q is not None
+    s = _attention_scalars(q, k, v, out, lse, causal, scale, window, cu_q, cu_k, max_q, max_k)
+    b, sq, h = _token_strides(dout, packed)
+    s.update(do_off=dout.storage_offset(), do_bs=b, do_ss=sq, do_hs=h,
+             rows_q=q.shape[0] if packed else q.shape[0] * q.shape[1], has_dlse=int(dlse is not None))
+    if dlse is not None:
+        s.update(dlse_bs=0 if packed else _stride_or_zero(dlse, 0),
+                 dlse_hs=_stride_or_zero(dlse, 0 if packed else 1))
+    dq = poison(q.shape, q.dtype)
+    dk = torch.zeros(k.shape, dtype=k.dtype) if packed else poison(k.shape, k.dtype)
+    dv = torch.zeros(v.shape, dtype=v.dtype) if packed else poison(v.shape, v.dtype)
+    bufs = dict(q=q, k=k, v=v, out=out, lse=lse, dout=dout, dq=dq, dk=dk, dv=dv)
+    if dlse is not None:
+        bufs["dlse"] = dlse
+    if packed:
+        bufs.update(cu_q=cu_q.to(torch.int32).contiguous(), cu_k=cu_k.to(torch.int32).contiguous())
+    r = run_case(exe, "bwd", s, bufs, ["dq", "dk", "dv"], options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"],
+                           dq=from_bytes(r.outputs["dq"], q.dtype, q.shape),
+                           dk=from_bytes(r.outputs["dk"], k.dtype, k.shape),
+                           dv=from_bytes(r.outputs["dv"], v.dtype, v.shape))
+
+
+def decode(exe, q, k_cache, v_cache, seqlens, scale=None, window=None, splits=0, options=None):
+    """status, out, splits (and launches) of decode_attention with the split count from
+    decode_attention_num_splits(requested=splits) (0: the heuristic for the emulated device)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, sq, hq, d = q.shape
+    s = dict(dtype=DTYPE_NAMES[q.dtype], batch=b, seqlen_q=sq, q_heads=hq, kv_heads=k_cache.shape[2],
+             head_dim=d, max_seqlen_k=k_cache.shape[1], scale=repr(float(scale)), window=window or 0,
+             requested_splits=splits)
+    for name, t in (("q", q), ("k", k_cache), ("v", v_cache)):
+        s.update({f"{name}_off": t.storage_offset(), f"{name}_sb": t.stride(0), f"{name}_ss": t.stride(1),
+                  f"{name}_sh": t.stride(2)})
+    out = poison(q.shape, q.dtype)
+    bufs = dict(q=q, k=k_cache, v=v_cache, seqlens=seqlens.to(torch.int32).contiguous(), out=out)
+    r = run_case(exe, "decode", s, bufs, ["out"], options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], splits=r.values["splits"],
+                           out=from_bytes(r.outputs["out"], q.dtype, q.shape))
+
+
+def mtp_verify(exe, draft, logits, temperature=0.0, probs=None, uniforms=None, num_splits=1,
+               sm_count=132, options=None):
+    """status, tokens, num_accepted, splits (and launches) of mtp_verify with splits = mtp_verify_splits(B, K,
+    V, sampled, num_splits, sm_count): num_splits 1 is the one-block kernel, >= 2 asks for that
+    many slices, 0 the heuristic."""
+    batch, k = draft.shape
+    vocab = logits.shape[-1]
+    sampled = temperature > 0
+    s = dict(batch=batch, k=k, vocab=vocab, temperature=repr(float(temperature)),
+             logits_dtype=DTYPE_NAMES[logits.dtype], logits_off=logits.storage_offset(),
+             stride_lb=logits.stride(0), stride_lk=logits.stride(1), has_probs=int(probs is not None),
+             probs_dtype=DTYPE_NAMES[probs.dtype] if probs is not None else "fp32",
+             num_splits=num_splits, sm_count=sm_count)
+    bufs = dict(draft=draft.to(torch.int64).contiguous(), logits=logits,
+                tokens=poison((batch, k + 1), torch.int64), num_accepted=poison((batch,), torch.int64))
+    if probs is not None:
+        s.update(probs_off=probs.storage_offset(), stride_pb=probs.stride(0), stride_pk=probs.stride(1))
+        bufs["probs"] = probs
+    if sampled:
+        bufs["uniforms"] = uniforms.to(torch.float32).contiguous()
+    r = run_case(exe, "mtp", s, bufs, ["tokens", "num_accepted"], options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], splits=r.values["splits"],
+                           tokens=from_bytes(r.outputs["tokens"], torch.int64, (batch, k + 1)),
+                           num_accepted=from_bytes(r.outputs["num_accepted"], torch.int64, (batch,)))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["build"])
+    ap.add_argument("--mutation", choices=MUTATIONS)
+    args = ap.parse_args()
+    try:
+        print(build(args.mutation))
+    except Unavailable as e:
+        sys.exit(f"cannot build the emulation: {e}")

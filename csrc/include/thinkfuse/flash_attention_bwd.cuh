@@ -615,8 +615,9 @@ cudaError_t launch_dkdv(const KernelParams<T>& p, cudaStream_t stream) {
 }
 
 // The largest configuration whose shared memory fits the device: 8 warps (128 keys) and two
-// stages (H100: 227 KB, A100: 163 KB per block), else 4 warps (64 keys) and one stage
-// (sm_86 / sm_89 / sm_120: ~100 KB).
+// stages (H100: 227 KB, A100: 163 KB per block), else 4 warps (64 keys) and one stage. On the
+// ~100 KB parts (sm_86 / sm_89 / sm_120) that is the small one at D = 96 / 128; D = 64's big
+// configuration (93,184 bytes) still fits there.
 template <typename T, int kD>
 cudaError_t launch_dkdv_for_device(const KernelParams<T>& p, cudaStream_t stream) {
   using Big = Config<kD, 8, 2>;

@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "attention_common.h"
 #include "common.h"
 #include "thinkfuse/flash_attention_params.cuh"
 #include "thinkfuse/ops.h"
@@ -20,51 +21,6 @@
 namespace {
 
 using namespace thinkfuse::bindings;
-
-// (batch, seq, head) element strides of a [B, S, H, D] or packed [total, H, D] tensor (no batch
-// dim: 0); 0 where a dim has one element (its stride is meaningless there).
-struct TokenStrides {
-  int64_t b = 0, s = 0, h = 0;
-};
-
-TokenStrides token_strides(const at::Tensor& t, bool packed) {
-  TokenStrides st;
-  if (packed) {
-    st.s = stride_or_zero(t, 0);
-    st.h = stride_or_zero(t, 1);
-  } else {
-    st.b = stride_or_zero(t, 0);
-    st.s = stride_or_zero(t, 1);
-    st.h = stride_or_zero(t, 2);
-  }
-  return st;
-}
-
-// The kernel copies rows as 16-byte chunks (cp.async): the base pointer and the stride of every
-// dim with more than one element must be 16-byte multiples, the last dim unit-stride. Any other
-// layout (an odd offset view, a transposed last dim) is copied into a fresh contiguous tensor.
-at::Tensor with_16B_rows(const at::Tensor& t) {
-  if (t.numel() == 0) return t;
-  bool ok = reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(-1) == 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    ok = ok && (stride_or_zero(t, d) * t.element_size()) % 16 == 0;
-  }
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
-void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Device& device) {
-  check_device(cu, name, device);
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name,
-                    " must be 1-D with batch + 1 >= 1 entries, got shape ", cu.sizes());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
-}
-
-int checked_seqlen(int64_t value, const char* name) {
-  TORCH_CHECK_VALUE(value >= 0 && value <= thinkfuse::kFlashAttnMaxSeqlen, name, " must be in [0, ",
-                    thinkfuse::kFlashAttnMaxSeqlen, "], got ", value);
-  return static_cast<int>(value);
-}
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attention_common.h"
 #include "common.h"
 #include "thinkfuse/flash_attention_params.cuh"
 #include "thinkfuse/ops.h"
@@ -40,36 +41,6 @@ void check_unit_last_stride(const at::Tensor& t, const char* name) {
                     " must have unit stride along its last dimension, got strides ", t.strides());
 }
 
-// The kernels copy 16-byte chunks with cp.async: the base pointer and every stride of a dim
-// with more than one element must be 16-byte multiples. A tensor that is not (an odd slice of
-// a fused projection, an offset view) is copied into a fresh contiguous one.
-at::Tensor rows_16B_aligned(const at::Tensor& t) {
-  bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    ok = ok && (stride_or_zero(t, d) * t.element_size()) % 16 == 0;
-  }
-  return ok || t.numel() == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
-// (batch, seq, head) strides of a [B, S, H, D] or [total, H, D] tensor; 0 where a dim has one
-// element, and a packed tensor has no batch dim.
-struct Strides3 {
-  int64_t b = 0, s = 0, h = 0;
-};
-
-Strides3 token_strides(const at::Tensor& t, bool packed) {
-  Strides3 st;
-  if (packed) {
-    st.s = stride_or_zero(t, 0);
-    st.h = stride_or_zero(t, 1);
-  } else {
-    st.b = stride_or_zero(t, 0);
-    st.s = stride_or_zero(t, 1);
-    st.h = stride_or_zero(t, 2);
-  }
-  return st;
-}
-
 // lse-shaped float32 ([B, Hq, Sq] or [Hq, total_q]); returns it with a unit stride along the
 // sequence (a copy only if it had none).
 at::Tensor check_lse(const at::Tensor& t, const char* name, at::IntArrayRef shape,
@@ -79,20 +50,6 @@ at::Tensor check_lse(const at::Tensor& t, const char* name, at::IntArrayRef shap
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   const int64_t last = t.dim() - 1;
   return t.size(last) <= 1 || t.stride(last) == 1 ? t : t.contiguous();
-}
-
-void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Device& device) {
-  check_device(cu, name, device);
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name,
-                    " must be 1-D with batch + 1 >= 1 entries, got shape ", cu.sizes());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
-}
-
-int checked_seqlen(int64_t value, const char* name) {
-  TORCH_CHECK_VALUE(value >= 0 && value <= thinkfuse::kFlashAttnMaxSeqlen, name, " must be in [0, ",
-                    thinkfuse::kFlashAttnMaxSeqlen, "], got ", value);
-  return static_cast<int>(value);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
@@ -180,10 +137,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   if (dlse_in.has_value()) dlse = check_lse(*dlse_in, "dlse", lse_shape, device);
 
   const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor q = rows_16B_aligned(q_in);
-  const at::Tensor k = rows_16B_aligned(k_in);
-  const at::Tensor v = rows_16B_aligned(v_in);
-  const at::Tensor dout = rows_16B_aligned(dout_in);
+  const at::Tensor q = with_16B_rows(q_in);
+  const at::Tensor k = with_16B_rows(k_in);
+  const at::Tensor v = with_16B_rows(v_in);
+  const at::Tensor dout = with_16B_rows(dout_in);
 
   // Outputs contiguous like q, k, v. Packed dk/dv start at zero: rows outside every sequence
   // are never written by the kernel (dq's are, by the preprocessing and conversion kernels).
@@ -196,10 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   at::Tensor stats = at::empty({2, rows_q * heads_q}, f32);  // lse_log2, delta
 
   thinkfuse::FlashAttnParams p;
-  const Strides3 qs = token_strides(q, packed);
-  const Strides3 ks = token_strides(k, packed);
-  const Strides3 vs = token_strides(v, packed);
-  const Strides3 os = token_strides(out, packed);
+  const TokenStrides qs = token_strides(q, packed);
+  const TokenStrides ks = token_strides(k, packed);
+  const TokenStrides vs = token_strides(v, packed);
+  const TokenStrides os = token_strides(out, packed);
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
   p.v = v.const_data_ptr();
@@ -241,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
                                window, int64_t{thinkfuse::kFlashAttnMaxSeqlen} + 1));
 
   thinkfuse::FlashAttnBwdArgs a;
-  const Strides3 ds = token_strides(dout, packed);
+  const TokenStrides ds = token_strides(dout, packed);
   a.dout = dout.const_data_ptr();
   a.do_batch_stride = ds.b;
   a.do_seq_stride = ds.s;

@@ -5,9 +5,12 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "common.h"
+#include "thinkfuse/flash_attention_params.cuh"
 #include "thinkfuse/ops.h"
 
 namespace thinkfuse::bindings {
@@ -57,6 +60,98 @@ inline int checked_seqlen(int64_t value, const char* name) {
   TORCH_CHECK_VALUE(value >= 0 && value <= thinkfuse::kFlashAttnMaxSeqlen, name, " must be in [0, ",
                     thinkfuse::kFlashAttnMaxSeqlen, "], got ", value);
   return static_cast<int>(value);
+}
+
+// Batch and (max) sequence lengths of a padded problem (q [B, Sq, H, D], k [B, Sk, H, D]) or a
+// packed one (cu_seqlens of batch + 1 entries, max_seqlen from the caller), checked.
+struct SeqDims {
+  int64_t batch = 0;
+  int sq = 0;
+  int sk = 0;
+};
+
+inline SeqDims seq_dims(const at::Tensor& q, const at::Tensor& k,
+                        const std::optional<at::Tensor>& cu_seqlens_q,
+                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                        int64_t max_seqlen_k, const at::Device& device) {
+  SeqDims dims;
+  if (cu_seqlens_q.has_value()) {
+    check_cu_seqlens(*cu_seqlens_q, "cu_seqlens_q", device);
+    check_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", device);
+    TORCH_CHECK_VALUE(cu_seqlens_k->size(0) == cu_seqlens_q->size(0), "cu_seqlens_k has ",
+                      cu_seqlens_k->size(0), " entries but cu_seqlens_q has ",
+                      cu_seqlens_q->size(0), "; both must be batch + 1");
+    dims.batch = cu_seqlens_q->size(0) - 1;
+    dims.sq = checked_seqlen(max_seqlen_q, "max_seqlen_q");
+    dims.sk = checked_seqlen(max_seqlen_k, "max_seqlen_k");
+  } else {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k batch ", k.size(0), " must equal q batch ",
+                      q.size(0));
+    dims.batch = q.size(0);
+    dims.sq = checked_seqlen(q.size(1), "q's sequence length");
+    dims.sk = checked_seqlen(k.size(1), "k's sequence length");
+  }
+  return dims;
+}
+
+// The inputs' pointers and strides.
+inline void set_qkv(thinkfuse::FlashAttnParams& p, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, bool packed) {
+  const TokenStrides qs = token_strides(q, packed);
+  const TokenStrides ks = token_strides(k, packed);
+  const TokenStrides vs = token_strides(v, packed);
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_batch_stride = qs.b;
+  p.q_seq_stride = qs.s;
+  p.q_head_stride = qs.h;
+  p.k_batch_stride = ks.b;
+  p.k_seq_stride = ks.s;
+  p.k_head_stride = ks.h;
+  p.v_batch_stride = vs.b;
+  p.v_seq_stride = vs.s;
+  p.v_head_stride = vs.h;
+}
+
+// out's and lse's strides (their pointers are set by the caller: written by the forward, read by
+// the backward).
+inline void set_out_lse_strides(thinkfuse::FlashAttnParams& p, const at::Tensor& out,
+                                const at::Tensor& lse, bool packed) {
+  const TokenStrides os = token_strides(out, packed);
+  p.o_batch_stride = os.b;
+  p.o_seq_stride = os.s;
+  p.o_head_stride = os.h;
+  p.lse_batch_stride = packed ? 0 : stride_or_zero(lse, 0);
+  p.lse_head_stride = stride_or_zero(lse, packed ? 0 : 1);
+}
+
+// Everything else the kernels need: sequences, heads, scale, mask.
+inline void set_problem(thinkfuse::FlashAttnParams& p, const SeqDims& dims, int64_t heads_q,
+                        int64_t heads_kv, int64_t head_dim, const at::Tensor& q,
+                        const at::Tensor& k, const std::optional<at::Tensor>& cu_seqlens_q,
+                        const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale,
+                        bool causal, int64_t window) {
+  if (cu_seqlens_q.has_value()) {
+    p.cu_seqlens_q = cu_seqlens_q->const_data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_seqlens_k->const_data_ptr<int32_t>();
+    p.total_q = q.size(0);
+    p.total_k = k.size(0);
+  }
+  p.batch = static_cast<int>(dims.batch);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.head_dim = static_cast<int>(head_dim);
+  p.max_seqlen_q = dims.sq;
+  p.max_seqlen_k = dims.sk;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.causal = causal;
+  // A window wider than every sequence hides nothing; clamping keeps it in int range.
+  p.window = window <= 0 ? 0
+                         : static_cast<int>(std::min<int64_t>(
+                               window, int64_t{thinkfuse::kFlashAttnMaxSeqlen} + 1));
 }
 
 }  // namespace thinkfuse::bindings

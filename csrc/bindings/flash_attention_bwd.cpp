@@ -109,25 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
                     "softmax_scale must be finite and > 0, got ", softmax_scale);
   TORCH_CHECK_VALUE(window <= 0 || causal, "a sliding window (window > 0) requires causal=True");
 
-  int64_t batch = 0;
-  int sq = 0;
-  int sk = 0;
-  if (packed) {
-    check_cu_seqlens(*cu_seqlens_q, "cu_seqlens_q", device);
-    check_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", device);
-    TORCH_CHECK_VALUE(cu_seqlens_k->size(0) == cu_seqlens_q->size(0), "cu_seqlens_k has ",
-                      cu_seqlens_k->size(0), " entries but cu_seqlens_q has ",
-                      cu_seqlens_q->size(0), "; both must be batch + 1");
-    batch = cu_seqlens_q->size(0) - 1;
-    sq = checked_seqlen(max_seqlen_q, "max_seqlen_q");
-    sk = checked_seqlen(max_seqlen_k, "max_seqlen_k");
-  } else {
-    TORCH_CHECK_VALUE(k_in.size(0) == q_in.size(0), "k batch ", k_in.size(0),
-                      " must equal q batch ", q_in.size(0));
-    batch = q_in.size(0);
-    sq = checked_seqlen(q_in.size(1), "q's sequence length");
-    sk = checked_seqlen(k_in.size(1), "k's sequence length");
-  }
+  const SeqDims dims =
+      seq_dims(q_in, k_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, device);
+  const int64_t batch = dims.batch;
+  const int sq = dims.sq;
   TORCH_CHECK_VALUE(batch <= std::numeric_limits<int>::max(), "batch ", batch, " is too large");
   const std::vector<int64_t> lse_shape =
       packed ? std::vector<int64_t>{heads_q, q_in.size(0)}
@@ -153,49 +138,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   at::Tensor stats = at::empty({2, rows_q * heads_q}, f32);  // lse_log2, delta
 
   thinkfuse::FlashAttnParams p;
-  const TokenStrides qs = token_strides(q, packed);
-  const TokenStrides ks = token_strides(k, packed);
-  const TokenStrides vs = token_strides(v, packed);
-  const TokenStrides os = token_strides(out, packed);
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
-  p.q_batch_stride = qs.b;
-  p.q_seq_stride = qs.s;
-  p.q_head_stride = qs.h;
-  p.k_batch_stride = ks.b;
-  p.k_seq_stride = ks.s;
-  p.k_head_stride = ks.h;
-  p.v_batch_stride = vs.b;
-  p.v_seq_stride = vs.s;
-  p.v_head_stride = vs.h;
+  set_qkv(p, q, k, v, packed);
   p.out = const_cast<void*>(out.const_data_ptr());  // read only by the backward
-  p.o_batch_stride = os.b;
-  p.o_seq_stride = os.s;
-  p.o_head_stride = os.h;
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());  // read only by the backward
-  p.lse_batch_stride = packed ? 0 : stride_or_zero(lse, 0);
-  p.lse_head_stride = stride_or_zero(lse, packed ? 0 : 1);
-  if (packed) {
-    p.cu_seqlens_q = cu_seqlens_q->const_data_ptr<int32_t>();
-    p.cu_seqlens_k = cu_seqlens_k->const_data_ptr<int32_t>();
-    p.total_q = q.size(0);
-    p.total_k = k.size(0);
-  }
-  p.batch = static_cast<int>(batch);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  p.group = static_cast<int>(heads_q / heads_kv);
-  p.head_dim = static_cast<int>(head_dim);
-  p.max_seqlen_q = sq;
-  p.max_seqlen_k = sk;
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
-  p.causal = causal;
-  // A window wider than every sequence hides nothing; clamping keeps it in int range.
-  p.window = window <= 0 ? 0
-                         : static_cast<int>(std::min<int64_t>(
-                               window, int64_t{thinkfuse::kFlashAttnMaxSeqlen} + 1));
+  set_out_lse_strides(p, out, lse, packed);
+  set_problem(p, dims, heads_q, heads_kv, head_dim, q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+              causal, window);
 
   thinkfuse::FlashAttnBwdArgs a;
   const TokenStrides ds = token_strides(dout, packed);

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -60,6 +61,46 @@ inline int checked_seqlen(int64_t value, const char* name) {
   TORCH_CHECK_VALUE(value >= 0 && value <= thinkfuse::kFlashAttnMaxSeqlen, name, " must be in [0, ",
                     thinkfuse::kFlashAttnMaxSeqlen, "], got ", value);
   return static_cast<int>(value);
+}
+
+// The layout of q [B, S, Hq, D] / k, v [B, S, Hkv, D], or packed [total, H, D] when cu_seqlens
+// are given, checked: ranks, v like k, one head_dim, Hq a multiple of Hkv.
+struct QkvLayout {
+  bool packed = false;
+  int64_t head_dim = 0;
+  int64_t heads_q = 0;
+  int64_t heads_kv = 0;
+};
+
+inline QkvLayout check_qkv_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& cu_seqlens_q,
+                                  const std::optional<at::Tensor>& cu_seqlens_k) {
+  TORCH_CHECK_VALUE(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+                    "cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or both "
+                    "be None");
+  QkvLayout l;
+  l.packed = cu_seqlens_q.has_value();
+  const int64_t rank = l.packed ? 3 : 4;
+  const char* layout = l.packed ? "[total_tokens, H, D] with cu_seqlens" : "[B, S, H, D]";
+  TORCH_CHECK_VALUE(q.dim() == rank, "q must be ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == rank, "k must be ", layout, ", got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v shape ", v.sizes(), " must equal k shape ",
+                    k.sizes());
+  l.head_dim = q.size(-1);
+  l.heads_q = q.size(-2);
+  l.heads_kv = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == l.head_dim, "k head_dim ", k.size(-1),
+                    " must equal q's head_dim ", l.head_dim);
+  TORCH_CHECK_VALUE(l.heads_kv > 0 && l.heads_q % l.heads_kv == 0, "q has ", l.heads_q,
+                    " heads, which is not a multiple of k's ", l.heads_kv,
+                    " heads (GQA needs Hq % Hkv == 0)");
+  return l;
+}
+
+inline void check_scale_and_window(double softmax_scale, bool causal, int64_t window) {
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
+                    "softmax_scale must be finite and > 0, got ", softmax_scale);
+  TORCH_CHECK_VALUE(window <= 0 || causal, "a sliding window (window > 0) requires causal=True");
 }
 
 // Batch and (max) sequence lengths of a padded problem (q [B, Sq, H, D], k [B, Sk, H, D]) or a

@@ -70,32 +70,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   check_like_q(out, "out", q_in);
   check_like_q(dout_in, "dout", q_in);
 
-  TORCH_CHECK_VALUE(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
-                    "cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or both "
-                    "be None");
-  const bool packed = cu_seqlens_q.has_value();
-  const int64_t rank = packed ? 3 : 4;
-  const char* layout = packed ? "[total_tokens, H, D] with cu_seqlens" : "[B, S, H, D]";
-  TORCH_CHECK_VALUE(q_in.dim() == rank, "q must be ", layout, ", got shape ", q_in.sizes());
-  TORCH_CHECK_VALUE(k_in.dim() == rank, "k must be ", layout, ", got shape ", k_in.sizes());
-  TORCH_CHECK_VALUE(v_in.sizes() == k_in.sizes(), "v shape ", v_in.sizes(),
-                    " must equal k shape ", k_in.sizes());
+  const QkvLayout qkv = check_qkv_layout(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k);
+  const bool packed = qkv.packed;
   TORCH_CHECK_VALUE(out.sizes() == q_in.sizes(), "out shape ", out.sizes(),
                     " must equal q shape ", q_in.sizes());
   TORCH_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "dout shape ", dout_in.sizes(),
                     " must equal q shape ", q_in.sizes());
-  const int64_t head_dim = q_in.size(-1);
-  const int64_t heads_q = q_in.size(-2);
-  const int64_t heads_kv = k_in.size(-2);
-  TORCH_CHECK_VALUE(k_in.size(-1) == head_dim, "k head_dim ", k_in.size(-1),
-                    " must equal q's head_dim ", head_dim);
+  const int64_t head_dim = qkv.head_dim;
+  const int64_t heads_q = qkv.heads_q;
+  const int64_t heads_kv = qkv.heads_kv;
   TORCH_CHECK_VALUE(thinkfuse::flash_attention_backward_head_dim_supported(head_dim), "head_dim ",
                     head_dim,
                     " is not supported by the cuda flash_attention backward; expected 64, 96 or "
                     "128");
-  TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, "q has ", heads_q,
-                    " heads, which is not a multiple of k's ", heads_kv,
-                    " heads (GQA needs Hq % Hkv == 0)");
   TORCH_CHECK_VALUE(heads_q <= thinkfuse::kFlashAttnMaxGridDim &&
                         heads_kv <= thinkfuse::kFlashAttnMaxGridDim,
                     "at most ", thinkfuse::kFlashAttnMaxGridDim, " heads are supported, got ",
@@ -105,9 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   check_unit_last_stride(v_in, "v");
   check_unit_last_stride(out, "out");
   check_unit_last_stride(dout_in, "dout");
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
-                    "softmax_scale must be finite and > 0, got ", softmax_scale);
-  TORCH_CHECK_VALUE(window <= 0 || causal, "a sliding window (window > 0) requires causal=True");
+  check_scale_and_window(softmax_scale, causal, window);
 
   const SeqDims dims =
       seq_dims(q_in, k_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, device);

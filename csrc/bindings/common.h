@@ -1,5 +1,5 @@
-// Argument checks shared by the binding translation units (torch_bindings.cpp and
-// csrc/bindings/*.cpp). Torch-facing; never include it from a kernel file.
+// Argument checks shared by the binding translation units (csrc/bindings/*.cpp). Torch-facing;
+// never include it from a kernel file.
 #pragma once
 
 #include <c10/cuda/CUDAGuard.h>
@@ -55,6 +55,14 @@ inline void check_launch(cudaError_t err, const char* op) {
 // may be anything, e.g. after an expand).
 inline int64_t stride_or_zero(const at::Tensor& t, int64_t dim) {
   return t.size(dim) == 1 ? 0 : t.stride(dim);
+}
+
+// [B, S, H, D] view for the kernels, with stride_or_zero's strides: an arbitrary stride on a dim
+// of one element must not block the vectorised (16-byte) paths, and a [1, S, ...] tensor then
+// broadcasts over the batch.
+inline thinkfuse::HeadsView heads_view(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.size(2), stride_or_zero(t, 0), stride_or_zero(t, 1),
+          stride_or_zero(t, 2)};
 }
 
 }  // namespace thinkfuse::bindings

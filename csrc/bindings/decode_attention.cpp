@@ -17,13 +17,6 @@ namespace {
 
 using namespace thinkfuse::bindings;
 
-// [B, S, H, D] view for the kernels. The stride of a dim with one element is meaningless (torch
-// allows any) and is passed as 0 so that it cannot block the 16-byte (cp.async) path.
-thinkfuse::HeadsView heads_view(const at::Tensor& t) {
-  return {t.const_data_ptr(), t.size(2), stride_or_zero(t, 0), stride_or_zero(t, 1),
-          stride_or_zero(t, 2)};
-}
-
 void check_4d(const at::Tensor& t, const char* name, const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D ", layout, ", got shape ", t.sizes());
 }

@@ -1,0 +1,124 @@
+// Torch bindings of RMSNorm forward/backward (thinkfuse/ops.h): argument checks, the dweight
+// workspace, device guard and stream; registered as torch.ops.thinkfuse_C.rms_norm_{fwd,bwd}.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "common.h"
+#include "thinkfuse/ops.h"
+
+namespace {
+
+using namespace thinkfuse::bindings;
+
+void check_width(int64_t cols) {
+  TORCH_CHECK_VALUE(cols <= thinkfuse::kRmsNormMaxCols, "rows wider than ",
+                    thinkfuse::kRmsNormMaxCols, " elements are not supported, got ", cols);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+    double eps) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [rows, cols], got shape ", x.sizes());
+  const int64_t rows = x.size(0);
+  const int64_t cols = x.size(1);
+  check_device(x, "x", x.device());
+  check_rows(x, "x", rows, cols);
+  check_width(cols);
+  const DType x_dtype = kernel_dtype(x, "x");
+  check_device(weight, "weight", x.device());
+  check_vector(weight, "weight", cols);
+  const DType w_dtype = kernel_dtype(weight, "weight");
+  if (residual.has_value()) {
+    check_device(*residual, "residual", x.device());
+    check_rows(*residual, "residual", rows, cols);
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "residual must have x's dtype ",
+                     x.scalar_type(), ", got ", residual->scalar_type());
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType y_type = at::promote_types(x.scalar_type(), weight.scalar_type());
+  at::Tensor y = at::empty({rows, cols}, x.options().dtype(y_type));
+  at::Tensor h = residual.has_value() ? at::empty({rows, cols}, x.options())
+                                      : at::empty({0}, x.options());
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  check_launch(
+      thinkfuse::rms_norm_forward(
+          x.const_data_ptr(), x.stride(0),
+          residual.has_value() ? residual->const_data_ptr() : nullptr,
+          residual.has_value() ? residual->stride(0) : 0, weight.const_data_ptr(),
+          y.mutable_data_ptr(), residual.has_value() ? h.mutable_data_ptr() : nullptr,
+          rstd.mutable_data_ptr<float>(), rows, cols, static_cast<float>(eps), x_dtype, w_dtype,
+          c10::cuda::getCurrentCUDAStream().stream()),
+      "rms_norm_fwd");
+  return {y, h, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h,
+                                                const at::Tensor& weight, const at::Tensor& rstd,
+                                                const std::optional<at::Tensor>& dh) {
+  TORCH_CHECK_VALUE(h.dim() == 2, "h must be 2-D [rows, cols], got shape ", h.sizes());
+  const int64_t rows = h.size(0);
+  const int64_t cols = h.size(1);
+  check_device(h, "h", h.device());
+  check_rows(h, "h", rows, cols);
+  check_width(cols);
+  const DType x_dtype = kernel_dtype(h, "h");
+  check_device(weight, "weight", h.device());
+  check_vector(weight, "weight", cols);
+  const DType w_dtype = kernel_dtype(weight, "weight");
+  check_device(dy, "dy", h.device());
+  check_rows(dy, "dy", rows, cols);
+  const at::ScalarType y_type = at::promote_types(h.scalar_type(), weight.scalar_type());
+  TORCH_CHECK_TYPE(dy.scalar_type() == y_type, "dy must have the forward output's dtype ", y_type,
+                   ", got ", dy.scalar_type());
+  check_device(rstd, "rstd", h.device());
+  check_vector(rstd, "rstd", rows);
+  TORCH_CHECK_TYPE(rstd.scalar_type() == at::kFloat, "rstd must be float32, got ",
+                   rstd.scalar_type());
+  if (dh.has_value()) {
+    check_device(*dh, "dh", h.device());
+    check_rows(*dh, "dh", rows, cols);
+    TORCH_CHECK_VALUE(dh->is_contiguous(), "dh must be contiguous");
+    TORCH_CHECK_TYPE(dh->scalar_type() == h.scalar_type(), "dh must have h's dtype ",
+                     h.scalar_type(), ", got ", dh->scalar_type());
+  }
+
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t workspace_floats =
+      thinkfuse::rms_norm_backward_workspace_floats(cols, h.device().index());
+  TORCH_CHECK(workspace_floats >= 0, "rms_norm_bwd: cannot query the SM count of ", h.device());
+  at::Tensor workspace = at::empty({workspace_floats}, h.options().dtype(at::kFloat));
+  at::Tensor dx = at::empty({rows, cols}, h.options());
+  at::Tensor dw = at::empty({cols}, weight.options());
+  check_launch(
+      thinkfuse::rms_norm_backward(
+          dy.const_data_ptr(), dy.stride(0), h.const_data_ptr(), h.stride(0),
+          weight.const_data_ptr(), rstd.const_data_ptr<float>(),
+          dh.has_value() ? dh->const_data_ptr() : nullptr, dx.mutable_data_ptr(),
+          dw.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), rows, cols, x_dtype, w_dtype,
+          c10::cuda::getCurrentCUDAStream().stream()),
+      "rms_norm_bwd");
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(thinkfuse_C, m) {
+  m.def(
+      "rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) "
+      "-> (Tensor y, Tensor h, Tensor rstd)");
+  m.def(
+      "rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) "
+      "-> (Tensor dx, Tensor dw)");
+}
+
+TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
+}

@@ -198,18 +198,43 @@ def token_logprobs_forward(logits, token_ids, temperature: float, return_entropy
 def token_logprobs_backward(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature: float):
     """Gradient w.r.t. logits [B, T, V] (contiguous, logits' dtype). grad_entropy/entropy are
     None when the entropy has no gradient."""
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    token_logprobs_backward_out(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature,
+                                grad_logits)
+    return grad_logits
+
+
+def token_logprobs_backward_out(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy,
+                                temperature: float, grad_logits) -> None:
+    """token_logprobs_backward written into ``grad_logits`` (contiguous, the logits' shape and
+    dtype), which may be ``logits`` itself: each element is loaded before the same program
+    stores its gradient there, so a caller done with its logits saves a buffer as large."""
+    check_grad_logits_out(grad_logits, logits)
     n_batch, seq_len, n_vocab = logits.shape
     n_rows = n_batch * seq_len
-    d_logits = torch.empty((n_batch, seq_len, n_vocab), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
-        return d_logits
+        return
     has_d_entropy = grad_entropy is not None
     block_m, block_n, num_warps = _tile(n_vocab)
     _token_logprobs_bwd_kernel[(triton.cdiv(n_rows, block_m),)](
         logits, token_ids, lse, entropy if has_d_entropy else lse, grad_logprobs,
-        grad_entropy if has_d_entropy else grad_logprobs, d_logits,
+        grad_entropy if has_d_entropy else grad_logprobs, grad_logits,
         logits.stride(0), logits.stride(1), seq_len,
         n_rows, n_vocab, 1.0 / temperature,
         HAS_D_ENTROPY=has_d_entropy, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return d_logits
+
+
+def check_grad_logits_out(grad_logits, logits) -> None:
+    """``grad_logits``: contiguous, the logits' shape, dtype and device; either the logits
+    themselves (same memory, contiguous) or memory that does not overlap them."""
+    if grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype:
+        raise ValueError(f"grad_logits must have the logits' shape {tuple(logits.shape)} and dtype {logits.dtype}, "
+                         f"got {tuple(grad_logits.shape)} {grad_logits.dtype}")
+    if grad_logits.device != logits.device:
+        raise ValueError(f"grad_logits must be on the logits' device {logits.device}, got {grad_logits.device}")
+    if not grad_logits.is_contiguous():
+        raise ValueError("grad_logits must be contiguous")
+    if grad_logits.numel() and grad_logits.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        if grad_logits.data_ptr() != logits.data_ptr() or not logits.is_contiguous():
+            raise ValueError("grad_logits may be the logits themselves (in place) but must not otherwise overlap them")

@@ -285,3 +285,73 @@ def test_torch_compile_kernel_backend_fullgraph(kb):
         (compiled_grad,) = torch.autograd.grad(compiled, x)
     assert_close_fp32(compiled, eager, tol=1e-4)
     assert_close_fp32(compiled_grad, eager_grad, tol=1e-4)
+
+
+# --- the backward written in place (what the fused lm_head paths use) ----------------------------
+
+
+def _backward_out_launcher(kb):
+    from thinkfuse.ops._registry import implementation
+
+    return implementation(kb, "logprobs", "token_logprobs_backward_out", "token_logprobs_bwd_out", None)
+
+
+def _backward_args(n_vocab, dtype, with_entropy, seed=6):
+    """(grad_logprobs, grad_entropy, logits [2, 5, V] contiguous, ids [10], lse, entropy)."""
+    logits, ids = _inputs((2, 5), n_vocab, dtype, seed=seed)
+    ids = ids.reshape(-1)
+    lse = torch.logsumexp(logits.float().reshape(-1, n_vocab) / 0.8, dim=-1).contiguous()
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_lp = torch.randn(10, generator=gen).to(DEVICE)
+    if not with_entropy:
+        return grad_lp, None, logits, ids, lse, None
+    entropy = torch.rand(10, generator=gen).to(DEVICE) * 3
+    return grad_lp, torch.randn(10, generator=gen).to(DEVICE), logits, ids, lse, entropy
+
+
+@pytest.mark.parametrize("kb", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["logprob", "entropy"])
+def test_backward_in_place_equals_out_of_place(kb, dtype, with_entropy):
+    """d logits written over the logits themselves are the out-of-place kernel's, bit for bit
+    (odd V: the element-wise tail too); the fused lm_head paths rely on this to hold one buffer
+    per chunk."""
+    grad_lp, grad_ent, logits, ids, lse, entropy = _backward_args(1001, dtype, with_entropy)
+    expected = torch.empty_like(logits)
+    _backward_out_launcher(kb)(grad_lp, grad_ent, logits, ids, lse, entropy, 0.8, expected)
+    in_place = logits.clone()
+    _backward_out_launcher(kb)(grad_lp, grad_ent, in_place, ids, lse, entropy, 0.8, in_place)
+    assert torch.equal(in_place, expected)
+    assert not torch.equal(expected, logits)  # the gradient, not the untouched input
+
+
+@pytest.mark.parametrize("kb", KERNEL_BACKENDS)
+def test_backward_out_rejects_partial_overlap_and_bad_buffers(kb):
+    grad_lp, _, logits, ids, lse, _ = _backward_args(64, torch.float32, False)
+    run = _backward_out_launcher(kb)
+    storage = torch.zeros(2 * 5 * 64 + 1, device=DEVICE)
+    shifted = storage[1:].view(2, 5, 64)
+    with pytest.raises((ValueError, RuntimeError), match="overlap"):
+        run(grad_lp, None, storage[:-1].view(2, 5, 64), ids, lse, None, 1.0, shifted)
+    with pytest.raises((ValueError, RuntimeError), match="shape"):
+        run(grad_lp, None, logits, ids, lse, None, 1.0, torch.empty(2, 5, 63, device=DEVICE))
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="dtype"):
+        run(grad_lp, None, logits, ids, lse, None, 1.0, torch.empty_like(logits, dtype=torch.float16))
+    with pytest.raises((ValueError, RuntimeError), match="contiguous"):
+        run(grad_lp, None, logits, ids, lse, None, 1.0, torch.empty(5, 2, 64, device=DEVICE).transpose(0, 1))
+
+
+@pytest.mark.parametrize("kb", KERNEL_BACKENDS)
+def test_chunk_gradient_reuses_the_chunk_logits_buffer(kb):
+    """The kernel reducer of the fused lm_head paths writes a chunk's d logits over its logits:
+    no second [chunk, V] buffer."""
+    from thinkfuse.ops.logprobs import kernel_reducer
+
+    reducer = kernel_reducer(kb)
+    logits, ids = _inputs((6,), 257, torch.float32, seed=7)
+    expected_lp, _, lse = reducer.stats(logits.clone(), ids, 1.0, False)
+    grad_lp = torch.ones_like(lse)
+    reference_grad = torch.func.grad(lambda x: reference.token_logprobs(x, ids, 1.0, False).sum())(logits)
+    grad = reducer.logits_grad(logits, ids, lse, None, grad_lp, None, 1.0)
+    assert grad.data_ptr() == logits.data_ptr()
+    assert_close_fp32(grad, reference_grad)

@@ -146,7 +146,9 @@ struct BwdParams {
   const float* grad_logprobs;  // [rows]
   const float* grad_entropy;   // [rows], or nullptr (then entropy is unused)
   const float* entropy;        // [rows]
-  T* grad_logits;              // contiguous [rows, vocab]
+  // Contiguous [rows, vocab]. May be `logits` itself (then contiguous too): every element is
+  // read before the thread that read it overwrites it, with plain (coherent) loads.
+  T* grad_logits;
   int64_t rows;
   int vocab;
   float inv_temperature;

@@ -10,8 +10,8 @@ float32 logits.
   on chunks of tokens: a chunk's logits come from one tensor-core matmul (cuBLAS, in the
   activation dtype, exactly as the lm_head computes them), then the backend's log-prob kernel
   reduces them (cuda/triton) or float32 torch code does (torch); backward recomputes the logits,
-  turns them into d logits with the backend's kernel, and feeds two more matmuls (d hidden and
-  d weight). With a weight gradient, backward walks vocab slabs rather than token chunks, so each
+  turns them into d logits with the backend's kernel (cuda/triton: written over the logits, so a
+  chunk needs one buffer, not two), and feeds two more matmuls (d hidden and d weight). With a weight gradient, backward walks vocab slabs rather than token chunks, so each
   slab's d_weight rows come from one matmul over all tokens and no float32 [V, H] accumulator
   exists (only float32 d_hidden [N, H]). A first version that did the matmul inside a Triton kernel
   (tl.dot tiles) measured 5-12x slower than this on an H100 (bench/results/2026-11-22_*).
@@ -35,6 +35,9 @@ conventions (kernels/logprobs.py, kernels/fused_linear_logprobs.py):
     token_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor token_ids,
                        Tensor lse, Tensor? entropy, float temperature) -> Tensor grad_logits
         # grad_* float32 [B*T] contiguous; grad_logits contiguous [B, T, V] in logits' dtype
+    token_logprobs_bwd_out(<the same arguments>, Tensor(a!) grad_logits) -> ()
+        # the same, written into grad_logits (contiguous, logits' shape and dtype), which may be
+        # the logits themselves but must not otherwise overlap them
 The fused op needs nothing more from the extension: its cuda backend runs the two kernels above on
 each chunk of logits.
 """
@@ -356,7 +359,8 @@ class ChunkReducer(NamedTuple):
     # (logits, ids, temperature, return_entropy) -> (logprob [c], entropy [c] or None, lse [c])
     stats: Callable
     # (logits, ids, lse, entropy or None, grad_logprob or None, grad_entropy or None, temperature)
-    #   -> d logits [c, V] (float32 for torch, the logits' dtype for the kernels)
+    #   -> d logits [c, V] (float32 for torch, the logits' dtype for the kernels). The logits are
+    #   a chunk the caller is done with: the kernels write d logits over them, in place.
     logits_grad: Callable
 
 
@@ -366,7 +370,7 @@ TORCH_REDUCER = ChunkReducer(_chunk_stats, _chunk_logits_grad)
 def kernel_reducer(backend: str) -> ChunkReducer:
     """The token_logprobs kernels of ``backend`` ("cuda" or "triton") applied to one chunk."""
     forward = implementation(backend, "logprobs", "token_logprobs_forward", "token_logprobs_fwd", None)
-    backward = implementation(backend, "logprobs", "token_logprobs_backward", "token_logprobs_bwd", None)
+    backward_out = implementation(backend, "logprobs", "token_logprobs_backward_out", "token_logprobs_bwd_out", None)
 
     def stats(logits, ids, temperature, return_entropy):
         logprob, entropy, lse = forward(logits.unsqueeze(0), ids, temperature, return_entropy)
@@ -375,9 +379,11 @@ def kernel_reducer(backend: str) -> ChunkReducer:
     def logits_grad(logits, ids, lse, entropy, grad_logprob, grad_entropy, temperature):
         if grad_logprob is None:
             grad_logprob = torch.zeros_like(lse)
-        grad = backward(grad_logprob, grad_entropy, logits.unsqueeze(0), ids, lse,
-                        entropy if grad_entropy is not None else None, temperature)
-        return grad[0]
+        # In place: a chunk's logits and their gradient are never both held.
+        logits3 = logits.contiguous().unsqueeze(0)  # (matmul outputs already are)
+        backward_out(grad_logprob, grad_entropy, logits3, ids, lse, entropy if grad_entropy is not None else None,
+                     temperature, logits3)
+        return logits3[0]
 
     return ChunkReducer(stats, logits_grad)
 

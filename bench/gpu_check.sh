@@ -6,11 +6,13 @@
 #   bash bench/gpu_check.sh tests bench     # a subset (e.g. the build is already in place)
 #
 # A remote command gets 10 minutes, and the build + tests take ~4 of them, so a GPU session
-# runs two calls (a fresh machine each time, hence the build in both):
+# runs several calls (a fresh machine each time, hence the build in each):
 #   bash bench/gpu_check.sh env build backends tests-sm90 tests
-#   bash bench/gpu_check.sh build bench
-# The bench step runs BENCH_JOBS (below) one after the other, each under its own time limit so
-# one slow op cannot starve the others, then merges them into one results directory.
+#   BENCH_JOBS_SELECT=memory-bound,mtp-verify,attention-sm90,attention bash bench/gpu_check.sh build bench
+#   BENCH_JOBS_SELECT=logprobs,e2e,decode bash bench/gpu_check.sh build bench
+# The bench step runs BENCH_JOBS (below; BENCH_JOBS_SELECT, a comma-separated list of job names,
+# keeps some of them) one after the other, each under its own time limit so one slow op cannot
+# starve the others, then merges them into one results directory.
 #
 # Works without network access: it uses the torch/triton already installed (no build
 # isolation, no dependency resolution). Every step runs even when an earlier one failed; the
@@ -22,7 +24,7 @@
 # 10 minutes a remote command gets): each step's time limit is cut to what is left, and the
 # benchmark, stopped by SIGTERM, still writes the rows it measured.
 #
-# Environment knobs: PYTHON, OUT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT,
+# Environment knobs: PYTHON, OUT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, BENCH_JOBS_SELECT,
 # MAX_JOBS (parallel nvcc jobs), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, which
 # halves the build time compared with setup.py's 8.0;9.0a).
 
@@ -49,7 +51,17 @@ BENCH_JOBS=(
     "attention:110:--op attention --model mimo-7b --skip-impl thinkfuse-cuda-sm90"
     "logprobs:70:--op logprobs --model palmyra-mini"
     "e2e:90:--op e2e --model palmyra-mini"
+    # MiMo-7B at full depth: plain vs MTP speculative decoding (the e2e rows of mode fwd).
+    "decode:120:--op e2e --model mimo-7b --mode fwd"
 )
+if [ -n "${BENCH_JOBS_SELECT:-}" ]; then
+    SELECTED=()
+    for job in "${BENCH_JOBS[@]}"; do
+        case ",$BENCH_JOBS_SELECT," in *",${job%%:*},"*) SELECTED+=("$job") ;; esac
+    done
+    [ "${#SELECTED[@]}" -gt 0 ] || { echo "BENCH_JOBS_SELECT=$BENCH_JOBS_SELECT names no job of: ${BENCH_JOBS[*]%%:*}" >&2; exit 2; }
+    BENCH_JOBS=("${SELECTED[@]}")
+fi
 export PYTHONUNBUFFERED=1
 
 if [ "$#" -gt 0 ]; then STEPS=("$@"); else STEPS=(env build backends tests-sm90 tests bench); fi

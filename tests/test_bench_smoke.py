@@ -405,3 +405,36 @@ def test_committed_models_json_matches_shared():
     if not shared.is_file():
         return  # a machine with only the repository: the committed copy is all there is
     assert json.loads(committed.read_text()) == json.loads(shared.read_text())
+
+
+def _gpu_check_jobs() -> dict[str, list[str]]:
+    """name -> bench arguments of every job in bench/gpu_check.sh's BENCH_JOBS."""
+    script = (REPO / "bench" / "gpu_check.sh").read_text()
+    block = script.split("BENCH_JOBS=(", 1)[1].split("\n)", 1)[0]
+    jobs = {}
+    for line in block.splitlines():
+        line = line.strip()
+        if line.startswith('"'):
+            name, _seconds, args = line.strip('"').split(":", 2)
+            jobs[name] = args.split()
+    return jobs
+
+
+def test_gpu_check_jobs_are_valid_bench_runs_with_cases():
+    """A typo in a GPU job (an op, a model, an implementation name) would only show on the GPU
+    machine, as a job that measures nothing: every job must parse and select at least one case,
+    each --impl naming an implementation some case has."""
+    jobs = _gpu_check_jobs()
+    assert {"memory-bound", "attention", "logprobs", "e2e", "decode"} <= set(jobs)
+    presets, _ = harness.load_presets()
+    for name, argv in jobs.items():
+        args = harness.parse_args(argv)
+        # harness.make_config would ask for a GPU device; the same configuration without one:
+        selected = presets if args.model is None else {args.model: presets[args.model]}
+        config = _gpu_config(presets=selected, modes=harness.MODE_CHOICES[args.mode],
+                             impls=tuple(args.impl), skip_impls=tuple(args.skip_impl))
+        cases = [c for op in (args.op or harness.discover_ops()) for c in harness.op_cases(op, config)]
+        chosen = [c for c in cases if config.selects(c.impl)]
+        assert chosen, f"gpu_check job {name!r} selects no case"
+        for impl in args.impl:
+            assert any(c.impl == impl for c in cases), f"gpu_check job {name!r}: no case of --impl {impl}"

@@ -6,8 +6,19 @@ split-K and speculative verify, bad inputs, custom-op registration and a sm_90 P
 Shapes are tiny: on CPU the Triton kernels run in the interpreter (float32 / float16 only: the
 interpreter's bfloat16 tl.dot is wrong)."""
 
+from functools import partial
+
 import pytest
 import torch
+from attention_helpers import (
+    assert_low_close,
+    assert_lse_close,
+    assert_rows_without_keys_empty,
+    cu_seqlens,
+    qkv,
+    randn,
+    strided_qkv,
+)
 from conftest import DEVICE, KERNEL_BACKENDS, backends_with
 from ptx import compile_in_subprocess
 from tolerances import assert_close_fp32
@@ -38,14 +49,10 @@ CASES = {
 }
 
 
-def _randn(*shape, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen).to(DEVICE, dtype)
-
-
-def _qkv(b, sq, sk, hq, hkv, d, dtype=torch.float32, seed=0):
-    return _randn(b, sq, hq, d, dtype=dtype, seed=seed), _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 1), \
-        _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 2)
+# inputs drawn on the CPU (the same values on every machine), then moved to DEVICE
+_randn = partial(randn, device=DEVICE, draw_on="cpu")
+_qkv = partial(qkv, device=DEVICE, draw_on="cpu")
+_cu = partial(cu_seqlens, device=DEVICE)
 
 
 def _run(fn, inputs, seed=7):
@@ -171,10 +178,6 @@ VARLEN = {
 }
 
 
-def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
-
-
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", list(VARLEN))
@@ -182,8 +185,7 @@ def test_varlen_matches_reference(backend, case, causal, window):
     if window is not None and not causal:
         pytest.skip("a sliding window requires causal")
     lq, lk = VARLEN[case]
-    q = _randn(sum(lq), 4, 32)
-    k, v = _randn(sum(lk), 2, 32, seed=1), _randn(sum(lk), 2, 32, seed=2)
+    q, k, v = _qkv(None, sum(lq), sum(lk), 4, 2, 32)
     cu_q, cu_k = _cu(lq), _cu(lk)
 
     def ours(q, k, v):
@@ -202,8 +204,7 @@ def test_varlen_matches_reference(backend, case, causal, window):
 
 def test_varlen_equals_padded_per_sequence(kernel_backend):
     lengths = [5, 33, 1]
-    q = _randn(sum(lengths), 2, 16)
-    k, v = _randn(sum(lengths), 1, 16, seed=1), _randn(sum(lengths), 1, 16, seed=2)
+    q, k, v = _qkv(None, sum(lengths), sum(lengths), 2, 1, 16)
     cu = _cu(lengths)
     if _cuda_refuses(kernel_backend):
         return _expect_cuda_refusal(lambda: flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
@@ -231,8 +232,7 @@ DECODE = {
 @pytest.mark.parametrize("case", list(DECODE))
 def test_decode_matches_reference(backend, case):
     b, sq, smax, hq, hkv, d, lens, window, splits = DECODE[case]
-    q = _randn(b, sq, hq, d)
-    kc, vc = _randn(b, smax, hkv, d, seed=1), _randn(b, smax, hkv, d, seed=2)
+    q, kc, vc = _qkv(b, sq, smax, hq, hkv, d)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     ours = decode_attention(q, kc, vc, seqlens, sliding_window=window, num_splits=splits, backend=backend)
     ref = reference.decode_attention(q, kc, vc, seqlens, None, window)
@@ -241,8 +241,7 @@ def test_decode_matches_reference(backend, case):
 
 
 def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_backend):
-    q = _randn(1, 3, 4, 32)
-    kc, vc = _randn(1, 37, 2, 32, seed=1), _randn(1, 37, 2, 32, seed=2)
+    q, kc, vc = _qkv(1, 3, 37, 4, 2, 32)
     seqlens = torch.tensor([37], dtype=torch.int32, device=DEVICE)
     # (the cuda flash_attention kernel has no float32 path; decode's is what this test is about)
     full = flash_attention(q, kc, vc, backend="torch" if _cuda_refuses(kernel_backend) else kernel_backend)
@@ -251,8 +250,7 @@ def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_ba
 
 
 def test_decode_fp16(kernel_backend):
-    q = _randn(2, 2, 4, 32, dtype=torch.float16)
-    kc, vc = _randn(2, 40, 2, 32, dtype=torch.float16, seed=1), _randn(2, 40, 2, 32, dtype=torch.float16, seed=2)
+    q, kc, vc = _qkv(2, 2, 40, 4, 2, 32, dtype=torch.float16)
     seqlens = torch.tensor([40, 9], dtype=torch.int32, device=DEVICE)
     ours = decode_attention(q, kc, vc, seqlens, num_splits=2, backend=kernel_backend)
     ref = reference.decode_attention(q, kc, vc, seqlens)
@@ -356,7 +354,7 @@ def test_opcheck_flash_attention(kernel_backend):
 
 
 def test_opcheck_decode_attention(kernel_backend):
-    q, kc, vc = _randn(2, 2, 4, 16), _randn(2, 12, 2, 16, seed=1), _randn(2, 12, 2, 16, seed=2)
+    q, kc, vc = _qkv(2, 2, 12, 4, 2, 16)
     seqlens = torch.tensor([12, 5], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.thinkfuse.decode_attention, (q, kc, vc, seqlens, 0.25, 0, 2, kernel_backend))
 
@@ -391,7 +389,6 @@ def test_torch_compile_fullgraph(kernel_backend):
 HAS_CUDA_KERNEL = "cuda" in backends_with(CUDA_OP)
 needs_cuda_kernel = pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="needs a GPU build with the cuda flash_attention_fwd kernel")
 LOW_DTYPES = [torch.float16, torch.bfloat16]
-ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 # (B, Sq, Sk, Hq, Hkv, D, causal, sliding_window)
 CUDA_CASES = {
@@ -419,31 +416,13 @@ CUDA_CASES = {
 }
 
 
-def _assert_low_close(ours, ref, ulps):
-    """Max error within `ulps` units in the last place of the dtype, relative to the reference's
-    largest magnitude (P and out are rounded to the dtype inside the kernel)."""
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape
-    assert not torch.isnan(ours).any(), "NaN in result"
-    scale = max(ref.float().abs().max().item(), 1.0) if ref.numel() else 1.0
-    err = (ours.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
-    assert err <= ulps * ULP[ours.dtype] * scale, f"max error {err:.3e} > {ulps} ulp x scale {scale:.3e}"
-
-
-def _assert_lse_close(ours, ref):
-    assert ours.shape == ref.shape and ours.dtype == torch.float32
-    assert torch.equal(torch.isneginf(ours), torch.isneginf(ref)), "rows without keys must have lse -inf"
-    assert not torch.isnan(ours).any()
-    finite = torch.isfinite(ref)
-    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-3)
-
-
 def _compare_cuda(ours, ref, with_grads):
     (o, l, *grads), (ro, rl, *rgrads) = ours, ref
-    _assert_low_close(o, ro, 4)
-    _assert_lse_close(l, rl)
+    assert_low_close(o, ro, 4, "out")
+    assert_lse_close(l, rl)
     if with_grads:
-        for g, rg in zip(grads, rgrads):
-            _assert_low_close(g, rg, 8)
+        for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
+            assert_low_close(g, rg, 8, name)
 
 
 def _run_cuda_and_reference(inputs, with_grads, **kwargs):
@@ -470,10 +449,7 @@ def test_cuda_matches_reference(case, dtype):
     with_grads = True  # head dims the cuda backward lacks are differentiated by the triton backward
     ours, ref = _run_cuda_and_reference(inputs, with_grads, causal=causal, sliding_window=window)
     _compare_cuda(ours, ref, with_grads)
-    if causal and sq > sk:  # rows that see no key: exactly 0 and -inf
-        out, lse = ours[0], ours[1]
-        assert torch.equal(out[:, : sq - sk], torch.zeros_like(out[:, : sq - sk]))
-        assert torch.isneginf(lse[:, :, : sq - sk]).all()
+    assert_rows_without_keys_empty(ours[0], ours[1], causal, sq, sk)
 
 
 @needs_cuda_kernel
@@ -514,15 +490,8 @@ def test_cuda_varlen_matches_reference(case, causal, window, d, dtype):
 def test_cuda_strided_inputs(dtype):
     """Views of a fused qkv projection, a transposed [B, H, S, D] tensor, and an odd storage offset
     (rows not 16-byte aligned: copied by the binding) all give the contiguous result."""
-    b, s, hq, hkv, d = 2, 131, 8, 2, 128
-    fused = _randn(b, s, (hq + 2 * hkv) * d, dtype=dtype, seed=3)
-    q = fused[..., : hq * d].view(b, s, hq, d)
-    k = fused[..., hq * d:(hq + hkv) * d].view(b, s, hkv, d)
-    v = fused[..., (hq + hkv) * d:].view(b, s, hkv, d)
+    q, k, v, qt, k_odd = strided_qkv(2, 131, 8, 2, 128, dtype, seed=3, device=DEVICE, draw_on="cpu")
     assert not q.is_contiguous()
-    qt = _randn(b, hq, s, d, dtype=dtype, seed=4).transpose(1, 2)
-    flat = _randn(b * s * hkv * d + 1, dtype=dtype, seed=5)
-    k_odd = flat[1:].view(b, s, hkv, d)  # 2-byte offset
     assert k_odd.data_ptr() % 16 != 0
     for qq, kk, vv in ((q, k, v), (qt, k, v), (q, k_odd, v), (qt, k_odd, k_odd)):
         ours, ref = _run_cuda_and_reference((qq, kk, vv), True, causal=True)

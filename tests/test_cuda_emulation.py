@@ -25,6 +25,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_helpers import (
+    assert_low_close,
+    assert_lse_close,
+    cu_seqlens,
+    failure_label,
+    qkv,
+    randn,
+    reference_grads,
+)
 from tolerances import ULP, assert_close_fp32, assert_low_precision_ok
 
 from thinkfuse import reference
@@ -41,14 +50,6 @@ def harness():
         return emu.build()
     except emu.Unavailable as e:
         pytest.skip(f"CUDA host emulation unavailable: {e}")
-
-
-def _randn(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -132,51 +133,27 @@ FWD_CASES = {
 
 
 def _attn_inputs(c: Attn, dtype, seed=11):
-    if c.packed:
-        tq, tk = sum(c.lens_q) + c.tail, sum(c.lens_k) + c.tail
-        q = _randn(tq, c.hq, c.d, dtype=dtype, seed=seed)
-        k = _randn(tk, c.hkv, c.d, dtype=dtype, seed=seed + 1)
-        v = _randn(tk, c.hkv, c.d, dtype=dtype, seed=seed + 2)
-    else:
-        q = _randn(c.b, c.sq, c.hq, c.d, dtype=dtype, seed=seed)
-        k = _randn(c.b, c.sk, c.hkv, c.d, dtype=dtype, seed=seed + 1)
-        v = _randn(c.b, c.sk, c.hkv, c.d, dtype=dtype, seed=seed + 2)
-    return tuple(_layout(t, c.layout) for t in (q, k, v))
+    b, sq, sk = (None, sum(c.lens_q) + c.tail, sum(c.lens_k) + c.tail) if c.packed else (c.b, c.sq, c.sk)
+    return tuple(_layout(t, c.layout) for t in qkv(b, sq, sk, c.hq, c.hkv, c.d, dtype, seed))
 
 
 def _varlen_args(c: Attn):
     if not c.packed:
         return {}
-    return dict(cu_q=_cu(c.lens_q), cu_k=_cu(c.lens_k), max_q=max(c.lens_q) + c.extra_max,
+    return dict(cu_q=cu_seqlens(c.lens_q), cu_k=cu_seqlens(c.lens_k), max_q=max(c.lens_q) + c.extra_max,
                 max_k=max(c.lens_k) + c.extra_max)
 
 
 def _reference_fwd(c: Attn, q, k, v, scale):
     """reference.flash_attention (float32 compute), and rows after the last packed sequence as
     the binding initialises them (0 / -inf): the kernel leaves them alone."""
-    cu_q, cu_k = (_cu(c.lens_q), _cu(c.lens_k)) if c.packed else (None, None)
+    cu_q, cu_k = (cu_seqlens(c.lens_q), cu_seqlens(c.lens_k)) if c.packed else (None, None)
     qs = q[: q.shape[0] - c.tail] if c.tail else q
     out, lse = reference.flash_attention(qs, k, v, c.causal, scale, c.window, cu_q, cu_k, return_lse=True)
     if c.tail:
         out = torch.cat([out, torch.zeros(c.tail, *out.shape[1:], dtype=out.dtype)])
         lse = torch.cat([lse, torch.full((lse.shape[0], c.tail), float("-inf"))], dim=1)
     return out, lse
-
-
-def _assert_low_close(ours, ref, ulps, what):
-    """test_attention.py's forward tolerance: ulps units of the dtype times max(|ref|, 1)."""
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape, what
-    assert not torch.isnan(ours).any(), f"{what}: NaN (an element never written, or a NaN computed)"
-    scale = max(ref.float().abs().max().item(), 1.0) if ref.numel() else 1.0
-    err = (ours.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
-    assert err <= ulps * ULP[ours.dtype] * scale, f"{what}: max error {err:.3e} > {ulps} ulp x {scale:.3e}"
-
-
-def _assert_lse_close(ours, ref):
-    assert not torch.isnan(ours).any(), "lse: NaN (a row never written)"
-    assert torch.equal(torch.isneginf(ours), torch.isneginf(ref)), "lse: rows without keys must be -inf"
-    finite = torch.isfinite(ref)
-    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-3)
 
 
 def _check_fwd(harness, c: Attn, dtype):
@@ -186,8 +163,8 @@ def _check_fwd(harness, c: Attn, dtype):
     assert r.status == 0, emu.ERRORS.get(r.status, r.status)
     assert [launch.threads for launch in r.launches] == [128]
     ref_out, ref_lse = _reference_fwd(c, q, k, v, scale)
-    _assert_low_close(r.out, ref_out.to(dtype), 4, "out")
-    _assert_lse_close(r.lse, ref_lse)
+    assert_low_close(r.out, ref_out.to(dtype), 4, "out")  # test_attention.py's forward tolerance
+    assert_lse_close(r.lse, ref_lse)
 
 
 @pytest.mark.parametrize("dtype", [FP16, BF16], ids=["fp16", "bf16"])
@@ -198,52 +175,13 @@ def test_flash_attention_forward(harness, case, dtype):
 
 def test_flash_attention_forward_refuses_misaligned_rows(harness):
     """The launcher's own check (the binding copies such inputs first): an odd element offset."""
-    q = _randn(1, 64, 2, 65, dtype=FP16)[..., 1:]
-    k, v = _randn(1, 64, 2, 64, dtype=FP16, seed=1), _randn(1, 64, 2, 64, dtype=FP16, seed=2)
+    q = randn(1, 64, 2, 65, dtype=FP16)[..., 1:]
+    k, v = randn(1, 64, 2, 64, dtype=FP16, seed=1), randn(1, 64, 2, 64, dtype=FP16, seed=2)
     r = emu.flash_fwd(harness, q, k, v)
     assert r.status == 1 and not r.launches  # cudaErrorInvalidValue
 
 
 # --- flash attention backward -----------------------------------------------------------------
-
-
-def _eager_dense(q, k, v, causal, scale, window):
-    """HF eager attention of one sequence in q's dtype (as test_flash_attention_bwd_cuda.py)."""
-    sq, hq, _ = q.shape
-    sk, hkv, _ = k.shape
-    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
-    s = torch.einsum("qhd,khd->hqk", q, kr) * scale
-    pos = torch.arange(sq)[:, None] + (sk - sq)
-    cols = torch.arange(sk)[None, :]
-    visible = torch.ones(sq, sk, dtype=torch.bool)
-    if causal:
-        visible &= cols <= pos
-    if window:
-        visible &= cols > pos - window
-    s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).nan_to_num(0.0)
-    lse = torch.logsumexp(s.float(), dim=-1)
-    return torch.einsum("hqk,khd->qhd", p.to(q.dtype), vr), lse
-
-
-def _eager(q, k, v, causal, scale, window, cu_q=None, cu_k=None):
-    if cu_q is None:
-        outs, lses = zip(*(_eager_dense(q[b], k[b], v[b], causal, scale, window) for b in range(q.shape[0])))
-        return torch.stack(outs), torch.stack(lses)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    outs, lses = zip(*(_eager_dense(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], causal, scale,
-                                    window) for b in range(len(cq) - 1)))
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
-
-def _grads(fn, inputs, dout, dlse):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out, lse = fn(*leaves)
-    loss = (out.double() * dout.double()).sum()
-    if dlse is not None:
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0).double() * dlse.double()).sum()
-    loss.backward()
-    return [t.grad for t in leaves]
 
 
 # (case, dtype); each runs with the 8-warp two-stage configuration (H100 / A100 shared memory)
@@ -279,8 +217,8 @@ def _check_bwd(harness, c: Attn, dtype, config):
     # the forward's out / lse from the reference (rows after the last packed sequence: 0 / -inf)
     ref_out, lse = _reference_fwd(c, q, k, v, scale)
     out = _layout(ref_out.to(dtype), c.layout)
-    dout = _layout(_randn(*q.shape, dtype=dtype, seed=5), c.layout)
-    dlse = torch.where(torch.isfinite(lse), _randn(*lse.shape, seed=6), 0.0) if c.dlse else None
+    dout = _layout(randn(*q.shape, dtype=dtype, seed=5), c.layout)
+    dlse = torch.where(torch.isfinite(lse), randn(*lse.shape, seed=6), 0.0) if c.dlse else None
     r = emu.flash_bwd(harness, dout, q, k, v, out, lse, dlse, c.causal, scale, c.window, **var,
                       options=emu.Options(device=BWD_DEVICES[config], **c.opts))
     assert r.status == 0, emu.ERRORS.get(r.status, r.status)
@@ -294,13 +232,11 @@ def _check_bwd(harness, c: Attn, dtype, config):
     nk = k.shape[0] - c.tail
     qs, ks, vs, ds = (q[:n], k[:nk], v[:nk], dout[:n]) if c.tail else (q, k, v, dout)
     dl = dlse[:, :n] if (c.tail and dlse is not None) else dlse
-    truth = _grads(lambda *t: reference.flash_attention(*t, c.causal, scale, c.window, cu_q, cu_k, return_lse=True),
-                   [t.double() for t in (qs, ks, vs)], ds, dl)
-    low = _grads(lambda *t: _eager(*t, c.causal, scale, c.window, cu_q, cu_k), (qs, ks, vs), ds, dl)
+    low, truth = reference_grads(qs, ks, vs, ds, dl, c.causal, scale, c.window, cu_q, cu_k)
     if c.tail:
         assert not dq[n:].any() and not dk[nk:].any() and not dv[nk:].any(), "rows outside the sequences"
     for name, o, lo, t in zip(("dq", "dk", "dv"), (dq[:n], dk[:nk], dv[:nk]), low, truth):
-        try:
+        with failure_label(name):
             if t.numel() and not t.any():
                 # an exactly zero gradient (one visible key per row: dS = 0), which the eager
                 # computation reproduces exactly: the relative bound would be 0
@@ -309,8 +245,6 @@ def _check_bwd(harness, c: Attn, dtype, config):
                 assert err <= ULP[dtype], f"error {err:.3e} where the gradient is exactly 0"
             else:
                 assert_low_precision_ok(o, lo.to(dtype), t)
-        except AssertionError as exc:
-            raise AssertionError(f"{name}: {exc}") from None
 
 
 @pytest.mark.parametrize("config", list(BWD_DEVICES))
@@ -383,17 +317,17 @@ DECODE_CASES.update({
 
 
 def _decode_inputs(c: Decode, dtype, seed=0):
-    q = _randn(c.b, c.sq, c.hq, c.d, dtype=dtype, seed=seed)
+    q = randn(c.b, c.sq, c.hq, c.d, dtype=dtype, seed=seed)
     if c.layout == "strided":
-        q = _randn(c.b, c.hq, c.sq, c.d, dtype=dtype, seed=seed).transpose(1, 2)
-        kv = _randn(c.b, c.smax, 2, c.hkv, c.d, dtype=dtype, seed=seed + 1)
+        q = randn(c.b, c.hq, c.sq, c.d, dtype=dtype, seed=seed).transpose(1, 2)
+        kv = randn(c.b, c.smax, 2, c.hkv, c.d, dtype=dtype, seed=seed + 1)
         return q, kv[:, :, 0], kv[:, :, 1]
     if c.layout == "unaligned":  # rows not 16-byte aligned: the kernel's scalar-load path
-        kc = _randn(c.b, c.smax, c.hkv, c.d + 1, dtype=dtype, seed=seed + 1)[..., 1:]
-        vc = _randn(c.b, c.smax, c.hkv, c.d + 1, dtype=dtype, seed=seed + 2)[..., : c.d]
+        kc = randn(c.b, c.smax, c.hkv, c.d + 1, dtype=dtype, seed=seed + 1)[..., 1:]
+        vc = randn(c.b, c.smax, c.hkv, c.d + 1, dtype=dtype, seed=seed + 2)[..., : c.d]
         return q, kc, vc
-    kc = _randn(c.b, c.smax, c.hkv, c.d, dtype=dtype, seed=seed + 1)
-    vc = _randn(c.b, c.smax, c.hkv, c.d, dtype=dtype, seed=seed + 2)
+    kc = randn(c.b, c.smax, c.hkv, c.d, dtype=dtype, seed=seed + 1)
+    vc = randn(c.b, c.smax, c.hkv, c.d, dtype=dtype, seed=seed + 2)
     return q, kc, vc
 
 
@@ -566,20 +500,16 @@ def _random_attn(seed, backward):
 @pytest.mark.parametrize("seed", range(32), ids=lambda s: f"seed{s}")
 def test_random_flash_attention_forward(harness, seed):
     c, dtype = _random_attn(1000 + seed, backward=False)
-    try:
+    with failure_label(f"{c} {dtype}"):
         _check_fwd(harness, c, dtype)
-    except AssertionError as exc:
-        raise AssertionError(f"{c} {dtype}: {exc}") from None
 
 
 @pytest.mark.parametrize("seed", range(24), ids=lambda s: f"seed{s}")
 def test_random_flash_attention_backward(harness, seed):
     c, dtype = _random_attn(2000 + seed, backward=True)
     config = list(BWD_DEVICES)[seed % 2]
-    try:
+    with failure_label(f"{c} {dtype} {config}"):
         _check_bwd(harness, c, dtype, config)
-    except AssertionError as exc:
-        raise AssertionError(f"{c} {dtype} {config}: {exc}") from None
 
 
 @pytest.mark.parametrize("seed", range(32), ids=lambda s: f"seed{s}")
@@ -597,10 +527,8 @@ def test_random_decode_attention(harness, seed):
                smax=smax, lens=lens, splits=r.choice((0, 1, 2, 3, 7)),
                window=r.choice((None, None, 1, 3, 50)), scale=r.choice((None, 0.05)),
                layout=r.choice(("contig", "strided", "unaligned")), opts=_random_opts(r))
-    try:
+    with failure_label(f"{c} {dtype}"):
         _check_decode(harness, c, dtype)
-    except AssertionError as exc:
-        raise AssertionError(f"{c} {dtype}: {exc}") from None
 
 
 @pytest.mark.parametrize("seed", range(24), ids=lambda s: f"seed{s}")
@@ -614,10 +542,8 @@ def test_random_mtp_verify(harness, seed):
             special=r.choice(("", "", "unaligned", "invalid-draft")), opts=_random_opts(r))
     if c.temperature == 0:
         c = replace(c, probs=False)
-    try:
+    with failure_label(c):
         _check_mtp(harness, c)
-    except AssertionError as exc:
-        raise AssertionError(f"{c}: {exc}") from None
 
 
 # --- the harness can fail -----------------------------------------------------------------------

@@ -8,18 +8,20 @@ Compared with reference.py (a float64 truth for float16/bfloat16, see tolerances
 reference counts lengths as the kernels do after clamping them to [0, S_max], so it is given the
 clamped lengths."""
 
+from functools import partial
+
 import pytest
 import torch
+from attention_helpers import capture_cuda_graph, has_cuda_op, qkv, randn
 from conftest import KERNEL_BACKENDS
 from tolerances import ULP, assert_close_fp32, assert_low_precision_ok
 
 from thinkfuse import reference
-from thinkfuse.backend import cuda_has_op
 from thinkfuse.ops import decode_attention
 
 
 def _has_kernel() -> bool:
-    return torch.cuda.is_available() and "cuda" in KERNEL_BACKENDS and cuda_has_op("decode_attention")
+    return "cuda" in KERNEL_BACKENDS and has_cuda_op("decode_attention")
 
 
 pytestmark = [
@@ -31,12 +33,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [16, 32, 64, 96, 128, 256]
 
 
-def _gen(seed=0):
-    return torch.Generator(device="cuda").manual_seed(seed)
-
-
-def _randn(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(shape, device="cuda", generator=_gen(seed)).to(dtype)
+# inputs drawn on the GPU
+_randn = partial(randn, device="cuda")
 
 
 def _lens(values):
@@ -44,10 +42,8 @@ def _lens(values):
 
 
 def _inputs(batch, sq, hq, hkv, smax, d, dtype, seed=0):
-    q = _randn(batch, sq, hq, d, dtype=dtype, seed=seed)
-    kc = _randn(batch, smax, hkv, d, dtype=dtype, seed=seed + 1)
-    vc = _randn(batch, smax, hkv, d, dtype=dtype, seed=seed + 2)
-    return q, kc, vc
+    """q [batch, sq, hq, d] and the caches k / v [batch, smax, hkv, d], drawn on the GPU."""
+    return qkv(batch, sq, smax, hq, hkv, d, dtype, seed, device="cuda")
 
 
 def _check(ours, q, kc, vc, lens, scale=None, window=None):
@@ -238,14 +234,7 @@ def test_cuda_graph_capture_and_replay(batch, smax):
         return _cuda(q, kc, vc, lens, sliding_window=4000)
 
     torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm up outside capture (lazy extension load, allocator, kernel attributes)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_cuda_graph(step)
     for i, t in enumerate((q, kc, vc)):
         t.copy_(_randn(*t.shape, dtype=t.dtype, seed=10 + i))
     lens.copy_(_lens([smax // 2 + 5 * i for i in range(batch)]))

@@ -10,23 +10,30 @@ that see no key), GQA groups 1 / 2 / 4 / 8, odd lengths, sliding windows, packed
 empty sequences and one long + many short, strided / misaligned inputs, CUDA graph capture (no
 host synchronisation) and bad arguments."""
 
+from functools import partial
+
 import pytest
 import torch
+from attention_helpers import (
+    capture_cuda_graph,
+    cu_seqlens,
+    failure_label,
+    grads,
+    has_cuda_op,
+    qkv,
+    randn,
+    reference_grads,
+    with_changes,
+)
 from tolerances import assert_low_precision_ok
 
 from thinkfuse import reference
-from thinkfuse.backend import cuda_has_op
-
-
-def _has(op: str) -> bool:
-    return torch.cuda.is_available() and cuda_has_op(op)
-
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _has("flash_attention_bwd"), reason="no cuda flash_attention_bwd kernel"),
+    pytest.mark.skipif(not has_cuda_op("flash_attention_bwd"), reason="no cuda flash_attention_bwd kernel"),
 ]
-needs_fwd = pytest.mark.skipif(not _has("flash_attention_fwd"), reason="no cuda flash_attention_fwd kernel")
+needs_fwd = pytest.mark.skipif(not has_cuda_op("flash_attention_fwd"), reason="no cuda flash_attention_fwd kernel")
 
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 96, 128]
@@ -47,66 +54,13 @@ CASES = {
 }
 
 
-def _gen(seed):
-    return torch.Generator(device="cuda").manual_seed(seed)
-
-
-def _randn(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(shape, device="cuda", generator=_gen(seed)).to(dtype)
-
-
-def _qkv(b, sq, sk, hq, hkv, d, dtype, seed=0):
-    return (_randn(b, sq, hq, d, dtype=dtype, seed=seed), _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 1),
-            _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 2))
-
-
-def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+# inputs drawn on the GPU
+_randn = partial(randn, device="cuda")
+_qkv = partial(qkv, device="cuda")
+_cu = partial(cu_seqlens, device="cuda")
 
 
 # --- truths -----------------------------------------------------------------------------------
-
-
-def _eager_dense(q, k, v, causal, scale, window):
-    """HF eager attention of one sequence in q's dtype (scores and P @ V in the low dtype, softmax
-    in float32 then cast, as transformers' eager_attention_forward), bottom-right masks; lse in
-    float32. q [Sq, Hq, D], k/v [Sk, Hkv, D]."""
-    sq, hq, _ = q.shape
-    sk, hkv, _ = k.shape
-    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
-    s = torch.einsum("qhd,khd->hqk", q, kr) * scale
-    pos = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
-    cols = torch.arange(sk, device=q.device)[None, :]
-    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible &= cols <= pos
-    if window:
-        visible &= cols > pos - window
-    s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).nan_to_num(0.0)
-    lse = torch.logsumexp(s.float(), dim=-1)
-    return torch.einsum("hqk,khd->qhd", p.to(q.dtype), vr), lse
-
-
-def _eager(q, k, v, causal, scale, window, cu_q=None, cu_k=None):
-    if cu_q is None:
-        outs, lses = zip(*(_eager_dense(q[b], k[b], v[b], causal, scale, window) for b in range(q.shape[0])))
-        return torch.stack(outs), torch.stack(lses)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    outs, lses = zip(*(_eager_dense(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], causal, scale, window)
-                       for b in range(len(cq) - 1)))
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
-
-def _grads(fn, inputs, dout, dlse):
-    """Gradients of sum(out * dout) + sum(finite lse * dlse) with respect to q, k, v."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out, lse = fn(*leaves)
-    loss = (out.double() * dout.double()).sum()
-    if dlse is not None:
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0).double() * dlse.double()).sum()
-    loss.backward()
-    return [t.grad for t in leaves]
 
 
 def _projections(q, lse, seed):
@@ -121,10 +75,8 @@ def _check(ours, low, truth, contiguous=True):
     for name, o, lo, t in zip(("dq", "dk", "dv"), ours, low, truth):
         assert o.shape == t.shape and o.dtype == lo.dtype, name
         assert o.is_contiguous() or not contiguous, name
-        try:
+        with failure_label(name):
             assert_low_precision_ok(o, lo, t)
-        except AssertionError as exc:
-            raise AssertionError(f"{name}: {exc}") from None
 
 
 def _run_direct(q, k, v, causal, scale, window, cu_q=None, cu_k=None, max_q=None, max_k=None, use_dlse=True,
@@ -145,9 +97,7 @@ def _run_direct(q, k, v, causal, scale, window, cu_q=None, cu_k=None, max_q=None
     dout_arg = dout_transform(dout) if dout_transform is not None else dout
     ours = torch.ops.thinkfuse_C.flash_attention_bwd(dout_arg, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
                                                      scale, causal, window or 0)
-    truth = _grads(lambda *t: reference.flash_attention(*t, causal, scale, window, cu_q, cu_k, return_lse=True),
-                   [t.double() for t in (q, k, v)], dout, dlse)
-    low = _grads(lambda *t: _eager(*t, causal, scale, window, cu_q, cu_k), (q, k, v), dout, dlse)
+    low, truth = reference_grads(q, k, v, dout, dlse, causal, scale, window, cu_q, cu_k)
     return list(ours), low, truth
 
 
@@ -193,9 +143,7 @@ VARLEN = {
 def test_direct_varlen(case, head_dim, dtype):
     lq, lk, hq, hkv, causal, window = VARLEN[case]
     cu_q, cu_k = _cu(lq), _cu(lk)
-    q = _randn(sum(lq), hq, head_dim, dtype=dtype, seed=1)
-    k = _randn(sum(lk), hkv, head_dim, dtype=dtype, seed=2)
-    v = _randn(sum(lk), hkv, head_dim, dtype=dtype, seed=3)
+    q, k, v = _qkv(None, sum(lq), sum(lk), hq, hkv, head_dim, dtype, seed=1)
     # max_seqlen larger than the longest sequence is allowed
     _check(*_run_direct(q, k, v, causal, head_dim ** -0.5, window, cu_q, cu_k,
                         max_q=max(lq) + 3, max_k=max(lk) + 5))
@@ -272,14 +220,7 @@ def test_direct_cuda_graph_capture():
     dout, dlse = _projections(q, lse, 12)
     args = (dout, q, k, v, out, lse, dlse, None, None, 300, 300, 128 ** -0.5, True, 0)
     eager = torch.ops.thinkfuse_C.flash_attention_bwd(*args)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.ops.thinkfuse_C.flash_attention_bwd(*args)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.thinkfuse_C.flash_attention_bwd(*args)
+    graph, captured = capture_cuda_graph(lambda: torch.ops.thinkfuse_C.flash_attention_bwd(*args))
     graph.replay()
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):
@@ -299,10 +240,8 @@ def _run_e2e(q, k, v, causal, scale, window, cu_q=None, cu_k=None, seed=21):
     if cu_q is not None:
         kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int((cu_q[1:] - cu_q[:-1]).max()),
                   max_seqlen_k=int((cu_k[1:] - cu_k[:-1]).max()))
-    ours = _grads(lambda *t: flash_attention(*t, **kw), (q, k, v), dout, dlse)
-    truth = _grads(lambda *t: reference.flash_attention(*t, causal, scale, window, cu_q, cu_k, return_lse=True),
-                   [t.double() for t in (q, k, v)], dout, dlse)
-    low = _grads(lambda *t: _eager(*t, causal, scale, window, cu_q, cu_k), (q, k, v), dout, dlse)
+    ours = grads(lambda *t: flash_attention(*t, **kw), (q, k, v), dout, dlse)
+    low, truth = reference_grads(q, k, v, dout, dlse, causal, scale, window, cu_q, cu_k)
     return ours, low, truth
 
 
@@ -322,9 +261,7 @@ def test_flash_attention_cuda_gradients(case, head_dim, dtype):
 def test_flash_attention_cuda_varlen_gradients(case, dtype):
     lq, lk, hq, hkv, causal, window = VARLEN[case]
     cu_q, cu_k = _cu(lq), _cu(lk)
-    q = _randn(sum(lq), hq, 128, dtype=dtype, seed=5)
-    k = _randn(sum(lk), hkv, 128, dtype=dtype, seed=6)
-    v = _randn(sum(lk), hkv, 128, dtype=dtype, seed=7)
+    q, k, v = _qkv(None, sum(lq), sum(lk), hq, hkv, 128, dtype, seed=5)
     _check(*_run_e2e(q, k, v, causal, None, window, cu_q, cu_k), contiguous=False)
 
 
@@ -347,14 +284,11 @@ def _good_args(dtype=torch.bfloat16, d=64):
 
 def _bad_calls():
     cu = torch.tensor([0, 8], dtype=torch.int32, device="cuda")
+    names = ["dout", "q", "k", "v", "out", "lse", "dlse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+             "max_seqlen_k", "softmax_scale", "causal", "window"]
 
     def with_(**changes):
-        args = _good_args()
-        names = ["dout", "q", "k", "v", "out", "lse", "dlse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                 "max_seqlen_k", "softmax_scale", "causal", "window"]
-        for name, value in changes.items():
-            args[names.index(name)] = value(args) if callable(value) else value
-        return args
+        return with_changes(_good_args(), names, **changes)
 
     f32 = _good_args(torch.float32)
     return {

@@ -14,9 +14,22 @@ Runs only on a compute capability 9.0 GPU with an extension built for sm_90a; co
 everywhere else (a GPU of another generation only runs the test that the op refuses it)."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
+from attention_helpers import (
+    assert_low_close,
+    assert_lse_close,
+    assert_rows_without_keys_empty,
+    capture_cuda_graph,
+    cu_seqlens,
+    has_cuda_op,
+    qkv,
+    randn,
+    strided_qkv,
+    with_changes,
+)
 
 from thinkfuse import reference
 from thinkfuse.backend import cuda_has_op
@@ -24,21 +37,16 @@ from thinkfuse.backend import cuda_has_op
 OP = "flash_attention_fwd_sm90"
 
 
-def _has_op() -> bool:
-    return torch.cuda.is_available() and cuda_has_op(OP)
-
-
 def _is_sm90() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-needs_sm90 = pytest.mark.skipif(not (_has_op() and _is_sm90()),
+needs_sm90 = pytest.mark.skipif(not (has_cuda_op(OP) and _is_sm90()),
                                 reason="needs a compute capability 9.0 GPU and the cuda flash_attention_fwd_sm90 kernel")
 pytestmark = [pytest.mark.gpu]
 
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 128]
-ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 # (B, Sq, Sk, Hq, Hkv, causal, window)
 CASES = {
@@ -62,43 +70,16 @@ CASES = {
 }
 
 
-def _gen(seed):
-    return torch.Generator(device="cuda").manual_seed(seed)
-
-
-def _randn(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(shape, device="cuda", generator=_gen(seed)).to(dtype)
-
-
-def _qkv(b, sq, sk, hq, hkv, d, dtype, seed=0):
-    return (_randn(b, sq, hq, d, dtype=dtype, seed=seed), _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 1),
-            _randn(b, sk, hkv, d, dtype=dtype, seed=seed + 2))
-
-
-def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+# inputs drawn on the GPU
+_randn = partial(randn, device="cuda")
+_qkv = partial(qkv, device="cuda")
+_cu = partial(cu_seqlens, device="cuda")
 
 
 def _call(q, k, v, causal, scale, window, cu_q=None, cu_k=None, max_q=None, max_k=None, op=OP):
     if cu_q is None:
         max_q, max_k = q.shape[1], k.shape[1]
     return getattr(torch.ops.thinkfuse_C, op)(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window or 0)
-
-
-def _assert_low_close(ours, ref, ulps=4):
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape
-    assert not torch.isnan(ours).any(), "NaN in result"
-    scale = max(ref.float().abs().max().item(), 1.0) if ref.numel() else 1.0
-    err = (ours.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
-    assert err <= ulps * ULP[ours.dtype] * scale, f"max error {err:.3e} > {ulps} ulp x scale {scale:.3e}"
-
-
-def _assert_lse_close(ours, ref):
-    assert ours.shape == ref.shape and ours.dtype == torch.float32
-    assert not torch.isnan(ours).any()
-    assert torch.equal(torch.isneginf(ours), torch.isneginf(ref)), "rows without keys must have lse -inf"
-    finite = torch.isfinite(ref)
-    torch.testing.assert_close(ours[finite], ref[finite].float(), rtol=1e-4, atol=1e-3)
 
 
 def _reference(q, k, v, causal, scale, window, cu_q=None, cu_k=None):
@@ -124,12 +105,12 @@ def _check(q, k, v, causal, scale, window, cu_q=None, cu_k=None, max_q=None, max
     out, lse = _call(q, k, v, causal, scale, window, cu_q, cu_k, max_q, max_k)
     assert out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype
     ref_out, ref_lse = _reference(q, k, v, causal, scale, window, cu_q, cu_k)
-    _assert_low_close(out, ref_out)
-    _assert_lse_close(lse, ref_lse)
+    assert_low_close(out, ref_out, 4, "out")
+    assert_lse_close(lse, ref_lse)
     if cuda_has_op("flash_attention_fwd"):  # the FA2-style kernel: same semantics
         fa2_out, fa2_lse = _call(q, k, v, causal, scale, window, cu_q, cu_k, max_q, max_k, op="flash_attention_fwd")
-        _assert_low_close(out, fa2_out)
-        _assert_lse_close(lse, fa2_lse)
+        assert_low_close(out, fa2_out, 4, "out vs flash_attention_fwd")
+        assert_lse_close(lse, fa2_lse)
     return out, lse
 
 
@@ -144,9 +125,7 @@ def test_matches_reference(case, d, dtype):
     b, sq, sk, hq, hkv, causal, window = CASES[case]
     q, k, v = _qkv(b, sq, sk, hq, hkv, d, dtype, seed=11)
     out, lse = _check(q, k, v, causal, d ** -0.5, window)
-    if causal and sq > sk:  # rows that see no key: exactly 0 and -inf
-        assert torch.equal(out[:, : sq - sk], torch.zeros_like(out[:, : sq - sk]))
-        assert torch.isneginf(lse[:, :, : sq - sk]).all()
+    assert_rows_without_keys_empty(out, lse, causal, sq, sk)
 
 
 @needs_sm90
@@ -186,9 +165,7 @@ def test_varlen_matches_reference(case, causal, window, d, dtype):
     past its sequence must not let them into the output (the V tail is zero-filled)."""
     lq, lk = VARLEN[case]
     extra = 7
-    q = _randn(sum(lq) + extra, 8, d, dtype=dtype, seed=1)
-    k = _randn(sum(lk) + extra, 2, d, dtype=dtype, seed=2)
-    v = _randn(sum(lk) + extra, 2, d, dtype=dtype, seed=3)
+    q, k, v = _qkv(None, sum(lq) + extra, sum(lk) + extra, 8, 2, d, dtype, seed=1)
     q[sum(lq):] = float("nan")
     k[sum(lk):] = float("nan")
     v[sum(lk):] = float("inf")
@@ -222,14 +199,8 @@ def test_strided_inputs(d, dtype):
     transposed [B, H, S, D] tensor, a view 2 bytes off alignment and one with a non-unit last stride
     (both copied by the binding) all give the contiguous inputs' result."""
     b, s, hq, hkv = 2, 131, 8, 2
-    fused = _randn(b, s, (hq + 2 * hkv) * d, dtype=dtype, seed=3)
-    q = fused[..., : hq * d].view(b, s, hq, d)
-    k = fused[..., hq * d:(hq + hkv) * d].view(b, s, hkv, d)
-    v = fused[..., (hq + hkv) * d:].view(b, s, hkv, d)
+    q, k, v, qt, k_odd = strided_qkv(b, s, hq, hkv, d, dtype, seed=3, device="cuda")
     assert not q.is_contiguous()
-    qt = _randn(b, hq, s, d, dtype=dtype, seed=4).transpose(1, 2)
-    flat = _randn(b * s * hkv * d + 1, dtype=dtype, seed=5)
-    k_odd = flat[1:].view(b, s, hkv, d)
     assert k_odd.data_ptr() % 16 != 0
     v_every_other = _randn(b, s, hkv, 2 * d, dtype=dtype, seed=6)[..., ::2]  # non-unit last stride: copied
     for qq, kk, vv in ((q, k, v), (qt, k, v), (q, k_odd, v), (qt, k_odd, k_odd), (q, k, v_every_other)):
@@ -272,14 +243,7 @@ def test_cuda_graph_capture():
     q, k, v = _qkv(1, 300, 300, 4, 2, 128, torch.bfloat16, seed=8)
     args = (q, k, v, None, None, 300, 300, 128 ** -0.5, True, 0)
     eager = torch.ops.thinkfuse_C.flash_attention_fwd_sm90(*args)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.ops.thinkfuse_C.flash_attention_fwd_sm90(*args)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.thinkfuse_C.flash_attention_fwd_sm90(*args)
+    graph, captured = capture_cuda_graph(lambda: torch.ops.thinkfuse_C.flash_attention_fwd_sm90(*args))
     graph.replay()
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):
@@ -300,10 +264,7 @@ def _bad_calls():
              "causal", "window"]
 
     def with_(**changes):
-        args = _good_args()
-        for name, value in changes.items():
-            args[names.index(name)] = value(args) if callable(value) else value
-        return args
+        return with_changes(_good_args(), names, **changes)
 
     def packed(**changes):
         return with_(q=lambda a: a[0][0], k=lambda a: a[1][0], v=lambda a: a[2][0], **changes)
@@ -336,7 +297,7 @@ def test_bad_arguments(case):
         torch.ops.thinkfuse_C.flash_attention_fwd_sm90(*args)
 
 
-@pytest.mark.skipif(not _has_op() or _is_sm90(), reason="needs a CUDA GPU other than compute capability 9.0")
+@pytest.mark.skipif(not has_cuda_op(OP) or _is_sm90(), reason="needs a CUDA GPU other than compute capability 9.0")
 def test_refuses_other_devices():
     args = _good_args()
     with pytest.raises(ValueError, match="compute capability"):

@@ -41,6 +41,32 @@ inline void check_rows(const at::Tensor& t, const char* name, int64_t rows, int6
                     " must have unit stride along its last dimension, got strides ", t.strides());
 }
 
+struct RowsShape {
+  int64_t rows;
+  int64_t cols;
+};
+
+// A 2-D [rows, cols] CUDA tensor with a unit column stride and at most max_cols columns (the
+// kernel's limit); returns its shape.
+inline RowsShape check_row_matrix(const at::Tensor& t, const char* name, int64_t max_cols) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [rows, cols], got shape ", t.sizes());
+  const RowsShape shape{t.size(0), t.size(1)};
+  check_device(t, name, t.device());
+  check_rows(t, name, shape.rows, shape.cols);
+  TORCH_CHECK_VALUE(shape.cols <= max_cols, "rows wider than ", max_cols,
+                    " elements are not supported, got ", shape.cols);
+  return shape;
+}
+
+// [rows, cols] with a unit column stride, on like's device and with like's dtype.
+inline void check_like_rows(const at::Tensor& t, const char* name, const at::Tensor& like,
+                            const char* like_name, int64_t rows, int64_t cols) {
+  check_device(t, name, like.device());
+  check_rows(t, name, rows, cols);
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have ", like_name,
+                   "'s dtype ", like.scalar_type(), ", got ", t.scalar_type());
+}
+
 inline void check_vector(const at::Tensor& t, const char* name, int64_t size) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == size, name, " must have shape [", size,
                     "], got ", t.sizes());

@@ -16,30 +16,15 @@ namespace {
 
 using namespace thinkfuse::bindings;
 
-void check_width(int64_t cols) {
-  TORCH_CHECK_VALUE(cols <= thinkfuse::kRmsNormMaxCols, "rows wider than ",
-                    thinkfuse::kRmsNormMaxCols, " elements are not supported, got ", cols);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
     double eps) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [rows, cols], got shape ", x.sizes());
-  const int64_t rows = x.size(0);
-  const int64_t cols = x.size(1);
-  check_device(x, "x", x.device());
-  check_rows(x, "x", rows, cols);
-  check_width(cols);
+  const auto [rows, cols] = check_row_matrix(x, "x", thinkfuse::kRmsNormMaxCols);
   const DType x_dtype = kernel_dtype(x, "x");
   check_device(weight, "weight", x.device());
   check_vector(weight, "weight", cols);
   const DType w_dtype = kernel_dtype(weight, "weight");
-  if (residual.has_value()) {
-    check_device(*residual, "residual", x.device());
-    check_rows(*residual, "residual", rows, cols);
-    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "residual must have x's dtype ",
-                     x.scalar_type(), ", got ", residual->scalar_type());
-  }
+  if (residual.has_value()) check_like_rows(*residual, "residual", x, "x", rows, cols);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType y_type = at::promote_types(x.scalar_type(), weight.scalar_type());
@@ -62,12 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h,
                                                 const at::Tensor& weight, const at::Tensor& rstd,
                                                 const std::optional<at::Tensor>& dh) {
-  TORCH_CHECK_VALUE(h.dim() == 2, "h must be 2-D [rows, cols], got shape ", h.sizes());
-  const int64_t rows = h.size(0);
-  const int64_t cols = h.size(1);
-  check_device(h, "h", h.device());
-  check_rows(h, "h", rows, cols);
-  check_width(cols);
+  const auto [rows, cols] = check_row_matrix(h, "h", thinkfuse::kRmsNormMaxCols);
   const DType x_dtype = kernel_dtype(h, "h");
   check_device(weight, "weight", h.device());
   check_vector(weight, "weight", cols);
@@ -82,11 +62,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   TORCH_CHECK_TYPE(rstd.scalar_type() == at::kFloat, "rstd must be float32, got ",
                    rstd.scalar_type());
   if (dh.has_value()) {
-    check_device(*dh, "dh", h.device());
-    check_rows(*dh, "dh", rows, cols);
+    check_like_rows(*dh, "dh", h, "h", rows, cols);
     TORCH_CHECK_VALUE(dh->is_contiguous(), "dh must be contiguous");
-    TORCH_CHECK_TYPE(dh->scalar_type() == h.scalar_type(), "dh must have h's dtype ",
-                     h.scalar_type(), ", got ", dh->scalar_type());
   }
 
   const c10::cuda::CUDAGuard guard(h.device());

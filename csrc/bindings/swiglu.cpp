@@ -15,27 +15,8 @@ namespace {
 
 using namespace thinkfuse::bindings;
 
-void check_swiglu_width(int64_t cols) {
-  TORCH_CHECK_VALUE(cols <= thinkfuse::kSwigluMaxCols, "rows wider than ",
-                    thinkfuse::kSwigluMaxCols, " elements are not supported, got ", cols);
-}
-
-// [rows, cols] with x's dtype and device and a unit column stride.
-void check_like_rows(const at::Tensor& t, const char* name, const at::Tensor& like,
-                     const char* like_name, int64_t rows, int64_t cols) {
-  check_device(t, name, like.device());
-  check_rows(t, name, rows, cols);
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have ", like_name,
-                   "'s dtype ", like.scalar_type(), ", got ", t.scalar_type());
-}
-
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
-  TORCH_CHECK_VALUE(gate.dim() == 2, "gate must be 2-D [rows, cols], got shape ", gate.sizes());
-  const int64_t rows = gate.size(0);
-  const int64_t cols = gate.size(1);
-  check_device(gate, "gate", gate.device());
-  check_rows(gate, "gate", rows, cols);
-  check_swiglu_width(cols);
+  const auto [rows, cols] = check_row_matrix(gate, "gate", thinkfuse::kSwigluMaxCols);
   const DType dtype = kernel_dtype(gate, "gate");
   check_like_rows(up, "up", gate, "gate", rows, cols);
 
@@ -51,12 +32,7 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                               const at::Tensor& up) {
-  TORCH_CHECK_VALUE(gate.dim() == 2, "gate must be 2-D [rows, cols], got shape ", gate.sizes());
-  const int64_t rows = gate.size(0);
-  const int64_t cols = gate.size(1);
-  check_device(gate, "gate", gate.device());
-  check_rows(gate, "gate", rows, cols);
-  check_swiglu_width(cols);
+  const auto [rows, cols] = check_row_matrix(gate, "gate", thinkfuse::kSwigluMaxCols);
   const DType dtype = kernel_dtype(gate, "gate");
   check_like_rows(up, "up", gate, "gate", rows, cols);
   check_like_rows(dy, "dy", gate, "gate", rows, cols);
@@ -83,7 +59,8 @@ int64_t check_gate_up(const at::Tensor& gate_up) {
   TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0,
                     "gate_up's last dim must be even (gate and up halves), got ", gate_up.size(1));
   const int64_t cols = gate_up.size(1) / 2;
-  check_swiglu_width(cols);
+  TORCH_CHECK_VALUE(cols <= thinkfuse::kSwigluMaxCols, "rows wider than ",
+                    thinkfuse::kSwigluMaxCols, " elements are not supported, got ", cols);
   return cols;
 }
 

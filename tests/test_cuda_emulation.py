@@ -409,8 +409,9 @@ def _mtp_inputs(c: Mtp, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(c.b, c.k + 1, c.vocab, generator=g) * 3).to(c.dtype)
     if c.special == "ties":  # the maximum repeated: the lowest id wins
-        logits[:, :, 7] = 50
-        logits[:, :, 2000] = 50
+        # 3, 5 and 7 share a thread's 16-byte chunk (so its own scan must keep the first of equals);
+        # 2000 lies with another thread (the reduction across threads must too)
+        logits[:, :, [3, 5, 7, 2000]] = 50
     if c.special == "unaligned" or c.vocab % 8:
         big = torch.zeros(c.b, c.k + 1, c.vocab + 1, dtype=c.dtype)
         big[..., 1:] = logits

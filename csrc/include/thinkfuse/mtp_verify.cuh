@@ -17,16 +17,21 @@
 // block-wide (threads stride over V, then a block all-reduce), so rows of 152k ids cost one read
 // per pass. The sequential accept/reject walk is done redundantly by every thread on
 // block-reduced values (bitwise the same in every thread), so the decisions need no broadcast;
-// thread 0 writes. The inverse CDF walks tiles of kThreads * kItems consecutive ids: each thread
-// sums its kItems, a block exclusive scan places them, and the first crossing is a block min.
+// the block then writes the row's tokens. The inverse CDF walks tiles of kThreads * kItems
+// consecutive ids: each thread sums its kItems, a block exclusive scan places them, and the first
+// crossing is a block min.
 // float32 math like the Triton kernel; exp is exp_accurate (--use_fast_math would make expf the
 // approximate __expf) and divisions are IEEE (__fdiv_rn), as in torch.
+//
+// The per-thread building blocks (the chunked argmax scan, the online softmax update, the
+// acceptance test, the inverse CDF, the row write) are shared by both paths, so that the split
+// path computes exactly what the one-block path does wherever its results must match bitwise.
 #pragma once
 
 #include <cstdint>
 
 #include "thinkfuse/common.cuh"
-#include "thinkfuse/logprobs.cuh"  // safe_shift
+#include "thinkfuse/logprobs.cuh"  // load_chunk, safe_shift
 #include "thinkfuse/swiglu.cuh"    // exp_accurate
 
 namespace thinkfuse {
@@ -54,20 +59,6 @@ struct ArgMax {
 __device__ __forceinline__ ArgMax better(const ArgMax& a, const ArgMax& b) {
   return (a.v > b.v || (a.v == b.v && a.i < b.i)) ? a : b;
 }
-
-struct IntMin {
-  int v;
-  static __device__ __forceinline__ IntMin shfl_xor(const IntMin& a, int mask) {
-    return IntMin{__shfl_xor_sync(0xffffffffu, a.v, mask)};
-  }
-};
-
-struct IntMax {
-  int v;
-  static __device__ __forceinline__ IntMax shfl_xor(const IntMax& a, int mask) {
-    return IntMax{__shfl_xor_sync(0xffffffffu, a.v, mask)};
-  }
-};
 
 struct FloatSum {
   float v;
@@ -101,6 +92,26 @@ __device__ __forceinline__ SoftmaxStats combine_stats(SoftmaxStats a, SoftmaxSta
   out.total = a.total * sa + b.total * sb;
   out.excl = a.excl * sa + b.excl * sb;
   return out;
+}
+
+// Online softmax, shared by both paths: re-centres the running sums on a larger max m (false
+// for a NaN m, which never becomes the max).
+__device__ __forceinline__ void raise_max(SoftmaxStats& st, float m) {
+  if (m > st.m) {
+    const float scale = exp_accurate(st.m - m);
+    st.total *= scale;
+    st.excl *= scale;
+    st.m = m;
+  }
+}
+
+// Adds the term exp(x - shift) of id `id` to the running sums (to excl unless id is `excluded`).
+// shift is safe_shift(st.m).
+__device__ __forceinline__ void add_term(SoftmaxStats& st, float x, float shift, int id,
+                                         int64_t excluded) {
+  const float e = exp_accurate(x - shift);
+  st.total += e;
+  if (id != excluded) st.excl += e;
 }
 
 template <typename T>
@@ -138,40 +149,65 @@ __device__ __forceinline__ void load_strided(const T* row, int base, int vocab,
   }
 }
 
-// Block argmax of row[0:V] (NaN as +inf, ties to the lowest id). The row is read in chunks of
-// kVecSize<T> consecutive ids, one 16-byte load each when kAligned (the row start is 16-byte
-// aligned), kChunksInFlight chunks per thread before any is compared.
-template <bool kAligned, typename T>
-__device__ int block_argmax(const T* row, int vocab) {
-  constexpr int kVec = kVecSize<T>;
-  const int step = static_cast<int>(blockDim.x) * kVec;
-  ArgMax best{-INFINITY, 0};
-  for (int base = static_cast<int>(threadIdx.x) * kVec; base < vocab; base += kChunksInFlight * step) {
-    float x[kChunksInFlight][kVec];
+// x[u] = the kVecSize<T> ids at row[base + u * step], as floats (-inf past len), all loads
+// issued before any is used. With kAligned (row 16-byte aligned; base a multiple of kVecSize<T>)
+// every full chunk is one 16-byte load.
+template <bool kAligned, typename T, int kChunks, int kVec>
+__device__ __forceinline__ void load_chunks(const T* row, int base, int len, int step,
+                                            float (&x)[kChunks][kVec]) {
 #pragma unroll
-    for (int u = 0; u < kChunksInFlight; ++u) {
-      const int col = base + u * step;
-      if (col < vocab) {
-        logprobs::load_chunk<kAligned>(row + col, vocab - col, x[u]);
-      } else {
+  for (int u = 0; u < kChunks; ++u) {
+    const int col = base + u * step;
+    if (col < len) {
+      logprobs::load_chunk<kAligned>(row + col, len - col, x[u]);
+    } else {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) x[u][i] = -INFINITY;
-      }
+      for (int i = 0; i < kVec; ++i) x[u][i] = -INFINITY;
     }
-    // Each thread visits its ids in increasing order: strict > keeps the lowest on ties.
+  }
+}
+
+// One id of a thread's argmax scan: value x at id lo + col, skipped unless col < len. NaN
+// counts as +inf, as in torch.argmax. Each thread visits its ids in increasing order, so the
+// strict > keeps the lowest id on ties.
+__device__ __forceinline__ void argmax_step(ArgMax& best, float x, int lo, int col, int len) {
+  const float v = x != x ? INFINITY : x;
+  if (col < len && v > best.v) best = ArgMax{v, lo + col};
+}
+
+// Block argmax of row[lo:hi) (ids are row indices; NaN as +inf, ties to the lowest id), for
+// both paths. The row is read in chunks of kVecSize<T> consecutive ids, kChunksInFlight chunks
+// per thread before any is compared. `threads` is blockDim.x: the split kernels pass their
+// compile-time block size, so that the strides are constants there. With kAligned, row + lo must
+// be 16-byte aligned (split slices start at multiples of kSliceAlign ids) and every full chunk
+// is one 16-byte load.
+template <bool kAligned, typename T>
+__device__ ArgMax range_argmax(const T* row, int lo, int hi, int threads) {
+  constexpr int kVec = kVecSize<T>;
+  const int step = threads * kVec;
+  const int len = hi - lo;
+  ArgMax best{-INFINITY, 0};
+  for (int base = static_cast<int>(threadIdx.x) * kVec; base < len; base += kChunksInFlight * step) {
+    float x[kChunksInFlight][kVec];
+    load_chunks<kAligned>(row + lo, base, len, step, x);
 #pragma unroll
     for (int u = 0; u < kChunksInFlight; ++u) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const int col = base + u * step + i;
-        const float v = x[u][i] != x[u][i] ? INFINITY : x[u][i];
-        if (col < vocab && v > best.v) best = ArgMax{v, col};
+        argmax_step(best, x[u][i], lo, col, len);
       }
     }
   }
-  // A thread that saw no id > -inf keeps index 0, which only wins when every value is -inf
-  // (then the answer is 0 anyway).
-  return block_allreduce(best, [](const ArgMax& a, const ArgMax& b) { return better(a, b); }).i;
+  // A thread (or slice) that saw no value above -inf keeps id 0, which only wins when the whole
+  // row is -inf (torch.argmax's answer is then 0 as well).
+  return block_allreduce(best, [](const ArgMax& a, const ArgMax& b) { return better(a, b); });
+}
+
+// The argmax of a whole vocabulary row (the one-block kernels).
+template <bool kAligned, typename T>
+__device__ __forceinline__ int block_argmax(const T* row, int vocab) {
+  return range_argmax<kAligned>(row, 0, vocab, static_cast<int>(blockDim.x)).i;
 }
 
 // Softmax statistics of row / temperature, excl leaving out id `excluded` (-1: none). m is 0
@@ -187,16 +223,10 @@ __device__ SoftmaxStats block_softmax_stats(const T* row, int vocab, float tempe
     for (int u = 0; u < kLoadsInFlight; ++u) {
       const int c = base + u * static_cast<int>(blockDim.x);
       if (c >= vocab) break;
+      // One id at a time: a rescale whenever the max grows (slice_stats rescales once per group).
       const float x = __fdiv_rn(raw[u], temperature);
-      if (x > st.m) {
-        const float scale = exp_accurate(st.m - x);
-        st.total *= scale;
-        st.excl *= scale;
-        st.m = x;
-      }
-      const float e = exp_accurate(x - logprobs::safe_shift(st.m));
-      st.total += e;
-      if (c != excluded) st.excl += e;
+      raise_max(st, x);
+      add_term(st, x, logprobs::safe_shift(st.m), c, excluded);
     }
   }
   st = block_allreduce(st, [](const SoftmaxStats& a, const SoftmaxStats& b) {
@@ -218,6 +248,35 @@ __device__ __forceinline__ float load_prob(const void* probs, DType dtype, int64
   }
 }
 
+// The draft-probs row of position j of batch row b (elements of probs_dtype), or nullptr
+// without draft probabilities.
+template <typename T>
+__device__ __forceinline__ const void* probs_row_at(const Params<T>& p, int64_t b, int j) {
+  if (p.probs == nullptr) return nullptr;
+  const int64_t offset = b * p.stride_pb + static_cast<int64_t>(j) * p.stride_pk;
+  return p.probs_dtype == DType::kFloat32
+             ? static_cast<const void*>(static_cast<const float*>(p.probs) + offset)
+             : static_cast<const void*>(static_cast<const uint16_t*>(p.probs) + offset);
+}
+
+// The acceptance test of the draft at position j < K of batch row b, given that position's max
+// m (after safe_shift) and normaliser `total`: u_j * p(draft) < q(draft), p = 1 for a
+// deterministic draft; an id outside [0, V) is rejected. Both paths decide with it.
+template <typename T>
+__device__ __forceinline__ bool draft_accepted(const Params<T>& p, int64_t b, int j, float m,
+                                               float total) {
+  const int64_t draft = p.draft[b * p.k + j];
+  const bool valid = draft >= 0 && draft < p.vocab;
+  const T* position = p.logits + b * p.stride_lb + j * p.stride_lk;
+  const float x_draft = valid ? __fdiv_rn(to_float(position[draft]), p.temperature) : -INFINITY;
+  const float q_draft = __fdiv_rn(exp_accurate(x_draft - m), total);
+  float p_draft = 1.0f;
+  if (p.probs != nullptr && valid) {
+    p_draft = load_prob(p.probs, p.probs_dtype, b * p.stride_pb + j * p.stride_pk + draft);
+  }
+  return valid && p.uniforms[b * (p.k + 1) + j] * p_draft < q_draft;
+}
+
 // Weight of id c in the draw: exp(x - m) (target), 0 for the excluded id (rejected
 // deterministic draft), or max(exp(x - m) / total - p, 0) on a rejection with draft probs.
 template <typename T>
@@ -232,6 +291,17 @@ __device__ __forceinline__ float draw_weight(const T* row, const void* probs_row
     return fmaxf(__fdiv_rn(e, total) - load_prob(probs_row, probs_dtype, c), 0.0f);
   }
   return c == excluded ? 0.0f : e;
+}
+
+// Block sum of fn(c) over c in [lo, hi): each thread adds its ids (lo + threadIdx.x, then every
+// blockDim.x) in increasing order, then a block all-reduce. Every thread must call it.
+template <typename Fn>
+__device__ __forceinline__ float range_sum(const Fn& fn, int lo, int hi) {
+  float acc = 0.0f;
+  for (int c = lo + static_cast<int>(threadIdx.x); c < hi; c += blockDim.x) acc += fn(c);
+  return block_allreduce(FloatSum{acc}, [](const FloatSum& a, const FloatSum& b) {
+           return FloatSum{a.v + b.v};
+         }).v;
 }
 
 // Exclusive prefix sum over the block of x (block size a multiple of 32); also returns the
@@ -263,165 +333,153 @@ __device__ __forceinline__ float block_exclusive_scan(float x, float& block_tota
   return before + exclusive;
 }
 
-// First id whose running weight sum exceeds `threshold` (only ids of positive weight qualify);
-// when rounding leaves none, the last id of positive weight; -1 if there is none.
-template <typename T>
-__device__ int block_inverse_cdf(const T* row, const void* probs_row, DType probs_dtype,
-                                 int vocab, float temperature,
-                                 float m, float total, int64_t excluded, bool residual,
-                                 float threshold) {
-  constexpr int kTile = kThreads * kItems;
-  float carry = 0.0f;
-  int last_positive = -1;
-  for (int start = 0; start < vocab; start += kTile) {
-    const int first_id = start + static_cast<int>(threadIdx.x) * kItems;
-    float w[kItems];
+// (id, running CDF before it) for the inverse CDF; the lower / higher id wins.
+struct IdCarry {
+  int id;
+  float before;
+
+  static __device__ __forceinline__ IdCarry shfl_xor(const IdCarry& a, int mask) {
+    IdCarry out;
+    out.id = __shfl_xor_sync(0xffffffffu, a.id, mask);
+    out.before = __shfl_xor_sync(0xffffffffu, a.before, mask);
+    return out;
+  }
+};
+
+constexpr int kNoId = 0x7fffffff;
+
+// Inverse CDF over items [lo, hi) of weight fn(c) >= 0 (NaN counts as no weight), starting from
+// the running sum `carry`: the first item of positive weight whose running sum exceeds
+// `threshold`, with the running sum before it; when rounding leaves none, the last item of
+// positive weight; id -1 when no weight is positive. Tiles of blockDim.x * kTileItems
+// consecutive items: each thread sums its kTileItems, a block exclusive scan places them, and
+// the first crossing is a block min. Both paths draw with it (the one-block kernel over the whole
+// row, the split path over slice masses, then inside one slice). Every thread must call it and
+// gets the same answer.
+template <int kTileItems, typename Fn>
+__device__ IdCarry range_inverse_cdf(const Fn& fn, int lo, int hi, float carry, float threshold) {
+  const int tile = static_cast<int>(blockDim.x) * kTileItems;
+  IdCarry last{-1, 0.0f};
+  for (int start = lo; start < hi; start += tile) {
+    const int first = start + static_cast<int>(threadIdx.x) * kTileItems;
+    float w[kTileItems];
     float local = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int c = first_id + i;
-      w[i] = c < vocab ? draw_weight(row, probs_row, probs_dtype, c, temperature, m, total,
-                                     excluded, residual)
-                       : 0.0f;
+    for (int i = 0; i < kTileItems; ++i) {
+      const int c = first + i;
+      w[i] = c < hi ? fn(c) : 0.0f;
       local += w[i];
     }
     float tile_total;
     float cdf = carry + block_exclusive_scan(local, tile_total);
-    int found = vocab;
-    int positive = -1;
+    IdCarry found{kNoId, 0.0f};
+    IdCarry positive{-1, 0.0f};
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
+    for (int i = 0; i < kTileItems; ++i) {
+      const float before = cdf;
       cdf += w[i];
       if (w[i] > 0.0f) {
-        positive = first_id + i;
-        if (cdf > threshold && found == vocab) found = first_id + i;
+        positive = IdCarry{first + i, before};
+        if (cdf > threshold && found.id == kNoId) found = IdCarry{first + i, before};
       }
     }
-    found = block_allreduce(IntMin{found}, [](const IntMin& a, const IntMin& b) {
-              return IntMin{a.v < b.v ? a.v : b.v};
-            }).v;
-    if (found < vocab) return found;
-    positive = block_allreduce(IntMax{positive}, [](const IntMax& a, const IntMax& b) {
-                 return IntMax{a.v > b.v ? a.v : b.v};
-               }).v;
-    last_positive = positive > last_positive ? positive : last_positive;
+    found = block_allreduce(found, [](const IdCarry& a, const IdCarry& b) {
+      return a.id < b.id ? a : b;
+    });
+    if (found.id != kNoId) return found;
+    positive = block_allreduce(positive, [](const IdCarry& a, const IdCarry& b) {
+      return a.id > b.id ? a : b;
+    });
+    if (positive.id > last.id) last = positive;
     carry += tile_total;
   }
-  return last_positive;
+  return last;
 }
 
-// Block sum of the draw weights (the residual distribution's normaliser).
+// Row b's tokens: the accepted drafts, then `final_token` (unless !write_final: the split path's
+// kernel 2 writes that slot), then -1; and num_accepted. Block-wide.
 template <typename T>
-__device__ float block_weight_total(const T* row, const void* probs_row, DType probs_dtype,
-                                    int vocab,
-                                    float temperature, float m, float total, int64_t excluded,
-                                    bool residual) {
-  float acc = 0.0f;
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-    acc += draw_weight(row, probs_row, probs_dtype, c, temperature, m, total, excluded, residual);
+__device__ void write_row(const Params<T>& p, int64_t b, int accepted, int final_token,
+                          bool write_final) {
+  int64_t* tokens = p.tokens + b * (p.k + 1);
+  for (int j = threadIdx.x; j <= p.k; j += blockDim.x) {
+    if (j < accepted) {
+      tokens[j] = p.draft[b * p.k + j];
+    } else if (j == accepted) {
+      if (write_final) tokens[j] = final_token;
+    } else {
+      tokens[j] = -1;
+    }
   }
-  return block_allreduce(FloatSum{acc}, [](const FloatSum& a, const FloatSum& b) {
-           return FloatSum{a.v + b.v};
-         }).v;
+  if (threadIdx.x == 0) p.num_accepted[b] = accepted;
 }
 
 template <bool kAligned, typename T>
 __global__ void __launch_bounds__(kThreads) greedy_kernel(const Params<T> p) {
   const int64_t b = blockIdx.x;
   const T* logits_row = p.logits + b * p.stride_lb;
-  int64_t* tokens = p.tokens + b * (p.k + 1);
   int accepted = 0;
   int final_token = -1;
   for (int j = 0; j < p.k; ++j) {
     const int target = block_argmax<kAligned>(logits_row + j * p.stride_lk, p.vocab);
-    const int64_t draft = p.draft[b * p.k + j];
-    if (draft != target) {
+    if (p.draft[b * p.k + j] != target) {
       final_token = target;
       break;
     }
-    if (threadIdx.x == 0) tokens[j] = draft;
     ++accepted;
   }
   if (accepted == p.k) {
     final_token = block_argmax<kAligned>(logits_row + p.k * p.stride_lk, p.vocab);
   }
-  if (threadIdx.x == 0) {
-    tokens[accepted] = final_token;
-    for (int j = accepted + 1; j <= p.k; ++j) tokens[j] = -1;
-    p.num_accepted[b] = accepted;
-  }
+  write_row(p, b, accepted, final_token, true);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sampled_kernel(const Params<T> p) {
   const int64_t b = blockIdx.x;
   const T* logits_row = p.logits + b * p.stride_lb;
-  const float* uniforms = p.uniforms + b * (p.k + 1);
-  int64_t* tokens = p.tokens + b * (p.k + 1);
-  const bool has_probs = p.probs != nullptr;
   int accepted = 0;
   bool rejected = false;
   SoftmaxStats st{0.0f, 0.0f, 0.0f};
   int64_t excluded = -1;
   for (int j = 0; j < p.k; ++j) {
-    const T* position = logits_row + j * p.stride_lk;
     const int64_t draft = p.draft[b * p.k + j];
-    const SoftmaxStats st_j = block_softmax_stats(position, p.vocab, p.temperature, draft);
-    const bool valid = draft >= 0 && draft < p.vocab;
-    const float x_draft =
-        valid ? __fdiv_rn(to_float(position[draft]), p.temperature) : -INFINITY;
-    const float q_draft = __fdiv_rn(exp_accurate(x_draft - st_j.m), st_j.total);
-    float p_draft = 1.0f;
-    if (has_probs && valid) {
-      p_draft = load_prob(p.probs, p.probs_dtype, b * p.stride_pb + j * p.stride_pk + draft);
-    }
-    if (valid && uniforms[j] * p_draft < q_draft) {
-      if (threadIdx.x == 0) tokens[j] = draft;
-      ++accepted;
-    } else {
+    const SoftmaxStats st_j =
+        block_softmax_stats(logits_row + j * p.stride_lk, p.vocab, p.temperature, draft);
+    if (!draft_accepted(p, b, j, st_j.m, st_j.total)) {
       rejected = true;
       st = st_j;
       excluded = draft;
       break;
     }
+    ++accepted;
   }
   if (!rejected) st = block_softmax_stats(logits_row + p.k * p.stride_lk, p.vocab, p.temperature, -1);
 
   const T* position = logits_row + accepted * p.stride_lk;
-  // Element offset of the draft-probs row at the final position (only read on a rejection, so
-  // accepted < K and the row exists).
-  const void* probs_row = nullptr;
-  if (has_probs) {
-    const int64_t offset = b * p.stride_pb + static_cast<int64_t>(accepted) * p.stride_pk;
-    probs_row = p.probs_dtype == DType::kFloat32
-                    ? static_cast<const void*>(static_cast<const float*>(p.probs) + offset)
-                    : static_cast<const void*>(static_cast<const uint16_t*>(p.probs) + offset);
-  }
+  // The draft-probs row at the final position is only read on a rejection (accepted < K: the
+  // row exists).
+  const void* probs_row = probs_row_at(p, b, accepted);
+  const auto weight = [&](int c) {
+    return draw_weight(position, probs_row, p.probs_dtype, c, p.temperature, st.m, st.total,
+                       excluded, rejected);
+  };
   float weight_total;
-  if (has_probs) {
-    weight_total = rejected ? block_weight_total(position, probs_row, p.probs_dtype, p.vocab,
-                                                 p.temperature,
-                                                 st.m, st.total, excluded, rejected)
-                            : st.total;
+  if (p.probs != nullptr) {
+    weight_total = rejected ? range_sum(weight, 0, p.vocab) : st.total;
   } else {
     weight_total = st.excl;
   }
-  const float threshold = uniforms[p.k] * weight_total;
+  const float threshold = p.uniforms[b * (p.k + 1) + p.k] * weight_total;
   // A NaN logit makes the normaliser NaN, hence every normalised weight NaN: the reference
   // (nan_to_num) then has nothing to draw from and takes the argmax. (Skipping the draw keeps
   // the finite unnormalised weights from being drawn from instead.)
   int final_token = st.total != st.total
                         ? -1
-                        : block_inverse_cdf(position, probs_row, p.probs_dtype, p.vocab,
-                                            p.temperature, st.m, st.total, excluded, rejected,
-                                            threshold);
+                        : range_inverse_cdf<kItems>(weight, 0, p.vocab, 0.0f, threshold).id;
   // Nothing to draw from (all -inf or NaN logits): the argmax, as greedy would.
   if (final_token < 0) final_token = block_argmax<false>(position, p.vocab);
-  if (threadIdx.x == 0) {
-    tokens[accepted] = final_token;
-    for (int j = accepted + 1; j <= p.k; ++j) tokens[j] = -1;
-    p.num_accepted[b] = accepted;
-  }
+  write_row(p, b, accepted, final_token, true);
 }
 
 template <typename T>
@@ -599,44 +657,22 @@ struct SplitParams {
 
 // Per-slice partials of the sampled kernel: softmax statistics and the raw argmax.
 struct SliceStats {
-  float m;
-  float total;
-  float excl;
-  float v;
-  int i;
+  SoftmaxStats soft;
+  ArgMax best;
 
   static __device__ __forceinline__ SliceStats shfl_xor(const SliceStats& a, int mask) {
-    SliceStats out;
-    out.m = __shfl_xor_sync(0xffffffffu, a.m, mask);
-    out.total = __shfl_xor_sync(0xffffffffu, a.total, mask);
-    out.excl = __shfl_xor_sync(0xffffffffu, a.excl, mask);
-    out.v = __shfl_xor_sync(0xffffffffu, a.v, mask);
-    out.i = __shfl_xor_sync(0xffffffffu, a.i, mask);
-    return out;
+    return SliceStats{SoftmaxStats::shfl_xor(a.soft, mask), ArgMax::shfl_xor(a.best, mask)};
   }
 };
 
-__device__ __forceinline__ SliceStats combine_slices(const SliceStats& a, const SliceStats& b) {
-  const SoftmaxStats st = combine_stats(SoftmaxStats{a.m, a.total, a.excl},
-                                        SoftmaxStats{b.m, b.total, b.excl});
-  const ArgMax am = better(ArgMax{a.v, a.i}, ArgMax{b.v, b.i});
-  return SliceStats{st.m, st.total, st.excl, am.v, am.i};
+// No slice yet: the identity of combine_slices.
+__device__ __forceinline__ SliceStats no_slices() {
+  return SliceStats{{-INFINITY, 0.0f, 0.0f}, {-INFINITY, 0}};
 }
 
-// (id, running CDF before it) for the inverse CDF; the lower / higher id wins.
-struct IdCarry {
-  int id;
-  float before;
-
-  static __device__ __forceinline__ IdCarry shfl_xor(const IdCarry& a, int mask) {
-    IdCarry out;
-    out.id = __shfl_xor_sync(0xffffffffu, a.id, mask);
-    out.before = __shfl_xor_sync(0xffffffffu, a.before, mask);
-    return out;
-  }
-};
-
-constexpr int kNoId = 0x7fffffff;
+__device__ __forceinline__ SliceStats combine_slices(const SliceStats& a, const SliceStats& b) {
+  return SliceStats{combine_stats(a.soft, b.soft), better(a.best, b.best)};
+}
 
 // Butterfly over one warp; lane 0's result is the one used (with contracted FMAs the lanes may
 // differ in the last bit for the softmax statistics, so no lane but 0 is trusted).
@@ -649,103 +685,45 @@ __device__ __forceinline__ S warp_allreduce(S x, Combine combine) {
   return x;
 }
 
-// Block argmax of row[lo:hi) (NaN as +inf, the lowest id on ties; ids are row indices). As
-// block_argmax, chunks of kVecSize<T> ids, kChunksInFlight loads per thread before any compare.
-// lo is a multiple of kSliceAlign, so with kAligned every full chunk is one 16-byte load.
-template <bool kAligned, typename T>
-__device__ ArgMax slice_argmax(const T* row, int lo, int hi) {
-  constexpr int kVec = kVecSize<T>;
-  constexpr int kStep = kSplitThreads * kVec;
-  const int len = hi - lo;
-  ArgMax best{-INFINITY, 0};
-  for (int base = static_cast<int>(threadIdx.x) * kVec; base < len; base += kChunksInFlight * kStep) {
-    float x[kChunksInFlight][kVec];
-#pragma unroll
-    for (int u = 0; u < kChunksInFlight; ++u) {
-      const int col = base + u * kStep;
-      if (col < len) {
-        logprobs::load_chunk<kAligned>(row + lo + col, len - col, x[u]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) x[u][i] = -INFINITY;
-      }
-    }
-    // Each thread visits its ids in increasing order: strict > keeps the lowest on ties.
-#pragma unroll
-    for (int u = 0; u < kChunksInFlight; ++u) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const int col = base + u * kStep + i;
-        const float v = x[u][i] != x[u][i] ? INFINITY : x[u][i];
-        if (col < len && v > best.v) best = ArgMax{v, lo + col};
-      }
-    }
-  }
-  // A thread (or slice) that saw no value above -inf keeps id 0, which only wins when the whole
-  // row is -inf (torch.argmax's answer is then 0 as well).
-  return block_allreduce(best, [](const ArgMax& a, const ArgMax& b) { return better(a, b); });
-}
-
 // Chunks in flight per thread in slice_stats: the per-element IEEE division and exp make that
 // loop compute-heavy, and 4 chunks of 8 (bf16) spill on sm_90a.
 constexpr int kStatsChunks = 2;
 
 // Softmax statistics of row[lo:hi) / temperature (excl leaves out id `excluded`, -1: none) and
-// the raw argmax, from one read. Chunked online softmax: one rescale per kStatsChunks chunks.
+// the raw argmax, from one read. Chunked online softmax: one rescale per kStatsChunks chunks
+// (block_softmax_stats rescales per id, hence the different sums; the argmax is the same).
 template <bool kAligned, typename T>
 __device__ SliceStats slice_stats(const T* row, int lo, int hi, float temperature,
                                   int64_t excluded) {
   constexpr int kVec = kVecSize<T>;
   constexpr int kStep = kSplitThreads * kVec;
   const int len = hi - lo;
-  SliceStats st{-INFINITY, 0.0f, 0.0f, -INFINITY, 0};
+  SliceStats st = no_slices();
   for (int base = static_cast<int>(threadIdx.x) * kVec; base < len; base += kStatsChunks * kStep) {
     float x[kStatsChunks][kVec];
-#pragma unroll
-    for (int u = 0; u < kStatsChunks; ++u) {
-      const int col = base + u * kStep;
-      if (col < len) {
-        logprobs::load_chunk<kAligned>(row + lo + col, len - col, x[u]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) x[u][i] = -INFINITY;
-      }
-    }
+    load_chunks<kAligned>(row + lo, base, len, kStep, x);
     float chunk_max = -INFINITY;
 #pragma unroll
     for (int u = 0; u < kStatsChunks; ++u) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const int col = base + u * kStep + i;
-        const float raw = x[u][i];
-        const float v = raw != raw ? INFINITY : raw;
-        if (col < len && v > st.v) {
-          st.v = v;
-          st.i = lo + col;
-        }
+        // In the same pass as the division: separate passes cost registers (spills on sm_90a).
+        argmax_step(st.best, x[u][i], lo, col, len);
         // x / T, as the one-block kernel (IEEE division); past the slice: -inf (no weight).
-        const float z = col < len ? __fdiv_rn(raw, temperature) : -INFINITY;
+        const float z = col < len ? __fdiv_rn(x[u][i], temperature) : -INFINITY;
         x[u][i] = z;
         if (z > chunk_max) chunk_max = z;  // false for NaN: NaN never becomes the max
       }
     }
-    if (chunk_max > st.m) {
-      const float scale = exp_accurate(st.m - chunk_max);
-      st.total *= scale;
-      st.excl *= scale;
-      st.m = chunk_max;
-    }
-    const float shift = logprobs::safe_shift(st.m);
+    raise_max(st.soft, chunk_max);
+    const float shift = logprobs::safe_shift(st.soft.m);
 #pragma unroll
     for (int u = 0; u < kStatsChunks; ++u) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const int col = base + u * kStep + i;
-        if (col < len) {
-          const float e = exp_accurate(x[u][i] - shift);
-          st.total += e;
-          if (lo + col != excluded) st.excl += e;
-        }
+        if (col < len) add_term(st.soft, x[u][i], shift, lo + col, excluded);
       }
     }
   }
@@ -770,64 +748,13 @@ __device__ __forceinline__ bool arrive_last(int* counter, int expected) {
   return is_last;
 }
 
-// Inverse CDF over items [lo, hi) of weight fn(c) >= 0 (NaN counts as no weight), starting from
-// the running sum `carry`: the first item of positive weight whose running sum exceeds
-// `threshold`, with the running sum before it; when rounding leaves none, the last item of
-// positive weight; id -1 when no weight is positive. Tiles of blockDim.x * kItems consecutive
-// items; a block exclusive scan places each thread's kItems (as block_inverse_cdf). Every
-// thread must call it and gets the same answer.
-template <int kItems, typename Fn>
-__device__ IdCarry range_inverse_cdf(const Fn& fn, int lo, int hi, float carry, float threshold) {
-  const int tile = static_cast<int>(blockDim.x) * kItems;
-  IdCarry last{-1, 0.0f};
-  for (int start = lo; start < hi; start += tile) {
-    const int first = start + static_cast<int>(threadIdx.x) * kItems;
-    float w[kItems];
-    float local = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int c = first + i;
-      w[i] = c < hi ? fn(c) : 0.0f;
-      local += w[i];
-    }
-    float tile_total;
-    float cdf = carry + block_exclusive_scan(local, tile_total);
-    IdCarry found{kNoId, 0.0f};
-    IdCarry positive{-1, 0.0f};
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const float before = cdf;
-      cdf += w[i];
-      if (w[i] > 0.0f) {
-        positive = IdCarry{first + i, before};
-        if (cdf > threshold && found.id == kNoId) found = IdCarry{first + i, before};
-      }
-    }
-    found = block_allreduce(found, [](const IdCarry& a, const IdCarry& b) {
-      return a.id < b.id ? a : b;
-    });
-    if (found.id != kNoId) return found;
-    positive = block_allreduce(positive, [](const IdCarry& a, const IdCarry& b) {
-      return a.id > b.id ? a : b;
-    });
-    if (positive.id > last.id) last = positive;
-    carry += tile_total;
-  }
-  return last;
-}
-
 // The draw of one final token from per-slice masses mass(s) (s < splits) and per-id weights
 // weight(c) (c < vocab), threshold u * (sum of the masses): locate the slice by the masses, then
 // the id inside it, continuing the running sum. -1 when no weight is positive. Block-wide.
 template <typename MassFn, typename WeightFn>
 __device__ int split_draw(int splits, int slice, int vocab, float u, const MassFn& mass,
                           const WeightFn& weight) {
-  float local = 0.0f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) local += mass(s);
-  const float total = block_allreduce(FloatSum{local}, [](const FloatSum& a, const FloatSum& b) {
-                        return FloatSum{a.v + b.v};
-                      }).v;
-  const float threshold = u * total;
+  const float threshold = u * range_sum(mass, 0, splits);
   const IdCarry where = range_inverse_cdf<kMassItems>(mass, 0, splits, 0.0f, threshold);
   if (where.id < 0) return -1;
   const int lo = where.id * slice;
@@ -839,154 +766,133 @@ __device__ int split_draw(int splits, int slice, int vocab, float u, const MassF
   return token.id;
 }
 
-// Row b's tokens: the accepted drafts, then `final_token` (unless !write_final: kernel 2 writes
-// that slot), then -1; and num_accepted.
+// This block's place in kernel 1's grid (one 1-D index, b-major, then position j, then slice
+// s) and what it reads and writes there.
 template <typename T>
-__device__ void write_row(const Params<T>& p, int64_t b, int accepted, int final_token,
-                          bool write_final) {
-  int64_t* tokens = p.tokens + b * (p.k + 1);
-  for (int j = threadIdx.x; j <= p.k; j += blockDim.x) {
-    if (j < accepted) {
-      tokens[j] = p.draft[b * p.k + j];
-    } else if (j == accepted) {
-      if (write_final) tokens[j] = final_token;
-    } else {
-      tokens[j] = -1;
-    }
-  }
-  if (threadIdx.x == 0) p.num_accepted[b] = accepted;
-}
-
-// Index of this block in kernel 1's grid: row b, position j, slice s.
-struct BlockPlace {
+struct SlicePlace {
   int64_t b;
-  int64_t rj;  // b * (K+1) + j
   int j;
-  int s;
+  int64_t slot;  // of its partials: (b * (K+1) + j) * splits + s
+  const T* row;  // logits row (b, j)
+  int lo;        // its slice: ids [lo, hi) of the row
+  int hi;
 };
 
-__device__ __forceinline__ BlockPlace place_block(int splits, int positions) {
-  BlockPlace at;
+template <typename T>
+__device__ __forceinline__ SlicePlace<T> place_block(const SplitParams<T>& sp) {
+  const Params<T>& p = sp.p;
+  const int positions = p.k + 1;
   const int64_t id = blockIdx.x;
-  at.rj = id / splits;
-  at.s = static_cast<int>(id - at.rj * splits);
-  at.b = at.rj / positions;
-  at.j = static_cast<int>(at.rj - at.b * positions);
+  const int64_t rj = id / sp.splits;  // b * (K+1) + j
+  const int s = static_cast<int>(id - rj * sp.splits);
+  SlicePlace<T> at;
+  at.b = rj / positions;
+  at.j = static_cast<int>(rj - at.b * positions);
+  at.slot = rj * sp.splits + s;
+  at.row = p.logits + at.b * p.stride_lb + at.j * p.stride_lk;
+  at.lo = s * sp.slice;
+  at.hi = min(at.lo + sp.slice, p.vocab);
   return at;
 }
 
-// The last block of row b: greedy walk. Warp w reduces the partials of position j0 + w (groups
-// of kSplitWarps positions, so one L2 round trip per group), lane 0 publishes its argmax and
-// verdict in shared memory, and every thread walks the same shared values.
-template <typename T>
-__device__ void greedy_finish(const SplitParams<T>& sp, int64_t b) {
-  const Params<T>& p = sp.p;
-  const int positions = p.k + 1;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  __shared__ int target[kSplitWarps];
+// Reduction in one warp of the partials load(s), s < n: lane l folds l, l + 32, ... in increasing
+// order, then a butterfly (lane 0's result is the one to use, see warp_allreduce).
+template <typename S, typename Load, typename Combine>
+__device__ __forceinline__ S warp_fold(int n, S acc, const Load& load, Combine combine) {
+  for (int s = threadIdx.x % kWarpSize; s < n; s += kWarpSize) acc = combine(acc, load(s));
+  return warp_allreduce(acc, combine);
+}
+
+// The sequential accept walk of the block that finishes a batch row, from the partials. Warp w
+// judges position j0 + w (groups of kSplitWarps positions, so one L2 round trip per group):
+// judge(j, w) is called by every lane of that warp and returns lane 0's verdict (accepted or
+// not); lane 0 also leaves what the caller needs from that position in the caller's shared
+// arrays at index w. Every thread then walks the same shared verdicts, and at the first position
+// not accepted calls take(w) (before the next group overwrites the arrays). Returns that
+// position (position K is never accepted, so the last group always ends the walk).
+template <typename Judge, typename Take>
+__device__ int first_rejection(int positions, const Judge& judge, const Take& take) {
   __shared__ int accept[kSplitWarps];
-  int accepted = 0;
-  int final_token = -1;
+  const int warp = threadIdx.x / kWarpSize;
   for (int j0 = 0; j0 < positions; j0 += kSplitWarps) {
     const int j = j0 + warp;
     if (j < positions) {
-      const int64_t base = (b * positions + j) * sp.splits;
-      ArgMax best{-INFINITY, 0};
-      for (int s = lane; s < sp.splits; s += kWarpSize) {
-        best = better(best, ArgMax{__ldcg(sp.ws.part_v + base + s), __ldcg(sp.ws.part_i + base + s)});
-      }
-      best = warp_allreduce(best, [](const ArgMax& a, const ArgMax& c) { return better(a, c); });
-      if (lane == 0) {
-        target[warp] = best.i;
-        accept[warp] = j < p.k && p.draft[b * p.k + j] == static_cast<int64_t>(best.i) ? 1 : 0;
-      }
+      const bool ok = judge(j, warp);
+      if (threadIdx.x % kWarpSize == 0) accept[warp] = ok ? 1 : 0;
     }
     __syncthreads();
     const int n = min(kSplitWarps, positions - j0);
     int w = 0;
     while (w < n && accept[w] != 0) ++w;
-    const bool done = w < n;  // position K is never accepted: the last group always ends it
-    if (done) {
-      accepted = j0 + w;
-      final_token = target[w];
-    }
-    __syncthreads();  // the next group overwrites target / accept
-    if (done) break;
+    const bool done = w < n;
+    if (done) take(w);
+    __syncthreads();  // the next group overwrites the shared verdicts
+    if (done) return j0 + w;
   }
+  return 0;  // not reached (see above)
+}
+
+// The last block of row b: greedy walk, on the argmax of each position's partials.
+template <typename T>
+__device__ void greedy_finish(const SplitParams<T>& sp, int64_t b) {
+  const Params<T>& p = sp.p;
+  const int positions = p.k + 1;
+  __shared__ int target[kSplitWarps];
+  const auto judge = [&](int j, int w) {
+    const int64_t base = (b * positions + j) * sp.splits;
+    const ArgMax best = warp_fold(
+        sp.splits, ArgMax{-INFINITY, 0},
+        [&](int s) {
+          return ArgMax{__ldcg(sp.ws.part_v + base + s), __ldcg(sp.ws.part_i + base + s)};
+        },
+        [](const ArgMax& a, const ArgMax& c) { return better(a, c); });
+    if (threadIdx.x % kWarpSize != 0) return false;  // only lane 0's verdict counts
+    target[w] = best.i;
+    return j < p.k && p.draft[b * p.k + j] == static_cast<int64_t>(best.i);
+  };
+  int final_token = -1;
+  const int accepted = first_rejection(positions, judge, [&](int w) { final_token = target[w]; });
   write_row(p, b, accepted, final_token, true);
   if (threadIdx.x == 0) sp.ws.counters[b] = 0;  // every ticket of this launch has been drawn
 }
 
-// The last block of row b: sampled walk (as greedy_finish, with the acceptance test of the
-// one-block kernel evaluated by lane 0 of the position's warp), then the draw of the final
-// token, or its hand-over to kernel 2 for a correction from max(q - p, 0).
+// The last block of row b: sampled walk (the one-block kernel's acceptance test on each
+// position's combined statistics), then the draw of the final token, or its hand-over to kernel
+// 2 for a correction from max(q - p, 0).
 template <typename T>
 __device__ void sampled_finish(const SplitParams<T>& sp, int64_t b) {
   const Params<T>& p = sp.p;
   const int positions = p.k + 1;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const bool has_probs = p.probs != nullptr;
   __shared__ float sh_m[kSplitWarps];
   __shared__ float sh_total[kSplitWarps];
   __shared__ int sh_argmax[kSplitWarps];
-  __shared__ int sh_accept[kSplitWarps];
-  int accepted = 0;
+  const auto judge = [&](int j, int w) {
+    const int64_t base = (b * positions + j) * sp.splits;
+    const SliceStats acc = warp_fold(
+        sp.splits, no_slices(),
+        [&](int s) {
+          return SliceStats{{__ldcg(sp.ws.part_m + base + s), __ldcg(sp.ws.part_total + base + s),
+                             __ldcg(sp.ws.part_excl + base + s)},
+                            {__ldcg(sp.ws.part_v + base + s), __ldcg(sp.ws.part_i + base + s)}};
+        },
+        [](const SliceStats& a, const SliceStats& c) { return combine_slices(a, c); });
+    if (threadIdx.x % kWarpSize != 0) return false;  // only lane 0's verdict counts
+    const float m_j = logprobs::safe_shift(acc.soft.m);
+    sh_m[w] = m_j;
+    sh_total[w] = acc.soft.total;
+    sh_argmax[w] = acc.best.i;
+    return j < p.k && draft_accepted(p, b, j, m_j, acc.soft.total);
+  };
   float m = 0.0f;
   float z = 0.0f;
   int fallback = 0;
-  for (int j0 = 0; j0 < positions; j0 += kSplitWarps) {
-    const int j = j0 + warp;
-    if (j < positions) {
-      const int64_t base = (b * positions + j) * sp.splits;
-      SliceStats acc{-INFINITY, 0.0f, 0.0f, -INFINITY, 0};
-      for (int s = lane; s < sp.splits; s += kWarpSize) {
-        const SliceStats part{__ldcg(sp.ws.part_m + base + s), __ldcg(sp.ws.part_total + base + s),
-                              __ldcg(sp.ws.part_excl + base + s), __ldcg(sp.ws.part_v + base + s),
-                              __ldcg(sp.ws.part_i + base + s)};
-        acc = combine_slices(acc, part);
-      }
-      acc = warp_allreduce(acc, [](const SliceStats& a, const SliceStats& c) {
-        return combine_slices(a, c);
-      });
-      if (lane == 0) {
-        const float m_j = logprobs::safe_shift(acc.m);
-        int ok = 0;
-        if (j < p.k) {  // the one-block kernel's test, on this position's statistics
-          const int64_t draft = p.draft[b * p.k + j];
-          const bool valid = draft >= 0 && draft < p.vocab;
-          const T* position = p.logits + b * p.stride_lb + j * p.stride_lk;
-          const float x_draft =
-              valid ? __fdiv_rn(to_float(position[draft]), p.temperature) : -INFINITY;
-          const float q_draft = __fdiv_rn(exp_accurate(x_draft - m_j), acc.total);
-          float p_draft = 1.0f;
-          if (has_probs && valid) {
-            p_draft = load_prob(p.probs, p.probs_dtype, b * p.stride_pb + j * p.stride_pk + draft);
-          }
-          ok = valid && p.uniforms[b * positions + j] * p_draft < q_draft ? 1 : 0;
-        }
-        sh_m[warp] = m_j;
-        sh_total[warp] = acc.total;
-        sh_argmax[warp] = acc.i;
-        sh_accept[warp] = ok;
-      }
-    }
-    __syncthreads();
-    const int n = min(kSplitWarps, positions - j0);
-    int w = 0;
-    while (w < n && sh_accept[w] != 0) ++w;
-    const bool done = w < n;  // position K is never accepted
-    if (done) {
-      accepted = j0 + w;
-      m = sh_m[w];
-      z = sh_total[w];
-      fallback = sh_argmax[w];
-    }
-    __syncthreads();
-    if (done) break;
-  }
+  const int accepted = first_rejection(positions, judge, [&](int w) {
+    m = sh_m[w];
+    z = sh_total[w];
+    fallback = sh_argmax[w];
+  });
   const bool rejected = accepted < p.k;
+  const bool has_probs = p.probs != nullptr;
   const T* position = p.logits + b * p.stride_lb + static_cast<int64_t>(accepted) * p.stride_lk;
   int final_token = fallback;  // NaN in the row (z is NaN): the argmax, as the one-block kernel
   bool deferred = false;
@@ -1026,17 +932,12 @@ __device__ void sampled_finish(const SplitParams<T>& sp, int64_t b) {
 
 template <bool kAligned, typename T>
 __global__ void __launch_bounds__(kSplitThreads) split_greedy_kernel(const SplitParams<T> sp) {
-  const Params<T>& p = sp.p;
-  const int positions = p.k + 1;
-  const BlockPlace at = place_block(sp.splits, positions);
-  const int lo = at.s * sp.slice;
-  const int hi = min(lo + sp.slice, p.vocab);
-  const T* row = p.logits + at.b * p.stride_lb + at.j * p.stride_lk;
-  const ArgMax best = slice_argmax<kAligned>(row, lo, hi);
+  const int positions = sp.p.k + 1;
+  const SlicePlace<T> at = place_block(sp);
+  const ArgMax best = range_argmax<kAligned>(at.row, at.lo, at.hi, kSplitThreads);
   if (threadIdx.x == 0) {
-    const int64_t slot = at.rj * sp.splits + at.s;
-    sp.ws.part_v[slot] = best.v;
-    sp.ws.part_i[slot] = best.i;
+    sp.ws.part_v[at.slot] = best.v;
+    sp.ws.part_i[at.slot] = best.i;
   }
   if (!arrive_last(sp.ws.counters + at.b, positions * sp.splits)) return;
   greedy_finish(sp, at.b);
@@ -1046,19 +947,15 @@ template <bool kAligned, typename T>
 __global__ void __launch_bounds__(kSplitThreads) split_sampled_kernel(const SplitParams<T> sp) {
   const Params<T>& p = sp.p;
   const int positions = p.k + 1;
-  const BlockPlace at = place_block(sp.splits, positions);
-  const int lo = at.s * sp.slice;
-  const int hi = min(lo + sp.slice, p.vocab);
-  const T* row = p.logits + at.b * p.stride_lb + at.j * p.stride_lk;
+  const SlicePlace<T> at = place_block(sp);
   const int64_t excluded = at.j < p.k ? p.draft[at.b * p.k + at.j] : -1;
-  const SliceStats st = slice_stats<kAligned>(row, lo, hi, p.temperature, excluded);
+  const SliceStats st = slice_stats<kAligned>(at.row, at.lo, at.hi, p.temperature, excluded);
   if (threadIdx.x == 0) {
-    const int64_t slot = at.rj * sp.splits + at.s;
-    sp.ws.part_m[slot] = st.m;
-    sp.ws.part_total[slot] = st.total;
-    sp.ws.part_excl[slot] = st.excl;
-    sp.ws.part_v[slot] = st.v;
-    sp.ws.part_i[slot] = st.i;
+    sp.ws.part_m[at.slot] = st.soft.m;
+    sp.ws.part_total[at.slot] = st.soft.total;
+    sp.ws.part_excl[at.slot] = st.soft.excl;
+    sp.ws.part_v[at.slot] = st.best.v;
+    sp.ws.part_i[at.slot] = st.best.i;
   }
   if (!arrive_last(sp.ws.counters + at.b, positions * sp.splits)) return;
   sampled_finish(sp, at.b);
@@ -1076,21 +973,12 @@ __global__ void __launch_bounds__(kSplitThreads) split_residual_kernel(const Spl
   const float m = sp.ws.row_m[b];
   const float z = sp.ws.row_z[b];
   const T* position = p.logits + b * p.stride_lb + static_cast<int64_t>(accepted) * p.stride_lk;
-  const int64_t offset = b * p.stride_pb + static_cast<int64_t>(accepted) * p.stride_pk;
-  const void* probs_row =
-      p.probs_dtype == DType::kFloat32
-          ? static_cast<const void*>(static_cast<const float*>(p.probs) + offset)
-          : static_cast<const void*>(static_cast<const uint16_t*>(p.probs) + offset);
+  const void* probs_row = probs_row_at(p, b, accepted);
   const auto weight = [&](int c) {
     return draw_weight(position, probs_row, p.probs_dtype, c, p.temperature, m, z, -1, true);
   };
   const int lo = s * sp.slice;
-  const int hi = min(lo + sp.slice, p.vocab);
-  float local = 0.0f;
-  for (int c = lo + static_cast<int>(threadIdx.x); c < hi; c += blockDim.x) local += weight(c);
-  const float mass = block_allreduce(FloatSum{local}, [](const FloatSum& a, const FloatSum& c) {
-                       return FloatSum{a.v + c.v};
-                     }).v;
+  const float mass = range_sum(weight, lo, min(lo + sp.slice, p.vocab));
   if (threadIdx.x == 0) sp.ws.mass[b * sp.splits + s] = mass;
   if (!arrive_last(sp.ws.counters2 + b, sp.splits)) return;
   const float* masses = sp.ws.mass + b * sp.splits;

@@ -173,14 +173,18 @@ step_tests() {
     if [ -n "${TEST_WORKERS:-}" ] && "$PYTHON" -c 'import xdist' 2>/dev/null; then
         parallel=(-n "$TEST_WORKERS")
     fi
-    exec env -u TRITON_INTERPRET "$PYTHON" -m pytest tests -q -rs --maxfail=100 --durations=25 \
+    # Failures are also appended to logs/failures.txt as they happen (tests/conftest.py), so a
+    # step killed by its time limit still says what failed.
+    exec env -u TRITON_INTERPRET THINKFUSE_FAILURE_LOG="$RESULTS_DIR/logs/failures.txt" \
+        "$PYTHON" -m pytest tests -q -rs --maxfail=100 --durations=25 \
         --ignore="$SM90_TESTS" "${parallel[@]}" --junitxml="$RESULTS_DIR/logs/pytest.xml"
 }
 
 step_tests_sm90() {
     # The Hopper kernel's tests alone, first failure stops them: a barrier bug hangs a kernel,
     # and the step's own time limit then ends only this step.
-    exec env -u TRITON_INTERPRET "$PYTHON" -m pytest "$SM90_TESTS" -q -rs -x --durations=10 \
+    exec env -u TRITON_INTERPRET THINKFUSE_FAILURE_LOG="$RESULTS_DIR/logs/failures-sm90.txt" \
+        "$PYTHON" -m pytest "$SM90_TESTS" -q -rs -x --durations=10 \
         --junitxml="$RESULTS_DIR/logs/pytest-sm90.xml"
 }
 

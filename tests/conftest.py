@@ -62,3 +62,16 @@ def pytest_generate_tests(metafunc):
 def _reset_backend_selection():
     yield
     thinkfuse.set_backend(None)
+
+
+# With THINKFUSE_FAILURE_LOG=<path>, each failure is appended there (test id, phase, traceback) as
+# soon as it happens. A GPU run killed by its time limit gets no junit XML and no summary; this
+# file still holds every failure seen so far. Under pytest-xdist only the controller writes.
+_FAILURE_LOG = os.environ.get("THINKFUSE_FAILURE_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if not _FAILURE_LOG or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(_FAILURE_LOG, "a", encoding="utf-8") as log:
+        log.write(f"=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

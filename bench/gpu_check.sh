@@ -24,7 +24,10 @@
 # 10 minutes a remote command gets): each step's time limit is cut to what is left, and the
 # benchmark, stopped by SIGTERM, still writes the rows it measured.
 #
-# Environment knobs: PYTHON, OUT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, BENCH_JOBS_SELECT,
+# THINKFUSE_GIT_COMMIT=<sha> names the code in the results' metadata: the machine's copy of the
+# tree may carry a missing or stale .git (a 2026-11-22 run recorded the wrong commit).
+#
+# Environment knobs: PYTHON, OUT, THINKFUSE_GIT_COMMIT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, BENCH_JOBS_SELECT,
 # MAX_JOBS (parallel nvcc jobs), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, which
 # halves the build time compared with setup.py's 8.0;9.0a).
 
@@ -131,6 +134,7 @@ run_step() {
 
 step_env() {
     nvidia-smi || echo "nvidia-smi failed"
+    echo "THINKFUSE_GIT_COMMIT=${THINKFUSE_GIT_COMMIT:-<unset>}"
     git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null
     "$PYTHON" - <<'EOF'
 import platform, torch

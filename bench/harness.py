@@ -481,6 +481,12 @@ def _command_output(cmd: list[str]) -> Optional[str]:
 
 
 def git_commit() -> Optional[str]:
+    """The code's commit: THINKFUSE_GIT_COMMIT when set (a GPU machine gets a copy of the working
+    tree whose .git may be missing or stale, so the launcher passes the commit it sent), else
+    ``git rev-parse HEAD`` (+dirty with uncommitted changes to tracked files)."""
+    given = os.environ.get("THINKFUSE_GIT_COMMIT", "").strip()
+    if given:
+        return given
     commit = _command_output(["git", "rev-parse", "HEAD"])
     if commit and _command_output(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += "+dirty"

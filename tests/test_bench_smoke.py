@@ -438,3 +438,11 @@ def test_gpu_check_jobs_are_valid_bench_runs_with_cases():
         assert chosen, f"gpu_check job {name!r} selects no case"
         for impl in args.impl:
             assert any(c.impl == impl for c in cases), f"gpu_check job {name!r}: no case of --impl {impl}"
+
+
+def test_git_commit_can_be_given_by_the_launcher(monkeypatch):
+    """A GPU machine's copy of the tree may carry a stale .git: the launcher's commit wins."""
+    monkeypatch.setenv("THINKFUSE_GIT_COMMIT", "0123abc")
+    assert harness.git_commit() == "0123abc"
+    monkeypatch.delenv("THINKFUSE_GIT_COMMIT")
+    assert harness.git_commit() != "0123abc"

@@ -73,17 +73,26 @@ def test_unpadded_and_packed_batches(family, backend):
     _assert_matches_unpatched(model, backend, ids)
     thinkfuse.unpatch_model(model)
     # Two rows, each packing sequences of 3+7 and 6+4 tokens (position_ids restart in a row).
-    # use_cache=False: transformers' sdpa masks detect packing only without a cache (thinkfuse,
-    # like flash_attention_2, isolates packed sequences either way).
+    # use_cache=False: transformers' sdpa masks keep packed sequences apart (only without a cache).
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], device=DEVICE)
     _assert_matches_unpatched(model, backend, ids, position_ids=positions, use_cache=False)
     thinkfuse.unpatch_model(model)
-    # The same with a cache: each packed sequence equals that sequence run alone.
+    # With a cache (use_cache defaults to True) transformers does not look for packing in
+    # inference, and neither does the patched model; positions that repeat or jump are no
+    # sequence boundary there either.
+    odd = torch.tensor([[0, 1, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 7, 8, 9, 10, 11, 12]], device=DEVICE)
+    for pos in (positions, odd):
+        _assert_matches_unpatched(model, backend, ids, position_ids=pos)
+        thinkfuse.unpatch_model(model)
+    # In training a cache serves nothing: packed sequences are kept apart whatever use_cache says,
+    # each equal to that sequence run alone.
     with torch.no_grad():
         alone = [model(ids[r:r + 1, a:b]).logits for r, cuts in enumerate([(0, 3, 10), (0, 6, 10)])
                  for a, b in zip(cuts, cuts[1:])]
         thinkfuse.patch_model(model, backend=backend)
-        packed = model(ids, position_ids=positions).logits
+        model.train()
+        packed = model(ids, position_ids=positions, use_cache=True).logits
+        model.eval()
     assert_close_fp32(packed, torch.cat([torch.cat(alone[:2], 1), torch.cat(alone[2:], 1)]), tol=1e-4)
 
 

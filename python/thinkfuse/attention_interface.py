@@ -132,6 +132,20 @@ def _packed_plan(position_ids: torch.Tensor, batch: int, seq: int):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+def _may_be_packed(module, q, k, kwargs) -> bool:
+    """Whether position_ids may describe packed sequences (restarting positions in a row, as
+    padding-free collators write them). transformers' masks (masking_utils) look for packing only
+    when there is no 2-D mask and no cache; the attention function does not see the cache, but
+    the decoder layers pass ``use_cache`` (True: the model made or was given one), and keys
+    beyond the queries are cached ones. In inference that rule is followed exactly, so a patched
+    model equals the unpatched one. In training a cache serves nothing (transformers makes one
+    whenever the config's use_cache is on), so packed sequences are kept apart there as
+    use_cache=False and flash_attention_2 keep them.
+    """
+    no_cached_keys = q.shape[1] == k.shape[1]
+    return no_cached_keys and (module.training or not kwargs.get("use_cache", False))
+
+
 def _pad(out: torch.Tensor, indices: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     """Scatter packed rows ``[total, H, D]`` back to ``[B, S, H, D]``; padding rows are zero
     (as in flash_attention_2). Differentiable."""
@@ -257,7 +271,7 @@ def thinkfuse_attention_forward(
     else:
         position_ids = kwargs.get("position_ids")
         plan = None
-        if position_ids is not None and sq > 1 and sq == k.shape[1]:  # packing exists only without a cache
+        if position_ids is not None and sq > 1 and _may_be_packed(module, q, k, kwargs):
             plan = _memoized(position_ids, (batch, sq), lambda: _packed_plan(position_ids, batch, sq))
         if plan is None:
             out = _dense(q, k, v, scaling, window, backends)

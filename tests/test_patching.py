@@ -231,3 +231,94 @@ def test_demo_runs_and_passes(capsys):
     assert demo.main() == 0
     out = capsys.readouterr().out
     assert "0 failed" in out
+
+
+def test_patching_again_without_a_backend_keeps_the_first_one():
+    model = tiny_model("qwen2")
+    first = thinkfuse.patch_model(model, backend="torch")
+    second = thinkfuse.patch_model(model)
+    assert second.backend == "torch" and second.patched == first.patched
+
+
+def test_report_shows_the_backend_chosen_by_set_backend():
+    model = tiny_model("qwen2")
+    with thinkfuse.use_backend("torch"):
+        report = thinkfuse.patch_model(model)
+    assert report.backend == "auto" and report.resolved_backend == "torch"
+
+
+def test_models_sharing_a_config_object_are_patched_per_instance():
+    """Two models built from one config object: patching one must not switch the other's
+    attention (the attention rule's switch is a config attribute)."""
+    from transformers import Qwen2ForCausalLM
+
+    first = tiny_model("qwen2")
+    second = Qwen2ForCausalLM(first.config)
+    ids = tiny_batch()
+    ref = second(ids).logits
+    thinkfuse.patch_model(first, backend="torch")
+    assert first.config._attn_implementation == "thinkfuse"
+    assert second.config._attn_implementation == "sdpa" and second.config is not first.config
+    assert not any(hasattr(m, "_thinkfuse_patch") for m in second.modules())
+    assert torch.equal(second(ids).logits, ref)
+    # every module of the patched model reads the same (its own) config
+    assert {id(m.config) for m in first.modules() if "config" in m.__dict__} == {id(first.config)}
+    thinkfuse.unpatch_model(first)
+    assert first.config is second.config  # the original object is back
+
+
+def test_vlm_sub_configs_are_copied_together():
+    model = tiny_model("mistral3")
+    text_before = model.config.text_config
+    thinkfuse.patch_model(model, backend="torch")
+    assert model.config.text_config is model.model.language_model.config
+    assert model.config.text_config is not text_before and text_before._attn_implementation != "thinkfuse"
+    assert model.config.text_config._attn_implementation == "thinkfuse"
+    assert model.model.vision_tower.config._attn_implementation != "thinkfuse"
+    thinkfuse.unpatch_model(model)
+    assert model.config.text_config is text_before and model.model.language_model.config is text_before
+
+
+@pytest.mark.parametrize("hook_first", [True, False], ids=["offload-then-patch", "patch-then-offload"])
+def test_accelerate_offloaded_model(hook_first):
+    """accelerate's hooks (device_map / offload) wrap forward and call _old_forward: the
+    replacement goes inside the hook, and unpatch puts the original back there."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.hooks import remove_hook_from_module
+
+    model = tiny_model("qwen2")
+    ids = tiny_batch(2, 7)
+    ref = model(ids).logits
+    offload = lambda: accelerate.cpu_offload(model, torch.device("cpu"))  # noqa: E731
+    if hook_first:
+        offload()
+    report = thinkfuse.patch_model(model, backend="torch")
+    if not hook_first:
+        offload()
+    assert report.device == "cpu"  # not "meta": offloaded weights are on meta between calls
+    assert_close_fp32(model(ids).logits, ref, tol=1e-5)
+    norm = model.model.norm
+    assert norm.__dict__["_old_forward"] is norm._thinkfuse_patch.patched_forward
+    assert thinkfuse.unpatch_model(model) == report.total
+    assert norm.__dict__["_old_forward"].__func__ is type(norm).forward
+    assert torch.equal(model(ids).logits, ref)
+    remove_hook_from_module(model, recurse=True)
+    # (accelerate leaves the class's forward bound on the instance)
+    assert norm.forward.__func__ is type(norm).forward and torch.equal(model(ids).logits, ref)
+
+
+def test_models_the_ops_cannot_run_are_refused_or_left_alone():
+    """A float64 model is refused at patch time (every forward would fail); an attention with a
+    head_dim the attention ops lack keeps its configured implementation."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with pytest.raises(ValueError, match="float64"):
+        thinkfuse.patch_model(tiny_model("qwen2").double())
+    config = Qwen2Config(vocab_size=64, hidden_size=160, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # head_dim 80
+    model = Qwen2ForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    report = thinkfuse.patch_model(model, backend="torch")
+    assert "attention" not in report.patched and report.attention == "transformers"
+    assert_close_fp32(model(ids).logits, ref, tol=1e-5)

@@ -6,6 +6,7 @@ state_dict and it survives deepcopy) that remembers the forward to restore.
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backend import backend_for_op, default_backend, require_backend
+from ..backend import backend_for_op, default_backend, get_backend, require_backend
 from ..attention_interface import ATTN_IMPLEMENTATION, register_attention
 from . import ministral3, mistral, qwen2
 from . import mimo
@@ -53,9 +54,12 @@ _UNSET = _Unset()
 class PatchState:
     backend: str | None
     kinds: tuple[str, ...] = ()  # the rule kinds applied to this module, in order
-    # The instance-level forward that was there before (e.g. an accelerate hook), None when the
-    # class's forward was in use, _UNSET when no forward was replaced.
+    # The forward the replacement took the place of: an instance-level one (e.g. accelerate's
+    # _old_forward, the real forward inside its hook), None when the class's forward was in use,
+    # _UNSET when no forward was replaced.
     original_forward: object = _UNSET
+    # The replacement bound onto the module (found again by identity when restoring).
+    patched_forward: object = None
     # The config's attention implementation before the attention rule switched it (_UNSET: not
     # switched). Several modules share one config; each remembers the same original value.
     original_attn_implementation: object = _UNSET
@@ -120,9 +124,39 @@ def _bind(forward, module: nn.Module, backend: str | None):
     return types.MethodType(fn, module)
 
 
+# accelerate (device_map="auto", CPU/disk offload) wraps a module's forward in a hook: the
+# instance attribute `forward` is the hook, which moves weights and inputs to the execution
+# device and then calls `_old_forward`, the real forward. A replacement goes in the real forward's
+# place, inside the hook.
+_FORWARD_SLOTS = ("forward", "_old_forward")
+
+
+def _forward_slot(module: nn.Module) -> str:
+    hooked = getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
+    return "_old_forward" if hooked else "forward"
+
+
 def _replace_forward(module: nn.Module, state: PatchState, forward, backend: str | None) -> None:
-    state.original_forward = module.__dict__.get("forward")
-    module.forward = _bind(forward, module, backend)
+    slot = _forward_slot(module)
+    state.original_forward = module.__dict__.get(slot)
+    state.patched_forward = _bind(forward, module, backend)
+    setattr(module, slot, state.patched_forward)
+
+
+def _restore_forward(module: nn.Module, state: PatchState) -> None:
+    """Put the original forward back where the replacement is now: ``forward``, or
+    ``_old_forward`` (also when an accelerate hook was added after patching, which moved the
+    replacement there). A replacement someone else has since replaced is left alone."""
+    for slot in _FORWARD_SLOTS:
+        if module.__dict__.get(slot) is not state.patched_forward:
+            continue
+        if state.original_forward is not None:
+            setattr(module, slot, state.original_forward)
+        elif slot == "forward":
+            del module.__dict__["forward"]  # the class's forward again
+        else:  # the hook still calls _old_forward: make it the class's forward
+            module._old_forward = types.MethodType(type(module).forward, module)
+        return
 
 
 def _select_thinkfuse_attention(module: nn.Module, state: PatchState, originals: dict) -> None:
@@ -135,6 +169,40 @@ def _select_thinkfuse_attention(module: nn.Module, state: PatchState, originals:
     current = getattr(config, "_attn_implementation_internal", None)
     state.original_attn_implementation = originals.setdefault(id(config), current)
     config._attn_implementation_internal = ATTN_IMPLEMENTATION
+
+
+_SHARED_CONFIG_ATTR = "_config_before_thinkfuse"  # not _CACHE_PREFIX: _restore deletes those
+
+
+def _own_configs(model: nn.Module) -> None:
+    """Give ``model`` its own copies of the config objects its modules hold, so that the
+    attention rule's switch (a config attribute) stays on this instance even when other models
+    were built from the same config object. Sub-config links (a VLM's text_config) point to the
+    copies too. Each module remembers the object it held (``_SHARED_CONFIG_ATTR``) for
+    unpatch_model. A model that owns its copies already is left as it is."""
+    from transformers import PretrainedConfig
+
+    holders = [m for m in model.modules() if isinstance(m.__dict__.get("config"), PretrainedConfig)]
+    if any(_SHARED_CONFIG_ATTR in m.__dict__ for m in holders):
+        return
+    copies: dict[int, object] = {}
+    for module in holders:
+        config = module.__dict__["config"]
+        copies.setdefault(id(config), copy.copy(config))
+    for duplicate in copies.values():  # sub-configs of a copy: the copies of those sub-configs
+        for name, value in vars(duplicate).items():
+            if id(value) in copies and isinstance(value, PretrainedConfig):
+                setattr(duplicate, name, copies[id(value)])
+    for module in holders:
+        config = module.__dict__["config"]
+        module.__dict__[_SHARED_CONFIG_ATTR] = config
+        module.__dict__["config"] = copies[id(config)]
+
+
+def _restore_configs(model: nn.Module) -> None:
+    for module in model.modules():
+        if _SHARED_CONFIG_ATTR in module.__dict__:
+            module.__dict__["config"] = module.__dict__.pop(_SHARED_CONFIG_ATTR)
 
 
 def _apply(module: nn.Module, rule, backend: str | None, originals: dict) -> None:
@@ -159,17 +227,40 @@ def _apply(module: nn.Module, rule, backend: str | None, originals: dict) -> Non
 def _restore(module: nn.Module, state: PatchState) -> None:
     for cache in [k for k in module.__dict__ if k.startswith(_CACHE_PREFIX)]:
         del module.__dict__[cache]
-    if state.original_forward is None:
-        del module.forward
-    elif state.original_forward is not _UNSET:
-        module.forward = state.original_forward
+    if state.original_forward is not _UNSET:
+        _restore_forward(module, state)
     if state.original_attn_implementation is not _UNSET:
         module.config._attn_implementation_internal = state.original_attn_implementation
 
 
+def _check_dtype(model: nn.Module) -> None:
+    """The kernels take float32, float16 and bfloat16: a float64 model would fail in every
+    forward, so it is refused here, where the message can say what to do."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.float64 in dtypes:
+        raise ValueError("patch_model: thinkfuse's ops take float32, float16 and bfloat16 parameters; this model "
+                         "has float64 ones (cast it, e.g. model.float(), before patching)")
+
+
+def _patched_backend(model: nn.Module) -> str | None:
+    """The backend an earlier patch_model named for ``model`` (None: none named, or unpatched)."""
+    for module in model.modules():
+        state = module.__dict__.get(_STATE_ATTR)
+        if state is not None:
+            return state.backend
+    return None
+
+
 def _model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first tensor not on the meta device, else (weights
+    offloaded by accelerate) the execution device of its first hook, else the CPU."""
     for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
+        if tensor.device.type != "meta":
+            return tensor.device
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
     return torch.device("cpu")
 
 
@@ -186,8 +277,13 @@ def patch_model(
     """Patch ``model`` in place, per instance, with thinkfuse's fused ops.
 
     Parameters, parameter names, state_dict and classes stay as they are; ``unpatch_model``
-    restores the original forwards. Calling it again is a no-op (to change the backend,
-    unpatch first). Raises UnsupportedModel for model classes without a rule table.
+    restores the original forwards. Calling it again is a no-op (without a backend it keeps the
+    first call's; naming another one raises ValueError: unpatch first). Raises UnsupportedModel
+    for model classes without a rule table, ValueError for float64 models (the ops take
+    float32, float16 and bfloat16). Models dispatched or offloaded by accelerate are patched
+    inside its hooks. The attention rule gives the model its own copies of its config objects
+    (the switch to "thinkfuse" is a config attribute), so models built from the same config
+    object are not switched too; unpatch_model puts the original objects back.
 
     ``attention=True`` makes the text decoder's causal self-attention run thinkfuse's flash /
     decode attention (the "thinkfuse" transformers attention implementation, selected on this
@@ -201,8 +297,11 @@ def patch_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     family = find_family(model)
+    if backend is None:  # patching again without naming one keeps the backend of the first call
+        backend = _patched_backend(model)
     if backend is not None:
         require_backend(backend)
+    _check_dtype(model)
     flags = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "attention": attention, "loss": loss}
     for name, value in flags.items():
         if not isinstance(value, bool):
@@ -210,6 +309,7 @@ def patch_model(
     rules = [(rule, resolve_class(rule.module_class)) for rule in family.rules if flags[rule.kind]]
     if attention:
         register_attention()  # idempotent; the attention rule selects it by name
+        _own_configs(model)
 
     counts: dict[str, int] = {}
     originals: dict[int, object] = {}
@@ -226,7 +326,8 @@ def patch_model(
         family=family.name,
         backend=backend or "auto",
         device=str(device),
-        resolved_backend=backend or default_backend(device),
+        # what the ops pick now: a named backend, else set_backend / THINKFUSE_BACKEND, else the fastest
+        resolved_backend=backend or get_backend() or default_backend(device),
         patched={k: counts[k] for k in KINDS if k in counts},
         disabled=tuple(k for k in KINDS if not flags[k]),
     )
@@ -243,4 +344,5 @@ def unpatch_model(model: nn.Module) -> int:
         if state is not None:
             _restore(module, state)
             restored += len(state.kinds)
+    _restore_configs(model)
     return restored

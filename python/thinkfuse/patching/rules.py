@@ -40,8 +40,13 @@ class PatchRule:
 
 def is_causal_attention(module: nn.Module) -> bool:
     """The attention rule applies to causal decoder self-attention only (vision towers and other
-    bidirectional attention keep their own implementation)."""
-    return bool(getattr(module, "is_causal", False)) and hasattr(module, "config")
+    bidirectional attention keep their own implementation), with a head_dim the flash / decode
+    attention ops support (others keep the configured implementation)."""
+    from ..ops.attention import SUPPORTED_HEAD_DIMS
+
+    head_dim = getattr(module, "head_dim", None)
+    return (bool(getattr(module, "is_causal", False)) and hasattr(module, "config")
+            and head_dim in SUPPORTED_HEAD_DIMS)
 
 
 def attention_rule(module_class: str) -> PatchRule:

@@ -251,3 +251,25 @@ def test_attention_rule_without_the_rope_rule():
     assert report.patched == {"rms_norm": 5, "swiglu": 2, "attention": 2, "loss": 1}
     valid = mask.bool()
     assert_close_fp32(model(ids, attention_mask=mask).logits[valid], ref[valid], tol=1e-4)
+
+
+def test_attn_implementation_thinkfuse_after_a_plain_import(tmp_path):
+    """`import thinkfuse` is enough for from_pretrained(attn_implementation="thinkfuse"), and it
+    neither loads transformers' modeling code nor triton itself (TRITON_INTERPRET set after the
+    import must still work)."""
+    import subprocess
+    import sys
+
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    script = f"""
+import sys
+import thinkfuse
+assert "triton" not in sys.modules and "transformers.modeling_utils" not in sys.modules
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, attn_implementation="thinkfuse")
+assert model.config._attn_implementation == "thinkfuse"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -1,7 +1,7 @@
 """thinkfuse: fused kernels for training and serving small dense reasoning models.
 
     import thinkfuse
-    report = thinkfuse.patch_model(model)   # per-instance, reversible, exact to the original
+    report = thinkfuse.patch_model(model)   # per-instance, reversible, matches the original within tolerance
     print(report)
 
 Ops live in ``thinkfuse.ops``; each has a CUDA, a Triton and a pure-torch backend
@@ -21,6 +21,10 @@ from .backend import (
     use_backend,
 )
 from .patching import PatchReport, UnsupportedModel, patch_model, unpatch_model
+from .attention_interface import register_attention_with_transformers
+
+# attn_implementation="thinkfuse": registered once transformers' modeling code is loaded
+register_attention_with_transformers()
 
 __all__ = [
     "BackendUnavailable",

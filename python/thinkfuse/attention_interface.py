@@ -1,6 +1,6 @@
 """thinkfuse attention as a transformers attention implementation named ``"thinkfuse"``.
 
-    import thinkfuse.integrations  # registers it (patch_model does too)
+    import thinkfuse  # registers it (as soon as transformers' modeling code is loaded)
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="thinkfuse")
     # or: thinkfuse.patch_model(model), which selects it per instance for the text decoder
 
@@ -28,6 +28,9 @@ default (``thinkfuse.use_backend`` / ``THINKFUSE_BACKEND`` / fastest for the dev
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 import weakref
 
 import torch
@@ -280,6 +283,40 @@ def thinkfuse_attention_forward(
             flat = [t.reshape(batch * sq, *t.shape[2:]) for t in (q, k, v)]
             out = _varlen(*flat, cu, cu, max_len, max_len, scaling, window, backends).view(q.shape)
     return out.contiguous(), None
+
+
+_TRANSFORMERS_ATTENTION_MODULE = "transformers.modeling_utils"  # holds AttentionInterface
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """One-shot import hook: runs register_attention right after transformers.modeling_utils
+    has been executed, so that ``attn_implementation="thinkfuse"`` works after a plain
+    ``import thinkfuse`` without that import loading transformers' modeling code (seconds, and
+    triton, which must stay unimported so that TRITON_INTERPRET set later still works)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _TRANSFORMERS_ATTENTION_MODULE:
+            return None
+        sys.meta_path.remove(self)  # one shot; the lookup below must not come back here
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run_module = spec.loader.exec_module
+
+            def exec_module(module):
+                run_module(module)
+                register_attention()
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_attention_with_transformers() -> None:
+    """Register "thinkfuse" with transformers now if its modeling code is loaded, else as soon
+    as it is (``import thinkfuse`` calls this)."""
+    if _TRANSFORMERS_ATTENTION_MODULE in sys.modules:
+        register_attention()
+    elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 def register_attention() -> None:

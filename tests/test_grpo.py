@@ -405,3 +405,11 @@ def test_one_grpo_step_of_a_tiny_patched_qwen2_with_trl(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert calls, "GRPOTrainer did not go through thinkfuse"
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "no parameter was updated"
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-4, ValueError), (float("nan"), ValueError),
+                                         ("x", TypeError), (True, TypeError)])
+def test_bad_num_items_in_batch_is_refused(value, error):
+    logprobs = torch.zeros(2, 3)
+    with pytest.raises(error, match="num_items_in_batch"):
+        grpo_loss(logprobs, None, torch.ones(2), torch.ones(2, 3), loss_type="dapo", num_items_in_batch=value)

@@ -355,3 +355,9 @@ def test_chunk_gradient_reuses_the_chunk_logits_buffer(kb):
     grad = reducer.logits_grad(logits, ids, lse, None, grad_lp, None, 1.0)
     assert grad.data_ptr() == logits.data_ptr()
     assert_close_fp32(grad, reference_grad)
+
+
+def test_return_entropy_must_be_a_bool():
+    logits, ids = _inputs((3,), 40)
+    with pytest.raises(TypeError, match="return_entropy"):
+        token_logprobs(logits, ids, return_entropy="no")

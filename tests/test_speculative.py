@@ -206,3 +206,7 @@ def test_bad_arguments():
         mtp_generate(model, ids, attention_mask=mask[:, 1:], max_new_tokens=2)
     with pytest.raises(TypeError, match="input_ids"):
         mtp_generate(model, ids.float(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        mtp_generate(model, ids + model.config.vocab_size, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        mtp_generate(model, ids - ids.max() - 1, max_new_tokens=2)

@@ -4,8 +4,10 @@ Three backends implement every op: ``cuda`` (the compiled extension ``thinkfuse.
 ``triton`` (the kernels in ``thinkfuse.kernels``) and ``torch`` (``thinkfuse.reference``).
 Selection, strongest first: the ``backend=`` argument of an op, ``use_backend`` (a context
 manager), ``set_backend``, the ``THINKFUSE_BACKEND`` environment variable, and finally the
-fastest backend for the tensors' device. A backend asked for by name is never silently
-replaced by another one.
+fastest backend for the tensors' device. An op given a backend by name never silently runs
+on another one. ``patch_model(model, backend="cuda")`` is a model-wide request for the fastest
+validated kernels: ops whose CUDA kernel is missing or still pending validation run on triton
+there (``backend_for_op``), and ``PatchReport.attention`` says which one attention runs on.
 """
 
 from __future__ import annotations

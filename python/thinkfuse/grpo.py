@@ -95,6 +95,7 @@ def grpo_loss(
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs (the reference model's log-probs)")
+    _check_num_items(num_items_in_batch)
 
     mask = mask.to(logprobs.dtype)
     if old_logprobs is None:
@@ -154,6 +155,18 @@ def _metrics(ratio, adv, mask, kl, epsilon_low, epsilon_high) -> dict:
     return metrics
 
 
+def _check_num_items(num_items_in_batch) -> None:
+    """None, a positive number, or a tensor (its value is not read: that would cost a host sync)."""
+    if num_items_in_batch is None or isinstance(num_items_in_batch, Tensor):
+        return
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got "
+                        f"{type(num_items_in_batch).__name__}")
+    if not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (the completion tokens of the whole accumulated batch), "
+                         f"got {num_items_in_batch!r}")
+
+
 def _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs) -> None:
     check_tensor("logprobs", logprobs, ndim=2)
     shape = tuple(logprobs.shape)
@@ -180,7 +193,8 @@ class GRPOLoss(nn.Module):
     ``(loss, metrics)`` as ``grpo_loss``. ``hidden`` ``[B, T, H]`` are the last hidden states that
     *predict* ``completion_ids`` ``[B, T]`` (already shifted: position t predicts token t);
     ``lm_head_weight`` ``[V, H]`` (gathered, see the module docstring on ZeRO-3 / FSDP).
-    Positions with ``mask == 0`` are not scored (no lm_head work, no gradient). ``metrics``
+    Positions with ``mask == 0`` are not scored (their log-prob is 0 and they get no gradient;
+    the lm_head matmul still covers them, as it works on whole chunks of tokens). ``metrics``
     also holds ``logprobs`` (detached, ``[B, T]``), e.g. to serve as the next iteration's
     ``old_logprobs``.
 
@@ -237,7 +251,7 @@ class GRPOLoss(nn.Module):
             raise ValueError(
                 f"completion_ids shape {tuple(completion_ids.shape)} must equal mask shape {tuple(mask.shape)}"
             )
-        # Masked positions (padding after eos) get an ignored id: no lm_head work, no gradient.
+        # Masked positions (padding after eos) get an ignored id: log-prob 0, no gradient.
         scored_ids = completion_ids.masked_fill(mask == 0, -100)
         loss_kwargs = dict(ref_logprobs=ref_logprobs, beta=self.beta, epsilon_low=self.epsilon_low,
                            epsilon_high=self.epsilon_high, loss_type=self.loss_type,

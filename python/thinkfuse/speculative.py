@@ -266,6 +266,10 @@ def _check_args(model, input_ids, max_new_tokens, temperature, attention_mask) -
         raise TypeError("input_ids must be a 2-D integer tensor [B, P]")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per row")
+    vocab = model.config.vocab_size
+    if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):  # one sync, once
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocab_size), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     temperature = check_float("temperature", temperature, non_negative=True)

@@ -216,7 +216,9 @@ def _check_cu_seqlens(name, cu, total, batch, max_seqlen, max_name):
         raise ValueError(f"{name} must hold at least one offset (batch + 1 entries), got shape {tuple(cu.shape)}")
     if batch is not None and cu.shape[0] != batch:
         raise ValueError(f"{name} has {cu.shape[0]} entries but cu_seqlens_q has {batch}; both must be batch + 1")
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)):
+        raise TypeError(f"{max_name} must be None or an int >= 0, got {type(max_seqlen).__name__} {max_seqlen!r}")
+    if max_seqlen is not None and max_seqlen < 0:
         raise ValueError(f"{max_name} must be None or an int >= 0, got {max_seqlen!r}")
     if cu.device.type == "cpu":  # value checks only where they cost no host synchronisation
         values = cu.tolist()

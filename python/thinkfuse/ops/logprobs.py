@@ -83,6 +83,7 @@ def token_logprobs(
     the gradient is written in the logits' dtype.
     """
     temperature = _check_token_logprobs_args(logits, token_ids, temperature)
+    _check_return_entropy(return_entropy)
     name = resolve_backend(logits.device, backend, cuda_op="token_logprobs_fwd")
     logits3, ids = _as_batch_rows(logits), _flat_ids(token_ids)
     if name == "torch":
@@ -121,6 +122,7 @@ def fused_linear_token_logprobs(
     the backward, ``weight.full_tensor()`` for an FSDP2 DTensor (see ``thinkfuse.grpo``).
     """
     temperature = _check_fused_args(hidden, weight, token_ids, bias, temperature, chunk_size)
+    _check_return_entropy(return_entropy)
     # The cuda backend runs the token_logprobs kernels on each chunk.
     name = resolve_backend(hidden.device, backend, cuda_op="token_logprobs_fwd")
     rows, ids = as_rows(hidden), _flat_ids(token_ids)
@@ -203,6 +205,11 @@ def _check_token_ids(token_ids, leading_shape, leading_name: str, n_vocab: int) 
 
 def _check_temperature(temperature) -> float:
     return check_float("temperature", temperature, positive=True)
+
+
+def _check_return_entropy(return_entropy) -> None:
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
 
 
 def _check_token_logprobs_args(logits, token_ids, temperature) -> float:

@@ -65,7 +65,7 @@ def rope(
     Not differentiable w.r.t. ``inv_freq`` (transformers computes cos/sin under no_grad).
     """
     llama4 = _check_rope_args(q, k, position_ids, inv_freq, attention_scaling, llama4_scaling)
-    inv_freq = inv_freq.float()
+    inv_freq = inv_freq.detach().float()  # no gradient on any backend (the kernels have none)
     name = resolve_backend(q.device, backend, cuda_op="rope_fwd")
     if name == "torch":
         return reference.rope(q, k, position_ids, inv_freq, attention_scaling, llama4)

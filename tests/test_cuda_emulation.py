@@ -1,12 +1,15 @@
 """The real CUDA kernel sources, run on the CPU by the host emulator of tests/cuda_emulation.
 
-csrc/ops/{flash_attention_fwd,flash_attention_bwd,decode_attention,mtp_verify}.cu are compiled
-unchanged with g++ against an emulation of the CUDA execution model (threads as fibers, warp
-collectives, cp.async / ldmatrix / mma.sync with the PTX fragment semantics, NaN-poisoned shared
-memory, random interleavings; see tests/cuda_emulation/README.md) and their launchers are driven
-as the torch bindings drive them. Results are held to the tolerances the GPU tests use
+csrc/ops/{flash_attention_fwd,flash_attention_bwd,decode_attention,mtp_verify,
+flash_attention_fwd_sm90}.cu are compiled unchanged with g++ against an emulation of the CUDA
+execution model (threads as fibers, warp collectives, cp.async / ldmatrix / mma.sync with the PTX
+fragment semantics, NaN-poisoned shared memory, random interleavings; for the Hopper kernel TMA
+with tensor maps, mbarriers, wgmma through shared-memory descriptors, named barriers and
+setmaxnreg; see tests/cuda_emulation/README.md) and their launchers are driven as the torch
+bindings drive them. Results are held to the tolerances the GPU tests use
 (tests/test_attention.py, test_flash_attention_bwd_cuda.py, test_decode_attention_cuda.py,
-tolerances.py) against reference.py (float64 truths for float16 / bfloat16).
+test_flash_attention_sm90.py, tolerances.py) against reference.py (float64 truths for float16 /
+bfloat16).
 
 What this cannot see: timing, fast-math approximations (ex2.approx, approximate division), the
 real memory model and real concurrency between blocks, register / occupancy limits. It catches
@@ -28,6 +31,7 @@ import torch
 from attention_helpers import (
     assert_low_close,
     assert_lse_close,
+    assert_rows_without_keys_empty,
     cu_seqlens,
     failure_label,
     qkv,
@@ -179,6 +183,117 @@ def test_flash_attention_forward_refuses_misaligned_rows(harness):
     k, v = randn(1, 64, 2, 64, dtype=FP16, seed=1), randn(1, 64, 2, 64, dtype=FP16, seed=2)
     r = emu.flash_fwd(harness, q, k, v)
     assert r.status == 1 and not r.launches  # cudaErrorInvalidValue
+
+
+# --- flash attention forward, Hopper kernel ----------------------------------------------------
+# flash_attention_fwd_sm90.cuh (TMA tile loads completing on mbarriers, wgmma with shared-memory
+# descriptors and a register A operand, a producer warp and two ping-ponging consumer warpgroups,
+# the packed layout's cp.async V tail) on the emulated Hopper primitives, driven as
+# csrc/bindings/flash_attention_sm90.cpp drives it, against reference.py in float64 under
+# test_flash_attention_sm90.py's tolerances. Packed cases put NaN / inf in the rows after the last
+# sequence (as the GPU test does): a key block running past its sequence must keep them out.
+
+SM90_SMEM = {64: 83016, 128: 164936}  # Config<D>::kSmemBytes
+
+SM90_CASES = {
+    "d64-causal-b2-gqa2": (Attn(64, b=2, sq=150, sk=150, hq=4, hkv=2), FP16),
+    "d128-causal-b2-gqa2": (Attn(128, b=2, sq=150, sk=150, hq=4, hkv=2, opts=RANDOM), BF16),
+    "d64-noncausal-sq<sk-odd-gqa3": (Attn(64, sq=127, sk=300, hq=3, hkv=1, causal=False, opts=EARLY), BF16),
+    # bottom-right causal: the 70 queries see keys up to 263 .. 332
+    "d128-causal-sq<sk": (Attn(128, sq=70, sk=333, hq=2, hkv=1, opts=dict(smem_window_base=1024)), FP16),
+    "d128-causal-sq>sk-rows-without-keys": (Attn(128, sq=300, sk=129, hq=2, hkv=2, opts=WORKERS), BF16),
+    "d64-window37-gqa4": (Attn(64, sq=400, sk=400, hq=8, hkv=2, window=37), BF16),
+    "d64-window70-sq>sk": (Attn(64, sq=260, sk=150, hq=2, hkv=1, window=70, opts=RANDOM), FP16),
+    # five key blocks: the two-stage ring wraps (mbarrier parities 0, 1, 0), unmasked interior blocks
+    "d128-causal-640": (Attn(128, sq=640, sk=640, hq=2, hkv=1), BF16),
+    "d128-window100-640": (Attn(128, sq=640, sk=640, hq=2, hkv=1, window=100, opts=RANDOM), FP16),
+    "d128-seqlen1": (Attn(128, b=3, sq=1, sk=1, hq=4, hkv=1), FP16),
+    "d128-no-keys-at-all": (Attn(128, b=2, sq=40, sk=0, hq=4, hkv=2), BF16),
+    # tensor maps with other strides: heads-major storage, rows padded by 16 elements
+    "d64-noncausal-heads-major": (Attn(64, b=2, sq=100, sk=140, hq=4, hkv=2, causal=False, layout="heads-major"), FP16),
+    "d128-scale0.3-padded-rows": (Attn(128, sq=90, sk=90, hq=4, hkv=2, scale=0.3, layout="padded-rows", opts=EARLY),
+                                  BF16),
+    "packed-d128-long-and-short": (Attn(128, lens_q=(0, 700, 3, 1, 0, 17, 129), lens_k=(0, 700, 3, 1, 0, 17, 129),
+                                        hq=4, hkv=2, tail=7, extra_max=3), BF16),
+    "packed-d64-q-shorter-window33": (Attn(64, lens_q=(1, 5, 0, 64, 200), lens_k=(9, 400, 0, 64, 1000), hq=4, hkv=2,
+                                           window=33, tail=7, extra_max=5, opts=RANDOM), FP16),
+    "packed-d128-noncausal-no-keys-for-some": (Attn(128, lens_q=(3, 130, 4), lens_k=(0, 1, 6), hq=2, hkv=1,
+                                                    causal=False, tail=5, opts=EARLY), FP16),
+    "packed-d64-block-multiples": (Attn(64, lens_q=(128, 256, 127), lens_k=(128, 256, 129), hq=2, hkv=2, tail=3,
+                                        opts=WORKERS), BF16),
+}
+# The same kernel built with Config::kPingPong = false (the consumers issue without taking turns).
+SM90_NO_PINGPONG_CASES = ["d128-causal-b2-gqa2", "d64-window70-sq>sk", "packed-d64-q-shorter-window33"]
+
+
+@pytest.fixture(scope="module")
+def harness_no_pingpong(harness):
+    return emu.build(variant="SM90_NO_PINGPONG")
+
+
+def _sm90_inputs(c: Attn, dtype, seed=11):
+    """q / k / v of the case; packed: NaN in q / k and inf in v after the last sequence."""
+    b, sq, sk = (None, sum(c.lens_q) + c.tail, sum(c.lens_k) + c.tail) if c.packed else (c.b, c.sq, c.sk)
+    q, k, v = qkv(b, sq, sk, c.hq, c.hkv, c.d, dtype, seed)
+    if c.packed and c.tail:
+        q[sum(c.lens_q):] = float("nan")
+        k[sum(c.lens_k):] = float("nan")
+        v[sum(c.lens_k):] = float("inf")
+    return tuple(_layout(t, c.layout) for t in (q, k, v))
+
+
+def _reference_sm90(c: Attn, q, k, v, scale):
+    """reference.py in float64, out rounded to the dtype (test_flash_attention_sm90.py's truth);
+    rows after the last packed sequence as the binding initialises them (0 / -inf)."""
+    cu_q, cu_k = (cu_seqlens(c.lens_q), cu_seqlens(c.lens_k)) if c.packed else (None, None)
+    n = q.shape[0] - c.tail if c.packed else q.shape[0]
+    out, lse = reference.flash_attention(q[:n].double(), k.double(), v.double(), c.causal, scale, c.window, cu_q,
+                                         cu_k, return_lse=True)
+    out, lse = out.to(q.dtype), lse.float()
+    if c.packed and c.tail:
+        out = torch.cat([out, torch.zeros(c.tail, *out.shape[1:], dtype=out.dtype)])
+        lse = torch.cat([lse, torch.full((lse.shape[0], c.tail), float("-inf"))], dim=1)
+    return out, lse
+
+
+def _check_fwd_sm90(exe, c: Attn, dtype):
+    q, k, v = _sm90_inputs(c, dtype)
+    scale = c.scale if c.scale is not None else c.d ** -0.5
+    var = _varlen_args(c)
+    r = emu.flash_fwd_sm90(exe, q, k, v, c.causal, scale, c.window, **var, options=emu.Options(**c.opts))
+    assert r.status == 0, emu.ERRORS.get(r.status, r.status)
+    max_q = var["max_q"] if c.packed else c.sq
+    batch = len(c.lens_q) if c.packed else c.b
+    # one launch: ceil(max_seqlen_q / 128) x heads x batch CTAs of 3 warpgroups
+    assert [(launch.grid, launch.threads, launch.smem) for launch in r.launches] == \
+        [(((max_q + 127) // 128, c.hq, batch), 384, SM90_SMEM[c.d])], r.launches
+    # the ping-pong's bar.arrive / bar.sync balance: no named barrier left half-arrived at exit
+    assert r.values["named_barrier_leftovers"] == 0
+    ref_out, ref_lse = _reference_sm90(c, q, k, v, scale)
+    assert_low_close(r.out, ref_out, 4, "out")  # test_flash_attention_sm90.py's tolerances
+    assert_lse_close(r.lse, ref_lse)
+    if not c.packed:
+        assert_rows_without_keys_empty(r.out, r.lse, c.causal, c.sq, c.sk)
+
+
+@pytest.mark.parametrize("case", list(SM90_CASES))
+def test_flash_attention_forward_sm90(harness, case):
+    _check_fwd_sm90(harness, *SM90_CASES[case])
+
+
+@pytest.mark.parametrize("case", SM90_NO_PINGPONG_CASES)
+def test_flash_attention_forward_sm90_without_pingpong(harness_no_pingpong, case):
+    _check_fwd_sm90(harness_no_pingpong, *SM90_CASES[case])
+
+
+@pytest.mark.parametrize("options", [dict(device=1), dict(kernel_regs=160)], ids=["a100", "fewer-registers"])
+def test_flash_attention_forward_sm90_refuses(harness, options):
+    """cudaErrorNotSupported without a launch on a device that is not compute capability 9.0, and
+    for an image whose register count could not feed the consumers' setmaxnreg.inc (the
+    launcher's check of cudaFuncGetAttributes: 160 x 384 < 24 x 128 + 240 x 256)."""
+    q, k, v = qkv(1, 64, 64, 2, 1, 64, FP16)
+    r = emu.flash_fwd_sm90(harness, q, k, v, options=emu.Options(**options))
+    assert r.status == 801 and not r.launches, (r.status, r.launches)
 
 
 # --- flash attention backward -----------------------------------------------------------------
@@ -505,6 +620,26 @@ def test_random_flash_attention_forward(harness, seed):
         _check_fwd(harness, c, dtype)
 
 
+def _random_attn_sm90(seed):
+    """A random case for the sm90 kernel: head dim 64 / 128, packed ones with junk after the last
+    sequence (tail), lengths around the 128-row tiles."""
+    import random
+
+    r = random.Random(seed)
+    c, dtype = _random_attn(seed, backward=False)
+    d = r.choice((64, 128))
+    if c.packed:
+        return replace(c, d=d, tail=r.choice((0, 3, 7))), dtype
+    return replace(c, d=d), dtype
+
+
+@pytest.mark.parametrize("seed", range(16), ids=lambda s: f"seed{s}")
+def test_random_flash_attention_forward_sm90(harness, seed):
+    c, dtype = _random_attn_sm90(5000 + seed)
+    with failure_label(f"{c} {dtype}"):
+        _check_fwd_sm90(harness, c, dtype)
+
+
 @pytest.mark.parametrize("seed", range(24), ids=lambda s: f"seed{s}")
 def test_random_flash_attention_backward(harness, seed):
     c, dtype = _random_attn(2000 + seed, backward=True)
@@ -558,11 +693,21 @@ MUTANT_RUNS = {
     "MMA": [("fwd", "d128-causal-gqa8", BF16), ("decode", "fp16-d16-sq4-g8-splits0", None)],
     # cp.async.wait_group N leaves a group too many in flight: the emulator reports the read
     "CP_ASYNC_WAIT": [("fwd", "d96-window37", FP16), ("decode", "bf16-d64-sq4-g8-splits3", None)],
+    # TMA places the 16-byte chunks with a wrong 128-byte swizzle: wgmma reads other elements
+    "TMA_SWIZZLE": [("fwd_sm90", "d64-causal-b2-gqa2", None)],
+    # wgmma ignores the MN-major descriptor's leading byte offset: V columns 64 .. 127 (head dim 128)
+    # read as columns 0 .. 63
+    "WGMMA_LBO": [("fwd_sm90", "d128-causal-sq<sk", None)],
+    # TMA signals only the in-bounds bytes of a box: a tile past the tensor's end never completes its
+    # mbarrier phase, which the emulator reports as a deadlock
+    "TMA_TX": [("fwd_sm90", "d128-causal-sq>sk-rows-without-keys", None)],
 }
 
 
 def _run_sweep_case(harness, kind, case, dtype):
-    if kind == "fwd":
+    if kind == "fwd_sm90":
+        _check_fwd_sm90(harness, *SM90_CASES[case])
+    elif kind == "fwd":
         _check_fwd(harness, FWD_CASES[case], dtype)
     elif kind == "bwd":
         _check_bwd(harness, *BWD_CASES[case], "8warps-2stages")
@@ -570,9 +715,14 @@ def _run_sweep_case(harness, kind, case, dtype):
         _check_decode(harness, *DECODE_CASES[case])
 
 
+# What the failure must say, where it is the emulator's report rather than a wrong result.
+MUTANT_MESSAGES = {"TMA_TX": r"deadlock: no thread can run.*wait on mbarrier .* tx-count"}
+
+
 @pytest.mark.parametrize("mutation", list(MUTANT_RUNS))
 def test_mutated_emulator_fails(harness, mutation):
     mutant = emu.build(mutation)
     for kind, case, dtype in MUTANT_RUNS[mutation]:
-        with pytest.raises(AssertionError):  # a wrong result, or EmulatorFailure
+        # a wrong result, or EmulatorFailure
+        with pytest.raises(AssertionError, match=MUTANT_MESSAGES.get(mutation)):
             _run_sweep_case(mutant, kind, case, dtype)

@@ -161,7 +161,7 @@ cudaError_t launch(const FlashAttnParams& p, const TmaDescriptor& tma_q,
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, Cfg::kBlockM)),
                   static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, tma_q, tma_k, tma_v);
+  TF_LAUNCH_KERNEL(grid, Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(p, tma_q, tma_k, tma_v);
   return cudaGetLastError();
 }
 

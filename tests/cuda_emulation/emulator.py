@@ -2,13 +2,13 @@
 
 ``build()`` compiles the real sources of csrc/ops (g++, -DTHINKFUSE_HOST_EMULATION, the shim
 force-included) with the emulator and the harness into one program, cached under a directory
-keyed by a hash of every input; ``flash_fwd`` / ``flash_bwd`` / ``decode`` / ``mtp_verify`` run one
-case through the real launchers, taking and returning torch CPU tensors and filling the
-launchers' parameters the way csrc/bindings/*.cpp do.
+keyed by a hash of every input; ``flash_fwd`` / ``flash_fwd_sm90`` / ``flash_bwd`` / ``decode`` /
+``mtp_verify`` run one case through the real launchers, taking and returning torch CPU tensors and
+filling the launchers' parameters the way csrc/bindings/*.cpp do.
 
 Command line (a case from Python is quicker to write than to pass on the command line)::
 
-    python tests/cuda_emulation/emulator.py build [--mutation NAME]
+    python tests/cuda_emulation/emulator.py build [--mutation NAME] [--variant NAME]
 """
 
 from __future__ import annotations
@@ -30,10 +30,20 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-KERNEL_SOURCES = ["flash_attention_fwd", "flash_attention_bwd", "decode_attention", "mtp_verify"]
-EMU_SOURCES = ["runtime", "dynamic_smem", "harness"]
-# Compile-time mutations of the emulator (src/runtime.cpp) that must make the sweeps fail.
-MUTATIONS = ("LDMATRIX", "MMA", "CP_ASYNC_WAIT")
+KERNEL_SOURCES = ["flash_attention_fwd", "flash_attention_bwd", "decode_attention", "mtp_verify",
+                  "flash_attention_fwd_sm90"]
+EMU_SOURCES = ["runtime", "sm90", "dynamic_smem", "harness"]
+# Compile-time mutations of the emulator that must make the sweeps fail: name -> the emulator
+# source (src/<name>.cpp) recompiled with -DEMU_MUTATE_<NAME>.
+MUTATIONS = {
+    "LDMATRIX": "runtime", "MMA": "runtime", "CP_ASYNC_WAIT": "runtime",
+    "TMA_SWIZZLE": "sm90", "WGMMA_LBO": "sm90", "TMA_TX": "sm90",
+}
+# Kernel sources built with other compile-time settings: name -> (csrc/ops source, flags).
+VARIANTS = {
+    # Config::kPingPong = false: the consumers issue their GEMMs without taking turns
+    "SM90_NO_PINGPONG": ("flash_attention_fwd_sm90", ("-DTHINKFUSE_SM90_PINGPONG=0",)),
+}
 
 # The nvcc build's restrictions on half / bfloat16 conversions (scripts/check_cuda.sh).
 CXXFLAGS = [
@@ -46,7 +56,9 @@ CXXFLAGS = [
     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 
-ERRORS = {0: "cudaSuccess", 1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration"}
+ERRORS = {0: "cudaSuccess", 1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration",
+          12: "cudaErrorInvalidPitchValue", 801: "cudaErrorNotSupported"}
+CUDA_ERROR_INVALID_PITCH_VALUE = 12
 
 
 class Unavailable(RuntimeError):
@@ -77,6 +89,7 @@ def _inputs_digest(cxx: str, cuda_include: Path) -> str:
     files = sorted((CSRC / "include" / "thinkfuse").glob("*"))
     files += [CSRC / "ops" / f"{s}.cu" for s in KERNEL_SOURCES]
     files += sorted((HERE / "include").rglob("*.h")) + sorted((HERE / "src").glob("*.cpp"))
+    files += sorted((HERE / "src").glob("*.h"))
     files.append(Path(__file__))
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode())
@@ -108,37 +121,49 @@ def _compile(cxx, cuda_include, src: Path, obj: Path, extra=()):
     os.replace(str(obj) + ".tmp", obj)
 
 
-def build(mutation: str | None = None, jobs: int | None = None) -> Path:
+def build(mutation: str | None = None, variant: str | None = None, jobs: int | None = None) -> Path:
     """Path of the harness program (built unless cached). ``mutation``: one of MUTATIONS, a
-    variant whose emulator is deliberately wrong (only runtime.cpp is recompiled)."""
+    harness whose emulator is deliberately wrong (only the mutated emulator source is
+    recompiled). ``variant``: one of VARIANTS, a harness with one kernel source built with
+    other compile-time settings (e.g. the sm90 kernel without its ping-pong)."""
+    if mutation is not None and mutation not in MUTATIONS:
+        raise ValueError(f"mutation {mutation!r} not in {tuple(MUTATIONS)}")
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} not in {tuple(VARIANTS)}")
     cxx, cuda_include = toolchain()
     out = cache_root() / _inputs_digest(cxx, cuda_include)
     out.mkdir(parents=True, exist_ok=True)
-    exe = out / ("emu_harness" if mutation is None else f"emu_harness_{mutation.lower()}")
+    name = "emu_harness" + "".join(f"_{x.lower()}" for x in (mutation, variant) if x is not None)
+    exe = out / name
     if exe.exists():
         return exe
     with open(out / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if exe.exists():
             return exe
-        units = [(CSRC / "ops" / f"{s}.cu", out / f"{s}.o", ()) for s in KERNEL_SOURCES]
-        units += [(HERE / "src" / f"{s}.cpp", out / f"{s}.o", ()) for s in EMU_SOURCES]
-        if mutation is not None:
-            if mutation not in MUTATIONS:
-                raise ValueError(f"mutation {mutation!r} not in {MUTATIONS}")
-            units.append((HERE / "src" / "runtime.cpp", out / f"runtime_{mutation.lower()}.o",
-                          (f"-DEMU_MUTATE_{mutation}",)))
-        todo = [u for u in units if not u[1].exists()]
+        units = {f"{s}.o": (CSRC / "ops" / f"{s}.cu", ()) for s in KERNEL_SOURCES}
+        units.update({f"{s}.o": (HERE / "src" / f"{s}.cpp", ()) for s in EMU_SOURCES})
+        objs = list(units)
+        if mutation is not None:  # the mutated emulator source replaces its normal object
+            mutated = MUTATIONS[mutation]
+            obj = f"{mutated}_{mutation.lower()}.o"
+            units[obj] = (HERE / "src" / f"{mutated}.cpp", (f"-DEMU_MUTATE_{mutation}",))
+            objs[objs.index(f"{mutated}.o")] = obj
+        if variant is not None:  # the kernel source with other settings replaces its object
+            source, flags = VARIANTS[variant]
+            obj = f"{source}_{variant.lower()}.o"
+            units[obj] = (CSRC / "ops" / f"{source}.cu", tuple(flags))
+            objs[objs.index(f"{source}.o")] = obj
+        todo = [(src, out / obj, flags) for obj, (src, flags) in units.items()
+                if obj in objs and not (out / obj).exists()]
         # the slowest first (decode_attention instantiates 54 kernels)
-        todo.sort(key=lambda u: u[0].name != "decode_attention.cu")
+        slow = ("decode_attention.cu", "flash_attention_fwd_sm90.cu", "sm90.cpp")
+        todo.sort(key=lambda u: slow.index(u[0].name) if u[0].name in slow else len(slow))
         jobs = jobs or max(1, min(len(todo), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
             for f in [pool.submit(_compile, cxx, cuda_include, *u) for u in todo]:
                 f.result()
-        objs = [out / f"{s}.o" for s in KERNEL_SOURCES + EMU_SOURCES]
-        if mutation is not None:
-            objs[objs.index(out / "runtime.o")] = out / f"runtime_{mutation.lower()}.o"
-        r = subprocess.run([cxx, "-o", str(exe) + ".tmp", *map(str, objs), "-pthread"],
+        r = subprocess.run([cxx, "-o", str(exe) + ".tmp", *(str(out / o) for o in objs), "-pthread"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"linking the harness failed:\n{r.stderr[-6000:]}")
@@ -172,11 +197,14 @@ class Options:
     shuffle_blocks: bool = True
     yield_prob: float = 0.05
     verbose: bool = False  # one line per launch on the harness's stderr
+    kernel_regs: int = 168  # numRegs of cudaFuncGetAttributes (ptxas: 168 for the sm90 kernel)
+    smem_window_base: int = -1  # shared-window address of dynamic smem; -1: drawn per block
 
     def scalars(self):
         return dict(seed=self.seed, copies=self.copies, sched=self.sched, workers=self.workers,
                     device=self.device, shuffle_blocks=int(self.shuffle_blocks),
-                    yield_prob=self.yield_prob, verbose=int(self.verbose))
+                    yield_prob=self.yield_prob, verbose=int(self.verbose), kernel_regs=self.kernel_regs,
+                    smem_window_base=self.smem_window_base)
 
 
 @dataclass
@@ -313,6 +341,55 @@ def flash_fwd(exe, q, k, v, causal=True, scale=None, window=None, cu_q=None, cu_
                            lse=from_bytes(r.outputs["lse"], torch.float32, lse.shape))
 
 
+def _with_16B_rows(t):
+    """csrc/bindings/attention_common.h with_16B_rows: a contiguous copy unless the base (the
+    harness allocates every buffer 256-byte aligned) and every stride are 16-byte multiples."""
+    if t.numel() == 0:
+        return t
+    e = t.element_size()
+    ok = (t.storage_offset() * e) % 16 == 0 and t.stride(-1) == 1
+    for d in range(t.dim() - 1):
+        st = _stride_or_zero(t, d)
+        ok = ok and st >= 0 and (st * e) % 16 == 0
+    return t if ok else t.contiguous()
+
+
+def flash_fwd_sm90(exe, q, k, v, causal=True, scale=None, window=None, cu_q=None, cu_k=None,
+                   max_q=None, max_k=None, options=None):
+    """status, out, lse (and launches) of flash_attention_forward_sm90 the way
+    csrc/bindings/flash_attention_sm90.cpp calls it: inputs without 16-byte rows copied, out
+    contiguous (poisoned here for padded inputs, zeros / -inf for packed ones), nothing launched
+    without rows, and one retry with contiguous inputs on cudaErrorInvalidPitchValue."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    packed = cu_q is not None
+    hq = q.shape[-2]
+    q, k, v = _with_16B_rows(q), _with_16B_rows(k), _with_16B_rows(v)
+    if packed:
+        out = torch.zeros(q.shape, dtype=q.dtype)
+        lse = torch.full((hq, q.shape[0]), float("-inf"))
+        batch, sq = cu_q.numel() - 1, max_q
+    else:
+        out = poison(q.shape, q.dtype)
+        lse = poison((q.shape[0], hq, q.shape[1]), torch.float32)
+        batch, sq = q.shape[0], q.shape[1]
+    result = SimpleNamespace(status=0, launches=[], out=out, lse=lse, values={})
+    if batch == 0 or sq == 0 or q.numel() == 0:
+        return result
+    for attempt in range(2):
+        s = _attention_scalars(q, k, v, out, lse, causal, scale, window, cu_q, cu_k, max_q, max_k)
+        bufs = dict(q=q, k=k, v=v, out=out, lse=lse)
+        if packed:
+            bufs.update(cu_q=cu_q.to(torch.int32).contiguous(), cu_k=cu_k.to(torch.int32).contiguous())
+        r = run_case(exe, "fwd_sm90", s, bufs, ["out", "lse"], options)
+        if r.status == CUDA_ERROR_INVALID_PITCH_VALUE and attempt == 0:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            continue
+        break
+    return SimpleNamespace(status=r.status, launches=r.values.pop("launches"), values=r.values,
+                           out=from_bytes(r.outputs["out"], q.dtype, q.shape),
+                           lse=from_bytes(r.outputs["lse"], torch.float32, lse.shape))
+
+
 def flash_bwd(exe, dout, q, k, v, out, lse, dlse=None, causal=True, scale=None, window=None,
               cu_q=None, cu_k=None, max_q=None, max_k=None, options=None):
     """status, dq, dk, dv (and launches) of flash_attention_backward, as csrc/bindings/flash_attention_bwd.cpp
@@ -390,9 +467,10 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["build"])
-    ap.add_argument("--mutation", choices=MUTATIONS)
+    ap.add_argument("--mutation", choices=list(MUTATIONS))
+    ap.add_argument("--variant", choices=list(VARIANTS))
     args = ap.parse_args()
     try:
-        print(build(args.mutation))
+        print(build(args.mutation, args.variant))
     except Unavailable as e:
         sys.exit(f"cannot build the emulation: {e}")

@@ -107,13 +107,22 @@
 #include "thinkfuse/flash_attention_fwd.cuh"
 #include "thinkfuse/flash_attention_params.cuh"
 #include "thinkfuse/mma_sm80.cuh"
+#include "thinkfuse/sm90.cuh"
 
 // Device code needs sm_90a (wgmma, setmaxnreg); every other target compiles an empty kernel
-// that traps (the launcher never starts it elsewhere).
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// that traps (the launcher never starts it elsewhere). The host emulation (tests/cuda_emulation)
+// compiles the sm_90a body against its emulated primitives.
+#if defined(THINKFUSE_HOST_EMULATION) || \
+    (defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #define TF_SM90A_DEVICE 1
 #else
 #define TF_SM90A_DEVICE 0
+#endif
+
+// Config::kPingPong. Overridable at build time only so that the host emulation
+// (tests/cuda_emulation) also runs the kernel without the ping-pong; the GPU build keeps 1.
+#if !defined(THINKFUSE_SM90_PINGPONG)
+#define THINKFUSE_SM90_PINGPONG 1
 #endif
 
 namespace thinkfuse {
@@ -139,7 +148,7 @@ struct Config {
   static constexpr int kStages = 2;
   // Inter-warpgroup ping-pong (FA3 section 3.1): the consumers take turns issuing their GEMMs
   // (named barriers kSchedBarrier + cw), so one's softmax overlaps the other's tensor-core work.
-  static constexpr bool kPingPong = true;
+  static constexpr bool kPingPong = THINKFUSE_SM90_PINGPONG != 0;
   static constexpr int kPanels = D / 64;  // 64-element (128-byte) column panels per row
   static constexpr int kQPanelBytes = kBlockM * 128;
   static constexpr int kKVPanelBytes = kBlockN * 128;
@@ -163,126 +172,33 @@ struct Config {
 };
 
 // ---------------------------------------------------------------------------------------------
-// PTX wrappers (sm_90a). Shared-memory operands are 32-bit shared-window addresses.
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-// Makes the barrier inits visible to the async proxy (TMA complete_tx) and the other threads.
-__device__ __forceinline__ void fence_barrier_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
-// Waits until the phase of parity `parity` of the barrier has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  while (!mbar_try_wait(bar, parity)) {
-  }
-}
-
-__device__ __forceinline__ void prefetch_tensormap(const TmaDescriptor* desc) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(desc)) : "memory");
-}
-
-// 4-D tiled TMA load global -> shared (box given by the tensor map), completing `bar`'s
-// transaction bytes. Coordinates (innermost first): element of head_dim, head, token, batch.
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaDescriptor* desc, uint32_t bar,
-                                            int c0, int c1, int c2, int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-
-// 16-byte cp.async (zero-fill when !valid: src-size 0 reads nothing).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
-// Orders this thread's generic-proxy shared-memory accesses with later async-proxy ones (wgmma,
-// TMA) and vice versa.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
-
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
-
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
+// PTX wrappers (sm_90a): thinkfuse/sm90.cuh. Shared-memory operands are 32-bit shared-window
+// addresses.
+using sm90::cp_async_16;
+using sm90::cp_async_wait_all;
+using sm90::fence_barrier_init;
+using sm90::fence_operands;
+using sm90::fence_proxy_async;
+using sm90::mbar_arrive;
+using sm90::mbar_arrive_expect_tx;
+using sm90::mbar_init;
+using sm90::mbar_wait;
+using sm90::named_barrier_arrive;
+using sm90::named_barrier_sync;
+using sm90::prefetch_tensormap;
+using sm90::setmaxnreg_dec;
+using sm90::setmaxnreg_inc;
+using sm90::tma_load_4d;
+using sm90::wgmma_commit;
+using sm90::wgmma_fence;
+using sm90::wgmma_rs;
+using sm90::wgmma_ss_m64n128k16;
+using sm90::wgmma_wait;
 
 // Hardware named barriers (0 is __syncthreads): the epilogue's per-consumer barriers and the
 // ping-pong turn barriers.
 constexpr int kEpilogueBarrier = 1;  // + cw, 128 threads
 constexpr int kSchedBarrier = 3;     // + cw, 256 threads
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-
-// Compiler-level fences on wgmma operand registers (no instruction): keeps the compiler from
-// moving their reads / writes across the asynchronous window between a wgmma's issue and the
-// wait_group that completes it.
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-template <int N>
-__device__ __forceinline__ void fence_operands(uint32_t (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-}
 
 // Shared-memory matrix descriptor, 128-byte swizzle, base offset 0 (see the header comment).
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo_bytes,
@@ -291,100 +207,6 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo_
          (static_cast<uint64_t>((lbo_bytes & 0x3FFFFu) >> 4) << 16) |
          (static_cast<uint64_t>((sbo_bytes & 0x3FFFFu) >> 4) << 32) | (uint64_t{1} << 62);
 }
-
-// wgmma operand lists: the accumulator registers %0 .. %(N-1) and their "+f" constraints.
-#define TF_SM90_ACC32_REGS \
-  "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-  "}"
-
-#define TF_SM90_ACC32_OPS(d) \
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
-      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
-      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
-      "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
-      "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-
-#define TF_SM90_ACC64_REGS \
-  "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
-  "}"
-
-#define TF_SM90_ACC64_OPS(d) \
-      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
-      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
-      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
-      "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
-      "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
-      "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
-      "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
-      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), \
-      "+f"(d[63])
-
-// D (+)= A B, m64n128k16, A and B from shared memory, both K-major (trans-a = trans-b = 0).
-// scale_d == 0: D = A B (the accumulators' old values are ignored).
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a,
-                                                    uint64_t desc_b, int scale_d) {
-#define TF_SM90_SS_N128(TYPE)                                                              \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "            \
-               TF_SM90_ACC64_REGS ", %64, %65, p, 1, 1, 0, 0;\n}\n"                        \
-               : TF_SM90_ACC64_OPS(d)                                                      \
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    TF_SM90_SS_N128("bf16");
-  } else {
-    TF_SM90_SS_N128("f16");
-  }
-#undef TF_SM90_SS_N128
-}
-
-// D (+)= A B, m64nNk16 for N = 64 / 128: A from registers (the 4-word A fragment), B from shared
-// memory, MN-major (trans-b = 1).
-template <typename T>
-__device__ __forceinline__ void wgmma_rs(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint64_t desc_b, int scale_d) {
-#define TF_SM90_RS_N128(TYPE)                                                              \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "            \
-               TF_SM90_ACC64_REGS ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"          \
-               : TF_SM90_ACC64_OPS(d)                                                      \
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(scale_d))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    TF_SM90_RS_N128("bf16");
-  } else {
-    TF_SM90_RS_N128("f16");
-  }
-#undef TF_SM90_RS_N128
-}
-
-template <typename T>
-__device__ __forceinline__ void wgmma_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint64_t desc_b, int scale_d) {
-#define TF_SM90_RS_N64(TYPE)                                                               \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "             \
-               TF_SM90_ACC32_REGS ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"          \
-               : TF_SM90_ACC32_OPS(d)                                                      \
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(scale_d))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    TF_SM90_RS_N64("bf16");
-  } else {
-    TF_SM90_RS_N64("f16");
-  }
-#undef TF_SM90_RS_N64
-}
-
-#undef TF_SM90_ACC32_REGS
-#undef TF_SM90_ACC32_OPS
-#undef TF_SM90_ACC64_REGS
-#undef TF_SM90_ACC64_OPS
 
 // ---------------------------------------------------------------------------------------------
 // Kernel pieces.

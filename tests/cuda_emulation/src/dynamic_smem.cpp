@@ -8,7 +8,7 @@
 
 #define EMU_DYNAMIC_SMEM(NS, NAME, TAG)                                                       \
   namespace NS {                                                                              \
-  alignas(128) thread_local unsigned char NAME[::emu::kMaxDynamicSmem];                       \
+  alignas(1024) thread_local unsigned char NAME[::emu::kMaxDynamicSmem];                      \
   }                                                                                           \
   static ::emu::SmemRegistrar emu_smem_##TAG([]() -> unsigned char* { return NS::NAME; },     \
                                              #NS "::" #NAME)
@@ -16,3 +16,4 @@
 EMU_DYNAMIC_SMEM(thinkfuse::flash_fwd, smem_raw, flash_fwd);
 EMU_DYNAMIC_SMEM(thinkfuse::flash_bwd, smem_raw, flash_bwd);
 EMU_DYNAMIC_SMEM(thinkfuse::decode_attn, smem_raw, decode_attn);
+EMU_DYNAMIC_SMEM(thinkfuse::flash_fwd_sm90, smem_raw, flash_fwd_sm90);

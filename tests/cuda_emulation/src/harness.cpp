@@ -1,6 +1,6 @@
 // Drives the real launchers of csrc/ops (compiled by the host compiler against the emulator) on
 // one case described by a directory:
-//   case.txt      "key value" lines: op (fwd | bwd | decode | mtp), emulator options, sizes,
+//   case.txt      "key value" lines: op (fwd | fwd_sm90 | bwd | decode | mtp), emulator options, sizes,
 //                 element offsets and strides, `buffers` (names) and `outputs` (names);
 //   <name>.bin    the initial bytes of every buffer (inputs, and outputs with their initial
 //                 contents: poison, or what the binding would initialise them to).
@@ -158,6 +158,16 @@ cudaError_t run_fwd() {
   return thinkfuse::flash_attention_forward(p, dtype(S("dtype")), nullptr);
 }
 
+// The Hopper kernel, as csrc/bindings/flash_attention_sm90.cpp calls it (the Python side copies
+// inputs without 16-byte rows first and retries with contiguous ones on cudaErrorInvalidPitchValue).
+cudaError_t run_fwd_sm90() {
+  thinkfuse::FlashAttnParams p = attention_params();
+  if (I("k_empty")) p.k = p.v = p.q;
+  const cudaError_t err = thinkfuse::flash_attention_forward_sm90(p, dtype(S("dtype")), nullptr);
+  g_result << "named_barrier_leftovers " << emu::named_barrier_leftovers() << "\n";
+  return err;
+}
+
 cudaError_t run_bwd() {
   const thinkfuse::FlashAttnParams p = attention_params();
   thinkfuse::FlashAttnBwdArgs a;
@@ -265,6 +275,8 @@ int main(int argc, char** argv) {
   o.shuffle_blocks = I("shuffle_blocks", 1) != 0;
   o.yield_prob = has("yield_prob") ? F("yield_prob") : 0.05;
   o.verbose = I("verbose", 0) != 0;
+  o.kernel_regs = static_cast<int>(I("kernel_regs", 168));
+  o.smem_window_base = static_cast<int>(I("smem_window_base", -1));
   if (cudaSetDevice(static_cast<int>(I("device", 0))) != cudaSuccess) bad_case("device");
 
   for (const std::string& name : words(has("buffers") ? S("buffers") : "")) {
@@ -279,6 +291,8 @@ int main(int argc, char** argv) {
   cudaError_t status;
   if (op == "fwd") {
     status = run_fwd();
+  } else if (op == "fwd_sm90") {
+    status = run_fwd_sm90();
   } else if (op == "bwd") {
     status = run_bwd();
   } else if (op == "decode") {

@@ -1,11 +1,14 @@
 // The emulator: fibers, the block scheduler, barriers and warp collectives, cp.async / ldmatrix /
-// mma.sync semantics, memory checks, launches and the CUDA runtime API stand-ins.
+// mma.sync semantics, memory checks, launches and the CUDA runtime API stand-ins. The Hopper
+// primitives are in sm90.cpp (hooked in where noted: sm90_*); the shared state in
+// runtime_internal.h.
 //
 // Mutations (compile this file with one of them to check that the sweeps can fail; see
 // tests/test_cuda_emulation.py): EMU_MUTATE_LDMATRIX (lane 4g+3 of matrix 1 of a non-transposed
 // ldmatrix reads row g^1), EMU_MUTATE_MMA (B element k = 15 of column 7 reads as 0),
-// EMU_MUTATE_CP_ASYNC_WAIT (cp.async.wait_group N leaves N + 1 groups in flight).
-#include "thinkfuse_emu/runtime.h"
+// EMU_MUTATE_CP_ASYNC_WAIT (cp.async.wait_group N leaves N + 1 groups in flight). sm90.cpp has
+// its own.
+#include "runtime_internal.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -24,18 +27,12 @@
 #include <thread>
 #include <vector>
 
-// EMU_USE_UCONTEXT forces the portable (slower) context switch on x86-64 too.
-#if defined(__x86_64__) && !defined(EMU_USE_UCONTEXT)
-#define EMU_ASM_SWITCH 1
-#else
-#define EMU_ASM_SWITCH 0
-#include <ucontext.h>
-#endif
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace emu {
+
+using namespace detail;
 
 Options& options() {
   static Options o;
@@ -117,40 +114,8 @@ emu_fiber_trampoline:
 extern "C" void emu_fiber_entry();
 #endif
 
-namespace {
+namespace detail {
 
-constexpr size_t kStackBytes = 256 * 1024;  // kernel frames are < 2 KB at -O2
-// Bytes after the dynamic shared memory of a launch checked for stray writes after each block.
-constexpr size_t kSmemCanary = 4096;
-constexpr int kMaxThreads = 1024;
-
-struct Copy {
-  unsigned char* dst;
-  const unsigned char* src;
-  int bytes;
-  bool valid;
-  int group;  // number of commits before it was issued
-};
-
-enum FiberState : uint8_t { kRunnable, kAtBarrier, kInWarpOp, kDone };
-
-struct Fiber {
-  void* sp = nullptr;
-  unsigned char* stack = nullptr;  // mmap'd, lowest page a guard
-#if !EMU_ASM_SWITCH
-  ucontext_t ctx;
-#endif
-  uint3 tid{};
-  int linear = 0;
-  FiberState state = kRunnable;
-  int runq_pos = -1;
-  int commits = 0;
-  std::vector<Copy> copies;  // in flight
-};
-
-// One warp collective in progress: the lanes deposit their operands, the last one to arrive
-// computes every lane's result.
-enum OpKind : int { kOpNone, kOpShfl, kOpSyncwarp, kOpVote, kOpLdmatrix, kOpMma };
 const char* op_name(int k) {
   switch (k) {
     case kOpShfl: return "__shfl_*_sync";
@@ -158,22 +123,19 @@ const char* op_name(int k) {
     case kOpVote: return "__ballot/__any/__all_sync";
     case kOpLdmatrix: return "ldmatrix";
     case kOpMma: return "mma.sync";
+    case kOpNamedBarrier: return "bar.sync / bar.arrive";
     default: return "?";
   }
 }
 
-struct Warp {
-  int lanes = 0;  // threads of the block in this warp
-  int live = 0;   // not exited
-  int arrived = 0;
-  int kind = kOpNone;
-  int common[3] = {0, 0, 0};  // operation parameters that every lane must agree on
-  uint32_t present = 0;
-  int arg[32];
-  alignas(16) unsigned char in[32][48];
-  alignas(16) unsigned char out[32][32];
-  std::vector<int> waiters;
-};
+thread_local Worker* t_worker = nullptr;
+
+double uniform(Worker& w) { return std::uniform_real_distribution<double>(0.0, 1.0)(w.rng); }
+int uniform_int(Worker& w, int n) { return std::uniform_int_distribution<int>(0, n - 1)(w.rng); }
+
+}  // namespace detail
+
+namespace {
 
 struct SmemArray {
   unsigned char* (*address)();
@@ -190,42 +152,7 @@ struct GlobalRange {
 };
 std::vector<GlobalRange> g_globals;
 
-// The state of one OS thread running blocks.
-struct Worker {
-  int index = 0;
-  std::mt19937_64 rng;
-  std::vector<Fiber> fibers;
-  void* sched_sp = nullptr;
-#if !EMU_ASM_SWITCH
-  ucontext_t sched_ctx;
-#endif
-  int current = -1;
-  int nthreads = 0;
-  int live = 0;
-  std::vector<int> runq;
-  std::vector<Warp> warps;
-  int cta_arrived = 0;
-  std::vector<int> cta_waiters;
-  // dynamic shared memory of the running block
-  std::vector<unsigned char*> smem_bases;
-  size_t smem_bytes = 0;
-  std::vector<uint16_t> pending;  // per 4 bytes of dynamic smem: cp.async copies in flight
-  const std::function<void()>* body = nullptr;
-  const LaunchConfig* launch = nullptr;
-  bool active = false;
-
-  ~Worker() {
-    for (Fiber& f : fibers) {
-      if (f.stack) munmap(f.stack, kStackBytes);
-    }
-  }
-};
-
-thread_local Worker* t_worker = nullptr;
 std::vector<Worker*> g_workers;  // persistent, one per worker index
-
-double uniform(Worker& w) { return std::uniform_real_distribution<double>(0.0, 1.0)(w.rng); }
-int uniform_int(Worker& w, int n) { return std::uniform_int_distribution<int>(0, n - 1)(w.rng); }
 
 }  // namespace
 
@@ -297,7 +224,7 @@ SmemRegistrar::SmemRegistrar(unsigned char* (*address)(), const char* name) {
   smem_registry().push_back({address, name});
 }
 
-namespace {
+namespace detail {
 
 // Offset of [p, p + bytes) in the running block's dynamic shared memory, or -1.
 long smem_offset(const Worker& w, const void* p, size_t bytes) {
@@ -357,6 +284,7 @@ void land(Worker& w, const Copy& c) {
   }
   const long off = smem_offset(w, c.dst, c.bytes);
   for (long i = off / 4; i < (off + c.bytes) / 4; ++i) --w.pending[i];
+  if (w.sm90) sm90_landed(w, c);
 }
 
 // Random policy: every copy in flight of the running thread lands with probability 1/4.
@@ -380,6 +308,11 @@ void yield_now(Worker& w) {
 }
 
 int pick(Worker& w) {
+  if (w.prefer >= 0) {  // a thread just woken by the running one (sm90.cpp), if it can run
+    const int f = w.prefer;
+    w.prefer = -1;
+    if (w.fibers[f].state == kRunnable) return f;
+  }
   if (options().sched == Sched::kWarp && w.current >= 0 && uniform(w) >= 1.0 / 16) {
     // next runnable lane of the same warp, cyclically
     const int warp = w.current / 32;
@@ -407,25 +340,31 @@ std::string describe_waits(Worker& w) {
       s += buf;
     }
   }
+  if (w.sm90) s += sm90_describe(w);
   return s;
 }
 
 void fiber_finished(Worker& w);
 
-}  // namespace
+}  // namespace detail
 }  // namespace emu
 
 extern "C" void emu_fiber_entry() {
-  emu::Worker& w = *emu::t_worker;
+  emu::detail::Worker& w = *emu::detail::t_worker;
   (*w.body)();
-  emu::fiber_finished(w);
+  emu::detail::fiber_finished(w);
   std::abort();  // not reached
 }
 
 namespace emu {
-namespace {
+namespace detail {
 
 void release_cta(Worker& w) {
+  if (w.sm90) {  // bar.sync 0: every participant learns what the others knew
+    std::vector<int> all(w.cta_waiters);
+    if (w.current >= 0) all.push_back(w.current);
+    sm90_merge_knowledge(w, all.data(), static_cast<int>(all.size()));
+  }
   w.cta_arrived = 0;
   for (int f : w.cta_waiters) {
     w.fibers[f].state = kRunnable;
@@ -439,6 +378,7 @@ void fiber_finished(Worker& w) {
   // Copies never waited for still land (their results are unobservable after the exit).
   for (const Copy& c : f.copies) land(w, c);
   f.copies.clear();
+  if (w.sm90) sm90_thread_exit(w, w.current);
   f.state = kDone;
   runq_remove(w, w.current);
   --w.live;
@@ -508,13 +448,25 @@ void run_block(Worker& w, uint3 block_idx) {
     f.state = kRunnable;
     f.commits = 0;
     f.copies.clear();
+    f.wg_inflight.clear();
+    f.wg_commits = 0;
+    f.wg_fenced = false;
+    f.unfenced.clear();
+    f.know.clear();
     init_fiber_stack(w, f);
     runq_add(w, i);
   }
+  sm90_block_begin(w);
+  w.prefer = -1;
   w.active = true;
   w.current = -1;
   while (w.live > 0) {
-    if (w.runq.empty()) fail("deadlock: no thread can run; %s", describe_waits(w).c_str());
+    if (w.sm90) sm90_schedule_point(w);
+    if (w.runq.empty()) {
+      // asynchronous operations (TMA) still in flight complete before anything can be a deadlock
+      if (w.sm90 && sm90_progress(w)) continue;
+      fail("deadlock: no thread can run; %s", describe_waits(w).c_str());
+    }
     const int f = pick(w);
     w.current = f;
     t_thread_idx = w.fibers[f].tid;
@@ -525,6 +477,7 @@ void run_block(Worker& w, uint3 block_idx) {
 #endif
   }
   w.current = -1;
+  if (w.sm90) sm90_block_end(w);
   // The bytes after the launch's dynamic shared memory must still hold the poison.
   for (unsigned char* base : w.smem_bases) {
     for (size_t i = w.smem_bytes; i < w.smem_bytes + kSmemCanary; ++i) {
@@ -545,7 +498,7 @@ Worker& worker(int index) {
   return *g_workers[index];
 }
 
-}  // namespace
+}  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
 // Barriers and collectives.
@@ -566,13 +519,10 @@ void syncthreads() {
   suspend(w);
 }
 
-namespace {
+namespace detail {
 
-using Compute = void (*)(Worker&, Warp&);
-
-// Deposits `in` (<= 48 bytes) and waits for the warp; returns with the lane's result in `out`.
 void warp_op(int kind, const int (&common)[3], const void* in, size_t in_bytes, int arg, void* out,
-             size_t out_bytes, Compute compute) {
+             size_t out_bytes, Compute compute, bool allow_exited) {
   Worker& w = *t_worker;
   const int lane = w.current % 32;
   Warp& wp = w.warps[w.current / 32];
@@ -590,7 +540,7 @@ void warp_op(int kind, const int (&common)[3], const void* in, size_t in_bytes, 
   wp.present |= 1u << lane;
   ++wp.arrived;
   if (wp.arrived == wp.live) {
-    if (wp.live != wp.lanes) {
+    if (wp.live != wp.lanes && !allow_exited) {
       fail("%s with a full-warp mask after %d lanes of the warp exited", op_name(kind),
            wp.lanes - wp.live);
     }
@@ -620,13 +570,19 @@ void check_mask(unsigned mask, const char* what) {
   if ((mask & full) != full) fail("%s with mask 0x%08x: partial-warp masks are not emulated", what, mask);
 }
 
-}  // namespace
+}  // namespace detail
 
 void syncwarp(unsigned mask) {
   check_mask(mask, "__syncwarp");
   const int common[3] = {0, 0, 0};
   char dummy = 0;
-  warp_op(kOpSyncwarp, common, &dummy, 1, 0, &dummy, 1, [](Worker&, Warp&) {});
+  warp_op(kOpSyncwarp, common, &dummy, 1, 0, &dummy, 1, [](Worker& w, Warp& wp) {
+    if (!w.sm90) return;
+    int lanes[32];
+    const int base = w.current / 32 * 32;
+    for (int i = 0; i < wp.lanes; ++i) lanes[i] = base + i;
+    sm90_merge_knowledge(w, lanes, wp.lanes);
+  });
 }
 
 void shfl(unsigned mask, void* value, int bytes, int mode, int arg, int width) {
@@ -694,7 +650,7 @@ void cp_async(void* smem_dst, const void* gmem_src, int bytes, bool valid) {
     }
   }
   Copy c{static_cast<unsigned char*>(smem_dst), static_cast<const unsigned char*>(gmem_src), bytes,
-         valid, f.commits};
+         valid, f.commits, w.current};
   for (long i = off / 4; i < (off + bytes) / 4; ++i) ++w.pending[i];
   if (options().copies == CopyPolicy::kEarly ||
       (options().copies == CopyPolicy::kRandom && uniform(w) < 0.25)) {
@@ -1013,6 +969,23 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
       }
     }
     emu::g_func_attrs.push_back({func, emu::g_device, value});
+  }
+  return cudaSuccess;
+}
+
+// The launchers read numRegs / ptxVersion / binaryVersion (the sm90 one checks that the image is
+// the sm_90a body): an sm_90a image with options().kernel_regs registers per thread.
+cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes* attr, const void* func) {
+  if (attr == nullptr || func == nullptr) return cudaErrorInvalidValue;
+  std::memset(attr, 0, sizeof *attr);
+  attr->maxThreadsPerBlock = 1024;
+  attr->numRegs = emu::options().kernel_regs;
+  attr->ptxVersion = 90;
+  attr->binaryVersion = 90;
+  attr->maxDynamicSharedSizeBytes = 48 * 1024;
+  std::lock_guard<std::mutex> lock(emu::g_api_mutex);
+  for (const emu::FuncAttr& a : emu::g_func_attrs) {
+    if (a.fn == func && a.device == emu::g_device) attr->maxDynamicSharedSizeBytes = a.max_dynamic_smem;
   }
   return cudaSuccess;
 }

@@ -37,6 +37,10 @@
 #define __launch_bounds__(...)
 #undef __constant__
 #define __constant__
+// Kernel parameters are copies on every emulated thread's stack; __grid_constant__ (their
+// address may be taken, e.g. a TMA tensor map) needs nothing more.
+#undef __grid_constant__
+#define __grid_constant__
 // __shared__ variables are per block. A block runs on one OS thread at a time (its CUDA threads
 // are fibers of that OS thread), so thread_local storage is exactly per block: a static
 // `__shared__ T x;` becomes a function-local thread_local, and `extern __shared__ T name[];`
@@ -58,10 +62,14 @@
                           })) *                                                                   \
       [&](auto... emu_args_) { return [=]() { __VA_ARGS__(emu_args_...); }; }
 
-// The runtime API's C++ overload (cuda_runtime.h declares it for nvcc only).
+// The runtime API's C++ overloads (cuda_runtime.h declares them for nvcc only).
 template <typename T>
 inline cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+template <typename T>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T* kernel) {
+  return ::cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(kernel));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -77,6 +85,7 @@ inline void __syncthreads() { ::emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::syncwarp(mask); }
 inline void __threadfence() { ::emu::threadfence(); }
 inline void __threadfence_block() { ::emu::threadfence(); }
+[[noreturn]] inline void __trap() { ::emu::fail("__trap() executed by a kernel"); }
 
 namespace emu {
 template <typename T>

@@ -20,6 +20,11 @@
 
 namespace thinkfuse::mma {
 
+// The 32-bit shared-window address of a pointer into dynamic shared memory (__cvta_generic_to_
+// shared): the emulator places the block's dynamic shared memory at a window offset of its own
+// (runtime.h, Options::smem_window_base).
+inline uint32_t smem_address(const void* ptr) { return ::emu::smem_window_address(ptr); }
+
 inline void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
   ::emu::cp_async(smem_dst, gmem_src, 16, valid);
 }

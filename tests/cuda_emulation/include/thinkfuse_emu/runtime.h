@@ -43,6 +43,13 @@ struct Options {
   bool shuffle_blocks = true;  // run the blocks of a grid in a random order (else linear order)
   double yield_prob = 0.05;    // chance of a switch at every non-blocking emulated operation
   bool verbose = false;        // one line per launch on stderr
+  // Registers per thread cudaFuncGetAttributes reports (numRegs): what ptxas gives the sm_90a
+  // flash attention kernel (__launch_bounds__(384, 1): `nvcc -Xptxas -v` prints 168); also the
+  // starting per-thread count of setmaxnreg's register accounting.
+  int kernel_regs = 168;
+  // Shared-window address of dynamic shared memory byte 0: -1 draws a 16-byte multiple in
+  // [1024, 2048) per block (kernels that round their base up to 1024 bytes see both cases).
+  int smem_window_base = -1;
 };
 Options& options();
 
@@ -157,5 +164,36 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 void ldmatrix(uint32_t* regs, int matrices, bool trans, const void* smem_row);
 void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b, bool bf16);
+
+// Emulated sm90 primitives (sm90.h, implemented in src/sm90.cpp). Shared-memory operands are
+// 32-bit shared-window addresses (smem_window_address of a pointer into dynamic shared memory).
+uint32_t smem_window_address(const void* p);
+void mbar_init(uint32_t bar, uint32_t count);
+void fence_mbarrier_init();
+// mbarrier.arrive (expect_tx: mbarrier.arrive.expect_tx with tx_bytes).
+void mbar_arrive(uint32_t bar, bool expect_tx, uint32_t tx_bytes);
+bool mbar_try_wait_parity(uint32_t bar, uint32_t parity);
+void prefetch_tensormap(const void* map);
+// cp.async.bulk.tensor.<rank>d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
+void tma_load(uint32_t dst, const void* map, uint32_t bar, const int32_t* coords, int rank);
+void cp_async_shared(uint32_t dst, const void* src, int bytes, bool valid);
+void cp_async_wait_all();
+void fence_proxy_async();
+void setmaxnreg(int regs, bool inc);
+void named_barrier(int id, int threads, bool sync);
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait(int pending);
+// wgmma.mma_async m64nNk16 .f32 accumulators, .f16 / .bf16 inputs. a_regs: the four A-fragment
+// registers (register A operand) or nullptr (A from shared memory via desc_a).
+void wgmma_mma_async(float* d, int n, const uint32_t* const* a_regs, uint64_t desc_a,
+                     uint64_t desc_b, bool scale_d, int scale_a, int scale_b, int trans_a,
+                     int trans_b, bool bf16);
+// The kernel's compiler-level fence on wgmma operand registers: they must not belong to a wgmma
+// still in flight.
+void wgmma_fence_operands(const void* regs, size_t bytes);
+// Named-barrier instances left partially arrived at the exit of a block, summed over the run
+// (bar.arrive without the matching syncs; harmless on a GPU, reported to the harness).
+long named_barrier_leftovers();
 
 }  // namespace emu

@@ -8,7 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <optional>
+#include <utility>
 
 #include "common.h"
 #include "thinkfuse/flash_attention_params.cuh"
@@ -133,6 +136,34 @@ inline SeqDims seq_dims(const at::Tensor& q, const at::Tensor& k,
     dims.sk = checked_seqlen(k.size(1), "k's sequence length");
   }
   return dims;
+}
+
+// float16 / bfloat16 q (the tensor-core kernels have no float32 path) and `others` (name,
+// tensor) of q's dtype; returns the kernels' dtype. `kernel` names the kernel in the message.
+inline DType check_half_dtypes(const at::Tensor& q, const char* kernel,
+                               std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   "q must be float16 or bfloat16 for the ", kernel, " (tensor cores), got ",
+                   q.scalar_type(), "; use backend='triton' or 'torch' for float32");
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " dtype ", t->scalar_type(),
+                     " must equal q dtype ", q.scalar_type());
+  }
+  return kernel_dtype(q, "q");
+}
+
+// The forward's outputs: out contiguous like q, lse [B, Hq, Sq] (padded) or [Hq, total_q]
+// (packed). Packed rows outside every sequence (cu_seqlens_q not ending at total) are never
+// written by the kernels, so there out starts at 0 and lse at -inf, as the triton backend has.
+inline std::pair<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& q, const SeqDims& dims,
+                                                         int64_t heads_q, bool packed) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  if (packed) {
+    return {at::zeros(q.sizes(), q.options()),
+            at::full({heads_q, q.size(0)}, -std::numeric_limits<float>::infinity(), f32)};
+  }
+  return {at::empty(q.sizes(), q.options()),
+          at::empty({dims.batch, heads_q, static_cast<int64_t>(dims.sq)}, f32)};
 }
 
 // The inputs' pointers and strides.

@@ -31,15 +31,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(
   check_device(q_in, "q", device);
   check_device(k_in, "k", device);
   check_device(v_in, "v", device);
-  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
-                   "q must be float16 or bfloat16 for the cuda flash_attention kernel (tensor "
-                   "cores), got ",
-                   q_in.scalar_type(), "; use backend='triton' or 'torch' for float32");
-  const DType dtype = kernel_dtype(q_in, "q");
-  TORCH_CHECK_TYPE(k_in.scalar_type() == q_in.scalar_type(), "k dtype ", k_in.scalar_type(),
-                   " must equal q dtype ", q_in.scalar_type());
-  TORCH_CHECK_TYPE(v_in.scalar_type() == q_in.scalar_type(), "v dtype ", v_in.scalar_type(),
-                   " must equal q dtype ", q_in.scalar_type());
+  const DType dtype =
+      check_half_dtypes(q_in, "cuda flash_attention kernel", {{"k", &k_in}, {"v", &v_in}});
 
   const QkvLayout qkv = check_qkv_layout(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k);
   const bool packed = qkv.packed;
@@ -66,13 +59,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(
   const at::Tensor k = with_16B_rows(k_in);
   const at::Tensor v = with_16B_rows(v_in);
 
-  // out contiguous like q. Packed: rows outside every sequence (cu_seqlens_q not ending at
-  // total) are never written by the kernel, so out starts at 0 and lse at -inf, as the triton
-  // backend does.
-  at::Tensor out = packed ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor lse = packed ? at::full({heads_q, q.size(0)}, -std::numeric_limits<float>::infinity(), f32)
-                          : at::empty({batch, heads_q, static_cast<int64_t>(sq)}, f32);
+  auto [out, lse] = forward_outputs(q, dims, heads_q, packed);
   if (batch == 0 || sq == 0 || q.numel() == 0) return {out, lse};
 
   thinkfuse::FlashAttnParams p;

@@ -23,19 +23,6 @@ namespace {
 
 using namespace thinkfuse::bindings;
 
-// float16 / bfloat16 only (the tensor-core kernels have no float32 path).
-DType half_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
-                   " must be float16 or bfloat16 for the cuda flash_attention backward, got ",
-                   t.scalar_type());
-  return kernel_dtype(t, name);
-}
-
-void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " dtype ", t.scalar_type(),
-                   " must equal q dtype ", q.scalar_type());
-}
-
 void check_unit_last_stride(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) <= 1 || t.numel() == 0, name,
                     " must have unit stride along its last dimension, got strides ", t.strides());
@@ -64,11 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   check_device(v_in, "v", device);
   check_device(out, "out", device);
   check_device(dout_in, "dout", device);
-  const DType dtype = half_dtype(q_in, "q");
-  check_like_q(k_in, "k", q_in);
-  check_like_q(v_in, "v", q_in);
-  check_like_q(out, "out", q_in);
-  check_like_q(dout_in, "dout", q_in);
+  const DType dtype = check_half_dtypes(q_in, "cuda flash_attention backward",
+                                        {{"k", &k_in}, {"v", &v_in}, {"out", &out}, {"dout", &dout_in}});
 
   const QkvLayout qkv = check_qkv_layout(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k);
   const bool packed = qkv.packed;

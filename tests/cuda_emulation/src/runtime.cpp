@@ -735,20 +735,6 @@ void ldmatrix(uint32_t* regs, int matrices, bool trans, const void* smem_row) {
   });
 }
 
-namespace {
-float half_bits_to_float(uint16_t bits, bool bf16) {
-  if (bf16) {
-    const uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half_raw raw;
-  raw.x = bits;
-  return __half2float(__half(raw));
-}
-}  // namespace
-
 void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b, bool bf16) {
   unsigned char in[40];
   std::memcpy(in, a, 16);

@@ -7,10 +7,13 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <cuda_fp16.h>
 
 #include "thinkfuse_emu/runtime.h"
 
@@ -24,6 +27,19 @@
 
 namespace emu {
 namespace detail {
+
+// A float16 (or, with bf16, bfloat16) bit pattern as float: the operands of mma.sync and wgmma.
+inline float half_bits_to_float(uint16_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
 
 constexpr size_t kStackBytes = 256 * 1024;  // kernel frames are < 2 KB at -O2
 // Bytes after the dynamic shared memory of a launch checked for stray writes after each block.

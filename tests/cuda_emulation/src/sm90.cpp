@@ -492,18 +492,6 @@ bool compute_nothing(Worker&, Warpgroup&, int) { return true; }
 // ---------------------------------------------------------------------------------------------
 // wgmma [PTX-wgmma], [CUTLASS].
 
-float bits_to_float(uint16_t bits, bool bf16) {
-  if (bf16) {
-    const uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half_raw raw;
-  raw.x = bits;
-  return __half2float(__half(raw));
-}
-
 struct Desc {
   uint32_t start, lbo, sbo;
   int base_offset, mode;
@@ -681,18 +669,18 @@ bool compute_mma(Worker& w, Warpgroup& wg, int g) {
         const uint32_t r = wg.slots[t].a[j];
         const int row = 16 * v + gq + 8 * (j % 2);
         const int col = 2 * tq + 8 * (j / 2);
-        A[row][col] = bits_to_float(static_cast<uint16_t>(r & 0xFFFF), bf16);
-        A[row][col + 1] = bits_to_float(static_cast<uint16_t>(r >> 16), bf16);
+        A[row][col] = half_bits_to_float(static_cast<uint16_t>(r & 0xFFFF), bf16);
+        A[row][col + 1] = half_bits_to_float(static_cast<uint16_t>(r >> 16), bf16);
       }
     }
   } else {
     const Desc da = decode_desc(s0.desc_a, "a-desc");
     for (int m = 0; m < 64; ++m)
-      for (int k = 0; k < 16; ++k) A[m][k] = bits_to_float(rd.read(operand_address(da, trans_a, m, k), "A"), bf16);
+      for (int k = 0; k < 16; ++k) A[m][k] = half_bits_to_float(rd.read(operand_address(da, trans_a, m, k), "A"), bf16);
   }
   const Desc db = decode_desc(s0.desc_b, "b-desc");
   for (int nn = 0; nn < n; ++nn)
-    for (int k = 0; k < 16; ++k) B[k][nn] = bits_to_float(rd.read(operand_address(db, trans_b, nn, k), "B"), bf16);
+    for (int k = 0; k < 16; ++k) B[k][nn] = half_bits_to_float(rd.read(operand_address(db, trans_b, nn, k), "B"), bf16);
   std::sort(words.begin(), words.end());
   words.erase(std::unique(words.begin(), words.end()), words.end());
   check_operand_words(w, g, words);

@@ -29,19 +29,8 @@ cudaError_t dispatch_head_dim(const FlashAttnParams& p, cudaStream_t stream) {
 }
 
 bool valid_params(const FlashAttnParams& p) {
-  if (!flash_attention_forward_head_dim_supported(p.head_dim)) return false;
-  if (p.batch < 0 || p.batch > kFlashAttnMaxGridDim || p.heads_q < 1 ||
-      p.heads_q > kFlashAttnMaxGridDim || p.heads_kv < 1 || p.group < 1 ||
-      p.heads_kv * p.group != p.heads_q) {
-    return false;
-  }
-  if (p.max_seqlen_q < 0 || p.max_seqlen_q > kFlashAttnMaxSeqlen || p.max_seqlen_k < 0 ||
-      p.max_seqlen_k > kFlashAttnMaxSeqlen) {
-    return false;
-  }
-  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
-  return p.q != nullptr && p.k != nullptr && p.v != nullptr && p.out != nullptr &&
-         p.lse != nullptr && p.rows_16B_aligned(2);
+  return flash_attention_forward_head_dim_supported(p.head_dim) && p.forward_problem_in_range() &&
+         p.rows_16B_aligned(2);
 }
 
 }  // namespace

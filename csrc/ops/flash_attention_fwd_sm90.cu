@@ -93,31 +93,14 @@ cudaError_t encode_map(TmaDescriptor* map, const void* base, DType dtype, int he
   return cudaSuccess;
 }
 
-bool aligned16(const void* ptr, int64_t batch_stride, int64_t seq_stride, int64_t head_stride) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (batch_stride * 2) % 16 == 0 &&
-         (seq_stride * 2) % 16 == 0 && (head_stride * 2) % 16 == 0;
-}
-
 bool valid_params(const FlashAttnParams& p) {
-  if (!flash_attention_forward_sm90_head_dim_supported(p.head_dim)) return false;
-  if (p.batch < 0 || p.batch > kFlashAttnMaxGridDim || p.heads_q < 1 ||
-      p.heads_q > kFlashAttnMaxGridDim || p.heads_kv < 1 || p.group < 1 ||
-      p.heads_kv * p.group != p.heads_q) {
+  if (!flash_attention_forward_sm90_head_dim_supported(p.head_dim) || !p.forward_problem_in_range()) {
     return false;
   }
-  if (p.max_seqlen_q < 0 || p.max_seqlen_q > kFlashAttnMaxSeqlen || p.max_seqlen_k < 0 ||
-      p.max_seqlen_k > kFlashAttnMaxSeqlen) {
-    return false;
-  }
-  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
   // TMA coordinates are int32: packed row indices (+ one tile) must fit.
   constexpr int64_t kMaxRows = INT_MAX - 1024;
-  if (p.cu_seqlens_q != nullptr &&
-      (p.total_q < 0 || p.total_q > kMaxRows || p.total_k < 0 || p.total_k > kMaxRows)) {
-    return false;
-  }
-  return p.q != nullptr && p.k != nullptr && p.v != nullptr && p.out != nullptr &&
-         p.lse != nullptr;
+  return p.cu_seqlens_q == nullptr ||
+         (p.total_q >= 0 && p.total_q <= kMaxRows && p.total_k >= 0 && p.total_k <= kMaxRows);
 }
 
 // Whether the current device is compute capability 9.0 (the only one sm_90a code runs on).
@@ -187,12 +170,7 @@ cudaError_t flash_attention_forward_sm90(const FlashAttnParams& params, DType dt
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return cudaErrorInvalidValue;
   TF_CUDA_TRY(check_device());
   if (tensor_map_encoder() == nullptr) return cudaErrorNotSupported;
-  if (!aligned16(params.q, params.q_batch_stride, params.q_seq_stride, params.q_head_stride) ||
-      !aligned16(params.k, params.k_batch_stride, params.k_seq_stride, params.k_head_stride) ||
-      !aligned16(params.v, params.v_batch_stride, params.v_seq_stride, params.v_head_stride) ||
-      !aligned16(params.out, params.o_batch_stride, params.o_seq_stride, params.o_head_stride)) {
-    return cudaErrorInvalidPitchValue;
-  }
+  if (!params.rows_16B_aligned(2)) return cudaErrorInvalidPitchValue;  // fp16 / bf16 rows
   FlashAttnParams p = params;
   // A window at least as long as every key range changes nothing (as flash_attention_forward).
   if (p.window >= p.max_seqlen_k) p.window = 0;

@@ -24,6 +24,8 @@
 
 #include <cstdint>
 
+#include "thinkfuse/ops.h"  // the kFlashAttnMax* limits
+
 namespace thinkfuse {
 
 struct FlashAttnParams {
@@ -64,6 +66,22 @@ struct FlashAttnParams {
   int window = 0;  // > 0: sliding window (causal only); <= 0: none
 
   bool is_varlen() const { return cu_seqlens_q != nullptr; }
+
+  // The forward kernels' limits on the problem (head_dim aside, which is per kernel): batch and
+  // query heads fit the grid, heads_q = group * heads_kv, sequence lengths in range, cu_seqlens
+  // given for both or neither, and every tensor present.
+  bool forward_problem_in_range() const {
+    if (batch < 0 || batch > kFlashAttnMaxGridDim || heads_q < 1 || heads_q > kFlashAttnMaxGridDim ||
+        heads_kv < 1 || group < 1 || heads_kv * group != heads_q) {
+      return false;
+    }
+    if (max_seqlen_q < 0 || max_seqlen_q > kFlashAttnMaxSeqlen || max_seqlen_k < 0 ||
+        max_seqlen_k > kFlashAttnMaxSeqlen) {
+      return false;
+    }
+    if ((cu_seqlens_q == nullptr) != (cu_seqlens_k == nullptr)) return false;
+    return q != nullptr && k != nullptr && v != nullptr && out != nullptr && lse != nullptr;
+  }
 
   // Whether q, k, v and out start on 16 bytes and every batch / seq / head stride is a multiple
   // of 16 bytes for elements of `element_bytes`: the kernels move rows with 16-byte copies, and

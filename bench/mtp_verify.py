@@ -11,7 +11,8 @@ where the implementation can be captured, so the numbers are GPU time without th
 overhead; the torch sampling baselines cannot and are timed per call (see ``_capturable``).
 Graph replays read the same logits every time, so where they fit in L2 (50 MB on an H100; B=64,
 K=1 is 128 x 151680 bf16 = 38.8 MB) the rows measure reads from L2, as in serving, where the
-lm_head GEMM has just written the logits; from DRAM the same read takes 12.9 us at 3.0 TB/s. A
+lm_head GEMM has just written the logits; from DRAM the same read takes 12.9 us at 3.0 TB/s (the
+copy bandwidth an H100 measured in bench/results/2026-11-22_*; arithmetic, not a timing). A
 fraction of copy bandwidth above 1 on such rows is the L2's doing.
 
 Variants:

@@ -1,6 +1,7 @@
 """patch_model / unpatch_model on tiny random models of every family (float32)."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -199,6 +200,56 @@ def test_deepcopy_of_patched_model_keeps_its_own_patches():
     assert thinkfuse.unpatch_model(clone) == sum(TWO_LAYER_PATCHES.values())
     assert clone.config._attn_implementation == "sdpa" and model.config._attn_implementation == "thinkfuse"
     assert "forward" not in clone.model.norm.__dict__ and "forward" not in clone.__dict__
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral3"])
+def test_torch_save_of_a_whole_patched_model(family, tmp_path):
+    """torch.save(model) pickles the replacement forwards: the loaded model runs them (not the
+    class's forwards), equals the patched original, and unpatches like it."""
+    model = tiny_model(family)
+    report = thinkfuse.patch_model(model, backend="torch")
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    norm = loaded.get_decoder().norm
+    assert norm.forward.__self__ is norm and norm.forward.__func__.__name__ == "rms_norm_forward"
+    assert norm.forward is norm._thinkfuse_patch.patched_forward
+    ids = tiny_batch(batch=2, seq=7)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert thinkfuse.unpatch_model(loaded) == report.total
+    assert "forward" not in norm.__dict__
+
+
+def test_replacement_forward_looks_like_a_bound_method():
+    model = tiny_model("qwen2")
+    original = inspect.signature(model.forward)
+    thinkfuse.patch_model(model, backend="torch")
+    patched = inspect.signature(model.forward)
+    assert list(patched.parameters)[:7] == list(original.parameters)[:7]  # input_ids ... use_cache
+    assert "self" not in patched.parameters and model.forward.__name__ == "causal_lm_forward"
+
+
+def test_torch_compile_of_a_patched_model():
+    """Inference compiles without a graph break (fullgraph); training, whose packed-sequence
+    check reads position_ids on the host, compiles with breaks there; both equal eager."""
+    model = tiny_model("qwen2")
+    thinkfuse.patch_model(model, backend="torch")
+    ids = tiny_batch(batch=2, seq=9)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    torch._dynamo.reset()
+    compiled_loss = torch.compile(model, backend="eager")(input_ids=ids, labels=ids).loss
+    compiled_loss.backward()
+    compiled_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    eager_loss = model(input_ids=ids, labels=ids).loss
+    eager_loss.backward()
+    assert torch.equal(compiled_loss, eager_loss)
+    assert_close_fp32(compiled_grad, model.lm_head.weight.grad)
 
 
 def test_unsupported_models_are_named():

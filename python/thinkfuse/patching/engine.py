@@ -7,7 +7,7 @@ state_dict and it survives deepcopy) that remembers the forward to restore.
 from __future__ import annotations
 
 import copy
-import functools
+import inspect
 import types
 from dataclasses import dataclass, field
 
@@ -119,9 +119,55 @@ def find_family(model: nn.Module) -> ModelFamily:
     )
 
 
-def _bind(forward, module: nn.Module, backend: str | None):
-    fn = forward if backend is None else functools.partial(forward, backend=backend)
-    return types.MethodType(fn, module)
+class BoundForward:
+    """A replacement forward bound to one module, with the backend patch_model named.
+
+    It does what ``types.MethodType(functools.partial(function, backend=...), module)`` would,
+    but survives ``torch.save(model)``: a bound method pickles as "look the function's name up
+    on the module", which finds the class's forward (or nothing) when loading, whereas this
+    pickles the function by its import path and the module by reference."""
+
+    __slots__ = ("function", "module", "backend")
+
+    def __init__(self, function, module: nn.Module, backend: str | None):
+        self.function = function
+        self.module = module
+        self.backend = backend
+
+    def __call__(self, *args, **kwargs):
+        if self.backend is not None:
+            kwargs["backend"] = self.backend
+        return self.function(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # What callers inspecting ``module.forward`` (generation, Trainer's column filter)
+        # expect from a bound method: the function's parameters without ``self``.
+        signature = inspect.signature(self.function)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    @property
+    def __self__(self) -> nn.Module:  # as on a bound method
+        return self.module
+
+    @property
+    def __func__(self):
+        return self.function
+
+    @property
+    def __name__(self) -> str:
+        return self.function.__name__
+
+    @property
+    def __doc__(self) -> str | None:
+        return self.function.__doc__
+
+    def __repr__(self) -> str:
+        return f"<thinkfuse forward {self.function.__qualname__} of {type(self.module).__name__}>"
+
+
+def _bind(forward, module: nn.Module, backend: str | None) -> BoundForward:
+    return BoundForward(forward, module, backend)
 
 
 # accelerate (device_map="auto", CPU/disk offload) wraps a module's forward in a hook: the

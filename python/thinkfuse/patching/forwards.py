@@ -8,7 +8,7 @@ The optional keyword-only ``backend`` is filled in by patch_model when a backend
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 
 from torch import nn
 
@@ -129,7 +129,9 @@ def _original_forward(module: nn.Module):
     accelerate hook), else the class's."""
     state = module.__dict__.get("_thinkfuse_patch")  # the engine's per-module state
     original = getattr(state, "original_forward", None)
-    return original if callable(original) else types.MethodType(type(module).forward, module)
+    # functools.partial rather than types.MethodType: torch.compile traces through a partial
+    # and breaks the graph at MethodType.
+    return original if callable(original) else functools.partial(type(module).forward, module)
 
 
 def _fused_loss_applies(module: nn.Module, labels, logits_to_keep, kwargs) -> bool:

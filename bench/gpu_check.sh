@@ -10,6 +10,8 @@
 #   bash bench/gpu_check.sh env build backends tests-sm90 tests
 #   BENCH_JOBS_SELECT=memory-bound,mtp-verify,attention-sm90,attention bash bench/gpu_check.sh build bench
 #   BENCH_JOBS_SELECT=logprobs,e2e,decode bash bench/gpu_check.sh build bench
+# and, with device time left, the tile sweep of the Triton attention kernels (bench/tune.py):
+#   bash bench/gpu_check.sh tune      (Triton only: no build needed)
 # The bench step runs BENCH_JOBS (below; BENCH_JOBS_SELECT, a comma-separated list of job names,
 # keeps some of them) one after the other, each under its own time limit so one slow op cannot
 # starve the others, then merges them into one results directory.
@@ -27,7 +29,7 @@
 # THINKFUSE_GIT_COMMIT=<sha> names the code in the results' metadata: the machine's copy of the
 # tree may carry a missing or stale .git (a 2026-11-22 run recorded the wrong commit).
 #
-# Environment knobs: PYTHON, OUT, THINKFUSE_GIT_COMMIT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, BENCH_JOBS_SELECT,
+# Environment knobs: PYTHON, OUT, THINKFUSE_GIT_COMMIT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, TUNE_TIMEOUT, BENCH_JOBS_SELECT,
 # MAX_JOBS (parallel nvcc jobs), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, which
 # halves the build time compared with setup.py's 8.0;9.0a).
 
@@ -39,6 +41,7 @@ BUDGET=${GPU_CHECK_BUDGET:-570}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
 SM90_TESTS_TIMEOUT=${SM90_TESTS_TIMEOUT:-90}
+TUNE_TIMEOUT=${TUNE_TIMEOUT:-420}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-480}
 # Tests in parallel processes when pytest-xdist is there (Triton's JIT compiles are CPU-bound).
 export TEST_WORKERS=${TEST_WORKERS:-$(nproc)}
@@ -53,7 +56,8 @@ BENCH_JOBS=(
     "attention-sm90:30:--op attention --model mimo-7b --mode fwd --impl thinkfuse-cuda-sm90"
     "attention:110:--op attention --model mimo-7b --skip-impl thinkfuse-cuda-sm90"
     "logprobs:70:--op logprobs --model palmyra-mini"
-    "e2e:90:--op e2e --model palmyra-mini"
+    # Palmyra-mini: 2-layer train steps, GRPO loss steps and the full-depth 32k-token GRPO step.
+    "e2e:130:--op e2e --model palmyra-mini"
     # MiMo-7B at full depth: plain vs MTP speculative decoding (the e2e rows of mode fwd).
     "decode:120:--op e2e --model mimo-7b --mode fwd"
 )
@@ -206,6 +210,11 @@ step_bench() {
     merge_bench_jobs
 }
 
+step_tune() {
+    # The Triton attention kernels' tile sweep: tune_attention.{json,md} beside the results.
+    exec env -u TRITON_INTERPRET "$PYTHON" -m bench.tune --out "$RESULTS_DIR"
+}
+
 merge_bench_jobs() {
     # One results directory from the jobs that got as far as measuring the device.
     local dirs=() dir
@@ -221,7 +230,7 @@ SM90_TESTS=tests/test_flash_attention_sm90.py
 export PYTHON RESULTS_DIR SM90_TESTS
 export BENCH_JOBS_SERIALISED
 BENCH_JOBS_SERIALISED=$(printf '%s\n' "${BENCH_JOBS[@]}")
-export -f step_env cuda_arch step_build step_backends step_tests step_tests_sm90 step_bench merge_bench_jobs
+export -f step_env cuda_arch step_build step_backends step_tests step_tests_sm90 step_bench step_tune merge_bench_jobs
 
 for step in "${STEPS[@]}"; do
     case "$step" in
@@ -230,6 +239,7 @@ for step in "${STEPS[@]}"; do
         backends) run_step backends 60 step_backends show ;;
         tests) run_step tests "$TESTS_TIMEOUT" step_tests ;;
         tests-sm90) run_step tests-sm90 "$SM90_TESTS_TIMEOUT" step_tests_sm90 ;;
+        tune) run_step tune "$TUNE_TIMEOUT" step_tune show ;;
         bench)
             run_step bench "$BENCH_TIMEOUT" step_bench
             # The step stopped before merging (its own limit): merge what the jobs wrote.
@@ -237,7 +247,7 @@ for step in "${STEPS[@]}"; do
                 merge_bench_jobs >"$LOG_DIR/merge.log" 2>&1
                 copy_out
             fi ;;
-        *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests-sm90 tests bench)"); FAILED=1 ;;
+        *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests-sm90 tests bench tune)"); FAILED=1 ;;
     esac
 done
 

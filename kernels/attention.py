@@ -20,6 +20,7 @@ computes dQ.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -372,22 +373,53 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fwd_config(head_dim: int, dtype):
+class TileConfig(NamedTuple):
+    """Launch shape of one attention kernel: query rows and keys per tile, warps, pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_fwd_config(head_dim: int, dtype) -> TileConfig:
     if _INTERPRET:
-        return 32, 16, 4, 1
+        return TileConfig(32, 16, 4, 1)
     if dtype == torch.float32:
-        return 64, 32, 4, 2
+        return TileConfig(64, 32, 4, 2)
     if head_dim <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 4, 2
+        return TileConfig(128, 64, 8, 3)
+    return TileConfig(64, 32, 4, 2)
 
 
-def _bwd_config(head_dim: int, dtype):
+def default_bwd_configs(head_dim: int, dtype) -> tuple[TileConfig, TileConfig]:
+    """(dK/dV kernel, dQ kernel) configs."""
     if _INTERPRET:
-        return 16, 32, 4, 1
+        return TileConfig(16, 32, 4, 1), TileConfig(16, 32, 4, 1)
     if dtype == torch.float32 or head_dim > 128:
-        return 32, 32, 4, 1
-    return 64, 64, 4, 2
+        return TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
+    return TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)
+
+
+# What bench/tune.py sweeps for half-precision inputs (the defaults above are among them). Each
+# kernel is generic in its tile sizes; the tests run every candidate under the interpreter.
+FWD_CANDIDATES = tuple(TileConfig(*c) for c in (
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2),
+    (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 2),
+))
+DKDV_CANDIDATES = tuple(TileConfig(*c) for c in (
+    (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
+    (64, 64, 8, 2), (64, 64, 4, 3), (16, 128, 4, 2), (128, 128, 8, 2),
+))
+DQ_CANDIDATES = tuple(TileConfig(*c) for c in (
+    (64, 64, 4, 2), (128, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2),
+    (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 3),
+))
+
+
+def _launch(config: TileConfig) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                num_stages=config.num_stages)
 
 
 def _geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -404,10 +436,11 @@ def _dummy(q):
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, causal, window):
+                            softmax_scale, causal, window, config: TileConfig | None = None):
     """Returns ``(out, lse)``: out like q (contiguous), lse float32 ``[B, Hq, Sq]`` / ``[Hq, total]``.
 
     ``window <= 0`` means no sliding window. Inputs need a unit stride on the last dim.
+    ``config`` overrides ``default_fwd_config`` (bench/tune.py sweeps it).
     """
     varlen, batch, hq, hkv, d, sq, sk = _geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # packed rows outside every sequence (cu_seqlens not ending at total) read as zeros / -inf
@@ -417,7 +450,7 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or batch == 0 or sq == 0:
         return out, lse
-    block_m, block_n, warps, stages = _fwd_config(d, q.dtype)
+    block_m, block_n, warps, stages = config or default_fwd_config(d, q.dtype)
     cu_q = cu_seqlens_q if varlen else _dummy(q)
     cu_k = cu_seqlens_k if varlen else _dummy(q)
     grid = (triton.cdiv(sq, block_m), batch, hq)
@@ -434,9 +467,11 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 
 def flash_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, softmax_scale, causal, window):
+                             max_seqlen_k, softmax_scale, causal, window,
+                             configs: tuple[TileConfig, TileConfig] | None = None):
     """Returns ``(dq, dk, dv)``, contiguous, shaped and typed like q, k, v. ``dlse`` (optional,
-    like lse) is the gradient reaching the lse output: it enters as ``delta -= dlse``."""
+    like lse) is the gradient reaching the lse output: it enters as ``delta -= dlse``.
+    ``configs`` (dK/dV kernel, dQ kernel) overrides ``default_bwd_configs``."""
     varlen, batch, hq, hkv, d, sq, sk = _geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -445,7 +480,7 @@ def flash_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seq
         return dq.zero_(), dk.zero_(), dv.zero_()
     if sq == 0 or sk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    block_m, block_n, warps, stages = _bwd_config(d, q.dtype)
+    dkdv_config, dq_config = configs or default_bwd_configs(d, q.dtype)
     block_d = max(16, triton.next_power_of_2(d))
     cu_q = cu_seqlens_q if varlen else _dummy(q)
     cu_k = cu_seqlens_k if varlen else _dummy(q)
@@ -461,19 +496,19 @@ def flash_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seq
     )
     if dlse is not None:
         delta -= dlse
-    common = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    common = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0, BLOCK_D=block_d,
+                  PRECISION=_precision(q.dtype))
     geometry = (sq, sk, d, hq // hkv, softmax_scale, max(window, 0))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, block_n), batch, hkv)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, dkdv_config.block_n), batch, hkv)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse, varlen),
-        *geometry, **common,
+        *geometry, **common, **_launch(dkdv_config),
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(sq, block_m), batch, hq)](
+    _attn_bwd_dq_kernel[(triton.cdiv(sq, dq_config.block_m), batch, hq)](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dq, varlen), *_lse_strides(lse, varlen),
-        *geometry, **common,
+        *geometry, **common, **_launch(dq_config),
     )
     return dq, dk, dv

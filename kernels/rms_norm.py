@@ -7,6 +7,9 @@ A row is held in one tile of ``BLOCK_N = next_pow2(N)`` columns, so N is bounded
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -120,29 +123,48 @@ def rms_norm_forward(x, weight, residual, eps: float):
     return y, h, rstd
 
 
-def _num_programs(device: torch.device, rows: int) -> int:
+class BwdConfig(NamedTuple):
+    """Launch shape of the backward: rows per loop step, warps, programs per SM (each program
+    owns a contiguous run of rows and one partial dweight row)."""
+
+    block_m: int
+    num_warps: int
+    programs_per_sm: int
+
+
+def default_bwd_config(n_cols: int) -> BwdConfig:
+    block_m, _, num_warps = _tile(n_cols)
+    return BwdConfig(block_m, num_warps, 2)
+
+
+# What bench/tune.py sweeps (the defaults for hidden sizes 1536 .. 8192 are among them).
+BWD_CANDIDATES = tuple(BwdConfig(*c) for c in itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4)))
+
+
+def _num_programs(device: torch.device, rows: int, programs_per_sm: int) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 2 * sms))
+        return max(1, min(rows, programs_per_sm * sms))
     return max(1, min(rows, 4))  # interpreter: few programs keep CPU tests fast
 
 
-def rms_norm_backward(dy, h, weight, rstd, dh):
-    """Gradients of rms_norm_forward. Returns (dx in h's dtype, dweight in weight's dtype)."""
+def rms_norm_backward(dy, h, weight, rstd, dh, config: BwdConfig | None = None):
+    """Gradients of rms_norm_forward. Returns (dx in h's dtype, dweight in weight's dtype).
+    ``config`` overrides ``default_bwd_config`` (bench/tune.py sweeps it)."""
     rows, n_cols = h.shape
     dx = torch.empty((rows, n_cols), dtype=h.dtype, device=h.device)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    programs = _num_programs(h.device, rows)
+    block_m, num_warps, programs_per_sm = config or default_bwd_config(n_cols)
+    programs = _num_programs(h.device, rows, programs_per_sm)
     rows_per_program = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_program)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
-    block_m, block_n, num_warps = _tile(n_cols)
     block_m = min(block_m, triton.next_power_of_2(rows_per_program))
     _rms_norm_bwd_kernel[(programs,)](
         dy, h, weight, rstd, dh if dh is not None else dx, dx, dw_partial,
         dy.stride(0), h.stride(0),
         rows, n_cols, rows_per_program,
-        HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=triton.next_power_of_2(n_cols), num_warps=num_warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)

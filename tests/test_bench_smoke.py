@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import harness, logprobs, mtp_verify, rms_norm, rope, swiglu  # noqa: E402
+from bench import harness, logprobs, mtp_verify, rms_norm, rope, swiglu, tune  # noqa: E402
 
 # The smoke shapes the harness promises: tokens 8, hidden 64 and 1000.
 SMOKE_SHAPES = ("8x64", "8x1000")
@@ -446,3 +446,37 @@ def test_git_commit_can_be_given_by_the_launcher(monkeypatch):
     assert harness.git_commit() == "0123abc"
     monkeypatch.delenv("THINKFUSE_GIT_COMMIT")
     assert harness.git_commit() != "0123abc"
+
+
+def test_launch_config_sweep_smoke(tmp_path):
+    """bench.tune --smoke runs every candidate launch config of every sweep (Triton attention
+    forward, dK/dV, dQ; rms_norm backward) under the interpreter against reference.py, and exits
+    non-zero if any is wrong."""
+    done = subprocess.run([sys.executable, "-m", "bench.tune", "--smoke", "--out", str(tmp_path)],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "tune.json").read_text())
+    sweeps = tune.all_sweeps()
+    assert [s.name for s in sweeps] == list(tune.SWEEP_NAMES)
+    assert len(result["rows"]) == sum(len(s.candidates()) * len(s.smoke_shapes) for s in sweeps)
+    assert all(r["status"] == "ok" and r["ms"] is None for r in result["rows"])  # no timings on CPU
+    assert result["best"] == [] and result["metadata"]["smoke"] is True
+
+
+def test_tile_sweep_defaults_are_candidates_and_errors_are_caught(monkeypatch):
+    from thinkfuse.kernels import attention, rms_norm
+
+    monkeypatch.setattr(attention, "_INTERPRET", False)  # the GPU defaults, not the interpreter's
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 96, 128):
+            assert attention.default_fwd_config(d, dtype) in attention.FWD_CANDIDATES
+            dkdv, dq = attention.default_bwd_configs(d, dtype)
+            assert dkdv in attention.DKDV_CANDIDATES and dq in attention.DQ_CANDIDATES
+    for shape in tune.RMS_NORM_GPU_SHAPES:
+        assert rms_norm.default_bwd_config(shape.hidden) in rms_norm.BWD_CANDIDATES
+    a = torch.randn(4, 8)
+    assert tune.relative_error((a,), (a,)) == 0.0
+    assert tune.relative_error((a + 0.5,), (a,)) > tune.SMOKE_TOLERANCE
+    b = a.clone()
+    b[0, 0] = float("nan")
+    assert tune.relative_error((b,), (a,)) == float("inf")

@@ -42,6 +42,16 @@ models of ``thinkfuse.tiny`` instead, see the end of this docstring):
     differs.
   FLOPs counted: ``2 * T * H * V`` for the logits matmul, x 3 with the backward (a fused
   backward's recomputation of the logits not counted), as bench/logprobs.py's fused_linear.
+- ``grpo-model-step`` (fwd+bwd rows): the issue-5 memory goal, a whole GRPO policy step of a
+  Palmyra-mini-shape model at full depth (28 layers) over ``GRPO_MODEL_TOKENS`` = 32768
+  completion tokens (32 x 1024), gradient checkpointing on (non-reentrant; what a
+  memory-bound GRPO run turns on), gradients for every parameter: trunk forward to the final
+  hidden states, then the loss of the grpo-step rows through the (tied) lm_head weight.
+  - ``thinkfuse``: ``patch_model(model)`` and ``GRPOLoss`` (the logits are never held).
+  - ``trl-materialised``: the unpatched model (sdpa), full logits, TRL's selective_log_softmax.
+  Peak memory is the number that answers "does 32k fit on one GPU" (gradients included,
+  weights not). FLOPs counted as train-step's at full depth (the checkpointing recomputation
+  not counted). ``--smoke``: tiny Qwen2, 8 tokens.
 - ``decode`` (fwd rows): the MiMo-7B preset at full depth (36 layers + 1 MTP layer, ~15 GB of
   bf16 weights), batch 1, a random 128-token prompt, exactly 128 new tokens (no eos).
   - ``hf-sdpa``: ``model.generate(greedy, max_new_tokens=128)`` on the unpatched model.
@@ -104,6 +114,7 @@ from bench.logprobs import _oom_guard, _OomGuardedWorkload, trl_selective_log_so
 
 OP = "e2e"
 TRAIN, GRPO, DECODE, DECODE_STEP = "train-step", "grpo-step", "decode", "decode-step"
+GRPO_MODEL = "grpo-model-step"
 HF_SDPA, THINKFUSE, THINKFUSE_MTP, TRL_MATERIALISED = "hf-sdpa", "thinkfuse", "thinkfuse-mtp", "trl-materialised"
 
 TRAIN_LAYERS, TRAIN_BATCH, TRAIN_SEQ = 2, 2, 4096
@@ -111,6 +122,7 @@ GRPO_TOKENS = (4096, 16384, 32768)
 GRPO_SEQ = 1024  # completion tokens per sequence
 GRPO_PRESETS = ("palmyra-mini", "am-thinking-v1")  # the smallest lm_head and a large one
 GRPO_LOSS = dict(loss_type="dapo", beta=0.0)  # TRL GRPOConfig defaults
+GRPO_MODEL_PRESET, GRPO_MODEL_TOKENS = "palmyra-mini", 32768
 DECODE_PROMPT, DECODE_NEW = 128, 128
 ACCEPTANCE = 0.9  # MiMo's reported MTP acceptance
 OOM_PREFIX = "out of memory"  # how bench.logprobs._oom_guard words a CUDA OOM
@@ -131,7 +143,7 @@ LIGER_OPTIONS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
 
 BYTES_COUNTED = (
     "none (end-to-end rows). TFLOP/s: train-step counts 3x the forward's matmul and causal "
-    "attention FLOPs; grpo-step 3 * 2*T*H*V; decode rows count none. Tokens/s = tokens in the "
+    "attention FLOPs (grpo-model-step: at full depth); grpo-step 3 * 2*T*H*V; decode rows count none. Tokens/s = tokens in the "
     "shape / ms * 1000 (decode: new_tokens / ms * 1000). decode-step: cost ratio = "
     "ms(thinkfuse-mtp) / ms(hf-sdpa or thinkfuse), implied speedup at 90% acceptance = 1.9 / "
     "ratio. `python -m bench.e2e results.json` prints them. See bench/e2e.py's docstring."
@@ -141,7 +153,7 @@ BYTES_COUNTED = (
 def cases(config: Config) -> list[Case]:
     out: list[Case] = []
     if FWD_BWD in config.modes:
-        out += train_cases(config) + grpo_cases(config)
+        out += train_cases(config) + grpo_cases(config) + grpo_model_cases(config)
     if FWD in config.modes:
         out += decode_cases(config)
     return out
@@ -433,6 +445,62 @@ def _oom_probe(build, config: Config) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# grpo-model-step
+
+
+def grpo_model_cases(config: Config) -> list[Case]:
+    if config.smoke:
+        spec, tokens = ModelSpec("tiny-qwen2", "qwen2", None), SMOKE_GRPO_TOKENS[0]
+    elif GRPO_MODEL_PRESET in config.presets:
+        preset = config.presets[GRPO_MODEL_PRESET]
+        spec, tokens = ModelSpec(GRPO_MODEL_PRESET, preset["family"], preset), GRPO_MODEL_TOKENS
+    else:
+        return []
+    seq = _grpo_seq(config)
+    flops = None if spec.preset is None else train_flops(
+        spec.preset, spec.preset["num_hidden_layers"], tokens // seq, seq)
+    out = []
+    for impl, patched, make_loss in ((THINKFUSE, True, _thinkfuse_grpo), (TRL_MATERIALISED, False, _materialised_grpo)):
+        build = _oom_guard(functools.partial(_build_grpo_model, spec, patched, make_loss, tokens, config))
+        out.append(Case(
+            op=OP, impl=impl, variant=GRPO_MODEL, mode=FWD_BWD,
+            shape={"tokens": tokens, "seq": seq}, model=spec.name, dtype=config.dtype,
+            flops=flops, build=build,
+        ))
+    return out
+
+
+def _enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers >= 5.2x names
+    it activation_checkpointing_enable and deprecates the older name)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _build_grpo_model(spec: ModelSpec, patched: bool, make_loss, tokens: int, config: Config) -> Workload:
+    model = build_model(spec, config).train()
+    _enable_checkpointing(model)
+    if patched:
+        thinkfuse.patch_model(model, backend=thinkfuse_backend(config))
+    seq = _grpo_seq(config)
+    batch = tokens // seq
+    loss = make_loss(config)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=config.device)
+    mask = torch.ones(batch, seq, device=config.device, dtype=torch.int64)
+    advantages = torch.randn(batch, device=config.device, dtype=torch.float32)
+
+    def forward():
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        return loss(hidden, model.lm_head.weight, ids, mask, advantages)
+
+    ones = torch.ones((), device=config.device, dtype=torch.float32)
+    return _OomGuardedWorkload(forward=forward, inputs=trained_parameters(model), grad_outputs=(ones,))
+
+
+# ---------------------------------------------------------------------------------------------
 # decode and decode-step
 
 
@@ -596,7 +664,8 @@ def step_costs(rows: list[dict]) -> list[dict]:
     return out
 
 
-BASELINES = {TRAIN: HF_SDPA, GRPO: TRL_MATERIALISED, DECODE: HF_SDPA, DECODE_STEP: HF_SDPA}
+BASELINES = {TRAIN: HF_SDPA, GRPO: TRL_MATERIALISED, GRPO_MODEL: TRL_MATERIALISED, DECODE: HF_SDPA,
+             DECODE_STEP: HF_SDPA}
 
 
 def speedup_vs_baseline(row: dict, rows: list[dict]) -> Optional[float]:

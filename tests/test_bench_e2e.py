@@ -40,6 +40,11 @@ def test_gpu_case_list():
     grpo = {(c.model, c.shape["tokens"], c.impl) for c in cases if c.variant == "grpo-step"}
     assert grpo == {(m, t, i) for m in e2e.GRPO_PRESETS for t in e2e.GRPO_TOKENS
                     for i in ("thinkfuse", "trl-materialised")}
+    full = [c for c in cases if c.variant == "grpo-model-step"]
+    assert {(c.model, c.shape["tokens"], c.impl) for c in full} == {
+        ("palmyra-mini", 32768, "thinkfuse"), ("palmyra-mini", 32768, "trl-materialised")}
+    layers = harness.load_presets()[0]["palmyra-mini"]["num_hidden_layers"]
+    assert full[0].flops == e2e.train_flops(_config().presets["palmyra-mini"], layers, 32, 1024)
     assert {(c.variant, c.impl) for c in cases if c.mode == "fwd"} == {
         ("decode", "hf-sdpa"), ("decode", "thinkfuse-mtp"),
         ("decode-step", "hf-sdpa"), ("decode-step", "thinkfuse"), ("decode-step", "thinkfuse-mtp")}
@@ -50,7 +55,7 @@ def test_gpu_case_list():
     assert {c.mode for c in e2e.cases(_config(modes=("fwd+bwd",)))} == {"fwd+bwd"}
     presets, _ = harness.load_presets()
     palmyra = e2e.cases(_config(presets={"palmyra-mini": presets["palmyra-mini"]}))
-    assert {c.variant for c in palmyra} == {"train-step", "grpo-step"}
+    assert {c.variant for c in palmyra} == {"train-step", "grpo-step", "grpo-model-step"}
 
 
 def test_train_flops():
@@ -118,3 +123,22 @@ def test_derived_numbers():
     assert cost["vs"] == "hf-sdpa" and cost["cost_ratio"] == 1.25
     assert abs(cost["implied_speedup"] - 1.9 / 1.25) < 1e-12
     assert any("1.52x" in line for line in e2e.summary_lines(rows))
+
+
+def test_grpo_model_step_rows_compute_the_same_loss():
+    """The two grpo-model-step workloads (patched + GRPOLoss, unpatched + materialised logits)
+    build the same tiny model, tokens and advantages, so their losses and gradients agree."""
+    config = _smoke_config()
+    cases = {c.impl: c for c in e2e.grpo_model_cases(config)}
+    assert set(cases) == {"thinkfuse", "trl-materialised"}
+    results = {}
+    for impl, case in cases.items():
+        workload = case.build()
+        loss = workload.forward()
+        grads = torch.autograd.grad(loss, workload.inputs)
+        results[impl] = (loss.detach(), grads)
+    (loss_a, grads_a), (loss_b, grads_b) = results["thinkfuse"], results["trl-materialised"]
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -252,6 +252,17 @@ def test_torch_compile_of_a_patched_model():
     assert_close_fp32(compiled_grad, model.lm_head.weight.grad)
 
 
+def test_meta_device_forward_of_a_patched_model():
+    """Shape-only forwards (meta tensors: memory planners, FLOP counters) run, in inference and
+    in training, where the packed-sequence check has no values to read."""
+    model = tiny_model("qwen2")
+    thinkfuse.patch_model(model, backend="torch")
+    model = model.to("meta")
+    ids = tiny_batch(batch=2, seq=7).to("meta")
+    assert model.eval()(input_ids=ids).logits.shape == (2, 7, model.config.vocab_size)
+    assert model.train()(input_ids=ids, labels=ids).loss.device.type == "meta"
+
+
 def test_unsupported_models_are_named():
     with pytest.raises(thinkfuse.UnsupportedModel, match="Qwen2ForCausalLM.*MistralForCausalLM"):
         thinkfuse.patch_model(torch.nn.Linear(2, 2))

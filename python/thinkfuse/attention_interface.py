@@ -18,7 +18,8 @@ Two functions are registered, the way transformers wires ``flash_attention_2``:
   ``ops.flash_attention`` (dense, or unpadded to the packed ``cu_seqlens`` form) and, for
   inference decode steps, to ``ops.decode_attention``. Anything that is not a causal decoder
   self-attention (``module.is_causal`` False, e.g. a vision tower; a dense 4-D mask; softcap or
-  attention sinks) runs transformers' own sdpa instead. Dropout is not supported: a training
+  attention sinks), and shape-only forwards on the meta device, run transformers' own sdpa
+  instead. Dropout is not supported: a training
   forward with ``attention_dropout > 0`` raises ValueError rather than silently training
   without dropout.
 
@@ -260,7 +261,10 @@ def thinkfuse_attention_forward(
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     dense_mask = attention_mask is not None and attention_mask.dim() == 4
     special = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-    if not is_causal or dense_mask or special or query.shape[2] > key.shape[2]:
+    # Meta tensors (shape-only forwards: memory planners, FLOP counters) have no values to
+    # unpad or split packed sequences by; sdpa gives the same output shape.
+    meta = query.device.type == "meta"
+    if not is_causal or dense_mask or special or query.shape[2] > key.shape[2] or meta:
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
     backends = {op: _module_backend(module, op) for op in ("flash_attention_fwd", "decode_attention")}

@@ -204,7 +204,9 @@ class GRPOLoss(nn.Module):
     instead of the 4 of forward + a recomputing backward); the backward only scales them. They
     are held from the forward to the backward ([B*T, H] + [V, H]), and the loss can be
     differentiated once. While it runs, d_weight is summed over token chunks in a float32 [V, H]
-    buffer. ``one_pass=False`` differentiates ``fused_linear_token_logprobs``, whose backward walks
+    buffer, unless all tokens' logits weigh less than a default chunk plus that buffer (fewer
+    than about 2 H tokens more than a chunk, for a bfloat16 lm_head): then they form one chunk
+    and d_weight is one matmul. ``one_pass=False`` differentiates ``fused_linear_token_logprobs``, whose backward walks
     vocab slabs and needs no [V, H] buffer beyond d_weight itself: one matmul more, less memory
     for half-precision lm_heads (the choice when memory is the limit).
     """

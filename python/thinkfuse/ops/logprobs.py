@@ -418,29 +418,54 @@ def _fused_chunked_forward(hidden, weight, ids, bias, temperature, return_entrop
 
 class _LmHeadGrads:
     """d_hidden, d_weight, d_bias of the lm_head, filled chunk by chunk from d logits. d_hidden of
-    a chunk is one matmul in the weight's dtype (as autograd of the lm_head computes it);
-    d_weight and d_bias are accumulated over chunks in float32."""
+    a chunk is one matmul in the weight's dtype (as autograd of the lm_head computes it). d_weight
+    of a single chunk holding every token is one matmul too, rounded once to the weight's dtype;
+    over several chunks it is accumulated in float32 (a [V, H] accumulator, allocated by the
+    first chunk), as d_bias always is."""
 
     def __init__(self, hidden, weight, bias, weight_grad: bool):
-        f32 = dict(dtype=torch.float32, device=hidden.device)
         self.weight, self.bias, self.weight_grad = weight, bias, weight_grad
+        self.n_tokens = hidden.shape[0]
         self.d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-        self.d_weight = torch.zeros(weight.shape if weight_grad else (0,), **f32)
+        self.d_weight = None
+        f32 = dict(dtype=torch.float32, device=hidden.device)
         self.d_bias = torch.zeros((weight.shape[0],) if weight_grad and bias is not None else (0,), **f32)
 
     def add_chunk(self, start: int, end: int, h: Tensor, grad: Tensor) -> None:
         """Chunk [start, end) of the tokens: inputs ``h`` [c, H], d logits ``grad`` [c, V]."""
         self.d_hidden[start:end] = grad.to(self.weight.dtype) @ self.weight
-        if self.weight_grad:
+        if not self.weight_grad:
+            return
+        if end - start == self.n_tokens:
+            self.d_weight = _product(grad.t(), h, self.weight.dtype)
+        else:
+            if self.d_weight is None:
+                self.d_weight = torch.zeros(self.weight.shape, dtype=torch.float32, device=h.device)
             self.d_weight = _add_product(self.d_weight, grad.t(), h)
-            if self.bias is not None:
-                self.d_bias += grad.sum(0, dtype=torch.float32)
+        if self.bias is not None:
+            self.d_bias += grad.sum(0, dtype=torch.float32)
 
     def result(self):
         """(d_hidden, d_weight or empty, d_bias or empty) in their parameters' dtypes."""
         has_bias = self.bias is not None and self.weight_grad
         d_bias = self.d_bias.to(self.bias.dtype) if has_bias else self.d_hidden.new_empty((0,))
-        return self.d_hidden, self.d_weight.to(self.weight.dtype), d_bias
+        if not self.weight_grad:
+            d_weight = self.d_hidden.new_empty((0,), dtype=self.weight.dtype)
+        elif self.d_weight is None:  # no tokens
+            d_weight = torch.zeros_like(self.weight)
+        else:
+            d_weight = self.d_weight.to(self.weight.dtype)
+        return self.d_hidden, d_weight, d_bias
+
+
+def one_pass_chunk_tokens(n_tokens: int, chunk_tokens: int, weight: Tensor, logit_bytes: int) -> int:
+    """Tokens per chunk of the one-pass path with a weight gradient, given the backend's default
+    ``chunk_tokens``. Several chunks need a float32 ``[V, H]`` d_weight accumulator (4 V H bytes);
+    one chunk of all tokens needs none but holds every token's logits (``logit_bytes`` per logit,
+    gradient included). One chunk is taken when it needs less memory: ``n_tokens <= chunk_tokens
+    + 4 H / logit_bytes`` (for bfloat16 kernels, fewer than ~2 H tokens above a chunk)."""
+    accumulator_tokens = 4 * weight.shape[1] // logit_bytes  # tokens whose logits weigh as much
+    return n_tokens if n_tokens <= chunk_tokens + accumulator_tokens else chunk_tokens
 
 
 def _fused_chunked_backward(grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, temperature,
@@ -550,6 +575,10 @@ def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: 
     bias = bias.contiguous() if bias is not None else None
     weight = with_unit_last_stride(weight)
     chunk = _chunk_tokens(name, weight, chunk_size)
+    if chunk_size is None and weight_grad:
+        # torch's reducer makes a float32 d logits beside the logits; the kernels write over them.
+        logit_bytes = weight.element_size() + (4 if name == "torch" else 0)
+        chunk = one_pass_chunk_tokens(hidden.shape[0], chunk, weight, logit_bytes)
     logprobs = torch.zeros((hidden.shape[0],), dtype=torch.float32, device=hidden.device)
     grads = _LmHeadGrads(hidden, weight, bias, weight_grad)
     for start, end in _chunk_bounds(hidden.shape[0], chunk):

@@ -1,19 +1,23 @@
 """The real CUDA kernel sources, run on the CPU by the host emulator of tests/cuda_emulation.
 
 csrc/ops/{flash_attention_fwd,flash_attention_bwd,decode_attention,mtp_verify,
-flash_attention_fwd_sm90}.cu are compiled unchanged with g++ against an emulation of the CUDA
-execution model (threads as fibers, warp collectives, cp.async / ldmatrix / mma.sync with the PTX
-fragment semantics, NaN-poisoned shared memory, random interleavings; for the Hopper kernel TMA
+flash_attention_fwd_sm90,logprobs,rms_norm,rope,swiglu}.cu are compiled unchanged with g++
+against an emulation of the CUDA execution model (threads as fibers, warp collectives, cp.async /
+ldmatrix / mma.sync with the PTX fragment semantics, NaN-poisoned shared memory, random
+interleavings; for the Hopper kernel TMA
 with tensor maps, mbarriers, wgmma through shared-memory descriptors, named barriers and
 setmaxnreg; see tests/cuda_emulation/README.md) and their launchers are driven as the torch
 bindings drive them. Results are held to the tolerances the GPU tests use
 (tests/test_attention.py, test_flash_attention_bwd_cuda.py, test_decode_attention_cuda.py,
-test_flash_attention_sm90.py, tolerances.py) against reference.py (float64 truths for float16 /
-bfloat16).
+test_flash_attention_sm90.py, test_logprobs_mtp_cuda.py, test_rms_norm.py,
+test_rope_swiglu_cuda.py, tolerances.py) against reference.py (float64 truths for float16 /
+bfloat16). The token log-probability backward also runs in place (its gradient written over the
+logits), which must give the out-of-place gradient bit for bit.
 
 What this cannot see: timing, fast-math approximations (ex2.approx, approximate division), the
-real memory model and real concurrency between blocks, register / occupancy limits. It catches
-indexing, fragment-layout, masking, pipelining (cp.async waits, barriers), reduction and
+real memory model and real concurrency between blocks, register / occupancy limits; races
+between threads only as wrong results of the schedules drawn. It catches indexing,
+fragment-layout, masking, pipelining (cp.async waits, barriers), reduction, aliasing and
 launch-configuration bugs in the sources as written.
 
 Needs g++ and the CUDA headers (not a GPU); skipped without them. The build is cached
@@ -572,6 +576,645 @@ def test_mtp_verify(harness, case):
     _check_mtp(harness, MTP_CASES[case])
 
 
+# --- token log-probabilities -------------------------------------------------------------------
+# csrc/ops/logprobs.cu (one block of 256 threads per row: an online logsumexp folded through the
+# block all-reduce, 16-byte or element-wise loads), driven as csrc/bindings/logprobs.cpp drives it:
+# the forward, then the backward fed with the forward's lse / entropy (as the op's autograd formula
+# chains them), out of place (token_logprobs_bwd) and written over the logits themselves
+# (token_logprobs_bwd_out with grad_logits = logits: what the fused lm_head paths do). Tolerances of
+# test_logprobs_mtp_cuda.py: the float32 outputs within 1e-4 (reductions over long rows) of
+# reference.py (float32 logits) or of a float64 truth (float16 / bfloat16 logits); float32
+# gradients within 1e-5 of reference.py's autograd gradient, float16 / bfloat16 ones no worse than
+# twice reference.py's own error against the float64 truth (plus one ulp). The gradient written in
+# place must be the out-of-place one bit for bit.
+
+IGNORED = -100
+
+
+@dataclass(frozen=True)
+class Lp:
+    vocab: int
+    dtype: torch.dtype = torch.float32
+    b: int = 2
+    t: int = 5
+    temperature: float = 1.0
+    entropy: bool = True
+    # contig | slice (logits[:, :-1] of a [B, T + 1, V] tensor, read in place; the in-place
+    # backward then runs on a contiguous copy) | offset (contiguous, one element into its storage:
+    # rows not 16-byte aligned)
+    layout: str = "contig"
+    ids_dtype: torch.dtype = torch.int64
+    # masked: logits below V / 2 are -inf (ids above); padded: the vocabulary's last eighth is -inf
+    # and the last row all -inf with an ignored id; out-of-range: one id is V (NaN log-prob, no
+    # read); peaked: the targets' logits raised by 12 (p near 1: 1 - p cancels at the target)
+    special: str = ""
+    opts: dict = field(default_factory=dict)
+
+
+LP_CASES = {
+    "fp32-v1": Lp(1, b=2, t=3),
+    "fp32-v7-int32-ids-t0.7": Lp(7, temperature=0.7, ids_dtype=torch.int32, opts=RANDOM),
+    "fp16-v1000-t0.7": Lp(1000, FP16, temperature=0.7),
+    "bf16-v4099-t1.3": Lp(4099, BF16, temperature=1.3, opts=WORKERS),
+    "fp32-v4099-masked-int32-ids": Lp(4099, special="masked", ids_dtype=torch.int32),
+    "bf16-v1000-padded": Lp(1000, BF16, special="padded", opts=RANDOM),
+    "fp32-v1000-out-of-range-id": Lp(1000, special="out-of-range"),
+    "fp16-v4096-slice-t0.9": Lp(4096, FP16, temperature=0.9, layout="slice"),
+    "fp32-v4099-slice": Lp(4099, layout="slice", opts=RANDOM),
+    "bf16-v4096-offset": Lp(4096, BF16, layout="offset", opts=WORKERS),
+    "bf16-v4096-peaked-t0.8": Lp(4096, BF16, temperature=0.8, special="peaked", opts=RANDOM),
+    "fp32-v1000-peaked": Lp(1000, special="peaked"),
+    # batch 1 (stride_b 0), T = 1 (stride_s 0)
+    "fp32-v9000-b1-no-entropy": Lp(9000, b=1, t=4, entropy=False),
+    "bf16-v2048-t1": Lp(2048, BF16, b=4, t=1),
+    # model vocabularies: 75 and 16 iterations of the row loop
+    "bf16-v151937-t0.9": Lp(151937, BF16, b=1, t=3, temperature=0.9),
+    "fp16-v32000-no-entropy": Lp(32000, FP16, b=1, t=3, entropy=False, opts=RANDOM),
+}
+
+
+def _lp_inputs(c: Lp, seed=0):
+    """logits [B, T, V] in the case's layout and token ids [B * T]."""
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(c.b, c.t + (c.layout == "slice"), c.vocab, generator=g)
+    ids = torch.randint(0, c.vocab, (c.b, c.t), generator=g)
+    if c.special == "masked":
+        x[..., : c.vocab // 2] = float("-inf")
+        ids = ids.clamp(min=c.vocab // 2)
+    if c.special == "padded":
+        real = c.vocab - c.vocab // 8
+        x[..., real:] = float("-inf")
+        ids = ids % real
+        x[-1, c.t - 1] = float("-inf")
+        ids[-1, -1] = IGNORED
+    ids[0, min(1, c.t - 1)] = IGNORED
+    if c.special == "out-of-range":
+        ids[0, 0] = -1
+        ids[-1, -1] = c.vocab
+    if c.special == "peaked":
+        live = ids >= 0
+        x[:, : c.t][live, ids[live]] += 12
+    x = x.to(c.dtype)
+    if c.layout == "slice":
+        x = x[:, :-1]
+    elif c.layout == "offset":
+        flat = torch.empty(x.numel() + 1, dtype=c.dtype)
+        flat[1:] = x.flatten()
+        x = flat[1:].view(x.shape)
+    return x, ids.reshape(-1).to(c.ids_dtype)
+
+
+def _lp_truth(x, ids, temperature, entropy):
+    """float64 log-probs (and entropy) of logits x [B, T, V] at ids [B, T] (ids < V)."""
+    logp = torch.log_softmax(x.double() / temperature, dim=-1)
+    live = ids >= 0
+    picked = torch.where(live, logp.gather(-1, ids.clamp(min=0).long().unsqueeze(-1)).squeeze(-1), 0.0)
+    if not entropy:
+        return (picked,)
+    finite = torch.where(torch.isneginf(logp), 0.0, logp)
+    return picked, torch.where(live, -(logp.exp() * finite).sum(-1), 0.0)
+
+
+def _lp_grad(fn, x, ids2, grads):
+    leaf = x.detach().clone().requires_grad_()
+    outs = fn(leaf, ids2)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(list(outs), [g.view(ids2.shape).to(o.dtype) for o, g in zip(outs, grads)])
+    return leaf.grad
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _aligned(t, strides, align=16):
+    """The launchers' alignment tests (rows_are_16B_aligned, rope.cuh vec_aligned) for a view of a
+    harness buffer (256-byte aligned) and these element strides."""
+    e = t.element_size()
+    return (t.storage_offset() * e) % align == 0 and all((s * e) % align == 0 for s in strides)
+
+
+def _check_lp(exe, c: Lp):
+    x, ids = _lp_inputs(c)
+    rows, vocab = c.b * c.t, c.vocab
+    opts = emu.Options(**c.opts)
+    # forward: one block of 256 threads per row, vector loads iff every row start is aligned
+    fwd = emu.token_logprobs_fwd(exe, x, ids, c.temperature, c.entropy, options=opts)
+    assert fwd.status == 0, emu.ERRORS.get(fwd.status, fwd.status)
+    aligned = _aligned(x, (emu._stride_or_zero(x, 0), emu._stride_or_zero(x, 1)))
+    flags = f"{str(aligned).lower()},_{str(c.entropy).lower()}"
+    assert [(launch.kernel, launch.grid, launch.threads) for launch in fwd.launches] == \
+        [(f"fwd_kernel<{flags}>", (rows, 1, 1), 256)], fwd.launches
+    ids2 = ids.view(c.b, c.t).long()
+    ignored = ids < 0
+    out_of_range = ids >= vocab
+    ref_ids = ids2.masked_fill(out_of_range.view(ids2.shape), 0)  # reference.py's gather needs ids < V
+    ours = (fwd.logprobs, fwd.entropy) if c.entropy else (fwd.logprobs,)
+    ref = reference.token_logprobs(x, ref_ids, c.temperature, c.entropy)
+    ref = ref if c.entropy else (ref,)
+    truth = _lp_truth(x, ref_ids, c.temperature, c.entropy)
+    for name, o, r, t in zip(("logprobs", "entropy"), ours, ref, truth):
+        with failure_label(name):
+            assert not o[ignored].any(), "ignored rows must give 0"
+            expected = (r if c.dtype == torch.float32 else t).reshape(-1).float()
+            if name == "logprobs":  # (no reference where the id is out of range)
+                o, expected = o.masked_fill(out_of_range, 0.0), expected.masked_fill(out_of_range, 0.0)
+            assert_close_fp32(o, expected, tol=1e-4)
+    if out_of_range.any():
+        assert fwd.logprobs[out_of_range].isnan().all(), "an id >= V gives a NaN log-prob"
+    lse = torch.logsumexp(x.double() / c.temperature, dim=-1).reshape(-1)
+    with failure_label("lse"):
+        assert_close_fp32(torch.where(ignored, 0.0, fwd.lse), torch.where(ignored, 0.0, lse), tol=1e-4)
+        assert not fwd.lse[ignored].any()
+
+    # backward, out of place and in place, from the forward's lse / entropy
+    gen = torch.Generator().manual_seed(1)
+    grad_lp = torch.randn(rows, generator=gen).masked_fill(out_of_range, 0.0)  # (the reference has no id there)
+    grad_ent = torch.randn(rows, generator=gen) if c.entropy else None
+    entropy = fwd.entropy if c.entropy else None
+    bwd = emu.token_logprobs_bwd(exe, grad_lp, grad_ent, x, ids, fwd.lse, entropy, c.temperature, options=opts)
+    assert bwd.status == 0, emu.ERRORS.get(bwd.status, bwd.status)
+    aligned_bwd = aligned and (vocab * x.element_size()) % 16 == 0  # (the fresh gradient is aligned)
+    flags = f"{str(aligned_bwd).lower()},_{str(c.entropy).lower()}"
+    assert [(launch.kernel, launch.grid, launch.threads) for launch in bwd.launches] == \
+        [(f"bwd_kernel<{flags}>", (rows, 1, 1), 256)], bwd.launches
+    in_place = x if x.is_contiguous() else x.contiguous()
+    ip = emu.token_logprobs_bwd_out(exe, grad_lp, grad_ent, in_place, ids, fwd.lse, entropy, c.temperature,
+                                    in_place, options=opts)
+    assert ip.status == 0, emu.ERRORS.get(ip.status, ip.status)
+    assert torch.equal(ip.grad_logits, bwd.grad_logits), \
+        "the gradient written in place differs from the out-of-place one " \
+        f"(rows {sorted(set((ip.grad_logits != bwd.grad_logits).reshape(rows, -1).any(-1).nonzero()[:, 0].tolist()))})"
+    grads = (grad_lp, grad_ent) if c.entropy else (grad_lp,)
+    # (ignored rows compared as zeros: reference.py's gradient of an all -inf row is NaN there)
+    live = (ids2 >= 0)[..., None]
+    hf = _lp_grad(lambda a, i: reference.token_logprobs(a, i, c.temperature, c.entropy), x, ref_ids, grads)
+    hf = torch.where(live, hf, 0.0)
+    got = bwd.grad_logits
+    with failure_label("grad_logits"):
+        assert not got.reshape(rows, vocab)[ignored].any(), "ignored rows get a zero gradient"
+        if c.dtype == torch.float32:
+            assert_close_fp32(got, hf)
+        else:
+            truth_grad = _lp_grad(lambda a, i: _lp_truth(a, i, c.temperature, c.entropy), x.double(), ref_ids, grads)
+            assert_low_precision_ok(got, hf, torch.where(live, truth_grad, 0.0))
+
+
+@pytest.mark.parametrize("case", list(LP_CASES))
+def test_token_logprobs(harness, case):
+    _check_lp(harness, LP_CASES[case])
+
+
+# --- RMSNorm -------------------------------------------------------------------------------------
+# csrc/ops/rms_norm.cu: a warp per row up to 512 columns, else a block per row (rows held in
+# registers up to 8192 columns, streamed twice beyond), the fused residual add, and the backward's
+# persistent grid writing one dweight partial row per row group, summed by dw_reduce_kernel.
+# Driven as csrc/bindings/rms_norm.cpp (workspace from rms_norm_backward_workspace_floats for the
+# emulated device, uninitialised), the backward fed with the forward's h and rstd. Tolerances of
+# test_rms_norm.py: float32 outputs within 1e-5 and gradients within 1e-4 of reference.py,
+# float16 / bfloat16 against the float64 truth (assert_low_precision_ok), mixed dtypes as its
+# test_mixed_dtypes_follow_transformers_promotion; h = x + residual exactly.
+
+SMS = {0: 132, 1: 108, 2: 84, 3: 84}  # the emulated devices' SM counts
+
+
+@dataclass(frozen=True)
+class Rms:
+    cols: int
+    rows: int = 37
+    dtype: torch.dtype = torch.float32
+    w_dtype: torch.dtype | None = None
+    residual: bool = False
+    layout: str = "contig"  # contig | padded (rows 8 elements apart more than cols) | offset (unaligned)
+    eps: float = 1e-6
+    device: int = 0
+    opts: dict = field(default_factory=dict)
+
+
+RMS_CASES = {
+    # warp per row (<= 512 columns)
+    "fp32-c1": Rms(1),
+    "bf16-c7-residual": Rms(7, dtype=BF16, residual=True, opts=RANDOM),
+    "fp16-c512-residual": Rms(512, dtype=FP16, residual=True),
+    # a block per row, cached in registers
+    "fp16-c513": Rms(513, dtype=FP16, opts=WORKERS),
+    "bf16-c1000-padded-eps1e-5": Rms(1000, dtype=BF16, layout="padded", eps=1e-5, opts=RANDOM),
+    "fp32-c999-offset-residual": Rms(999, residual=True, layout="offset"),
+    "bf16-c4096-residual": Rms(4096, dtype=BF16, residual=True, opts=WORKERS),
+    "fp32-c8192-padded": Rms(8192, rows=5, layout="padded"),
+    # streamed (two passes over the row)
+    "bf16-c8200-residual-streamed": Rms(8200, dtype=BF16, rows=5, residual=True),
+    "fp32-c8193-streamed": Rms(8193, rows=4, residual=True, layout="offset", opts=RANDOM),
+    # mixed dtypes: y (and dy) in float32
+    "bf16-fp32w-c200-residual": Rms(200, dtype=BF16, w_dtype=torch.float32, residual=True),
+    "fp32-bf16w-c1000": Rms(1000, w_dtype=BF16),
+    "fp16-bf16w-c600-residual": Rms(600, dtype=FP16, w_dtype=BF16, residual=True, opts=RANDOM),
+    # more rows than the persistent backward grid has row groups (84 SMs: 168 blocks): groups take
+    # several rows and fold them into one dweight partial
+    "fp16-c64-700rows-persistent-warps": Rms(64, dtype=FP16, rows=700, device=2, opts=WORKERS),
+    "bf16-c1024-200rows-persistent-blocks": Rms(1024, dtype=BF16, rows=200, residual=True, device=2),
+    # no rows: dweight is zeros (written by dw_reduce_kernel alone)
+    "fp32-c100-no-rows": Rms(100, rows=0),
+}
+
+
+def _rms_layout(t, layout):
+    if layout == "padded":
+        big = torch.zeros(t.shape[0], t.shape[1] + 8, dtype=t.dtype)
+        big[:, : t.shape[1]] = t
+        return big[:, : t.shape[1]]
+    if layout == "offset":
+        flat = torch.zeros(t.numel() + 1, dtype=t.dtype)
+        flat[1:] = t.flatten()
+        return flat[1:].view(t.shape)
+    return t
+
+
+def _rms_plan(cols, dtype):
+    """(row group, cached / streamed, threads) of rms_norm.cuh plan_rows."""
+    vec = 16 // dtype.itemsize
+    if cols <= 512:
+        return "WarpPerRow", "kChunks", 128
+    chunks, per_thread = _cdiv(cols, vec), 16 // vec
+    if chunks > 512 * per_thread:
+        return "BlockPerRow", "kStreamed", 512
+    return "BlockPerRow", "kChunks", max(128, _cdiv(_cdiv(chunks, per_thread), 32) * 32)
+
+
+def _rms_truth(x, w, eps, residual=None):
+    """reference.rms_norm's formula in the inputs' precision: a float64 truth (reference.py itself
+    computes in float32 whatever the inputs' dtype, so test_rms_norm.py's "truth" is float32; at
+    hidden size 1, where dx is pure cancellation, that is further from the truth than the kernel)."""
+    h = x if residual is None else x + residual
+    y = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    return y if residual is None else (y, h)
+
+
+def _run_grads(fn, leaves, grads):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(list(outs), list(grads))
+    return [o.detach() for o in outs], [t.grad for t in leaves]
+
+
+def _check_rms(exe, c: Rms):
+    w_dtype = c.w_dtype or c.dtype
+    y_dtype = torch.promote_types(c.dtype, w_dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(c.rows, c.cols, generator=gen).to(c.dtype)
+    w = (1 + 0.5 * torch.randn(c.cols, generator=gen)).to(w_dtype)
+    r = torch.randn(c.rows, c.cols, generator=gen).to(c.dtype) if c.residual else None
+    dy = torch.randn(c.rows, c.cols, generator=gen).to(y_dtype)
+    dh = torch.randn(c.rows, c.cols, generator=gen).to(c.dtype) if c.residual else None
+    x, dy = _rms_layout(x, c.layout), _rms_layout(dy, c.layout)
+    r = _rms_layout(r, c.layout) if c.residual else None
+    opts = emu.Options(device=c.device, **c.opts)
+
+    fwd = emu.rms_norm_fwd(exe, x, w, r, c.eps, options=opts)
+    assert fwd.status == 0, emu.ERRORS.get(fwd.status, fwd.status)
+    group, cached, threads = _rms_plan(c.cols, c.dtype)
+    groups = 4 if group == "WarpPerRow" else 1
+    kernel = f"<{group},_kAligned,_{cached}>"
+    assert [(launch.kernel, launch.grid, launch.threads) for launch in fwd.launches] == \
+        ([(f"fwd_kernel{kernel}", (_cdiv(c.rows, groups), 1, 1), threads)] if c.rows else []), fwd.launches
+    h = fwd.h if c.residual else x
+    bwd = emu.rms_norm_bwd(exe, dy, h, w, fwd.rstd, dh, options=opts)
+    assert bwd.status == 0, emu.ERRORS.get(bwd.status, bwd.status)
+    blocks = min(2 * SMS[c.device], _cdiv(c.rows, groups))
+    assert bwd.workspace_floats == 2 * SMS[c.device] * groups * c.cols
+    assert [(launch.kernel, launch.grid, launch.threads) for launch in bwd.launches] == \
+        [(f"bwd_kernel{kernel}", (blocks, 1, 1), threads)] * (blocks > 0) + \
+        [("dw_reduce_kernel", (_cdiv(c.cols, 32), 1, 1), 512)], bwd.launches
+
+    leaves = (x, w) + ((r,) if c.residual else ())
+    grads = (dy, dh) if c.residual else (dy,)
+
+    def fn(*t):
+        return reference.rms_norm(t[0], t[1], c.eps, t[2] if c.residual else None)
+
+    def truth_fn(*t):
+        return _rms_truth(t[0], t[1], c.eps, t[2] if c.residual else None)
+
+    hf_outs, hf_grads = _run_grads(fn, leaves, grads)
+    if c.residual:
+        assert torch.equal(fwd.h, hf_outs[1]), "h = x + residual, rounded once"
+    ours = [("y", fwd.y, hf_outs[0]), ("dx", bwd.dx, hf_grads[0]), ("dw", bwd.dw, hf_grads[1])]
+    if c.dtype != w_dtype:  # test_rms_norm.py's mixed-dtype tolerances
+        for (name, o, hf), (rtol, atol) in zip(ours, ((2e-2, 2e-2), (2e-2, 2e-2), (2e-2, 5e-2))):
+            with failure_label(name):
+                assert o.dtype == hf.dtype
+                torch.testing.assert_close(o.float(), hf.float(), rtol=rtol, atol=atol)
+    elif c.dtype == torch.float32:
+        for (name, o, hf), tol in zip(ours, (1e-5, 1e-4, 1e-4)):
+            with failure_label(name):
+                assert_close_fp32(o, hf, tol=tol)
+    else:
+        truth_outs, truth_grads = _run_grads(truth_fn, [t.double() for t in leaves], [g.double() for g in grads])
+        for (name, o, hf), t in zip(ours, (truth_outs[0], truth_grads[0], truth_grads[1])):
+            with failure_label(name):
+                assert_low_precision_ok(o, hf, t)
+
+
+@pytest.mark.parametrize("case", list(RMS_CASES))
+def test_rms_norm(harness, case):
+    _check_rms(harness, RMS_CASES[case])
+
+
+# --- rotary embeddings -------------------------------------------------------------------------
+# csrc/ops/rope.cu: rope (cos / sin computed in the kernel from the positions and inv_freq, times
+# attention_scaling, Ministral 3's query temperature on q) and apply_rotary (cos / sin tensors),
+# forward and backward (the inverse rotation), tiles of tokens with their offsets and the cos / sin
+# table in shared memory. YaRN and llama3 reach the kernel as their inv_freq and attention scaling
+# (thinkfuse.rope_params, bit for bit transformers'). Driven as csrc/bindings/rope.cpp; tolerances
+# of test_rope_swiglu_cuda.py: float32 within 1e-5 of reference.py, float16 / bfloat16 against the
+# float64 truth, mixed dtypes (apply_rotary) as its test_apply_rotary_mixed_dtypes_promote.
+
+LLAMA4 = (0.1, 16384)  # Ministral 3's (llama_4_scaling_beta, original_max_position_embeddings)
+EDGE_POSITIONS = [0, 16383, 16384, 32767, 32768, 100000, 262143, 262144, 299999, 300000, 2**24 + 5]
+ROPE_SCALINGS = {
+    "default": dict(rope_type="default", rope_theta=1e6),
+    "yarn": dict(rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384),
+    "llama3": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192),
+    # Ministral 3: YaRN without attention scaling, and the query temperature
+    "ministral3": dict(rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384,
+                       beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1),
+}
+
+
+def _rope_params(scaling, head_dim):
+    import types
+
+    from thinkfuse.rope_params import rope_params
+
+    config = types.SimpleNamespace(head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
+                                   max_position_embeddings=262144, rope_parameters=ROPE_SCALINGS[scaling])
+    return rope_params(config)
+
+
+@dataclass(frozen=True)
+class Rope:
+    d: int
+    b: int = 2
+    s: int = 5
+    hq: int = 4
+    hkv: int = 2
+    dtype: torch.dtype = torch.float32
+    scaling: str = "ministral3"  # a ROPE_SCALINGS key (rope); cos / sin of "yarn" (apply_rotary)
+    pos: str = "batch"  # batch | broadcast ([1, S] positions, or cos / sin)
+    pos_dtype: torch.dtype = torch.int64
+    layout: str = "bshd"  # bshd | from-bhsd (transposed [B, H, S, D] storage) | offset (unaligned)
+    cos_dtype: torch.dtype | None = None  # apply_rotary: cos / sin dtype (default: q's)
+    opts: dict = field(default_factory=dict)
+
+
+ROPE_CASES = {
+    "fp32-d64-ministral3": Rope(64),
+    # tiles of 2 tokens x 40 heads (the last one holds 1), positions shared by the batch
+    "bf16-d128-gqa32-8-from-bhsd-ministral3": Rope(128, b=3, s=201, hq=32, hkv=8, dtype=BF16, pos="broadcast",
+                                                   layout="from-bhsd", opts=WORKERS),
+    # tiles of 62 tokens (the last one 4): the per-token shared arrays nearly full
+    "fp32-d8-62-token-tiles": Rope(8, b=1, s=16000, hq=1, hkv=1, opts=RANDOM),
+    "fp16-d128-yarn-int32-positions": Rope(128, dtype=FP16, scaling="yarn", pos_dtype=torch.int32, opts=RANDOM),
+    "bf16-d80-llama3-gqa7-1": Rope(80, b=3, hq=7, hkv=1, dtype=BF16, scaling="llama3"),
+    "fp32-d10-default-unaligned": Rope(10, s=9, scaling="default"),
+    # half = 1152 > 1024: two column tiles per token
+    "bf16-d2304-two-column-tiles": Rope(2304, b=1, s=3, hq=2, hkv=1, dtype=BF16),
+    "fp16-d64-offset": Rope(64, dtype=FP16, layout="offset", opts=RANDOM),
+    "fp32-d128-decode-b64-yarn": Rope(128, b=64, s=1, hq=8, hkv=2, scaling="yarn"),
+}
+
+ROTARY_CASES = {
+    "fp32-d64": Rope(64),
+    "bf16-d128-from-bhsd-broadcast": Rope(128, s=33, hq=8, hkv=2, dtype=BF16, pos="broadcast", layout="from-bhsd",
+                                          opts=RANDOM),
+    "fp16-d128": Rope(128, dtype=FP16, opts=WORKERS),
+    "bf16-d10-unaligned": Rope(10, s=9, dtype=BF16),
+    "fp32-d2304-offset": Rope(2304, b=1, s=3, hq=2, hkv=1, layout="offset"),
+    "fp16-d16-many-token-tiles": Rope(16, b=2, s=3000, hq=2, hkv=1, dtype=FP16, pos="broadcast", opts=WORKERS),
+    # mixed dtypes: outputs in promote(q, cos) = float32, the gradients in q's dtype
+    "bf16-fp32cos-d128": Rope(128, dtype=BF16, cos_dtype=torch.float32),
+    "fp16-bf16cos-d64-broadcast": Rope(64, dtype=FP16, cos_dtype=BF16, pos="broadcast", opts=RANDOM),
+    "fp32-bf16cos-d64": Rope(64, cos_dtype=BF16),
+}
+
+
+def _rope_inputs(c: Rope, seed=0):
+    """q, k, their output gradients (same layout), positions."""
+    g = torch.Generator().manual_seed(seed)
+
+    def heads(h):
+        if c.layout == "from-bhsd":
+            return torch.randn(c.b, h, c.s, c.d, generator=g).to(c.dtype).transpose(1, 2)
+        t = torch.randn(c.b, c.s, h, c.d, generator=g).to(c.dtype)
+        return _rms_layout(t.view(1, -1), "offset").view(t.shape) if c.layout == "offset" else t
+
+    q, k, dq, dk = heads(c.hq), heads(c.hkv), heads(c.hq), heads(c.hkv)
+    pos = torch.randint(0, 300001, (c.b if c.pos == "batch" else 1, c.s), generator=g)
+    edges = torch.tensor(EDGE_POSITIONS)[: c.s]
+    pos[:, : edges.numel()] = edges
+    return q, k, dq, dk, pos.to(c.pos_dtype)
+
+
+def _rotary_aligned(q, k, d, cos_sin=()):
+    """rope.cuh qk_vectorisable (and apply_rotary's cos / sin condition): chunks of 16 bytes of q's
+    dtype, each tensor aligned for that many of its own elements (the fresh outputs are)."""
+    vec = 16 // q.element_size()
+    heads_ok = all(_aligned(t, [emu._stride_or_zero(t, i) for i in range(3)], min(16, vec * t.element_size()))
+                   for t in (q, k))
+    cos_ok = all(_aligned(t, [emu._stride_or_zero(t, i) for i in range(2)], min(16, vec * t.element_size()))
+                 for t in cos_sin)
+    return (d // 2) % vec == 0 and heads_ok and cos_ok
+
+
+def _rotary_tiles(c: Rope, table, x):
+    """rope.cuh plan_tiles for the kernel input x: the grid (a block per tile of tokens x a column
+    range of a half)."""
+    half, vec, tokens = c.d // 2, 16 // x.element_size(), c.b * c.s
+    col_tile = min(half, 1024)
+    col_tiles = _cdiv(half, col_tile)
+    per_tile = min(_cdiv(1024, (c.hq + c.hkv) * _cdiv(col_tile, vec)), 64)
+    if table:
+        per_tile = min(per_tile, 2048 // col_tile)
+    per_tile = max(min(per_tile, tokens * col_tiles // 256), 1)
+    return _cdiv(tokens, per_tile) * col_tiles
+
+
+def _check_rotary_outputs(ours, hf, truth):
+    """test_rope_swiglu_cuda.py's _check_vs_reference."""
+    for name, o, r, t in zip(("q", "k", "dq", "dk"), ours, hf, truth):
+        with failure_label(name):
+            assert o.dtype == r.dtype and o.shape == r.shape, (o.dtype, r.dtype, o.shape, r.shape)
+            if o.dtype == torch.float32:
+                assert_close_fp32(o, r)
+            else:
+                assert_low_precision_ok(o, r, t)
+
+
+def _check_rope(exe, c: Rope):
+    q, k, dq_out, dk_out, pos = _rope_inputs(c)
+    params = _rope_params(c.scaling, c.d)
+    beta, original_max = params.llama4_scaling or (0.0, 0)
+    args = (pos, params.inv_freq, params.attention_scaling, beta, original_max)
+    opts = emu.Options(**c.opts)
+    fwd = emu.rope_fwd(exe, q, k, *args, options=opts)
+    bwd = emu.rope_bwd(exe, dq_out, dk_out, *args, options=opts)
+    assert fwd.status == 0 and bwd.status == 0, (fwd.status, bwd.status)
+    for r, t, u in ((fwd, q, k), (bwd, dq_out, dk_out)):
+        aligned = str(_rotary_aligned(t, u, c.d)).lower()
+        assert [(launch.kernel, launch.grid, launch.threads) for launch in r.launches] == \
+            [(f"rope_kernel<{aligned}>", (_rotary_tiles(c, True, t), 1, 1), 256)], r.launches
+
+    def fn(q_, k_):
+        return reference.rope(q_, k_, pos, params.inv_freq, params.attention_scaling, params.llama4_scaling)
+
+    grads = (dq_out, dk_out)
+    hf_outs, hf_grads = _run_grads(fn, (q, k), grads)
+    truth_outs, truth_grads = _run_grads(fn, (q.double(), k.double()), [g.double() for g in grads])
+    _check_rotary_outputs((fwd.q, fwd.k, bwd.q, bwd.k), hf_outs + hf_grads, truth_outs + truth_grads)
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope(harness, case):
+    _check_rope(harness, ROPE_CASES[case])
+
+
+def _check_apply_rotary(exe, c: Rope):
+    q, k, dq_out, dk_out, pos = _rope_inputs(c)
+    params = _rope_params("yarn", c.d)
+    cos, sin = reference.rope_cos_sin(pos, params.inv_freq, params.attention_scaling)
+    cos_dtype = c.cos_dtype or c.dtype
+    cos, sin = cos.to(cos_dtype), sin.to(cos_dtype)
+    out_dtype = torch.promote_types(c.dtype, cos_dtype)
+    dq_out, dk_out = dq_out.to(out_dtype), dk_out.to(out_dtype)
+    opts = emu.Options(**c.opts)
+    fwd = emu.apply_rotary_fwd(exe, q, k, cos, sin, options=opts)
+    bwd = emu.apply_rotary_bwd(exe, dq_out, dk_out, cos, sin, c.dtype, options=opts)
+    assert fwd.status == 0 and bwd.status == 0, (fwd.status, bwd.status)
+    for r, t, u in ((fwd, q, k), (bwd, dq_out, dk_out)):
+        aligned = str(_rotary_aligned(t, u, c.d, (cos, sin))).lower()
+        assert [(launch.kernel, launch.grid, launch.threads) for launch in r.launches] == \
+            [(f"apply_rotary_kernel<{aligned}>", (_rotary_tiles(c, False, t), 1, 1), 256)], r.launches
+
+    def fn(q_, k_):
+        return reference.apply_rotary_pos_emb(q_, k_, cos, sin, 2)
+
+    grads = (dq_out, dk_out)
+    hf_outs, hf_grads = _run_grads(fn, (q, k), grads)
+    ours = (fwd.q, fwd.k, bwd.q, bwd.k)
+    if cos_dtype == c.dtype:
+        truth_outs, truth_grads = _run_grads(lambda q_, k_: reference.apply_rotary_pos_emb(
+            q_, k_, cos.double(), sin.double(), 2), (q.double(), k.double()), [g.double() for g in grads])
+        _check_rotary_outputs(ours, hf_outs + hf_grads, truth_outs + truth_grads)
+        return
+    for name, o, r in zip(("q", "k", "dq", "dk"), ours, hf_outs + hf_grads):
+        with failure_label(name):
+            assert o.dtype == r.dtype, (o.dtype, r.dtype)
+            if o.dtype == torch.float32:
+                assert_close_fp32(o, r)
+            else:
+                torch.testing.assert_close(o, r, rtol=ULP[o.dtype], atol=ULP[o.dtype] * 4)
+
+
+@pytest.mark.parametrize("case", list(ROTARY_CASES))
+def test_apply_rotary(harness, case):
+    _check_apply_rotary(harness, ROTARY_CASES[case])
+
+
+# --- SwiGLU --------------------------------------------------------------------------------------
+# csrc/ops/swiglu.cu, separate gate / up tensors (swiglu_fwd / swiglu_bwd) and the two halves of one
+# gate_up (swiglu_fused_fwd / swiglu_fused_bwd, whose gradient is the two halves of one tensor),
+# rows any stride apart. Tolerances of test_rope_swiglu_cuda.py.
+
+
+@dataclass(frozen=True)
+class Swi:
+    cols: int
+    rows: int = 33
+    dtype: torch.dtype = torch.float32
+    form: str = "split"  # split | fused
+    pad: int = 0  # rows this many elements further apart than the tensor's width (fused: 2 * cols)
+    special: str = ""  # extreme: saturated / infinite / NaN gates
+    opts: dict = field(default_factory=dict)
+
+
+SWIGLU_CASES = {
+    "fp32-c1-split": Swi(1),
+    "bf16-c7-fused": Swi(7, dtype=BF16, form="fused", opts=RANDOM),
+    "fp16-c1000-split": Swi(1000, dtype=FP16),
+    "bf16-c4099-fused": Swi(4099, dtype=BF16, form="fused", opts=WORKERS),
+    "fp32-c11008-split-pad8": Swi(11008, rows=6, pad=8),
+    "bf16-c2048-split-pad3": Swi(2048, rows=9, dtype=BF16, pad=3, opts=RANDOM),
+    "fp16-c4096-fused-pad8": Swi(4096, rows=5, dtype=FP16, form="fused", pad=8),
+    "fp32-c12-extreme-gates": Swi(12, rows=2, special="extreme"),
+}
+EXTREME_GATES = [-1e4, -100.0, -88.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 88.0, 100.0, 1e4, float("nan")]
+
+
+def _swiglu_inputs(c: Swi, seed=0):
+    """gate, up (views into one gate_up for the fused form, else separate), gate_up or None, dy."""
+    g = torch.Generator().manual_seed(seed)
+    gate = 3 * torch.randn(c.rows, c.cols, generator=g)
+    up = 3 * torch.randn(c.rows, c.cols, generator=g)
+    dy = torch.randn(c.rows, c.cols, generator=g).to(c.dtype)
+    if c.special == "extreme":
+        gate[:] = torch.tensor(EXTREME_GATES)
+    gate, up = gate.to(c.dtype), up.to(c.dtype)
+    if c.form == "fused":
+        big = torch.zeros(c.rows, 2 * c.cols + c.pad, dtype=c.dtype)
+        big[:, : c.cols], big[:, c.cols: 2 * c.cols] = gate, up
+        gate_up = big[:, : 2 * c.cols]
+        return gate_up[:, : c.cols], gate_up[:, c.cols:], gate_up, dy
+    if c.pad:
+        big = torch.zeros(c.rows, 2 * (c.cols + c.pad), dtype=c.dtype)
+        big[:, : c.cols], big[:, c.cols + c.pad: 2 * c.cols + c.pad] = gate, up
+        gate, up = big[:, : c.cols], big[:, c.cols + c.pad: 2 * c.cols + c.pad]
+    return gate, up, None, dy
+
+
+def _check_swiglu(exe, c: Swi):
+    gate, up, gate_up, dy = _swiglu_inputs(c)
+    opts = emu.Options(**c.opts)
+    if c.form == "fused":
+        fwd = emu.swiglu_fused_fwd(exe, gate_up, options=opts)
+        bwd = emu.swiglu_fused_bwd(exe, dy, gate_up, options=opts)
+        dgate, dup = bwd.dgate_up[:, : c.cols], bwd.dgate_up[:, c.cols:]
+    else:
+        fwd = emu.swiglu_fwd(exe, gate, up, options=opts)
+        bwd = emu.swiglu_bwd(exe, dy, gate, up, options=opts)
+        dgate, dup = bwd.dgate, bwd.dup
+    assert fwd.status == 0 and bwd.status == 0, (fwd.status, bwd.status)
+    # blocks of (tx chunks) x (256 / tx rows), tx the power of two covering a row (at most 256)
+    vec = 16 // c.dtype.itemsize
+    chunks = _cdiv(c.cols, vec)
+    tx = min(256, 1 << (chunks - 1).bit_length())
+    grid = (_cdiv(chunks, tx), _cdiv(c.rows, 256 // tx), 1)
+    aligned = c.cols % vec == 0 and _aligned(gate, (gate.stride(0),)) and _aligned(up, (up.stride(0),))
+    for r, name in ((fwd, "fwd"), (bwd, "bwd")):
+        assert [(launch.kernel, launch.grid, launch.threads) for launch in r.launches] == \
+            [(f"{name}_kernel<{str(aligned).lower()}>", grid, 256)], r.launches
+    hf_outs, hf_grads = _run_grads(reference.swiglu, (gate, up), (dy,))
+    ours = (fwd.y, dgate, dup)
+    if c.special == "extreme":  # test_swiglu_extreme_gates: behave like torch's silu
+        for name, o, r in zip(("y", "dgate", "dup"), ours, hf_outs + hf_grads):
+            with failure_label(name):
+                torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-30, equal_nan=True)
+        return
+    truth_outs, truth_grads = _run_grads(reference.swiglu, (gate.double(), up.double()), (dy.double(),))
+    for name, o, r, t in zip(("y", "dgate", "dup"), ours, hf_outs + hf_grads, truth_outs + truth_grads):
+        with failure_label(name):
+            if o.dtype == torch.float32:
+                assert_close_fp32(o, r)
+            else:
+                assert_low_precision_ok(o, r, t)
+
+
+@pytest.mark.parametrize("case", list(SWIGLU_CASES))
+def test_swiglu(harness, case):
+    _check_swiglu(harness, SWIGLU_CASES[case])
+
+
 # --- random sweeps ------------------------------------------------------------------------------
 # Seeded random shapes and emulator settings (deterministic; the failing case's parameters are in
 # the message). Sizes straddle the tile boundaries (63/64/65, 127/128/129).
@@ -682,10 +1325,72 @@ def test_random_mtp_verify(harness, seed):
         _check_mtp(harness, c)
 
 
+DTYPES = (torch.float32, FP16, BF16)
+
+
+@pytest.mark.parametrize("seed", range(32), ids=lambda s: f"seed{s}")
+def test_random_token_logprobs(harness, seed):
+    import random
+
+    r = random.Random(6000 + seed)
+    c = Lp(r.choice((1, 2, 7, 9, 100, 1000, 1024, 2047, 2048, 2049, 4096, 4099, 8192)), dtype=r.choice(DTYPES),
+           b=r.randint(1, 3), t=r.randint(1, 5), temperature=r.choice((1.0, 1.0, 0.6, 1.7)), entropy=r.random() < 0.7,
+           layout=r.choice(("contig", "contig", "slice", "offset")), ids_dtype=r.choice((torch.int32, torch.int64)),
+           special=r.choice(("", "", "masked", "padded", "out-of-range", "peaked")), opts=_random_opts(r))
+    with failure_label(c):
+        _check_lp(harness, c)
+
+
+@pytest.mark.parametrize("seed", range(32), ids=lambda s: f"seed{s}")
+def test_random_rms_norm(harness, seed):
+    import random
+
+    r = random.Random(7000 + seed)
+    dtype = r.choice(DTYPES)
+    cols = r.choice((1, 3, 8, 63, 64, 255, 256, 511, 512, 513, 520, 777, 1024, 2047, 4096, 4100, 8192, 8193, 8200))
+    c = Rms(cols, rows=r.choice((1, 2, 5, 17, 64, 300)) if cols <= 1024 else r.randint(1, 5), dtype=dtype,
+            w_dtype=dtype if r.random() < 0.7 else r.choice(DTYPES), residual=r.random() < 0.5,
+            layout=r.choice(("contig", "padded", "offset")), eps=r.choice((1e-6, 1e-5)), device=r.choice((0, 1, 2)),
+            opts=_random_opts(r))
+    with failure_label(c):
+        _check_rms(harness, c)
+
+
+@pytest.mark.parametrize("seed", range(24), ids=lambda s: f"seed{s}")
+def test_random_rotary(harness, seed):
+    """Even seeds rope, odd ones apply_rotary (with mixed cos / sin dtypes now and then)."""
+    import random
+
+    r = random.Random(8000 + seed)
+    hkv = r.choice((1, 2))
+    c = Rope(r.choice((2, 8, 10, 16, 64, 80, 96, 128, 256)), b=r.randint(1, 3), s=r.choice((1, 2, 7, 33)),
+             hq=hkv * r.choice((1, 2, 3, 4)), hkv=hkv, dtype=r.choice(DTYPES), scaling=r.choice(list(ROPE_SCALINGS)),
+             pos=r.choice(("batch", "broadcast")), pos_dtype=r.choice((torch.int32, torch.int64)),
+             layout=r.choice(("bshd", "from-bhsd", "offset")), cos_dtype=r.choice((None, None) + DTYPES),
+             opts=_random_opts(r))
+    with failure_label(c):
+        if seed % 2 == 0:
+            _check_rope(harness, replace(c, cos_dtype=None))
+        else:
+            _check_apply_rotary(harness, c)
+
+
+@pytest.mark.parametrize("seed", range(16), ids=lambda s: f"seed{s}")
+def test_random_swiglu(harness, seed):
+    import random
+
+    r = random.Random(9000 + seed)
+    c = Swi(r.choice((1, 2, 3, 8, 9, 64, 255, 1000, 1024, 2049, 4099, 8192)), rows=r.choice((1, 3, 17, 65)),
+            dtype=r.choice(DTYPES), form=r.choice(("split", "fused")), pad=r.choice((0, 0, 3, 8)), opts=_random_opts(r))
+    with failure_label(c):
+        _check_swiglu(harness, c)
+
+
 # --- the harness can fail -----------------------------------------------------------------------
 
-# Each deliberately wrong emulator (tests/cuda_emulation/src/runtime.cpp, EMU_MUTATE_*) must fail
-# the sweeps: proof that a pass means the kernels were checked, not that nothing was compared.
+# Each deliberately wrong emulator (tests/cuda_emulation/src/runtime.cpp, EMU_MUTATE_*) and each
+# deliberately wrong kernel (emulator.py KERNEL_MUTANTS) must fail the sweeps: proof that a pass
+# means the kernels were checked, not that nothing was compared.
 MUTANT_RUNS = {
     # a fragment index of the non-transposed ldmatrix (Q / K fragments): wrong scores
     "LDMATRIX": [("fwd", "d64-causal-b2-gqa2", FP16), ("bwd", "d64-causal-sq<sk", BF16)],
@@ -701,6 +1406,16 @@ MUTANT_RUNS = {
     # TMA signals only the in-bounds bytes of a box: a tile past the tensor's end never completes its
     # mbarrier phase, which the emulator reports as a deadlock
     "TMA_TX": [("fwd_sm90", "d128-causal-sq>sk-rows-without-keys", None)],
+    # the last xor-butterfly step of lane 0 reads the wrong lane: RMSNorm's warp and block sums and
+    # the block all-reduce of the log-probabilities' logsumexp go wrong
+    "SHFL_XOR": [("rms", "fp16-c512-residual", None), ("rms", "bf16-c4096-residual", None),
+                 ("logprobs", "bf16-v4099-t1.3", None)],
+    # a kernel mutant (src/mutants/logprobs_inplace_race.cu): in the backward, thread 0 reads the
+    # target's logit with no barrier before the thread owning it overwrites it in place
+    # (float32 logits, or a peaked distribution: where the target's probability is tiny, the gradient
+    # computed from the wrong value rounds to the right one in float16 / bfloat16)
+    "LOGPROBS_INPLACE_RACE": [("logprobs", "fp32-v4099-masked-int32-ids", None),
+                              ("logprobs", "bf16-v4096-peaked-t0.8", None)],
 }
 
 
@@ -711,12 +1426,17 @@ def _run_sweep_case(harness, kind, case, dtype):
         _check_fwd(harness, FWD_CASES[case], dtype)
     elif kind == "bwd":
         _check_bwd(harness, *BWD_CASES[case], "8warps-2stages")
+    elif kind == "logprobs":
+        _check_lp(harness, LP_CASES[case])
+    elif kind == "rms":
+        _check_rms(harness, RMS_CASES[case])
     else:
         _check_decode(harness, *DECODE_CASES[case])
 
 
 # What the failure must say, where it is the emulator's report rather than a wrong result.
-MUTANT_MESSAGES = {"TMA_TX": r"deadlock: no thread can run.*wait on mbarrier .* tx-count"}
+MUTANT_MESSAGES = {"TMA_TX": r"deadlock: no thread can run.*wait on mbarrier .* tx-count",
+                   "LOGPROBS_INPLACE_RACE": r"written in place differs from the out-of-place one"}
 
 
 @pytest.mark.parametrize("mutation", list(MUTANT_RUNS))

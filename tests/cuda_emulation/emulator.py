@@ -3,8 +3,12 @@
 ``build()`` compiles the real sources of csrc/ops (g++, -DTHINKFUSE_HOST_EMULATION, the shim
 force-included) with the emulator and the harness into one program, cached under a directory
 keyed by a hash of every input; ``flash_fwd`` / ``flash_fwd_sm90`` / ``flash_bwd`` / ``decode`` /
-``mtp_verify`` run one case through the real launchers, taking and returning torch CPU tensors and
-filling the launchers' parameters the way csrc/bindings/*.cpp do.
+``mtp_verify`` / ``token_logprobs_fwd`` / ``token_logprobs_bwd`` / ``token_logprobs_bwd_out`` /
+``rms_norm_fwd`` / ``rms_norm_bwd`` / ``rope_fwd`` / ``rope_bwd`` / ``apply_rotary_fwd`` /
+``apply_rotary_bwd`` / ``swiglu_fwd`` / ``swiglu_bwd`` / ``swiglu_fused_fwd`` /
+``swiglu_fused_bwd`` run one case through the real launchers, taking and returning torch CPU
+tensors and filling the launchers' parameters the way csrc/bindings/*.cpp do (one function per
+op of the bindings, same name and arguments, plus the harness and the emulator options).
 
 Command line (a case from Python is quicker to write than to pass on the command line)::
 
@@ -31,13 +35,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = ["flash_attention_fwd", "flash_attention_bwd", "decode_attention", "mtp_verify",
-                  "flash_attention_fwd_sm90"]
+                  "flash_attention_fwd_sm90", "logprobs", "rms_norm", "rope", "swiglu"]
 EMU_SOURCES = ["runtime", "sm90", "dynamic_smem", "harness"]
 # Compile-time mutations of the emulator that must make the sweeps fail: name -> the emulator
 # source (src/<name>.cpp) recompiled with -DEMU_MUTATE_<NAME>.
 MUTATIONS = {
-    "LDMATRIX": "runtime", "MMA": "runtime", "CP_ASYNC_WAIT": "runtime",
+    "LDMATRIX": "runtime", "MMA": "runtime", "CP_ASYNC_WAIT": "runtime", "SHFL_XOR": "runtime",
     "TMA_SWIZZLE": "sm90", "WGMMA_LBO": "sm90", "TMA_TX": "sm90",
+}
+# Deliberately wrong kernels, built with build(mutation=NAME) too: name -> (the csrc/ops source
+# whose object is replaced, the test-only translation unit under src/mutants/ that replaces it;
+# it includes the real source and swaps one kernel for a broken one).
+KERNEL_MUTANTS = {
+    # thread 0 reads the target's logit without a barrier before its owner overwrites it in place
+    "LOGPROBS_INPLACE_RACE": ("logprobs", "logprobs_inplace_race.cu"),
 }
 # Kernel sources built with other compile-time settings: name -> (csrc/ops source, flags).
 VARIANTS = {
@@ -89,6 +100,7 @@ def _inputs_digest(cxx: str, cuda_include: Path) -> str:
     files = sorted((CSRC / "include" / "thinkfuse").glob("*"))
     files += [CSRC / "ops" / f"{s}.cu" for s in KERNEL_SOURCES]
     files += sorted((HERE / "include").rglob("*.h")) + sorted((HERE / "src").glob("*.cpp"))
+    files += sorted((HERE / "src" / "mutants").glob("*.cu"))
     files += sorted((HERE / "src").glob("*.h"))
     files.append(Path(__file__))
     for f in files:
@@ -124,10 +136,11 @@ def _compile(cxx, cuda_include, src: Path, obj: Path, extra=()):
 def build(mutation: str | None = None, variant: str | None = None, jobs: int | None = None) -> Path:
     """Path of the harness program (built unless cached). ``mutation``: one of MUTATIONS, a
     harness whose emulator is deliberately wrong (only the mutated emulator source is
-    recompiled). ``variant``: one of VARIANTS, a harness with one kernel source built with
-    other compile-time settings (e.g. the sm90 kernel without its ping-pong)."""
-    if mutation is not None and mutation not in MUTATIONS:
-        raise ValueError(f"mutation {mutation!r} not in {tuple(MUTATIONS)}")
+    recompiled), or one of KERNEL_MUTANTS, a harness with one deliberately wrong kernel.
+    ``variant``: one of VARIANTS, a harness with one kernel source built with other
+    compile-time settings (e.g. the sm90 kernel without its ping-pong)."""
+    if mutation is not None and mutation not in MUTATIONS and mutation not in KERNEL_MUTANTS:
+        raise ValueError(f"mutation {mutation!r} not in {tuple(MUTATIONS) + tuple(KERNEL_MUTANTS)}")
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} not in {tuple(VARIANTS)}")
     cxx, cuda_include = toolchain()
@@ -144,11 +157,16 @@ def build(mutation: str | None = None, variant: str | None = None, jobs: int | N
         units = {f"{s}.o": (CSRC / "ops" / f"{s}.cu", ()) for s in KERNEL_SOURCES}
         units.update({f"{s}.o": (HERE / "src" / f"{s}.cpp", ()) for s in EMU_SOURCES})
         objs = list(units)
-        if mutation is not None:  # the mutated emulator source replaces its normal object
+        if mutation in MUTATIONS:  # the mutated emulator source replaces its normal object
             mutated = MUTATIONS[mutation]
             obj = f"{mutated}_{mutation.lower()}.o"
             units[obj] = (HERE / "src" / f"{mutated}.cpp", (f"-DEMU_MUTATE_{mutation}",))
             objs[objs.index(f"{mutated}.o")] = obj
+        elif mutation is not None:  # the mutant translation unit replaces the kernel's object
+            source, mutant = KERNEL_MUTANTS[mutation]
+            obj = f"{source}_{mutation.lower()}.o"
+            units[obj] = (HERE / "src" / "mutants" / mutant, ())
+            objs[objs.index(f"{source}.o")] = obj
         if variant is not None:  # the kernel source with other settings replaces its object
             source, flags = VARIANTS[variant]
             obj = f"{source}_{variant.lower()}.o"
@@ -462,12 +480,319 @@ def mtp_verify(exe, draft, logits, temperature=0.0, probs=None, uniforms=None, n
                            num_accepted=from_bytes(r.outputs["num_accepted"], torch.int64, (batch,)))
 
 
+# --- the ops of logprobs.cpp, rms_norm.cpp, rope.cpp and swiglu.cpp ------------------------------
+# Their tensors are passed as views: one buffer per distinct storage (the halves of a fused gate_up
+# share one, and so do the logits and a gradient written over them), each view named by its buffer
+# and element offset (harness.cpp: view()).
+
+
+class _Views:
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.scalars: dict[str, object] = {}
+        self._storages: dict[int, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr() if storage.nbytes() else None
+        buf = self._storages.get(key) if key is not None else None
+        if buf is None:
+            buf = name
+            self.buffers[name] = t
+            if key is not None:
+                self._storages[key] = name
+        self.scalars[f"{name}_buf"] = buf
+        self.scalars[f"{name}_off"] = t.storage_offset()
+        return t
+
+    def run(self, exe, op, scalars, outputs: dict[str, torch.Tensor], options):
+        """Runs op; returns (result, {name: the output view with the buffer's final bytes})."""
+        names = sorted({self.scalars[f"{n}_buf"] for n in outputs})
+        r = run_case(exe, op, {**self.scalars, **scalars}, self.buffers, names, options)
+        return r, {n: _view_of(r.outputs[self.scalars[f"{n}_buf"]], t) for n, t in outputs.items()}
+
+
+def _view_of(data: bytes, like: torch.Tensor) -> torch.Tensor:
+    """The view `like` (shape, strides, offset) of a buffer holding `data`."""
+    if not data:
+        return torch.empty(like.shape, dtype=like.dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=like.dtype)
+    return flat.as_strided(like.shape, like.stride(), like.storage_offset())
+
+
+def _check_logits3(logits):
+    """csrc/bindings/logprobs.cpp check_logits3 (the conditions the kernel relies on)."""
+    if logits.dim() != 3 or not 1 <= logits.shape[2] or (logits.stride(2) != 1 and logits.shape[2] != 1):
+        raise ValueError(f"logits must be [B, T, V] with a unit stride on V, got {tuple(logits.shape)}")
+    return logits.shape[0] * logits.shape[1], logits.shape[2]
+
+
+def _logprobs_scalars(v: _Views, logits, token_ids, temperature):
+    rows, vocab = _check_logits3(logits)
+    if token_ids.dtype not in (torch.int32, torch.int64) or token_ids.shape != (rows,) or not token_ids.is_contiguous():
+        raise ValueError("token_ids must be contiguous int32 / int64 [B * T]")
+    v.add("logits", logits)
+    v.add("ids", token_ids)
+    return dict(dtype=DTYPE_NAMES[logits.dtype], stride_b=_stride_or_zero(logits, 0),
+                stride_s=_stride_or_zero(logits, 1), seq_len=logits.shape[1], rows=rows, vocab=vocab,
+                ids_int64=int(token_ids.dtype == torch.int64), temperature=repr(float(temperature)))
+
+
+def token_logprobs_fwd(exe, logits, token_ids, temperature=1.0, return_entropy=False, options=None):
+    """status, logprobs, entropy, lse (and launches) of token_logprobs_fwd: logits [B, T, V] (unit
+    stride on V, any other strides), token_ids [B * T]; outputs float32 [B * T] uninitialised
+    (poisoned here), entropy an empty [0] tensor when not requested."""
+    v = _Views()
+    s = _logprobs_scalars(v, logits, token_ids, temperature)
+    rows = s["rows"]
+    outs = dict(logprobs=poison((rows,), torch.float32), lse=poison((rows,), torch.float32))
+    if return_entropy:
+        outs["entropy"] = poison((rows,), torch.float32)
+    for name, t in outs.items():
+        v.add(name, t)
+    r, o = v.run(exe, "logprobs_fwd", dict(s, entropy=int(return_entropy)), outs, options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], logprobs=o["logprobs"], lse=o["lse"],
+                           entropy=o.get("entropy", torch.empty(0)))
+
+
+def _check_grad_logits(grad_logits, logits):
+    """csrc/bindings/logprobs.cpp check_grad_logits: contiguous, the logits' shape and dtype, and
+    either the logits themselves or no overlap with them."""
+    if grad_logits.dtype != logits.dtype or grad_logits.shape != logits.shape:
+        raise ValueError("grad_logits must have the logits' shape and dtype")
+    if not grad_logits.is_contiguous():
+        raise ValueError("grad_logits must be contiguous")
+    same = grad_logits.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    if grad_logits.numel() and same:
+        full = (grad_logits.storage_offset() == logits.storage_offset()
+                and grad_logits.stride() == logits.stride())
+        if not full:  # (at::get_overlap_status: not Full; the binding refuses any other overlap)
+            raise ValueError("grad_logits may be the logits themselves (in place) but must not otherwise overlap them")
+
+
+def token_logprobs_bwd_out(exe, grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature,
+                           grad_logits, options=None):
+    """status, grad_logits (and launches) of token_logprobs_bwd_out: the gradient written into
+    grad_logits, which may be `logits` itself (in place). The tensors passed are not modified:
+    grad_logits comes back as a new tensor with the buffer's final contents."""
+    _check_grad_logits(grad_logits, logits)
+    v = _Views()
+    s = _logprobs_scalars(v, logits, token_ids, temperature)
+    v.add("grad_logprobs", grad_logprobs.float().contiguous())
+    v.add("lse", lse.float().contiguous())
+    if grad_entropy is not None:
+        v.add("grad_entropy", grad_entropy.float().contiguous())
+        v.add("entropy", entropy.float().contiguous())
+    v.add("grad_logits", grad_logits)
+    r, o = v.run(exe, "logprobs_bwd", dict(s, grad_entropy=int(grad_entropy is not None)),
+                 dict(grad_logits=grad_logits), options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], grad_logits=o["grad_logits"])
+
+
+def token_logprobs_bwd(exe, grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature,
+                       options=None):
+    """token_logprobs_bwd: the gradient into a fresh contiguous tensor (poisoned here)."""
+    return token_logprobs_bwd_out(exe, grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature,
+                                  poison(logits.shape, logits.dtype), options)
+
+
+def _rows_view(t, name):
+    """csrc/bindings/common.h check_rows: [rows, cols] with a unit column stride."""
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1 and t.shape[0] > 0):
+        raise ValueError(f"{name} must be 2-D with a unit column stride, got {tuple(t.shape)} {t.stride()}")
+    return t
+
+
+def rms_norm_fwd(exe, x, weight, residual=None, eps=1e-6, options=None):
+    """status, y, h, rstd (and launches) of rms_norm_fwd: x [rows, cols] and residual with any row
+    stride; y in the promoted dtype, h (with a residual, else an empty tensor) and rstd fresh
+    (poisoned here)."""
+    rows, cols = _rows_view(x, "x").shape
+    v = _Views()
+    v.add("x", x)
+    v.add("weight", weight.contiguous())
+    s = dict(x_dtype=DTYPE_NAMES[x.dtype], w_dtype=DTYPE_NAMES[weight.dtype], rows=rows, cols=cols,
+             x_rs=x.stride(0), residual=int(residual is not None), eps=repr(float(eps)))
+    outs = dict(y=poison((rows, cols), torch.promote_types(x.dtype, weight.dtype)),
+                rstd=poison((rows,), torch.float32))
+    if residual is not None:
+        v.add("residual", _rows_view(residual, "residual"))
+        s["residual_rs"] = residual.stride(0)
+        outs["h"] = poison((rows, cols), x.dtype)
+    for name, t in outs.items():
+        v.add(name, t)
+    r, o = v.run(exe, "rms_fwd", s, outs, options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], y=o["y"], rstd=o["rstd"],
+                           h=o.get("h", torch.empty(0, dtype=x.dtype)))
+
+
+def rms_norm_bwd(exe, dy, h, weight, rstd, dh=None, options=None):
+    """status, dx, dw, workspace_floats (and launches) of rms_norm_bwd: dy and h with any row
+    stride, dh contiguous; dx, dw and the dweight workspace uninitialised (poisoned here)."""
+    rows, cols = _rows_view(h, "h").shape
+    v = _Views()
+    v.add("dy", _rows_view(dy, "dy"))
+    v.add("h", h)
+    v.add("weight", weight.contiguous())
+    v.add("rstd", rstd.contiguous())
+    s = dict(x_dtype=DTYPE_NAMES[h.dtype], w_dtype=DTYPE_NAMES[weight.dtype], rows=rows, cols=cols,
+             dy_rs=dy.stride(0), h_rs=h.stride(0), dh=int(dh is not None))
+    if dh is not None:
+        if not dh.is_contiguous():
+            raise ValueError("dh must be contiguous")
+        v.add("dh", dh)
+    outs = dict(dx=poison((rows, cols), h.dtype), dw=poison((cols,), weight.dtype))
+    for name, t in outs.items():
+        v.add(name, t)
+    r, o = v.run(exe, "rms_bwd", s, outs, options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], dx=o["dx"], dw=o["dw"],
+                           workspace_floats=r.values["workspace_floats"])
+
+
+def _heads(v: _Views, s: dict, name: str, t: torch.Tensor):
+    """csrc/bindings/common.h heads_view: [B, S, H, D] with stride_or_zero strides."""
+    if t.dim() != 4 or t.stride(3) != 1:
+        raise ValueError(f"{name} must be [B, S, H, D] with a unit stride on D")
+    v.add(name, t)
+    s.update({f"{name}_heads": t.shape[2], f"{name}_sb": _stride_or_zero(t, 0), f"{name}_ss": _stride_or_zero(t, 1),
+              f"{name}_sh": _stride_or_zero(t, 2)})
+
+
+def _rotary_outputs(v, s, q, k, dtype):
+    outs = dict(q_out=poison(q.shape, dtype), k_out=poison(k.shape, dtype))
+    for name, t in outs.items():
+        v.add(name, t)
+    s.update(batch=q.shape[0], seq=q.shape[1], head_dim=q.shape[3])
+    return outs
+
+
+def _rope(exe, q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_original_max, backward,
+          options):
+    v, s = _Views(), {}
+    _heads(v, s, "q", q)
+    _heads(v, s, "k", k)
+    v.add("pos", position_ids)
+    v.add("inv_freq", inv_freq.contiguous())
+    s.update(dtype=DTYPE_NAMES[q.dtype], pos_int64=int(position_ids.dtype == torch.int64),
+             pos_sb=_stride_or_zero(position_ids, 0), pos_ss=position_ids.stride(1),
+             attention_scaling=repr(float(attention_scaling)), llama4_beta=repr(float(llama4_beta)),
+             llama4_original_max=int(llama4_original_max), backward=int(backward))
+    outs = _rotary_outputs(v, s, q, k, q.dtype)
+    r, o = v.run(exe, "rope", s, outs, options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], q=o["q_out"], k=o["k_out"])
+
+
+def rope_fwd(exe, q, k, position_ids, inv_freq, attention_scaling=1.0, llama4_beta=0.0, llama4_original_max=0,
+             options=None):
+    """status, q, k (the rotated ones; and launches) of rope_fwd: q [B, S, Hq, D] and k [B, S, Hkv, D]
+    with a unit stride on D, position_ids [B or 1, S] int32 / int64, inv_freq float32 [D / 2];
+    outputs contiguous (poisoned here)."""
+    return _rope(exe, q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_original_max, False,
+                 options)
+
+
+def rope_bwd(exe, dq_out, dk_out, position_ids, inv_freq, attention_scaling=1.0, llama4_beta=0.0,
+             llama4_original_max=0, options=None):
+    """rope_bwd: dq, dk (as q, k of the result) from the output gradients."""
+    return _rope(exe, dq_out, dk_out, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_original_max,
+                 True, options)
+
+
+def _apply_rotary(exe, q, k, cos, sin, out_dtype, backward, options):
+    v, s = _Views(), {}
+    _heads(v, s, "q", q)
+    _heads(v, s, "k", k)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.stride(2) != 1:
+            raise ValueError(f"{name} must be [B or 1, S, D] with a unit stride on D")
+        v.add(name, t)
+        s.update({f"{name}_sb": _stride_or_zero(t, 0), f"{name}_ss": _stride_or_zero(t, 1)})
+    s.update(in_dtype=DTYPE_NAMES[q.dtype], cos_dtype=DTYPE_NAMES[cos.dtype], out_dtype=DTYPE_NAMES[out_dtype],
+             backward=int(backward))
+    outs = _rotary_outputs(v, s, q, k, out_dtype)
+    r, o = v.run(exe, "apply_rotary", s, outs, options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], q=o["q_out"], k=o["k_out"])
+
+
+def apply_rotary_fwd(exe, q, k, cos, sin, options=None):
+    """apply_rotary_fwd: outputs in promote(q's dtype, cos's dtype), as transformers'."""
+    return _apply_rotary(exe, q, k, cos, sin, torch.promote_types(q.dtype, cos.dtype), False, options)
+
+
+def apply_rotary_bwd(exe, dq_out, dk_out, cos, sin, q_dtype, options=None):
+    """apply_rotary_bwd: dq, dk in q_dtype (the forward's input dtype)."""
+    return _apply_rotary(exe, dq_out, dk_out, cos, sin, q_dtype, True, options)
+
+
+def _swiglu_views(v, s, **views):
+    for name, (t, row_stride) in views.items():
+        v.add(name, t)
+        s[f"{name}_rs"] = row_stride
+
+
+def swiglu_fwd(exe, gate, up, options=None):
+    """status, y (and launches) of swiglu_fwd: gate, up [rows, cols] with any row strides; y fresh
+    and contiguous (poisoned here)."""
+    rows, cols = _rows_view(gate, "gate").shape
+    _rows_view(up, "up")
+    y = poison((rows, cols), gate.dtype)
+    v, s = _Views(), dict(dtype=DTYPE_NAMES[gate.dtype], rows=rows, cols=cols)
+    _swiglu_views(v, s, gate=(gate, gate.stride(0)), up=(up, up.stride(0)), y=(y, cols))
+    r, o = v.run(exe, "swiglu_fwd", s, dict(y=y), options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], y=o["y"])
+
+
+def swiglu_bwd(exe, dy, gate, up, options=None):
+    """status, dgate, dup (and launches) of swiglu_bwd (outputs fresh and contiguous)."""
+    rows, cols = _rows_view(gate, "gate").shape
+    dgate, dup = poison((rows, cols), gate.dtype), poison((rows, cols), gate.dtype)
+    v, s = _Views(), dict(dtype=DTYPE_NAMES[gate.dtype], rows=rows, cols=cols)
+    _swiglu_views(v, s, dy=(_rows_view(dy, "dy"), dy.stride(0)), gate=(gate, gate.stride(0)),
+                  up=(_rows_view(up, "up"), up.stride(0)), dgate=(dgate, cols), dup=(dup, cols))
+    r, o = v.run(exe, "swiglu_bwd", s, dict(dgate=dgate, dup=dup), options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], dgate=o["dgate"], dup=o["dup"])
+
+
+def _gate_up_halves(gate_up):
+    """csrc/bindings/swiglu.cpp check_gate_up: [rows, 2N] -> its two column halves."""
+    _rows_view(gate_up, "gate_up")
+    if gate_up.shape[1] % 2:
+        raise ValueError("gate_up's last dim must be even")
+    cols = gate_up.shape[1] // 2
+    return gate_up.narrow(1, 0, cols), gate_up.narrow(1, cols, cols)
+
+
+def swiglu_fused_fwd(exe, gate_up, options=None):
+    """swiglu_fused_fwd: y from the two halves of gate_up [rows, 2N], read in place."""
+    gate, up = _gate_up_halves(gate_up)
+    rows, cols = gate.shape
+    y = poison((rows, cols), gate_up.dtype)
+    v, s = _Views(), dict(dtype=DTYPE_NAMES[gate_up.dtype], rows=rows, cols=cols)
+    _swiglu_views(v, s, gate=(gate, gate_up.stride(0)), up=(up, gate_up.stride(0)), y=(y, cols))
+    r, o = v.run(exe, "swiglu_fwd", s, dict(y=y), options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], y=o["y"])
+
+
+def swiglu_fused_bwd(exe, dy, gate_up, options=None):
+    """swiglu_fused_bwd: dgate_up [rows, 2N] (fresh, poisoned here) written as its two halves."""
+    gate, up = _gate_up_halves(gate_up)
+    rows, cols = gate.shape
+    dgate_up = poison((rows, 2 * cols), gate_up.dtype)
+    dgate, dup = dgate_up.narrow(1, 0, cols), dgate_up.narrow(1, cols, cols)
+    v, s = _Views(), dict(dtype=DTYPE_NAMES[gate_up.dtype], rows=rows, cols=cols)
+    v.add("dgate_up", dgate_up)  # the buffer of both halves
+    _swiglu_views(v, s, dy=(_rows_view(dy, "dy"), dy.stride(0)), gate=(gate, gate_up.stride(0)),
+                  up=(up, gate_up.stride(0)), dgate=(dgate, 2 * cols), dup=(dup, 2 * cols))
+    r, o = v.run(exe, "swiglu_bwd", s, dict(dgate_up=dgate_up), options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], dgate_up=o["dgate_up"])
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["build"])
-    ap.add_argument("--mutation", choices=list(MUTATIONS))
+    ap.add_argument("--mutation", choices=list(MUTATIONS) + list(KERNEL_MUTANTS))
     ap.add_argument("--variant", choices=list(VARIANTS))
     args = ap.parse_args()
     try:

@@ -1,7 +1,9 @@
 // Drives the real launchers of csrc/ops (compiled by the host compiler against the emulator) on
 // one case described by a directory:
-//   case.txt      "key value" lines: op (fwd | fwd_sm90 | bwd | decode | mtp), emulator options, sizes,
-//                 element offsets and strides, `buffers` (names) and `outputs` (names);
+//   case.txt      "key value" lines: op (fwd | fwd_sm90 | bwd | decode | mtp | logprobs_fwd |
+//                 logprobs_bwd | rms_fwd | rms_bwd | rope | apply_rotary | swiglu_fwd |
+//                 swiglu_bwd), emulator options, sizes, element offsets and strides, `buffers`
+//                 (names) and `outputs` (names);
 //   <name>.bin    the initial bytes of every buffer (inputs, and outputs with their initial
 //                 contents: poison, or what the binding would initialise them to).
 // Writes <name>.out.bin for every output and result.txt ("status <cudaError_t>" and op-specific
@@ -93,6 +95,17 @@ Buffer& buffer(const std::string& name) {
 // Address of element `offset` (elements of `elem` bytes) of a buffer.
 void* at(const std::string& name, int64_t offset, int elem) {
   return buffer(name).data + offset * elem;
+}
+
+// A tensor view of the newer ops: element <name>_off of buffer <name>_buf (several views may
+// share one buffer: the halves of a fused gate_up, or the logits and the gradient written over
+// them).
+void* view(const std::string& name, int elem) {
+  return at(S(name + "_buf"), I(name + "_off"), elem);
+}
+template <typename T>
+T* view_as(const std::string& name) {
+  return static_cast<T*>(view(name, sizeof(T)));
 }
 
 Buffer& scratch(const std::string& name, size_t bytes, int fill) {
@@ -234,6 +247,117 @@ cudaError_t run_mtp() {
       ws_bytes, nullptr);
 }
 
+// --- token log-probabilities, as csrc/bindings/logprobs.cpp ------------------------------------
+
+// 1 / T in double, then float32 (the binding's inverse_temperature).
+float inverse_temperature() { return static_cast<float>(1.0 / F("temperature")); }
+
+cudaError_t run_logprobs_fwd() {
+  const thinkfuse::DType dt = dtype(S("dtype"));
+  const bool ids_int64 = I("ids_int64") != 0;
+  const bool entropy = I("entropy") != 0;
+  return thinkfuse::token_logprobs_forward(
+      view("logits", elem_size(dt)), I("stride_b"), I("stride_s"), I("seq_len"),
+      view("ids", ids_int64 ? 8 : 4), ids_int64, view_as<float>("logprobs"),
+      entropy ? view_as<float>("entropy") : nullptr, view_as<float>("lse"), I("rows"), I("vocab"),
+      inverse_temperature(), dt, nullptr);
+}
+
+// token_logprobs_bwd (grad_logits a fresh buffer) and token_logprobs_bwd_out (grad_logits given:
+// possibly the logits' own buffer, in place).
+cudaError_t run_logprobs_bwd() {
+  const thinkfuse::DType dt = dtype(S("dtype"));
+  const bool ids_int64 = I("ids_int64") != 0;
+  const bool d_entropy = I("grad_entropy") != 0;
+  return thinkfuse::token_logprobs_backward(
+      view_as<float>("grad_logprobs"), d_entropy ? view_as<float>("grad_entropy") : nullptr,
+      view("logits", elem_size(dt)), I("stride_b"), I("stride_s"), I("seq_len"),
+      view("ids", ids_int64 ? 8 : 4), ids_int64, view_as<float>("lse"),
+      d_entropy ? view_as<float>("entropy") : nullptr, view("grad_logits", elem_size(dt)),
+      I("rows"), I("vocab"), inverse_temperature(), dt, nullptr);
+}
+
+// --- RMSNorm, as csrc/bindings/rms_norm.cpp ------------------------------------------------------
+
+cudaError_t run_rms_fwd() {
+  const thinkfuse::DType xd = dtype(S("x_dtype")), wd = dtype(S("w_dtype"));
+  const thinkfuse::DType yd = xd == wd ? xd : thinkfuse::DType::kFloat32;
+  const bool residual = I("residual") != 0;
+  return thinkfuse::rms_norm_forward(
+      view("x", elem_size(xd)), I("x_rs"), residual ? view("residual", elem_size(xd)) : nullptr,
+      residual ? I("residual_rs") : 0, view("weight", elem_size(wd)), view("y", elem_size(yd)),
+      residual ? view("h", elem_size(xd)) : nullptr, view_as<float>("rstd"), I("rows"), I("cols"),
+      static_cast<float>(F("eps")), xd, wd, nullptr);
+}
+
+cudaError_t run_rms_bwd() {
+  const thinkfuse::DType xd = dtype(S("x_dtype")), wd = dtype(S("w_dtype"));
+  const thinkfuse::DType yd = xd == wd ? xd : thinkfuse::DType::kFloat32;
+  const int64_t cols = I("cols");
+  // The dweight workspace as the binding allocates it (uninitialised there: poisoned here).
+  const int64_t floats = thinkfuse::rms_norm_backward_workspace_floats(cols, emu::current_device());
+  g_result << "workspace_floats " << floats << "\n";
+  if (floats < 0) bad_case("rms_norm_backward_workspace_floats failed");
+  float* workspace =
+      floats > 0 ? reinterpret_cast<float*>(scratch("workspace", floats * 4, 0xFF).data) : nullptr;
+  const bool dh = I("dh") != 0;
+  return thinkfuse::rms_norm_backward(
+      view("dy", elem_size(yd)), I("dy_rs"), view("h", elem_size(xd)), I("h_rs"),
+      view("weight", elem_size(wd)), view_as<float>("rstd"),
+      dh ? view("dh", elem_size(xd)) : nullptr, view("dx", elem_size(xd)), view("dw", elem_size(wd)),
+      workspace, I("rows"), cols, xd, wd, nullptr);
+}
+
+// --- rotary embeddings, as csrc/bindings/rope.cpp ------------------------------------------------
+
+thinkfuse::RotaryShape rotary_shape() { return {I("batch"), I("seq"), I("head_dim")}; }
+
+thinkfuse::HeadsView heads(const std::string& name, int elem) {
+  return {view(name, elem), I(name + "_heads"), I(name + "_sb"), I(name + "_ss"), I(name + "_sh")};
+}
+
+// rope_fwd / rope_bwd (backward 1: q / k are the output gradients, the outputs dq / dk).
+cudaError_t run_rope() {
+  const thinkfuse::DType dt = dtype(S("dtype"));
+  const int e = elem_size(dt);
+  const bool pos_int64 = I("pos_int64") != 0;
+  const thinkfuse::PositionsView positions{view("pos", pos_int64 ? 8 : 4), pos_int64, I("pos_sb"),
+                                           I("pos_ss")};
+  const auto launch = I("backward") ? &thinkfuse::rope_backward : &thinkfuse::rope_forward;
+  return launch(rotary_shape(), heads("q", e), heads("k", e), positions, view_as<float>("inv_freq"),
+                static_cast<float>(F("attention_scaling")), static_cast<float>(F("llama4_beta")),
+                I("llama4_original_max"), view("q_out", e), view("k_out", e), dt, nullptr);
+}
+
+cudaError_t run_apply_rotary() {
+  const thinkfuse::DType in = dtype(S("in_dtype"));
+  const thinkfuse::DType cs = dtype(S("cos_dtype"));
+  const thinkfuse::DType out = dtype(S("out_dtype"));
+  const thinkfuse::CosSinView cos_sin{view("cos", elem_size(cs)), view("sin", elem_size(cs)),
+                                      I("cos_sb"), I("cos_ss"), I("sin_sb"), I("sin_ss")};
+  const auto launch =
+      I("backward") ? &thinkfuse::apply_rotary_backward : &thinkfuse::apply_rotary_forward;
+  return launch(rotary_shape(), heads("q", elem_size(in)), heads("k", elem_size(in)), cos_sin,
+                view("q_out", elem_size(out)), view("k_out", elem_size(out)), in, cs, out, nullptr);
+}
+
+// --- SwiGLU, as csrc/bindings/swiglu.cpp (split and fused forms differ only in the views) ------
+
+cudaError_t run_swiglu_fwd() {
+  const thinkfuse::DType dt = dtype(S("dtype"));
+  const int e = elem_size(dt);
+  return thinkfuse::swiglu_forward(view("gate", e), I("gate_rs"), view("up", e), I("up_rs"),
+                                   view("y", e), I("y_rs"), I("rows"), I("cols"), dt, nullptr);
+}
+
+cudaError_t run_swiglu_bwd() {
+  const thinkfuse::DType dt = dtype(S("dtype"));
+  const int e = elem_size(dt);
+  return thinkfuse::swiglu_backward(view("dy", e), I("dy_rs"), view("gate", e), I("gate_rs"),
+                                    view("up", e), I("up_rs"), view("dgate", e), I("dgate_rs"),
+                                    view("dup", e), I("dup_rs"), I("rows"), I("cols"), dt, nullptr);
+}
+
 std::vector<unsigned char> read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) bad_case("cannot read " + path);
@@ -299,6 +423,22 @@ int main(int argc, char** argv) {
     status = run_decode();
   } else if (op == "mtp") {
     status = run_mtp();
+  } else if (op == "logprobs_fwd") {
+    status = run_logprobs_fwd();
+  } else if (op == "logprobs_bwd") {
+    status = run_logprobs_bwd();
+  } else if (op == "rms_fwd") {
+    status = run_rms_fwd();
+  } else if (op == "rms_bwd") {
+    status = run_rms_bwd();
+  } else if (op == "rope") {
+    status = run_rope();
+  } else if (op == "apply_rotary") {
+    status = run_apply_rotary();
+  } else if (op == "swiglu_fwd") {
+    status = run_swiglu_fwd();
+  } else if (op == "swiglu_bwd") {
+    status = run_swiglu_bwd();
   } else {
     bad_case("unknown op " + op);
   }

@@ -6,8 +6,9 @@
 // Mutations (compile this file with one of them to check that the sweeps can fail; see
 // tests/test_cuda_emulation.py): EMU_MUTATE_LDMATRIX (lane 4g+3 of matrix 1 of a non-transposed
 // ldmatrix reads row g^1), EMU_MUTATE_MMA (B element k = 15 of column 7 reads as 0),
-// EMU_MUTATE_CP_ASYNC_WAIT (cp.async.wait_group N leaves N + 1 groups in flight). sm90.cpp has
-// its own.
+// EMU_MUTATE_CP_ASYNC_WAIT (cp.async.wait_group N leaves N + 1 groups in flight),
+// EMU_MUTATE_SHFL_XOR (lane 0 of __shfl_xor_sync with lane mask 1 reads lane 2: the last step of
+// every butterfly reduction goes wrong in lane 0). sm90.cpp has its own.
 #include "runtime_internal.h"
 
 #include <sys/mman.h>
@@ -604,6 +605,9 @@ void shfl(unsigned mask, void* value, int bytes, int mode, int arg, int width) {
         case 2: src = lane + a < seg + width ? lane + a : lane; break;
         case 3: src = lane ^ a; if (src < seg || src >= seg + width) src = lane; break;
       }
+#if defined(EMU_MUTATE_SHFL_XOR)
+      if (mode == 3 && a == 1 && lane == 0) src = 2;  // the last butterfly step of lane 0
+#endif
       if (src >= wp.lanes) src = lane;
       std::memcpy(wp.out[lane], wp.in[src], 8);
     }

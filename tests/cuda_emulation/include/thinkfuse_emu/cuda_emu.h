@@ -211,6 +211,11 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+// rsqrtf: 1 / sqrt(x), maximum error 2 ulp per the CUDA math API (an approximate instruction on
+// the device, with or without --use_fast_math); rsqrtf(+-0) = +-inf, rsqrtf(+inf) = +0, NaN for
+// x < 0. The host computes it in double and rounds to float (within 1 ulp of the true value), so
+// the device's extra error is not reproduced.
+inline float rsqrtf(float x) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x))); }
 inline float __expf(float x) { return exp2f(x * 1.44269504088896341f); }
 inline float __exp2f(float x) { return exp2f(x); }
 inline float __logf(float x) { return logf(x); }

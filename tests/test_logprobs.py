@@ -116,6 +116,18 @@ def test_ignored_ids_give_zero_and_no_gradient(backend):
     assert torch.all(grad[1::2].abs().sum(-1) > 0)
 
 
+def test_ignored_rows_of_all_minus_inf_give_zero_and_no_gradient(backend):
+    """An ignored row has no distribution to speak of (padding may carry -inf logits): outputs 0
+    and a zero gradient, not the NaN of softmax over nothing, on every backend and the reference."""
+    logits, ids = _inputs((4,), 100)
+    logits[1] = float("-inf")
+    ids[1], ids[0] = IGNORED, 7
+    for fn in (_ours(backend, 1.0, True), _reference(1.0, True)):
+        logprobs, entropy, grad = _run(fn, logits, ids, True)
+        assert logprobs[1] == 0 and entropy[1] == 0 and not grad[1].any()
+        assert torch.isfinite(grad).all()
+
+
 def test_all_ignored(backend):
     logits, _ = _inputs((3,), 64)
     ids = torch.full((3,), -1, device=DEVICE)

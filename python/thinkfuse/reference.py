@@ -15,12 +15,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual=
     """``weight * (x32 * rsqrt(mean(x32**2, -1) + eps)).to(x.dtype)``, as Qwen2RMSNorm.
 
     With ``residual``: ``h = x + residual`` (in x's dtype) and the result is
-    ``(rms_norm(h), h)``.
+    ``(rms_norm(h), h)``. Float64 inputs are computed in float64 (Qwen2RMSNorm would use
+    float32): that is the truth the tests measure low-precision errors against.
     """
     if residual is not None:
         hidden = x + residual
         return rms_norm(hidden, weight, eps), hidden
-    x32 = x.to(torch.float32)
+    x32 = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     variance = x32.pow(2).mean(-1, keepdim=True)
     normed = x32 * torch.rsqrt(variance + eps)
     return weight * normed.to(x.dtype)
@@ -90,8 +91,11 @@ def token_logprobs(logits, token_ids, temperature: float = 1.0, return_entropy: 
     A position whose token id is negative (padding, ``-100``) gives 0 for both outputs and no
     gradient. Token ids must be below V (checked by the public op).
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     ignored = token_ids < 0
+    # An ignored row gets no gradient: its logits are replaced before the softmax (with where,
+    # which passes no gradient to them), so even a row of all -inf (whose softmax is NaN) gives 0.
+    logits = torch.where(ignored[..., None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = logp.gather(-1, token_ids.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
     # where() rather than multiplying by a mask, so no gradient reaches ignored rows
     picked = torch.where(ignored, torch.zeros_like(picked), picked)

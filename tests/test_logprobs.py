@@ -128,6 +128,18 @@ def test_ignored_rows_of_all_minus_inf_give_zero_and_no_gradient(backend):
         assert torch.isfinite(grad).all()
 
 
+def test_scored_rows_of_all_minus_inf_give_nan_logprob_and_zero_entropy(backend):
+    """A scored row with no finite logit has no distribution: every backend and the reference
+    say so with a NaN log-prob (and entropy 0, the kernels' convention for an empty sum)."""
+    logits, ids = _inputs((3,), 50)
+    logits[2] = float("-inf")
+    ids[2] = 4
+    for fn in (_ours(backend, 1.0, True), _reference(1.0, True)):
+        logprobs, entropy = fn(logits, ids)
+        assert torch.isnan(logprobs[2]) and entropy[2] == 0
+        assert torch.isfinite(logprobs[:2]).all() and torch.isfinite(entropy[:2]).all()
+
+
 def test_all_ignored(backend):
     logits, _ = _inputs((3,), 64)
     ids = torch.full((3,), -1, device=DEVICE)

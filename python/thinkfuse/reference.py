@@ -105,7 +105,10 @@ def token_logprobs(logits, token_ids, temperature: float = 1.0, return_entropy: 
     # would make the entropy and its gradient NaN.
     finite_logp = torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp)
     entropy = -(logp.exp() * finite_logp).sum(-1)
-    return picked, torch.where(ignored, torch.zeros_like(entropy), entropy)
+    # A row with no finite logit has no distribution: its log-prob is NaN and its entropy 0 (the
+    # kernels' convention; softmax would make it NaN).
+    empty = torch.isneginf(logits).all(-1)
+    return picked, torch.where(ignored | empty, torch.zeros_like(entropy), entropy)
 
 
 def fused_linear_token_logprobs(

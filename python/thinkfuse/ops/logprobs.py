@@ -18,7 +18,8 @@ float32 logits.
 
 Token ids: negative ids (padding, ``-100``) give 0 and no gradient (entropy too). Ids >= V raise
 ``ValueError`` on CPU tensors (checked eagerly); on GPU tensors, where that check would cost a
-host synchronisation, they give a NaN log-prob (the kernels never read out of bounds).
+host synchronisation, they give a NaN log-prob (the kernels never read out of bounds). A scored
+row whose logits are all -inf has no distribution: NaN log-prob, entropy 0, on every backend.
 
 The cuda and triton backends run behind ``torch.library`` custom ops joined by autograd formulas
 (``thinkfuse::token_logprobs_fwd``/``_bwd``, ``thinkfuse::fused_linear_logprobs_fwd``/``_bwd``).
@@ -276,7 +277,9 @@ def _chunk_stats(logits, ids, temperature: float, return_entropy: bool):
         logp = z.sub_(lse.unsqueeze(-1))
         p = logp.exp()
         logp.masked_fill_(p == 0, 0.0)  # -inf logits: p = 0 adds nothing (and 0 * -inf is NaN)
-        entropy = torch.where(live, -torch.linalg.vecdot(p, logp), torch.zeros_like(lse))
+        # A row with no finite logit (lse = -inf) has entropy 0, as in the kernels (its log-prob
+        # is NaN, which says the row is garbage).
+        entropy = torch.where(live & (lse != float("-inf")), -torch.linalg.vecdot(p, logp), torch.zeros_like(lse))
     return logprob, entropy, torch.where(live, lse, torch.zeros_like(lse))
 
 

@@ -16,6 +16,10 @@ Sweeps (``--sweep``, repeatable; all by default):
 - ``rms_norm-bwd``: ``thinkfuse.kernels.rms_norm``'s backward (``BwdConfig``: block_m,
   num_warps, programs_per_sm), bf16, 16384 tokens at the presets' hidden sizes, with and without
   the residual branch's gradient. Rate: GB/s of the minimal bytes (read dy, h, [dh]; write dx).
+- ``rope-fwd``: ``thinkfuse.kernels.rope``'s in-kernel-cos/sin forward (``LaunchConfig``:
+  block_h, num_warps; the backward is the same kernel), bf16, 16384 tokens, 32/8 and 12/2 heads,
+  head_dim 128, with and without Ministral 3's query temperature. Rate: GB/s (read q, k; write
+  them).
 
     python -m bench.tune                        # GPU: all sweeps; table + tune.{json,md}
     python -m bench.tune --sweep attention-fwd --out DIR
@@ -246,8 +250,80 @@ def rms_norm_sweeps() -> list[Sweep]:
                   unit="GB/s", gpu_shapes=RMS_NORM_GPU_SHAPES, smoke_shapes=RMS_NORM_SMOKE_SHAPES)]
 
 
+# ---------------------------------------------------------------------------------------------
+# RoPE forward (the backward is the same kernel with the rotation reversed)
+
+
+@dataclass(frozen=True)
+class RopeShape:
+    batch: int
+    seqlen: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    temperature: bool  # Ministral 3's query temperature (llama4_scaling)
+
+    @property
+    def label(self) -> str:
+        extra = " +temperature" if self.temperature else ""
+        return f"{self.batch}x{self.seqlen}x{self.heads_q}/{self.heads_kv}x{self.head_dim}{extra}"
+
+
+ROPE_GPU_SHAPES = (RopeShape(4, 4096, 32, 8, 128, False), RopeShape(4, 4096, 12, 2, 128, False),
+                   RopeShape(4, 4096, 32, 8, 128, True))
+ROPE_SMOKE_SHAPES = (RopeShape(1, 7, 4, 2, 16, True), RopeShape(2, 5, 3, 1, 32, False))
+ROPE_TEMPERATURE = (0.1, 1024)  # (beta, original max position): positions past 1024 get scaled
+
+
+@dataclass
+class RopeInputs:
+    shape: RopeShape
+    q: torch.Tensor
+    k: torch.Tensor
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    llama4: Optional[tuple]
+
+
+def build_rope(shape: RopeShape, device, dtype) -> RopeInputs:
+    generator = torch.Generator().manual_seed(0)
+    q = _random((shape.batch, shape.seqlen, shape.heads_q, shape.head_dim), generator, device, dtype)
+    k = _random((shape.batch, shape.seqlen, shape.heads_kv, shape.head_dim), generator, device, dtype)
+    positions = torch.arange(shape.seqlen, device=device).repeat(shape.batch, 1)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, shape.head_dim, 2, device=device).float() / shape.head_dim))
+    llama4 = (ROPE_TEMPERATURE[0], 3 if shape.seqlen < 100 else ROPE_TEMPERATURE[1]) if shape.temperature else None
+    return RopeInputs(shape, q, k, positions, inv_freq, llama4)
+
+
+def run_rope_forward(x: RopeInputs, config) -> Callable[[], tuple]:
+    from thinkfuse.kernels import rope
+
+    beta, original = x.llama4 or (0.0, 1)
+    return lambda: rope.rope_forward(x.q, x.k, x.positions, x.inv_freq, 1.0, beta, original, config=config)
+
+
+def reference_rope_forward(x: RopeInputs) -> tuple:
+    from thinkfuse import reference
+
+    return reference.rope(x.q.float(), x.k.float(), x.positions, x.inv_freq, 1.0, x.llama4)
+
+
+def rope_bytes(shape: RopeShape, dtype: torch.dtype) -> float:
+    elements = shape.batch * shape.seqlen * (shape.heads_q + shape.heads_kv) * shape.head_dim
+    return float(2 * elements * torch.finfo(dtype).bits // 8)  # read q, k; write them rotated
+
+
+def rope_sweeps() -> list[Sweep]:
+    from thinkfuse.kernels import rope
+
+    return [Sweep("rope-fwd", lambda: rope.CANDIDATES,
+                  lambda s, dtype: rope.default_config(max(s.heads_q, s.heads_kv), s.head_dim), build=build_rope,
+                  run=run_rope_forward, reference=reference_rope_forward, work=rope_bytes, unit="GB/s",
+                  gpu_shapes=ROPE_GPU_SHAPES, smoke_shapes=ROPE_SMOKE_SHAPES)]
+
+
 def all_sweeps() -> list[Sweep]:
-    return attention_sweeps() + rms_norm_sweeps()
+    return attention_sweeps() + rms_norm_sweeps() + rope_sweeps()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +401,8 @@ def markdown(rows: list[dict], best: list[dict], metadata: dict) -> str:
     lines = ["# Triton launch-config sweep", ""]
     lines += [f"- {k}: {v}" for k, v in metadata.items()]
     lines += ["", "Configs: attention (block_m, block_n, num_warps, num_stages); rms_norm-bwd (block_m, num_warps, "
-              "programs_per_sm). Backward attention sweeps time the whole backward with the other kernel at its "
-              "default.", "", "## Best per shape", "",
+              "programs_per_sm); rope-fwd (block_h, num_warps). Backward attention sweeps time the whole backward "
+              "with the other kernel at its default.", "", "## Best per shape", "",
               "| sweep | shape | config | ms | rate | vs default |", "|---|---|---|---|---|---|"]
     lines += [f"| {b['sweep']} | {b['shape']} | {tuple(b['config'])} | {_cell(b['ms'], 4)} | "
               f"{_cell(b['rate'], 4)} {b['unit']} | {_cell(b['speedup_vs_default'])}x |" for b in best]
@@ -353,7 +429,7 @@ def metadata(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
     }
 
 
-SWEEP_NAMES = ("attention-fwd", "attention-dkdv", "attention-dq", "rms_norm-bwd")
+SWEEP_NAMES = ("attention-fwd", "attention-dkdv", "attention-dq", "rms_norm-bwd", "rope-fwd")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

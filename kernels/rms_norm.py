@@ -138,7 +138,7 @@ def default_bwd_config(n_cols: int) -> BwdConfig:
 
 
 # What bench/tune.py sweeps (the defaults for hidden sizes 1536 .. 8192 are among them).
-BWD_CANDIDATES = tuple(BwdConfig(*c) for c in itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4)))
+BWD_CANDIDATES = tuple(BwdConfig(*c) for c in itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4, 8)))
 
 
 def _num_programs(device: torch.device, rows: int, programs_per_sm: int) -> int:

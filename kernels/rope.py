@@ -22,6 +22,9 @@ is the same formula with ``(s1, s2)`` replaced by ``(-s2, -s1)``.
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -155,13 +158,30 @@ def _apply_rotary_kernel(
     )
 
 
-def _launch_config(q, k) -> tuple[tuple[int, int], dict]:
+class LaunchConfig(NamedTuple):
+    """Heads per program (a power of 2; q's and k's head blocks are separate programs) and warps."""
+
+    block_h: int
+    num_warps: int
+
+
+def default_config(n_heads: int, head_dim: int) -> LaunchConfig:
+    """``n_heads``: the larger of q's and k's head counts."""
+    block_half = triton.next_power_of_2(head_dim // 2)
+    block_h = min(triton.next_power_of_2(n_heads), max(1, _TILE_ELEMENTS // (2 * block_half)))
+    return LaunchConfig(block_h, 4 if block_h * block_half <= 1024 else 8)
+
+
+# What bench/tune.py sweeps (the defaults of the presets' head layouts are among them).
+CANDIDATES = tuple(LaunchConfig(*c) for c in itertools.product((2, 4, 8, 16, 32), (1, 2, 4, 8)))
+
+
+def _launch_config(q, k, config: LaunchConfig | None = None) -> tuple[tuple[int, int], dict]:
     """Grid (tokens, q head blocks + k head blocks) and the block sizes; q and k not both empty."""
     batch, seq, n_q_heads, head_dim = q.shape
-    block_half = triton.next_power_of_2(head_dim // 2)
-    block_h = min(triton.next_power_of_2(max(n_q_heads, k.shape[2])), max(1, _TILE_ELEMENTS // (2 * block_half)))
+    block_h, num_warps = config or default_config(max(n_q_heads, k.shape[2]), head_dim)
     head_blocks = triton.cdiv(n_q_heads, block_h) + triton.cdiv(k.shape[2], block_h)
-    meta = dict(BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4 if block_h * block_half <= 1024 else 8)
+    meta = dict(BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=num_warps)
     return (batch * seq, head_blocks), meta
 
 
@@ -181,11 +201,12 @@ def _empty_outputs(q, k, dtype_q=None, dtype_k=None):
     )
 
 
-def _rope(q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_original_max, inverse):
+def _rope(q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_original_max, inverse,
+          config=None):
     q_out, k_out = _empty_outputs(q, k)
     if q.numel() + k.numel() == 0:
         return q_out, k_out
-    grid, meta = _launch_config(q, k)
+    grid, meta = _launch_config(q, k, config)
     _rope_kernel[grid](
         q, k, position_ids, inv_freq, q_out, k_out,
         *_qk_strides(q, k),
@@ -199,11 +220,13 @@ def _rope(q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_o
 
 
 def rope_forward(q, k, position_ids, inv_freq, attention_scaling: float, llama4_beta: float,
-                 llama4_original_max: int):
+                 llama4_original_max: int, config: LaunchConfig | None = None):
     """q ``[B, S, Hq, D]``, k ``[B, S, Hkv, D]`` (unit stride on D); position_ids ``[B or 1, S]``
     int32/int64; inv_freq ``[D/2]`` float32 contiguous. ``llama4_beta == 0`` means no query
-    temperature (its value is then 1). Returns new contiguous ``(q_out, k_out)``."""
-    return _rope(q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_original_max, False)
+    temperature (its value is then 1). Returns new contiguous ``(q_out, k_out)``. ``config``
+    overrides ``default_config`` (bench/tune.py sweeps it)."""
+    return _rope(q, k, position_ids, inv_freq, attention_scaling, llama4_beta, llama4_original_max, False,
+                 config)
 
 
 def rope_backward(dq_out, dk_out, position_ids, inv_freq, attention_scaling: float, llama4_beta: float,

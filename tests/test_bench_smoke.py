@@ -464,7 +464,7 @@ def test_launch_config_sweep_smoke(tmp_path):
 
 
 def test_tile_sweep_defaults_are_candidates_and_errors_are_caught(monkeypatch):
-    from thinkfuse.kernels import attention, rms_norm
+    from thinkfuse.kernels import attention, rms_norm, rope
 
     monkeypatch.setattr(attention, "_INTERPRET", False)  # the GPU defaults, not the interpreter's
     for dtype in (torch.float16, torch.bfloat16):
@@ -474,6 +474,8 @@ def test_tile_sweep_defaults_are_candidates_and_errors_are_caught(monkeypatch):
             assert dkdv in attention.DKDV_CANDIDATES and dq in attention.DQ_CANDIDATES
     for shape in tune.RMS_NORM_GPU_SHAPES:
         assert rms_norm.default_bwd_config(shape.hidden) in rms_norm.BWD_CANDIDATES
+    for shape in tune.ROPE_GPU_SHAPES:
+        assert rope.default_config(max(shape.heads_q, shape.heads_kv), shape.head_dim) in rope.CANDIDATES
     a = torch.randn(4, 8)
     assert tune.relative_error((a,), (a,)) == 0.0
     assert tune.relative_error((a + 0.5,), (a,)) > tune.SMOKE_TOLERANCE

@@ -211,7 +211,7 @@ step_bench() {
 }
 
 step_tune() {
-    # The Triton attention kernels' tile sweep: tune_attention.{json,md} beside the results.
+    # The Triton launch-config sweep (bench/tune.py): tune.{json,md} beside the results.
     exec env -u TRITON_INTERPRET "$PYTHON" -m bench.tune --out "$RESULTS_DIR"
 }
 

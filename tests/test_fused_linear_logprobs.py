@@ -466,21 +466,20 @@ def test_one_pass_with_grads_matches_reference_autograd(backend, bias):
     assert frozen.numel() == 0
 
 
-@pytest.mark.parametrize("n_tokens, expected_chunks", [(11, 1), (12, 1), (13, 4), (40, 10)])
+@pytest.mark.parametrize("n_tokens, expected_chunks", [(19, 1), (20, 1), (21, 6), (40, 10)])
 def test_one_pass_takes_one_chunk_when_that_needs_less_memory(monkeypatch, n_tokens, expected_chunks):
-    """Without a chunk_size, the one-pass path with a weight gradient takes all tokens in one
-    chunk when their logits weigh less than a default chunk plus the float32 [V, H] d_weight
-    accumulator several chunks would need (one_pass_chunk_tokens), and chunks otherwise; both
-    match autograd of the reference."""
+    """Without a chunk_size, the kernel backends' one-pass path with a weight gradient takes all
+    tokens in one chunk when their logits weigh less than a default chunk plus the float32 [V, H]
+    d_weight accumulator several chunks would need (one_pass_chunk_tokens), and chunks otherwise;
+    both match autograd of the reference. The torch backend keeps its chunks (its float32 copies
+    would make one big chunk the larger)."""
     from thinkfuse.ops import logprobs as lp_ops
 
     h_size, vocab = 16, 301
-    # torch backend: 4 tokens per default chunk; a token's float32 logits and d logits weigh
-    # 301 * (4 + 4) bytes, the accumulator 301 * 16 * 4: 8 tokens' worth, so up to 12 tokens go
-    # in one chunk.
-    monkeypatch.setattr(lp_ops, "CHUNK_LOGITS_BYTES", 4 * 4 * vocab)
+    # 4 tokens per default chunk (float32 logits); the accumulator weighs 301 * 16 * 4 bytes,
+    # 16 tokens' logits: up to 20 tokens go in one chunk.
+    monkeypatch.setattr(lp_ops, "KERNEL_CHUNK_LOGITS_BYTES", 4 * 4 * vocab)
     hidden, weight, _, ids = _inputs((n_tokens,), h_size, vocab, bias=False)
-    assert lp_ops.one_pass_chunk_tokens(n_tokens, 4, weight, weight.element_size() + 4) in (n_tokens, 4)
     grad_weights = torch.randn(n_tokens, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     seen = []
 
@@ -489,7 +488,7 @@ def test_one_pass_takes_one_chunk_when_that_needs_less_memory(monkeypatch, n_tok
         return grad_weights[start:end]
 
     logprobs, d_hidden, d_weight, _ = lp_ops.fused_linear_logprobs_with_grads(
-        hidden, weight, ids, grad_of_logprobs, backend="torch")
+        hidden, weight, ids, grad_of_logprobs, backend="triton")
     assert len(seen) == expected_chunks
     leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
     ref = reference.fused_linear_token_logprobs(leaves[0], leaves[1], ids)
@@ -498,8 +497,23 @@ def test_one_pass_takes_one_chunk_when_that_needs_less_memory(monkeypatch, n_tok
     assert_close_fp32(d_hidden, leaves[0].grad)
     assert_close_fp32(d_weight, leaves[1].grad)
     seen.clear()  # without a weight gradient there is no accumulator to save: default chunks
-    lp_ops.fused_linear_logprobs_with_grads(hidden, weight, ids, grad_of_logprobs, weight_grad=False, backend="torch")
+    lp_ops.fused_linear_logprobs_with_grads(hidden, weight, ids, grad_of_logprobs, weight_grad=False,
+                                            backend="triton")
     assert len(seen) == -(-n_tokens // 4)
+    seen.clear()
+    monkeypatch.setattr(lp_ops, "CHUNK_LOGITS_BYTES", 4 * 4 * vocab)  # torch: 4 tokens per chunk too
+    lp_ops.fused_linear_logprobs_with_grads(hidden, weight, ids, grad_of_logprobs, backend="torch")
+    assert len(seen) == -(-n_tokens // 4)
+
+
+def test_one_pass_with_no_tokens(backend):
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    hidden, weight, b, ids = _inputs((0,), 16, 301, bias=True)
+    logprobs, d_hidden, d_weight, d_bias = fused_linear_logprobs_with_grads(
+        hidden, weight, ids, lambda lp, s, e: torch.ones_like(lp), bias=b, backend=backend)
+    assert logprobs.shape == (0,) and d_hidden.shape == hidden.shape
+    assert d_weight.shape == weight.shape and not d_weight.any() and d_bias.shape == b.shape and not d_bias.any()
 
 
 def test_one_pass_with_grads_checks_arguments():

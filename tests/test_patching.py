@@ -212,7 +212,7 @@ def test_torch_save_of_a_whole_patched_model(family, tmp_path):
     torch.save(model, path)
     loaded = torch.load(path, weights_only=False)
     norm = loaded.get_decoder().norm
-    assert norm.forward.__self__ is norm and norm.forward.__func__.__name__ == "rms_norm_forward"
+    assert norm.forward.__self__ is norm and norm.forward.__func__.func.__name__ == "rms_norm_forward"
     assert norm.forward is norm._thinkfuse_patch.patched_forward
     ids = tiny_batch(batch=2, seq=7)
     with torch.no_grad():
@@ -261,6 +261,31 @@ def test_meta_device_forward_of_a_patched_model():
     ids = tiny_batch(batch=2, seq=7).to("meta")
     assert model.eval()(input_ids=ids).logits.shape == (2, 7, model.config.vocab_size)
     assert model.train()(input_ids=ids, labels=ids).loss.device.type == "meta"
+
+
+def test_accelerate_mixed_precision_keeps_the_named_backend(monkeypatch):
+    """accelerate's prepare (native amp) rebinds ``forward.__func__`` inside autocast, and unwrap
+    restores it: the patched forwards must still run on the backend patch_model was given."""
+    accelerate = pytest.importorskip("accelerate")
+    from thinkfuse.patching import forwards
+
+    seen = []
+    real_loss = forwards.ops.causal_lm_loss
+
+    def spy(*args, backend=None, **kwargs):
+        seen.append(backend)
+        return real_loss(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(forwards.ops, "causal_lm_loss", spy)
+    model = tiny_model("qwen2")
+    thinkfuse.patch_model(model, backend="torch")
+    model.train()
+    ids = tiny_batch(batch=2, seq=8)
+    accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    prepared = accelerator.prepare(model)
+    prepared(input_ids=ids, labels=ids)
+    accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)(input_ids=ids, labels=ids)
+    assert seen == ["torch", "torch"]
 
 
 def test_unsupported_models_are_named():

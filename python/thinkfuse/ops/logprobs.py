@@ -468,7 +468,7 @@ def one_pass_chunk_tokens(n_tokens: int, chunk_tokens: int, weight: Tensor, logi
     gradient included). One chunk is taken when it needs less memory: ``n_tokens <= chunk_tokens
     + 4 H / logit_bytes`` (for bfloat16 kernels, fewer than ~2 H tokens above a chunk)."""
     accumulator_tokens = 4 * weight.shape[1] // logit_bytes  # tokens whose logits weigh as much
-    return n_tokens if n_tokens <= chunk_tokens + accumulator_tokens else chunk_tokens
+    return max(1, n_tokens) if n_tokens <= chunk_tokens + accumulator_tokens else chunk_tokens
 
 
 def _fused_chunked_backward(grad_logprobs, grad_entropy, hidden, weight, ids, bias, lse, entropy, temperature,
@@ -578,10 +578,11 @@ def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: 
     bias = bias.contiguous() if bias is not None else None
     weight = with_unit_last_stride(weight)
     chunk = _chunk_tokens(name, weight, chunk_size)
-    if chunk_size is None and weight_grad:
-        # torch's reducer makes a float32 d logits beside the logits; the kernels write over them.
-        logit_bytes = weight.element_size() + (4 if name == "torch" else 0)
-        chunk = one_pass_chunk_tokens(hidden.shape[0], chunk, weight, logit_bytes)
+    if chunk_size is None and weight_grad and name != "torch":
+        # Kernel backends only: they write d logits over the logits, so a token costs V logits.
+        # The torch reducer holds float32 copies besides (~10 bytes a logit), and its float32 d
+        # logits make a single chunk's d_weight a float32 matmul anyway: it keeps its chunks.
+        chunk = one_pass_chunk_tokens(hidden.shape[0], chunk, weight, weight.element_size())
     logprobs = torch.zeros((hidden.shape[0],), dtype=torch.float32, device=hidden.device)
     grads = _LmHeadGrads(hidden, weight, bias, weight_grad)
     for start, end in _chunk_bounds(hidden.shape[0], chunk):

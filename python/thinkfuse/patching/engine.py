@@ -7,6 +7,7 @@ state_dict and it survives deepcopy) that remembers the forward to restore.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import types
 from dataclasses import dataclass, field
@@ -152,7 +153,12 @@ class BoundForward:
 
     @property
     def __func__(self):
-        return self.function
+        # What rebinding code gets (accelerate's autocast wrapper does
+        # MethodType(autocast(forward.__func__), module)): the function with the backend bound,
+        # so that a rebound forward still runs on the backend patch_model was given.
+        if self.backend is None:
+            return self.function
+        return functools.partial(self.function, backend=self.backend)
 
     @property
     def __name__(self) -> str:

@@ -100,17 +100,17 @@ def _expect_cuda_refusal(call):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fp32_matches_reference(backend, case):
+def test_fp32_matches_reference(kernel_backend, case):
     b, sq, sk, hq, hkv, d, causal, window = CASES[case]
     inputs = _qkv(b, sq, sk, hq, hkv, d)
 
     def ours(q, k, v):
-        return flash_attention(q, k, v, causal=causal, sliding_window=window, return_lse=True, backend=backend)
+        return flash_attention(q, k, v, causal=causal, sliding_window=window, return_lse=True, backend=kernel_backend)
 
     def ref(q, k, v):
         return reference.flash_attention(q, k, v, causal, None, window, return_lse=True)
 
-    if _cuda_refuses(backend):
+    if _cuda_refuses(kernel_backend):
         return _expect_cuda_refusal(lambda: ours(*inputs))
     _compare(_run(ours, inputs), _run(ref, inputs))
 
@@ -181,7 +181,7 @@ VARLEN = {
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", list(VARLEN))
-def test_varlen_matches_reference(backend, case, causal, window):
+def test_varlen_matches_reference(kernel_backend, case, causal, window):
     if window is not None and not causal:
         pytest.skip("a sliding window requires causal")
     lq, lk = VARLEN[case]
@@ -190,12 +190,12 @@ def test_varlen_matches_reference(backend, case, causal, window):
 
     def ours(q, k, v):
         return flash_attention(q, k, v, causal=causal, sliding_window=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                               max_seqlen_q=max(lq), max_seqlen_k=max(lk), return_lse=True, backend=backend)
+                               max_seqlen_q=max(lq), max_seqlen_k=max(lk), return_lse=True, backend=kernel_backend)
 
     def ref(q, k, v):
         return reference.flash_attention(q, k, v, causal, None, window, cu_q, cu_k, return_lse=True)
 
-    if _cuda_refuses(backend):
+    if _cuda_refuses(kernel_backend):
         return _expect_cuda_refusal(lambda: ours(q, k, v))
     result = _run(ours, (q, k, v))
     assert result[1].shape == (4, sum(lq))
@@ -230,11 +230,11 @@ DECODE = {
 
 
 @pytest.mark.parametrize("case", list(DECODE))
-def test_decode_matches_reference(backend, case):
+def test_decode_matches_reference(kernel_backend, case):
     b, sq, smax, hq, hkv, d, lens, window, splits = DECODE[case]
     q, kc, vc = _qkv(b, sq, smax, hq, hkv, d)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    ours = decode_attention(q, kc, vc, seqlens, sliding_window=window, num_splits=splits, backend=backend)
+    ours = decode_attention(q, kc, vc, seqlens, sliding_window=window, num_splits=splits, backend=kernel_backend)
     ref = reference.decode_attention(q, kc, vc, seqlens, None, window)
     assert ours.shape == q.shape and ours.dtype == q.dtype
     assert_close_fp32(ours, ref)

@@ -204,13 +204,25 @@ def test_all_ignored_gives_zero_gradients(backend):
     assert all(not t.any() for t in outs)
 
 
-def test_frozen_lm_head_gets_no_weight_gradient(backend):
-    """LoRA-style: only hidden needs a gradient (the d_weight pass is skipped)."""
+def test_frozen_lm_head_gets_no_weight_gradient(backend, monkeypatch):
+    """LoRA-style: only hidden needs a gradient, and the backward is told so (the d_weight pass
+    is skipped, not computed and dropped)."""
+    from thinkfuse.ops import logprobs as lp_ops
+
+    weight_grads = []
+    real_backward = lp_ops._fused_chunked_backward
+
+    def spy(*args, **kwargs):
+        weight_grads.append(args[9])  # the weight_grad argument
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(lp_ops, "_fused_chunked_backward", spy)
     hidden, weight, _, ids = _inputs((6,), 32, 257, bias=False)
     h = hidden.clone().requires_grad_()
     fused_linear_token_logprobs(h, weight, ids, backend=backend).sum().backward()
     h_ref = hidden.clone().requires_grad_()
     reference.fused_linear_token_logprobs(h_ref, weight, ids).sum().backward()
+    assert weight_grads == [False]
     assert weight.grad is None
     assert_close_fp32(h.grad, h_ref.grad, tol=1e-4)
 

@@ -139,10 +139,10 @@ def test_reference_apply_rotary_matches_transformers(unsqueeze_dim):
 
 
 @pytest.mark.parametrize("case_id", list(ROPE_CASES))
-def test_rope_fp32_matches_reference(backend, case_id):
+def test_rope_fp32_matches_reference(kernel_backend, case_id):
     case = ROPE_CASES[case_id]
     q, k, pos, inv_freq = case.inputs(torch.float32)
-    outs, grads = _run(_rope_fn(case, pos, inv_freq, backend), [q, k])
+    outs, grads = _run(_rope_fn(case, pos, inv_freq, kernel_backend), [q, k])
     ref_outs, ref_grads = _run(_reference_rope_fn(case, pos, inv_freq), [q, k])
     for ours, ref in zip(outs + grads, ref_outs + ref_grads):
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
@@ -151,10 +151,10 @@ def test_rope_fp32_matches_reference(backend, case_id):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case_id", ["gqa-6-2", "far-temperature-int32", "broadcast-d80"])
-def test_rope_low_precision_vs_float64_truth(backend, dtype, case_id):
+def test_rope_low_precision_vs_float64_truth(kernel_backend, dtype, case_id):
     case = ROPE_CASES[case_id]
     q, k, pos, inv_freq = case.inputs(dtype)
-    outs, grads = _run(_rope_fn(case, pos, inv_freq, backend), [q, k])
+    outs, grads = _run(_rope_fn(case, pos, inv_freq, kernel_backend), [q, k])
     hf_outs, hf_grads = _run(_reference_rope_fn(case, pos, inv_freq), [q, k])
     truth_outs, truth_grads = _run(_truth_rope_fn(case, pos, inv_freq), [q, k])
     for ours, hf, truth in zip(outs + grads, hf_outs + hf_grads, truth_outs + truth_grads):
@@ -172,13 +172,13 @@ def _strided_qk():
 
 
 @pytest.mark.parametrize("case", list(_strided_qk()), ids=lambda c: c[0])
-def test_rope_strided_inputs(backend, case):
+def test_rope_strided_inputs(kernel_backend, case):
     _, q, k = case
     q, k = q.to(DEVICE), k.to(DEVICE)
     q_before, k_before = q.clone(), k.clone()
     rope_case = RopeCase(*q.shape[:3], k.shape[2], q.shape[3], llama4=LLAMA4, positions="far")
     pos, inv_freq = _positions("far", *q.shape[:2]), _inv_freq(q.shape[3]).to(DEVICE)
-    outs, grads = _run(_rope_fn(rope_case, pos, inv_freq, backend), [q, k])
+    outs, grads = _run(_rope_fn(rope_case, pos, inv_freq, kernel_backend), [q, k])
     ref_outs, ref_grads = _run(_reference_rope_fn(rope_case, pos, inv_freq), [q, k])
     assert torch.equal(q, q_before) and torch.equal(k, k_before), "rope wrote into its inputs"
     for ours, ref in zip(outs + grads, ref_outs + ref_grads):
@@ -239,9 +239,9 @@ def _reference_apply_rotary_fn(unsqueeze_dim):
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 @pytest.mark.parametrize("cos_batch,random_cos_sin", [(2, False), (1, False), (2, True)],
                          ids=["cos-[B,S,D]", "cos-[1,S,D]", "random-cos-sin"])
-def test_apply_rotary_fp32_matches_reference_with_cos_sin_grads(backend, unsqueeze_dim, cos_batch, random_cos_sin):
+def test_apply_rotary_fp32_matches_reference_with_cos_sin_grads(kernel_backend, unsqueeze_dim, cos_batch, random_cos_sin):
     inputs = _apply_rotary_inputs(unsqueeze_dim, torch.float32, cos_batch=cos_batch, random_cos_sin=random_cos_sin)
-    outs, grads = _run(_apply_rotary_fn(backend, unsqueeze_dim), inputs)
+    outs, grads = _run(_apply_rotary_fn(kernel_backend, unsqueeze_dim), inputs)
     ref_outs, ref_grads = _run(_reference_apply_rotary_fn(unsqueeze_dim), inputs)
     for ours, ref in zip(outs, ref_outs):
         assert ours.shape == ref.shape
@@ -252,9 +252,9 @@ def test_apply_rotary_fp32_matches_reference_with_cos_sin_grads(backend, unsquee
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
-def test_apply_rotary_low_precision_vs_float64_truth(backend, dtype, unsqueeze_dim):
+def test_apply_rotary_low_precision_vs_float64_truth(kernel_backend, dtype, unsqueeze_dim):
     q, k, cos, sin = _apply_rotary_inputs(unsqueeze_dim, dtype)
-    fn = _apply_rotary_fn(backend, unsqueeze_dim)
+    fn = _apply_rotary_fn(kernel_backend, unsqueeze_dim)
     ref_fn = _reference_apply_rotary_fn(unsqueeze_dim)
     outs, grads = _run(lambda q_, k_: fn(q_, k_, cos, sin), [q, k])
     hf_outs, hf_grads = _run(lambda q_, k_: ref_fn(q_, k_, cos, sin), [q, k])
@@ -263,10 +263,10 @@ def test_apply_rotary_low_precision_vs_float64_truth(backend, dtype, unsqueeze_d
         assert_low_precision_ok(ours, hf, truth)
 
 
-def test_apply_rotary_promotes_like_transformers(backend):
+def test_apply_rotary_promotes_like_transformers(kernel_backend):
     """bfloat16 q/k with float32 cos/sin: transformers' products promote to float32."""
     q, k, cos, sin = _apply_rotary_inputs(1, torch.bfloat16, cos_dtype=torch.float32)
-    outs, grads = _run(lambda q_, k_: apply_rotary_pos_emb(q_, k_, cos, sin, backend=backend), [q, k])
+    outs, grads = _run(lambda q_, k_: apply_rotary_pos_emb(q_, k_, cos, sin, backend=kernel_backend), [q, k])
     ref_outs, ref_grads = _run(lambda q_, k_: reference.apply_rotary_pos_emb(q_, k_, cos, sin), [q, k])
     assert [o.dtype for o in outs] == [torch.float32] * 2 and [g.dtype for g in grads] == [torch.bfloat16] * 2
     for ours, ref in zip(outs, ref_outs):

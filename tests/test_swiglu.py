@@ -71,9 +71,9 @@ def test_reference_rounds_once_where_transformers_rounds_twice():
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("rows", [1, 5])
-def test_fp32_matches_reference(backend, form, size, rows):
+def test_fp32_matches_reference(kernel_backend, form, size, rows):
     gate, up = _gate_up(rows, size, torch.float32)
-    ours = _run(FORMS[form](backend), [gate, up])
+    ours = _run(FORMS[form](kernel_backend), [gate, up])
     ref = _run(reference.swiglu, [gate, up])
     for o, r in zip(ours, ref):
         assert o.dtype == r.dtype and o.shape == r.shape
@@ -101,11 +101,11 @@ def _strided_inputs():
 
 
 @pytest.mark.parametrize("case", list(_strided_inputs()), ids=lambda c: c[0])
-def test_strided_inputs(backend, case):
+def test_strided_inputs(kernel_backend, case):
     _, gate, up = case
     gate, up = gate.to(DEVICE), up.to(DEVICE)
     before = gate.clone(), up.clone()
-    ours = _run(_split_fn(backend), [gate, up])
+    ours = _run(_split_fn(kernel_backend), [gate, up])
     ref = _run(reference.swiglu, [gate, up])
     assert torch.equal(gate, before[0]) and torch.equal(up, before[1]), "swiglu wrote into its inputs"
     for o, r in zip(ours, ref):
@@ -113,11 +113,11 @@ def test_strided_inputs(backend, case):
         assert_close_fp32(o, r)
 
 
-def test_fused_reads_a_strided_projection_output_and_leading_dims(backend):
+def test_fused_reads_a_strided_projection_output_and_leading_dims(kernel_backend):
     """gate_up as a merged projection's [B, S, 2I] output, sliced out of a wider buffer."""
     wide = torch.randn(2, 3, 2 * 97 + 11, device=DEVICE)
     gate_up = wide[..., : 2 * 97]
-    ours = _run(lambda x: swiglu_fused(x, backend=backend), [gate_up])
+    ours = _run(lambda x: swiglu_fused(x, backend=kernel_backend), [gate_up])
     ref = _run(lambda x: reference.swiglu(*x.chunk(2, dim=-1)), [gate_up])
     assert ours[0].shape == (2, 3, 97)
     for o, r in zip(ours, ref):

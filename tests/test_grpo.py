@@ -358,6 +358,65 @@ def test_patched_fused_lm_head_matches_trl(trl_utils):
         assert_close_fp32(ours, trl, tol=1e-4)
 
 
+def _chunked_trl_call(function, hidden, weight, bias, targets, autocast, softcap=None, logit_scale=1.0):
+    """TRL's ChunkedLogProbFunction.apply (or the patch's stand-in; positional arguments, as
+    autograd.Function.apply takes them): log-probs, entropy and the gradients of a fixed mix of
+    both w.r.t. hidden, weight and bias."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logprobs, entropy, *_ = function.apply(leaves[0], leaves[1], leaves[2], targets, 0.8, 64, softcap,
+                                               logit_scale, ("log_probs", "entropy"))
+    (logprobs.sum() + 0.1 * entropy.sum()).backward()
+    return [logprobs.detach(), entropy.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("autocast,logit_scale", [(False, 1.0), (True, 1.0), (True, 1.5)],
+                         ids=["float32", "bf16-autocast", "bf16-autocast-logit-scale"])
+def test_patched_chunked_logprob_with_bias_autocast_and_logit_scale(trl_utils, autocast, logit_scale):
+    """The stand-in for TRL's ChunkedLogProbFunction with a bias, under bfloat16 autocast (what a
+    bf16 GRPOTrainer runs) and with a logit scale: log-probs, entropy and gradients within twice
+    TRL's own error of a float64 truth of the same (autocast-rounded) inputs."""
+    from thinkfuse.grpo import patch_trl
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(11, 32, generator=gen), 0.3 * torch.randn(97, 32, generator=gen)
+    bias, targets = 0.5 * torch.randn(97, generator=gen), torch.randint(0, 97, (11,), generator=gen)
+    trl = _chunked_trl_call(trl_utils._ChunkedLogProbFunction, hidden, weight, bias, targets, autocast,
+                            logit_scale=logit_scale)
+    with patch_trl():
+        assert trl_utils._ChunkedLogProbFunction.__name__ == "ThinkfuseChunkedLogProb"
+        ours = _chunked_trl_call(trl_utils._ChunkedLogProbFunction, hidden, weight, bias, targets, autocast,
+                                 logit_scale=logit_scale)
+    rounded = (lambda t: t.bfloat16().double()) if autocast else (lambda t: t.double())
+    truth_leaves = [rounded(t).requires_grad_() for t in (hidden, weight, bias)]
+    logits = (truth_leaves[0] @ truth_leaves[1].t() + truth_leaves[2]) * logit_scale / 0.8
+    logp = torch.log_softmax(logits, -1)
+    truth_lp = logp.gather(-1, targets[:, None])[:, 0]
+    truth_entropy = -(logp.exp() * logp).sum(-1)
+    (truth_lp.sum() + 0.1 * truth_entropy.sum()).backward()
+    truth = [truth_lp.detach(), truth_entropy.detach()] + [t.grad for t in truth_leaves]
+    for name, o, t, r in zip(("logprobs", "entropy", "d_hidden", "d_weight", "d_bias"), ours, trl, truth):
+        assert o.dtype == t.dtype, name
+        ours_err, trl_err = (o.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        assert ours_err <= 2 * trl_err + 1e-5 * r.abs().max().item(), f"{name}: {ours_err:.3e} vs TRL's {trl_err:.3e}"
+
+
+def test_patched_chunked_logprob_leaves_softcapping_to_trl(trl_utils):
+    """Logit soft-capping is TRL's own path (thinkfuse has no softcap): identical results."""
+    from thinkfuse.grpo import patch_trl
+
+    gen = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(5, 16, generator=gen), torch.randn(41, 16, generator=gen)
+    bias, targets = torch.randn(41, generator=gen), torch.randint(0, 41, (5,), generator=gen)
+    trl = _chunked_trl_call(trl_utils._ChunkedLogProbFunction, hidden, weight, bias, targets, False,
+                            softcap=3.0)
+    with patch_trl():
+        ours = _chunked_trl_call(trl_utils._ChunkedLogProbFunction, hidden, weight, bias, targets, False,
+                                 softcap=3.0)
+    for o, t in zip(ours, trl):
+        assert torch.equal(o, t)
+
+
 def _tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

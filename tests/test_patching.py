@@ -281,10 +281,17 @@ def test_accelerate_mixed_precision_keeps_the_named_backend(monkeypatch):
     thinkfuse.patch_model(model, backend="torch")
     model.train()
     ids = tiny_batch(batch=2, seq=8)
-    accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
-    prepared = accelerator.prepare(model)
-    prepared(input_ids=ids, labels=ids)
-    accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)(input_ids=ids, labels=ids)
+    from accelerate.state import AcceleratorState
+
+    # accelerate's state is a process-wide singleton: an earlier test's Trainer may have set it.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+        prepared = accelerator.prepare(model)
+        prepared(input_ids=ids, labels=ids)
+        accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)(input_ids=ids, labels=ids)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert seen == ["torch", "torch"]
 
 

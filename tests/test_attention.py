@@ -125,14 +125,31 @@ def test_empty_rows_are_zero(backend):
     assert torch.isneginf(lse[:, :, :14]).all() and torch.isfinite(lse[:, :, 14:]).all()
 
 
-def test_reference_matches_sdpa():
-    q, k, v = _qkv(2, 19, 19, 4, 2, 32)
-    ours = reference.flash_attention(q, k, v, causal=True)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
-        is_causal=True,
-    ).transpose(1, 2)
-    torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("sq,window", [(19, None), (19, 5), (7, None)], ids=["causal", "window", "sq<sk"])
+def test_reference_matches_sdpa(sq, window):
+    """reference.flash_attention against transformers' sdpa attention function (GQA repeated as
+    its repeat_kv does, a boolean mask for the bottom-right causal / sliding-window pattern),
+    forward and gradients."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = _qkv(2, sq, 19, 4, 2, 32)
+    rows = torch.arange(sq, device=DEVICE)[:, None] + (19 - sq)
+    cols = torch.arange(19, device=DEVICE)[None, :]
+    mask = cols <= rows
+    if window is not None:
+        mask &= cols > rows - window
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+    dout = _randn(2, sq, 4, 32, seed=9)
+    results = []
+    for fn in (lambda q_, k_, v_: reference.flash_attention(q_, k_, v_, causal=True, sliding_window=window),
+               lambda q_, k_, v_: sdpa_attention_forward(module, q_.transpose(1, 2), k_.transpose(1, 2),
+                                                         v_.transpose(1, 2), mask[None, None], scaling=32**-0.5)[0]):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, dout)])
+    for ours, sdpa in zip(*results):
+        torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)
 
 
 def test_softmax_scale_and_strided_inputs(backend):

@@ -115,6 +115,24 @@ def test_reference_rope_matches_ministral3_attention(dtype):
     hf_q = hf_q * modeling_ministral3.get_llama_4_attn_scale(pos, *LLAMA4).to(dtype)
     ref_q, ref_k = reference.rope(q, k, pos, inv_freq, 1.1, LLAMA4)
     assert torch.equal(ref_q, hf_q.transpose(1, 2)) and torch.equal(ref_k, hf_k.transpose(1, 2))
+    # and the gradients w.r.t. q and k
+    gen = torch.Generator().manual_seed(4)
+    dq, dk = (torch.randn(t.shape, generator=gen).to(t.device, dtype) for t in (q, k))
+    grads = []
+    for fn in (lambda q_, k_: reference.rope(q_, k_, pos, inv_freq, 1.1, LLAMA4),
+               lambda q_, k_: _ministral3_rope(q_, k_, pos, cos, sin, dtype)):
+        leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+        outs = fn(*leaves)
+        grads.append(torch.autograd.grad(outs, leaves, (dq, dk)))
+    for ours, hf in zip(*grads):
+        assert torch.equal(ours, hf)
+
+
+def _ministral3_rope(q, k, pos, cos, sin, dtype):
+    """transformers' Ministral 3 attention's rope and query temperature on [B, S, H, D] tensors."""
+    hf_q, hf_k = modeling_ministral3.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    hf_q = hf_q * modeling_ministral3.get_llama_4_attn_scale(pos, *LLAMA4).to(dtype)
+    return hf_q.transpose(1, 2), hf_k.transpose(1, 2)
 
 
 def test_temperature_values_from_the_field_notes():

@@ -52,8 +52,16 @@ def _truth(gate, up):
 
 
 def test_reference_matches_transformers_activation_in_float32():
+    """Forward and the gradients w.r.t. gate and up."""
     gate, up = _gate_up(7, 96, torch.float32)
-    torch.testing.assert_close(reference.swiglu(gate, up), ACT2FN["silu"](gate) * up, rtol=1e-6, atol=1e-6)
+    dy = torch.randn(gate.shape, generator=torch.Generator().manual_seed(5)).to(gate.device)
+    results = []
+    for fn in (reference.swiglu, lambda g, u: ACT2FN["silu"](g) * u):
+        leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+        out = fn(*leaves)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, dy)])
+    for ours, hf in zip(*results):
+        torch.testing.assert_close(ours, hf, rtol=1e-6, atol=1e-6)
 
 
 def test_reference_rounds_once_where_transformers_rounds_twice():

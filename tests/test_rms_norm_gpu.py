@@ -66,7 +66,7 @@ def test_cuda_graph_capture(kb):
 @pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="cuda backend not built")
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                                              (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
-def test_cuda_matches_triton_exactly_in_forward(x_dtype, w_dtype):
+def test_cuda_matches_triton_in_forward_within_an_ulp(x_dtype, w_dtype):
     x = torch.randn(333, 1000, device="cuda").to(x_dtype)
     w = torch.randn(1000, device="cuda").to(w_dtype)
     ours = rms_norm(x, w, backend="cuda")

@@ -4,7 +4,10 @@ serving (see ../shared/API.md for the contract).
 The cuda and triton backends run behind ``torch.library`` custom ops:
 ``thinkfuse::flash_attention_fwd`` / ``thinkfuse::flash_attention_bwd`` joined by an autograd
 formula (the lse output is differentiable too), and ``thinkfuse::decode_attention`` (forward
-only). The torch backend is ``reference.flash_attention`` / ``reference.decode_attention``.
+only). The torch backend is ``reference.flash_attention`` for flash attention, and for decode
+attention ``_torch_decode``: the reference's float32 math batched over the rows with a mask
+(``reference.decode_attention`` loops over the rows in Python, once per layer and step of a
+patched model's ``generate``); tested against the reference.
 
 The CUDA extension is expected to provide, with the Triton launchers' argument order (inputs
 with a unit stride on the last dim, any other strides; outputs contiguous; ``window <= 0`` means
@@ -117,12 +120,33 @@ def decode_attention(
     scale = _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits)
     name = resolve_backend(q.device, backend, cuda_op="decode_attention")
     if name == "torch":
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, sliding_window)
+        return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, sliding_window)
     return call(
         "decode_attention",
         with_unit_last_stride(q), with_unit_last_stride(k_cache), with_unit_last_stride(v_cache),
         cache_seqlens.contiguous(), scale, int(sliding_window or 0), int(num_splits or 0), name,
     )
+
+
+def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, sliding_window) -> Tensor:
+    """``reference.decode_attention`` for all rows at once: float32 scores over every cache slot,
+    masked to each row's first ``cache_seqlens`` keys, causal among the queries (query i of Sq
+    sits at key position ``len - Sq + i``) and within the window. Rows that see no key give 0."""
+    batch, sq, hq, d = q.shape
+    slots, hkv = k_cache.shape[1], k_cache.shape[2]
+    q5 = q.float().reshape(batch, sq, hkv, hq // hkv, d)
+    scores = torch.einsum("bqhgd,bshd->bhgqs", q5, k_cache.float()) * scale
+    lengths = cache_seqlens.long().clamp(max=slots)
+    position = lengths[:, None] - sq + torch.arange(sq, device=q.device)  # [B, Sq] key position of each query
+    keys = torch.arange(slots, device=q.device)
+    visible = keys <= position[..., None]  # [B, Sq, S]: causal, hence also inside the row's length
+    if sliding_window:
+        visible &= keys > position[..., None] - sliding_window
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    seen = visible.any(-1)[:, None, None, :, None]  # a query with no key: softmax of all -inf is NaN
+    probs = torch.where(seen, torch.softmax(scores, dim=-1), 0.0)
+    out = torch.einsum("bhgqs,bshd->bqhgd", probs, v_cache.float())
+    return out.reshape(batch, sq, hq, d).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,8 +481,9 @@ def _backward(ctx, dout, dlse):
 flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, window, num_splits):
-    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window if window > 0 else None)
+def _torch_decode_op_form(q, k_cache, v_cache, cache_seqlens, scale, window, num_splits):
+    """The custom op's "torch" form (opcheck, tests): the torch backend's decode."""
+    return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, window if window > 0 else None)
 
 
 @custom_op("decode_attention")
@@ -466,7 +491,8 @@ def decode_attention_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float, window: int,
     num_splits: int, backend: str,
 ) -> Tensor:
-    fn = implementation(backend, "decode_attention", "decode_attention_forward", "decode_attention", _torch_decode)
+    fn = implementation(backend, "decode_attention", "decode_attention_forward", "decode_attention",
+                        _torch_decode_op_form)
     return fn(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, num_splits)
 
 

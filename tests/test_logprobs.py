@@ -47,15 +47,8 @@ def _reference(temperature, return_entropy):
 
 
 def _truth(temperature, return_entropy):
-    """float64 log-probs/entropy of the same logits values."""
-    def fn(x, ids):
-        logp = torch.log_softmax(x.double() / temperature, dim=-1)
-        live = ids >= 0
-        picked = torch.where(live, logp.gather(-1, ids.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
-        if not return_entropy:
-            return picked
-        return picked, torch.where(live, -(logp.exp() * logp).sum(-1), 0.0)
-    return fn
+    """float64 log-probs/entropy of the same logits values (the reference keeps float64)."""
+    return lambda x, ids: reference.token_logprobs(x.double(), ids, temperature, return_entropy)
 
 
 # --- reference.py ---------------------------------------------------------------------------------

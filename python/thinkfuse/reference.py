@@ -87,6 +87,7 @@ def rope(q, k, position_ids, inv_freq, attention_scaling: float = 1.0, llama4_sc
 def token_logprobs(logits, token_ids, temperature: float = 1.0, return_entropy: bool = False):
     """Float32 ``log_softmax(logits / temperature)[..., token]`` for logits ``[..., V]`` and
     token_ids ``[...]`` (and, with ``return_entropy``, the float32 entropy of that distribution).
+    Float64 logits are computed in float64: that is the truth the tests measure errors against.
 
     A position whose token id is negative (padding, ``-100``) gives 0 for both outputs and no
     gradient. Token ids must be below V (checked by the public op).
@@ -95,7 +96,8 @@ def token_logprobs(logits, token_ids, temperature: float = 1.0, return_entropy: 
     # An ignored row gets no gradient: its logits are replaced before the softmax (with where,
     # which passes no gradient to them), so even a row of all -inf (whose softmax is NaN) gives 0.
     logits = torch.where(ignored[..., None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
     picked = logp.gather(-1, token_ids.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
     # where() rather than multiplying by a mask, so no gradient reaches ignored rows
     picked = torch.where(ignored, torch.zeros_like(picked), picked)

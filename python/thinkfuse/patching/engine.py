@@ -172,10 +172,6 @@ class BoundForward:
         return f"<thinkfuse forward {self.function.__qualname__} of {type(self.module).__name__}>"
 
 
-def _bind(forward, module: nn.Module, backend: str | None) -> BoundForward:
-    return BoundForward(forward, module, backend)
-
-
 # accelerate (device_map="auto", CPU/disk offload) wraps a module's forward in a hook: the
 # instance attribute `forward` is the hook, which moves weights and inputs to the execution
 # device and then calls `_old_forward`, the real forward. A replacement goes in the real forward's
@@ -191,7 +187,7 @@ def _forward_slot(module: nn.Module) -> str:
 def _replace_forward(module: nn.Module, state: PatchState, forward, backend: str | None) -> None:
     slot = _forward_slot(module)
     state.original_forward = module.__dict__.get(slot)
-    state.patched_forward = _bind(forward, module, backend)
+    state.patched_forward = BoundForward(forward, module, backend)
     setattr(module, slot, state.patched_forward)
 
 

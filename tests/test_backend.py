@@ -116,3 +116,36 @@ def test_kernels_pending_validation_are_never_chosen_for_the_user(monkeypatch):
     assert backend_mod.default_backend(torch.device("cuda"), "rms_norm_fwd") == "cuda"
     # an explicit request still reaches the kernel (the GPU tests rely on it)
     assert backend_mod.resolve_backend(torch.device("cuda"), "cuda", pending) == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend_mod.cuda_has_op("rms_norm_fwd"), reason="needs the built CUDA extension")
+def test_extension_errors_are_python_exceptions_every_time():
+    """A TORCH_CHECK in the extension reaches Python as TypeError / ValueError, again and again.
+    An extension that carries its own static libstdc++ (a g++ wrapper with -static-libstdc++;
+    gpu_check.sh's build avoids one) crashes the process here instead."""
+    ops = torch.ops.thinkfuse_C
+    x = torch.zeros(4, 8, device="cuda", dtype=torch.float64)
+    for _ in range(50):
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            ops.rms_norm_fwd(x, torch.ones(8, device="cuda", dtype=torch.float64), None, 1e-6)
+        with pytest.raises(ValueError):
+            ops.rms_norm_fwd(x.float(), torch.ones(9, device="cuda"), None, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend_mod.cuda_has_op("rms_norm_fwd"), reason="needs the built CUDA extension")
+def test_extension_shares_the_process_cpp_runtime():
+    """The extension defines no C++ exception runtime of its own (__cxa_throw): it uses the
+    libstdc++ that torch uses, so exceptions cross between them."""
+    import shutil
+    import subprocess
+
+    import thinkfuse._C as extension
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("needs binutils' nm")
+    symbols = subprocess.run([nm, "-D", "--defined-only", extension.__file__], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert "__cxa_throw" not in symbols

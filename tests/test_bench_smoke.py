@@ -448,6 +448,10 @@ def test_git_commit_can_be_given_by_the_launcher(monkeypatch):
     assert harness.git_commit() != "0123abc"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CI's CPU check: on a GPU, gpu_check.sh tune runs the same sweep compiled with the same "
+                           "correctness check, and the GPU image's triton 3.6 interpreter fails on the attention "
+                           "kernels' scalar loop bounds (int() of a 1-element numpy array)")
 def test_launch_config_sweep_smoke(tmp_path):
     """bench.tune --smoke runs every candidate launch config of every sweep (Triton attention
     forward, dK/dV, dQ; rms_norm backward) under the interpreter against reference.py, and exits

@@ -45,8 +45,13 @@ def has_static_rope(module: nn.Module) -> bool:
 
 def _rope_params(module: nn.Module, device) -> RopeParams:
     """rope_params of the module's config with inv_freq on ``device``, cached on the module
-    per device (so no host-to-device copy happens per call, and CUDA graphs can capture it)."""
-    cache = module.__dict__.setdefault("_thinkfuse_rope", {})
+    per device (so no host-to-device copy happens per call, and CUDA graphs can capture it).
+    getattr/setattr rather than ``__dict__.setdefault``: torch.compile (2.11) cannot trace the
+    latter."""
+    cache = getattr(module, "_thinkfuse_rope", None)
+    if cache is None:
+        cache = {}
+        setattr(module, "_thinkfuse_rope", cache)
     params = cache.get(device)
     if params is None:
         params = rope_params(module.config)

@@ -648,7 +648,7 @@ def test_cuda_forward_uses_the_hopper_kernel_only_where_it_applies_and_is_valida
     from thinkfuse.backend import CUDA_OPS_PENDING_VALIDATION
     from thinkfuse.ops.attention import HOPPER_FLASH_OP, hopper_kernel_applies
 
-    assert HOPPER_FLASH_OP in CUDA_OPS_PENDING_VALIDATION  # until a GPU run validates it
+    assert HOPPER_FLASH_OP not in CUDA_OPS_PENDING_VALIDATION  # validated on an H100 (2026-11-22)
     assert hopper_kernel_applies(torch.bfloat16, 128, (9, 0), validated=True)
     assert hopper_kernel_applies(torch.float16, 64, (9, 0), validated=True)
     assert not hopper_kernel_applies(torch.bfloat16, 128, (9, 0), validated=False)
@@ -656,3 +656,30 @@ def test_cuda_forward_uses_the_hopper_kernel_only_where_it_applies_and_is_valida
     assert not hopper_kernel_applies(torch.bfloat16, 128, (10, 0), validated=True)
     assert not hopper_kernel_applies(torch.bfloat16, 96, (9, 0), validated=True)
     assert not hopper_kernel_applies(torch.float32, 128, (9, 0), validated=True)
+
+
+def test_automatic_flash_backend_takes_the_hopper_forward_only_when_nothing_was_named(monkeypatch):
+    """Chosen automatically, flash_attention on an H100/H200 runs the Hopper forward and, padded,
+    the Triton backward (packed: the cuda one); a named backend (argument or use_backend) is
+    never rerouted."""
+    import thinkfuse
+    import thinkfuse.ops.attention as attention_ops
+
+    q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(attention_ops, "resolve_backend", lambda device, requested, cuda_op: requested or "triton")
+    monkeypatch.setattr(attention_ops, "_hopper_forward_available", lambda q: True)
+    hopper = attention_ops.HOPPER_FORWARD
+    assert attention_ops._flash_backend(q, None) == hopper
+    assert attention_ops._flash_backend(q, "triton") == "triton"
+    with thinkfuse.use_backend("triton"):
+        assert attention_ops._flash_backend(q, None) == "triton"
+    assert (attention_ops._forward_backend(hopper), attention_ops._backward_backend(hopper)) == ("triton", "triton")
+    assert attention_ops._backward_backend(hopper, packed=True, head_dim=128) == "cuda"
+    assert attention_ops._backward_backend(hopper, packed=True, head_dim=64) == "cuda"
+    assert attention_ops._backward_backend("triton", packed=True) == "triton"
+    assert attention_ops._forward_backend("cuda") == attention_ops._backward_backend("cuda") == "cuda"
+    # patch_model(backend="cuda") asks for the Hopper forward by name; it falls back to triton
+    assert attention_ops._flash_backend(q, hopper) == hopper
+    monkeypatch.setattr(attention_ops, "_hopper_forward_available", lambda q: False)
+    assert attention_ops._flash_backend(q, None) == "triton"
+    assert attention_ops._flash_backend(q, hopper) == "triton"

@@ -250,6 +250,43 @@ def test_cuda_graph_capture():
         assert torch.equal(e, c)
 
 
+# --- the automatic choice ------------------------------------------------------------------------------
+
+
+@needs_sm90
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_automatic_choice_runs_this_forward_and_a_validated_backward(packed):
+    """ops.flash_attention with no backend named runs this kernel's forward (bit for bit) and
+    a validated backward (Triton's padded, the cuda kernel's packed), and its gradients are as
+    close to the reference as Triton's own forward and backward give."""
+    from thinkfuse import ops
+    from thinkfuse.ops.attention import HOPPER_FORWARD, _flash_backend
+
+    q, k, v = _qkv(2, 300, 300, 8, 2, 128, torch.bfloat16, seed=21)
+    cu = max_len = None
+    if packed:
+        q, k, v = (t.reshape(600, *t.shape[2:]) for t in (q, k, v))
+        cu, max_len = _cu([0, 100, 600]), 500
+    assert _flash_backend(q, None) == HOPPER_FORWARD
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    kwargs = dict(causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)
+    out = ops.flash_attention(q, k, v, **kwargs)
+    hopper_out, _ = _call(q.detach(), k.detach(), v.detach(), True, 128 ** -0.5, None, cu, cu, max_len, max_len)
+    assert torch.equal(out, hopper_out)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    triton_out = ops.flash_attention(q, k, v, backend="triton", **kwargs)
+    triton_grads = torch.autograd.grad(triton_out, (q, k, v), dout)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_out = reference.flash_attention(*exact, True, 128 ** -0.5, None, cu, cu)
+    reference_grads = torch.autograd.grad(reference_out, exact, dout.double())
+    for name, got, tri, want in zip("qkv", grads, triton_grads, reference_grads):
+        triton_error = (tri.double() - want).abs().max().item()
+        error = (got.double() - want).abs().max().item()
+        assert error <= 2 * triton_error + 1e-2 * want.abs().max().item(), (name, error, triton_error)
+    assert _flash_backend(q, "triton") == "triton"  # a named backend is not rerouted
+
+
 # --- bad arguments ------------------------------------------------------------------------------------
 
 

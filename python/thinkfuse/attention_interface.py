@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backend import backend_for_op
-from .ops.attention import MAX_DECODE_QUERIES
+from .backend import backend_for_op, cuda_preferred_for
+from .ops.attention import HOPPER_FORWARD, MAX_DECODE_QUERIES
 
 #: the name under which the implementation is registered with transformers
 ATTN_IMPLEMENTATION = "thinkfuse"
@@ -165,7 +165,13 @@ def _module_backend(module, cuda_op: str):
     """The backend patch_model chose for ``module`` (None: the default), for an op whose CUDA
     kernel is ``cuda_op`` (see backend.backend_for_op)."""
     state = getattr(module, _PATCH_STATE_ATTR, None)
-    return backend_for_op(getattr(state, "backend", None), cuda_op)
+    name = getattr(state, "backend", None)
+    if name == "cuda" and cuda_op == "flash_attention_fwd" and not cuda_preferred_for(cuda_op):
+        # "cuda" asks for the fastest validated kernels: the Hopper forward (with the faster
+        # validated backward), which flash_attention turns into Triton where the Hopper kernel
+        # does not take the inputs.
+        return HOPPER_FORWARD
+    return backend_for_op(name, cuda_op)
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):

@@ -81,6 +81,8 @@ class PatchReport:
     resolved_backend: str  # what the ops pick for this model's device
     patched: dict[str, int] = field(default_factory=dict)  # kind -> module count
     disabled: tuple[str, ...] = ()  # kinds turned off by the caller
+    # the attention core's backend, when it is not backend_for_op's (the Hopper forward)
+    attention_backend: str | None = None
 
     @property
     def total(self) -> int:
@@ -92,7 +94,8 @@ class PatchReport:
         attention rule applied, else "transformers" (its configured implementation)."""
         if not self.patched.get("attention"):
             return "transformers"
-        return f"{ATTN_IMPLEMENTATION}:{backend_for_op(self.resolved_backend, 'flash_attention_fwd')}"
+        backend = self.attention_backend or backend_for_op(self.resolved_backend, "flash_attention_fwd")
+        return f"{ATTN_IMPLEMENTATION}:{backend}"
 
     def __str__(self) -> str:
         lines = [
@@ -378,7 +381,21 @@ def patch_model(
         resolved_backend=backend or get_backend() or default_backend(device),
         patched={k: counts[k] for k in KINDS if k in counts},
         disabled=tuple(k for k in KINDS if not flags[k]),
+        attention_backend=_hopper_attention(model, device, backend) if counts.get("attention") else None,
     )
+
+
+def _hopper_attention(model: nn.Module, device: torch.device, backend: str | None) -> str | None:
+    """HOPPER_FORWARD when the patched attention will run the Hopper forward
+    (automatic or "cuda" choice, an sm90 GPU, a dtype and head dim it takes), else None."""
+    from ..ops.attention import HOPPER_FORWARD, hopper_attention_applies
+
+    if backend not in (None, "cuda") or get_backend() is not None or device.type != "cuda":
+        return None
+    config = getattr(model.config, "text_config", None) or model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return HOPPER_FORWARD if hopper_attention_applies(device, dtype, head_dim) else None
 
 
 def unpatch_model(model: nn.Module) -> int:

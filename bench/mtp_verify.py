@@ -24,8 +24,8 @@ Implementations (each timed from logits and drafts to the emitted tokens and acc
 its randomness drawn inside the call):
 - ``thinkfuse-<backend>``: ``mtp_verify(draft_tokens, target_logits, temperature=...,
   draft_probs=...)``; for cuda that is the wrapper's default work split
-  (``thinkfuse.ops.mtp_verify.CUDA_NUM_SPLITS``, at present 1: one block per batch row walks the
-  K+1 positions).
+  (``thinkfuse.ops.mtp_verify.CUDA_NUM_SPLITS``, at present 0: the heuristic split, so these rows
+  equal the ``thinkfuse-cuda-split`` ones).
 - ``thinkfuse-cuda-split``: the same with ``num_splits=0``: the CUDA kernel's split path with the
   split its heuristic picks from B, K, V and the SM count (every vocabulary row cut into slices,
   one block each, the last block of a batch row finishing it; see

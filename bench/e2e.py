@@ -123,7 +123,7 @@ GRPO_SEQ = 1024  # completion tokens per sequence
 GRPO_PRESETS = ("palmyra-mini", "am-thinking-v1")  # the smallest lm_head and a large one
 GRPO_LOSS = dict(loss_type="dapo", beta=0.0)  # TRL GRPOConfig defaults
 GRPO_MODEL_PRESET, GRPO_MODEL_TOKENS = "palmyra-mini", 32768
-DECODE_PROMPT, DECODE_NEW = 128, 128
+DECODE_PROMPT, DECODE_NEW = 128, 64
 ACCEPTANCE = 0.9  # MiMo's reported MTP acceptance
 OOM_PREFIX = "out of memory"  # how bench.logprobs._oom_guard words a CUDA OOM
 
@@ -509,13 +509,15 @@ def decode_cases(config: Config) -> list[Case]:
     context = prompt + new // 2
     out = []
     for spec in _mtp_specs(config):
+        # The single steps first: milliseconds each, where a whole generate takes seconds and a
+        # job's time limit may end the run before it.
+        for impl, make in ((HF_SDPA, _plain_step), (THINKFUSE, _plain_step), (THINKFUSE_MTP, _mtp_step)):
+            build = functools.partial(_build_step, make, impl != HF_SDPA, spec, context, config)
+            out.append(_decode_case(spec, DECODE_STEP, impl, {"batch": 1, "context": context}, build, config))
         for impl, make in ((HF_SDPA, _hf_generate), (THINKFUSE_MTP, _mtp_generate)):
             build = functools.partial(_build_generate, make, impl != HF_SDPA, spec, prompt, new, config)
             out.append(_decode_case(spec, DECODE, impl, {"batch": 1, "prompt": prompt, "new_tokens": new}, build,
                                     config))
-        for impl, make in ((HF_SDPA, _plain_step), (THINKFUSE, _plain_step), (THINKFUSE_MTP, _mtp_step)):
-            build = functools.partial(_build_step, make, impl != HF_SDPA, spec, context, config)
-            out.append(_decode_case(spec, DECODE_STEP, impl, {"batch": 1, "context": context}, build, config))
     return out
 
 

@@ -52,14 +52,14 @@ export TEST_WORKERS=${TEST_WORKERS:-$(nproc)}
 # only them.
 BENCH_JOBS=(
     "memory-bound:120:--op rms_norm --op swiglu --op rope"
-    "mtp-verify:40:--op mtp_verify"
+    "mtp-verify:60:--op mtp_verify"
     "attention-sm90:30:--op attention --model mimo-7b --mode fwd --impl thinkfuse-cuda-sm90"
     "attention:110:--op attention --model mimo-7b --skip-impl thinkfuse-cuda-sm90"
     "logprobs:70:--op logprobs --model palmyra-mini"
     # Palmyra-mini: 2-layer train steps, GRPO loss steps and the full-depth 32k-token GRPO step.
     "e2e:130:--op e2e --model palmyra-mini"
     # MiMo-7B at full depth: plain vs MTP speculative decoding (the e2e rows of mode fwd).
-    "decode:120:--op e2e --model mimo-7b --mode fwd"
+    "decode:180:--op e2e --model mimo-7b --mode fwd"
 )
 if [ -n "${BENCH_JOBS_SELECT:-}" ]; then
     SELECTED=()

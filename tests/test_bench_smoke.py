@@ -486,3 +486,16 @@ def test_tile_sweep_defaults_are_candidates_and_errors_are_caught(monkeypatch):
     b = a.clone()
     b[0, 0] = float("nan")
     assert tune.relative_error((b,), (a,)) == float("inf")
+
+
+def test_slow_workloads_are_timed_by_a_few_runs(monkeypatch):
+    """A workload of a second or so is timed by SLOW_WORKLOAD_RUNS plain runs (do_bench's 5-run
+    estimate alone would cost several of them); a short one by do_bench."""
+    durations = iter([900.0, 700.0, 800.0])
+    monkeypatch.setattr(harness, "_event_ms", lambda fn: next(durations))
+    monkeypatch.setattr(harness, "time_ms", lambda fn, config: pytest.fail("do_bench for a slow workload"))
+    ms, label = harness.time_ms_labelled(lambda: None, None)
+    assert ms == 800.0 and label.startswith(f"median of {harness.SLOW_WORKLOAD_RUNS} runs")
+    monkeypatch.setattr(harness, "_event_ms", lambda fn: 2.0)
+    monkeypatch.setattr(harness, "time_ms", lambda fn, config: 1.5)
+    assert harness.time_ms_labelled(lambda: None, None) == (1.5, "do_bench median (CUDA events)")

@@ -41,6 +41,23 @@ def _torch_with_cuda():
     return torch, None
 
 
+def _refuse_static_libstdcxx():
+    """Stop before building an extension that would crash on its first raised error: one linked
+    by a compiler that adds its own static libstdc++ (see scripts/cxx_runtime.py)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        from cxx_runtime import build_cxx_compilers, static_libstdcxx_compiler
+    finally:
+        sys.path.pop(0)
+    cxx = static_libstdcxx_compiler(build_cxx_compilers())
+    if cxx:
+        sys.exit(
+            f"thinkfuse: the C++ compiler {cxx!r} links libstdc++ statically, so the CUDA extension would "
+            "carry its own C++ runtime and crash the process on its first raised error. Build with a "
+            "compiler that links it dynamically, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++."
+        )
+
+
 def _cuda_extension():
     forced = _env_flag("THINKFUSE_BUILD_CUDA")
     if forced is False:
@@ -53,6 +70,7 @@ def _cuda_extension():
         return []
     from torch.utils.cpp_extension import CUDAExtension
 
+    _refuse_static_libstdcxx()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources = (
         sorted(glob.glob("csrc/ops/*.cu")) + ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/bindings/*.cpp"))

@@ -156,28 +156,12 @@ cuda_arch() {
     "$PYTHON" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + ("a" if (M, m) == (9, 0) else ""))'
 }
 
-links_libstdcxx_statically() {
-    # Whether the C++ compiler $1 puts its own copy of libstdc++ into a shared library (some
-    # images wrap g++ with -static-libstdc++). An extension built so carries a second C++
-    # runtime: an exception it throws (every TORCH_CHECK) then crashes the process instead of
-    # raising (seen on the 2026-11-22 H100 image, /opt/gcc/bin/g++).
-    local dir
-    dir=$(mktemp -d)
-    echo 'void thrower() { throw 1; }' >"$dir/t.cpp"
-    "$1" -shared -fPIC "$dir/t.cpp" -o "$dir/t.so" 2>/dev/null \
-        && nm -D --defined-only "$dir/t.so" 2>/dev/null | grep -qw __cxa_throw
-    local rc=$?
-    rm -rf "$dir"
-    return $rc
-}
-
 pick_compiler() {
-    # Keep CC/CXX as given unless the default compiler links libstdc++ statically and the
+    # Keep CC/CXX as given unless the default C++ compiler links libstdc++ statically (some images
+    # wrap g++ with -static-libstdc++; setup.py refuses it, see scripts/cxx_runtime.py) and the
     # system's g++ does not.
-    local cxx=${CXX:-$(command -v c++ || command -v g++)}
-    if [ -n "$cxx" ] && links_libstdcxx_statically "$cxx" && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ] \
-        && ! links_libstdcxx_statically /usr/bin/g++; then
-        echo "$cxx links libstdc++ statically: building with /usr/bin/gcc and /usr/bin/g++"
+    if ! "$PYTHON" scripts/cxx_runtime.py && [ -x /usr/bin/gcc ] && "$PYTHON" scripts/cxx_runtime.py /usr/bin/g++; then
+        echo "building with /usr/bin/gcc and /usr/bin/g++"
         export CC=/usr/bin/gcc CXX=/usr/bin/g++
     fi
 }
@@ -257,7 +241,7 @@ SM90_TESTS=tests/test_flash_attention_sm90.py
 export PYTHON RESULTS_DIR SM90_TESTS
 export BENCH_JOBS_SERIALISED
 BENCH_JOBS_SERIALISED=$(printf '%s\n' "${BENCH_JOBS[@]}")
-export -f step_env cuda_arch links_libstdcxx_statically pick_compiler step_build step_backends step_tests step_tests_sm90 step_bench step_tune merge_bench_jobs
+export -f step_env cuda_arch pick_compiler step_build step_backends step_tests step_tests_sm90 step_bench step_tune merge_bench_jobs
 
 for step in "${STEPS[@]}"; do
     case "$step" in

@@ -212,23 +212,46 @@ __device__ __forceinline__ float block_reduce_sum(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Generic block all-reduce of a small struct S under a commutative `combine`. S provides
-// `static S shfl_xor(const S&, int lane_mask)`. Every thread gets bitwise the same result: the
-// xor butterfly combines the same sets in every lane (commutativity makes the operand order
-// irrelevant), and every thread folds the per-warp partials itself in warp order. Block size a
-// multiple of 32 (at most 1024); every thread must call it; it may be called repeatedly.
+// Generic warp / block all-reduce of a small struct S (4-byte fields: floats, ints) under a
+// commutative `combine`. shfl_xor_words moves S between lanes one 32-bit word at a time, so the
+// reduced structs need no shuffle code of their own.
 // ---------------------------------------------------------------------------------------------
 
+template <typename S>
+__device__ __forceinline__ S shfl_xor_words(const S& value, int lane_mask) {
+  static_assert(sizeof(S) % sizeof(unsigned) == 0, "shfl_xor_words moves whole 32-bit words");
+  constexpr int kWords = sizeof(S) / sizeof(unsigned);
+  unsigned words[kWords];
+  memcpy(words, &value, sizeof(S));
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) words[w] = __shfl_xor_sync(0xffffffffu, words[w], lane_mask);
+  S out;
+  memcpy(&out, words, sizeof(S));
+  return out;
+}
+
+// Xor butterfly over one warp: every lane combines the same sets (commutativity makes the
+// operand order irrelevant). With contracted FMAs in `combine` lanes may differ in the last bit;
+// callers that need one answer use one lane's.
+template <typename S, typename Combine>
+__device__ __forceinline__ S warp_allreduce(S x, Combine combine) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    x = combine(x, shfl_xor_words(x, offset));
+  }
+  return x;
+}
+
+// Every thread gets bitwise the same result: each folds the per-warp partials itself in warp
+// order. Block size a multiple of 32 (at most 1024); every thread must call it; it may be
+// called repeatedly.
 template <typename S, typename Combine>
 __device__ __forceinline__ S block_allreduce(S x, Combine combine) {
   __shared__ S partials[kWarpSize];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    x = combine(x, S::shfl_xor(x, offset));
-  }
+  x = warp_allreduce(x, combine);
   if (lane == 0) partials[warp] = x;
   __syncthreads();
   S total = partials[0];

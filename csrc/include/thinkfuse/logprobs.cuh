@@ -42,14 +42,6 @@ struct LseStats {
   float m;
   float s;
   float u;
-
-  static __device__ __forceinline__ LseStats shfl_xor(const LseStats& a, int mask) {
-    LseStats out;
-    out.m = __shfl_xor_sync(0xffffffffu, a.m, mask);
-    out.s = __shfl_xor_sync(0xffffffffu, a.s, mask);
-    out.u = __shfl_xor_sync(0xffffffffu, a.u, mask);
-    return out;
-  }
 };
 
 __device__ __forceinline__ LseStats empty_stats() {

@@ -46,13 +46,6 @@ constexpr int kItems = 8;  // consecutive ids per thread per inverse-CDF tile
 struct ArgMax {
   float v;
   int i;
-
-  static __device__ __forceinline__ ArgMax shfl_xor(const ArgMax& a, int mask) {
-    ArgMax out;
-    out.v = __shfl_xor_sync(0xffffffffu, a.v, mask);
-    out.i = __shfl_xor_sync(0xffffffffu, a.i, mask);
-    return out;
-  }
 };
 
 // The larger value, the lower index on ties (values are never NaN here).
@@ -62,9 +55,6 @@ __device__ __forceinline__ ArgMax better(const ArgMax& a, const ArgMax& b) {
 
 struct FloatSum {
   float v;
-  static __device__ __forceinline__ FloatSum shfl_xor(const FloatSum& a, int mask) {
-    return FloatSum{__shfl_xor_sync(0xffffffffu, a.v, mask)};
-  }
 };
 
 // Softmax statistics: max m, total = sum exp(x - m), excl = the same sum without one id.
@@ -72,14 +62,6 @@ struct SoftmaxStats {
   float m;
   float total;
   float excl;
-
-  static __device__ __forceinline__ SoftmaxStats shfl_xor(const SoftmaxStats& a, int mask) {
-    SoftmaxStats out;
-    out.m = __shfl_xor_sync(0xffffffffu, a.m, mask);
-    out.total = __shfl_xor_sync(0xffffffffu, a.total, mask);
-    out.excl = __shfl_xor_sync(0xffffffffu, a.excl, mask);
-    return out;
-  }
 };
 
 __device__ __forceinline__ SoftmaxStats combine_stats(SoftmaxStats a, SoftmaxStats b) {
@@ -337,13 +319,6 @@ __device__ __forceinline__ float block_exclusive_scan(float x, float& block_tota
 struct IdCarry {
   int id;
   float before;
-
-  static __device__ __forceinline__ IdCarry shfl_xor(const IdCarry& a, int mask) {
-    IdCarry out;
-    out.id = __shfl_xor_sync(0xffffffffu, a.id, mask);
-    out.before = __shfl_xor_sync(0xffffffffu, a.before, mask);
-    return out;
-  }
 };
 
 constexpr int kNoId = 0x7fffffff;
@@ -659,10 +634,6 @@ struct SplitParams {
 struct SliceStats {
   SoftmaxStats soft;
   ArgMax best;
-
-  static __device__ __forceinline__ SliceStats shfl_xor(const SliceStats& a, int mask) {
-    return SliceStats{SoftmaxStats::shfl_xor(a.soft, mask), ArgMax::shfl_xor(a.best, mask)};
-  }
 };
 
 // No slice yet: the identity of combine_slices.
@@ -674,16 +645,6 @@ __device__ __forceinline__ SliceStats combine_slices(const SliceStats& a, const 
   return SliceStats{combine_stats(a.soft, b.soft), better(a.best, b.best)};
 }
 
-// Butterfly over one warp; lane 0's result is the one used (with contracted FMAs the lanes may
-// differ in the last bit for the softmax statistics, so no lane but 0 is trusted).
-template <typename S, typename Combine>
-__device__ __forceinline__ S warp_allreduce(S x, Combine combine) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    x = combine(x, S::shfl_xor(x, offset));
-  }
-  return x;
-}
 
 // Chunks in flight per thread in slice_stats: the per-element IEEE division and exp make that
 // loop compute-heavy, and 4 chunks of 8 (bf16) spill on sm_90a.

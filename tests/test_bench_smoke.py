@@ -499,3 +499,17 @@ def test_slow_workloads_are_timed_by_a_few_runs(monkeypatch):
     monkeypatch.setattr(harness, "_event_ms", lambda fn: 2.0)
     monkeypatch.setattr(harness, "time_ms", lambda fn, config: 1.5)
     assert harness.time_ms_labelled(lambda: None, None) == (1.5, "do_bench median (CUDA events)")
+
+
+def test_cuda_graph_flag_times_every_case_as_graph_replays(monkeypatch):
+    """--cuda-graph: cases not marked cuda_graph are timed as graph replays too."""
+    assert harness.make_config(harness.parse_args(["--smoke", "--cuda-graph"]), harness.load_presets()[0]).graph_timing
+    assert not harness.make_config(harness.parse_args(["--smoke"]), harness.load_presets()[0]).graph_timing
+    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: 0.0)
+    monkeypatch.setattr(harness, "time_ms_in_cuda_graph", lambda fn, config: (1.0, "graph replays"))
+    monkeypatch.setattr(harness, "time_ms_labelled", lambda fn, config: (2.0, "events"))
+    case = harness.Case(op="op", impl="impl", variant="v", mode="fwd", shape={}, model="m", dtype=torch.float32,
+                        build=lambda: harness.Workload(forward=lambda: torch.zeros(1)))
+    config = _gpu_config(device=torch.device("cpu"))
+    assert harness.run_case(case, config)["timing"] == "events"
+    assert harness.run_case(case, _gpu_config(device=torch.device("cpu"), graph_timing=True))["timing"] == "graph replays"

@@ -266,7 +266,7 @@ def test_automatic_choice_runs_this_forward_and_a_validated_backward(packed):
     cu = max_len = None
     if packed:
         q, k, v = (t.reshape(600, *t.shape[2:]) for t in (q, k, v))
-        cu, max_len = _cu([0, 100, 600]), 500
+        cu, max_len = _cu([100, 500]), 500  # offsets [0, 100, 600]
     assert _flash_backend(q, None) == HOPPER_FORWARD
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     kwargs = dict(causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)

@@ -673,11 +673,16 @@ def test_automatic_flash_backend_takes_the_hopper_forward_only_when_nothing_was_
     assert attention_ops._flash_backend(q, "triton") == "triton"
     with thinkfuse.use_backend("triton"):
         assert attention_ops._flash_backend(q, None) == "triton"
-    assert (attention_ops._forward_backend(hopper), attention_ops._backward_backend(hopper)) == ("triton", "triton")
-    assert attention_ops._backward_backend(hopper, packed=True, head_dim=128) == "cuda"
-    assert attention_ops._backward_backend(hopper, packed=True, head_dim=64) == "cuda"
-    assert attention_ops._backward_backend("triton", packed=True) == "triton"
-    assert attention_ops._forward_backend("cuda") == attention_ops._backward_backend("cuda") == "cuda"
+    backward = attention_ops._backward_backend
+    assert attention_ops._forward_backend(hopper) == backward(hopper, packed=False, head_dim=128) == "triton"
+    assert backward(hopper, packed=True, head_dim=128) == backward(hopper, packed=True, head_dim=64) == "cuda"
+    assert backward("triton", packed=True, head_dim=128) == "triton"
+    assert attention_ops._forward_backend("cuda") == backward("cuda", packed=False, head_dim=128) == "cuda"
+    assert backward("cuda", packed=True, head_dim=32) == "triton"  # the cuda backward's head dims
+    # patch_model(backend="cuda") asks for the Hopper forward while the mma.sync one is pending
+    assert attention_ops.model_flash_backend("cuda") == hopper
+    assert attention_ops.model_flash_backend(None) is None
+    assert attention_ops.model_flash_backend("triton") == "triton"
     # patch_model(backend="cuda") asks for the Hopper forward by name; it falls back to triton
     assert attention_ops._flash_backend(q, hopper) == hopper
     monkeypatch.setattr(attention_ops, "_hopper_forward_available", lambda q: False)

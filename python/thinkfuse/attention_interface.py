@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backend import backend_for_op, cuda_preferred_for
-from .ops.attention import HOPPER_FORWARD, MAX_DECODE_QUERIES
+from .backend import backend_for_op
+from .ops.attention import MAX_DECODE_QUERIES, model_flash_backend
 
 #: the name under which the implementation is registered with transformers
 ATTN_IMPLEMENTATION = "thinkfuse"
@@ -164,13 +164,9 @@ def _pad(out: torch.Tensor, indices: torch.Tensor, batch: int, seq: int) -> torc
 def _module_backend(module, cuda_op: str):
     """The backend patch_model chose for ``module`` (None: the default), for an op whose CUDA
     kernel is ``cuda_op`` (see backend.backend_for_op)."""
-    state = getattr(module, _PATCH_STATE_ATTR, None)
-    name = getattr(state, "backend", None)
-    if name == "cuda" and cuda_op == "flash_attention_fwd" and not cuda_preferred_for(cuda_op):
-        # "cuda" asks for the fastest validated kernels: the Hopper forward (with the faster
-        # validated backward), which flash_attention turns into Triton where the Hopper kernel
-        # does not take the inputs.
-        return HOPPER_FORWARD
+    name = getattr(getattr(module, _PATCH_STATE_ATTR, None), "backend", None)
+    if cuda_op == "flash_attention_fwd":
+        return model_flash_backend(name)
     return backend_for_op(name, cuda_op)
 
 

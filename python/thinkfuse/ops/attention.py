@@ -38,7 +38,9 @@ from torch import Tensor
 
 from .. import reference
 from .._checks import check_float, check_same_device, check_tensor, with_unit_last_stride
-from ..backend import _constant_under_compile, cuda_preferred_for, get_backend, resolve_backend, why_unavailable
+from ..backend import (
+    _constant_under_compile, backend_for_op, cuda_preferred_for, get_backend, resolve_backend, why_unavailable,
+)
 from ._registry import call, cuda_ops, custom_op, implementation
 
 #: head dims the kernels accept (64, 96 and 128 are the real models'; the small ones are for tests)
@@ -185,8 +187,10 @@ def _flash_backend(q: Tensor, requested: Optional[str]) -> str:
     """The backend flash_attention runs on. Inputs the cuda kernel lacks (float32, other head
     dims) raise when cuda was asked for by name, and go to triton when it was chosen
     automatically."""
-    if requested == HOPPER_FORWARD:  # patch_model(backend="cuda"), see attention_interface
-        return requested if _hopper_forward_available(q) else "triton"
+    if requested == HOPPER_FORWARD:  # patch_model(backend="cuda"), see model_flash_backend
+        if _hopper_forward_available(q):
+            return requested
+        return resolve_backend(q.device, "triton", cuda_op="flash_attention_fwd")
     name = resolve_backend(q.device, requested, cuda_op="flash_attention_fwd")
     if name == "cuda":
         refusal = _cuda_flash_refusal(q)
@@ -199,14 +203,28 @@ def _flash_backend(q: Tensor, requested: Optional[str]) -> str:
     return name
 
 
+def model_flash_backend(name: Optional[str]) -> Optional[str]:
+    """flash_attention's ``backend`` for a model patched with backend ``name`` (None: automatic).
+    "cuda" asks for the fastest validated kernels: while the mma.sync forward is pending, that is
+    HOPPER_FORWARD, which flash_attention turns into Triton where the Hopper kernel does not take
+    the inputs; other names as backend.backend_for_op maps them."""
+    if name == "cuda" and not cuda_preferred_for("flash_attention_fwd"):
+        return HOPPER_FORWARD
+    return backend_for_op(name, "flash_attention_fwd")
+
+
 def _hopper_forward_available(q: Tensor) -> bool:
+    """Whether the Hopper kernel (wgmma + TMA) runs the cuda forward of ``q``, rather than the
+    mma.sync one, and is flash_attention's automatic choice for it."""
     return hopper_attention_applies(q.device, q.dtype, q.shape[-1])
 
 
 # Under torch.compile decided once while tracing, like resolve_backend (it imports the extension).
 @_constant_under_compile
 def hopper_attention_applies(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether flash_attention's automatic choice runs the Hopper forward for such inputs."""
+    """Whether the Hopper forward takes such inputs: on a compute capability 9.0 GPU, for the
+    dtypes and head dims it has, once it is validated (backend.CUDA_OPS_PENDING_VALIDATION),
+    built, and has not refused this device."""
     if device.type != "cuda" or why_unavailable("cuda") is not None or device in _HOPPER_UNSUPPORTED:
         return False
     return hopper_kernel_applies(dtype, head_dim, _capability(device), cuda_preferred_for(HOPPER_FLASH_OP))
@@ -218,14 +236,17 @@ def _forward_backend(backend: str) -> str:
     return "triton" if backend == HOPPER_FORWARD else backend
 
 
-def _backward_backend(backend: str, packed: bool = False, head_dim: int = 128) -> str:
-    """The backend whose backward kernels a flash_attention ``backend`` value runs. After the
-    Hopper forward: Triton's for the padded layout, the cuda kernel's for packed sequences
+def _backward_backend(backend: str, packed: bool, head_dim: int) -> str:
+    """The backend whose backward kernels differentiate a forward run with ``backend``. The cuda
+    backward covers CUDA_FLASH_BWD_HEAD_DIMS (Triton's, same lse convention, the others). After
+    the Hopper forward: Triton's for the padded layout, the cuda kernel's for packed sequences
     (measured on an H100, causal 8k: Triton's backward 8.9 ms against the cuda one's 12.0 ms
     padded, but 11.6 ms against 7.4 ms packed, 16k tokens in 29 sequences)."""
-    if backend != HOPPER_FORWARD:
-        return backend
-    return "cuda" if packed and head_dim in CUDA_FLASH_BWD_HEAD_DIMS else "triton"
+    if backend == HOPPER_FORWARD:
+        backend = "cuda" if packed else "triton"
+    if backend == "cuda" and head_dim not in CUDA_FLASH_BWD_HEAD_DIMS:
+        return "triton"
+    return backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +459,7 @@ def flash_attention_fwd(
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
-    if backend in ("cuda", HOPPER_FORWARD) and _hopper_kernel_applies(q):
+    if backend in ("cuda", HOPPER_FORWARD) and _hopper_forward_available(q):
         try:
             return getattr(cuda_ops(), HOPPER_FLASH_OP)(*args)
         except ValueError as exc:  # this build or driver cannot run it (the binding says so)
@@ -453,15 +474,6 @@ def flash_attention_fwd(
 
 #: devices where the Hopper kernel refused to run (e.g. an extension built for 9.0 without "a")
 _HOPPER_UNSUPPORTED: set = set()
-
-
-def _hopper_kernel_applies(q: Tensor) -> bool:
-    """Whether the cuda forward of ``q`` runs the Hopper kernel (wgmma + TMA) rather than the
-    mma.sync one: on a compute capability 9.0 GPU, for the dtypes and head dims it has, once it
-    is validated (backend.CUDA_OPS_PENDING_VALIDATION) and built."""
-    if q.device in _HOPPER_UNSUPPORTED:
-        return False
-    return hopper_kernel_applies(q.dtype, q.shape[-1], _capability(q.device), cuda_preferred_for(HOPPER_FLASH_OP))
 
 
 def hopper_kernel_applies(dtype: torch.dtype, head_dim: int, capability: tuple[int, int], validated: bool) -> bool:
@@ -484,8 +496,7 @@ def flash_attention_bwd(
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
     softmax_scale: float, causal: bool, window: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fn = implementation(_backward_backend(backend, cu_seqlens_q is not None, q.shape[-1]), "attention",
-                        "flash_attention_backward", "flash_attention_bwd", _torch_backward)
+    fn = implementation(backend, "attention", "flash_attention_backward", "flash_attention_bwd", _torch_backward)
     dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     softmax_scale, causal, window)
     return dq, dk, dv
@@ -509,8 +520,7 @@ def _backward(ctx, dout, dlse):
     max_q, max_k, scale, causal, window, backend = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    if backend == "cuda" and q.shape[-1] not in CUDA_FLASH_BWD_HEAD_DIMS:
-        backend = "triton"
+    backend = _backward_backend(backend, cu_q is not None, q.shape[-1])
     dq, dk, dv = call(
         "flash_attention_bwd",
         with_unit_last_stride(dout), q, k, v, out, lse, None if dlse is None else dlse.contiguous(),

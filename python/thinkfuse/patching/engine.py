@@ -390,7 +390,8 @@ def _hopper_attention(model: nn.Module, device: torch.device, backend: str | Non
     (automatic or "cuda" choice, an sm90 GPU, a dtype and head dim it takes), else None."""
     from ..ops.attention import HOPPER_FORWARD, hopper_attention_applies
 
-    if backend not in (None, "cuda") or get_backend() is not None or device.type != "cuda":
+    # the backend the ops see: patch_model's, else set_backend / THINKFUSE_BACKEND's
+    if (backend or get_backend()) not in (None, "cuda") or device.type != "cuda":
         return None
     config = getattr(model.config, "text_config", None) or model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

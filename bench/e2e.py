@@ -53,14 +53,14 @@ models of ``thinkfuse.tiny`` instead, see the end of this docstring):
   weights not). FLOPs counted as train-step's at full depth (the checkpointing recomputation
   not counted). ``--smoke``: tiny Qwen2, 8 tokens.
 - ``decode`` (fwd rows): the MiMo-7B preset at full depth (36 layers + 1 MTP layer, ~15 GB of
-  bf16 weights), batch 1, a random 128-token prompt, exactly 128 new tokens (no eos).
-  - ``hf-sdpa``: ``model.generate(greedy, max_new_tokens=128)`` on the unpatched model.
+  bf16 weights), batch 1, a random DECODE_PROMPT-token prompt (128), exactly DECODE_NEW new tokens (64, no eos).
+  - ``hf-sdpa``: ``model.generate(greedy, max_new_tokens=DECODE_NEW)`` on the unpatched model.
   - ``thinkfuse-mtp``: ``thinkfuse.speculative.mtp_generate`` on the patched model (trunk
     verifies [pending, draft] in one 2-token forward, ``mtp_verify``, the MTP layer drafts).
   With random weights the MTP layer's drafts are (almost) never accepted, so this row pays for
   speculation without its benefit: it is a lower bound, not MiMo's real speed. Tokens/s =
-  ``128 / ms * 1000``.
-- ``decode-step`` (fwd rows): the cost of one decoding step at a fixed context of 192 tokens
+  ``DECODE_NEW / ms * 1000``.
+- ``decode-step`` (fwd rows): the cost of one decoding step at a fixed context of 160 tokens
   (the prompt plus half the new tokens, the mean context of the ``decode`` rows), the caches
   cropped back after each call so every call sees the same context:
   - ``hf-sdpa``: one 1-token trunk forward of the unpatched model + argmax (one plain step of

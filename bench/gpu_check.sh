@@ -160,7 +160,8 @@ pick_compiler() {
     # Keep CC/CXX as given unless the default C++ compiler links libstdc++ statically (some images
     # wrap g++ with -static-libstdc++; setup.py refuses it, see scripts/cxx_runtime.py) and the
     # system's g++ does not.
-    if ! "$PYTHON" scripts/cxx_runtime.py && [ -x /usr/bin/gcc ] && "$PYTHON" scripts/cxx_runtime.py /usr/bin/g++; then
+    "$PYTHON" scripts/cxx_runtime.py
+    if [ $? -eq 1 ] && [ -x /usr/bin/gcc ] && "$PYTHON" scripts/cxx_runtime.py /usr/bin/g++; then
         echo "building with /usr/bin/gcc and /usr/bin/g++"
         export CC=/usr/bin/gcc CXX=/usr/bin/g++
     fi

@@ -238,16 +238,19 @@ def time_ms(fn: Callable[[], Any], config: Config) -> float:
     return float(do_bench(fn, warmup=config.warmup_ms, rep=config.rep_ms, return_mode="median"))
 
 
+#: Ops whose workloads draw no random numbers: safe to capture into CUDA graphs (--cuda-graph).
+GRAPH_SAFE_OPS = frozenset({"rms_norm", "swiglu", "rope", "logprobs"})
+
 #: A workload at least this long (one run, ms) is timed by a few plain runs instead of do_bench,
 #: whose 5-run estimate alone took 26 s of a 120 s job for MiMo-7B's 128-token generate.
 SLOW_WORKLOAD_MS = 500.0
 SLOW_WORKLOAD_RUNS = 3
 
 
-def time_ms_labelled(fn: Callable[[], Any], config: Config) -> tuple[float, str]:
-    """(median milliseconds, timing label) of ``fn``: do_bench, or for a workload of a second
-    or so, the median of SLOW_WORKLOAD_RUNS runs (the first call, untimed, was its warm-up)."""
-    once = _event_ms(fn)
+def time_ms_labelled(fn: Callable[[], Any], config: Config, once: float) -> tuple[float, str]:
+    """(median milliseconds, timing label) of ``fn``, of which one warm call took ``once`` ms:
+    do_bench, or for a workload of a second or so, the median of that call and
+    SLOW_WORKLOAD_RUNS - 1 more."""
     if once < SLOW_WORKLOAD_MS:
         return time_ms(fn, config), "do_bench median (CUDA events)"
     runs = [once] + [_event_ms(fn) for _ in range(SLOW_WORKLOAD_RUNS - 1)]
@@ -279,14 +282,14 @@ def time_ms_in_cuda_graph(fn: Callable[[], Any], config: Config) -> tuple[float,
         return time_ms(fn, config), f"do_bench median (CUDA events); graph capture failed: {reason}"
 
 
-def peak_memory_mb(fn: Callable[[], Any]) -> float:
-    """Peak CUDA memory of one call of ``fn`` beyond what was allocated before (its inputs)."""
+def peak_memory_mb(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(peak CUDA memory of one call of ``fn`` beyond what was allocated before (its inputs), in
+    MB; that call's milliseconds by CUDA events)."""
     torch.cuda.synchronize()
     inputs_bytes = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fn()  # outputs and gradients are freed on return; they still count in the peak
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - inputs_bytes) / 2**20
+    ms = _event_ms(fn)  # outputs and gradients are freed on return; they still count in the peak
+    return (torch.cuda.max_memory_allocated() - inputs_bytes) / 2**20, ms
 
 
 def measure_device_peaks(config: Config) -> dict[str, Any]:
@@ -367,11 +370,11 @@ def run_case(case: Case, config: Config) -> dict[str, Any]:
         if config.smoke:  # no numbers at all from a smoke run, not even setup time
             return row | {"status": "ok", "timing": "smoke"}
         row["setup_s"] = round(time.perf_counter() - start, 3)
-        row["peak_mem_mb"] = peak_memory_mb(fn)
+        row["peak_mem_mb"], once_ms = peak_memory_mb(fn)
         if case.cuda_graph or config.graph_timing:
             row["median_ms"], timing = time_ms_in_cuda_graph(fn, config)
             return row | {"status": "ok", "timing": timing}
-        row["median_ms"], timing = time_ms_labelled(fn, config)
+        row["median_ms"], timing = time_ms_labelled(fn, config, once_ms)
         return row | {"status": "ok", "timing": timing}
     except Exception as exc:
         traceback.print_exc()
@@ -546,6 +549,9 @@ def collect_metadata(config: Config, peaks: dict, presets_source: str, ops: list
         "compile_backend": config.compile_backend,
         "timing": "smoke: one untimed call per case, no timings" if config.smoke else (
             f"triton.testing.do_bench median, warmup {config.warmup_ms} ms, rep {config.rep_ms} ms"
+            + ("; every row as CUDA-graph replays (--cuda-graph)" if config.graph_timing else
+               "; rows marked so as CUDA-graph replays, and workloads of >= "
+               f"{SLOW_WORKLOAD_MS:g} ms as the median of {SLOW_WORKLOAD_RUNS} runs (each row's timing says which)")
         ),
         "peaks": peaks,
         "models_json": presets_source,
@@ -783,13 +789,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time every case as CUDA-graph replays: kernel time without host launch cost "
                              "(the memory-bound ops' fwd+bwd rows up to 16k x 5120 took a fixed ~0.4 ms "
-                             "for every implementation on an H100, host-bound). Only for ops whose "
-                             "workloads draw no random numbers: rms_norm, swiglu, rope, logprobs")
+                             "for every implementation on an H100, host-bound). Only with --op of "
+                             "GRAPH_SAFE_OPS (their workloads draw no random numbers)")
     parser.add_argument("--finalize", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run nothing: write the results of runs killed before they could "
                              "(their rows.partial.jsonl + metadata.partial.json, or results.json), "
                              "merged, into --out")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cuda_graph and not (args.op and set(args.op) <= GRAPH_SAFE_OPS):
+        parser.error(f"--cuda-graph needs --op, each one of {sorted(GRAPH_SAFE_OPS)}: a capture that fails inside "
+                     "a random op leaves torch's CUDA generator unusable for the rest of the run")
+    return args
 
 
 def make_config(args: argparse.Namespace, presets: dict[str, dict]) -> Config:

@@ -24,12 +24,11 @@ Implementations (each timed from logits and drafts to the emitted tokens and acc
 its randomness drawn inside the call):
 - ``thinkfuse-<backend>``: ``mtp_verify(draft_tokens, target_logits, temperature=...,
   draft_probs=...)``; for cuda that is the wrapper's default work split
-  (``thinkfuse.ops.mtp_verify.CUDA_NUM_SPLITS``, at present 0: the heuristic split, so these rows
-  equal the ``thinkfuse-cuda-split`` ones).
-- ``thinkfuse-cuda-split``: the same with ``num_splits=0``: the CUDA kernel's split path with the
-  split its heuristic picks from B, K, V and the SM count (every vocabulary row cut into slices,
-  one block each, the last block of a batch row finishing it; see
-  csrc/include/thinkfuse/mtp_verify.cuh).
+  (``thinkfuse.ops.mtp_verify.CUDA_NUM_SPLITS``, at present 0: the split its heuristic picks from
+  B, K, V and the SM count, every vocabulary row cut into slices, one block each, the last block
+  of a batch row finishing it; see csrc/include/thinkfuse/mtp_verify.cuh).
+- ``thinkfuse-cuda-rowblock``: the same with ``num_splits=1``: one block per batch row walks the
+  K+1 positions (the cuda kernel's other path, beside the default).
 - ``vllm-style``: written inline after vLLM's rejection sampler. Greedy: ``argmax`` of the
   target and compare. Sampling: float32 ``softmax`` of target logits / T, accept draft x iff
   ``u * p(x) < q(x)``, residual ``max(q - p, 0)`` (deterministic draft: q with x zeroed) sampled
@@ -59,7 +58,7 @@ VARIANTS = {GREEDY: (0.0, False), SAMPLE: (1.0, False), SAMPLE_DRAFT_PROBS: (1.0
 BATCHES = (64, 1, 8, 256)  # 64 first: the issue's goal, reached before a job limit ends the run
 DRAFTS = (1, 2, 4)
 VLLM, FLASHINFER = "vllm-style", "flashinfer"
-CUDA_SPLIT = "thinkfuse-cuda-split"  # the cuda backend with num_splits=0 (heuristic split)
+CUDA_ROW_BLOCK = "thinkfuse-cuda-rowblock"  # the cuda backend with num_splits=1 (one block per row)
 CUDA_OP = "mtp_verify"
 DRAFT_PROBS_DTYPE = torch.float32  # as vLLM and FlashInfer hold them
 
@@ -97,7 +96,7 @@ def _capturable(variant: str, impl: str) -> bool:
     thinkfuse kernels' sampling. The torch sampling paths were not: a capture that fails midway
     leaves torch's CUDA generator unusable for the rest of the process, so they are timed with
     plain do_bench (their rows say so)."""
-    return variant == "greedy" or impl in ("thinkfuse-cuda", CUDA_SPLIT, "thinkfuse-triton")
+    return variant == "greedy" or impl in ("thinkfuse-cuda", CUDA_ROW_BLOCK, "thinkfuse-triton")
 
 
 def bytes_moved(batch: int, k: int, vocab: int, with_probs: bool, dtype: torch.dtype) -> int:
@@ -192,8 +191,8 @@ def _implementations(config: Config, variant: str):
         if missing is None and backend == "cuda" and not cuda_has_op(CUDA_OP):
             missing = f"this build of the CUDA extension has no {CUDA_OP} kernel"
         impls.append((name, functools.partial(_thinkfuse_verify, backend=backend), missing))
-        if backend == "cuda":  # the split path beside the default, as its own row
-            impls.append((CUDA_SPLIT, functools.partial(_thinkfuse_verify, backend=backend, num_splits=0),
+        if backend == "cuda":  # the one-block-per-row path beside the default split, as its own row
+            impls.append((CUDA_ROW_BLOCK, functools.partial(_thinkfuse_verify, backend=backend, num_splits=1),
                           missing))
     impls.append((VLLM, vllm_style_verify, None))
     function, missing = _flashinfer_function(config, variant)

@@ -5,7 +5,8 @@ extension linked that way carries a second C++ exception runtime: the first TORC
 crashes the process instead of becoming a Python exception. setup.py refuses such a compiler and
 bench/gpu_check.sh switches to the system g++.
 
-    python scripts/cxx_runtime.py [COMPILER...]   # exit 1 when one links libstdc++ statically
+    python scripts/cxx_runtime.py [COMPILER...]   # exit 0: all link libstdc++ dynamically,
+                                                  # 1: one links it statically, 2: cannot tell
                                                   # (default: the compilers a build would use)
 """
 
@@ -55,6 +56,14 @@ def links_libstdcxx_statically(cxx: str) -> bool | None:
 
 if __name__ == "__main__":
     compilers = sys.argv[1:] or build_cxx_compilers()
-    static = static_libstdcxx_compiler(compilers)
-    print(f"{static} links libstdc++ statically" if static else f"{', '.join(compilers)}: no static libstdc++")
-    sys.exit(1 if static else 0)
+    verdicts = {c: links_libstdcxx_statically(c) for c in compilers}
+    static = [c for c, v in verdicts.items() if v]
+    unknown = [c for c, v in verdicts.items() if v is None]
+    if static:
+        print(f"{static[0]} links libstdc++ statically")
+        sys.exit(1)
+    if unknown or not compilers:
+        print(f"cannot tell for {', '.join(unknown) or 'no compiler'} (missing compiler or nm?)")
+        sys.exit(2)
+    print(f"{', '.join(compilers)}: libstdc++ linked dynamically")
+    sys.exit(0)

@@ -48,7 +48,7 @@ FUSED_LINEAR_IMPLS = (*THINKFUSE_IMPLS, "materialised", "verl-chunked", "liger")
 ONE_PASS_IMPLS = tuple(f"{name}-one-pass" for name in THINKFUSE_IMPLS)  # fwd+bwd rows only
 # mtp_verify: B 2, K 2, V 64; forward only (not differentiable).
 MTP_VARIANTS = ("greedy", "sample", "sample+draft_probs")
-MTP_IMPLS = (*THINKFUSE_IMPLS, "thinkfuse-cuda-split", "vllm-style", "flashinfer")
+MTP_IMPLS = (*THINKFUSE_IMPLS, "thinkfuse-cuda-rowblock", "vllm-style", "flashinfer")
 ALL_OPS = ("logprobs", "mtp_verify", "rms_norm", "rope", "swiglu")
 
 
@@ -491,23 +491,27 @@ def test_tile_sweep_defaults_are_candidates_and_errors_are_caught(monkeypatch):
 def test_slow_workloads_are_timed_by_a_few_runs(monkeypatch):
     """A workload of a second or so is timed by SLOW_WORKLOAD_RUNS plain runs (do_bench's 5-run
     estimate alone would cost several of them); a short one by do_bench."""
-    durations = iter([900.0, 700.0, 800.0])
+    durations = iter([700.0, 800.0])
     monkeypatch.setattr(harness, "_event_ms", lambda fn: next(durations))
     monkeypatch.setattr(harness, "time_ms", lambda fn, config: pytest.fail("do_bench for a slow workload"))
-    ms, label = harness.time_ms_labelled(lambda: None, None)
+    ms, label = harness.time_ms_labelled(lambda: None, None, 900.0)  # the first run is the given one
     assert ms == 800.0 and label.startswith(f"median of {harness.SLOW_WORKLOAD_RUNS} runs")
-    monkeypatch.setattr(harness, "_event_ms", lambda fn: 2.0)
+    monkeypatch.setattr(harness, "_event_ms", lambda fn: pytest.fail("a run for a fast workload"))
     monkeypatch.setattr(harness, "time_ms", lambda fn, config: 1.5)
-    assert harness.time_ms_labelled(lambda: None, None) == (1.5, "do_bench median (CUDA events)")
+    assert harness.time_ms_labelled(lambda: None, None, 2.0) == (1.5, "do_bench median (CUDA events)")
 
 
 def test_cuda_graph_flag_times_every_case_as_graph_replays(monkeypatch):
     """--cuda-graph: cases not marked cuda_graph are timed as graph replays too."""
-    assert harness.make_config(harness.parse_args(["--smoke", "--cuda-graph"]), harness.load_presets()[0]).graph_timing
+    args = harness.parse_args(["--smoke", "--op", "rms_norm", "--cuda-graph"])
+    assert harness.make_config(args, harness.load_presets()[0]).graph_timing
+    for argv in (["--cuda-graph"], ["--op", "rms_norm", "--op", "mtp_verify", "--cuda-graph"]):
+        with pytest.raises(SystemExit):  # ops that draw random numbers (or all ops) are refused
+            harness.parse_args(argv)
     assert not harness.make_config(harness.parse_args(["--smoke"]), harness.load_presets()[0]).graph_timing
-    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: 0.0)
+    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (0.0, 1.0))
     monkeypatch.setattr(harness, "time_ms_in_cuda_graph", lambda fn, config: (1.0, "graph replays"))
-    monkeypatch.setattr(harness, "time_ms_labelled", lambda fn, config: (2.0, "events"))
+    monkeypatch.setattr(harness, "time_ms_labelled", lambda fn, config, once: (2.0, "events"))
     case = harness.Case(op="op", impl="impl", variant="v", mode="fwd", shape={}, model="m", dtype=torch.float32,
                         build=lambda: harness.Workload(forward=lambda: torch.zeros(1)))
     config = _gpu_config(device=torch.device("cpu"))

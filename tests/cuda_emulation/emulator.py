@@ -725,9 +725,9 @@ def apply_rotary_bwd(exe, dq_out, dk_out, cos, sin, q_dtype, options=None):
 
 
 def _swiglu_views(v, s, **views):
-    for name, (t, row_stride) in views.items():
+    for name, t in views.items():
         v.add(name, t)
-        s[f"{name}_rs"] = row_stride
+        s[f"{name}_rs"] = t.stride(0)
 
 
 def swiglu_fwd(exe, gate, up, options=None):
@@ -737,7 +737,7 @@ def swiglu_fwd(exe, gate, up, options=None):
     _rows_view(up, "up")
     y = poison((rows, cols), gate.dtype)
     v, s = _Views(), dict(dtype=DTYPE_NAMES[gate.dtype], rows=rows, cols=cols)
-    _swiglu_views(v, s, gate=(gate, gate.stride(0)), up=(up, up.stride(0)), y=(y, cols))
+    _swiglu_views(v, s, gate=gate, up=up, y=y)
     r, o = v.run(exe, "swiglu_fwd", s, dict(y=y), options)
     return SimpleNamespace(status=r.status, launches=r.values["launches"], y=o["y"])
 
@@ -747,8 +747,7 @@ def swiglu_bwd(exe, dy, gate, up, options=None):
     rows, cols = _rows_view(gate, "gate").shape
     dgate, dup = poison((rows, cols), gate.dtype), poison((rows, cols), gate.dtype)
     v, s = _Views(), dict(dtype=DTYPE_NAMES[gate.dtype], rows=rows, cols=cols)
-    _swiglu_views(v, s, dy=(_rows_view(dy, "dy"), dy.stride(0)), gate=(gate, gate.stride(0)),
-                  up=(_rows_view(up, "up"), up.stride(0)), dgate=(dgate, cols), dup=(dup, cols))
+    _swiglu_views(v, s, dy=_rows_view(dy, "dy"), gate=gate, up=_rows_view(up, "up"), dgate=dgate, dup=dup)
     r, o = v.run(exe, "swiglu_bwd", s, dict(dgate=dgate, dup=dup), options)
     return SimpleNamespace(status=r.status, launches=r.values["launches"], dgate=o["dgate"], dup=o["dup"])
 
@@ -763,14 +762,9 @@ def _gate_up_halves(gate_up):
 
 
 def swiglu_fused_fwd(exe, gate_up, options=None):
-    """swiglu_fused_fwd: y from the two halves of gate_up [rows, 2N], read in place."""
-    gate, up = _gate_up_halves(gate_up)
-    rows, cols = gate.shape
-    y = poison((rows, cols), gate_up.dtype)
-    v, s = _Views(), dict(dtype=DTYPE_NAMES[gate_up.dtype], rows=rows, cols=cols)
-    _swiglu_views(v, s, gate=(gate, gate_up.stride(0)), up=(up, gate_up.stride(0)), y=(y, cols))
-    r, o = v.run(exe, "swiglu_fwd", s, dict(y=y), options)
-    return SimpleNamespace(status=r.status, launches=r.values["launches"], y=o["y"])
+    """swiglu_fused_fwd: y from the two halves of gate_up [rows, 2N], read in place (the split
+    op on two views of one buffer, as the binding launches it)."""
+    return swiglu_fwd(exe, *_gate_up_halves(gate_up), options)
 
 
 def swiglu_fused_bwd(exe, dy, gate_up, options=None):
@@ -781,8 +775,7 @@ def swiglu_fused_bwd(exe, dy, gate_up, options=None):
     dgate, dup = dgate_up.narrow(1, 0, cols), dgate_up.narrow(1, cols, cols)
     v, s = _Views(), dict(dtype=DTYPE_NAMES[gate_up.dtype], rows=rows, cols=cols)
     v.add("dgate_up", dgate_up)  # the buffer of both halves
-    _swiglu_views(v, s, dy=(_rows_view(dy, "dy"), dy.stride(0)), gate=(gate, gate_up.stride(0)),
-                  up=(up, gate_up.stride(0)), dgate=(dgate, 2 * cols), dup=(dup, 2 * cols))
+    _swiglu_views(v, s, dy=_rows_view(dy, "dy"), gate=gate, up=up, dgate=dgate, dup=dup)
     r, o = v.run(exe, "swiglu_bwd", s, dict(dgate_up=dgate_up), options)
     return SimpleNamespace(status=r.status, launches=r.values["launches"], dgate_up=o["dgate_up"])
 

@@ -53,10 +53,6 @@ __device__ __forceinline__ ArgMax better(const ArgMax& a, const ArgMax& b) {
   return (a.v > b.v || (a.v == b.v && a.i < b.i)) ? a : b;
 }
 
-struct FloatSum {
-  float v;
-};
-
 // Softmax statistics: max m, total = sum exp(x - m), excl = the same sum without one id.
 struct SoftmaxStats {
   float m;
@@ -281,9 +277,7 @@ template <typename Fn>
 __device__ __forceinline__ float range_sum(const Fn& fn, int lo, int hi) {
   float acc = 0.0f;
   for (int c = lo + static_cast<int>(threadIdx.x); c < hi; c += blockDim.x) acc += fn(c);
-  return block_allreduce(FloatSum{acc}, [](const FloatSum& a, const FloatSum& b) {
-           return FloatSum{a.v + b.v};
-         }).v;
+  return block_allreduce(acc, [](float a, float b) { return a + b; });
 }
 
 // Exclusive prefix sum over the block of x (block size a multiple of 32); also returns the

@@ -328,24 +328,38 @@ BWD_DEVICES = {"8warps-2stages": 0, "4warps-1stage": 3}
 BWD_THREADS = {"8warps-2stages": 256, "4warps-1stage": 128}
 
 
-def _check_bwd(harness, c: Attn, dtype, config):
-    q, k, v = _attn_inputs(c, dtype)
+def _check_bwd(harness, c: Attn, dtype, config, sm90=False):
+    """flash_attention_backward with the configuration `config` of BWD_DEVICES, or (sm90) the
+    Hopper backward, whose packed cases get NaN / inf in the rows after the last sequence (as
+    _sm90_inputs): a tile running past its sequence must keep them out."""
+    q, k, v = _sm90_inputs(c, dtype) if sm90 else _attn_inputs(c, dtype)
     scale = c.scale if c.scale is not None else c.d ** -0.5
     var = _varlen_args(c)
     cu_q, cu_k = var.get("cu_q"), var.get("cu_k")
     # the forward's out / lse from the reference (rows after the last packed sequence: 0 / -inf)
     ref_out, lse = _reference_fwd(c, q, k, v, scale)
     out = _layout(ref_out.to(dtype), c.layout)
-    dout = _layout(randn(*q.shape, dtype=dtype, seed=5), c.layout)
+    dout = randn(*q.shape, dtype=dtype, seed=5)
+    if sm90 and c.packed and c.tail:
+        dout[q.shape[0] - c.tail:] = float("nan")
+    dout = _layout(dout, c.layout)
     dlse = torch.where(torch.isfinite(lse), randn(*lse.shape, seed=6), 0.0) if c.dlse else None
+    device = 0 if sm90 else BWD_DEVICES[config]
     r = emu.flash_bwd(harness, dout, q, k, v, out, lse, dlse, c.causal, scale, c.window, **var,
-                      options=emu.Options(device=BWD_DEVICES[config], **c.opts))
+                      options=emu.Options(device=device, **c.opts), sm90=sm90)
     assert r.status == 0, emu.ERRORS.get(r.status, r.status)
     dq, dk, dv = r.dq, r.dk, r.dv
     # preprocess, dK/dV with the configuration under test (no key at all: none), convert
     max_k = var["max_k"] if c.packed else c.sk
-    assert [launch.threads for launch in r.launches] == [256] + [BWD_THREADS[config]] * (max_k > 0) + [256], \
-        r.launches
+    threads = 384 if sm90 else BWD_THREADS[config]
+    assert [launch.threads for launch in r.launches] == [256] + [threads] * (max_k > 0) + [256], r.launches
+    if sm90:
+        batch = len(c.lens_q) if c.packed else c.b
+        dkdv = [launch for launch in r.launches if launch.threads == 384]
+        # one CTA per (key block of 128, sequence, kv head), 1-D
+        assert all(launch.grid == ((max_k + 127) // 128 * batch * c.hkv, 1, 1) and
+                   launch.smem == SM90_BWD_SMEM for launch in dkdv), dkdv
+        assert r.values["named_barrier_leftovers"] == 0
     # truths on the rows inside the sequences (packed tails: dq 0, dk / dv untouched zeros)
     n = q.shape[0] - c.tail
     nk = k.shape[0] - c.tail
@@ -370,6 +384,52 @@ def _check_bwd(harness, c: Attn, dtype, config):
 @pytest.mark.parametrize("case", list(BWD_CASES))
 def test_flash_attention_backward(harness, case, config):
     _check_bwd(harness, *BWD_CASES[case], config)
+
+
+# --- flash attention backward, Hopper (sm_90a) ------------------------------------------------
+# flash_attention_backward_sm90 (head_dim 128): the preprocess and convert kernels around the
+# wgmma / TMA dK-dV kernel, on the emulated Hopper primitives, against reference.py under the
+# tolerances of the backward above.
+
+SM90_BWD_SMEM = 165928  # flash_bwd_sm90::Config<128>::kSmemBytes
+
+SM90_BWD_CASES = {
+    "d128-causal-b2-gqa2": (Attn(128, b=2, sq=150, sk=150, hq=4, hkv=2), BF16),
+    "d128-noncausal-sq<sk-gqa3": (Attn(128, sq=127, sk=300, hq=3, hkv=1, causal=False, opts=EARLY), FP16),
+    "d128-causal-sq>sk-rows-without-keys": (Attn(128, sq=300, sk=129, hq=2, hkv=2, opts=WORKERS), BF16),
+    "d128-window37": (Attn(128, sq=180, sk=260, hq=2, hkv=1, window=37, opts=RANDOM), BF16),
+    # key blocks no query sees (before the window): dK = dV = 0 without an iteration
+    "d128-window300-sq<<sk": (Attn(128, sq=17, sk=1000, hq=4, hkv=1, window=300), FP16),
+    "d128-heads-major-scale0.3-no-dlse": (Attn(128, b=2, sq=90, sk=120, hq=4, hkv=2, layout="heads-major",
+                                               scale=0.3, dlse=False), FP16),
+    "d128-padded-rows": (Attn(128, sq=70, sk=70, hq=2, hkv=1, layout="padded-rows", opts=EARLY), BF16),
+    # 16 iterations in key block 0: the two-stage ring and the dS^T buffers wrap
+    "d128-causal-512": (Attn(128, sq=512, sk=512, hq=2, hkv=1, opts=WORKERS), BF16),
+    "d128-seqlen1": (Attn(128, b=3, sq=1, sk=1, hq=4, hkv=1), FP16),
+    "d128-no-keys-at-all": (Attn(128, b=2, sq=40, sk=0, hq=4, hkv=2), BF16),
+    "packed-d128-long-and-short": (Attn(128, lens_q=(0, 300, 3, 1, 0, 17, 129), lens_k=(0, 300, 3, 1, 0, 17, 129),
+                                        hq=4, hkv=2, tail=7, extra_max=3), BF16),
+    "packed-d128-q-shorter-window33": (Attn(128, lens_q=(1, 5, 0, 64, 200), lens_k=(9, 300, 0, 64, 260), hq=4,
+                                            hkv=2, window=33, tail=7, extra_max=5, opts=RANDOM), FP16),
+    "packed-d128-noncausal-no-keys-for-some": (Attn(128, lens_q=(3, 130, 4), lens_k=(0, 1, 6), hq=2, hkv=1,
+                                                    causal=False, tail=5, opts=EARLY), FP16),
+}
+
+
+@pytest.mark.parametrize("case", list(SM90_BWD_CASES))
+def test_flash_attention_backward_sm90(harness, case):
+    _check_bwd(harness, *SM90_BWD_CASES[case], None, sm90=True)
+
+
+@pytest.mark.parametrize("options", [dict(device=1), dict(kernel_regs=160)], ids=["a100", "fewer-registers"])
+def test_flash_attention_backward_sm90_refuses(harness, options):
+    """cudaErrorNotSupported without a launch on a device that is not compute capability 9.0, and
+    for an image whose register count could not feed the consumers' setmaxnreg.inc."""
+    q, k, v = qkv(1, 64, 64, 2, 1, 128, FP16)
+    out, lse = reference.flash_attention(q, k, v, True, None, None, None, None, return_lse=True)
+    r = emu.flash_bwd(harness, randn(*q.shape, dtype=FP16, seed=5), q, k, v, out.to(FP16), lse.float(),
+                      options=emu.Options(**options), sm90=True)
+    assert r.status == 801 and not r.launches, (r.status, r.launches)
 
 
 # --- decode attention -------------------------------------------------------------------------
@@ -1381,13 +1441,14 @@ MUTANT_RUNS = {
     # cp.async.wait_group N leaves a group too many in flight: the emulator reports the read
     "CP_ASYNC_WAIT": [("fwd", "d96-window37", FP16), ("decode", "bf16-d64-sq4-g8-splits3", None)],
     # TMA places the 16-byte chunks with a wrong 128-byte swizzle: wgmma reads other elements
-    "TMA_SWIZZLE": [("fwd_sm90", "d64-causal-b2-gqa2", None)],
+    "TMA_SWIZZLE": [("fwd_sm90", "d64-causal-b2-gqa2", None), ("bwd_sm90", "d128-causal-b2-gqa2", None)],
     # wgmma ignores the MN-major descriptor's leading byte offset: V columns 64 .. 127 (head dim 128)
-    # read as columns 0 .. 63
-    "WGMMA_LBO": [("fwd_sm90", "d128-causal-sq<sk", None)],
+    # read as columns 0 .. 63 (the backward: dO and Q as B of dV / dK)
+    "WGMMA_LBO": [("fwd_sm90", "d128-causal-sq<sk", None), ("bwd_sm90", "d128-window37", None)],
     # TMA signals only the in-bounds bytes of a box: a tile past the tensor's end never completes its
     # mbarrier phase, which the emulator reports as a deadlock
-    "TMA_TX": [("fwd_sm90", "d128-causal-sq>sk-rows-without-keys", None)],
+    "TMA_TX": [("fwd_sm90", "d128-causal-sq>sk-rows-without-keys", None),
+               ("bwd_sm90", "d128-causal-sq>sk-rows-without-keys", None)],
     # the last xor-butterfly step of lane 0 reads the wrong lane: RMSNorm's warp and block sums and
     # the block all-reduce of the log-probabilities' logsumexp go wrong
     "SHFL_XOR": [("rms", "fp16-c512-residual", None), ("rms", "bf16-c4096-residual", None),
@@ -1404,6 +1465,8 @@ MUTANT_RUNS = {
 def _run_sweep_case(harness, kind, case, dtype):
     if kind == "fwd_sm90":
         _check_fwd_sm90(harness, *SM90_CASES[case])
+    elif kind == "bwd_sm90":
+        _check_bwd(harness, *SM90_BWD_CASES[case], None, sm90=True)
     elif kind == "fwd":
         _check_fwd(harness, FWD_CASES[case], dtype)
     elif kind == "bwd":

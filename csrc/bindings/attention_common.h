@@ -52,6 +52,21 @@ inline at::Tensor with_16B_rows(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// ValueError unless `device` is compute capability 9.0 (the Hopper kernels' sm_90a code runs
+// nowhere else), naming the kernel and the op that takes other devices.
+inline void check_hopper_device(const at::Device& device, const char* kernel,
+                                const char* other_op) {
+  int major = 0;
+  int minor = 0;
+  check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()),
+               kernel);
+  check_launch(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index()),
+               kernel);
+  TORCH_CHECK_VALUE(major == 9 && minor == 0, kernel,
+                    " needs a compute capability 9.0 (Hopper) GPU, but q is on ", device,
+                    " (compute capability ", major, ".", minor, "); use ", other_op);
+}
+
 inline void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Device& device) {
   check_device(cu, name, device);
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());

@@ -1,6 +1,11 @@
-// Torch binding of the flash-attention backward: torch.ops.thinkfuse_C.flash_attention_bwd.
-// Argument checks (ValueError / TypeError naming the argument), output and workspace allocation,
-// device guard and stream; the kernels are in csrc/ops/flash_attention_bwd.cu.
+// Torch bindings of the flash-attention backward: torch.ops.thinkfuse_C.flash_attention_bwd
+// (csrc/ops/flash_attention_bwd.cu, tensor cores, sm80+) and flash_attention_bwd_sm90 (the Hopper
+// kernel, csrc/ops/flash_attention_bwd_sm90.cu; same schema). Argument checks (ValueError /
+// TypeError naming the argument; for the Hopper op also a device that is not compute capability
+// 9.0 and head dims other than 128), output and workspace allocation, device guard and stream.
+// The Hopper op retries once with contiguous copies when the driver refuses a tensor map for the
+// given strides (cudaErrorInvalidPitchValue), and says "not supported here" when this build or
+// driver cannot run it.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -39,8 +44,10 @@ at::Tensor check_lse(const at::Tensor& t, const char* name, at::IntArrayRef shap
   return t.size(last) <= 1 || t.stride(last) == 1 ? t : t.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
-    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+enum class Kernel { kSm80, kSm90 };
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    Kernel kernel, const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& dlse_in, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
@@ -51,7 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   check_device(v_in, "v", device);
   check_device(out, "out", device);
   check_device(dout_in, "dout", device);
-  const DType dtype = check_half_dtypes(q_in, "cuda flash_attention backward",
+  const bool sm90 = kernel == Kernel::kSm90;
+  const char* op = sm90 ? "flash_attention_bwd_sm90" : "flash_attention_bwd";
+  if (sm90) check_hopper_device(device, op, "flash_attention_bwd");
+  const DType dtype = check_half_dtypes(q_in, sm90 ? "sm90 flash_attention backward"
+                                                   : "cuda flash_attention backward",
                                         {{"k", &k_in}, {"v", &v_in}, {"out", &out}, {"dout", &dout_in}});
 
   const QkvLayout qkv = check_qkv_layout(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k);
@@ -63,10 +74,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   const int64_t head_dim = qkv.head_dim;
   const int64_t heads_q = qkv.heads_q;
   const int64_t heads_kv = qkv.heads_kv;
-  TORCH_CHECK_VALUE(thinkfuse::flash_attention_backward_head_dim_supported(head_dim), "head_dim ",
-                    head_dim,
-                    " is not supported by the cuda flash_attention backward; expected 64, 96 or "
-                    "128");
+  if (sm90) {
+    TORCH_CHECK_VALUE(thinkfuse::flash_attention_backward_sm90_head_dim_supported(head_dim),
+                      "head_dim ", head_dim,
+                      " is not supported by the sm90 flash_attention backward; expected 128 "
+                      "(flash_attention_bwd takes 64 and 96)");
+  } else {
+    TORCH_CHECK_VALUE(thinkfuse::flash_attention_backward_head_dim_supported(head_dim),
+                      "head_dim ", head_dim,
+                      " is not supported by the cuda flash_attention backward; expected 64, 96 or "
+                      "128");
+  }
   TORCH_CHECK_VALUE(heads_q <= thinkfuse::kFlashAttnMaxGridDim &&
                         heads_kv <= thinkfuse::kFlashAttnMaxGridDim,
                     "at most ", thinkfuse::kFlashAttnMaxGridDim, " heads are supported, got ",
@@ -83,6 +101,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   const int64_t batch = dims.batch;
   const int sq = dims.sq;
   TORCH_CHECK_VALUE(batch <= std::numeric_limits<int>::max(), "batch ", batch, " is too large");
+  if (sm90 && packed) {
+    constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max() - 1024;
+    TORCH_CHECK_VALUE(q_in.size(0) <= kMaxRows && k_in.size(0) <= kMaxRows,
+                      "packed q / k with more than ", kMaxRows,
+                      " tokens are not supported by the sm90 kernel (int32 TMA coordinates)");
+  }
   const std::vector<int64_t> lse_shape =
       packed ? std::vector<int64_t>{heads_q, q_in.size(0)}
              : std::vector<int64_t>{batch, heads_q, static_cast<int64_t>(sq)};
@@ -91,23 +115,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   if (dlse_in.has_value()) dlse = check_lse(*dlse_in, "dlse", lse_shape, device);
 
   const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor q = with_16B_rows(q_in);
-  const at::Tensor k = with_16B_rows(k_in);
-  const at::Tensor v = with_16B_rows(v_in);
-  const at::Tensor dout = with_16B_rows(dout_in);
+  at::Tensor q = with_16B_rows(q_in);
+  at::Tensor k = with_16B_rows(k_in);
+  at::Tensor v = with_16B_rows(v_in);
+  at::Tensor dout = with_16B_rows(dout_in);
 
   // Outputs contiguous like q, k, v. Packed dk/dv start at zero: rows outside every sequence
   // are never written by the kernel (dq's are, by the preprocessing and conversion kernels).
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = packed ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
   at::Tensor dv = packed ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
+  if (batch == 0 || q.numel() + k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
   const int64_t rows_q = packed ? q.size(0) : batch * sq;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq_accum = at::empty({rows_q * heads_q * head_dim}, f32);
   at::Tensor stats = at::empty({2, rows_q * heads_q}, f32);  // lse_log2, delta
 
   thinkfuse::FlashAttnParams p;
-  set_qkv(p, q, k, v, packed);
   p.out = const_cast<void*>(out.const_data_ptr());  // read only by the backward
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());  // read only by the backward
   set_out_lse_strides(p, out, lse, packed);
@@ -115,11 +144,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
               causal, window);
 
   thinkfuse::FlashAttnBwdArgs a;
-  const TokenStrides ds = token_strides(dout, packed);
-  a.dout = dout.const_data_ptr();
-  a.do_batch_stride = ds.b;
-  a.do_seq_stride = ds.s;
-  a.do_head_stride = ds.h;
   if (dlse.has_value()) {
     a.dlse = dlse->const_data_ptr<float>();
     a.dlse_batch_stride = packed ? 0 : stride_or_zero(*dlse, 0);
@@ -131,17 +155,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
   a.dq_accum = dq_accum.mutable_data_ptr<float>();
   a.lse_log2 = stats.mutable_data_ptr<float>();
   a.delta = a.lse_log2 + rows_q * heads_q;
-
-  if (batch > 0 && q.numel() + k.numel() > 0) {
-    check_launch(thinkfuse::flash_attention_backward(p, a, dtype,
-                                                     c10::cuda::getCurrentCUDAStream().stream()),
-                 "flash_attention_bwd");
-  } else {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
+  auto set_inputs = [&]() {
+    set_qkv(p, q, k, v, packed);
+    // K / V with no token at all: never read, but the kernels want non-null pointers.
+    if (k.numel() == 0) p.k = p.v = q.const_data_ptr();
+    const TokenStrides ds = token_strides(dout, packed);
+    a.dout = dout.const_data_ptr();
+    a.do_batch_stride = ds.b;
+    a.do_seq_stride = ds.s;
+    a.do_head_stride = ds.h;
+  };
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  set_inputs();
+  if (!sm90) {
+    check_launch(thinkfuse::flash_attention_backward(p, a, dtype, stream), op);
+    return {dq, dk, dv};
   }
+  cudaError_t err = thinkfuse::flash_attention_backward_sm90(p, a, dtype, stream);
+  if (err == cudaErrorInvalidPitchValue) {
+    // The driver refused a tensor map for these strides: contiguous copies always encode.
+    q = q.contiguous();
+    k = k.contiguous();
+    v = v.contiguous();
+    dout = dout.contiguous();
+    set_inputs();
+    err = thinkfuse::flash_attention_backward_sm90(p, a, dtype, stream);
+  }
+  TORCH_CHECK_VALUE(err != cudaErrorNotSupported, op,
+                    ": not supported here (the device must be compute capability 9.0, the "
+                    "extension built for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a) and the driver "
+                    "able to encode TMA tensor maps): ",
+                    cudaGetErrorString(err));
+  check_launch(err, op);
   return {dq, dk, dv};
+}
+
+// The registered ops: the schema's arguments, the kernel fixed.
+template <Kernel kKernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+    int64_t window) {
+  return backward(kKernel, dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                  max_seqlen_q, max_seqlen_k, softmax_scale, causal, window);
 }
 
 }  // namespace
@@ -152,6 +210,14 @@ TORCH_LIBRARY_FRAGMENT(thinkfuse_C, m) {
       "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "flash_attention_bwd_sm90(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal, int window) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
-TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) { m.impl("flash_attention_bwd", &flash_attention_bwd); }
+TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) {
+  m.impl("flash_attention_bwd", &backward_op<Kernel::kSm80>);
+  m.impl("flash_attention_bwd_sm90", &backward_op<Kernel::kSm90>);
+}

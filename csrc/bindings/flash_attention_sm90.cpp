@@ -37,19 +37,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_sm90(
   check_device(q_in, "q", device);
   check_device(k_in, "k", device);
   check_device(v_in, "v", device);
-  {
-    int major = 0;
-    int minor = 0;
-    check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()),
-                 "flash_attention_fwd_sm90 (device query)");
-    check_launch(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index()),
-                 "flash_attention_fwd_sm90 (device query)");
-    TORCH_CHECK_VALUE(major == 9 && minor == 0,
-                      "flash_attention_fwd_sm90 needs a compute capability 9.0 (Hopper) GPU, but q "
-                      "is on ",
-                      device, " (compute capability ", major, ".", minor,
-                      "); use flash_attention_fwd");
-  }
+  check_hopper_device(device, "flash_attention_fwd_sm90", "flash_attention_fwd");
   const DType dtype =
       check_half_dtypes(q_in, "sm90 flash_attention kernel", {{"k", &k_in}, {"v", &v_in}});
 

@@ -35,7 +35,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = ["flash_attention_fwd", "flash_attention_bwd", "decode_attention", "mtp_verify",
-                  "flash_attention_fwd_sm90", "logprobs", "rms_norm", "rope", "swiglu"]
+                  "flash_attention_fwd_sm90", "flash_attention_bwd_sm90", "logprobs", "rms_norm", "rope",
+                  "swiglu"]
 EMU_SOURCES = ["runtime", "sm90", "dynamic_smem", "harness"]
 # Compile-time mutations of the emulator that must make the sweeps fail: name -> the emulator
 # source (src/<name>.cpp) recompiled with -DEMU_MUTATE_<NAME>.
@@ -175,7 +176,7 @@ def build(mutation: str | None = None, variant: str | None = None, jobs: int | N
         todo = [(src, out / obj, flags) for obj, (src, flags) in units.items()
                 if obj in objs and not (out / obj).exists()]
         # the slowest first (decode_attention instantiates 54 kernels)
-        slow = ("decode_attention.cu", "flash_attention_fwd_sm90.cu", "sm90.cpp")
+        slow = ("decode_attention.cu", "flash_attention_fwd_sm90.cu", "flash_attention_bwd_sm90.cu", "sm90.cpp")
         todo.sort(key=lambda u: slow.index(u[0].name) if u[0].name in slow else len(slow))
         jobs = jobs or max(1, min(len(todo), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -409,9 +410,10 @@ def flash_fwd_sm90(exe, q, k, v, causal=True, scale=None, window=None, cu_q=None
 
 
 def flash_bwd(exe, dout, q, k, v, out, lse, dlse=None, causal=True, scale=None, window=None,
-              cu_q=None, cu_k=None, max_q=None, max_k=None, options=None):
-    """status, dq, dk, dv (and launches) of flash_attention_backward, as csrc/bindings/flash_attention_bwd.cpp
-    calls it (dq and the workspaces uninitialised, dk / dv zeros for packed inputs)."""
+              cu_q=None, cu_k=None, max_q=None, max_k=None, options=None, sm90=False):
+    """status, dq, dk, dv (and launches) of flash_attention_backward (flash_attention_backward_sm90
+    with ``sm90``), as csrc/bindings/flash_attention_bwd.cpp calls it (dq and the workspaces
+    uninitialised, dk / dv zeros for packed inputs)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     packed = cu_q is not None
     s = _attention_scalars(q, k, v, out, lse, causal, scale, window, cu_q, cu_k, max_q, max_k)
@@ -429,8 +431,8 @@ def flash_bwd(exe, dout, q, k, v, out, lse, dlse=None, causal=True, scale=None, 
         bufs["dlse"] = dlse
     if packed:
         bufs.update(cu_q=cu_q.to(torch.int32).contiguous(), cu_k=cu_k.to(torch.int32).contiguous())
-    r = run_case(exe, "bwd", s, bufs, ["dq", "dk", "dv"], options)
-    return SimpleNamespace(status=r.status, launches=r.values["launches"],
+    r = run_case(exe, "bwd_sm90" if sm90 else "bwd", s, bufs, ["dq", "dk", "dv"], options)
+    return SimpleNamespace(status=r.status, launches=r.values["launches"], values=r.values,
                            dq=from_bytes(r.outputs["dq"], q.dtype, q.shape),
                            dk=from_bytes(r.outputs["dk"], k.dtype, k.shape),
                            dv=from_bytes(r.outputs["dv"], v.dtype, v.shape))

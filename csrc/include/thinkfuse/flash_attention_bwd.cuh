@@ -631,16 +631,33 @@ cudaError_t launch_dkdv_for_device(const KernelParams<T>& p, cudaStream_t stream
   return cudaErrorInvalidConfiguration;
 }
 
+// Kernel 1 (delta, lse_log2, zeroed dQ accumulators); shared with the Hopper backward
+// (flash_attention_bwd_sm90.cuh), which replaces only kernel 2.
+template <typename T>
+cudaError_t launch_preprocess(const KernelParams<T>& p, int head_dim, cudaStream_t stream) {
+  const int64_t pairs = p.rows_q * p.heads_q;
+  if (pairs == 0) return cudaSuccess;
+  const int64_t blocks = (pairs + kPreWarps - 1) / kPreWarps;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  TF_LAUNCH_KERNEL(static_cast<unsigned>(blocks), kPreWarps * kWarpSize, 0, stream,
+                   preprocess_kernel<T>)(p, head_dim);
+  return cudaGetLastError();
+}
+
+// Kernel 3 (dq = dq_accum * scale); shared with the Hopper backward.
+template <typename T>
+cudaError_t launch_convert(const KernelParams<T>& p, int head_dim, cudaStream_t stream) {
+  const int64_t n4 = p.rows_q * p.heads_q * head_dim / 4;
+  if (n4 == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n4 + 255) / 256, int64_t{1} << 20);
+  TF_LAUNCH_KERNEL(static_cast<unsigned>(blocks), 256, 0, stream, convert_kernel<T>)(
+      p.dq_accum, p.dq, n4, p.scale);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t backward(const KernelParams<T>& p, int head_dim, cudaStream_t stream) {
-  const int64_t pairs = p.rows_q * p.heads_q;
-  if (pairs > 0) {
-    const int64_t blocks = (pairs + kPreWarps - 1) / kPreWarps;
-    if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-    TF_LAUNCH_KERNEL(static_cast<unsigned>(blocks), kPreWarps * kWarpSize, 0, stream,
-                     preprocess_kernel<T>)(p, head_dim);
-    TF_CUDA_TRY(cudaGetLastError());
-  }
+  TF_CUDA_TRY(launch_preprocess(p, head_dim, stream));
   cudaError_t err = cudaErrorInvalidValue;
   switch (head_dim) {
     case 64:
@@ -656,14 +673,83 @@ cudaError_t backward(const KernelParams<T>& p, int head_dim, cudaStream_t stream
       break;
   }
   TF_CUDA_TRY(err);
-  const int64_t n4 = pairs * head_dim / 4;
-  if (n4 > 0) {
-    const int64_t blocks = std::min<int64_t>((n4 + 255) / 256, int64_t{1} << 20);
-    TF_LAUNCH_KERNEL(static_cast<unsigned>(blocks), 256, 0, stream, convert_kernel<T>)(
-        p.dq_accum, p.dq, n4, p.scale);
-    TF_CUDA_TRY(cudaGetLastError());
+  return launch_convert(p, head_dim, stream);
+}
+
+// The problem limits of the backward kernels (head_dim aside, which is per kernel): sizes in
+// range, heads_q = group * heads_kv, cu_seqlens for both or neither, 16-byte aligned rows.
+inline bool problem_in_range(const FlashAttnParams& p) {
+  if (p.batch < 0 || p.heads_q < 0 || p.heads_kv < 0 || p.max_seqlen_q < 0 ||
+      p.max_seqlen_k < 0 || p.total_q < 0 || p.total_k < 0) {
+    return false;
   }
-  return cudaSuccess;
+  if (p.max_seqlen_q > kFlashAttnMaxSeqlen || p.max_seqlen_k > kFlashAttnMaxSeqlen) return false;
+  if (p.heads_kv > kFlashAttnMaxGridDim) return false;
+  if (p.heads_kv > 0 && (p.group < 1 || p.heads_q != p.group * p.heads_kv)) return false;
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
+  if (!p.rows_16B_aligned(2)) return false;  // both backward dtypes are 2-byte
+  return p.total_q <= kFlashAttnMaxSeqlen * int64_t{1024} &&
+         p.total_k <= kFlashAttnMaxSeqlen * int64_t{1024};
+}
+
+// The kernels' view of a problem (bindings: flash_attention_bwd.cpp): the storage type resolved,
+// packed layouts with zero batch strides, the workspaces laid out like a contiguous lse.
+template <typename T>
+KernelParams<T> make_kernel_params(const FlashAttnParams& p, const FlashAttnBwdArgs& a) {
+  KernelParams<T> k{};
+  const bool packed = p.is_varlen();
+  k.q = static_cast<const T*>(p.q);
+  k.k = static_cast<const T*>(p.k);
+  k.v = static_cast<const T*>(p.v);
+  k.out = static_cast<const T*>(p.out);
+  k.dout = static_cast<const T*>(a.dout);
+  // Packed layouts have no batch dim: batch strides are 0 (the sequence offset moves instead).
+  k.q_bs = packed ? 0 : p.q_batch_stride;
+  k.q_ss = p.q_seq_stride;
+  k.q_hs = p.q_head_stride;
+  k.k_bs = packed ? 0 : p.k_batch_stride;
+  k.k_ss = p.k_seq_stride;
+  k.k_hs = p.k_head_stride;
+  k.v_bs = packed ? 0 : p.v_batch_stride;
+  k.v_ss = p.v_seq_stride;
+  k.v_hs = p.v_head_stride;
+  k.o_bs = packed ? 0 : p.o_batch_stride;
+  k.o_ss = p.o_seq_stride;
+  k.o_hs = p.o_head_stride;
+  k.do_bs = packed ? 0 : a.do_batch_stride;
+  k.do_ss = a.do_seq_stride;
+  k.do_hs = a.do_head_stride;
+  k.lse = p.lse;
+  k.lse_bs = packed ? 0 : p.lse_batch_stride;
+  k.lse_hs = p.lse_head_stride;
+  k.dlse = a.dlse;
+  k.dlse_bs = packed ? 0 : a.dlse_batch_stride;
+  k.dlse_hs = a.dlse_head_stride;
+  k.lse_log2 = a.lse_log2;
+  k.delta = a.delta;
+  // Workspaces: contiguous [B, Hq, Sq] or [Hq, total_q].
+  k.ws_bs = packed ? 0 : static_cast<int64_t>(p.heads_q) * p.max_seqlen_q;
+  k.ws_hs = packed ? p.total_q : p.max_seqlen_q;
+  k.dq_accum = a.dq_accum;
+  k.dq = static_cast<T*>(a.dq);
+  k.dk = static_cast<T*>(a.dk);
+  k.dv = static_cast<T*>(a.dv);
+  k.cu_q = p.cu_seqlens_q;
+  k.cu_k = p.cu_seqlens_k;
+  k.total_q = p.total_q;
+  k.total_k = p.total_k;
+  k.rows_q = packed ? p.total_q : static_cast<int64_t>(p.batch) * p.max_seqlen_q;
+  k.batch = p.batch;
+  k.heads_q = p.heads_q;
+  k.heads_kv = p.heads_kv;
+  k.group = p.group;
+  k.max_seqlen_q = p.max_seqlen_q;
+  k.max_seqlen_k = p.max_seqlen_k;
+  k.window = p.window > 0 ? p.window : 0;
+  k.causal = p.causal;
+  k.scale = p.softmax_scale;
+  k.scale_log2 = p.softmax_scale * kLog2e;
+  return k;
 }
 
 }  // namespace flash_bwd

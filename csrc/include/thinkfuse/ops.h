@@ -354,4 +354,25 @@ constexpr bool flash_attention_forward_sm90_head_dim_supported(int64_t head_dim)
 cudaError_t flash_attention_forward_sm90(const FlashAttnParams& params, DType dtype,
                                          cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Flash attention backward for Hopper (sm_90a: wgmma, TMA, warp specialisation; FA3-style),
+// torch.ops.thinkfuse_C.flash_attention_bwd_sm90: the same problem, arguments, workspaces and
+// outputs as flash_attention_backward (its preprocess and convert kernels run around the Hopper
+// dK / dV kernel). float16 / bfloat16, head_dim in
+// flash_attention_backward_sm90_head_dim_supported. Returns cudaErrorInvalidValue for invalid
+// params (as flash_attention_backward; also packed totals beyond int32 TMA coordinates),
+// cudaErrorNotSupported when the current device is not compute capability 9.0, the extension
+// holds no sm_90a code for the kernel or the driver cannot encode tensor maps, and
+// cudaErrorInvalidPitchValue when the driver refuses a tensor map of q / k / v / dout (the
+// caller may retry with contiguous copies).
+// ---------------------------------------------------------------------------------------------
+
+constexpr bool flash_attention_backward_sm90_head_dim_supported(int64_t head_dim) {
+  return head_dim == 128;
+}
+
+cudaError_t flash_attention_backward_sm90(const FlashAttnParams& params,
+                                          const FlashAttnBwdArgs& args, DType dtype,
+                                          cudaStream_t stream);
+
 }  // namespace thinkfuse

@@ -2,7 +2,7 @@
 // fences, setmaxnreg, named barriers and wgmma (warpgroup MMA with shared-memory descriptors and
 // a register A operand), each wrapped in a small __device__ function. Shared-memory operands are
 // 32-bit shared-window addresses (mma::smem_address); tensor maps are CUtensorMap objects (128
-// bytes, opaque) passed by address. Used by flash_attention_fwd_sm90.cuh; the semantics are the
+// bytes, opaque) passed by address. Used by flash_attention_{fwd,bwd}_sm90.cuh; the semantics are the
 // PTX ISA's (sections "mbarrier", "cp.async.bulk.tensor", "wgmma", "setmaxnreg", "bar").
 //
 // Host emulation (tests/cuda_emulation, THINKFUSE_HOST_EMULATION): the same functions come from
@@ -182,6 +182,28 @@ __device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], uint64_t des
     TF_SM90_SS_N128("f16");
   }
 #undef TF_SM90_SS_N128
+}
+
+// D (+)= A B, m64n64k16, A and B from shared memory; kTransA / kTransB = 1 reads that operand
+// MN-major (its M / N elements contiguous), 0 K-major. Used by the backward
+// (flash_attention_bwd_sm90.cuh): S^T = K Q^T and dP^T = V dO^T (both K-major), dQ = dS K (both
+// MN-major).
+template <typename T, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], uint64_t desc_a,
+                                                   uint64_t desc_b, int scale_d) {
+  static_assert((kTransA == 0 || kTransA == 1) && (kTransB == 0 || kTransB == 1), "trans 0 / 1");
+#define TF_SM90_SS_N64(TYPE)                                                               \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "             \
+               TF_SM90_ACC32_REGS ", %32, %33, p, 1, 1, %35, %36;\n}\n"                   \
+               : TF_SM90_ACC32_OPS(d)                                                      \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    TF_SM90_SS_N64("bf16");
+  } else {
+    TF_SM90_SS_N64("f16");
+  }
+#undef TF_SM90_SS_N64
 }
 
 // D (+)= A B, m64nNk16 for N = 64 / 128: A from registers (the 4-word A fragment), B from shared

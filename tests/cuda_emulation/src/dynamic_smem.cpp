@@ -17,3 +17,4 @@ EMU_DYNAMIC_SMEM(thinkfuse::flash_fwd, smem_raw, flash_fwd);
 EMU_DYNAMIC_SMEM(thinkfuse::flash_bwd, smem_raw, flash_bwd);
 EMU_DYNAMIC_SMEM(thinkfuse::decode_attn, smem_raw, decode_attn);
 EMU_DYNAMIC_SMEM(thinkfuse::flash_fwd_sm90, smem_raw, flash_fwd_sm90);
+EMU_DYNAMIC_SMEM(thinkfuse::flash_bwd_sm90, smem_raw, flash_bwd_sm90);

@@ -1,6 +1,6 @@
 // Drives the real launchers of csrc/ops (compiled by the host compiler against the emulator) on
 // one case described by a directory:
-//   case.txt      "key value" lines: op (fwd | fwd_sm90 | bwd | decode | mtp | logprobs_fwd |
+//   case.txt      "key value" lines: op (fwd | fwd_sm90 | bwd | bwd_sm90 | decode | mtp | logprobs_fwd |
 //                 logprobs_bwd | rms_fwd | rms_bwd | rope | apply_rotary | swiglu_fwd |
 //                 swiglu_bwd), emulator options, sizes, element offsets and strides, `buffers`
 //                 (names) and `outputs` (names);
@@ -181,7 +181,9 @@ cudaError_t run_fwd_sm90() {
   return err;
 }
 
-cudaError_t run_bwd() {
+// The backward, as csrc/bindings/flash_attention_bwd.cpp calls it; `sm90`: the Hopper one
+// (flash_attention_bwd_sm90, same binding code).
+cudaError_t run_bwd(bool sm90) {
   const thinkfuse::FlashAttnParams p = attention_params();
   thinkfuse::FlashAttnBwdArgs a;
   a.dout = at("dout", I("do_off"), 2);
@@ -199,7 +201,10 @@ cudaError_t run_bwd() {
   a.dq_accum = reinterpret_cast<float*>(scratch("dq_accum", pairs * p.head_dim * 4, 0xFF).data);
   a.lse_log2 = reinterpret_cast<float*>(scratch("stats", 2 * pairs * 4, 0xFF).data);
   a.delta = a.lse_log2 + pairs;
-  return thinkfuse::flash_attention_backward(p, a, dtype(S("dtype")), nullptr);
+  if (!sm90) return thinkfuse::flash_attention_backward(p, a, dtype(S("dtype")), nullptr);
+  const cudaError_t err = thinkfuse::flash_attention_backward_sm90(p, a, dtype(S("dtype")), nullptr);
+  g_result << "named_barrier_leftovers " << emu::named_barrier_leftovers() << "\n";
+  return err;
 }
 
 cudaError_t run_decode() {
@@ -418,7 +423,9 @@ int main(int argc, char** argv) {
   } else if (op == "fwd_sm90") {
     status = run_fwd_sm90();
   } else if (op == "bwd") {
-    status = run_bwd();
+    status = run_bwd(false);
+  } else if (op == "bwd_sm90") {
+    status = run_bwd(true);
   } else if (op == "decode") {
     status = run_decode();
   } else if (op == "mtp") {

@@ -93,6 +93,15 @@ inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b
   ::emu::wgmma_mma_async(d, 128, nullptr, desc_a, desc_b, scale_d != 0, 1, 1, 0, 0, kIsBf16<T>);
 }
 
+template <typename T, int kTransA, int kTransB>
+inline void wgmma_ss_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  static_assert(std::is_same_v<T, __half> || kIsBf16<T>, "f16 or bf16 inputs");
+  // the device version: scale-d = (scale_d != 0), imm-scale-a = imm-scale-b = 1, trans kTransA,
+  // kTransB
+  ::emu::wgmma_mma_async(d, 64, nullptr, desc_a, desc_b, scale_d != 0, 1, 1, kTransA, kTransB,
+                         kIsBf16<T>);
+}
+
 template <typename T, int kN>
 inline void wgmma_rs_impl(float (&d)[kN / 2], const uint32_t& a0, const uint32_t& a1,
                           const uint32_t& a2, const uint32_t& a3, uint64_t desc_b, int scale_d) {

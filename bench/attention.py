@@ -18,8 +18,9 @@ Variants:
   / 4 kv heads, D 128) when no preset has GQA group 8.
 
 Implementations (each timed as a user calls it, from the tensors to the attention output):
-- ``thinkfuse-cuda-sm90`` (dense forward rows): the Hopper kernel ``flash_attention_fwd_sm90``
-  (wgmma + TMA) called directly, until a GPU run validates it for the op's cuda backend.
+- ``thinkfuse-cuda-sm90`` (dense and varlen): the Hopper kernels (wgmma + TMA) called directly,
+  ``flash_attention_fwd_sm90`` and in fwd+bwd rows ``flash_attention_bwd_sm90``, until a GPU run
+  validates the backward for the op's routing.
 - ``thinkfuse-<backend>``: the torch ops ``flash_attention(q, k, v, causal=..., [cu_seqlens_*,
   max_seqlen_*,] backend=...)`` / ``decode_attention(q, k_cache, v_cache, cache_seqlens,
   backend=...)``. The cuda rows are missing until the extension has the kernels. The torch
@@ -87,8 +88,8 @@ SMOKE_MODEL = "tiny"
 
 CUDA_FLASH_OPS = {FWD: ("flash_attention_fwd",), FWD_BWD: ("flash_attention_fwd", "flash_attention_bwd")}
 CUDA_DECODE_OP = "decode_attention"
-SM90_FLASH_OP = "flash_attention_fwd_sm90"
-SM90_IMPL = "thinkfuse-cuda-sm90"  # forward rows of the dense variants only
+SM90_OPS = {FWD: ("flash_attention_fwd_sm90",), FWD_BWD: ("flash_attention_fwd_sm90", "flash_attention_bwd_sm90")}
+SM90_IMPL = "thinkfuse-cuda-sm90"  # dense forward rows, dense and varlen fwd+bwd rows
 
 BYTES_COUNTED = (
     "flash and varlen rows count FLOPs, not bytes: the two attention matmuls, forward "
@@ -342,27 +343,42 @@ def _thinkfuse_dense(problem: DenseProblem, backend: str):
     return functools.partial(thinkfuse.ops.flash_attention, causal=problem.causal, backend=backend)
 
 
-def _thinkfuse_sm90_dense(problem: DenseProblem):
-    """The Hopper forward kernel (wgmma + TMA), called directly: the op routes to it only once a
-    GPU run has validated it."""
-    scale = problem.heads.head_dim ** -0.5
+class _Sm90Attention(torch.autograd.Function):
+    """The Hopper forward and backward kernels called directly (the ops route to the backward only
+    once a GPU run has validated it). cu_seqlens None: the padded layout."""
 
-    def forward(q, k, v):
-        seqlen = q.shape[1]
-        out, _ = torch.ops.thinkfuse_C.flash_attention_fwd_sm90(
-            q, k, v, None, None, seqlen, seqlen, scale, problem.causal, 0)
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool):
+        scale = q.shape[-1] ** -0.5
+        out, lse = torch.ops.thinkfuse_C.flash_attention_fwd_sm90(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale, causal, 0)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale, causal, 0)
         return out
 
-    return forward
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.thinkfuse_C.flash_attention_bwd_sm90(dout, q, k, v, out, lse, None, *ctx.args)
+        return dq, dk, dv, None, None, None
 
 
-def _sm90_missing(config: Config) -> Optional[str]:
+def _thinkfuse_sm90_dense(problem: DenseProblem):
+    return lambda q, k, v: _Sm90Attention.apply(q, k, v, None, q.shape[1], problem.causal)
+
+
+def _thinkfuse_sm90_varlen(cu_seqlens, max_seqlen: int):
+    return lambda q, k, v: _Sm90Attention.apply(q, k, v, cu_seqlens, max_seqlen, True)
+
+
+def _sm90_missing(config: Config, mode: str) -> Optional[str]:
     from thinkfuse.backend import cuda_has_op
 
     if config.device.type != "cuda":
         return "runs only on CUDA tensors (smoke mode is CPU)"
-    if not cuda_has_op(SM90_FLASH_OP):
-        return f"this build of the CUDA extension has no {SM90_FLASH_OP} kernel"
+    absent = [op for op in SM90_OPS[mode] if not cuda_has_op(op)]
+    if absent:
+        return f"this build of the CUDA extension has no {', '.join(absent)} kernel"
     if torch.cuda.get_device_capability(config.device) != (9, 0):
         return "needs a compute capability 9.0 GPU (H100/H200)"
     return None
@@ -429,8 +445,7 @@ def _flash_impls(config: Config, problem: DenseProblem, mode: str):
     """(implementation name, factory () -> forward(q, k, v), why missing) in table order."""
     impls = [(name, functools.partial(_thinkfuse_dense, problem, backend), missing)
              for name, backend, missing in _thinkfuse_impls(config, CUDA_FLASH_OPS[mode])]
-    if mode == FWD:
-        impls.append((SM90_IMPL, functools.partial(_thinkfuse_sm90_dense, problem), _sm90_missing(config)))
+    impls.append((SM90_IMPL, functools.partial(_thinkfuse_sm90_dense, problem), _sm90_missing(config, mode)))
     hf_eager, missing = harness.optional_attr("transformers.models.qwen2.modeling_qwen2", "eager_attention_forward")
     impls.append((HF_EAGER, functools.partial(_hf_eager_dense, problem, hf_eager, config),
                   missing or _hf_eager_missing(problem)))
@@ -488,6 +503,7 @@ def _varlen_impls(config: Config, mode: str):
     """(implementation name, factory (cu_seqlens, max_seqlen) -> forward, why missing)."""
     impls = [(name, functools.partial(_thinkfuse_varlen, backend=backend), missing)
              for name, backend, missing in _thinkfuse_impls(config, CUDA_FLASH_OPS[mode])]
+    impls.append((SM90_IMPL, _thinkfuse_sm90_varlen, _sm90_missing(config, mode)))
     function, missing = _optional_cuda_attr(config, "flash_attn", "flash_attn_varlen_func")
     impls.append((FLASH_ATTN, functools.partial(_flash_attn_varlen, function=function), missing))
     return impls

@@ -688,3 +688,12 @@ def test_automatic_flash_backend_takes_the_hopper_forward_only_when_nothing_was_
     monkeypatch.setattr(attention_ops, "_hopper_forward_available", lambda q: False)
     assert attention_ops._flash_backend(q, None) == "triton"
     assert attention_ops._flash_backend(q, hopper) == "triton"
+    # the Hopper backward, once validated, follows the Hopper forward at head_dim 128 in both layouts
+    from thinkfuse.backend import CUDA_OPS_PENDING_VALIDATION
+    assert attention_ops.HOPPER_BWD_OP in CUDA_OPS_PENDING_VALIDATION  # not yet run on a GPU
+    monkeypatch.setattr(attention_ops, "cuda_preferred_for", lambda op: True)
+    hopper_bwd = attention_ops.HOPPER_BACKWARD
+    assert backward(hopper, packed=False, head_dim=128) == backward(hopper, packed=True, head_dim=128) == hopper_bwd
+    assert backward(hopper, packed=False, head_dim=64) == "triton"
+    assert backward(hopper, packed=True, head_dim=64) == "cuda"
+    assert backward("cuda", packed=False, head_dim=128) == "cuda"  # a named backend is not rerouted

@@ -80,7 +80,7 @@ def _check(ours, low, truth, contiguous=True):
 
 
 def _run_direct(q, k, v, causal, scale, window, cu_q=None, cu_k=None, max_q=None, max_k=None, use_dlse=True,
-                seed=11, dout_transform=None):
+                seed=11, dout_transform=None, op="flash_attention_bwd"):
     """The op called directly on the reference forward; returns (ours, eager low, float64 truth)."""
     out32, lse = reference.flash_attention(q, k, v, causal, scale, window, cu_q, cu_k, return_lse=True)
     out = out32.to(q.dtype)
@@ -95,8 +95,8 @@ def _run_direct(q, k, v, causal, scale, window, cu_q=None, cu_k=None, max_q=None
     else:
         max_q, max_k = q.shape[1], k.shape[1]
     dout_arg = dout_transform(dout) if dout_transform is not None else dout
-    ours = torch.ops.thinkfuse_C.flash_attention_bwd(dout_arg, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
-                                                     scale, causal, window or 0)
+    ours = getattr(torch.ops.thinkfuse_C, op)(dout_arg, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
+                                              scale, causal, window or 0)
     low, truth = reference_grads(q, k, v, dout, dlse, causal, scale, window, cu_q, cu_k)
     return list(ours), low, truth
 
@@ -326,3 +326,4 @@ def test_bad_arguments(case):
     error, args = _bad_calls()[case]
     with pytest.raises(error):
         torch.ops.thinkfuse_C.flash_attention_bwd(*args)
+

@@ -63,6 +63,12 @@ HOPPER_FLASH_HEAD_DIMS = (64, 128)
 #: and is the fastest forward measured (595 TFLOP/s causal 8k on an H100; Triton 432, cuDNN 585),
 #: while the mma.sync forward is slower than Triton's (backend.CUDA_OPS_PENDING_VALIDATION).
 HOPPER_FORWARD = "cuda-sm90-fwd"
+#: the Hopper backward kernel (wgmma + TMA, sm_90a, head_dim 128): after the Hopper forward, the
+#: backward of both layouts once validated (backend.CUDA_OPS_PENDING_VALIDATION)
+HOPPER_BWD_OP = "flash_attention_bwd_sm90"
+HOPPER_BWD_HEAD_DIMS = (128,)
+#: flash_attention_bwd's backend value (internal) when it runs the Hopper backward
+HOPPER_BACKWARD = "cuda-sm90-bwd"
 
 
 def flash_attention(
@@ -230,6 +236,14 @@ def hopper_attention_applies(device: torch.device, dtype: torch.dtype, head_dim:
     return hopper_kernel_applies(dtype, head_dim, _capability(device), cuda_preferred_for(HOPPER_FLASH_OP))
 
 
+# A compile-time constant under torch.compile, like hopper_attention_applies.
+@_constant_under_compile
+def hopper_backward_validated(head_dim: int) -> bool:
+    """Whether the Hopper backward takes over after the Hopper forward (which already restricts
+    the device and dtypes): its head dims, once validated and built."""
+    return head_dim in HOPPER_BWD_HEAD_DIMS and cuda_preferred_for(HOPPER_BWD_OP)
+
+
 def _forward_backend(backend: str) -> str:
     """The backend whose forward kernel a flash_attention ``backend`` value runs (where the
     Hopper kernel does not take the inputs)."""
@@ -239,10 +253,13 @@ def _forward_backend(backend: str) -> str:
 def _backward_backend(backend: str, packed: bool, head_dim: int) -> str:
     """The backend whose backward kernels differentiate a forward run with ``backend``. The cuda
     backward covers CUDA_FLASH_BWD_HEAD_DIMS (Triton's, same lse convention, the others). After
-    the Hopper forward: Triton's for the padded layout, the cuda kernel's for packed sequences
-    (measured on an H100, causal 8k: Triton's backward 8.9 ms against the cuda one's 12.0 ms
-    padded, but 11.6 ms against 7.4 ms packed, 16k tokens in 29 sequences)."""
+    the Hopper forward: the Hopper backward where it applies once validated (HOPPER_BACKWARD),
+    else Triton's for the padded layout and the cuda kernel's for packed sequences (measured on
+    an H100, causal 8k: Triton's backward 8.9 ms against the cuda one's 12.0 ms padded, but
+    11.6 ms against 7.4 ms packed, 16k tokens in 29 sequences)."""
     if backend == HOPPER_FORWARD:
+        if hopper_backward_validated(head_dim):
+            return HOPPER_BACKWARD
         backend = "cuda" if packed else "triton"
     if backend == "cuda" and head_dim not in CUDA_FLASH_BWD_HEAD_DIMS:
         return "triton"
@@ -496,9 +513,17 @@ def flash_attention_bwd(
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
     softmax_scale: float, causal: bool, window: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    args = (dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+            causal, window)
+    if backend == HOPPER_BACKWARD:
+        try:
+            return getattr(cuda_ops(), HOPPER_BWD_OP)(*args)
+        except ValueError as exc:  # this build or driver cannot run it (the binding says so)
+            if "not supported here" not in str(exc):
+                raise
+        backend = "cuda" if cu_seqlens_q is not None else "triton"  # as _backward_backend without it
     fn = implementation(backend, "attention", "flash_attention_backward", "flash_attention_bwd", _torch_backward)
-    dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, causal, window)
+    dq, dk, dv = fn(*args)
     return dq, dk, dv
 
 

@@ -349,34 +349,36 @@ __device__ __forceinline__ void issue_dq(float (&dq)[32], uint32_t ds_tile, uint
   }
 }
 
-// The fragment position of accumulator element i (m64n64): row half (i / 2) % 2 (rows g, g + 8
-// of the warp's 16), column 8 (i / 4) + 2 t + i % 2.
-__device__ __forceinline__ int frag_col(int i, int t) { return 8 * (i >> 2) + 2 * t + (i & 1); }
-
 // P^T and dS^T of one iteration in place (s -> P^T, dp -> dS^T), masking hidden pairs when
-// kMask. Keys of row half hh: key_row + 8 hh; query of column c: m0 + c.
+// kMask. Element 4 j + e of the accumulators: key key_row + 8 ((e >> 1) & 1), query
+// m0 + 8 j + 2 t + (e & 1) (so the two statistics a thread needs per j are one float2).
 template <bool kMask>
 __device__ __forceinline__ void probabilities(float (&s)[32], float (&dp)[32], const float* lse,
                                               const float* delta, int t, float scale_log2,
                                               int key_row, int m0, const CtaInfo& ci,
                                               bool causal) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    const int col = frag_col(i, t);
-    const float pv = exp2f(fmaf(s[i], scale_log2, -lse[col]));
-    float ds = pv * (dp[i] - delta[col]);
-    float pk = pv;
-    if constexpr (kMask) {
-      const int key = key_row + 8 * ((i >> 1) & 1);
-      const int qi = m0 + col;
-      const int pos = qi + ci.shift;
-      const bool visible = qi < ci.q_len && key < ci.k_len && (!causal || key <= pos) &&
-                           (ci.window <= 0 || key > pos - ci.window);
-      pk = visible ? pk : 0.0f;  // selects: inf / NaN never leak
-      ds = visible ? ds : 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    const float2 l = *reinterpret_cast<const float2*>(lse + 8 * j + 2 * t);
+    const float2 d = *reinterpret_cast<const float2*>(delta + 8 * j + 2 * t);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = 4 * j + e;
+      const float pv = exp2f(fmaf(s[i], scale_log2, -((e & 1) ? l.y : l.x)));
+      float ds = pv * (dp[i] - ((e & 1) ? d.y : d.x));
+      float pk = pv;
+      if constexpr (kMask) {
+        const int key = key_row + 8 * ((e >> 1) & 1);
+        const int qi = m0 + 8 * j + 2 * t + (e & 1);
+        const int pos = qi + ci.shift;
+        const bool visible = qi < ci.q_len && key < ci.k_len && (!causal || key <= pos) &&
+                             (ci.window <= 0 || key > pos - ci.window);
+        pk = visible ? pk : 0.0f;  // selects: inf / NaN never leak
+        ds = visible ? ds : 0.0f;
+      }
+      s[i] = pk;
+      dp[i] = ds;
     }
-    s[i] = pk;
-    dp[i] = ds;
   }
 }
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs (the tests' truth), float32 for everything else."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual=None):
     """``weight * (x32 * rsqrt(mean(x32**2, -1) + eps)).to(x.dtype)``, as Qwen2RMSNorm.
 
@@ -21,7 +26,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual=
     if residual is not None:
         hidden = x + residual
         return rms_norm(hidden, weight, eps), hidden
-    x32 = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    x32 = x.to(_compute_dtype(x))
     variance = x32.pow(2).mean(-1, keepdim=True)
     normed = x32 * torch.rsqrt(variance + eps)
     return weight * normed.to(x.dtype)
@@ -96,8 +101,7 @@ def token_logprobs(logits, token_ids, temperature: float = 1.0, return_entropy: 
     # An ignored row gets no gradient: its logits are replaced before the softmax (with where,
     # which passes no gradient to them), so even a row of all -inf (whose softmax is NaN) gives 0.
     logits = torch.where(ignored[..., None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
+    logp = torch.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
     picked = logp.gather(-1, token_ids.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
     # where() rather than multiplying by a mask, so no gradient reaches ignored rows
     picked = torch.where(ignored, torch.zeros_like(picked), picked)
@@ -272,7 +276,7 @@ def flash_attention(
     that see no key output zeros. The lse is ``[B, H, Sq]`` (or ``[H, total]``), float32.
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = _compute_dtype(q)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     if cu_seqlens_q is None:
         outs, lses = zip(*(_attention_dense(qc[b], kc[b], vc[b], causal, scale, sliding_window)

@@ -70,7 +70,6 @@ def _cuda_extension():
         return []
     from torch.utils.cpp_extension import CUDAExtension
 
-    _refuse_static_libstdcxx()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources = (
         sorted(glob.glob("csrc/ops/*.cu")) + ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/bindings/*.cpp"))
@@ -102,7 +101,15 @@ def _cmdclass(ext_modules):
         return {}
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class CheckedBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """torch's builder, after the compiler probe (run only when something is built, not on
+        every setup.py invocation such as egg_info or sdist)."""
+
+        def run(self):
+            _refuse_static_libstdcxx()
+            super().run()
+
+    return {"build_ext": CheckedBuildExtension}
 
 
 ext_modules = _cuda_extension()

@@ -233,9 +233,14 @@ def compile_module(module: torch.nn.Module, config: Config) -> torch.nn.Module:
 
 def time_ms(fn: Callable[[], Any], config: Config) -> float:
     """Median milliseconds of ``fn`` by CUDA events (triton's do_bench)."""
+    return bench_ms(fn, config.warmup_ms, config.rep_ms)
+
+
+def bench_ms(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn`` by triton's do_bench (CUDA events); also bench.tune's timer."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=config.warmup_ms, rep=config.rep_ms, return_mode="median"))
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 #: Ops whose workloads draw no random numbers: safe to capture into CUDA graphs (--cuda-graph).
@@ -564,7 +569,8 @@ def collect_metadata(config: Config, peaks: dict, presets_source: str, ops: list
 # Reports
 
 
-def _fmt(value, digits=3) -> str:
+def fmt_value(value, digits=3) -> str:
+    """A table cell: '-' for None, 3 significant digits (whole numbers from 1000 on)."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -595,15 +601,15 @@ COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("mode", lambda r: r["mode"]),
     ("impl", lambda r: r["impl"]),
     ("dtype", lambda r: r["dtype"]),
-    ("ms", lambda r: _fmt(r["median_ms"], 4) if r["median_ms"] else (r["timing"] or "-")),
-    ("GB/s", lambda r: _fmt(r["gbps"], 4)),
+    ("ms", lambda r: fmt_value(r["median_ms"], 4) if r["median_ms"] else (r["timing"] or "-")),
+    ("GB/s", lambda r: fmt_value(r["gbps"], 4)),
     ("% copy BW", lambda r: _pct(r["frac_copy_bw"])),
-    ("TFLOP/s", lambda r: _fmt(r["tflops"], 4)),
+    ("TFLOP/s", lambda r: fmt_value(r["tflops"], 4)),
     ("vs hf-eager", lambda r: _speedup(r["speedup_vs_hf_eager"])),
     ("vs compile", lambda r: _speedup(r["speedup_vs_torch_compile"])),
     ("vs best baseline", lambda r: f"{_speedup(r['speedup_vs_best_baseline'])} ({r['best_baseline']})"
                                    if r["best_baseline"] else "-"),
-    ("peak MB", lambda r: _fmt(r["peak_mem_mb"], 4)),
+    ("peak MB", lambda r: fmt_value(r["peak_mem_mb"], 4)),
 ]
 
 
@@ -636,8 +642,8 @@ def _metadata_lines(meta: dict) -> list[str]:
         f"(backends {', '.join(meta['thinkfuse_backends'])})",
         f"- git commit: {meta['git_commit'] or 'unknown'}",
         f"- timing: {meta['timing']}; torch.compile backend {meta['compile_backend']}",
-        f"- measured peaks: copy {_fmt(peaks.get('copy_gbps'), 4)} GB/s, "
-        f"bf16 matmul {_fmt(peaks.get('matmul_bf16_tflops'), 4)} TFLOP/s",
+        f"- measured peaks: copy {fmt_value(peaks.get('copy_gbps'), 4)} GB/s, "
+        f"bf16 matmul {fmt_value(peaks.get('matmul_bf16_tflops'), 4)} TFLOP/s",
         f"- model presets: {meta['models_json']}",
     ]
     if meta.get("interrupted"):
@@ -883,7 +889,7 @@ def _progress_display():
 
 
 def _progress(index: int, total: int, row: dict) -> None:
-    result = _fmt(row["median_ms"], 4) + " ms" if row["median_ms"] else _status(row, 60)
+    result = fmt_value(row["median_ms"], 4) + " ms" if row["median_ms"] else _status(row, 60)
     print(f"[{row['op']} {index}/{total}] {row['variant']} {row['shape_label']} {row['mode']} "
           f"{row['impl']}: {result}", file=sys.stderr, flush=True)
 

@@ -43,7 +43,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-BACKWARD_FLOPS_RATIO = 2.5  # as bench/attention.py: backward = 2.5 x forward matmul FLOPs
+from bench import harness
+from bench.attention import BACKWARD_FLOPS_RATIO
+from bench.attention import flops as attention_flops
+
 # Largest relative error accepted against the default config on a GPU: half-precision outputs
 # round differently in other tile orders; float32 ones (attention's lse) only sum in another
 # order. In smoke runs, against the float32 reference (float32 in the interpreter).
@@ -89,8 +92,7 @@ class AttentionShape:
         return f"{self.batch}x{self.seqlen}x{self.heads_q}/{self.heads_kv}x{self.head_dim} {mask}"
 
     def forward_flops(self) -> float:
-        flops = 4.0 * self.batch * self.heads_q * self.seqlen * self.seqlen * self.head_dim
-        return flops / 2 if self.causal else flops
+        return float(attention_flops(self.batch, self.seqlen, self.heads_q, self.head_dim, self.causal, harness.FWD))
 
 
 # The goal shape (causal 8k, 32/8 heads as MiMo-7B and Ministral 3 8B, head_dim 128) first.
@@ -347,12 +349,6 @@ def relative_error(got: tuple, want: tuple, tolerance: Callable[[torch.Tensor], 
     return worst
 
 
-def time_ms(fn: Callable[[], tuple]) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def sweep_rows(sweep: Sweep, shape, device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]:
     inputs = sweep.build(shape, device, dtype)
     default = sweep.default(shape, dtype)
@@ -371,7 +367,7 @@ def sweep_rows(sweep: Sweep, shape, device: torch.device, dtype: torch.dtype, sm
             if row["error"] > 1.0:
                 row["status"] = f"wrong: error {row['error']:.3g} x its tolerance"
             elif not smoke:
-                row["ms"] = time_ms(fn)
+                row["ms"] = harness.bench_ms(fn)
                 row["rate"] = sweep.work(shape, dtype) / (row["ms"] * 1e-3) / scale
         except Exception as exc:  # e.g. triton's OutOfResources: a tile too big for shared memory
             row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -394,12 +390,6 @@ def best_rows(rows: list[dict]) -> list[dict]:
     return best
 
 
-def _cell(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
 def markdown(rows: list[dict], best: list[dict], metadata: dict) -> str:
     lines = ["# Triton launch-config sweep", ""]
     lines += [f"- {k}: {v}" for k, v in metadata.items()]
@@ -407,12 +397,12 @@ def markdown(rows: list[dict], best: list[dict], metadata: dict) -> str:
               "programs_per_sm); rope-fwd (block_h, num_warps). Backward attention sweeps time the whole backward "
               "with the other kernel at its default.", "", "## Best per shape", "",
               "| sweep | shape | config | ms | rate | vs default |", "|---|---|---|---|---|---|"]
-    lines += [f"| {b['sweep']} | {b['shape']} | {tuple(b['config'])} | {_cell(b['ms'], 4)} | "
-              f"{_cell(b['rate'], 4)} {b['unit']} | {_cell(b['speedup_vs_default'])}x |" for b in best]
+    lines += [f"| {b['sweep']} | {b['shape']} | {tuple(b['config'])} | {harness.fmt_value(b['ms'], 4)} | "
+              f"{harness.fmt_value(b['rate'], 4)} {b['unit']} | {harness.fmt_value(b['speedup_vs_default'])}x |" for b in best]
     lines += ["", "## All candidates", "", "| sweep | shape | config | default | ms | rate | error / tolerance | status |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sweep']} | {r['shape']} | {tuple(r['config'])} | {'yes' if r['default'] else ''} | "
-              f"{_cell(r['ms'], 4)} | {_cell(r['rate'], 4)} {r['unit']} | {_cell(r['error'])} | {r['status']} |"
+              f"{harness.fmt_value(r['ms'], 4)} | {harness.fmt_value(r['rate'], 4)} {r['unit']} | {harness.fmt_value(r['error'])} | {r['status']} |"
               for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -477,7 +467,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             new = sweep_rows(sweep, shape, device, dtype, args.smoke)
             for row in new:
                 print(f"{row['sweep']:>14} {row['shape']:<28} {str(tuple(row['config'])):<20} "
-                      f"{_cell(row['ms'], 4):>8} ms {_cell(row['rate'], 4):>7} {row['unit']:<7} {row['status']}",
+                      f"{harness.fmt_value(row['ms'], 4):>8} ms {harness.fmt_value(row['rate'], 4):>7} {row['unit']:<7} {row['status']}",
                       flush=True)
             rows += new
             write_report(out_dir, rows, meta)  # after every shape: a run killed by a time limit keeps them

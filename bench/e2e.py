@@ -415,19 +415,29 @@ def _materialised_grpo(config: Config):
     return loss
 
 
-def _build_grpo(make_loss, tokens: int, hidden_size: int, vocab: int, config: Config) -> Workload:
-    device, dtype = config.device, config.dtype
+def _grpo_batch(tokens: int, vocab: int, config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(completion ids [B, seq], mask of ones, per-sequence advantages) for ``tokens`` tokens:
+    the inputs both GRPO variants feed the loss."""
     seq = _grpo_seq(config)
     batch = tokens // seq
+    ids = torch.randint(0, vocab, (batch, seq), device=config.device)
+    mask = torch.ones(batch, seq, device=config.device, dtype=torch.int64)
+    advantages = torch.randn(batch, device=config.device, dtype=torch.float32)
+    return ids, mask, advantages
+
+
+def _scalar_grad(config: Config) -> torch.Tensor:
+    return torch.ones((), device=config.device, dtype=torch.float32)
+
+
+def _build_grpo(make_loss, tokens: int, hidden_size: int, vocab: int, config: Config) -> Workload:
+    device, dtype = config.device, config.dtype
     loss = make_loss(config)
-    hidden = torch.randn(batch, seq, hidden_size, device=device, dtype=dtype, requires_grad=True)
+    ids, mask, advantages = _grpo_batch(tokens, vocab, config)
+    hidden = torch.randn(*ids.shape, hidden_size, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype) * hidden_size**-0.5).requires_grad_()
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
-    mask = torch.ones(batch, seq, device=device, dtype=torch.int64)
-    advantages = torch.randn(batch, device=device, dtype=torch.float32)
-    ones = torch.ones((), device=device, dtype=torch.float32)
     return _OomGuardedWorkload(forward=lambda: loss(hidden, weight, ids, mask, advantages),
-                               inputs=(hidden, weight), grad_outputs=(ones,))
+                               inputs=(hidden, weight), grad_outputs=(_scalar_grad(config),))
 
 
 def _oom_probe(build, config: Config) -> Optional[str]:
@@ -485,19 +495,15 @@ def _build_grpo_model(spec: ModelSpec, patched: bool, make_loss, tokens: int, co
     _enable_checkpointing(model)
     if patched:
         thinkfuse.patch_model(model, backend=thinkfuse_backend(config))
-    seq = _grpo_seq(config)
-    batch = tokens // seq
     loss = make_loss(config)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=config.device)
-    mask = torch.ones(batch, seq, device=config.device, dtype=torch.int64)
-    advantages = torch.randn(batch, device=config.device, dtype=torch.float32)
+    ids, mask, advantages = _grpo_batch(tokens, model.config.vocab_size, config)
 
     def forward():
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
         return loss(hidden, model.lm_head.weight, ids, mask, advantages)
 
-    ones = torch.ones((), device=config.device, dtype=torch.float32)
-    return _OomGuardedWorkload(forward=forward, inputs=trained_parameters(model), grad_outputs=(ones,))
+    return _OomGuardedWorkload(forward=forward, inputs=trained_parameters(model),
+                               grad_outputs=(_scalar_grad(config),))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,40 +178,6 @@ inline bool rows_are_16B_aligned(const T* ptr, int64_t row_stride) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reductions. Every participating thread gets the full sum, so the caller needs no broadcast.
-// ---------------------------------------------------------------------------------------------
-
-// Butterfly (xor) reduction: after log2(32) steps every lane holds the same total. All 32 lanes
-// of the warp must call it.
-__device__ __forceinline__ float warp_reduce_sum(float x) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    x += __shfl_xor_sync(0xffffffffu, x, offset);
-  }
-  return x;
-}
-
-// Sum over a 1-D block whose size is a multiple of 32 (at most 1024). Every thread of the block
-// must call it (it synchronises). It may be called repeatedly, e.g. once per row in a loop:
-// the trailing barrier keeps the next call from overwriting partials still being read.
-__device__ __forceinline__ float block_reduce_sum(float x) {
-  __shared__ float warp_sums[kWarpSize];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int num_warps = blockDim.x / kWarpSize;
-
-  x = warp_reduce_sum(x);
-  if (lane == 0) warp_sums[warp] = x;
-  __syncthreads();
-  // Every warp reduces the per-warp partials itself, in the same order, so all threads end up
-  // with bitwise the same total without a second broadcast through shared memory.
-  x = lane < num_warps ? warp_sums[lane] : 0.0f;
-  x = warp_reduce_sum(x);
-  __syncthreads();
-  return x;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Generic warp / block all-reduce of a small struct S (4-byte fields: floats, ints) under a
 // commutative `combine`. shfl_xor_words moves S between lanes one 32-bit word at a time, so the
 // reduced structs need no shuffle code of their own.
@@ -258,6 +224,38 @@ __device__ __forceinline__ S block_allreduce(S x, Combine combine) {
   for (int w = 1; w < num_warps; ++w) total = combine(total, partials[w]);
   __syncthreads();  // the next call may overwrite partials
   return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. Every participating thread gets the full sum, so the caller needs no broadcast.
+// ---------------------------------------------------------------------------------------------
+
+// Butterfly (xor) sum: after log2(32) steps every lane holds the same total. All 32 lanes of the
+// warp must call it.
+struct FloatAdd {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+__device__ __forceinline__ float warp_reduce_sum(float x) { return warp_allreduce(x, FloatAdd{}); }
+
+// Sum over a 1-D block whose size is a multiple of 32 (at most 1024). Every thread of the block
+// must call it (it synchronises). It may be called repeatedly, e.g. once per row in a loop:
+// the trailing barrier keeps the next call from overwriting partials still being read.
+__device__ __forceinline__ float block_reduce_sum(float x) {
+  __shared__ float warp_sums[kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+
+  x = warp_reduce_sum(x);
+  if (lane == 0) warp_sums[warp] = x;
+  __syncthreads();
+  // Every warp reduces the per-warp partials itself, in the same order, so all threads end up
+  // with bitwise the same total without a second broadcast through shared memory.
+  x = lane < num_warps ? warp_sums[lane] : 0.0f;
+  x = warp_reduce_sum(x);
+  __syncthreads();
+  return x;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -450,18 +450,18 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or batch == 0 or sq == 0:
         return out, lse
-    block_m, block_n, warps, stages = config or default_fwd_config(d, q.dtype)
+    config = config or default_fwd_config(d, q.dtype)
     cu_q = cu_seqlens_q if varlen else _dummy(q)
     cu_k = cu_seqlens_k if varlen else _dummy(q)
-    grid = (triton.cdiv(sq, block_m), batch, hq)
+    grid = (triton.cdiv(sq, config.block_m), batch, hq)
+    block_d = max(16, triton.next_power_of_2(d))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
         sq, sk, d, hq // hkv, softmax_scale * _LOG2E, max(window, 0),
-        IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        EVEN_D=max(16, triton.next_power_of_2(d)) == d, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0, BLOCK_D=block_d, EVEN_D=block_d == d,
+        PRECISION=_precision(q.dtype), **_launch(config),
     )
     return out, lse
 

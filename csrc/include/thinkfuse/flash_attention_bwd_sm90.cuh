@@ -68,13 +68,15 @@
 
 #include "thinkfuse/common.cuh"
 #include "thinkfuse/flash_attention_bwd.cuh"
-#include "thinkfuse/flash_attention_fwd_sm90.cuh"  // TmaDescriptor, smem_descriptor, tile_offset
+#include "thinkfuse/flash_attention_fwd_sm90.cuh"  // TmaDescriptor and the tile helpers
 #include "thinkfuse/mma_sm80.cuh"
 #include "thinkfuse/sm90.cuh"
 
 namespace thinkfuse {
 namespace flash_bwd_sm90 {
 
+using flash_fwd_sm90::copy_rows_zero_fill;
+using flash_fwd_sm90::release;
 using flash_fwd_sm90::smem_descriptor;
 using flash_fwd_sm90::tile_offset;
 using flash_fwd_sm90::TmaDescriptor;
@@ -159,9 +161,8 @@ struct SmemLayout {
   }
 };
 
-// What every role of a CTA needs: its sequence, key block and the (query head, query block)
-// iterations. Iteration it: query head kvh * group + it / n_mb, query rows
-// [(mb_lo + it % n_mb) * kBlockM, + kBlockM).
+// What every role of a CTA needs: its sequence, key block and the number of its (query head,
+// query block) iterations (iteration() decodes one).
 struct CtaInfo {
   int b, kvh;
   int64_t q_start, k_start;  // first token of the sequence (packed) or 0 (padded)
@@ -196,20 +197,18 @@ __device__ __forceinline__ CtaInfo cta_info(const flash_bwd::KernelParams<T>& p)
   return ci;
 }
 
-// cp.async of rows [0, kRows) of a [kRows][D] tile in the swizzled layout (panels of
-// `panel_bytes`), rows >= valid_rows zero-filled; src is row 0, row stride in elements. One warp.
-template <int kRows, int D, typename T>
-__device__ __forceinline__ void copy_rows_zero_fill(uint32_t dst, int panel_bytes, const T* src,
-                                                    int64_t row_stride, int valid_rows, int lane) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-#pragma unroll 1
-  for (int idx = lane; idx < kRows * kChunks; idx += kWarpSize) {
-    const int r = idx / kChunks;
-    const int ch = idx % kChunks;
-    const bool valid = r < valid_rows;
-    cp_async_16(dst + tile_offset(r, ch, panel_bytes), valid ? src + r * row_stride + ch * 8 : src,
-                valid);
-  }
+// Iteration it of a CTA: its stage of the Q / dO ring with the phase parity of that use, its
+// query head and first query row.
+struct Iteration {
+  int stage;
+  uint32_t phase;
+  int h, m0;
+};
+
+template <typename Cfg>
+__device__ __forceinline__ Iteration iteration(const CtaInfo& ci, int group, int it) {
+  return {it % Cfg::kStages, static_cast<uint32_t>(it / Cfg::kStages) & 1u,
+          ci.kvh * group + it / ci.n_mb, (ci.mb_lo + it % ci.n_mb) * Cfg::kBlockM};
 }
 
 // TMA of a [rows][D] tile: D / 64 panel boxes at (panel * 64, head, row, batch).
@@ -262,10 +261,7 @@ __device__ __forceinline__ void produce(const flash_bwd::KernelParams<T>& p,
   float* delta_smem = reinterpret_cast<float*>(smem + Cfg::kDeltaOffset);
 #pragma unroll 1
   for (int it = 0; it < ci.n_iter; ++it) {
-    const int stage = it % Cfg::kStages;
-    const uint32_t phase = static_cast<uint32_t>(it / Cfg::kStages) & 1u;
-    const int h = ci.kvh * p.group + it / ci.n_mb;
-    const int m0 = (ci.mb_lo + it % ci.n_mb) * Cfg::kBlockM;
+    const auto [stage, phase, h, m0] = iteration<Cfg>(ci, p.group, it);
     const int valid = ci.q_len - m0;
     mbar_wait(sm.empty(stage), phase ^ 1u);
 
@@ -382,11 +378,6 @@ __device__ __forceinline__ void probabilities(float (&s)[32], float (&dp)[32], c
   }
 }
 
-__device__ __forceinline__ void release(uint32_t bar, int lane) {
-  __syncwarp();
-  if (lane == 0) mbar_arrive(bar);
-}
-
 // Consumer warpgroup cw (0 or 1): keys [64 cw, 64 cw + 64) of the block.
 template <typename T, int D>
 __device__ __forceinline__ void consume(const flash_bwd::KernelParams<T>& p,
@@ -420,10 +411,7 @@ __device__ __forceinline__ void consume(const flash_bwd::KernelParams<T>& p,
 
 #pragma unroll 1
     for (int it = 0; it < ci.n_iter; ++it) {
-      const int stage = it % Cfg::kStages;
-      const uint32_t phase = static_cast<uint32_t>(it / Cfg::kStages) & 1u;
-      const int h = ci.kvh * p.group + it / ci.n_mb;
-      const int m0 = (ci.mb_lo + it % ci.n_mb) * Cfg::kBlockM;
+      const auto [stage, phase, h, m0] = iteration<Cfg>(ci, p.group, it);
 
       // ---- S^T and dP^T ------------------------------------------------------------------------
       float s[32];

@@ -243,6 +243,30 @@ __device__ __forceinline__ uint32_t tile_offset(int r, int ch, int panel_bytes) 
   return static_cast<uint32_t>((ch >> 3) * panel_bytes + r * 128 + (((ch & 7) ^ (r & 7)) << 4));
 }
 
+// cp.async of rows [0, kRows) of a [kRows][D] tile in the swizzled layout (panels of
+// `panel_bytes`), rows >= valid_rows zero-filled; src is row 0, row stride in elements. One warp
+// calls it (the producer's tail copies: rows past a packed sequence would be another one's).
+template <int kRows, int D, typename T>
+__device__ __forceinline__ void copy_rows_zero_fill(uint32_t dst, int panel_bytes, const T* src,
+                                                    int64_t row_stride, int valid_rows, int lane) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll 1
+  for (int idx = lane; idx < kRows * kChunks; idx += kWarpSize) {
+    const int r = idx / kChunks;
+    const int ch = idx % kChunks;
+    const bool valid = r < valid_rows;
+    cp_async_16(dst + tile_offset(r, ch, panel_bytes), valid ? src + r * row_stride + ch * 8 : src,
+                valid);
+  }
+}
+
+// A consumer warp hands a stage back: lane 0 arrives on its empty barrier once the whole warp is
+// done with it.
+__device__ __forceinline__ void release(uint32_t bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+
 // Per-CTA quantities both roles need.
 struct TileInfo {
   int b, h, kvh;
@@ -298,15 +322,8 @@ __device__ __forceinline__ void produce(const FlashAttnParams& p, const TmaDescr
       const int valid_rows = ti.k_len - key0;
       const T* src = static_cast<const T*>(p.v) + ti.kvh * p.v_head_stride +
                      (ti.k_start + key0) * p.v_seq_stride;
-      constexpr int kChunks = D / 8;  // 16-byte chunks per row
-#pragma unroll 1
-      for (int idx = lane; idx < Cfg::kBlockN * kChunks; idx += kWarpSize) {
-        const int r = idx / kChunks;
-        const int ch = idx % kChunks;
-        const bool valid = r < valid_rows;
-        cp_async_16(sm.v(stage) + tile_offset(r, ch, Cfg::kKVPanelBytes),
-                    valid ? src + r * p.v_seq_stride + ch * 8 : src, valid);
-      }
+      copy_rows_zero_fill<Cfg::kBlockN, D>(sm.v(stage), Cfg::kKVPanelBytes, src, p.v_seq_stride,
+                                           valid_rows, lane);
       cp_async_wait_all();
       fence_proxy_async();  // generic-proxy writes, read next by wgmma (async proxy)
       __syncwarp();
@@ -427,11 +444,6 @@ __device__ __forceinline__ void turn_end(int cw, bool last_turn) {
   if constexpr (Cfg::kPingPong) {
     if (cw == 0 || !last_turn) named_barrier_arrive(kSchedBarrier + (1 - cw), 256);
   }
-}
-
-__device__ __forceinline__ void release(uint32_t bar, int lane) {
-  __syncwarp();
-  if (lane == 0) mbar_arrive(bar);
 }
 
 // Consumer warpgroup cw (0 or 1): query rows [64 cw, 64 cw + 64) of the tile.

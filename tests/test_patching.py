@@ -416,3 +416,29 @@ def test_models_the_ops_cannot_run_are_refused_or_left_alone():
     report = thinkfuse.patch_model(model, backend="torch")
     assert "attention" not in report.patched and report.attention == "transformers"
     assert_close_fp32(model(ids).logits, ref, tol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral3"])
+def test_report_reads_the_hopper_choice_off_the_patched_attention_module(family, monkeypatch):
+    """PatchReport.attention_backend asks hopper_attention_applies about the patched attention
+    modules' own head dim and dtype (Mistral3's text model: not the vision tower's), and only for
+    an automatic or "cuda" choice on a CUDA device."""
+    import thinkfuse.ops.attention as attention_ops
+    from thinkfuse.patching.engine import _hopper_attention
+
+    asked = []
+    monkeypatch.setattr(attention_ops, "hopper_attention_applies",
+                        lambda device, dtype, head_dim: asked.append((device.type, dtype, head_dim)) or True)
+    from thinkfuse.patching.engine import find_family, resolve_class
+
+    model = tiny_model(family, dtype=torch.bfloat16)
+    spec = find_family(model)
+    attention_class = resolve_class(next(r for r in spec.rules if r.kind == "attention").module_class)
+    module = next(m for m in spec.root(model).modules() if type(m) is attention_class)
+    cuda = torch.device("cuda", 0)
+    assert _hopper_attention(module, cuda, None) == _hopper_attention(module, cuda, "cuda") == \
+        attention_ops.HOPPER_FORWARD
+    assert asked == [("cuda", torch.bfloat16, module.head_dim)] * 2
+    assert _hopper_attention(module, cuda, "triton") is None
+    assert _hopper_attention(module, torch.device("cpu"), None) is None
+    assert len(asked) == 2

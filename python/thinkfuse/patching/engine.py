@@ -364,12 +364,15 @@ def patch_model(
 
     counts: dict[str, int] = {}
     originals: dict[int, object] = {}
+    first_attention = None  # the PatchReport's attention backend is read off this module
     for module in family.root(model).modules():
         for rule, cls in rules:
             if cls is None or type(module) is not cls or (rule.when and not rule.when(module)):
                 continue
             _apply(module, rule, backend, originals)
             counts[rule.kind] = counts.get(rule.kind, 0) + 1
+            if rule.kind == "attention" and first_attention is None:
+                first_attention = module
 
     device = _model_device(model)
     return PatchReport(
@@ -381,22 +384,25 @@ def patch_model(
         resolved_backend=backend or get_backend() or default_backend(device),
         patched={k: counts[k] for k in KINDS if k in counts},
         disabled=tuple(k for k in KINDS if not flags[k]),
-        attention_backend=_hopper_attention(model, device, backend) if counts.get("attention") else None,
+        attention_backend=_hopper_attention(first_attention, device, backend) if first_attention else None,
     )
 
 
-def _hopper_attention(model: nn.Module, device: torch.device, backend: str | None) -> str | None:
-    """HOPPER_FORWARD when the patched attention will run the Hopper forward
-    (automatic or "cuda" choice, an sm90 GPU, a dtype and head dim it takes), else None."""
+def _hopper_attention(attention: nn.Module, device: torch.device, backend: str | None) -> str | None:
+    """HOPPER_FORWARD when the patched ``attention`` module (one of the model's, all alike) will
+    run the Hopper forward (automatic or "cuda" choice, an sm90 GPU, a dtype and head dim it
+    takes), else None. The head dim and dtype are the module's own: its ``head_dim`` and the
+    dtype of its projections."""
     from ..ops.attention import HOPPER_FORWARD, hopper_attention_applies
 
     # the backend the ops see: patch_model's, else set_backend / THINKFUSE_BACKEND's
     if (backend or get_backend()) not in (None, "cuda") or device.type != "cuda":
         return None
-    config = getattr(model.config, "text_config", None) or model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return HOPPER_FORWARD if hopper_attention_applies(device, dtype, head_dim) else None
+    head_dim = getattr(attention, "head_dim", None)
+    dtype = next((p.dtype for p in attention.parameters() if p.is_floating_point()), None)
+    if head_dim is None or dtype is None:
+        return None
+    return HOPPER_FORWARD if hopper_attention_applies(device, dtype, int(head_dim)) else None
 
 
 def unpatch_model(model: nn.Module) -> int:

@@ -17,40 +17,43 @@
 //       (one wgmma M = 64), holding their dK and dV accumulators (64 + 64 floats per thread).
 //   The CTA iterates over (query head of the group, query block of kBlockM = 64 rows) pairs
 //   that see a key of the block (causal: from the diagonal on; window: up to the window's end),
-//   each iteration in consumer c:
-//     S^T  = K_c Q^T    m64n64, both operands K-major from shared memory
-//     dP^T = V_c dO^T   m64n64, likewise
-//     P^T  = exp2(S^T scale_log2 - lse_log2), dS^T = P^T (dP^T - delta), masked to 0 where a
-//            (query, key) pair is hidden (only in blocks the mask cuts)
-//     dV_c += P^T dO    m64n128, A = P^T from registers (the accumulator pairs are the A
+//   each iteration in consumer c (wgmma commit groups in brackets):
+//     [S^T  = K_c Q^T]  m64n64, both operands K-major from shared memory
+//     [dP^T = V_c dO^T] likewise; P^T = exp2(S^T scale_log2 - lse_log2) is formed while dP^T
+//                       still runs, then dS^T = P^T (dP^T - delta); pairs the mask hides (only
+//                       in blocks it cuts) are set to 0
+//     [dV_c += P^T dO]  m64n128, A = P^T from registers (the accumulator pairs are the A
 //                       fragment, as P in the forward), B = dO MN-major
-//     dK_c += dS^T Q    likewise with B = Q
 //     dS^T -> shared memory; both consumers meet at a named barrier; then
-//     dQ[:, 64 c .. 64 c + 64) = dS K[:, 64 c ..]   m64n64 over the block's 128 keys: A = dS
-//                       (MN-major view of the stored dS^T), B = K (MN-major), added to the float32
-//                       accumulator with vector atomics (red.global.add.v2.f32).
+//     [dQ[:, 64 c .. 64 c + 64) = dS K[:, 64 c ..]]  m64n64 over the block's 128 keys: A = dS
+//                       (MN-major view of the stored dS^T), B = K (MN-major)
+//     [dK_c += dS^T Q]  like dV; while it runs, dQ is added to the float32 accumulator with
+//                       vector atomics (red.global.add.v4.f32, lane pairs of a quad swapping
+//                       halves so that each holds 4 consecutive columns)
 //
 // Shared memory (dynamic, base rounded up to 1024 bytes), every tile in the 128-byte swizzled
 // layout of flash_attention_fwd_sm90.cuh (D / 64 column panels of [rows][128 bytes]):
-//   K, V [128][D] once; Q, dO [64][D] in kStages = 2 stages; dS^T [128 keys][64 queries] (one
+//   K, V [128][D] once; Q, dO [64][D] in kStages = 3 stages; dS^T [128 keys][64 queries] (one
 //   panel) in 2 buffers; lse_log2 and delta [kStages][64] floats; the mbarriers.
-//   D = 128, 16-bit: 64 + 64 + 32 + 1 KiB -> 161 KiB, one CTA per SM.
+//   D = 128, 16-bit: 64 + 96 + 32 + 1.5 KiB -> 194 KiB, one CTA per SM.
 //   The swizzled [rows][64] panel serves both wgmma views: K-major for rows as M / N (K, V as A
 //   of S^T / dP^T; Q, dO as B there) and MN-major for rows as the reduction dim (Q, dO as B of
 //   dK / dV; K as B of dQ; dS^T as A of dQ).
 //
 // Loads (producer warp 0): K and V once onto kv_full, by TMA (tensor maps as the forward's; box
-//   rows 128 for K / V, 64 for Q / dO). Per iteration, stage s = it % kStages: wait empty[s],
-//   cp.async the 64 lse_log2 and delta values (zero past q_len; those rows are masked), then Q
-//   and dO by TMA onto full[s] (arrive.expect_tx after the lanes' cp.async.wait_all and a
-//   __syncwarp, so the statistics are complete when the phase is). Packed layout: a tile that
-//   runs past its sequence would read the next sequence's tokens, and 0 * (non-finite junk) is
-//   NaN in dK += dS^T Q, dQ = dS K and dP^T = V dO^T; such tiles (K / V past k_len, Q / dO past
-//   q_len) are copied with cp.async instead, zero-filling the rows past the sequence (as the
-//   forward's V tail), then cp.async.wait_all + fence.proxy.async + __syncwarp + a plain arrive.
-//   Padded layout: TMA zero-fills rows past max_seqlen, which is then the sequence length.
+//   rows 128 for K / V, 64 for Q / dO). Per iteration, stage s = it % kStages: wait empty[s];
+//   Q and dO by TMA onto full[s] (lane 0's arrive.expect_tx, the first of its two arrivals);
+//   then the lanes cp.async the 64 lse_log2 and delta values (zero past q_len; those rows are
+//   masked), cp.async.wait_all, __syncwarp, and lane 0's plain arrive (the second), so the
+//   statistics' round trip overlaps the tile loads. Packed layout: a tile that runs past its
+//   sequence would read the next sequence's tokens, and 0 * (non-finite junk) is NaN in
+//   dK += dS^T Q, dQ = dS K and dP^T = V dO^T; such tiles (K / V past k_len, Q / dO past q_len)
+//   are copied with cp.async instead, zero-filling the rows past the sequence (as the forward's
+//   V tail), then cp.async.wait_all + fence.proxy.async + __syncwarp + plain arrives (two for
+//   full[s]). Padded layout: TMA zero-fills rows past max_seqlen, which is then the sequence
+//   length.
 //
-// Barriers: kv_full (1 arrival + bytes), full[s] (1 arrival + bytes), empty[s] (kConsumerWarps
+// Barriers: kv_full (1 arrival + bytes), full[s] (2 arrivals + bytes), empty[s] (kConsumerWarps
 //   arrivals: lane 0 of each consumer warp once the wgmmas reading Q / dO of the stage have
 //   completed and its lanes have read the statistics); the dS^T hand-over between consumers is
 //   named barrier kDsBarrier (256 threads). dS^T is double-buffered: buffer it % 2 is rewritten
@@ -90,7 +93,7 @@ struct Config {
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   static constexpr int kBlockN = 64 * kConsumerWarpgroups;  // keys per CTA
   static constexpr int kBlockM = 64;                        // query rows per iteration
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 3;
   static constexpr int kPanels = D / 64;
   static constexpr int kKVPanelBytes = kBlockN * 128;
   static constexpr int kQPanelBytes = kBlockM * 128;
@@ -265,14 +268,8 @@ __device__ __forceinline__ void produce(const flash_bwd::KernelParams<T>& p,
     const int valid = ci.q_len - m0;
     mbar_wait(sm.empty(stage), phase ^ 1u);
 
-    const int64_t ws = ci.b * p.ws_bs + h * p.ws_hs + ci.q_start + m0;
-#pragma unroll
-    for (int r = lane; r < Cfg::kBlockM; r += kWarpSize) {
-      const bool ok = r < valid;
-      mma::cp_async_4(lse_smem + stage * Cfg::kBlockM + r, ok ? p.lse_log2 + ws + r : p.lse_log2,
-                      ok);
-      mma::cp_async_4(delta_smem + stage * Cfg::kBlockM + r, ok ? p.delta + ws + r : p.delta, ok);
-    }
+    // Q and dO first (their bytes and the first of full[s]'s two arrivals), so that the
+    // statistics' round trip overlaps the tile loads.
     const bool tail = packed && m0 + Cfg::kBlockM > ci.q_len;
     if (tail) {
       const int64_t tok = ci.q_start + m0;
@@ -281,20 +278,27 @@ __device__ __forceinline__ void produce(const flash_bwd::KernelParams<T>& p,
       copy_rows_zero_fill<Cfg::kBlockM, D>(sm.dout(stage), Cfg::kQPanelBytes,
                                            p.dout + tok * p.do_ss + h * p.do_hs, p.do_ss, valid,
                                            lane);
+    } else if (lane == 0) {
+      mbar_arrive_expect_tx(sm.full(stage), 2 * Cfg::kQBytes);
+      tma_tile<D>(sm.q(stage), Cfg::kQPanelBytes, tma_q, sm.full(stage), h, q_row + m0,
+                  batch_coord);
+      tma_tile<D>(sm.dout(stage), Cfg::kQPanelBytes, tma_do, sm.full(stage), h, q_row + m0,
+                  batch_coord);
+    }
+    const int64_t ws = ci.b * p.ws_bs + h * p.ws_hs + ci.q_start + m0;
+#pragma unroll
+    for (int r = lane; r < Cfg::kBlockM; r += kWarpSize) {
+      const bool ok = r < valid;
+      mma::cp_async_4(lse_smem + stage * Cfg::kBlockM + r, ok ? p.lse_log2 + ws + r : p.lse_log2,
+                      ok);
+      mma::cp_async_4(delta_smem + stage * Cfg::kBlockM + r, ok ? p.delta + ws + r : p.delta, ok);
     }
     cp_async_wait_all();
-    if (tail) fence_proxy_async();
-    __syncwarp();  // every lane's copies are complete before lane 0 signals the stage
+    if (tail) fence_proxy_async();  // Q / dO by cp.async (generic proxy), read next by wgmma
+    __syncwarp();  // every lane's copies are complete before lane 0 signals them
     if (lane == 0) {
-      if (tail) {
-        mbar_arrive(sm.full(stage));
-      } else {
-        mbar_arrive_expect_tx(sm.full(stage), 2 * Cfg::kQBytes);
-        tma_tile<D>(sm.q(stage), Cfg::kQPanelBytes, tma_q, sm.full(stage), h, q_row + m0,
-                    batch_coord);
-        tma_tile<D>(sm.dout(stage), Cfg::kQPanelBytes, tma_do, sm.full(stage), h, q_row + m0,
-                    batch_coord);
-      }
+      if (tail) mbar_arrive(sm.full(stage));  // in place of the TMA's arrive.expect_tx
+      mbar_arrive(sm.full(stage));
     }
     __syncwarp();
   }
@@ -345,36 +349,73 @@ __device__ __forceinline__ void issue_dq(float (&dq)[32], uint32_t ds_tile, uint
   }
 }
 
-// P^T and dS^T of one iteration in place (s -> P^T, dp -> dS^T), masking hidden pairs when
-// kMask. Element 4 j + e of the accumulators: key key_row + 8 ((e >> 1) & 1), query
+// P^T of one iteration in place (s -> P^T), hidden (query, key) pairs set to 0 when kMask.
+// Element 4 j + e of the accumulators: key key_row + 8 ((e >> 1) & 1), query
 // m0 + 8 j + 2 t + (e & 1) (so the two statistics a thread needs per j are one float2).
 template <bool kMask>
-__device__ __forceinline__ void probabilities(float (&s)[32], float (&dp)[32], const float* lse,
-                                              const float* delta, int t, float scale_log2,
-                                              int key_row, int m0, const CtaInfo& ci,
-                                              bool causal) {
+__device__ __forceinline__ void probabilities(float (&s)[32], const float* lse, int t,
+                                              float scale_log2, int key_row, int m0,
+                                              const CtaInfo& ci, bool causal) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const float2 l = *reinterpret_cast<const float2*>(lse + 8 * j + 2 * t);
-    const float2 d = *reinterpret_cast<const float2*>(delta + 8 * j + 2 * t);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = 4 * j + e;
       const float pv = exp2f(fmaf(s[i], scale_log2, -((e & 1) ? l.y : l.x)));
-      float ds = pv * (dp[i] - ((e & 1) ? d.y : d.x));
-      float pk = pv;
       if constexpr (kMask) {
         const int key = key_row + 8 * ((e >> 1) & 1);
         const int qi = m0 + 8 * j + 2 * t + (e & 1);
         const int pos = qi + ci.shift;
         const bool visible = qi < ci.q_len && key < ci.k_len && (!causal || key <= pos) &&
                              (ci.window <= 0 || key > pos - ci.window);
-        pk = visible ? pk : 0.0f;  // selects: inf / NaN never leak
-        ds = visible ? ds : 0.0f;
+        s[i] = visible ? pv : 0.0f;  // a select: inf / NaN never leak
+      } else {
+        s[i] = pv;
       }
-      s[i] = pk;
-      dp[i] = ds;
     }
+  }
+}
+
+// dS^T = P^T (dP^T - delta) in place (dp -> dS^T), same element positions. kMask: 0 wherever
+// P^T is 0 (hidden pairs, also where the probability underflowed, which gives 0 anyway), a
+// select, so a non-finite dP^T of a hidden pair cannot leak.
+template <bool kMask>
+__device__ __forceinline__ void score_gradients(float (&dp)[32], const float (&s)[32],
+                                                const float* delta, int t) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float2 d = *reinterpret_cast<const float2*>(delta + 8 * j + 2 * t);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = 4 * j + e;
+      const float ds = s[i] * (dp[i] - ((e & 1) ? d.y : d.x));
+      dp[i] = (!kMask || s[i] != 0.0f) ? ds : 0.0f;
+    }
+  }
+}
+
+// dq (m64n64 accumulator: the iteration's 64 queries x columns 64 cw ..) added to the float32
+// accumulator, 4 columns per vector red: the lanes t, t ^ 1 of a quad pair swap halves, so the
+// even one holds 4 consecutive columns of row g and the odd one of row g + 8. Rows past q_len
+// (dS = 0 there) would land in another sequence's or no row: skipped.
+template <int D>
+__device__ __forceinline__ void add_dq(float* dq_accum, const float (&dq)[32], int64_t q_row0,
+                                       int heads_q, int h, int m0, int q_len, int cw, int warp,
+                                       int g, int t) {
+  const bool odd = (t & 1) != 0;
+  const int qi = m0 + 16 * warp + g + (odd ? 8 : 0);
+  float* dst = dq_accum + ((q_row0 + qi) * heads_q + h) * D + 64 * cw + 2 * (t & ~1);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    // row g: (dq[4j], dq[4j+1]); row g + 8: (dq[4j+2], dq[4j+3]); columns 8 j + 2 t, + 1
+    const float send_x = odd ? dq[4 * j] : dq[4 * j + 2];
+    const float send_y = odd ? dq[4 * j + 1] : dq[4 * j + 3];
+    const float got_x = __shfl_xor_sync(0xffffffffu, send_x, 1);
+    const float got_y = __shfl_xor_sync(0xffffffffu, send_y, 1);
+    const float4 v = odd ? make_float4(got_x, got_y, dq[4 * j + 2], dq[4 * j + 3])
+                         : make_float4(dq[4 * j], dq[4 * j + 1], got_x, got_y);
+    if (qi < q_len) flash_bwd::atomic_add4(dst + 8 * j, v);
   }
 }
 
@@ -413,7 +454,7 @@ __device__ __forceinline__ void consume(const flash_bwd::KernelParams<T>& p,
     for (int it = 0; it < ci.n_iter; ++it) {
       const auto [stage, phase, h, m0] = iteration<Cfg>(ci, p.group, it);
 
-      // ---- S^T and dP^T ------------------------------------------------------------------------
+      // ---- S^T, then P^T while dP^T computes ------------------------------------------------
       float s[32];
       float dp[32];
       mbar_wait(sm.full(stage), phase);
@@ -421,13 +462,12 @@ __device__ __forceinline__ void consume(const flash_bwd::KernelParams<T>& p,
       fence_operands(dv);
       wgmma_fence();  // dk / dv and the fragments were last touched by this thread's own code
       issue_rows_by_rows<T, D>(s, sm.k() + 64 * cw * 128, sm.q(stage));
+      wgmma_commit();
       issue_rows_by_rows<T, D>(dp, sm.v() + 64 * cw * 128, sm.dout(stage));
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait<1>();  // S^T complete (groups complete in order); dP^T may still run
       fence_operands(s);
-      fence_operands(dp);
 
-      // ---- P^T, dS^T ---------------------------------------------------------------------------
       // Every pair of this consumer's keys and the block's queries visible: all rows and keys
       // real, causal: the first query's position reaches the last key; window: the last query's
       // window still covers the first key.
@@ -437,9 +477,16 @@ __device__ __forceinline__ void consume(const flash_bwd::KernelParams<T>& p,
       const float* lse = lse_smem + stage * Cfg::kBlockM;
       const float* delta = delta_smem + stage * Cfg::kBlockM;
       if (full) {
-        probabilities<false>(s, dp, lse, delta, t, p.scale_log2, key_row, m0, ci, p.causal);
+        probabilities<false>(s, lse, t, p.scale_log2, key_row, m0, ci, p.causal);
       } else {
-        probabilities<true>(s, dp, lse, delta, t, p.scale_log2, key_row, m0, ci, p.causal);
+        probabilities<true>(s, lse, t, p.scale_log2, key_row, m0, ci, p.causal);
+      }
+      wgmma_wait<0>();
+      fence_operands(dp);
+      if (full) {
+        score_gradients<false>(dp, s, delta, t);
+      } else {
+        score_gradients<true>(dp, s, delta, t);
       }
       uint32_t pf[16];
       uint32_t dsf[16];
@@ -461,15 +508,13 @@ __device__ __forceinline__ void consume(const flash_bwd::KernelParams<T>& p,
         }
       }
 
-      // ---- dV += P^T dO, dK += dS^T Q ---------------------------------------------------------------
+      // ---- dV += P^T dO; dQ of the block (both consumers' dS^T); dK += dS^T Q ------------------
+      // The atomics of dQ then overlap dK.
       fence_operands(pf);
       fence_operands(dsf);
       wgmma_fence();
       issue_frag_by_tile<T, D>(dv, pf, sm.dout(stage));
-      issue_frag_by_tile<T, D>(dk, dsf, sm.q(stage));
       wgmma_commit();
-
-      // ---- dQ of the block: both consumers' dS^T -------------------------------------------------
       fence_proxy_async();  // this thread's dS^T stores (generic proxy) before the wgmma reads
       named_barrier_sync(kDsBarrier, 256);
       float dq[32];
@@ -477,26 +522,17 @@ __device__ __forceinline__ void consume(const flash_bwd::KernelParams<T>& p,
       wgmma_fence();
       issue_dq<T, D>(dq, sm.ds(it & 1), sm.k() + cw * Cfg::kKVPanelBytes);
       wgmma_commit();
-      wgmma_wait<0>();
+      issue_frag_by_tile<T, D>(dk, dsf, sm.q(stage));
+      wgmma_commit();
+      wgmma_wait<1>();  // dV and dQ complete; dK may still run
       fence_operands(dq);
+      add_dq<D>(p.dq_accum, dq, q_row0, p.heads_q, h, m0, ci.q_len, cw, warp, g, t);
+      wgmma_wait<0>();
       fence_operands(dk);
       fence_operands(dv);
       fence_operands(pf);
       fence_operands(dsf);
       release(sm.empty(stage), lane);  // Q, dO and the statistics of the stage are consumed
-
-      // Rows past q_len (dS = 0 there) would land in another sequence's or no row: skipped.
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int qi = m0 + 16 * warp + g + 8 * hh;
-        if (qi < ci.q_len) {
-          float* dst = p.dq_accum + ((q_row0 + qi) * p.heads_q + h) * D + 64 * cw + 2 * t;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            flash_bwd::atomic_add2(dst + 8 * j, dq[4 * j + 2 * hh], dq[4 * j + 2 * hh + 1]);
-          }
-        }
-      }
     }
   }
 
@@ -539,7 +575,7 @@ __global__ void __launch_bounds__(Config<D>::kThreads, 1)
     mbar_init(sm.kv_full(), 1);
 #pragma unroll
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(sm.full(s), 1);
+      mbar_init(sm.full(s), 2);  // the Q / dO arrival (with the TMA bytes), the statistics'
       mbar_init(sm.empty(s), Cfg::kConsumerWarps);
     }
     fence_barrier_init();

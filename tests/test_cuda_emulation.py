@@ -268,9 +268,10 @@ def _check_fwd_sm90(exe, c: Attn, dtype):
     assert r.status == 0, emu.ERRORS.get(r.status, r.status)
     max_q = var["max_q"] if c.packed else c.sq
     batch = len(c.lens_q) if c.packed else c.b
-    # one launch: ceil(max_seqlen_q / 128) x heads x batch CTAs of 3 warpgroups
+    # one launch: ceil(max_seqlen_q / 128) x heads x batch CTAs of 3 warpgroups in a 1-D grid
+    # (flash_fwd::tile_order: longest tiles first)
     assert [(launch.grid, launch.threads, launch.smem) for launch in r.launches] == \
-        [(((max_q + 127) // 128, c.hq, batch), 384, SM90_SMEM[c.d])], r.launches
+        [(((max_q + 127) // 128 * c.hq * batch, 1, 1), 384, SM90_SMEM[c.d])], r.launches
     # the ping-pong's bar.arrive / bar.sync balance: no named barrier left half-arrived at exit
     assert r.values["named_barrier_leftovers"] == 0
     ref_out, ref_lse = _reference_sm90(c, q, k, v, scale)

@@ -46,9 +46,11 @@ cudaError_t launch(const FlashAttnParams& p, const TmaDescriptor& tma_q,
     (void)cudaGetLastError();
     return err;
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, Cfg::kBlockM)),
-                  static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  TF_LAUNCH_KERNEL(grid, Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(p, tma_q, tma_k, tma_v);
+  const int64_t ctas =
+      flash_fwd_sm90::tile_order_ctas(ceil_div(p.max_seqlen_q, Cfg::kBlockM), p.heads_q, p.batch);
+  if (ctas < 0) return cudaErrorInvalidValue;
+  TF_LAUNCH_KERNEL(static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(
+      p, tma_q, tma_k, tma_v);
   return cudaGetLastError();
 }
 

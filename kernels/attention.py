@@ -43,6 +43,24 @@ def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tile_program(batch, heads, LONGEST_FIRST_IS_LAST: tl.constexpr):
+    """(tile, b, h) of this program of a 1-D grid of n_tiles * batch * heads programs
+    (_tile_grid), tile slowest: every (sequence, head)'s tile of one slot runs before any of the
+    next slot. LONGEST_FIRST_IS_LAST: slot 0 is the last tile (the forward's and dQ's query tiles,
+    longest under a causal mask), else the first (dK/dV's key blocks). Longest-processing-time-
+    first ordering: the final wave is made of short tiles, so the SMs finish together (a
+    head-by-head order leaves some head's longest tile for the last wave)."""
+    pid = tl.program_id(0)
+    per_slot = batch * heads
+    slot = pid // per_slot
+    rest = pid - slot * per_slot
+    tile = slot
+    if LONGEST_FIRST_IS_LAST:
+        tile = tl.num_programs(0) // per_slot - 1 - slot
+    return tile, (rest // heads).to(tl.int64), (rest % heads).to(tl.int64)
+
+
+@triton.jit
 def _visible(rows, cols, k_len, shift, window, row_ok, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """[rows x cols] mask of the keys each query row sees."""
     ok = row_ok[:, None] & (cols[None, :] < k_len)
@@ -93,13 +111,11 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_n, of
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h, sl_b, sl_h, sl_s,
-    seqlen_q, seqlen_k, head_dim, group, scale_log2, window,
+    seqlen_q, seqlen_k, head_dim, group, scale_log2, window, batch, heads,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
+    pid_m, b, h = _tile_program(batch, heads, True)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -235,13 +251,11 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
     sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, sl_b, sl_h, sl_s,
-    seqlen_q, seqlen_k, head_dim, group, scale, window,
+    seqlen_q, seqlen_k, head_dim, group, scale, window, batch, heads,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    kvh = tl.program_id(2).to(tl.int64)
+    pid_n, b, kvh = _tile_program(batch, heads, False)  # heads: the kv heads
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
@@ -298,13 +312,11 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
     sdq_b, sdq_s, sdq_h, sl_b, sl_h, sl_s,
-    seqlen_q, seqlen_k, head_dim, group, scale, window,
+    seqlen_q, seqlen_k, head_dim, group, scale, window, batch, heads,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
+    pid_m, b, h = _tile_program(batch, heads, True)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -431,6 +443,15 @@ def _geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, q.shape[0], q.shape[2], k.shape[2], q.shape[3], q.shape[1], k.shape[1]
 
 
+def _tile_grid(n_tiles: int, batch: int, heads: int) -> tuple[int]:
+    """The 1-D grid of _tile_program (tiles x sequences x heads programs)."""
+    programs = n_tiles * batch * heads
+    if programs >= 2**31:
+        raise ValueError(f"{n_tiles} tiles x {batch} sequences x {heads} heads exceed the 2^31 - 1 programs "
+                         "of a triton grid")
+    return (programs,)
+
+
 def _dummy(q):
     return torch.empty((1,), dtype=torch.int32, device=q.device)
 
@@ -453,13 +474,13 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     config = config or default_fwd_config(d, q.dtype)
     cu_q = cu_seqlens_q if varlen else _dummy(q)
     cu_k = cu_seqlens_k if varlen else _dummy(q)
-    grid = (triton.cdiv(sq, config.block_m), batch, hq)
+    grid = _tile_grid(triton.cdiv(sq, config.block_m), batch, hq)
     block_d = max(16, triton.next_power_of_2(d))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
-        sq, sk, d, hq // hkv, softmax_scale * _LOG2E, max(window, 0),
+        sq, sk, d, hq // hkv, softmax_scale * _LOG2E, max(window, 0), batch, hq,
         IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0, BLOCK_D=block_d, EVEN_D=block_d == d,
         PRECISION=_precision(q.dtype), **_launch(config),
     )
@@ -498,17 +519,17 @@ def flash_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seq
         delta -= dlse
     common = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0, BLOCK_D=block_d,
                   PRECISION=_precision(q.dtype))
-    geometry = (sq, sk, d, hq // hkv, softmax_scale, max(window, 0))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, dkdv_config.block_n), batch, hkv)](
+    geometry = (sq, sk, d, hq // hkv, softmax_scale, max(window, 0), batch)
+    _attn_bwd_dkdv_kernel[_tile_grid(triton.cdiv(sk, dkdv_config.block_n), batch, hkv)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse, varlen),
-        *geometry, **common, **_launch(dkdv_config),
+        *geometry, hkv, **common, **_launch(dkdv_config),
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(sq, dq_config.block_m), batch, hq)](
+    _attn_bwd_dq_kernel[_tile_grid(triton.cdiv(sq, dq_config.block_m), batch, hq)](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dq, varlen), *_lse_strides(lse, varlen),
-        *geometry, **common, **_launch(dq_config),
+        *geometry, hq, **common, **_launch(dq_config),
     )
     return dq, dk, dv

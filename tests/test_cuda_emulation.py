@@ -396,6 +396,8 @@ SM90_BWD_SMEM = 199224  # flash_bwd_sm90::Config<128>::kSmemBytes
 
 SM90_BWD_CASES = {
     "d128-causal-b2-gqa2": (Attn(128, b=2, sq=150, sk=150, hq=4, hkv=2), BF16),
+    # a group of 8 query heads walked by one CTA per key block (MiMo-7B's 32 / 4)
+    "d128-causal-gqa8": (Attn(128, sq=129, sk=129, hq=8, hkv=1, opts=RANDOM), FP16),
     "d128-noncausal-sq<sk-gqa3": (Attn(128, sq=127, sk=300, hq=3, hkv=1, causal=False, opts=EARLY), FP16),
     "d128-causal-sq>sk-rows-without-keys": (Attn(128, sq=300, sk=129, hq=2, hkv=2, opts=WORKERS), BF16),
     "d128-window37": (Attn(128, sq=180, sk=260, hq=2, hkv=1, window=37, opts=RANDOM), BF16),

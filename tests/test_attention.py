@@ -697,3 +697,32 @@ def test_automatic_flash_backend_takes_the_hopper_forward_only_when_nothing_was_
     assert backward(hopper, packed=False, head_dim=64) == "triton"
     assert backward(hopper, packed=True, head_dim=64) == "cuda"
     assert backward("cuda", packed=False, head_dim=128) == "cuda"  # a named backend is not rerouted
+
+
+def test_a_hopper_kernel_the_build_cannot_run_is_not_tried_again(monkeypatch):
+    """_run_hopper: "not supported here" from the binding gives None and marks the device (for
+    both Hopper kernels); any other ValueError (bad arguments) propagates."""
+    import thinkfuse.ops.attention as attention_ops
+
+    calls = []
+
+    class Ops:
+        def flash_attention_bwd_sm90(self, *args):
+            calls.append(args)
+            raise ValueError("flash_attention_bwd_sm90: not supported here (...)")
+
+        def flash_attention_fwd_sm90(self, *args):
+            raise ValueError("head_dim 96 is not supported by the sm90 flash_attention kernel")
+
+    monkeypatch.setattr(attention_ops, "cuda_ops", lambda: Ops())
+    monkeypatch.setattr(attention_ops, "_HOPPER_UNSUPPORTED", set())
+    device = torch.device("cuda", 3)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        attention_ops._run_hopper("flash_attention_fwd_sm90", (1,), device)
+    assert attention_ops._run_hopper("flash_attention_bwd_sm90", (1,), device) is None
+    assert device in attention_ops._HOPPER_UNSUPPORTED and len(calls) == 1
+    assert attention_ops._run_hopper("flash_attention_bwd_sm90", (1,), device) is None
+    assert attention_ops._run_hopper("flash_attention_fwd_sm90", (1,), device) is None  # not tried
+    assert len(calls) == 1
+    assert attention_ops._layout_backward(packed=True) == "cuda"
+    assert attention_ops._layout_backward(packed=False) == "triton"

@@ -236,6 +236,11 @@ def hopper_attention_applies(device: torch.device, dtype: torch.dtype, head_dim:
     return hopper_kernel_applies(dtype, head_dim, _capability(device), cuda_preferred_for(HOPPER_FLASH_OP))
 
 
+def _layout_backward(packed: bool) -> str:
+    """The faster validated backward for a layout where the Hopper backward does not run."""
+    return "cuda" if packed else "triton"
+
+
 # A compile-time constant under torch.compile, like hopper_attention_applies.
 @_constant_under_compile
 def hopper_backward_validated(head_dim: int) -> bool:
@@ -260,7 +265,7 @@ def _backward_backend(backend: str, packed: bool, head_dim: int) -> str:
     if backend == HOPPER_FORWARD:
         if hopper_backward_validated(head_dim):
             return HOPPER_BACKWARD
-        backend = "cuda" if packed else "triton"
+        backend = _layout_backward(packed)
     if backend == "cuda" and head_dim not in CUDA_FLASH_BWD_HEAD_DIMS:
         return "triton"
     return backend
@@ -477,20 +482,32 @@ def flash_attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
     if backend in ("cuda", HOPPER_FORWARD) and _hopper_forward_available(q):
-        try:
-            return getattr(cuda_ops(), HOPPER_FLASH_OP)(*args)
-        except ValueError as exc:  # this build or driver cannot run it (the binding says so)
-            if "not supported here" not in str(exc):
-                raise
-            _HOPPER_UNSUPPORTED.add(q.device)
+        result = _run_hopper(HOPPER_FLASH_OP, args, q.device)
+        if result is not None:
+            return result
     fn = implementation(_forward_backend(backend), "attention", "flash_attention_forward", "flash_attention_fwd",
                         _torch_forward)
     out, lse = fn(*args)
     return out, lse
 
 
-#: devices where the Hopper kernel refused to run (e.g. an extension built for 9.0 without "a")
+#: devices where a Hopper kernel refused to run (e.g. an extension built for 9.0 without "a")
 _HOPPER_UNSUPPORTED: set = set()
+
+
+def _run_hopper(op: str, args: tuple, device: torch.device):
+    """The Hopper kernel ``op`` of the extension on ``args``, or None where this build or driver
+    cannot run it (the binding says "not supported here"); such a device is remembered, and
+    neither Hopper kernel is tried on it again."""
+    if device in _HOPPER_UNSUPPORTED:
+        return None
+    try:
+        return getattr(cuda_ops(), op)(*args)
+    except ValueError as exc:
+        if "not supported here" not in str(exc):
+            raise
+        _HOPPER_UNSUPPORTED.add(device)
+        return None
 
 
 def hopper_kernel_applies(dtype: torch.dtype, head_dim: int, capability: tuple[int, int], validated: bool) -> bool:
@@ -516,12 +533,10 @@ def flash_attention_bwd(
     args = (dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
             causal, window)
     if backend == HOPPER_BACKWARD:
-        try:
-            return getattr(cuda_ops(), HOPPER_BWD_OP)(*args)
-        except ValueError as exc:  # this build or driver cannot run it (the binding says so)
-            if "not supported here" not in str(exc):
-                raise
-        backend = "cuda" if cu_seqlens_q is not None else "triton"  # as _backward_backend without it
+        result = _run_hopper(HOPPER_BWD_OP, args, q.device)
+        if result is not None:
+            return result
+        backend = _layout_backward(cu_seqlens_q is not None)
     fn = implementation(backend, "attention", "flash_attention_backward", "flash_attention_bwd", _torch_backward)
     dq, dk, dv = fn(*args)
     return dq, dk, dv

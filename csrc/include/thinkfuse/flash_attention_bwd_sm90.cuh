@@ -78,6 +78,8 @@
 namespace thinkfuse {
 namespace flash_bwd_sm90 {
 
+using flash_fwd_sm90::align_smem_1024;
+using flash_fwd_sm90::AlignedSmem;
 using flash_fwd_sm90::copy_rows_zero_fill;
 using flash_fwd_sm90::release;
 using flash_fwd_sm90::smem_descriptor;
@@ -563,10 +565,10 @@ __global__ void __launch_bounds__(Config<D>::kThreads, 1)
 #if TF_SM90A_DEVICE
   using Cfg = Config<D>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t raw = mma::smem_address(smem_raw);
+  const AlignedSmem aligned = align_smem_1024(smem_raw);
   SmemLayout<Cfg> sm;
-  sm.base = (raw + 1023u) & ~1023u;
-  unsigned char* smem = smem_raw + (sm.base - raw);
+  sm.base = aligned.base;
+  unsigned char* smem = aligned.ptr;
 
   const CtaInfo ci = cta_info<T, D>(p);
   if (ci.n0 >= ci.k_len) return;  // the whole CTA, before any barrier: keys of no sequence

@@ -267,6 +267,20 @@ __device__ __forceinline__ void release(uint32_t bar, int lane) {
   if (lane == 0) mbar_arrive(bar);
 }
 
+// The 1024-byte aligned start of a kernel's dynamic shared memory (the 128-byte swizzle repeats
+// every 1024 bytes, and TMA / wgmma assume pattern-aligned tiles): its shared-window address and
+// its generic pointer. The kernels reserve the 1024 bytes of slack in their kSmemBytes.
+struct AlignedSmem {
+  uint32_t base;
+  unsigned char* ptr;
+};
+
+__device__ __forceinline__ AlignedSmem align_smem_1024(unsigned char* smem_raw) {
+  const uint32_t raw = mma::smem_address(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  return {base, smem_raw + (base - raw)};
+}
+
 // Launch order of the CTAs: one per (query tile, query head, sequence), flattened into a 1-D
 // grid with the tile slowest and reversed, so that the last tiles of every (sequence, head), the
 // longest under a causal mask, run first and the shortest last (longest-processing-time-first:
@@ -647,10 +661,10 @@ __global__ void __launch_bounds__(Config<D>::kThreads, 1)
 #if TF_SM90A_DEVICE
   using Cfg = Config<D>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t raw = mma::smem_address(smem_raw);
+  const AlignedSmem aligned = align_smem_1024(smem_raw);
   SmemLayout<Cfg> sm;
-  sm.base = (raw + 1023u) & ~1023u;
-  unsigned char* smem = smem_raw + (sm.base - raw);
+  sm.base = aligned.base;
+  unsigned char* smem = aligned.ptr;
 
   TileInfo ti;
   const TileOrder order = tile_order(ceil_div(p.max_seqlen_q, Cfg::kBlockM), p.heads_q, p.batch);

@@ -67,6 +67,26 @@ inline void check_hopper_device(const at::Device& device, const char* kernel,
                     " (compute capability ", major, ".", minor, "); use ", other_op);
 }
 
+// ValueError for packed q / k with more rows than the Hopper kernels' int32 TMA coordinates
+// reach (a tile past the last row included).
+inline void check_hopper_packed_rows(const at::Tensor& q, const at::Tensor& k) {
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max() - 1024;
+  TORCH_CHECK_VALUE(q.size(0) <= kMaxRows && k.size(0) <= kMaxRows, "packed q / k with more than ",
+                    kMaxRows, " tokens are not supported by the sm90 kernels (int32 TMA coordinates)");
+}
+
+// A Hopper kernel's launch status: cudaErrorNotSupported (this build or driver cannot run it)
+// becomes a ValueError saying "not supported here", which ops.attention takes as the signal to
+// fall back; other errors as check_launch.
+inline void check_hopper_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK_VALUE(err != cudaErrorNotSupported, op,
+                    ": not supported here (the device must be compute capability 9.0, the "
+                    "extension built for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a) and the driver "
+                    "able to encode TMA tensor maps): ",
+                    cudaGetErrorString(err));
+  check_launch(err, op);
+}
+
 inline void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Device& device) {
   check_device(cu, name, device);
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());

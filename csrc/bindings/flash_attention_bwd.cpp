@@ -101,12 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t batch = dims.batch;
   const int sq = dims.sq;
   TORCH_CHECK_VALUE(batch <= std::numeric_limits<int>::max(), "batch ", batch, " is too large");
-  if (sm90 && packed) {
-    constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max() - 1024;
-    TORCH_CHECK_VALUE(q_in.size(0) <= kMaxRows && k_in.size(0) <= kMaxRows,
-                      "packed q / k with more than ", kMaxRows,
-                      " tokens are not supported by the sm90 kernel (int32 TMA coordinates)");
-  }
+  if (sm90 && packed) check_hopper_packed_rows(q_in, k_in);
   const std::vector<int64_t> lse_shape =
       packed ? std::vector<int64_t>{heads_q, q_in.size(0)}
              : std::vector<int64_t>{batch, heads_q, static_cast<int64_t>(sq)};
@@ -181,12 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     set_inputs();
     err = thinkfuse::flash_attention_backward_sm90(p, a, dtype, stream);
   }
-  TORCH_CHECK_VALUE(err != cudaErrorNotSupported, op,
-                    ": not supported here (the device must be compute capability 9.0, the "
-                    "extension built for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a) and the driver "
-                    "able to encode TMA tensor maps): ",
-                    cudaGetErrorString(err));
-  check_launch(err, op);
+  check_hopper_launch(err, op);
   return {dq, dk, dv};
 }
 

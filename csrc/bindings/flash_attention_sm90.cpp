@@ -58,12 +58,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_sm90(
       seq_dims(q_in, k_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, device);
   const int64_t batch = dims.batch;
   const int sq = dims.sq;
-  if (packed) {
-    constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max() - 1024;
-    TORCH_CHECK_VALUE(q_in.size(0) <= kMaxRows && k_in.size(0) <= kMaxRows,
-                      "packed q / k with more than ", kMaxRows,
-                      " tokens are not supported by the sm90 kernel (int32 TMA coordinates)");
-  }
+  if (packed) check_hopper_packed_rows(q_in, k_in);
   TORCH_CHECK_VALUE(batch <= thinkfuse::kFlashAttnMaxGridDim, "at most ",
                     thinkfuse::kFlashAttnMaxGridDim, " sequences are supported, got ", batch);
 
@@ -98,12 +93,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_sm90(
     set_inputs(q, k, v);
     err = thinkfuse::flash_attention_forward_sm90(p, dtype, stream);
   }
-  TORCH_CHECK_VALUE(err != cudaErrorNotSupported,
-                    "flash_attention_fwd_sm90: not supported here (the device must be compute "
-                    "capability 9.0, the extension built for sm_90a (TORCH_CUDA_ARCH_LIST with "
-                    "9.0a) and the driver able to encode TMA tensor maps): ",
-                    cudaGetErrorString(err));
-  check_launch(err, "flash_attention_fwd_sm90");
+  check_hopper_launch(err, "flash_attention_fwd_sm90");
   return {out, lse};
 }
 

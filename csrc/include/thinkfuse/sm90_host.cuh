@@ -12,7 +12,8 @@
 //
 // TMA needs a 16-byte aligned base and 16-byte multiple strides: other inputs get
 // cudaErrorInvalidPitchValue, and so does a layout the driver refuses to encode (the bindings
-// then retry with contiguous copies).
+// then retry with contiguous copies). THINKFUSE_DEBUG_TMA=1 prints each refusal of the driver
+// (its CUresult, dims, strides) to stderr.
 #pragma once
 
 #include <cuda.h>
@@ -20,6 +21,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "thinkfuse/common.cuh"
@@ -88,15 +91,31 @@ inline cudaError_t encode_map(TmaDescriptor* map, const void* base, DType dtype,
       4, const_cast<void*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (res != CUDA_SUCCESS) return cudaErrorInvalidPitchValue;
+  if (res != CUDA_SUCCESS) {
+    if (std::getenv("THINKFUSE_DEBUG_TMA") != nullptr) {
+      std::fprintf(stderr,
+                   "thinkfuse: cuTensorMapEncodeTiled refused (CUresult %d): dims %llu %llu %llu "
+                   "%llu, byte strides %llu %llu %llu, box rows %d, base %p\n",
+                   static_cast<int>(res), (unsigned long long)dims[0], (unsigned long long)dims[1],
+                   (unsigned long long)dims[2], (unsigned long long)dims[3],
+                   (unsigned long long)strides[0], (unsigned long long)strides[1],
+                   (unsigned long long)strides[2], box_rows, base);
+    }
+    return cudaErrorInvalidPitchValue;
+  }
   std::memcpy(map, &encoded, sizeof(encoded));
   return cudaSuccess;
 }
 
 // Whether the current device is compute capability 9.0 (the only one sm_90a code runs on).
+// Also makes the device's primary context current on the calling thread: cuTensorMapEncodeTiled
+// is a driver call and fails with CUDA_ERROR_INVALID_CONTEXT on a thread that has made no runtime
+// call yet. Autograd runs backward on its own device thread, so the backward's first call there
+// was refused (H100 run of 2026-11-23) while the same call on the main thread encoded.
 inline cudaError_t check_device() {
   int device = 0;
   TF_CUDA_TRY(cudaGetDevice(&device));
+  TF_CUDA_TRY(cudaSetDevice(device));  // CUDA >= 12: binds the primary context to this thread
   int major = 0;
   int minor = 0;
   TF_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

@@ -64,7 +64,8 @@ HOPPER_FLASH_HEAD_DIMS = (64, 128)
 #: while the mma.sync forward is slower than Triton's (backend.CUDA_OPS_PENDING_VALIDATION).
 HOPPER_FORWARD = "cuda-sm90-fwd"
 #: the Hopper backward kernel (wgmma + TMA, sm_90a, head_dim 128): after the Hopper forward, the
-#: backward of both layouts once validated (backend.CUDA_OPS_PENDING_VALIDATION)
+#: backward of both layouts (validated on an H100, 2026-11-23: causal 2 x 8k fwd+bwd 9.9 ms
+#: against Triton's 11.7; packed 16k tokens 5.5 ms)
 HOPPER_BWD_OP = "flash_attention_bwd_sm90"
 HOPPER_BWD_HEAD_DIMS = (128,)
 #: flash_attention_bwd's backend value (internal) when it runs the Hopper backward
@@ -258,7 +259,7 @@ def _forward_backend(backend: str) -> str:
 def _backward_backend(backend: str, packed: bool, head_dim: int) -> str:
     """The backend whose backward kernels differentiate a forward run with ``backend``. The cuda
     backward covers CUDA_FLASH_BWD_HEAD_DIMS (Triton's, same lse convention, the others). After
-    the Hopper forward: the Hopper backward where it applies once validated (HOPPER_BACKWARD),
+    the Hopper forward: the Hopper backward where it applies (HOPPER_BACKWARD, head_dim 128),
     else Triton's for the padded layout and the cuda kernel's for packed sequences (measured on
     an H100, causal 8k: Triton's backward 8.9 ms against the cuda one's 12.0 ms padded, but
     11.6 ms against 7.4 ms packed, 16k tokens in 29 sequences)."""

@@ -12,6 +12,8 @@
 #   BENCH_JOBS_SELECT=logprobs,e2e,decode bash bench/gpu_check.sh build bench
 # and, with device time left, the tile sweep of the Triton attention kernels (bench/tune.py):
 #   bash bench/gpu_check.sh tune      (Triton only: no build needed)
+# and Nsight Compute's report of the kernels of PROFILES (below), to see what holds them back:
+#   bash bench/gpu_check.sh build profile
 # A machine is given back 30 s after a call, so each call starts bare and builds (~60 s). The
 # build step saves the extension to $OUT (thinkfuse-ext.tgz / .stamp); copy both into
 # .ext-cache/ and carry it (carry [".whl", ".ext-cache"]): the next call's build step then
@@ -33,7 +35,7 @@
 # THINKFUSE_GIT_COMMIT=<sha> names the code in the results' metadata: the machine's copy of the
 # tree may carry a missing or stale .git (a 2026-11-22 run recorded the wrong commit).
 #
-# Environment knobs: PYTHON, OUT, THINKFUSE_GIT_COMMIT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, TUNE_TIMEOUT, BENCH_JOBS_SELECT,
+# Environment knobs: PYTHON, OUT, THINKFUSE_GIT_COMMIT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, TUNE_TIMEOUT, PROFILE_TIMEOUT, BENCH_JOBS_SELECT,
 # MAX_JOBS (parallel nvcc jobs), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, which
 # halves the build time compared with setup.py's 8.0;9.0a).
 
@@ -47,6 +49,7 @@ TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}  # the suite took 235 s on 16 workers (2026-
 SM90_TESTS_TIMEOUT=${SM90_TESTS_TIMEOUT:-180}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-420}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-480}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-240}
 # Tests in parallel processes when pytest-xdist is there (Triton's JIT compiles are CPU-bound).
 export TEST_WORKERS=${TEST_WORKERS:-$(nproc)}
 # name:seconds:bench arguments. Shapes cut to one model where the full preset list takes longer
@@ -279,6 +282,29 @@ step_bench() {
     merge_bench_jobs
 }
 
+step_profile() {
+    # Nsight Compute on one launch of each PROFILES kernel (bench/profile_kernels.py): its text
+    # report (speed of light, occupancy, memory, warp stall reasons) in logs/profile-NAME.txt.
+    # --clock-control none: the clocks stay as the benchmarks see them.
+    local ncu entry name workload kernel rc=0
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+    [ -n "$ncu" ] || { echo "ncu (Nsight Compute) not found"; return 1; }
+    while IFS= read -r entry; do
+        IFS=: read -r name workload kernel <<<"$entry"
+        echo "--- profile $name: kernel /$kernel/ of workload $workload"
+        if env -u TRITON_INTERPRET "$ncu" --clock-control none --set full -k "regex:$kernel" \
+            --launch-skip 1 --launch-count 1 -f -o "$LOG_DIR/profile-$name" \
+            "$PYTHON" -m bench.profile_kernels "$workload"; then
+            "$ncu" --import "$LOG_DIR/profile-$name.ncu-rep" --page details --print-details all \
+                >"$LOG_DIR/profile-$name.txt" || rc=1
+        else
+            rc=1
+        fi
+        rm -f "$LOG_DIR/profile-$name.ncu-rep"  # MBs; the text report is what travels
+    done <<<"$PROFILES_SERIALISED"
+    return "$rc"
+}
+
 step_tune() {
     # The Triton launch-config sweep (bench/tune.py): tune.{json,md} beside the results.
     exec env -u TRITON_INTERPRET "$PYTHON" -m bench.tune --out "$RESULTS_DIR"
@@ -294,15 +320,22 @@ merge_bench_jobs() {
     "$PYTHON" -m bench --finalize "${dirs[@]}" --out "$RESULTS_DIR"
 }
 
+# name:workload:kernel-name regex of the profile step (bench/profile_kernels.py's workloads).
+PROFILES=(
+    "hopper-bwd:attention-sm90:dkdv_kernel"
+    "hopper-fwd:attention-sm90:forward_kernel"
+    "triton-bwd-dkdv:attention-triton:_attn_bwd_dkdv_kernel"
+)
 # The steps run in child shells (`timeout` cannot run a function directly).
 # The Hopper kernels' test files (space-separated; no spaces in the paths).
 SM90_TESTS="tests/test_flash_attention_sm90.py tests/test_flash_attention_bwd_sm90.py"
 # A build from an earlier call (see the header), carried in this git-ignored directory.
 EXT_CACHE=.ext-cache
 export PYTHON RESULTS_DIR SM90_TESTS EXT_CACHE
-export BENCH_JOBS_SERIALISED
+export BENCH_JOBS_SERIALISED PROFILES_SERIALISED LOG_DIR
 BENCH_JOBS_SERIALISED=$(printf '%s\n' "${BENCH_JOBS[@]}")
-export -f step_env cuda_arch pick_compiler build_stamp restore_carried_build save_build step_build step_backends step_tests step_tests_sm90 step_bench step_tune merge_bench_jobs
+PROFILES_SERIALISED=$(printf '%s\n' "${PROFILES[@]}")
+export -f step_env cuda_arch pick_compiler build_stamp restore_carried_build save_build step_build step_backends step_tests step_tests_sm90 step_bench step_tune step_profile merge_bench_jobs
 
 for step in "${STEPS[@]}"; do
     case "$step" in
@@ -312,6 +345,7 @@ for step in "${STEPS[@]}"; do
         tests) run_step tests "$TESTS_TIMEOUT" step_tests ;;
         tests-sm90) run_step tests-sm90 "$SM90_TESTS_TIMEOUT" step_tests_sm90 ;;
         tune) run_step tune "$TUNE_TIMEOUT" step_tune show ;;
+        profile) run_step profile "$PROFILE_TIMEOUT" step_profile ;;
         bench)
             run_step bench "$BENCH_TIMEOUT" step_bench
             # The step stopped before merging (its own limit): merge what the jobs wrote.
@@ -319,7 +353,7 @@ for step in "${STEPS[@]}"; do
                 merge_bench_jobs >"$LOG_DIR/merge.log" 2>&1
                 copy_out
             fi ;;
-        *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests-sm90 tests bench tune)"); FAILED=1 ;;
+        *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests-sm90 tests bench tune profile)"); FAILED=1 ;;
     esac
 done
 

@@ -440,6 +440,36 @@ def test_gpu_check_jobs_are_valid_bench_runs_with_cases():
             assert any(c.impl == impl for c in cases), f"gpu_check job {name!r}: no case of --impl {impl}"
 
 
+def test_gpu_check_profiles_name_real_workloads_and_kernels():
+    """The profile step's entries (name:workload:kernel regex): a workload profile_kernels has,
+    and a regex that matches a kernel defined in csrc/ or kernels/ (else ncu profiles nothing)."""
+    import re
+
+    from bench import profile_kernels
+
+    script = (REPO / "bench" / "gpu_check.sh").read_text()
+    block = script.split("PROFILES=(", 1)[1].split("\n)", 1)[0]
+    entries = [line.strip().strip('"').split(":") for line in block.splitlines() if line.strip().startswith('"')]
+    assert entries
+    sources = "\n".join(path.read_text() for folder in ("csrc", "kernels")
+                        for path in (REPO / folder).rglob("*") if path.suffix in (".cuh", ".cu", ".py"))
+    kernels = set(re.findall(r"__global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\(", sources)) | \
+        set(re.findall(r"@triton\.jit\s+def (\w+)\(", sources))
+    for name, workload, kernel in entries:
+        assert workload in profile_kernels.WORKLOADS, name
+        assert any(re.search(kernel, k) for k in kernels), f"profile {name!r}: no kernel matches {kernel!r}"
+
+
+def test_profile_workloads_refuse_to_run_without_a_gpu(monkeypatch):
+    from bench import profile_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA device"):
+        profile_kernels.main(["attention-sm90"])
+    with pytest.raises(SystemExit):
+        profile_kernels.main(["no-such-workload"])
+
+
 def test_git_commit_can_be_given_by_the_launcher(monkeypatch):
     """A GPU machine's copy of the tree may carry a stale .git: the launcher's commit wins."""
     monkeypatch.setenv("THINKFUSE_GIT_COMMIT", "0123abc")

@@ -424,6 +424,26 @@ def test_flash_attention_backward_sm90(harness, case):
     _check_bwd(harness, *SM90_BWD_CASES[case], None, sm90=True)
 
 
+# Launch orders forced through THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK (the emulated H100's 132 SMs
+# give these small problems one chunk): every (key block, pair) must be run exactly once, or dK /
+# dV rows stay unwritten or dQ gets a block twice.
+SM90_BWD_CHUNK_CASES = {
+    # 3 x 2 = 6 pairs, 3 key blocks: chunks of 4 then 2 pairs (a short last chunk)
+    "chunks-4-of-6": (Attn(128, b=3, sq=300, sk=300, hq=4, hkv=2), BF16, 4),
+    # one pair per chunk: each pair's key blocks back to back, longest first
+    "chunks-1": (Attn(128, b=2, sq=200, sk=260, hq=6, hkv=3, causal=False, opts=RANDOM), FP16, 1),
+    # packed sequences of different lengths: key blocks past a short sequence exit at once
+    "packed-chunks-2-of-3": (Attn(128, lens_q=(260, 5, 130), lens_k=(260, 5, 130), hq=2, hkv=1, tail=3), BF16, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(SM90_BWD_CHUNK_CASES))
+def test_flash_attention_backward_sm90_launch_chunks(harness, case, monkeypatch):
+    attn, dtype, pairs_per_chunk = SM90_BWD_CHUNK_CASES[case]
+    monkeypatch.setenv("THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK", str(pairs_per_chunk))
+    _check_bwd(harness, attn, dtype, None, sm90=True)
+
+
 @pytest.mark.parametrize("options", [dict(device=1), dict(kernel_regs=160)], ids=["a100", "fewer-registers"])
 def test_flash_attention_backward_sm90_refuses(harness, options):
     """cudaErrorNotSupported without a launch on a device that is not compute capability 9.0, and

@@ -96,6 +96,17 @@ def test_sm90_varlen_with_junk_after_the_sequences(case, dtype):
 
 
 @needs_sm90
+@pytest.mark.parametrize("pairs_per_chunk", ["", "1", "5"], ids=["heuristic", "one-pair", "five-pairs"])
+def test_sm90_launch_chunks(pairs_per_chunk, monkeypatch):
+    """Many (sequence, kv head) pairs: the host's rule cuts them into launch chunks (96 pairs of 2
+    key blocks on 132 SMs: 66, then 30), or THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK does; every key
+    block of every pair must still run exactly once."""
+    monkeypatch.setenv("THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK", pairs_per_chunk)
+    q, k, v = _qkv(48, 256, 256, 4, 2, 128, torch.bfloat16, seed=4)
+    _check(*_run_direct(q, k, v, True, 128 ** -0.5, None, op=SM90_OP))
+
+
+@needs_sm90
 def test_sm90_strided_and_misaligned_inputs():
     """Views of a fused projection, a [B, H, S, D] transpose, a view whose rows are not 16-byte
     aligned (copied by the binding), a strided dout: read through tensor maps or copied."""

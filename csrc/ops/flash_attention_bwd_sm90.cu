@@ -1,8 +1,10 @@
 // Flash attention backward for Hopper: argument checks, the TMA tensor maps of q / k / v / dout
 // (thinkfuse/sm90_host.cuh), and the three launches: the preprocess and convert kernels of
 // flash_attention_bwd.cuh around the Hopper dK / dV kernel of flash_attention_bwd_sm90.cuh.
+#include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 
 #include "thinkfuse/common.cuh"
 #include "thinkfuse/flash_attention_bwd.cuh"
@@ -31,15 +33,43 @@ cudaError_t check_dkdv_image() {
                                       kRegisterFile);
 }
 
+// The CTAs of one (sequence, kv head) pair that should be in flight together: all its key blocks
+// up to this many. The H100 run of 2026-11-23 measured the backward at ~2x the time per FLOP
+// with 1-2 CTAs of a pair in flight (non-causal, 16 x 1024 and 8 x 2048 tokens) as with 4 or
+// more (4 x 4096 and longer), the shared Q / dO tiles and dQ rows then coming from HBM.
+constexpr int kPairCtasInFlight = 8;
+
+// (sequence, kv head) pairs per launch chunk (flash_bwd_sm90::launch_order): one chunk (the
+// longest key blocks of every pair first) when that already keeps kPairCtasInFlight CTAs of each
+// pair in flight on `sms` SMs; else chunks of sms / kPairCtasInFlight pairs. Long sequences
+// (few pairs) keep the one chunk; short ones (many pairs) get chunks of about two waves or more.
+// THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK overrides it (<= 0 or unset: this rule), to compare
+// orders on a GPU.
+inline int pairs_per_chunk(int sms, int n_key_blocks, int pairs) {
+  int chunk = 0;
+  if (const char* forced = std::getenv("THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK")) {
+    chunk = std::atoi(forced);
+  }
+  if (chunk <= 0) {
+    const int in_flight = std::max(1, std::min(n_key_blocks, kPairCtasInFlight));
+    chunk = std::max(1, sms / in_flight);
+  }
+  return std::min(chunk, pairs);
+}
+
 template <typename T, int D>
-cudaError_t launch_dkdv(const flash_bwd::KernelParams<T>& kp, const Maps& maps,
-                        cudaStream_t stream) {
+cudaError_t launch_dkdv(flash_bwd::KernelParams<T> kp, const Maps& maps, cudaStream_t stream) {
   using Cfg = flash_bwd_sm90::Config<D>;
   auto* kernel = &flash_bwd_sm90::dkdv_kernel<T, D>;
-  const int64_t ctas = static_cast<int64_t>(ceil_div(kp.max_seqlen_k, Cfg::kBlockN)) * kp.batch *
-                       kp.heads_kv;
+  const int n_key_blocks = ceil_div(kp.max_seqlen_k, Cfg::kBlockN);
+  const int64_t ctas = static_cast<int64_t>(n_key_blocks) * kp.batch * kp.heads_kv;
   if (ctas == 0) return cudaSuccess;
   if (ctas > INT_MAX) return cudaErrorInvalidValue;
+  int device = 0;
+  int sms = 0;
+  TF_CUDA_TRY(cudaGetDevice(&device));
+  TF_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  kp.pairs_per_chunk = pairs_per_chunk(sms, n_key_blocks, kp.batch * kp.heads_kv);
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) {

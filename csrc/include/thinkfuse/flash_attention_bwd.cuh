@@ -145,6 +145,9 @@ struct KernelParams {
   int batch, heads_q, heads_kv, group;
   int max_seqlen_q, max_seqlen_k;
   int window;  // <= 0: none
+  // Launch order of the Hopper dK / dV kernel (flash_bwd_sm90::cta_info): (sequence, kv head)
+  // pairs per chunk, in [1, batch * heads_kv]. Unused by this file's kernels.
+  int pairs_per_chunk;
   bool causal;
   float scale;       // softmax_scale
   float scale_log2;  // softmax_scale * log2(e)
@@ -759,6 +762,7 @@ KernelParams<T> make_kernel_params(const FlashAttnParams& p, const FlashAttnBwdA
   k.max_seqlen_q = p.max_seqlen_q;
   k.max_seqlen_k = p.max_seqlen_k;
   k.window = p.window > 0 ? p.window : 0;
+  k.pairs_per_chunk = p.batch * p.heads_kv;  // one chunk: key block slowest over every pair
   k.causal = p.causal;
   k.scale = p.softmax_scale;
   k.scale_log2 = p.softmax_scale * kLog2e;

@@ -7,9 +7,9 @@
 // window, packed sequences. float16 / bfloat16. Host side: csrc/ops/flash_attention_bwd_sm90.cu.
 //
 // Work decomposition
-//   One CTA per (key block of kBlockN = 128 keys, sequence, kv head), key block slowest in the
-//   launch order (block 0, which the most queries see under the causal mask, goes first), 3
-//   warpgroups (384 threads):
+//   One CTA per (key block of kBlockN = 128 keys, sequence, kv head), launched in chunks of
+//   (sequence, kv head) pairs with the key block slowest inside a chunk (block 0, which the most
+//   queries see under the causal mask, goes first; see launch_order), 3 warpgroups (384 threads):
 //     warpgroup 0, the producer: its warp 0 loads (TMA from one elected lane, cp.async for the
 //       statistics and for packed tails); the other three warps exit at once. setmaxnreg gives its
 //       registers away (kProducerRegs).
@@ -178,15 +178,39 @@ struct CtaInfo {
   int mb_lo, n_mb, n_iter;
 };
 
+// Launch order. The CTAs of one (sequence, kv head) pair read the same Q / dO / lse / delta
+// tiles and add into the same dQ rows, so they share L2 when they run at the same time; the
+// longest causal key blocks should start first, so that the last wave is made of short ones.
+// The pairs are cut into chunks of p.pairs_per_chunk consecutive pairs (the last chunk may hold
+// fewer); chunks run one after the other, and inside a chunk the key block is slowest and the
+// pair fastest. One chunk of every pair is longest-first over the whole grid; smaller chunks keep
+// more CTAs of each pair in flight together (the host picks, flash_attention_bwd_sm90.cu).
+struct LaunchSlot {
+  int key_block, pair;
+};
+
+__device__ __forceinline__ LaunchSlot launch_order(int cta, int n_key_blocks, int pairs,
+                                                   int pairs_per_chunk) {
+  // 32-bit: every product is at most the CTA count, which the host keeps <= INT32_MAX
+  const int chunk_ctas = pairs_per_chunk * n_key_blocks;
+  const int chunk = cta / chunk_ctas;
+  const int first_pair = chunk * pairs_per_chunk;
+  const int width = min(pairs_per_chunk, pairs - first_pair);
+  const int in_chunk = cta - chunk * chunk_ctas;
+  const int key_block = in_chunk / width;
+  return {key_block, first_pair + (in_chunk - key_block * width)};
+}
+
 template <typename T, int D>
 __device__ __forceinline__ CtaInfo cta_info(const flash_bwd::KernelParams<T>& p) {
   using Cfg = Config<D>;
   CtaInfo ci;
-  const int per_block = p.batch * p.heads_kv;  // CTAs per key block
-  const int nb = static_cast<int>(blockIdx.x) / per_block;
-  const int rest = static_cast<int>(blockIdx.x) - nb * per_block;
-  ci.b = rest / p.heads_kv;
-  ci.kvh = rest - ci.b * p.heads_kv;
+  const LaunchSlot slot = launch_order(static_cast<int>(blockIdx.x),
+                                       ceil_div(p.max_seqlen_k, Cfg::kBlockN),
+                                       p.batch * p.heads_kv, p.pairs_per_chunk);
+  const int nb = slot.key_block;
+  ci.b = slot.pair / p.heads_kv;
+  ci.kvh = slot.pair - ci.b * p.heads_kv;
   flash_bwd::sequence(p.cu_q, ci.b, p.total_q, p.max_seqlen_q, ci.q_start, ci.q_len);
   flash_bwd::sequence(p.cu_k, ci.b, p.total_k, p.max_seqlen_k, ci.k_start, ci.k_len);
   ci.n0 = nb * Cfg::kBlockN;

@@ -43,13 +43,15 @@ constexpr int kPairCtasInFlight = 8;
 // longest key blocks of every pair first) when that already keeps kPairCtasInFlight CTAs of each
 // pair in flight on `sms` SMs; else chunks of sms / kPairCtasInFlight pairs. Long sequences
 // (few pairs) keep the one chunk; short ones (many pairs) get chunks of about two waves or more.
-// THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK overrides it (<= 0 or unset: this rule), to compare
-// orders on a GPU.
-inline int pairs_per_chunk(int sms, int n_key_blocks, int pairs) {
+// Packed sequences always keep one chunk: their pairs differ in length, and a long sequence in
+// a late chunk would start its longest key blocks last. THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK
+// overrides the rule (<= 0 or unset: the rule), to compare orders on a GPU.
+inline int pairs_per_chunk(int sms, int n_key_blocks, int pairs, bool packed) {
   int chunk = 0;
   if (const char* forced = std::getenv("THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK")) {
     chunk = std::atoi(forced);
   }
+  if (chunk <= 0 && packed) chunk = pairs;
   if (chunk <= 0) {
     const int in_flight = std::max(1, std::min(n_key_blocks, kPairCtasInFlight));
     chunk = std::max(1, sms / in_flight);
@@ -69,7 +71,8 @@ cudaError_t launch_dkdv(flash_bwd::KernelParams<T> kp, const Maps& maps, cudaStr
   int sms = 0;
   TF_CUDA_TRY(cudaGetDevice(&device));
   TF_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  kp.pairs_per_chunk = pairs_per_chunk(sms, n_key_blocks, kp.batch * kp.heads_kv);
+  kp.pairs_per_chunk =
+      pairs_per_chunk(sms, n_key_blocks, kp.batch * kp.heads_kv, kp.cu_k != nullptr);
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) {

@@ -12,8 +12,9 @@
 //
 // TMA needs a 16-byte aligned base and 16-byte multiple strides: other inputs get
 // cudaErrorInvalidPitchValue, and so does a layout the driver refuses to encode (the bindings
-// then retry with contiguous copies). THINKFUSE_DEBUG_TMA=1 prints each refusal of the driver
-// (its CUresult, dims, strides) to stderr.
+// then retry with contiguous copies); another driver error (no current context, say) comes back
+// as itself. THINKFUSE_DEBUG_TMA=1 prints each refusal of the driver (its CUresult, dims,
+// strides) to stderr.
 #pragma once
 
 #include <cuda.h>
@@ -36,25 +37,44 @@ using flash_fwd_sm90::TmaDescriptor;
 static_assert(sizeof(CUtensorMap) == sizeof(TmaDescriptor), "TmaDescriptor mirrors CUtensorMap");
 static_assert(alignof(CUtensorMap) <= alignof(TmaDescriptor), "TmaDescriptor mirrors CUtensorMap");
 
-// The driver's cuTensorMapEncodeTiled (ABI of CUDA 12.0), or nullptr if the driver lacks it.
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+// A driver API entry point (ABI of CUDA 12.0), fetched through the runtime; nullptr if the
+// driver lacks it.
+inline void* driver_entry_point(const char* symbol) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
 #if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                             cudaEnableDefault, &status);
+  const cudaError_t err =
+      cudaGetDriverEntryPointByVersion(symbol, &fn, 12000, cudaEnableDefault, &status);
 #else
-    const cudaError_t err =
-        cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &status);
+  const cudaError_t err = cudaGetDriverEntryPoint(symbol, &fn, cudaEnableDefault, &status);
 #endif
-    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();  // not sticky; do not leak it into the next launch check
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
+  if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();  // not sticky; do not leak it into the next launch check
+    return nullptr;
+  }
+  return fn;
+}
+
+// The driver's cuTensorMapEncodeTiled, or nullptr if the driver lacks it.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const auto encoder = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(
+      driver_entry_point("cuTensorMapEncodeTiled"));
   return encoder;
+}
+
+// Makes the current device's primary context current on the calling thread when no context is
+// (cuTensorMapEncodeTiled, a driver call, needs one). Autograd runs backward on its own device
+// thread, and there the backward's first call was refused with CUDA_ERROR_INVALID_CONTEXT (H100
+// run of 2026-11-23) while the same call encoded on the main thread. A context the caller made
+// current (a green context, cuCtxPushCurrent) is left alone.
+inline cudaError_t ensure_current_context(int device) {
+  static const auto get_current =
+      reinterpret_cast<PFN_cuCtxGetCurrent_v4000>(driver_entry_point("cuCtxGetCurrent"));
+  CUcontext current = nullptr;
+  if (get_current != nullptr && get_current(&current) == CUDA_SUCCESS && current != nullptr) {
+    return cudaSuccess;
+  }
+  return cudaSetDevice(device);  // CUDA >= 12: binds the device's primary context here
 }
 
 // Tensor map of a [batch][tokens][heads][head_dim] tensor addressed by element strides (unit
@@ -101,21 +121,21 @@ inline cudaError_t encode_map(TmaDescriptor* map, const void* base, DType dtype,
                    (unsigned long long)strides[0], (unsigned long long)strides[1],
                    (unsigned long long)strides[2], box_rows, base);
     }
-    return cudaErrorInvalidPitchValue;
+    // CUDA_ERROR_INVALID_VALUE: the layout is refused (the bindings retry with contiguous
+    // copies); anything else is not about the layout and is reported as it is.
+    if (res == CUDA_ERROR_INVALID_VALUE) return cudaErrorInvalidPitchValue;
+    return res == CUDA_ERROR_INVALID_CONTEXT ? cudaErrorDeviceUninitialized : cudaErrorUnknown;
   }
   std::memcpy(map, &encoded, sizeof(encoded));
   return cudaSuccess;
 }
 
-// Whether the current device is compute capability 9.0 (the only one sm_90a code runs on).
-// Also makes the device's primary context current on the calling thread: cuTensorMapEncodeTiled
-// is a driver call and fails with CUDA_ERROR_INVALID_CONTEXT on a thread that has made no runtime
-// call yet. Autograd runs backward on its own device thread, so the backward's first call there
-// was refused (H100 run of 2026-11-23) while the same call on the main thread encoded.
+// Whether the current device is compute capability 9.0 (the only one sm_90a code runs on), with
+// a context current on the calling thread for the tensor-map encoder (ensure_current_context).
 inline cudaError_t check_device() {
   int device = 0;
   TF_CUDA_TRY(cudaGetDevice(&device));
-  TF_CUDA_TRY(cudaSetDevice(device));  // CUDA >= 12: binds the primary context to this thread
+  TF_CUDA_TRY(ensure_current_context(device));
   int major = 0;
   int minor = 0;
   TF_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

@@ -19,8 +19,8 @@ Variants:
 
 Implementations (each timed as a user calls it, from the tensors to the attention output):
 - ``thinkfuse-cuda-sm90`` (dense and varlen): the Hopper kernels (wgmma + TMA) called directly,
-  ``flash_attention_fwd_sm90`` and in fwd+bwd rows ``flash_attention_bwd_sm90``, until a GPU run
-  validates the backward for the op's routing.
+  ``flash_attention_fwd_sm90`` and in fwd+bwd rows ``flash_attention_bwd_sm90``: the kernels
+  alone, where ``thinkfuse-cuda`` is the op's own choice for the shape.
 - ``thinkfuse-<backend>``: the torch ops ``flash_attention(q, k, v, causal=..., [cu_seqlens_*,
   max_seqlen_*,] backend=...)`` / ``decode_attention(q, k_cache, v_cache, cache_seqlens,
   backend=...)``. The cuda rows are missing until the extension has the kernels. The torch

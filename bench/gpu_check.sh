@@ -180,7 +180,9 @@ build_stamp() {
     {
         find csrc setup.py -type f -print0 | sort -z | xargs -0 sha256sum
         "$PYTHON" -c 'import torch; print(torch.__version__, torch.version.cuda)'
-        nvcc --version 2>/dev/null | tail -n 1
+        # the nvcc torch's build uses (CUDA_HOME), not whichever is first on PATH
+        "$("$PYTHON" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")' \
+            2>/dev/null)/bin/nvcc" --version 2>/dev/null | tail -n 1
         echo "arch=$1 cc=${CC:-default} cxx=${CXX:-default}"
     } | sha256sum | cut -d' ' -f1
 }
@@ -193,6 +195,7 @@ restore_carried_build() {
         echo "the carried build in $EXT_CACHE/ was made from other sources or tools: building"
         return 1
     fi
+    rm -f python/thinkfuse/_C*.so  # an older build of another name must not be what imports
     if tar xzf "$EXT_CACHE/thinkfuse-ext.tgz" -C python/thinkfuse \
         && THINKFUSE_BUILD_CUDA=0 "$PYTHON" -m pip install --no-build-isolation --no-deps -q -e . \
         && "$PYTHON" -c 'import thinkfuse._C'; then

@@ -432,8 +432,9 @@ SM90_BWD_CHUNK_CASES = {
     "chunks-4-of-6": (Attn(128, b=3, sq=300, sk=300, hq=4, hkv=2), BF16, 4),
     # one pair per chunk: each pair's key blocks back to back, longest first
     "chunks-1": (Attn(128, b=2, sq=200, sk=260, hq=6, hkv=3, causal=False, opts=RANDOM), FP16, 1),
-    # packed sequences of different lengths: key blocks past a short sequence exit at once
-    "packed-chunks-2-of-3": (Attn(128, lens_q=(260, 5, 130), lens_k=(260, 5, 130), hq=2, hkv=1, tail=3), BF16, 2),
+    # packed sequences of different lengths (key blocks past a short one exit at once); the last
+    # chunk's one pair is the longest sequence, so a block it skipped would show
+    "packed-chunks-2-of-3": (Attn(128, lens_q=(130, 5, 260), lens_k=(130, 5, 260), hq=2, hkv=1, tail=3), BF16, 2),
 }
 
 

@@ -41,15 +41,17 @@ constexpr int kPairCtasInFlight = 8;
 
 // (sequence, kv head) pairs per launch chunk (flash_bwd_sm90::launch_order): one chunk (the
 // longest key blocks of every pair first) when that already keeps kPairCtasInFlight CTAs of each
-// pair in flight on `sms` SMs; else chunks of sms / kPairCtasInFlight pairs. Long sequences
-// (few pairs) keep the one chunk; short ones (many pairs) get chunks of about two waves or more.
+// pair in flight on `sms` SMs; else chunks of sms / min(key blocks, kPairCtasInFlight) pairs
+// (about one wave of CTAs up to 8 key blocks, key blocks / 8 waves beyond). Long sequences
+// (few pairs) keep the one chunk.
 // Packed sequences always keep one chunk: their pairs differ in length, and a long sequence in
 // a late chunk would start its longest key blocks last. THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK
 // overrides the rule (<= 0 or unset: the rule), to compare orders on a GPU.
 inline int pairs_per_chunk(int sms, int n_key_blocks, int pairs, bool packed) {
   int chunk = 0;
   if (const char* forced = std::getenv("THINKFUSE_SM90_BWD_PAIRS_PER_CHUNK")) {
-    chunk = std::atoi(forced);
+    const long value = std::strtol(forced, nullptr, 10);
+    chunk = value > 0 && value <= INT_MAX ? static_cast<int>(value) : 0;
   }
   if (chunk <= 0 && packed) chunk = pairs;
   if (chunk <= 0) {

@@ -229,6 +229,15 @@ __device__ __forceinline__ void sequence(const int32_t* cu, int b, int64_t total
 // cp.async of rows [0, kRows) x [0, kD) of a global tile (row stride `stride` elements, unit
 // column stride, rows >= valid zero-filled; `fallback` is any mapped address for those) into
 // shared memory with row stride kLd. Every thread of the CTA calls it.
+// Whether query row qi (query t sits at key position t + shift) sees key `key`: both inside
+// their sequences, not after the query under the causal mask, within the sliding window (> 0).
+// The one mask both dK / dV kernels (this file's and the Hopper one) apply per element.
+__device__ __forceinline__ bool pair_visible(int qi, int key, int q_len, int k_len, int shift,
+                                             bool causal, int window) {
+  const int pos = qi + shift;
+  return qi < q_len && key < k_len && (!causal || key <= pos) && (window <= 0 || key > pos - window);
+}
+
 template <int kRows, int kD, int kLd, int kThreads, typename T>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride, int valid,
                                           int tid) {
@@ -475,9 +484,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) dkdv_kernel(const KernelPara
         for (int e = 0; e < 4; ++e) {
           const int key = key_w + (e >> 1) * 8;
           const int qi = m0 + 8 * j + 2 * t + (e & 1);
-          const int pos = qi + shift;
-          const bool visible = qi < q_len && key < k_len && (!causal || key <= pos) &&
-                               (window <= 0 || key > pos - window);
+          const bool visible = pair_visible(qi, key, q_len, k_len, shift, causal, window);
           acc_s[j][e] = visible ? acc_s[j][e] : 0.0f;  // a select: inf / NaN never leak
         }
       }

@@ -392,9 +392,8 @@ __device__ __forceinline__ void probabilities(float (&s)[32], const float* lse, 
       if constexpr (kMask) {
         const int key = key_row + 8 * ((e >> 1) & 1);
         const int qi = m0 + 8 * j + 2 * t + (e & 1);
-        const int pos = qi + ci.shift;
-        const bool visible = qi < ci.q_len && key < ci.k_len && (!causal || key <= pos) &&
-                             (ci.window <= 0 || key > pos - ci.window);
+        const bool visible =
+            flash_bwd::pair_visible(qi, key, ci.q_len, ci.k_len, ci.shift, causal, ci.window);
         s[i] = visible ? pv : 0.0f;  // a select: inf / NaN never leak
       } else {
         s[i] = pv;

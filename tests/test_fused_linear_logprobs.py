@@ -518,6 +518,44 @@ def test_one_pass_takes_one_chunk_when_that_needs_less_memory(monkeypatch, n_tok
     assert len(seen) == -(-n_tokens // 4)
 
 
+class _Float32Storages(TorchDispatchMode):
+    """Distinct storages of the float32 tensors of one shape that torch ops produce."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.storages = tuple(shape), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == self.shape:
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_one_pass_accumulates_d_weight_in_one_buffer(backend, dtype):
+    """Over several chunks the float32 [V, H] d_weight accumulator is added to in place: one
+    buffer for the whole pass. (torch's addmm with out_dtype and no ``out`` allocates a new
+    [V, H] result per chunk and copies the old one in: a second accumulator alive at once, and
+    twice the traffic. On CUDA this checks the in-place form this torch build supports.)"""
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    hidden, weight, _, ids = _inputs((23,), 16, 301, dtype=dtype, bias=False)
+    grad_weights = torch.randn(23, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with _Float32Storages(weight.shape) as probe:
+        logprobs, _, d_weight, _ = fused_linear_logprobs_with_grads(
+            hidden, weight, ids, lambda lp, s, e: grad_weights[s:e], chunk_size=5, backend=backend)
+    assert len(probe.storages) == 1, f"{len(probe.storages)} float32 [V, H] buffers"
+    leaf = weight.float().clone().requires_grad_()
+    ref = reference.fused_linear_token_logprobs(hidden.float(), leaf, ids)
+    (ref * grad_weights).sum().backward()
+    if dtype == torch.float32:
+        assert_close_fp32(d_weight, leaf.grad)
+    else:
+        torch.testing.assert_close(d_weight.float(), leaf.grad, atol=2e-2, rtol=2e-2)
+
+
 def test_one_pass_with_no_tokens(backend):
     from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
 

@@ -14,6 +14,9 @@
 #   bash bench/gpu_check.sh tune      (Triton only: no build needed)
 # and Nsight Compute's report of the kernels of PROFILES (below), to see what holds them back:
 #   bash bench/gpu_check.sh build profile
+# and where an end-to-end step's GPU time goes, per kernel and kind (bench/breakdown.py:
+# train-step and grpo-step of Palmyra-mini, thinkfuse against HF / TRL), in logs/breakdown.log:
+#   bash bench/gpu_check.sh build breakdown
 # A machine is given back 30 s after a call, so each call starts bare and builds (~60 s). The
 # build step saves the extension to $OUT (thinkfuse-ext.tgz / .stamp); copy both into
 # .ext-cache/ and carry it (carry [".whl", ".ext-cache"]): the next call's build step then
@@ -35,7 +38,7 @@
 # THINKFUSE_GIT_COMMIT=<sha> names the code in the results' metadata: the machine's copy of the
 # tree may carry a missing or stale .git (a 2026-11-22 run recorded the wrong commit).
 #
-# Environment knobs: PYTHON, OUT, THINKFUSE_GIT_COMMIT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, TUNE_TIMEOUT, PROFILE_TIMEOUT, BENCH_JOBS_SELECT,
+# Environment knobs: PYTHON, OUT, THINKFUSE_GIT_COMMIT, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT, TUNE_TIMEOUT, PROFILE_TIMEOUT, BREAKDOWN_TIMEOUT, BENCH_JOBS_SELECT,
 # MAX_JOBS (parallel nvcc jobs), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, which
 # halves the build time compared with setup.py's 8.0;9.0a).
 
@@ -50,6 +53,7 @@ SM90_TESTS_TIMEOUT=${SM90_TESTS_TIMEOUT:-180}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-420}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-480}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-240}
+BREAKDOWN_TIMEOUT=${BREAKDOWN_TIMEOUT:-240}
 # Tests in parallel processes when pytest-xdist is there (Triton's JIT compiles are CPU-bound).
 export TEST_WORKERS=${TEST_WORKERS:-$(nproc)}
 # name:seconds:bench arguments. Shapes cut to one model where the full preset list takes longer
@@ -308,6 +312,12 @@ step_profile() {
     return "$rc"
 }
 
+step_breakdown() {
+    # GPU time per kernel and kind of kernel of the e2e train and GRPO steps (torch.profiler):
+    # the report in logs/breakdown.log, the figures in logs/breakdown/breakdown.json.
+    exec env -u TRITON_INTERPRET "$PYTHON" -m bench.breakdown --out "$LOG_DIR/breakdown"
+}
+
 step_tune() {
     # The Triton launch-config sweep (bench/tune.py): tune.{json,md} beside the results.
     exec env -u TRITON_INTERPRET "$PYTHON" -m bench.tune --out "$RESULTS_DIR"
@@ -338,7 +348,7 @@ export PYTHON RESULTS_DIR SM90_TESTS EXT_CACHE
 export BENCH_JOBS_SERIALISED PROFILES_SERIALISED LOG_DIR
 BENCH_JOBS_SERIALISED=$(printf '%s\n' "${BENCH_JOBS[@]}")
 PROFILES_SERIALISED=$(printf '%s\n' "${PROFILES[@]}")
-export -f step_env cuda_arch pick_compiler build_stamp restore_carried_build save_build step_build step_backends step_tests step_tests_sm90 step_bench step_tune step_profile merge_bench_jobs
+export -f step_env cuda_arch pick_compiler build_stamp restore_carried_build save_build step_build step_backends step_tests step_tests_sm90 step_bench step_tune step_profile step_breakdown merge_bench_jobs
 
 for step in "${STEPS[@]}"; do
     case "$step" in
@@ -349,6 +359,7 @@ for step in "${STEPS[@]}"; do
         tests-sm90) run_step tests-sm90 "$SM90_TESTS_TIMEOUT" step_tests_sm90 ;;
         tune) run_step tune "$TUNE_TIMEOUT" step_tune show ;;
         profile) run_step profile "$PROFILE_TIMEOUT" step_profile ;;
+        breakdown) run_step breakdown "$BREAKDOWN_TIMEOUT" step_breakdown show ;;
         bench)
             run_step bench "$BENCH_TIMEOUT" step_bench
             # The step stopped before merging (its own limit): merge what the jobs wrote.
@@ -356,7 +367,7 @@ for step in "${STEPS[@]}"; do
                 merge_bench_jobs >"$LOG_DIR/merge.log" 2>&1
                 copy_out
             fi ;;
-        *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests-sm90 tests bench tune profile)"); FAILED=1 ;;
+        *) SUMMARY+=("$step: UNKNOWN STEP (expected env build backends tests-sm90 tests bench tune profile breakdown)"); FAILED=1 ;;
     esac
 done
 

@@ -51,7 +51,7 @@ HF_EAGER, TORCH_COMPILE, LIGER = "hf-eager", "torch-compile", "liger"
 IMPL_ORDER = ("thinkfuse-cuda", "thinkfuse-triton", "thinkfuse-torch", HF_EAGER, TORCH_COMPILE, LIGER)
 
 # Modules of the bench package that are not op modules.
-NON_OP_MODULES = {"harness", "tune", "profile_kernels"}  # bench modules that define no cases
+NON_OP_MODULES = {"harness", "tune", "profile_kernels", "breakdown"}  # bench modules that define no cases
 
 # Device peak probes. 1 GiB per buffer is far beyond any L2, so the copy runs at DRAM speed.
 COPY_BYTES = 1 << 30

@@ -1,0 +1,240 @@
+"""Where the time of an end-to-end step goes: GPU time per kernel and per kind of kernel.
+
+    python -m bench.breakdown                                  # train-step + grpo-step, thinkfuse and hf-sdpa
+    python -m bench.breakdown --variant grpo-step --impl thinkfuse --out DIR
+    python -m bench.breakdown --smoke                          # CPU, tiny models: checks the plumbing only
+
+The benchmark rows of bench/e2e.py say how long a step takes; this says why. Each selected
+e2e case (same builders, same shapes) is run as its fwd+bwd step: 2 warm-up steps, then
+``--steps`` steps under ``torch.profiler`` with CUDA activity. Per case it reports, per step:
+- wall time (host clock around the profiled steps, synchronised) and GPU-busy time (the union
+  of all kernel / memset / memcpy intervals): a gap between them means the GPU waited on the
+  host (launch overhead, syncs);
+- GPU time per kind of kernel (``KINDS``: matmul, attention, thinkfuse's log-prob kernels, norms,
+  elementwise, ...), so "the lm_head matmuls are 60% of the step" is one line;
+- the ``--top`` kernels by GPU time, names shortened.
+
+Output: a text report on stdout and, with ``--out``, ``breakdown.json`` there (gpu_check.sh's
+``breakdown`` step puts both in the run's logs). ``--smoke`` profiles CPU activity only (no
+kernels to attribute) and makes no claim about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from bench import e2e, harness
+
+DEFAULT_VARIANTS = (e2e.TRAIN, e2e.GRPO)
+DEFAULT_IMPLS = (e2e.THINKFUSE, e2e.HF_SDPA, e2e.TRL_MATERIALISED)
+WARMUP_STEPS = 2
+
+# (kind, regex on the kernel name), first match wins. cuBLAS / cuBLASLt / CUTLASS kernels are
+# named gemm / xmma / nvjet / cutlass; ours and Triton's by their function names.
+KINDS: tuple[tuple[str, str], ...] = (
+    ("memset/memcpy", r"^(memset|memcpy)|Memset|Memcpy"),
+    ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|splitKreduce"),
+    ("log-probs", r"logprob|cross_entropy|nll_loss|log_softmax|softmax"),
+    ("attention", r"flash|attn|fmha|sdpa|dkdv|cudnn|decode"),
+    ("rms-norm", r"rms_norm|rmsnorm|layer_norm"),
+    ("swiglu/rope", r"swiglu|silu|rotary|rope"),
+    ("mtp-verify", r"mtp::|verify"),
+    ("embedding", r"embedding|index_put|indexing_backward|scatter|gather"),
+    ("reduce", r"reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled|CatArray|copy"),
+)
+
+
+@dataclass
+class KernelTotal:
+    name: str
+    kind: str
+    calls: int = 0
+    gpu_us: float = 0.0
+
+
+@dataclass
+class Breakdown:
+    """One case's figures, per step."""
+
+    label: str
+    steps: int
+    wall_ms: float
+    gpu_busy_ms: float
+    kinds_ms: dict[str, float] = field(default_factory=dict)
+    top: list[dict] = field(default_factory=list)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def short_name(name: str, width: int = 96) -> str:
+    """A kernel name without template arguments and parameter lists, at most ``width`` chars."""
+    name = re.sub(r"\(.*\)$", "", name)  # parameter list
+    depth, out = 0, []
+    for ch in name:  # drop <...> template arguments, nested
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            out.append(ch)
+    name = "".join(out).strip() or name
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def union_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals (kernels of several streams overlap)."""
+    total, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
+def device_events(events) -> list:
+    """The profiler's device-side events (kernels, memsets, memcpys) of a finished profile."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [e for e in events if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start]
+
+
+def summarise(label: str, events, steps: int, wall_s: float, top: int) -> Breakdown:
+    """Per-step figures of ``steps`` profiled steps from their device events."""
+    totals: dict[str, KernelTotal] = {}
+    for e in events:
+        name = short_name(e.name)
+        entry = totals.setdefault(name, KernelTotal(name, kind_of(e.name)))
+        entry.calls += 1
+        entry.gpu_us += e.time_range.end - e.time_range.start
+    kinds: dict[str, float] = defaultdict(float)
+    for entry in totals.values():
+        kinds[entry.kind] += entry.gpu_us
+    per_step = lambda us: us / 1000.0 / max(1, steps)  # noqa: E731
+    ranked = sorted(totals.values(), key=lambda t: t.gpu_us, reverse=True)[:top]
+    return Breakdown(
+        label=label, steps=steps, wall_ms=wall_s * 1000.0 / max(1, steps),
+        gpu_busy_ms=per_step(union_us((e.time_range.start, e.time_range.end) for e in events)),
+        kinds_ms={k: per_step(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        top=[{"name": t.name, "kind": t.kind, "calls_per_step": t.calls / max(1, steps), "ms_per_step": per_step(t.gpu_us)}
+             for t in ranked],
+    )
+
+
+def profile_case(case: harness.Case, config: harness.Config, steps: int, top: int) -> Breakdown:
+    label = f"{case.model} {case.variant} {case.shape_label} {case.impl}"
+    workload = case.build()
+    run = workload.runner(case.mode)
+    for _ in range(WARMUP_STEPS):
+        run()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if config.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    _synchronize(config)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        _synchronize(config)
+        wall = time.perf_counter() - start
+    return summarise(label, device_events(prof.events()), steps, wall, top)
+
+
+def _synchronize(config: harness.Config) -> None:
+    if config.device.type == "cuda":
+        torch.cuda.synchronize(config.device)
+
+
+def report(b: Breakdown) -> str:
+    lines = [f"== {b.label}: {b.steps} steps"]
+    if not b.kinds_ms:
+        lines.append("   no device events (a CPU run): nothing to attribute")
+        return "\n".join(lines)
+    lines.append(f"   wall {b.wall_ms:.2f} ms/step, GPU busy {b.gpu_busy_ms:.2f} ms/step "
+                 f"(idle {max(0.0, b.wall_ms - b.gpu_busy_ms):.2f})")
+    kernel_ms = sum(b.kinds_ms.values())
+    for kind, ms in b.kinds_ms.items():
+        share = ms / kernel_ms if kernel_ms else 0.0
+        lines.append(f"   {kind:<14} {ms:9.3f} ms  {share:6.1%}")
+    if b.top:
+        lines.append(f"   top {len(b.top)} kernels (ms/step, calls/step):")
+        for t in b.top:
+            lines.append(f"   {t['ms_per_step']:9.3f} {t['calls_per_step']:6.1f}  [{t['kind']}] {t['name']}")
+    return "\n".join(lines)
+
+
+def select_cases(config: harness.Config, variants, impls) -> list[harness.Case]:
+    return [c for c in e2e.cases(config)
+            if c.variant in variants and c.impl in impls and c.mode == harness.FWD_BWD and c.build is not None]
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", choices=sorted({e2e.TRAIN, e2e.GRPO, e2e.GRPO_MODEL}),
+                        help=f"e2e variants to profile (default: {', '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--impl", action="append", help=f"implementations (default: {', '.join(DEFAULT_IMPLS)})")
+    parser.add_argument("--model", default="palmyra-mini", help="models.json preset (default palmyra-mini)")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per case (default 3)")
+    parser.add_argument("--top", type=int, default=20, help="kernels listed per case (default 20)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models: plumbing only, no timings")
+    parser.add_argument("--out", type=Path, help="directory for breakdown.json")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.top < 0:
+        parser.error("--steps must be >= 1 and --top >= 0")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench.breakdown needs a CUDA device (or --smoke)")
+    presets, _ = harness.load_presets()
+    if args.model not in presets:
+        raise SystemExit(f"unknown --model {args.model!r}; known: {', '.join(sorted(presets))}")
+    bench_args = harness.parse_args(["--mode", "bwd", "--model", args.model] + (["--smoke"] if args.smoke else []))
+    config = harness.make_config(bench_args, presets)
+    cases = select_cases(config, set(args.variant or DEFAULT_VARIANTS), set(args.impl or DEFAULT_IMPLS))
+    if not cases:
+        raise SystemExit("no e2e case matches the selection")
+    results, failed = [], 0
+    for case in cases:
+        try:
+            b = profile_case(case, config, args.steps, args.top)
+        except Exception as exc:  # one case's failure (e.g. out of memory) must not hide the others
+            failed += 1
+            print(f"== {case.model} {case.variant} {case.shape_label} {case.impl}: FAILED "
+                  f"{type(exc).__name__}: {exc}", flush=True)
+            continue
+        finally:
+            if config.device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(b)
+        print(report(b), flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name() if config.device.type == "cuda" else "cpu (smoke)",
+                "torch": torch.__version__, "smoke": args.smoke}
+        (args.out / "breakdown.json").write_text(json.dumps(
+            {"metadata": meta, "cases": [asdict(b) for b in results]}, indent=2))
+    return 1 if failed and not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""bench/breakdown.py: kernel names to kinds, the busy-time union, per-step sums, and a smoke run
+through the e2e builders (CPU: no device events, so only the plumbing is checked there)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from bench import breakdown
+
+
+def _event(name, start, end):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+    ("nvjet_tst_192x192_64x4_1x2_h_bz_coopB_TNT", "matmul"),
+    ("void thinkfuse::flash_bwd_sm90::dkdv_kernel<__nv_bfloat16, 128>(thinkfuse::Params)", "attention"),
+    ("_attn_bwd_dkdv_kernel", "attention"),
+    ("void thinkfuse::flash_fwd_sm90::forward_kernel<__nv_bfloat16, 128>(...)", "attention"),
+    ("void thinkfuse::logprobs::fwd_kernel<__nv_bfloat16>(...)", "log-probs"),
+    ("void thinkfuse::mtp::split_greedy_kernel<__nv_bfloat16>(...)", "mtp-verify"),
+    ("_token_logprobs_fwd_kernel", "log-probs"),
+    ("void thinkfuse::rms_norm::backward_kernel<float>(...)", "rms-norm"),
+    ("void thinkfuse::swiglu::fwd_kernel<__nv_bfloat16>(...)", "swiglu/rope"),
+    ("void thinkfuse::rotary::rope_kernel<__nv_bfloat16>(...)", "swiglu/rope"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(...)", "elementwise"),
+    ("Memset (Device)", "memset/memcpy"),
+    ("void at::native::(anonymous namespace)::embedding_backward_feature_kernel<...>", "embedding"),
+    ("something_new", "other"),
+])
+def test_kind_of(name, kind):
+    assert breakdown.kind_of(name) == kind
+
+
+def test_short_name_drops_templates_and_parameters():
+    assert breakdown.short_name("void ns::k<float, ns::T<int, 2>>(ns::Params<float>)") == "void ns::k"
+    long = "x" * 200
+    assert len(breakdown.short_name(long, width=50)) == 50
+
+
+def test_union_counts_overlaps_once():
+    assert breakdown.union_us([]) == 0
+    assert breakdown.union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert breakdown.union_us([(20, 30), (0, 10)]) == 20
+
+
+def test_summarise_per_step_kinds_and_ranking():
+    events = [_event("gemm_a", 0, 600), _event("gemm_a", 1000, 1600), _event("rms_norm_k", 600, 700),
+              _event("rms_norm_k", 1600, 1700), _event("Memset (Device)", 650, 660)]
+    b = breakdown.summarise("case", events, steps=2, wall_s=0.004, top=2)
+    assert b.wall_ms == pytest.approx(2.0)
+    assert b.gpu_busy_ms == pytest.approx(0.7)  # (0-700 and 1000-1700) / 2 steps, memset inside
+    assert b.kinds_ms == pytest.approx({"matmul": 0.6, "rms-norm": 0.1, "memset/memcpy": 0.005})
+    assert list(b.kinds_ms) == ["matmul", "rms-norm", "memset/memcpy"]  # largest first
+    assert [t["name"] for t in b.top] == ["gemm_a", "rms_norm_k"]
+    assert b.top[0]["calls_per_step"] == 1 and b.top[0]["ms_per_step"] == pytest.approx(0.6)
+    text = breakdown.report(b)
+    assert "GPU busy 0.70 ms/step" in text and "matmul" in text
+
+
+def test_smoke_run_profiles_every_default_case(tmp_path, capsys):
+    assert breakdown.main(["--smoke", "--steps", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "breakdown.json").read_text())
+    labels = [c["label"] for c in data["cases"]]
+    assert data["metadata"]["smoke"] is True
+    assert any("train-step" in l and l.endswith(" thinkfuse") for l in labels)
+    assert any("train-step" in l and l.endswith(" hf-sdpa") for l in labels)
+    assert any("grpo-step" in l and l.endswith(" trl-materialised") for l in labels)
+    assert all(c["steps"] == 1 and c["wall_ms"] > 0 for c in data["cases"])
+    assert "no device events" in capsys.readouterr().out
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        breakdown.main(["--smoke", "--steps", "0"])
+    with pytest.raises(SystemExit, match="unknown --model"):
+        breakdown.main(["--smoke", "--model", "nope"])

@@ -315,6 +315,25 @@ def test_kernel_chunks_are_whole_tiles_of_at_most_512_mib_of_logits():
         assert tokens * n_vocab * itemsize <= KERNEL_CHUNK_LOGITS_BYTES
 
 
+def test_chunk_budget_env_override(monkeypatch):
+    """THINKFUSE_LOGITS_CHUNK_MIB sets the kernel backends' chunk budget (read at each call); a
+    value that is not a positive whole number of MiB is refused by name."""
+    monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", "2048")
+    assert kernel_chunk_tokens(151936, 2) == 7040  # 7067 fit; whole 128-token tiles
+    hidden, weight, _, ids = _inputs((23,), 16, 301, bias=False)
+    monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", "1")  # 1 MiB: all 23 tokens in one chunk
+    seen = []
+    logprobs_mod.fused_linear_logprobs_with_grads(
+        hidden, weight, ids, lambda lp, s, e: seen.append((s, e)) or torch.ones_like(lp), backend=KERNEL_BACKENDS[0])
+    assert seen == [(0, 23)]
+    for bad in ("0", "-5", "1.5", "lots"):
+        monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", bad)
+        with pytest.raises(ValueError, match="THINKFUSE_LOGITS_CHUNK_MIB"):
+            kernel_chunk_tokens(151936, 2)
+    monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", "")
+    assert kernel_chunk_tokens(151936, 2) == 1664
+
+
 # --- out-of-range ids and bad inputs --------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -61,7 +62,10 @@ TOKEN_ID_DTYPES = (torch.int32, torch.int64)
 CHUNK_LOGITS_BYTES = 256 * 2**20
 # The kernel backends' chunks hold at most this many bytes of logits in the activation dtype (plus
 # as many again for their gradient in backward): big enough for the matmuls to run at full rate.
+# THINKFUSE_LOGITS_CHUNK_MIB overrides it (memory for speed: fewer, larger chunks mean fewer
+# passes over the one-pass path's float32 d_weight accumulator).
 KERNEL_CHUNK_LOGITS_BYTES = 512 * 2**20
+CHUNK_ENV = "THINKFUSE_LOGITS_CHUNK_MIB"
 # Narrowest vocab slab the weight-gradient backward uses (see vocab_slab_plan): its d_hidden
 # matmul sums over the slab's columns, and fewer would starve the tensor cores.
 MIN_VOCAB_SLAB = 2048
@@ -114,7 +118,7 @@ def fused_linear_token_logprobs(
     ``[V]`` or None, token_ids ``[...]`` (hidden's leading shape) int32/int64.
 
     ``chunk_size``: the logits of this many tokens are computed at a time (default: chunks of at
-    most ``KERNEL_CHUNK_LOGITS_BYTES`` of logits for the cuda and triton backends,
+    most ``kernel_chunk_bytes()`` of logits for the cuda and triton backends,
     ``CHUNK_LOGITS_BYTES`` of float32 logits for the torch backend).
 
     Under ZeRO-3 / FSDP the caller passes the full (gathered) ``weight`` and ``bias``, and they
@@ -147,10 +151,25 @@ def default_chunk_tokens(n_vocab: int) -> int:
 
 
 def kernel_chunk_tokens(n_vocab: int, itemsize: int) -> int:
-    """Tokens per chunk of the kernel backends: at most ``KERNEL_CHUNK_LOGITS_BYTES`` of logits
-    of ``itemsize`` bytes, a multiple of 128 tokens when that many fit (whole matmul tiles)."""
-    tokens = max(1, KERNEL_CHUNK_LOGITS_BYTES // (itemsize * n_vocab))
+    """Tokens per chunk of the kernel backends: at most ``kernel_chunk_bytes()`` of logits of
+    ``itemsize`` bytes, a multiple of 128 tokens when that many fit (whole matmul tiles)."""
+    tokens = max(1, kernel_chunk_bytes() // (itemsize * n_vocab))
     return tokens - tokens % 128 if tokens >= 128 else tokens
+
+
+def kernel_chunk_bytes() -> int:
+    """Bytes of logits per chunk of the kernel backends: ``THINKFUSE_LOGITS_CHUNK_MIB`` MiB when
+    that is set (read at each call), else ``KERNEL_CHUNK_LOGITS_BYTES``."""
+    value = os.environ.get(CHUNK_ENV, "").strip()
+    if not value:
+        return KERNEL_CHUNK_LOGITS_BYTES
+    try:
+        mib = int(value)
+    except ValueError:
+        mib = 0
+    if mib <= 0:
+        raise ValueError(f"{CHUNK_ENV} must be a positive whole number of MiB, got {value!r}")
+    return mib * 2**20
 
 
 def _chunk_tokens(backend: str, weight: Tensor, chunk_size: Optional[int]) -> int:

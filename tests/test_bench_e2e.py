@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import thinkfuse  # noqa: E402
 from bench import e2e, harness  # noqa: E402
 
 
@@ -104,6 +105,22 @@ def test_decode_steps_leave_the_caches_as_they_found_them():
     assert torch.equal(plain[0], plain[1]) and torch.equal(drafts[0], drafts[1])
     assert torch.equal(outputs.logits[:, 0].argmax(-1), plain[0])
     assert ctx.mtp_cache.get_seq_length() == 12
+
+
+def test_decode_rows_share_one_model_and_set_its_patch_state():
+    """The decode rows build their (7B on a GPU) model once per job; each row's build leaves it
+    patched or restored to HF's forwards, as the row needs."""
+    config = _smoke_config()
+    spec = e2e.ModelSpec("tiny-mimo", "mimo", None)
+    plain = e2e._decode_model(spec, False, config)
+    patched = e2e._decode_model(spec, True, config)
+    assert patched is plain
+    assert thinkfuse.unpatch_model(patched) > 0  # it was patched
+    again = e2e._decode_model(spec, False, config)
+    assert again is plain and thinkfuse.unpatch_model(again) == 0  # and now it is not
+    other = e2e._decode_model(e2e.ModelSpec("tiny-mimo-2", "mimo", None), False, config)
+    assert other is not plain  # another spec: a new model, the old one let go
+    assert len(e2e._DECODE_MODEL) == 1
 
 
 def test_derived_numbers():

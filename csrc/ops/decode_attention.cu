@@ -87,9 +87,8 @@ int64_t decode_attention_num_splits(const DecodeAttentionShape& shape, int64_t r
       return cudaSuccess;
     }
     int device = 0;
-    TF_CUDA_TRY(cudaGetDevice(&device));
     int sms = 0;
-    TF_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    TF_CUDA_TRY(current_device_sms(&device, &sms));
     int per_sm = 0;
     TF_CUDA_TRY((decode_attn::blocks_per_sm<T, kD, kRows>(device, &per_sm)));
     const int64_t tiles = row_tiles(shape, kRows);

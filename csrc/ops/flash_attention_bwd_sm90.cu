@@ -71,8 +71,7 @@ cudaError_t launch_dkdv(flash_bwd::KernelParams<T> kp, const Maps& maps, cudaStr
   if (ctas > INT_MAX) return cudaErrorInvalidValue;
   int device = 0;
   int sms = 0;
-  TF_CUDA_TRY(cudaGetDevice(&device));
-  TF_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  TF_CUDA_TRY(current_device_sms(&device, &sms));
   kp.pairs_per_chunk =
       pairs_per_chunk(sms, n_key_blocks, kp.batch * kp.heads_kv, kp.cu_k != nullptr);
   cudaError_t err =

@@ -20,10 +20,6 @@ bool valid_shape(int64_t rows, int64_t cols) {
 
 float reciprocal(int64_t cols) { return cols > 0 ? 1.0f / static_cast<float>(cols) : 0.0f; }
 
-cudaError_t sm_count(int device, int* count) {
-  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-}
-
 }  // namespace
 
 cudaError_t rms_norm_forward(const void* x, int64_t x_row_stride, const void* residual,
@@ -70,9 +66,8 @@ cudaError_t rms_norm_backward(const void* dy, int64_t dy_row_stride, const void*
   // The grid size must match the one rms_norm_backward_workspace_floats assumed: both use the
   // SM count of the current device.
   int device = 0;
-  TF_CUDA_TRY(cudaGetDevice(&device));
   int sms = 0;
-  TF_CUDA_TRY(sm_count(device, &sms));
+  TF_CUDA_TRY(current_device_sms(&device, &sms));
   return dispatch_dtype(x_dtype, [&](auto x_tag) {
     return dispatch_dtype(w_dtype, [&](auto w_tag) {
       using XT = typename decltype(x_tag)::type;

@@ -280,4 +280,19 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Host: the SM count of a device, for the launch heuristics that size grids to fill the GPU.
+// ---------------------------------------------------------------------------------------------
+
+inline cudaError_t sm_count(int device, int* sms) {
+  return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+}
+
+// The current device (the one the caller's stream belongs to: the bindings set it) and its SM
+// count.
+inline cudaError_t current_device_sms(int* device, int* sms) {
+  TF_CUDA_TRY(cudaGetDevice(device));
+  return sm_count(*device, sms);
+}
+
 }  // namespace thinkfuse

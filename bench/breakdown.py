@@ -9,7 +9,8 @@ e2e case (same builders, same shapes) is run as its fwd+bwd step: 2 warm-up step
 ``--steps`` steps under ``torch.profiler`` with CUDA activity. Per case it reports, per step:
 - wall time (host clock around the profiled steps, synchronised) and GPU-busy time (the union
   of all kernel / memset / memcpy intervals): a gap between them means the GPU waited on the
-  host (launch overhead, syncs);
+  host (launch overhead, syncs). The profiler's own per-op cost is in the wall time, so the gap
+  is an upper bound;
 - GPU time per kind of kernel (``KINDS``: matmul, attention, thinkfuse's log-prob kernels, norms,
   elementwise, ...), so "the lm_head matmuls are 60% of the step" is one line;
 - the ``--top`` kernels by GPU time, names shortened.
@@ -39,13 +40,16 @@ DEFAULT_VARIANTS = (e2e.TRAIN, e2e.GRPO)
 DEFAULT_IMPLS = (e2e.THINKFUSE, e2e.HF_SDPA, e2e.TRL_MATERIALISED)
 WARMUP_STEPS = 2
 
-# (kind, regex on the kernel name), first match wins. cuBLAS / cuBLASLt / CUTLASS kernels are
-# named gemm / xmma / nvjet / cutlass; ours and Triton's by their function names.
+# (kind, regex), first match wins, tried on the kernel name without its template arguments and
+# parameter list (template arguments name types such as cutlass::bfloat16_t inside attention
+# kernels). Attention before matmul: PyTorch's memory-efficient kernels are fmha_cutlass*.
+# cuBLAS / cuBLASLt / CUTLASS matmuls are named gemm / xmma / nvjet / cutlass; ours and
+# Triton's by their namespace or function names.
 KINDS: tuple[tuple[str, str], ...] = (
     ("memset/memcpy", r"^(memset|memcpy)|Memset|Memcpy"),
-    ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|splitKreduce"),
     ("log-probs", r"logprob|cross_entropy|nll_loss|log_softmax|softmax"),
     ("attention", r"flash|attn|fmha|sdpa|dkdv|cudnn|decode"),
+    ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|splitKreduce"),
     ("rms-norm", r"rms_norm|rmsnorm|layer_norm"),
     ("swiglu/rope", r"swiglu|silu|rotary|rope"),
     ("mtp-verify", r"mtp::|verify"),
@@ -76,24 +80,31 @@ class Breakdown:
 
 
 def kind_of(name: str) -> str:
+    bare = strip_signature(name)
     for kind, pattern in KINDS:
-        if re.search(pattern, name, flags=re.IGNORECASE):
+        if re.search(pattern, bare, flags=re.IGNORECASE):
             return kind
     return "other"
 
 
-def short_name(name: str, width: int = 96) -> str:
-    """A kernel name without template arguments and parameter lists, at most ``width`` chars."""
-    name = re.sub(r"\(.*\)$", "", name)  # parameter list
+def strip_signature(name: str) -> str:
+    """A kernel name without template arguments and a trailing parameter list: ``void
+    at::native::(anonymous namespace)::k<float, 4>(Params)`` -> ``void at::native::anon::k``."""
+    name = name.replace("(anonymous namespace)", "anon")
     depth, out = 0, []
-    for ch in name:  # drop <...> template arguments, nested
-        if ch == "<":
+    for ch in name:  # drop <...> and (...), nested
+        if ch in "<(":
             depth += 1
-        elif ch == ">":
+        elif ch in ">)":
             depth = max(0, depth - 1)
         elif depth == 0:
             out.append(ch)
-    name = "".join(out).strip() or name
+    return "".join(out).strip() or name
+
+
+def short_name(name: str, width: int = 96) -> str:
+    """``strip_signature(name)``, at most ``width`` characters."""
+    name = strip_signature(name)
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
@@ -113,15 +124,16 @@ def union_us(intervals: Iterable[tuple[float, float]]) -> float:
 def device_events(events) -> list:
     """The profiler's device-side events (kernels, memsets, memcpys) of a finished profile."""
     cuda = torch.autograd.DeviceType.CUDA
-    return [e for e in events if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start]
+    return [e for e in events if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start
+            and not getattr(e, "is_user_annotation", False)]
 
 
 def summarise(label: str, events, steps: int, wall_s: float, top: int) -> Breakdown:
     """Per-step figures of ``steps`` profiled steps from their device events."""
-    totals: dict[str, KernelTotal] = {}
+    totals: dict[tuple[str, str], KernelTotal] = {}  # different kernels may share a short name
     for e in events:
-        name = short_name(e.name)
-        entry = totals.setdefault(name, KernelTotal(name, kind_of(e.name)))
+        name, kind = short_name(e.name), kind_of(e.name)
+        entry = totals.setdefault((name, kind), KernelTotal(name, kind))
         entry.calls += 1
         entry.gpu_us += e.time_range.end - e.time_range.start
     kinds: dict[str, float] = defaultdict(float)
@@ -208,11 +220,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     presets, _ = harness.load_presets()
     if args.model not in presets:
         raise SystemExit(f"unknown --model {args.model!r}; known: {', '.join(sorted(presets))}")
-    bench_args = harness.parse_args(["--mode", "bwd", "--model", args.model] + (["--smoke"] if args.smoke else []))
-    config = harness.make_config(bench_args, presets)
-    cases = select_cases(config, set(args.variant or DEFAULT_VARIANTS), set(args.impl or DEFAULT_IMPLS))
+    impls = list(args.impl or DEFAULT_IMPLS)
+    bench_argv = ["--mode", "bwd", "--model", args.model] + [a for impl in impls for a in ("--impl", impl)]
+    bench_args = harness.parse_args(bench_argv + (["--smoke"] if args.smoke else []))
+    config = harness.make_config(bench_args, presets)  # --impl: the e2e OOM probes run only for these
+    cases = select_cases(config, set(args.variant or DEFAULT_VARIANTS), set(impls))
     if not cases:
         raise SystemExit("no e2e case matches the selection")
+    meta = {"device": torch.cuda.get_device_name() if config.device.type == "cuda" else "cpu (smoke)",
+            "torch": torch.__version__, "smoke": args.smoke}
     results, failed = [], 0
     for case in cases:
         try:
@@ -227,13 +243,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 torch.cuda.empty_cache()
         results.append(b)
         print(report(b), flush=True)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"device": torch.cuda.get_device_name() if config.device.type == "cuda" else "cpu (smoke)",
-                "torch": torch.__version__, "smoke": args.smoke}
-        (args.out / "breakdown.json").write_text(json.dumps(
-            {"metadata": meta, "cases": [asdict(b) for b in results]}, indent=2))
-    return 1 if failed and not results else 0
+        if args.out is not None:  # after every case: a run cut by its time limit keeps the rest
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "breakdown.json").write_text(json.dumps(
+                {"metadata": meta, "cases": [asdict(r) for r in results]}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -374,7 +374,9 @@ def grpo_cases(config: Config) -> list[Case]:
     for tokens, hidden, vocab, model in _grpo_shapes(config):
         for impl, make_loss in ((THINKFUSE, _thinkfuse_grpo), (TRL_MATERIALISED, _materialised_grpo)):
             build = _oom_guard(functools.partial(_build_grpo, make_loss, tokens, hidden, vocab, config))
-            missing = _oom_probe(build, config) if impl == TRL_MATERIALISED else None
+            # The probe runs the case once: only for rows this run keeps.
+            probe = impl == TRL_MATERIALISED and config.selects(impl)
+            missing = _oom_probe(build, config) if probe else None
             out.append(Case(
                 op=OP, impl=impl, variant=GRPO, mode=FWD_BWD,
                 shape={"tokens": tokens, "hidden": hidden, "vocab": vocab}, model=model, dtype=config.dtype,
@@ -562,6 +564,7 @@ def _decode_model(spec: ModelSpec, patched: bool, config: Config):
     thinkfuse.unpatch_model(model)
     if patched:
         thinkfuse.patch_model(model, backend=thinkfuse_backend(config))
+    torch.manual_seed(1)  # every row draws its prompt from the same state, built model or not
     return model
 
 

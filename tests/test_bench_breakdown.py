@@ -28,6 +28,15 @@ def _event(name, start, end):
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(...)", "elementwise"),
     ("Memset (Device)", "memset/memcpy"),
     ("void at::native::(anonymous namespace)::embedding_backward_feature_kernel<...>", "embedding"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 32, 4, false, false, "
+     "cutlass::bfloat16_t>, true>(pytorch_flash::Flash_fwd_params)", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>::Params)",
+     "attention"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8>(...)", "matmul"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float>(float*, float const*, int)",
+     "log-probs"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int, 2>(...)", "elementwise"),
+    ("Memcpy DtoD (Device -> Device)", "memset/memcpy"),
     ("something_new", "other"),
 ])
 def test_kind_of(name, kind):
@@ -36,6 +45,8 @@ def test_kind_of(name, kind):
 
 def test_short_name_drops_templates_and_parameters():
     assert breakdown.short_name("void ns::k<float, ns::T<int, 2>>(ns::Params<float>)") == "void ns::k"
+    assert (breakdown.short_name("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4>(float*)")
+            == "void at::native::anon::cunn_SoftMaxForward")
     long = "x" * 200
     assert len(breakdown.short_name(long, width=50)) == 50
 
@@ -44,6 +55,19 @@ def test_union_counts_overlaps_once():
     assert breakdown.union_us([]) == 0
     assert breakdown.union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
     assert breakdown.union_us([(20, 30), (0, 10)]) == 20
+
+
+def test_kernels_that_share_a_short_name_keep_their_own_kinds():
+    events = [_event("void ns::k<Silu>(int)", 0, 100), _event("void ns::k<Fill>(int)", 100, 300)]
+    events[0].name = "void ns::silu_k<a>(int)"
+    events[1].name = "void ns::silu_k<a>(int)"  # same short name, same kind: one row
+    b = breakdown.summarise("case", events, steps=1, wall_s=0.001, top=5)
+    assert len(b.top) == 1 and b.top[0]["calls_per_step"] == 2
+    mixed = [_event("void at::native::(anonymous namespace)::silu_kernel<float>(int)", 0, 100),
+             _event("void at::native::(anonymous namespace)::fill_kernel<float>(int)", 100, 400)]
+    b = breakdown.summarise("case", mixed, steps=1, wall_s=0.001, top=5)
+    assert b.kinds_ms == pytest.approx({"other": 0.3, "swiglu/rope": 0.1})
+    assert len(b.top) == 2
 
 
 def test_summarise_per_step_kinds_and_ranking():

@@ -107,20 +107,31 @@ def test_decode_steps_leave_the_caches_as_they_found_them():
     assert ctx.mtp_cache.get_seq_length() == 12
 
 
+def _is_patched(model) -> bool:
+    from thinkfuse.patching.engine import _STATE_ATTR
+
+    return any(_STATE_ATTR in module.__dict__ for module in model.modules())
+
+
 def test_decode_rows_share_one_model_and_set_its_patch_state():
     """The decode rows build their (7B on a GPU) model once per job; each row's build leaves it
     patched or restored to HF's forwards, as the row needs."""
     config = _smoke_config()
     spec = e2e.ModelSpec("tiny-mimo", "mimo", None)
-    plain = e2e._decode_model(spec, False, config)
-    patched = e2e._decode_model(spec, True, config)
-    assert patched is plain
-    assert thinkfuse.unpatch_model(patched) > 0  # it was patched
-    again = e2e._decode_model(spec, False, config)
-    assert again is plain and thinkfuse.unpatch_model(again) == 0  # and now it is not
-    other = e2e._decode_model(e2e.ModelSpec("tiny-mimo-2", "mimo", None), False, config)
-    assert other is not plain  # another spec: a new model, the old one let go
-    assert len(e2e._DECODE_MODEL) == 1
+    try:
+        plain = e2e._decode_model(spec, False, config)
+        assert not _is_patched(plain)
+        first_prompt = torch.randint(0, 100, (4,))
+        patched = e2e._decode_model(spec, True, config)
+        assert patched is plain and _is_patched(patched)
+        again = e2e._decode_model(spec, False, config)  # restores HF's forwards by itself
+        assert again is plain and not _is_patched(again)
+        assert torch.equal(torch.randint(0, 100, (4,)), first_prompt)  # same RNG state per row
+        other = e2e._decode_model(e2e.ModelSpec("tiny-mimo-2", "mimo", None), False, config)
+        assert other is not plain  # another spec: a new model, the old one let go
+        assert len(e2e._DECODE_MODEL) == 1
+    finally:
+        e2e._DECODE_MODEL.clear()
 
 
 def test_derived_numbers():

@@ -320,12 +320,13 @@ def test_chunk_budget_env_override(monkeypatch):
     value that is not a positive whole number of MiB is refused by name."""
     monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", "2048")
     assert kernel_chunk_tokens(151936, 2) == 7040  # 7067 fit; whole 128-token tiles
-    hidden, weight, _, ids = _inputs((23,), 16, 301, bias=False)
-    monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", "1")  # 1 MiB: all 23 tokens in one chunk
+    # 1 MiB of float32 logits at V = 50000: 5 tokens a chunk (the default would take all 23 at once).
+    hidden, weight, _, ids = _inputs((23,), 16, 50000, bias=False)
+    monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", "1")
     seen = []
     logprobs_mod.fused_linear_logprobs_with_grads(
         hidden, weight, ids, lambda lp, s, e: seen.append((s, e)) or torch.ones_like(lp), backend=KERNEL_BACKENDS[0])
-    assert seen == [(0, 23)]
+    assert seen == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
     for bad in ("0", "-5", "1.5", "lots"):
         monkeypatch.setenv("THINKFUSE_LOGITS_CHUNK_MIB", bad)
         with pytest.raises(ValueError, match="THINKFUSE_LOGITS_CHUNK_MIB"):

@@ -45,7 +45,6 @@ each chunk of logits.
 
 from __future__ import annotations
 
-import functools
 import numbers
 import os
 from typing import Callable, NamedTuple, Optional
@@ -628,7 +627,7 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     and ~1.9 GB more reads and writes per chunk at Palmyra-mini's 151936 x 1536)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return acc.addmm_(a, b)
-    mode = _cuda_half_addmm_mode(acc.device) if acc.is_cuda and a.dtype == b.dtype else None
+    mode = _cuda_half_addmm_mode(acc.device, a.dtype) if acc.is_cuda and a.dtype == b.dtype else None
     if mode == "in_place" and acc.is_contiguous():
         return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     if mode is not None:
@@ -644,12 +643,24 @@ def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return (a.float() @ b.float()).to(dtype)
 
 
-@functools.cache
-def _cuda_half_addmm_mode(device: torch.device) -> Optional[str]:
-    """How this torch build adds a half-precision product into a float32 tensor on ``device``:
-    "in_place" (``addmm(acc, a, b, out_dtype=float32, out=acc)`` runs and is right), "new_tensor"
-    (only the form without ``out`` runs), or None (neither: the caller upcasts)."""
-    one = torch.ones((2, 2), device=device, dtype=torch.bfloat16)
+def _cuda_half_addmm_mode(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """How this torch build adds a ``dtype`` (half-precision) product into a float32 tensor on
+    ``device``: "in_place" (``addmm(acc, a, b, out_dtype=float32, out=acc)`` runs and is right),
+    "new_tensor" (only the form without ``out`` runs), or None (neither: the caller upcasts).
+    Probed once per (device, dtype); not while a CUDA graph is being captured (the check of the
+    in-place result reads it back), when the form without ``out``, capturable, is used."""
+    if torch.cuda.is_current_stream_capturing():
+        return _CUDA_HALF_ADDMM_MODES.get((device, dtype), "new_tensor")
+    if (device, dtype) not in _CUDA_HALF_ADDMM_MODES:
+        _CUDA_HALF_ADDMM_MODES[(device, dtype)] = _probe_half_addmm(device, dtype)
+    return _CUDA_HALF_ADDMM_MODES[(device, dtype)]
+
+
+_CUDA_HALF_ADDMM_MODES: dict = {}
+
+
+def _probe_half_addmm(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    one = torch.ones((2, 2), device=device, dtype=dtype)
     try:
         acc = torch.ones((2, 2), device=device)
         torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)

@@ -576,6 +576,22 @@ def test_one_pass_accumulates_d_weight_in_one_buffer(backend, dtype):
         torch.testing.assert_close(d_weight.float(), leaf.grad, atol=2e-2, rtol=2e-2)
 
 
+def test_one_pass_called_directly_with_grad_mode_on(backend):
+    """Called outside an autograd.Function, on leaves that require grad: it returns plain
+    tensors (no graph) and the same values as under no_grad."""
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    hidden, weight, _, ids = _inputs((23,), 16, 301, bias=False)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    grad_fn = lambda lp, s, e: torch.ones_like(lp)  # noqa: E731
+    out = fused_linear_logprobs_with_grads(*leaves, ids, grad_fn, chunk_size=5, backend=backend)
+    assert not any(t.requires_grad for t in out)
+    with torch.no_grad():
+        ref = fused_linear_logprobs_with_grads(hidden, weight, ids, grad_fn, chunk_size=5, backend=backend)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+
+
 def test_one_pass_with_no_tokens(backend):
     from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
 

@@ -574,6 +574,7 @@ def _backward_by_vocab_slabs(hidden, weight, bias, slab, block, *grad_args):
     return d_hidden.to(hidden.dtype), d_weight, d_bias
 
 
+@torch.no_grad()  # it forms the gradients itself; in-place accumulation must not meet autograd
 def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: Tensor, grad_of_logprobs,
                                      *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                                      weight_grad: bool = True, chunk_size: Optional[int] = None,

@@ -226,9 +226,6 @@ __device__ __forceinline__ void sequence(const int32_t* cu, int b, int64_t total
   len = static_cast<int>(e - s < kFlashAttnMaxSeqlen ? e - s : kFlashAttnMaxSeqlen);
 }
 
-// cp.async of rows [0, kRows) x [0, kD) of a global tile (row stride `stride` elements, unit
-// column stride, rows >= valid zero-filled; `fallback` is any mapped address for those) into
-// shared memory with row stride kLd. Every thread of the CTA calls it.
 // Whether query row qi (query t sits at key position t + shift) sees key `key`: both inside
 // their sequences, not after the query under the causal mask, within the sliding window (> 0).
 // The one mask both dK / dV kernels (this file's and the Hopper one) apply per element.
@@ -238,6 +235,9 @@ __device__ __forceinline__ bool pair_visible(int qi, int key, int q_len, int k_l
   return qi < q_len && key < k_len && (!causal || key <= pos) && (window <= 0 || key > pos - window);
 }
 
+// cp.async of rows [0, kRows) x [0, kD) of a global tile (row stride `stride` elements, unit
+// column stride, rows >= valid zero-filled; `fallback` is any mapped address for those) into
+// shared memory with row stride kLd. Every thread of the CTA calls it.
 template <int kRows, int kD, int kLd, int kThreads, typename T>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride, int valid,
                                           int tid) {

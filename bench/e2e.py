@@ -543,24 +543,24 @@ def _mtp_specs(config: Config) -> list[ModelSpec]:
             for name, spec in config.presets.items() if spec.get("num_nextn_predict_layers")]
 
 
-#: The decode rows' model, built once per job and shared by its rows: ((spec name, device,
-#: dtype), model). A random MiMo-7B is ~15 GB of weights; a build per row (5 rows) took a large
-#: share of the decode job's time limit. Rows run one after the other, and each puts the patch
-#: state it needs in place when its workload is built.
-_DECODE_MODEL: list = []
+#: The decode rows' model, built once per job and shared by its rows: {(spec name, device,
+#: dtype): model}, one entry at most. A random MiMo-7B is ~15 GB of weights; a build per row (5
+#: rows) took a large share of the decode job's time limit. Rows run one after the other, and
+#: each puts the patch state it needs in place when its workload is built.
+_DECODE_MODEL: dict = {}
 
 
 def _decode_model(spec: ModelSpec, patched: bool, config: Config):
     """The shared decode model of ``spec``, patched by thinkfuse or restored to HF's forwards."""
     key = (spec.name, str(config.device), config.dtype)
-    if not _DECODE_MODEL or _DECODE_MODEL[0][0] != key:
+    if key not in _DECODE_MODEL:
         _DECODE_MODEL.clear()  # at most one model alive
         model = build_model(spec, config).eval()
         # No eos: every row generates exactly the requested number of tokens.
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
-        _DECODE_MODEL.append((key, model))
-    model = _DECODE_MODEL[0][1]
+        _DECODE_MODEL[key] = model
+    model = _DECODE_MODEL[key]
     thinkfuse.unpatch_model(model)
     if patched:
         thinkfuse.patch_model(model, backend=thinkfuse_backend(config))

@@ -13,7 +13,11 @@ e2e case (same builders, same shapes) is run as its fwd+bwd step: 2 warm-up step
   is an upper bound;
 - GPU time per kind of kernel (``KINDS``: matmul, attention, thinkfuse's log-prob kernels, norms,
   elementwise, ...), so "the lm_head matmuls are 60% of the step" is one line;
-- the ``--top`` kernels by GPU time, names shortened.
+- the ``--top`` kernels by GPU time, names shortened;
+- the ``--gaps`` longest stretches with no kernel running, each with the kernels on either side
+  and the host ops that were running meanwhile (what kept the next launch from coming sooner),
+  and the host synchronisations per step (``aten::_local_scalar_dense`` is ``.item()`` /
+  ``int()`` / ``bool()`` of a GPU tensor; ``cudaStreamSynchronize`` / ``cudaDeviceSynchronize``).
 
 Output: a text report on stdout and, with ``--out``, ``breakdown.json`` there (gpu_check.sh's
 ``breakdown`` step puts both in the run's logs). ``--smoke`` profiles CPU activity only (no
@@ -39,6 +43,10 @@ from bench import e2e, harness
 DEFAULT_VARIANTS = (e2e.TRAIN, e2e.GRPO)
 DEFAULT_IMPLS = (e2e.THINKFUSE, e2e.HF_SDPA, e2e.TRL_MATERIALISED)
 WARMUP_STEPS = 2
+#: Host ops that wait for the GPU: a count per step says how many times a step stalls the queue.
+SYNC_OPS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+#: Idle stretches shorter than this are launch latency, not worth listing.
+MIN_GAP_US = 20.0
 
 # (kind, regex), first match wins, tried on the kernel name without its template arguments and
 # parameter list (template arguments name types such as cutlass::bfloat16_t inside attention
@@ -77,6 +85,9 @@ class Breakdown:
     gpu_busy_ms: float
     kinds_ms: dict[str, float] = field(default_factory=dict)
     top: list[dict] = field(default_factory=list)
+    gaps: list[dict] = field(default_factory=list)  # longest idle stretches, longest first
+    idle_in_gaps_ms: float = 0.0  # per step, summed over every gap of >= MIN_GAP_US
+    syncs_per_step: dict[str, float] = field(default_factory=dict)
 
 
 def kind_of(name: str) -> str:
@@ -121,6 +132,63 @@ def union_us(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
+def idle_gaps(intervals: Iterable[tuple[float, float]], min_us: float = MIN_GAP_US) -> list[tuple[float, float]]:
+    """The [start, end) stretches of at least ``min_us`` between the union of ``intervals``
+    (from the end of one busy stretch to the start of the next), in time order."""
+    gaps, reach = [], None
+    for start, end in sorted(intervals):
+        if reach is not None and start - reach >= min_us:
+            gaps.append((reach, start))
+        reach = end if reach is None else max(reach, end)
+    return gaps
+
+
+def host_ops_during(gap: tuple[float, float], cpu_events, limit: int = 3) -> list[str]:
+    """Names of the host ops that overlap ``gap`` most, innermost (shortest) first among
+    equals: the Python-level op the host was busy with while the GPU had nothing to run."""
+    start, end = gap
+    scored = []
+    for e in cpu_events:
+        overlap = min(end, e.time_range.end) - max(start, e.time_range.start)
+        if overlap > 0:
+            scored.append((-overlap, e.time_range.end - e.time_range.start, e.name))
+    names: list[str] = []
+    for _, _, name in sorted(scored):
+        if name not in names:
+            names.append(name)
+        if len(names) == limit:
+            break
+    return names
+
+
+def _kernel_at(events, time_us: float, before: bool) -> str:
+    """The short name of the kernel that ends at (before=True) or starts at ``time_us``."""
+    attr = "end" if before else "start"
+    for e in events:
+        if abs(getattr(e.time_range, attr) - time_us) < 1e-6:
+            return short_name(e.name, 60)
+    return "?"
+
+
+def gap_report(events, cpu_events, steps: int, count: int) -> tuple[list[dict], float]:
+    """The ``count`` longest idle gaps (with neighbours and host ops) and the idle time per step
+    in all gaps of at least MIN_GAP_US."""
+    gaps = idle_gaps((e.time_range.start, e.time_range.end) for e in events)
+    longest = sorted(gaps, key=lambda g: g[0] - g[1])[:count]
+    rows = [{"us": end - start, "after": _kernel_at(events, start, True), "before": _kernel_at(events, end, False),
+             "host": host_ops_during((start, end), cpu_events)} for start, end in longest]
+    return rows, sum(end - start for start, end in gaps) / 1000.0 / max(1, steps)
+
+
+def sync_counts(cpu_events, steps: int) -> dict[str, float]:
+    """Host synchronisations per step, by op name (SYNC_OPS)."""
+    counts: dict[str, int] = defaultdict(int)
+    for e in cpu_events:
+        if e.name in SYNC_OPS:
+            counts[e.name] += 1
+    return {name: n / max(1, steps) for name, n in sorted(counts.items())}
+
+
 def device_events(events) -> list:
     """The profiler's device-side events (kernels, memsets, memcpys) of a finished profile."""
     cuda = torch.autograd.DeviceType.CUDA
@@ -128,8 +196,15 @@ def device_events(events) -> list:
             and not getattr(e, "is_user_annotation", False)]
 
 
-def summarise(label: str, events, steps: int, wall_s: float, top: int) -> Breakdown:
-    """Per-step figures of ``steps`` profiled steps from their device events."""
+def host_events(events) -> list:
+    """The profiler's host-side op events."""
+    cpu = torch.autograd.DeviceType.CPU
+    return [e for e in events if getattr(e, "device_type", None) == cpu and e.time_range.end >= e.time_range.start]
+
+
+def summarise(label: str, events, steps: int, wall_s: float, top: int, cpu_events=(), gaps: int = 0) -> Breakdown:
+    """Per-step figures of ``steps`` profiled steps from their device events (and host events,
+    for the idle gaps and sync counts)."""
     totals: dict[tuple[str, str], KernelTotal] = {}  # different kernels may share a short name
     for e in events:
         name, kind = short_name(e.name), kind_of(e.name)
@@ -141,16 +216,20 @@ def summarise(label: str, events, steps: int, wall_s: float, top: int) -> Breakd
         kinds[entry.kind] += entry.gpu_us
     per_step = lambda us: us / 1000.0 / max(1, steps)  # noqa: E731
     ranked = sorted(totals.values(), key=lambda t: t.gpu_us, reverse=True)[:top]
-    return Breakdown(
+    breakdown = Breakdown(
         label=label, steps=steps, wall_ms=wall_s * 1000.0 / max(1, steps),
         gpu_busy_ms=per_step(union_us((e.time_range.start, e.time_range.end) for e in events)),
         kinds_ms={k: per_step(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         top=[{"name": t.name, "kind": t.kind, "calls_per_step": t.calls / max(1, steps), "ms_per_step": per_step(t.gpu_us)}
              for t in ranked],
     )
+    if events:
+        breakdown.gaps, breakdown.idle_in_gaps_ms = gap_report(events, cpu_events, steps, gaps)
+    breakdown.syncs_per_step = sync_counts(cpu_events, steps)
+    return breakdown
 
 
-def profile_case(case: harness.Case, config: harness.Config, steps: int, top: int) -> Breakdown:
+def profile_case(case: harness.Case, config: harness.Config, steps: int, top: int, gaps: int = 0) -> Breakdown:
     label = f"{case.model} {case.variant} {case.shape_label} {case.impl}"
     workload = case.build()
     run = workload.runner(case.mode)
@@ -166,7 +245,8 @@ def profile_case(case: harness.Case, config: harness.Config, steps: int, top: in
             run()
         _synchronize(config)
         wall = time.perf_counter() - start
-    return summarise(label, device_events(prof.events()), steps, wall, top)
+    events = prof.events()
+    return summarise(label, device_events(events), steps, wall, top, host_events(events), gaps)
 
 
 def _synchronize(config: harness.Config) -> None:
@@ -189,6 +269,13 @@ def report(b: Breakdown) -> str:
         lines.append(f"   top {len(b.top)} kernels (ms/step, calls/step):")
         for t in b.top:
             lines.append(f"   {t['ms_per_step']:9.3f} {t['calls_per_step']:6.1f}  [{t['kind']}] {t['name']}")
+    if b.gaps:
+        lines.append(f"   idle in gaps of >= {MIN_GAP_US:.0f} us: {b.idle_in_gaps_ms:.2f} ms/step; longest {len(b.gaps)} "
+                     "(us, kernel before -> kernel after, host ops meanwhile):")
+        for g in b.gaps:
+            lines.append(f"   {g['us']:9.1f}  {g['after']} -> {g['before']}  | {' / '.join(g['host'])}")
+    syncs = ", ".join(f"{name} {n:g}" for name, n in b.syncs_per_step.items()) or "none"
+    lines.append(f"   host syncs per step: {syncs}")
     return "\n".join(lines)
 
 
@@ -205,11 +292,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--model", default="palmyra-mini", help="models.json preset (default palmyra-mini)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per case (default 3)")
     parser.add_argument("--top", type=int, default=20, help="kernels listed per case (default 20)")
+    parser.add_argument("--gaps", type=int, default=12, help="longest idle gaps listed per case (default 12)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models: plumbing only, no timings")
     parser.add_argument("--out", type=Path, help="directory for breakdown.json")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.top < 0:
-        parser.error("--steps must be >= 1 and --top >= 0")
+    if args.steps < 1 or args.top < 0 or args.gaps < 0:
+        parser.error("--steps must be >= 1, --top and --gaps >= 0")
     return args
 
 
@@ -232,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results, failed = [], 0
     for case in cases:
         try:
-            b = profile_case(case, config, args.steps, args.top)
+            b = profile_case(case, config, args.steps, args.top, args.gaps)
         except Exception as exc:  # one case's failure (e.g. out of memory) must not hide the others
             failed += 1
             print(f"== {case.model} {case.variant} {case.shape_label} {case.impl}: FAILED "

@@ -101,3 +101,36 @@ def test_bad_arguments():
         breakdown.main(["--smoke", "--steps", "0"])
     with pytest.raises(SystemExit, match="unknown --model"):
         breakdown.main(["--smoke", "--model", "nope"])
+
+
+def test_idle_gaps_are_the_stretches_between_busy_unions():
+    busy = [(0, 100), (50, 120), (200, 300), (305, 400), (1000, 1100)]
+    assert breakdown.idle_gaps(busy, min_us=20) == [(120, 200), (400, 1000)]  # 5 us is launch latency
+    assert breakdown.idle_gaps([], min_us=20) == []
+
+
+def test_gap_report_names_neighbours_and_the_host_op_that_ran_meanwhile():
+    kernels = [_event("void ns::gemm_k<float>(int)", 0, 100), _event("rms_norm_k", 600, 700),
+               _event("gemm_b", 700, 800), _event("gemm_b", 830, 900)]
+    host = [_event("aten::linear", 0, 50), _event("thinkfuse::rope_forward", 90, 650),
+            _event("aten::_local_scalar_dense", 150, 550), _event("aten::_local_scalar_dense", 810, 820)]
+    b = breakdown.summarise("case", kernels, steps=2, wall_s=0.002, top=3, cpu_events=host, gaps=5)
+    assert [g["us"] for g in b.gaps] == [500, 30]  # longest first
+    first = b.gaps[0]
+    assert first["after"] == "void ns::gemm_k" and first["before"] == "rms_norm_k"
+    # the op overlapping the gap most comes first; the sync inside it next
+    assert first["host"] == ["thinkfuse::rope_forward", "aten::_local_scalar_dense"]
+    assert b.idle_in_gaps_ms == pytest.approx((500 + 30) / 1000 / 2)
+    assert b.syncs_per_step == {"aten::_local_scalar_dense": 1.0}
+    text = breakdown.report(b)
+    assert "idle in gaps of >= 20 us: 0.27 ms/step" in text
+    assert "void ns::gemm_k -> rms_norm_k  | thinkfuse::rope_forward / aten::_local_scalar_dense" in text
+    assert "host syncs per step: aten::_local_scalar_dense 1" in text
+
+
+def test_no_gaps_asked_lists_none_but_still_counts_syncs():
+    kernels = [_event("gemm", 0, 100), _event("gemm", 500, 600)]
+    b = breakdown.summarise("case", kernels, steps=1, wall_s=0.001, top=1,
+                            cpu_events=[_event("cudaStreamSynchronize", 100, 500)], gaps=0)
+    assert b.gaps == [] and b.idle_in_gaps_ms == pytest.approx(0.4)
+    assert b.syncs_per_step == {"cudaStreamSynchronize": 1.0}

@@ -67,12 +67,18 @@ def test_cuda_graph_capture(kb):
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                                              (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 def test_cuda_matches_triton_in_forward_within_an_ulp(x_dtype, w_dtype):
+    torch.manual_seed(0)
     x = torch.randn(333, 1000, device="cuda").to(x_dtype)
     w = torch.randn(1000, device="cuda").to(w_dtype)
     ours = rms_norm(x, w, backend="cuda")
     theirs = rms_norm(x, w, backend="triton")
     assert ours.dtype == theirs.dtype
     # The normalised x is rounded to x's dtype before the weight multiplies it (as in HF), so a
-    # half-precision x allows one ulp of that dtype even when the output is float32.
+    # half-precision x allows one ulp of that dtype (relative 2**-7 for bfloat16) even when the
+    # output is float32. A half-precision output is rounded a second time, after the weight:
+    # up to half an ulp more (a 2026-11-23 H100 run saw 0.0086 > 2**-7 = 0.0078 there).
     half_precision = x_dtype != torch.float32
-    torch.testing.assert_close(ours, theirs, rtol=2**-7 if half_precision else 1e-5, atol=1e-5)
+    rtol = 1e-5
+    if half_precision:
+        rtol = 2**-7 if ours.dtype == torch.float32 else 2**-7 + 2**-8
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=1e-5)

@@ -18,7 +18,7 @@
 # train-step and grpo-step of Palmyra-mini, thinkfuse against HF / TRL), in logs/breakdown.log:
 #   bash bench/gpu_check.sh build breakdown
 # A machine is given back 30 s after a call, so each call starts bare and builds (~60 s). The
-# build step saves the extension to $OUT (thinkfuse-ext.tgz / .stamp); copy both into
+# build step saves the extension to $OUT (thinkfuse-ext.tar.xz, or .tgz without xz, and .stamp); copy both into
 # .ext-cache/ and carry it (carry [".whl", ".ext-cache"]): the next call's build step then
 # reuses it when the sources, torch, nvcc, arch and compiler are the same, and builds otherwise.
 # The bench step runs BENCH_JOBS (below; BENCH_JOBS_SELECT, a comma-separated list of job names,
@@ -194,13 +194,15 @@ build_stamp() {
 restore_carried_build() {
     # Installs the carried build (EXT_CACHE) when it was made from the same inputs; else fails.
     local stamp=$1
-    [ -f "$EXT_CACHE/thinkfuse-ext.tgz" ] && [ -f "$EXT_CACHE/thinkfuse-ext.stamp" ] || return 1
+    local archive
+    archive=$(ls "$EXT_CACHE"/thinkfuse-ext.tar.xz "$EXT_CACHE"/thinkfuse-ext.tgz 2>/dev/null | head -n 1)
+    [ -n "$archive" ] && [ -f "$EXT_CACHE/thinkfuse-ext.stamp" ] || return 1
     if [ "$(cat "$EXT_CACHE/thinkfuse-ext.stamp")" != "$stamp" ]; then
         echo "the carried build in $EXT_CACHE/ was made from other sources or tools: building"
         return 1
     fi
     rm -f python/thinkfuse/_C*.so  # an older build of another name must not be what imports
-    if tar xzf "$EXT_CACHE/thinkfuse-ext.tgz" -C python/thinkfuse \
+    if tar xf "$archive" -C python/thinkfuse \
         && THINKFUSE_BUILD_CUDA=0 "$PYTHON" -m pip install --no-build-isolation --no-deps -q -e . \
         && "$PYTHON" -c 'import thinkfuse._C'; then
         echo "reused the carried build of the same inputs (stamp $stamp)"
@@ -218,14 +220,28 @@ save_build() {
     so=$(cd python/thinkfuse && ls _C*.so 2>/dev/null | head -n 1)
     [ -n "$so" ] || { echo "no python/thinkfuse/_C*.so to save for the next call"; return 0; }
     mkdir -p "$OUT"
-    tar czf "$OUT/thinkfuse-ext.tgz" -C python/thinkfuse "$so" || return 0
-    if [ "$(stat -c %s "$OUT/thinkfuse-ext.tgz")" -gt $((16 * 1024 * 1024)) ]; then
-        echo "the build is over 16 MiB compressed: not saved for the next call"
-        rm -f "$OUT/thinkfuse-ext.tgz"
+    # A copy without debug sections (the symbols the loader and torch need stay), xz-compressed
+    # where xz exists: gzip of the full module was over the 16 MiB on 2026-11-23.
+    local tmp archive size
+    tmp=$(mktemp -d)
+    cp "python/thinkfuse/$so" "$tmp/$so" || return 0
+    strip --strip-debug "$tmp/$so" 2>/dev/null || true
+    if command -v xz >/dev/null; then
+        archive="$OUT/thinkfuse-ext.tar.xz"
+        tar cf - -C "$tmp" "$so" | xz -9 -T0 >"$archive" || { rm -rf "$tmp"; return 0; }
+    else
+        archive="$OUT/thinkfuse-ext.tgz"
+        tar czf "$archive" -C "$tmp" "$so" || { rm -rf "$tmp"; return 0; }
+    fi
+    rm -rf "$tmp"
+    size=$(stat -c %s "$archive")
+    if [ "$size" -gt $((16 * 1024 * 1024)) ]; then
+        echo "the build is $((size / 1024 / 1024)) MiB compressed, over 16 MiB: not saved for the next call"
+        rm -f "$archive"
         return 0
     fi
     echo "$stamp" >"$OUT/thinkfuse-ext.stamp"
-    echo "saved the build to \$OUT/thinkfuse-ext.{tgz,stamp}: copy them into $EXT_CACHE/ and carry it"
+    echo "saved the build ($((size / 1024)) KiB) to $archive and \$OUT/thinkfuse-ext.stamp: copy both into $EXT_CACHE/ and carry it"
 }
 
 step_build() {

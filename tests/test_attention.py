@@ -731,3 +731,61 @@ def test_a_hopper_kernel_the_build_cannot_run_is_not_tried_again(monkeypatch):
     assert len(calls) == 1
     assert attention_ops._layout_backward(packed=True) == "cuda"
     assert attention_ops._layout_backward(packed=False) == "triton"
+
+
+def test_eager_decode_over_a_small_cache_picks_the_cuda_kernel(monkeypatch):
+    # Eager decode is host-bound and Triton's launcher costs ~150 us more host time per call
+    # (H100, 2026-11-23): automatic selection runs the cuda kernel up to the cache size where
+    # its slower kernel would cost more than that (EAGER_CUDA_DECODE_MAX_CACHE_BYTES).
+    q = torch.randn(2, 1, 8, 64)
+    small = torch.randn(2, 100, 2, 64)
+    choose = attention_ops._decode_backend
+    monkeypatch.setattr(attention_ops, "_eager_cuda_decode_available", lambda q: True)
+    assert choose(q, small, small, None) == "cuda"
+    # a named backend always wins: the argument, or use_backend's
+    assert choose(q, small, small, "torch") == "torch"
+    with thinkfuse.use_backend("torch"):
+        assert choose(q, small, small, None) == "torch"
+    # over the limit (both caches count): the automatic choice (torch for these CPU tensors)
+    limit = 2 * small.numel() * small.element_size()
+    monkeypatch.setattr(attention_ops, "EAGER_CUDA_DECODE_MAX_CACHE_BYTES", limit)
+    assert choose(q, small, small, None) == "cuda"
+    monkeypatch.setattr(attention_ops, "EAGER_CUDA_DECODE_MAX_CACHE_BYTES", limit - 1)
+    assert choose(q, small, small, None) == "torch"
+    # compiled or captured calls (or no cuda kernel) keep the automatic choice
+    monkeypatch.setattr(attention_ops, "EAGER_CUDA_DECODE_MAX_CACHE_BYTES", limit)
+    monkeypatch.setattr(attention_ops, "_eager_cuda_decode_available", lambda q: False)
+    assert choose(q, small, small, None) == "torch"
+
+
+def test_eager_cuda_decode_needs_cuda_tensors_and_no_capture():
+    assert not attention_ops._eager_cuda_decode_available(torch.randn(1, 1, 8, 64))
+    if torch.cuda.is_available() and "cuda" in KERNEL_BACKENDS:
+        q = torch.randn(1, 1, 8, 64, device="cuda")
+        assert attention_ops._eager_cuda_decode_available(q)
+
+
+def test_a_model_patched_for_cuda_chooses_decode_per_call():
+    assert attention_ops.model_decode_backend("cuda") is None  # automatic: by cache size
+    assert attention_ops.model_decode_backend(None) is None
+    assert attention_ops.model_decode_backend("triton") == "triton"
+    assert attention_ops.model_decode_backend("torch") == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="cuda backend not built")
+def test_automatic_decode_matches_under_graph_capture_and_eagerly():
+    # eager: the cuda kernel; captured: Triton's (both against the reference)
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.full((1,), 200, dtype=torch.int32, device="cuda")
+    assert attention_ops._decode_backend(q, k, v, None) == "cuda"
+    expected = attention_ops._torch_decode(q, k, v, lens, 64 ** -0.5, None)
+    torch.testing.assert_close(decode_attention(q, k, v, lens), expected, rtol=2e-2, atol=2e-2)
+    decode_attention(q, k, v, lens, backend="triton")  # compile Triton's kernel before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_attention(q, k, v, lens)
+    graph.replay()
+    torch.testing.assert_close(captured, expected, rtol=2e-2, atol=2e-2)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .backend import backend_for_op
-from .ops.attention import MAX_DECODE_QUERIES, model_flash_backend
+from .ops.attention import MAX_DECODE_QUERIES, model_decode_backend, model_flash_backend
 
 #: the name under which the implementation is registered with transformers
 ATTN_IMPLEMENTATION = "thinkfuse"
@@ -167,6 +167,8 @@ def _module_backend(module, cuda_op: str):
     name = getattr(getattr(module, _PATCH_STATE_ATTR, None), "backend", None)
     if cuda_op == "flash_attention_fwd":
         return model_flash_backend(name)
+    if cuda_op == "decode_attention":
+        return model_decode_backend(name)
     return backend_for_op(name, cuda_op)
 
 

@@ -39,7 +39,8 @@ from torch import Tensor
 from .. import reference
 from .._checks import check_float, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import (
-    _constant_under_compile, backend_for_op, cuda_preferred_for, get_backend, resolve_backend, why_unavailable,
+    _constant_under_compile, backend_for_op, cuda_has_op, cuda_preferred_for, get_backend, resolve_backend,
+    why_unavailable,
 )
 from ._registry import call, cuda_ops, custom_op, implementation
 
@@ -133,7 +134,7 @@ def decode_attention(
     themselves). ``num_splits`` (a hint; None chooses) splits the key axis (flash-decoding).
     """
     scale = _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits)
-    name = resolve_backend(q.device, backend, cuda_op="decode_attention")
+    name = _decode_backend(q, k_cache, v_cache, backend)
     if name == "torch":
         return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, sliding_window)
     return call(
@@ -141,6 +142,47 @@ def decode_attention(
         with_unit_last_stride(q), with_unit_last_stride(k_cache), with_unit_last_stride(v_cache),
         cache_seqlens.contiguous(), scale, int(sliding_window or 0), int(num_splits or 0), name,
     )
+
+
+#: Automatic selection, in eager mode, runs decode_attention's CUDA kernel for caches (K and V)
+#: of at most this many bytes, and Triton's above. Eager decode of small batches is host-bound,
+#: and Triton's launcher costs far more host time: on the 2026-11-23 H100 (MiMo-7B heads, bf16,
+#: batch 1, 160 keys) a call took 180 us of host time on triton (two launches) and 33 us on
+#: cuda. Triton's kernel is the faster on the GPU (2026-11-22: 12.1 vs 25.8 us at 1 x 8192 keys,
+#: 183 vs 198 us at 16 x 8192 = 0.5 GiB, 753 vs 907 us at 64 x 8192 = 2 GiB), so the host saving
+#: outweighs the GPU cost up to about 1 GiB. Under torch.compile and CUDA graph capture (no host
+#: cost per replay) automatic selection stays on Triton.
+EAGER_CUDA_DECODE_MAX_CACHE_BYTES = 1 << 30
+
+
+def _decode_backend(q: Tensor, k_cache: Tensor, v_cache: Tensor, requested: Optional[str]) -> str:
+    """The backend decode_attention runs on: the one named, else (see
+    EAGER_CUDA_DECODE_MAX_CACHE_BYTES) cuda for an eager call over a small cache, else the
+    automatic choice."""
+    # The eager check first: under torch.compile it ends the test before get_backend's ContextVar.
+    if _eager_cuda_decode_available(q) and not _backend_was_named(requested):
+        cache_bytes = k_cache.numel() * k_cache.element_size() + v_cache.numel() * v_cache.element_size()
+        if cache_bytes <= EAGER_CUDA_DECODE_MAX_CACHE_BYTES:
+            return "cuda"
+    return resolve_backend(q.device, requested, cuda_op="decode_attention")
+
+
+def _eager_cuda_decode_available(q: Tensor) -> bool:
+    """Whether an eager (not compiled, not captured) call on ``q``'s device can run the cuda
+    decode kernel."""
+    return (
+        q.device.type == "cuda"
+        and not torch.compiler.is_compiling()
+        and cuda_has_op("decode_attention")
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def model_decode_backend(name: Optional[str]) -> Optional[str]:
+    """decode_attention's ``backend`` for a model patched with backend ``name`` (None: automatic).
+    "cuda" asks for the fastest validated kernels, which for decode depends on the call (see
+    EAGER_CUDA_DECODE_MAX_CACHE_BYTES): the automatic choice. Other names as given."""
+    return None if name == "cuda" else backend_for_op(name, "decode_attention")
 
 
 def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, sliding_window) -> Tensor:

@@ -26,6 +26,7 @@ import os
 import pkgutil
 import platform
 import re
+import statistics
 import signal
 import subprocess
 import sys
@@ -250,16 +251,24 @@ GRAPH_SAFE_OPS = frozenset({"rms_norm", "swiglu", "rope", "logprobs"})
 #: whose 5-run estimate alone took 26 s of a 120 s job for MiMo-7B's 128-token generate.
 SLOW_WORKLOAD_MS = 500.0
 SLOW_WORKLOAD_RUNS = 3
+#: do_bench runs a workload about rep_ms / (its time) times: twice for a 50 ms decode step, whose
+#: host-bound time varied by tens of percent between runs on the 2026-11-23 H100. A workload that
+#: would get fewer runs than this is timed as the median of this many.
+MIN_TIMED_RUNS = 10
 
 
 def time_ms_labelled(fn: Callable[[], Any], config: Config, once: float) -> tuple[float, str]:
     """(median milliseconds, timing label) of ``fn``, of which one warm call took ``once`` ms:
-    do_bench, or for a workload of a second or so, the median of that call and
+    do_bench; for a workload too long for do_bench to repeat MIN_TIMED_RUNS times, the median of
+    MIN_TIMED_RUNS runs; for a workload of a second or so, the median of that call and
     SLOW_WORKLOAD_RUNS - 1 more."""
-    if once < SLOW_WORKLOAD_MS:
-        return time_ms(fn, config), "do_bench median (CUDA events)"
-    runs = [once] + [_event_ms(fn) for _ in range(SLOW_WORKLOAD_RUNS - 1)]
-    return sorted(runs)[len(runs) // 2], f"median of {len(runs)} runs (CUDA events; slow workload)"
+    if once >= SLOW_WORKLOAD_MS:
+        runs = [once] + [_event_ms(fn) for _ in range(SLOW_WORKLOAD_RUNS - 1)]
+        return statistics.median(runs), f"median of {len(runs)} runs (CUDA events; slow workload)"
+    if once * MIN_TIMED_RUNS > config.rep_ms:
+        runs = [_event_ms(fn) for _ in range(MIN_TIMED_RUNS)]
+        return statistics.median(runs), f"median of {len(runs)} runs (CUDA events)"
+    return time_ms(fn, config), "do_bench median (CUDA events)"
 
 
 def _event_ms(fn: Callable[[], Any]) -> float:
@@ -555,7 +564,8 @@ def collect_metadata(config: Config, peaks: dict, presets_source: str, ops: list
         "timing": "smoke: one untimed call per case, no timings" if config.smoke else (
             f"triton.testing.do_bench median, warmup {config.warmup_ms} ms, rep {config.rep_ms} ms"
             + ("; every row as CUDA-graph replays (--cuda-graph)" if config.graph_timing else
-               "; rows marked so as CUDA-graph replays, and workloads of >= "
+               "; rows marked so as CUDA-graph replays, workloads do_bench would repeat fewer than "
+               f"{MIN_TIMED_RUNS} times as the median of {MIN_TIMED_RUNS} runs, and workloads of >= "
                f"{SLOW_WORKLOAD_MS:g} ms as the median of {SLOW_WORKLOAD_RUNS} runs (each row's timing says which)")
         ),
         "peaks": peaks,

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -528,7 +529,19 @@ def test_slow_workloads_are_timed_by_a_few_runs(monkeypatch):
     assert ms == 800.0 and label.startswith(f"median of {harness.SLOW_WORKLOAD_RUNS} runs")
     monkeypatch.setattr(harness, "_event_ms", lambda fn: pytest.fail("a run for a fast workload"))
     monkeypatch.setattr(harness, "time_ms", lambda fn, config: 1.5)
-    assert harness.time_ms_labelled(lambda: None, None, 2.0) == (1.5, "do_bench median (CUDA events)")
+    config = SimpleNamespace(rep_ms=100)
+    assert harness.time_ms_labelled(lambda: None, config, 2.0) == (1.5, "do_bench median (CUDA events)")
+    assert harness.time_ms_labelled(lambda: None, config, 10.0)[1] == "do_bench median (CUDA events)"
+
+
+def test_workloads_do_bench_would_run_a_few_times_get_min_timed_runs(monkeypatch):
+    """A 50 ms decode step gets 2 do_bench runs in a 100 ms rep: it is timed as the median of
+    MIN_TIMED_RUNS runs instead."""
+    durations = iter([50.0 + (7 if i % 3 == 0 else 0) for i in range(harness.MIN_TIMED_RUNS)])
+    monkeypatch.setattr(harness, "_event_ms", lambda fn: next(durations))
+    monkeypatch.setattr(harness, "time_ms", lambda fn, config: pytest.fail("do_bench for a 50 ms workload"))
+    ms, label = harness.time_ms_labelled(lambda: None, SimpleNamespace(rep_ms=100), 50.0)
+    assert ms == 50.0 and label == f"median of {harness.MIN_TIMED_RUNS} runs (CUDA events)"
 
 
 def test_cuda_graph_flag_times_every_case_as_graph_replays(monkeypatch):

@@ -144,7 +144,9 @@ def cuda_has_op(op: str) -> bool:
 #: here passed the GPU tests. The Hopper forward flash_attention_fwd_sm90 is the fastest forward,
 #: so it left the list. The mma.sync forward and the decode kernel are slower than Triton's. The
 #: backward is slower than Triton's padded and faster packed: ops.attention picks it after the
-#: Hopper forward for packed sequences only (_backward_backend).
+#: Hopper forward for packed sequences only (_backward_backend). The decode kernel's launch costs
+#: far less host time than Triton's two launches, so eager decode over small caches runs it
+#: (ops.attention.EAGER_CUDA_DECODE_MAX_CACHE_BYTES, measured 2026-11-23).
 #: 2026-11-23 H100 run (bench/results/2026-11-23_nvidia-h100-80gb-hbm3): the Hopper backward
 #: flash_attention_bwd_sm90 passed its GPU tests and is faster than Triton's backward (causal
 #: fwd+bwd 9.9 vs 11.7 ms at 2 x 8k, 32/8/128), so it left the list: it is the backward after the

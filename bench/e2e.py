@@ -116,6 +116,7 @@ OP = "e2e"
 TRAIN, GRPO, DECODE, DECODE_STEP = "train-step", "grpo-step", "decode", "decode-step"
 GRPO_MODEL = "grpo-model-step"
 HF_SDPA, THINKFUSE, THINKFUSE_MTP, TRL_MATERIALISED = "hf-sdpa", "thinkfuse", "thinkfuse-mtp", "trl-materialised"
+THINKFUSE_MTP_GRAPH = "thinkfuse-mtp-graph"  # mtp_generate(cuda_graph=True): static caches, replayed steps
 
 TRAIN_LAYERS, TRAIN_BATCH, TRAIN_SEQ = 2, 2, 4096
 GRPO_TOKENS = (4096, 16384, 32768)
@@ -146,7 +147,9 @@ BYTES_COUNTED = (
     "attention FLOPs (grpo-model-step: at full depth); grpo-step 3 * 2*T*H*V; decode rows count none. Tokens/s = tokens in the "
     "shape / ms * 1000 (decode: new_tokens / ms * 1000). decode-step: cost ratio = "
     "ms(thinkfuse-mtp) / ms(hf-sdpa or thinkfuse), implied speedup at 90% acceptance = 1.9 / "
-    "ratio. `python -m bench.e2e results.json` prints them. See bench/e2e.py's docstring."
+    "ratio. decode thinkfuse-mtp-graph: random weights reject the drafts, so each step emits one "
+    "token and ms(graph generate) / ms(hf-sdpa generate) is the step cost ratio (the capture "
+    "included). `python -m bench.e2e results.json` prints them. See bench/e2e.py's docstring."
 )
 
 
@@ -522,7 +525,9 @@ def decode_cases(config: Config) -> list[Case]:
         for impl, make in ((HF_SDPA, _plain_step), (THINKFUSE, _plain_step), (THINKFUSE_MTP, _mtp_step)):
             build = functools.partial(_build_step, make, impl != HF_SDPA, spec, context, config)
             out.append(_decode_case(spec, DECODE_STEP, impl, {"batch": 1, "context": context}, build, config))
-        for impl, make in ((HF_SDPA, _hf_generate), (THINKFUSE_MTP, _mtp_generate)):
+        # The graph row first: a second or less, where the others take several.
+        for impl, make in ((THINKFUSE_MTP_GRAPH, _mtp_graph_generate), (HF_SDPA, _hf_generate),
+                           (THINKFUSE_MTP, _mtp_generate)):
             build = functools.partial(_build_generate, make, impl != HF_SDPA, spec, prompt, new, config)
             out.append(_decode_case(spec, DECODE, impl, {"batch": 1, "prompt": prompt, "new_tokens": new}, build,
                                     config))
@@ -575,6 +580,11 @@ def _hf_generate(model, input_ids, new: int):
 
 def _mtp_generate(model, input_ids, new: int):
     return thinkfuse.speculative.mtp_generate(model, input_ids, max_new_tokens=new, eos_token_id=[])[0]
+
+
+def _mtp_graph_generate(model, input_ids, new: int):
+    return thinkfuse.speculative.mtp_generate(model, input_ids, max_new_tokens=new, eos_token_id=[],
+                                              cuda_graph=True)[0]
 
 
 def _build_generate(make, patched: bool, spec: ModelSpec, prompt: int, new: int, config: Config) -> Workload:
@@ -689,6 +699,22 @@ def step_costs(rows: list[dict]) -> list[dict]:
     return out
 
 
+def graph_costs(rows: list[dict]) -> list[dict]:
+    """Per decode group with a thinkfuse-mtp-graph row: its generate time over hf-sdpa's. With
+    random weights the MTP drafts are rejected, so both emit one token per trunk forward and the
+    ratio is the cost of a (replayed, 2-token) speculative step over an HF step; the implied
+    speedup at ACCEPTANCE follows as for decode-step."""
+    out = []
+    done = [r for r in rows if r["op"] == OP and r["variant"] == DECODE and r.get("median_ms")]
+    for graph in (r for r in done if r["impl"] == THINKFUSE_MTP_GRAPH):
+        for plain in (r for r in done if r["impl"] == HF_SDPA and r["model"] == graph["model"]
+                      and r["shape_label"] == graph["shape_label"]):
+            ratio = graph["median_ms"] / plain["median_ms"]
+            out.append({"model": graph["model"], "shape": graph["shape_label"], "vs": plain["impl"],
+                        "cost_ratio": ratio, "implied_speedup": (1 + ACCEPTANCE) / ratio})
+    return out
+
+
 BASELINES = {TRAIN: HF_SDPA, GRPO: TRL_MATERIALISED, GRPO_MODEL: TRL_MATERIALISED, DECODE: HF_SDPA,
              DECODE_STEP: HF_SDPA}
 
@@ -722,6 +748,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
         lines.append(f"decode-step: speculative step cost, implied speedup at {ACCEPTANCE:.0%} acceptance:")
         for c in costs:
             lines.append(f"  {c['model']} context {c['context']}: thinkfuse-mtp / {c['vs']} = "
+                         f"{c['cost_ratio']:.3f} -> {c['implied_speedup']:.2f}x")
+    graphs = graph_costs(rows)
+    if graphs:
+        lines.append(f"decode (random weights, drafts rejected): graph step cost, implied speedup at "
+                     f"{ACCEPTANCE:.0%} acceptance:")
+        for c in graphs:
+            lines.append(f"  {c['model']} {c['shape']}: thinkfuse-mtp-graph / {c['vs']} = "
                          f"{c['cost_ratio']:.3f} -> {c['implied_speedup']:.2f}x")
     return lines
 

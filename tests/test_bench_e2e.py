@@ -47,7 +47,7 @@ def test_gpu_case_list():
     layers = harness.load_presets()[0]["palmyra-mini"]["num_hidden_layers"]
     assert full[0].flops == e2e.train_flops(_config().presets["palmyra-mini"], layers, 32, 1024)
     assert {(c.variant, c.impl) for c in cases if c.mode == "fwd"} == {
-        ("decode", "hf-sdpa"), ("decode", "thinkfuse-mtp"),
+        ("decode", "hf-sdpa"), ("decode", "thinkfuse-mtp"), ("decode", "thinkfuse-mtp-graph"),
         ("decode-step", "hf-sdpa"), ("decode-step", "thinkfuse"), ("decode-step", "thinkfuse-mtp")}
     assert {c.model for c in cases if c.mode == "fwd"} == {"mimo-7b"}
     # Liger has no Ministral 3 entry point: those rows are missing with a reason, never absent.
@@ -151,6 +151,19 @@ def test_derived_numbers():
     assert cost["vs"] == "hf-sdpa" and cost["cost_ratio"] == 1.25
     assert abs(cost["implied_speedup"] - 1.9 / 1.25) < 1e-12
     assert any("1.52x" in line for line in e2e.summary_lines(rows))
+    assert e2e.graph_costs(rows) == []  # no graph row
+
+
+def test_graph_generate_cost_ratio():
+    rows = []
+    for impl, ms in (("hf-sdpa", 3000.0), ("thinkfuse-mtp-graph", 600.0), ("thinkfuse-mtp", 4000.0)):
+        case = harness.Case(op="e2e", impl=impl, variant="decode", mode="fwd",
+                            shape={"batch": 1, "prompt": 128, "new_tokens": 64}, model="mimo-7b", dtype=torch.bfloat16)
+        rows.append(harness.base_row(case) | {"status": "ok", "median_ms": ms})
+    (cost,) = e2e.graph_costs(rows)
+    assert cost["vs"] == "hf-sdpa" and cost["cost_ratio"] == pytest.approx(0.2)
+    assert cost["implied_speedup"] == pytest.approx(1.9 / 0.2)
+    assert any("thinkfuse-mtp-graph / hf-sdpa = 0.200 -> 9.50x" in line for line in e2e.summary_lines(rows))
 
 
 def test_grpo_model_step_rows_compute_the_same_loss():

@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache
 from . import reference
 from ._checks import check_float
 from .ops import mtp_verify
+from .static_decode import check_static_decode_applies, static_mtp_decode
 
 
 def mtp_generate(
@@ -43,6 +44,7 @@ def mtp_generate(
     attention_mask: Tensor | None = None,
     eos_token_id=None,
     generator: torch.Generator | None = None,
+    cuda_graph: bool = False,
 ):
     """Generate up to ``max_new_tokens`` tokens with MTP drafting and ``mtp_verify``.
 
@@ -57,8 +59,18 @@ def mtp_generate(
     sampling from ``softmax(logits / temperature)``. stats: ``accepted`` and ``drafted``
     (drafts offered to rows still generating), ``acceptance_rate``, ``target_forwards``
     (batched trunk forwards, prefill included), ``steps`` (verify steps) and ``new_tokens``.
+
+    ``cuda_graph=True``: the same greedy output from static KV caches, each step replayed from a
+    CUDA graph on a GPU (thinkfuse.static_decode), for host-bound small batches. It takes
+    temperature 0 and unpadded prompts (ValueError otherwise); on CPU its steps run eagerly.
+    stats then also hold ``cuda_graph``: whether the steps were replays (False on CPU, or
+    after a warning when the step could not be captured).
     """
     temperature = _check_args(model, input_ids, max_new_tokens, temperature, attention_mask)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if cuda_graph:
+        check_static_decode_applies(model, temperature, attention_mask)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
@@ -66,7 +78,10 @@ def mtp_generate(
     stats = {"accepted": 0, "drafted": 0, "target_forwards": 0, "steps": 0}
     if max_new_tokens > 0:
         with torch.no_grad():
-            _decode(model, input_ids, attention_mask.long(), temperature, generator, out, stats)
+            if cuda_graph:
+                stats = static_mtp_decode(model, input_ids, out, cuda_graph=True)
+            else:
+                _decode(model, input_ids, attention_mask.long(), temperature, generator, out, stats)
     return torch.cat([input_ids, out.columns()], dim=1), _finish_stats(stats, out)
 
 

@@ -1,0 +1,218 @@
+"""Greedy MTP speculative decoding over static KV caches, one CUDA graph per step:
+``mtp_generate(..., cuda_graph=True)``.
+
+Why: at batch 1 a MiMo-7B decode step through transformers is host-bound. On the 2026-11-23 H100
+it took ~48 ms of host time for ~8 ms of GPU work. Replaying a captured step removes the host
+cost per kernel, as vLLM and SGLang do.
+
+How: the trunk and the MTP layer run from their modules' weights here, not through
+transformers' forward, over caches preallocated for the whole generation (``[B, max_len, Hkv,
+D]`` per layer). Every step has the same shapes and keeps its state in device tensors, so the
+step can be captured once and replayed:
+- ``length [B]``: verified tokens per row, the same in both caches;
+- ``pending`` / ``draft [B]``: the next token and the MTP layer's guess for the one after it.
+
+One step:
+1. The trunk runs ``[pending, draft]`` at positions ``length, length + 1``, writes both slots
+   and attends with ``decode_attention`` over ``length + 2`` keys.
+2. ``mtp_verify`` gives ``tokens [B, 2]`` and ``accepted [B]`` (0 or 1).
+3. The MTP layer runs both rows ``(h_L, tokens[:, 0])`` and ``(h_L+1, tokens[:, 1])`` at the
+   same positions. Row 0 is always a verified pair. Row 1 is one only when the draft was
+   accepted, and its draft is then the one used.
+4. The row's length advances by ``1 + accepted``.
+
+A rejected slot (trunk or MTP) lies beyond the new length: the next step writes over it, and
+no attention reads past a row's length. So rows that accept different counts need no rollback
+and no masks.
+
+Scope: greedy decoding (temperature 0) of unpadded prompts on MiMo models without a sliding
+window. It equals ``generate``'s greedy output token for token, as ``mtp_generate`` does. The
+modules are called as they are, patched by thinkfuse or not. On CPU the same steps run eagerly
+(that is how CI tests them); graphs are captured only on CUDA.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .backend import why_unavailable
+from .rope_params import rope_params
+
+#: Eager steps before the capture: they compile the Triton kernels and let cuBLAS choose its
+#: algorithms, so neither happens while capturing. They are real steps (their tokens count).
+WARMUP_STEPS = 2
+
+
+def check_static_decode_applies(model, temperature: float, attention_mask: Tensor | None) -> None:
+    """Raise ValueError when ``cuda_graph=True`` cannot serve the call (see the module doc)."""
+    if temperature != 0:
+        raise ValueError(f"cuda_graph=True decodes greedily (temperature 0), got temperature={temperature}")
+    if attention_mask is not None and bool((attention_mask == 0).any()):
+        raise ValueError("cuda_graph=True takes unpadded prompts (attention_mask all ones)")
+    if getattr(model.config, "use_sliding_window", False) and getattr(model.config, "sliding_window", None):
+        raise ValueError("cuda_graph=True does not support sliding-window attention")
+
+
+class StaticMTPDecoder:
+    """The caches and the per-step state of one greedy MTP generation (see the module doc)."""
+
+    def __init__(self, model, batch: int, max_len: int, device: torch.device, cuda_graph: bool):
+        self.model = model
+        base = model.model
+        self.layers = list(base.layers)
+        self.mtp_layer = base.mtp_layers[0]
+        self.rope = rope_params(model.config).to(device)
+        attn = self.layers[0].self_attn
+        kv_heads = model.config.num_key_value_heads
+        dtype = model.lm_head.weight.dtype
+
+        def cache() -> Tensor:
+            return torch.zeros(batch, max_len, kv_heads, attn.head_dim, dtype=dtype, device=device)
+
+        self.trunk_kv = [(cache(), cache()) for _ in self.layers]
+        self.mtp_kv = (cache(), cache())
+        self.rows = torch.arange(batch, device=device)[:, None]
+        self.offsets = torch.arange(2, device=device)[None]
+        # Under capture, automatic selection runs decode on Triton while eager calls run the cuda
+        # kernel: the warm-up steps must run what the graph will hold.
+        graphs = cuda_graph and device.type == "cuda"
+        self.decode_backend = ("triton" if why_unavailable("triton") is None else "cuda") if graphs else None
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pending = torch.zeros(batch, dtype=torch.long, device=device)
+        self.draft = torch.zeros(batch, dtype=torch.long, device=device)
+
+    # --- the model, from its modules ---------------------------------------------------------
+
+    def _attention(self, attn, x: Tensor, positions: Tensor, kv: tuple[Tensor, Tensor], prefill: bool) -> Tensor:
+        batch, seq, _ = x.shape
+        q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim)
+        k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim)
+        v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim)
+        q, k = ops.rope(q, k, positions, self.rope.inv_freq, attention_scaling=self.rope.attention_scaling,
+                        llama4_scaling=self.rope.llama4_scaling)
+        k_cache, v_cache = kv
+        k_cache[self.rows, positions] = k.to(k_cache.dtype)
+        v_cache[self.rows, positions] = v.to(v_cache.dtype)
+        if prefill:  # the prompt: plain causal attention over itself
+            out = ops.flash_attention(q, k, v, causal=True, softmax_scale=attn.scaling)
+        else:  # each row attends to its first positions[:, -1] + 1 keys, the queries included
+            seqlens = (positions[:, -1] + 1).to(torch.int32)
+            out = ops.decode_attention(q, k_cache, v_cache, seqlens, softmax_scale=attn.scaling,
+                                       backend=self.decode_backend)
+        return attn.o_proj(out.reshape(batch, seq, -1))
+
+    def _layer(self, layer, h: Tensor, positions: Tensor, kv, prefill: bool) -> Tensor:
+        """Qwen2DecoderLayer's forward (pre-norm attention and MLP, residuals)."""
+        h = h + self._attention(layer.self_attn, layer.input_layernorm(h), positions, kv, prefill)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def trunk(self, ids: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
+        """(last decoder layer's output before the final norm, logits) of ``ids`` ``[B, S]``; a
+        prefill's logits are the last position's only."""
+        h = self.model.model.embed_tokens(ids)
+        for layer, kv in zip(self.layers, self.trunk_kv):
+            h = self._layer(layer, h, positions, kv, prefill)
+        return h, self.model.lm_head(self.model.model.norm(h[:, -1:] if prefill else h))
+
+    def mtp(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, prefill: bool = False) -> Tensor:
+        """The MTP layer's logits (for tokens t+2) of rows t = ``positions`` (MiMoMTPLayer); a
+        prefill's are the last row's only."""
+        mtp = self.mtp_layer
+        embeds = self.model.model.embed_tokens(next_ids)
+        embeds = embeds.masked_fill((positions == 0)[..., None], 0.0)  # trained without position 0's token
+        fused = mtp.input_proj(torch.cat([mtp.hidden_layernorm(hidden), mtp.token_layernorm(embeds)], dim=-1))
+        h = self._layer(mtp, fused, positions, self.mtp_kv, prefill)
+        return self.model.lm_head(mtp.final_layernorm(h[:, -1:] if prefill else h))
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Fill both caches with the prompt; returns the first new token ``[B]``."""
+        batch, prompt = input_ids.shape
+        positions = torch.arange(prompt, device=input_ids.device)[None].expand(batch, -1)
+        hidden, logits = self.trunk(input_ids, positions, prefill=True)
+        first = logits[:, -1].argmax(-1)
+        # MTP row t pairs h_t with token t+1; the last row with the token just chosen.
+        next_ids = torch.cat([input_ids[:, 1:], first[:, None]], dim=1)
+        draft_logits = self.mtp(hidden, next_ids, positions, prefill=True)
+        self.length.fill_(prompt)
+        self.pending.copy_(first)
+        self.draft.copy_(draft_logits[:, -1].argmax(-1))
+        return first
+
+    def step(self, out, stats: dict) -> None:
+        """One verify step, in place on the state, ``out`` (speculative._NewTokens) and the
+        device counters of ``stats``: no host synchronisation, so it can be captured."""
+        generating = ~out.done_rows()
+        positions = self.length[:, None] + self.offsets
+        hidden, logits = self.trunk(torch.stack([self.pending, self.draft], dim=1), positions)
+        tokens, accepted = ops.mtp_verify(self.draft[:, None], logits, temperature=0.0)
+        draft_logits = self.mtp(hidden, tokens.clamp(min=0), positions)
+        stats["drafted"].add_(generating.sum())
+        stats["accepted"].add_((accepted * generating).sum())
+        out.append(tokens, accepted + 1)
+        pick = accepted[:, None]
+        self.pending.copy_(tokens.gather(1, pick)[:, 0])
+        self.draft.copy_(draft_logits.argmax(-1).gather(1, pick)[:, 0])
+        # rows that are done stay where they are, so the caches never outgrow max_len
+        self.length.add_((accepted + 1) * generating)
+
+
+def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
+    """Greedy MTP generation into ``out`` (speculative._NewTokens); returns the stats (device
+    counters for accepted/drafted, ints for the rest, and ``cuda_graph``: whether the steps
+    after the warm-up were replays of a captured one)."""
+    batch, prompt = input_ids.shape
+    device = input_ids.device
+    decoder = StaticMTPDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph)
+    stats = {"accepted": torch.zeros((), dtype=torch.long, device=device),
+             "drafted": torch.zeros((), dtype=torch.long, device=device), "target_forwards": 1, "steps": 0}
+    first = decoder.prefill(input_ids)
+    out.append(first[:, None], torch.ones_like(first))
+    capture = cuda_graph and device.type == "cuda"
+    # Warm-up steps before a capture run on a side stream, as torch.cuda.graphs asks.
+    side = torch.cuda.Stream(device) if capture else None
+    graph = None
+    while not out.done():  # one host sync per step: the queue holds at most one step
+        if capture and graph is None and stats["steps"] >= WARMUP_STEPS:
+            graph = _capture(lambda: decoder.step(out, stats))
+            capture = graph is not None
+        if graph is not None:
+            graph.replay()
+        elif side is not None:
+            _on_stream(side, lambda: decoder.step(out, stats))
+        else:
+            decoder.step(out, stats)
+        stats["steps"] += 1
+        stats["target_forwards"] += 1
+    stats["cuda_graph"] = graph is not None
+    return stats
+
+
+def _on_stream(stream: "torch.cuda.Stream", fn) -> None:
+    """``fn()`` on ``stream``, ordered after and before the current stream's work."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def _capture(step) -> "torch.cuda.CUDAGraph | None":
+    """``step`` captured into a CUDA graph (not run: capture records the kernels only), or None
+    with a warning when something in it cannot be captured: the state is then untouched and the
+    generation goes on with eager steps."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as exc:
+        warnings.warn(f"mtp_generate(cuda_graph=True): the step could not be captured, running it eagerly: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        torch.cuda.synchronize()
+        return None
+    return graph

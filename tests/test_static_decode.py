@@ -1,0 +1,172 @@
+"""mtp_generate(cuda_graph=True): the static-cache greedy path (thinkfuse.static_decode) equals
+model.generate token for token, with acceptance patterns forced by an oracle drafter (all
+right, all wrong, rows disagreeing in one step), eos in the middle, patched models; bad uses are
+refused. On CPU its steps run eagerly; the GPU test replays captured steps.
+
+float32 (the kernels' dtypes): seeds where no greedy step is a near-tie, as in the other tests.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, KERNEL_BACKENDS
+
+import thinkfuse
+from thinkfuse import static_decode
+from thinkfuse.speculative import mtp_generate
+from thinkfuse.tiny import VOCAB, tiny_batch, tiny_model
+
+
+def _model(seed=0):
+    return tiny_model("mimo", seed=seed, dtype=torch.float32).to(DEVICE)
+
+
+def _greedy(model, ids, max_new_tokens, **kwargs):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, **kwargs)
+
+
+def _static(model, ids, max_new_tokens, **kwargs):
+    return mtp_generate(model, ids, max_new_tokens=max_new_tokens, cuda_graph=True, **kwargs)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 16])
+def test_greedy_equals_generate(max_new_tokens):
+    model = _model()
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    sequences, stats = _static(model, ids, max_new_tokens, eos_token_id=[])
+    assert torch.equal(sequences, _greedy(model, ids, max_new_tokens, eos_token_id=None))
+    assert stats["new_tokens"] == 3 * max_new_tokens
+    assert stats["target_forwards"] == 1 + stats["steps"]
+    assert stats["cuda_graph"] is False  # CPU: the same steps, run eagerly
+
+
+def _oracle_drafter(monkeypatch, reference, miss_every=3):
+    """The static MTP layer drafts the true next-next greedy token (from ``reference``), except
+    where ``(row + position) % miss_every == 0``. The real layer still runs and fills its cache;
+    only its logits are replaced."""
+    original = static_decode.StaticMTPDecoder.mtp
+
+    def drafting(self, hidden, next_ids, positions, prefill=False):
+        logits = original(self, hidden, next_ids, positions, prefill)
+        targets = (positions[:, -1:] if prefill else positions) + 2
+        forced = torch.zeros_like(logits)
+        for r in range(targets.shape[0]):
+            for s, position in enumerate(targets[r].tolist()):
+                token = int(reference[r, position]) if position < reference.shape[1] else 0
+                if (r + position) % miss_every == 0:
+                    token = (token + 1) % VOCAB
+                forced[r, s, token] = 1.0
+        return forced
+
+    monkeypatch.setattr(static_decode.StaticMTPDecoder, "mtp", drafting)
+
+
+def _record_acceptances(monkeypatch) -> list:
+    steps = []
+    verify = thinkfuse.ops.mtp_verify
+
+    def recording(*args, **kwargs):
+        tokens, accepted = verify(*args, **kwargs)
+        steps.append(accepted.tolist())
+        return tokens, accepted
+
+    monkeypatch.setattr(static_decode.ops, "mtp_verify", recording)
+    return steps
+
+
+def test_rows_that_accept_different_counts_stay_exact(monkeypatch):
+    model = _model()
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    reference = _greedy(model, ids, 16)
+    _oracle_drafter(monkeypatch, reference)
+    steps = _record_acceptances(monkeypatch)
+    sequences, stats = _static(model, ids, 16, eos_token_id=[])
+    assert torch.equal(sequences, reference)
+    assert any(len(set(step)) > 1 for step in steps)  # rows disagreed: slots written over later
+    assert 0 < stats["accepted"] < stats["drafted"]
+    assert stats["target_forwards"] < 16 + 1
+    assert stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
+
+
+def test_always_right_drafter_emits_two_tokens_a_step(monkeypatch):
+    model = _model()
+    ids = tiny_batch(1, 6, seed=2, device=DEVICE)
+    reference = _greedy(model, ids, 9)
+    _oracle_drafter(monkeypatch, reference, miss_every=10**9)
+    sequences, stats = _static(model, ids, 9, eos_token_id=[])
+    assert torch.equal(sequences, reference)
+    # prefill emits 1 token, every verify step 2: 1 + 4 steps for 9 tokens
+    assert stats["target_forwards"] == 5 and stats["acceptance_rate"] == 1.0
+
+
+def test_always_wrong_drafter_still_decodes_greedily(monkeypatch):
+    model = _model()
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    reference = _greedy(model, ids, 6)
+    _oracle_drafter(monkeypatch, reference, miss_every=1)
+    sequences, stats = _static(model, ids, 6, eos_token_id=[])
+    assert torch.equal(sequences, reference)
+    assert stats["accepted"] == 0 and stats["target_forwards"] == 6
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_eos_in_the_middle(monkeypatch, oracle):
+    model = _model()
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    plain = _greedy(model, ids, 12)
+    row = plain[0, ids.shape[1]:].tolist()
+    eos = next((row[i] for i in range(2, len(row) - 2) if row[i] not in row[:i]), None)
+    if eos is None:
+        pytest.skip("no suitable eos token in this continuation")
+    reference = _greedy(model, ids, 12, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    if oracle:
+        _oracle_drafter(monkeypatch, plain)
+    model.generation_config.pad_token_id = VOCAB - 1
+    sequences, _ = _static(model, ids, 12, eos_token_id=eos)
+    assert torch.equal(sequences, reference)
+    assert (sequences[0, ids.shape[1]:] == VOCAB - 1).any()  # row 0 was padded after its eos
+
+
+def test_patched_model_with_the_kernel_backend(kernel_backend):
+    model = _model(seed=3)
+    ids = tiny_batch(2, 7, seed=4, device=DEVICE)
+    reference = _greedy(model, ids, 6)
+    thinkfuse.patch_model(model, backend=kernel_backend)
+    with thinkfuse.use_backend(kernel_backend):
+        sequences, _ = _static(model, ids, 6, eos_token_id=[])
+    assert torch.equal(sequences, reference)
+
+
+def test_uses_it_does_not_cover_are_refused():
+    model = _model()
+    ids = tiny_batch(2, 5, seed=0, device=DEVICE)
+    with pytest.raises(ValueError, match="temperature 0"):
+        mtp_generate(model, ids, max_new_tokens=2, temperature=0.7, cuda_graph=True)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        mtp_generate(model, ids, max_new_tokens=2, attention_mask=mask, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        mtp_generate(model, ids, max_new_tokens=2, cuda_graph=1)
+    # an all-ones mask is no padding
+    sequences, _ = mtp_generate(model, ids, max_new_tokens=2, attention_mask=torch.ones_like(ids), cuda_graph=True)
+    assert sequences.shape == (2, 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("patched", [False, True])
+def test_captured_steps_replay_to_the_greedy_output(monkeypatch, patched):
+    model = tiny_model("mimo", seed=0, dtype=torch.float32).cuda()
+    ids = tiny_batch(2, 9, seed=1, device="cuda")
+    reference = _greedy(model, ids, 12)
+    if patched and "cuda" in KERNEL_BACKENDS:
+        thinkfuse.patch_model(model)
+    captured = []
+    capture = static_decode._capture
+    monkeypatch.setattr(static_decode, "_capture", lambda step: captured.append(1) or capture(step))
+    sequences, stats = _static(model, ids, 12, eos_token_id=[])
+    assert captured == [1]  # one capture, after the warm-up steps; every later step a replay
+    assert stats["cuda_graph"] is True  # the capture did not fall back to eager steps
+    assert stats["steps"] > static_decode.WARMUP_STEPS
+    assert torch.equal(sequences, reference)

@@ -43,20 +43,17 @@ def test_greedy_equals_generate(max_new_tokens):
 def _oracle_drafter(monkeypatch, reference, miss_every=3):
     """The static MTP layer drafts the true next-next greedy token (from ``reference``), except
     where ``(row + position) % miss_every == 0``. The real layer still runs and fills its cache;
-    only its logits are replaced."""
+    only its logits are replaced, by device ops alone (so captured steps take it too)."""
     original = static_decode.StaticMTPDecoder.mtp
+    rows = torch.arange(reference.shape[0], device=reference.device)[:, None]
 
     def drafting(self, hidden, next_ids, positions, prefill=False):
         logits = original(self, hidden, next_ids, positions, prefill)
         targets = (positions[:, -1:] if prefill else positions) + 2
-        forced = torch.zeros_like(logits)
-        for r in range(targets.shape[0]):
-            for s, position in enumerate(targets[r].tolist()):
-                token = int(reference[r, position]) if position < reference.shape[1] else 0
-                if (r + position) % miss_every == 0:
-                    token = (token + 1) % VOCAB
-                forced[r, s, token] = 1.0
-        return forced
+        tokens = reference.gather(1, targets.clamp(max=reference.shape[1] - 1))
+        tokens = torch.where(targets < reference.shape[1], tokens, 0)
+        tokens = torch.where((rows + targets) % miss_every == 0, (tokens + 1) % VOCAB, tokens)
+        return torch.nn.functional.one_hot(tokens, logits.shape[-1]).to(logits.dtype)
 
     monkeypatch.setattr(static_decode.StaticMTPDecoder, "mtp", drafting)
 
@@ -140,6 +137,8 @@ def test_patched_model_with_the_kernel_backend(kernel_backend):
 def test_uses_it_does_not_cover_are_refused():
     model = _model()
     ids = tiny_batch(2, 5, seed=0, device=DEVICE)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        mtp_generate(tiny_model("mimo", dtype=torch.float64).to(DEVICE), ids, max_new_tokens=2, cuda_graph=True)
     with pytest.raises(ValueError, match="temperature 0"):
         mtp_generate(model, ids, max_new_tokens=2, temperature=0.7, cuda_graph=True)
     mask = torch.ones_like(ids)
@@ -151,22 +150,48 @@ def test_uses_it_does_not_cover_are_refused():
     # an all-ones mask is no padding
     sequences, _ = mtp_generate(model, ids, max_new_tokens=2, attention_mask=torch.ones_like(ids), cuda_graph=True)
     assert sequences.shape == (2, 7)
+    _, stats = mtp_generate(model, ids, max_new_tokens=0, cuda_graph=True)
+    assert stats["cuda_graph"] is False
+
+
+def test_many_eos_ids_and_a_rope_cast_with_the_model():
+    """Up to 12 eos ids (torch.isin would sort from 10 up, which a capture cannot take), and a
+    model cast after construction: its rounded inv_freq buffer is what generate uses."""
+    model = _model()
+    ids = tiny_batch(2, 9, seed=1, device=DEVICE)
+    plain = _greedy(model, ids, 10)
+    eos = [int(plain[0, ids.shape[1] + 4])] + [VOCAB - 2 - i for i in range(11)]
+    reference = _greedy(model, ids, 10, eos_token_id=eos, pad_token_id=0)
+    model.generation_config.pad_token_id = 0
+    sequences, _ = _static(model, ids, 10, eos_token_id=eos)
+    assert torch.equal(sequences, reference)
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.to(torch.bfloat16).float()
+    sequences, _ = _static(model, ids, 10, eos_token_id=[])
+    assert torch.equal(sequences, _greedy(model, ids, 10, eos_token_id=None))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("patched", [False, True])
-def test_captured_steps_replay_to_the_greedy_output(monkeypatch, patched):
+@pytest.mark.parametrize("oracle", [False, True])
+def test_captured_steps_replay_to_the_greedy_output(monkeypatch, patched, oracle):
     model = tiny_model("mimo", seed=0, dtype=torch.float32).cuda()
-    ids = tiny_batch(2, 9, seed=1, device="cuda")
-    reference = _greedy(model, ids, 12)
+    ids = tiny_batch(3, 9, seed=1, device="cuda")
+    plain = _greedy(model, ids, 16)
+    eos = int(plain[1, ids.shape[1] + 9])  # row 1 (at least) ends early, after the capture
+    reference = _greedy(model, ids, 16, eos_token_id=eos, pad_token_id=0)
+    model.generation_config.pad_token_id = 0
     if patched and "cuda" in KERNEL_BACKENDS:
         thinkfuse.patch_model(model)
+    if oracle:  # drafts accepted in replayed steps, rows disagreeing
+        _oracle_drafter(monkeypatch, plain)
     captured = []
     capture = static_decode._capture
     monkeypatch.setattr(static_decode, "_capture", lambda step: captured.append(1) or capture(step))
-    sequences, stats = _static(model, ids, 12, eos_token_id=[])
+    sequences, stats = _static(model, ids, 16, eos_token_id=eos)
     assert captured == [1]  # one capture, after the warm-up steps; every later step a replay
     assert stats["cuda_graph"] is True  # the capture did not fall back to eager steps
     assert stats["steps"] > static_decode.WARMUP_STEPS
     assert torch.equal(sequences, reference)
+    if oracle:
+        assert 0 < stats["accepted"] < stats["drafted"]

@@ -76,6 +76,8 @@ def mtp_generate(
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
     out = _NewTokens(input_ids.shape[0], max_new_tokens, eos_ids, _pad_id(model, eos_ids), input_ids.device)
     stats = {"accepted": 0, "drafted": 0, "target_forwards": 0, "steps": 0}
+    if cuda_graph:
+        stats["cuda_graph"] = False
     if max_new_tokens > 0:
         with torch.no_grad():
             if cuda_graph:
@@ -240,7 +242,9 @@ class _NewTokens:
             column = self.count.clamp(max=self.max_new_tokens)[:, None]
             current = self.tokens.gather(1, column)[:, 0]
             self.tokens.scatter_(1, column, torch.where(take, new[:, j], current)[:, None])
-            self.finished |= take & torch.isin(new[:, j], self.eos_ids)
+            # a comparison, not torch.isin: isin sorts (and syncs) from 10 ids up, which a CUDA
+            # graph capture (static_decode) cannot take
+            self.finished |= take & (new[:, j, None] == self.eos_ids).any(-1)
             self.count += take.long()
 
     def columns(self) -> Tensor:

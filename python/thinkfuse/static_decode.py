@@ -39,16 +39,26 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .backend import why_unavailable
-from .rope_params import rope_params
+from .backend import cuda_has_op, why_unavailable
+from .patching.forwards import has_static_rope
 
 #: Eager steps before the capture: they compile the Triton kernels and let cuBLAS choose its
 #: algorithms, so neither happens while capturing. They are real steps (their tokens count).
 WARMUP_STEPS = 2
 
 
+#: The kernels' dtypes (float64 models decode with mtp_generate's default path).
+STATIC_DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def check_static_decode_applies(model, temperature: float, attention_mask: Tensor | None) -> None:
     """Raise ValueError when ``cuda_graph=True`` cannot serve the call (see the module doc)."""
+    dtype = model.model.layers[0].self_attn.k_proj.weight.dtype
+    if dtype not in STATIC_DECODE_DTYPES:
+        raise ValueError(f"cuda_graph=True runs float32, float16 or bfloat16 models, got {dtype}")
+    if not has_static_rope(model.model.layers[0].self_attn):
+        raise ValueError("cuda_graph=True needs a rope whose frequencies do not change with the length "
+                         "(not dynamic or longrope)")
     if temperature != 0:
         raise ValueError(f"cuda_graph=True decodes greedily (temperature 0), got temperature={temperature}")
     if attention_mask is not None and bool((attention_mask == 0).any()):
@@ -65,10 +75,14 @@ class StaticMTPDecoder:
         base = model.model
         self.layers = list(base.layers)
         self.mtp_layer = base.mtp_layers[0]
-        self.rope = rope_params(model.config).to(device)
+        # The model's own rotary buffer and scaling, as its forward uses them (a model cast to
+        # bfloat16 after construction holds a rounded inv_freq, which generate then uses too).
+        rotary = base.rotary_emb
+        self.inv_freq = rotary.inv_freq.float()
+        self.attention_scaling = float(rotary.attention_scaling)
         attn = self.layers[0].self_attn
         kv_heads = model.config.num_key_value_heads
-        dtype = model.lm_head.weight.dtype
+        dtype = attn.k_proj.weight.dtype
 
         def cache() -> Tensor:
             return torch.zeros(batch, max_len, kv_heads, attn.head_dim, dtype=dtype, device=device)
@@ -80,7 +94,7 @@ class StaticMTPDecoder:
         # Under capture, automatic selection runs decode on Triton while eager calls run the cuda
         # kernel: the warm-up steps must run what the graph will hold.
         graphs = cuda_graph and device.type == "cuda"
-        self.decode_backend = ("triton" if why_unavailable("triton") is None else "cuda") if graphs else None
+        self.decode_backend = _graph_decode_backend() if graphs else None
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
         self.pending = torch.zeros(batch, dtype=torch.long, device=device)
         self.draft = torch.zeros(batch, dtype=torch.long, device=device)
@@ -92,8 +106,7 @@ class StaticMTPDecoder:
         q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim)
         k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim)
         v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim)
-        q, k = ops.rope(q, k, positions, self.rope.inv_freq, attention_scaling=self.rope.attention_scaling,
-                        llama4_scaling=self.rope.llama4_scaling)
+        q, k = ops.rope(q, k, positions, self.inv_freq, attention_scaling=self.attention_scaling)
         k_cache, v_cache = kv
         k_cache[self.rows, positions] = k.to(k_cache.dtype)
         v_cache[self.rows, positions] = v.to(v_cache.dtype)
@@ -162,10 +175,27 @@ class StaticMTPDecoder:
         self.length.add_((accepted + 1) * generating)
 
 
+def _graph_decode_backend() -> str:
+    """The decode attention for captured steps: Triton's (the faster kernel once host cost is
+    gone), else the cuda kernel, else the torch form (no host syncs either)."""
+    if why_unavailable("triton") is None:
+        return "triton"
+    return "cuda" if cuda_has_op("decode_attention") else "torch"
+
+
 def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
     """Greedy MTP generation into ``out`` (speculative._NewTokens); returns the stats (device
     counters for accepted/drafted, ints for the rest, and ``cuda_graph``: whether the steps
     after the warm-up were replays of a captured one)."""
+    device = input_ids.device
+    if device.type != "cuda":
+        return _static_mtp_decode(model, input_ids, out, cuda_graph)
+    # Streams, synchronisation and capture act on the current device: make it the model's.
+    with torch.cuda.device(device):
+        return _static_mtp_decode(model, input_ids, out, cuda_graph)
+
+
+def _static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
     batch, prompt = input_ids.shape
     device = input_ids.device
     decoder = StaticMTPDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph)
@@ -208,7 +238,8 @@ def _capture(step) -> "torch.cuda.CUDAGraph | None":
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (a data loader, say) do not end the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
     except RuntimeError as exc:
         warnings.warn(f"mtp_generate(cuda_graph=True): the step could not be captured, running it eagerly: {exc}",

@@ -117,6 +117,9 @@ TRAIN, GRPO, DECODE, DECODE_STEP = "train-step", "grpo-step", "decode", "decode-
 GRPO_MODEL = "grpo-model-step"
 HF_SDPA, THINKFUSE, THINKFUSE_MTP, TRL_MATERIALISED = "hf-sdpa", "thinkfuse", "thinkfuse-mtp", "trl-materialised"
 THINKFUSE_MTP_GRAPH = "thinkfuse-mtp-graph"  # mtp_generate(cuda_graph=True): static caches, replayed steps
+# HF's own fast decode: generate with a static cache, which transformers compiles on a GPU
+# (torch.compile, CUDA graphs). Compiling takes minutes: gpu_check runs it in a job of its own.
+HF_STATIC_COMPILE = "hf-static-compile"
 
 TRAIN_LAYERS, TRAIN_BATCH, TRAIN_SEQ = 2, 2, 4096
 GRPO_TOKENS = (4096, 16384, 32768)
@@ -527,8 +530,9 @@ def decode_cases(config: Config) -> list[Case]:
             out.append(_decode_case(spec, DECODE_STEP, impl, {"batch": 1, "context": context}, build, config))
         # The graph row first: a second or less, where the others take several.
         for impl, make in ((THINKFUSE_MTP_GRAPH, _mtp_graph_generate), (HF_SDPA, _hf_generate),
-                           (THINKFUSE_MTP, _mtp_generate)):
-            build = functools.partial(_build_generate, make, impl != HF_SDPA, spec, prompt, new, config)
+                           (THINKFUSE_MTP, _mtp_generate), (HF_STATIC_COMPILE, _hf_static_generate)):
+            build = functools.partial(_build_generate, make, impl not in (HF_SDPA, HF_STATIC_COMPILE), spec,
+                                      prompt, new, config)
             out.append(_decode_case(spec, DECODE, impl, {"batch": 1, "prompt": prompt, "new_tokens": new}, build,
                                     config))
     return out
@@ -580,6 +584,11 @@ def _hf_generate(model, input_ids, new: int):
 
 def _mtp_generate(model, input_ids, new: int):
     return thinkfuse.speculative.mtp_generate(model, input_ids, max_new_tokens=new, eos_token_id=[])[0]
+
+
+def _hf_static_generate(model, input_ids, new: int):
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                          max_new_tokens=new, min_new_tokens=new, cache_implementation="static")
 
 
 def _mtp_graph_generate(model, input_ids, new: int):
@@ -700,14 +709,15 @@ def step_costs(rows: list[dict]) -> list[dict]:
 
 
 def graph_costs(rows: list[dict]) -> list[dict]:
-    """Per decode group with a thinkfuse-mtp-graph row: its generate time over hf-sdpa's. With
+    """Per decode group with a thinkfuse-mtp-graph row: its generate time over hf-sdpa's (and
+    hf-static-compile's, where measured). With
     random weights the MTP drafts are rejected, so both emit one token per trunk forward and the
     ratio is the cost of a (replayed, 2-token) speculative step over an HF step; the implied
     speedup at ACCEPTANCE follows as for decode-step."""
     out = []
     done = [r for r in rows if r["op"] == OP and r["variant"] == DECODE and r.get("median_ms")]
     for graph in (r for r in done if r["impl"] == THINKFUSE_MTP_GRAPH):
-        for plain in (r for r in done if r["impl"] == HF_SDPA and r["model"] == graph["model"]
+        for plain in (r for r in done if r["impl"] in (HF_SDPA, HF_STATIC_COMPILE) and r["model"] == graph["model"]
                       and r["shape_label"] == graph["shape_label"]):
             ratio = graph["median_ms"] / plain["median_ms"]
             out.append({"model": graph["model"], "shape": graph["shape_label"], "vs": plain["impl"],

@@ -10,6 +10,7 @@
 #   bash bench/gpu_check.sh env build backends tests-sm90 tests
 #   BENCH_JOBS_SELECT=memory-bound,mtp-verify,attention-sm90,attention bash bench/gpu_check.sh build bench
 #   BENCH_JOBS_SELECT=logprobs,e2e,decode bash bench/gpu_check.sh build bench
+#   BENCH_JOBS_SELECT=decode-compiled bash bench/gpu_check.sh build bench   (HF compiled decode: minutes)
 # and, with device time left, the tile sweep of the Triton attention kernels (bench/tune.py):
 #   bash bench/gpu_check.sh tune      (Triton only: no build needed)
 # and Nsight Compute's report of the kernels of PROFILES (below), to see what holds them back:
@@ -70,7 +71,9 @@ BENCH_JOBS=(
     # Palmyra-mini: 2-layer train steps, GRPO loss steps and the full-depth 32k-token GRPO step.
     "e2e:130:--op e2e --model palmyra-mini"
     # MiMo-7B at full depth: plain vs MTP speculative decoding (the e2e rows of mode fwd).
-    "decode:180:--op e2e --model mimo-7b --mode fwd"
+    "decode:180:--op e2e --model mimo-7b --mode fwd --skip-impl hf-static-compile"
+    # HF's compiled static-cache generate (minutes of torch.compile): the strong decode baseline.
+    "decode-compiled:300:--op e2e --model mimo-7b --mode fwd --impl hf-static-compile"
 )
 if [ -n "${BENCH_JOBS_SELECT:-}" ]; then
     SELECTED=()

@@ -576,6 +576,42 @@ def test_one_pass_accumulates_d_weight_in_one_buffer(backend, dtype):
         torch.testing.assert_close(d_weight.float(), leaf.grad, atol=2e-2, rtol=2e-2)
 
 
+class _NaNEmpty(TorchDispatchMode):
+    """New float32 tensors of one shape come out filled with NaN (what uninitialised memory may
+    hold), and zero fills of that shape are recorded."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.zero_fills = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.zeros.default, torch.ops.aten.zero_.default, torch.ops.aten.fill_.Scalar):
+            shape = args[0] if func is torch.ops.aten.zeros.default else args[0].shape
+            self.zero_fills += tuple(shape) == self.shape
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.empty.memory_format and out.dtype == torch.float32 and tuple(out.shape) == self.shape:
+            out.fill_(float("nan"))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_one_pass_first_chunk_writes_the_accumulator_without_a_zero_fill(backend, dtype):
+    """The first chunk's d_weight product overwrites the [V, H] float32 accumulator (addmm at
+    beta 0): no zero fill, and whatever the new buffer held (NaN here) never reaches the result."""
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    hidden, weight, _, ids = _inputs((23,), 16, 301, dtype=dtype, bias=False)
+    grad_weights = torch.randn(23, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with _NaNEmpty(weight.shape) as probe:
+        _, _, d_weight, _ = fused_linear_logprobs_with_grads(
+            hidden, weight, ids, lambda lp, s, e: grad_weights[s:e], chunk_size=5, backend=backend)
+    assert probe.zero_fills == 0
+    leaf = weight.float().clone().requires_grad_()
+    (reference.fused_linear_token_logprobs(hidden.float(), leaf, ids) * grad_weights).sum().backward()
+    assert torch.isfinite(d_weight).all()
+    torch.testing.assert_close(d_weight.float(), leaf.grad, atol=2e-2, rtol=2e-2)
+
+
 def test_one_pass_called_directly_with_grad_mode_on(backend):
     """Called outside an autograd.Function, on leaves that require grad: it returns plain
     tensors (no graph) and the same values as under no_grad."""

@@ -117,6 +117,7 @@ TRAIN, GRPO, DECODE, DECODE_STEP = "train-step", "grpo-step", "decode", "decode-
 GRPO_MODEL = "grpo-model-step"
 HF_SDPA, THINKFUSE, THINKFUSE_MTP, TRL_MATERIALISED = "hf-sdpa", "thinkfuse", "thinkfuse-mtp", "trl-materialised"
 THINKFUSE_MTP_GRAPH = "thinkfuse-mtp-graph"  # mtp_generate(cuda_graph=True): static caches, replayed steps
+THINKFUSE_GRAPH = "thinkfuse-graph"  # static_decode.greedy_generate: the same engine, no speculation
 # HF's own fast decode: generate with a static cache, which transformers compiles on a GPU
 # (torch.compile, CUDA graphs). Compiling takes minutes: gpu_check runs it in a job of its own.
 HF_STATIC_COMPILE = "hf-static-compile"
@@ -529,7 +530,8 @@ def decode_cases(config: Config) -> list[Case]:
             build = functools.partial(_build_step, make, impl != HF_SDPA, spec, context, config)
             out.append(_decode_case(spec, DECODE_STEP, impl, {"batch": 1, "context": context}, build, config))
         # The graph row first: a second or less, where the others take several.
-        for impl, make in ((THINKFUSE_MTP_GRAPH, _mtp_graph_generate), (HF_SDPA, _hf_generate),
+        for impl, make in ((THINKFUSE_MTP_GRAPH, _mtp_graph_generate), (THINKFUSE_GRAPH, _graph_generate),
+                           (HF_SDPA, _hf_generate),
                            (THINKFUSE_MTP, _mtp_generate), (HF_STATIC_COMPILE, _hf_static_generate)):
             build = functools.partial(_build_generate, make, impl not in (HF_SDPA, HF_STATIC_COMPILE), spec,
                                       prompt, new, config)
@@ -589,6 +591,12 @@ def _mtp_generate(model, input_ids, new: int):
 def _hf_static_generate(model, input_ids, new: int):
     return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                           max_new_tokens=new, min_new_tokens=new, cache_implementation="static")
+
+
+def _graph_generate(model, input_ids, new: int):
+    from thinkfuse.static_decode import greedy_generate
+
+    return greedy_generate(model, input_ids, max_new_tokens=new, eos_token_id=[], cuda_graph=True)[0]
 
 
 def _mtp_graph_generate(model, input_ids, new: int):
@@ -710,14 +718,16 @@ def step_costs(rows: list[dict]) -> list[dict]:
 
 def graph_costs(rows: list[dict]) -> list[dict]:
     """Per decode group with a thinkfuse-mtp-graph row: its generate time over hf-sdpa's (and
-    hf-static-compile's, where measured). With
+    hf-static-compile's and thinkfuse-graph's, the same engine without speculation, where
+    measured: against the latter the implied speedup is what speculation itself adds). With
     random weights the MTP drafts are rejected, so both emit one token per trunk forward and the
-    ratio is the cost of a (replayed, 2-token) speculative step over an HF step; the implied
+    ratio is the cost of a (replayed, 2-token) speculative step over the other row's step; the implied
     speedup at ACCEPTANCE follows as for decode-step."""
     out = []
     done = [r for r in rows if r["op"] == OP and r["variant"] == DECODE and r.get("median_ms")]
     for graph in (r for r in done if r["impl"] == THINKFUSE_MTP_GRAPH):
-        for plain in (r for r in done if r["impl"] in (HF_SDPA, HF_STATIC_COMPILE) and r["model"] == graph["model"]
+        for plain in (r for r in done if r["impl"] in (HF_SDPA, HF_STATIC_COMPILE, THINKFUSE_GRAPH)
+                      and r["model"] == graph["model"]
                       and r["shape_label"] == graph["shape_label"]):
             ratio = graph["median_ms"] / plain["median_ms"]
             out.append({"model": graph["model"], "shape": graph["shape_label"], "vs": plain["impl"],

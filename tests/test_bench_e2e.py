@@ -48,7 +48,7 @@ def test_gpu_case_list():
     assert full[0].flops == e2e.train_flops(_config().presets["palmyra-mini"], layers, 32, 1024)
     assert {(c.variant, c.impl) for c in cases if c.mode == "fwd"} == {
         ("decode", "hf-sdpa"), ("decode", "thinkfuse-mtp"), ("decode", "thinkfuse-mtp-graph"),
-        ("decode", "hf-static-compile"),
+        ("decode", "hf-static-compile"), ("decode", "thinkfuse-graph"),
         ("decode-step", "hf-sdpa"), ("decode-step", "thinkfuse"), ("decode-step", "thinkfuse-mtp")}
     assert {c.model for c in cases if c.mode == "fwd"} == {"mimo-7b"}
     # Liger has no Ministral 3 entry point: those rows are missing with a reason, never absent.
@@ -157,13 +157,15 @@ def test_derived_numbers():
 
 def test_graph_generate_cost_ratio():
     rows = []
-    for impl, ms in (("hf-sdpa", 3000.0), ("thinkfuse-mtp-graph", 600.0), ("thinkfuse-mtp", 4000.0)):
+    for impl, ms in (("hf-sdpa", 3000.0), ("thinkfuse-mtp-graph", 600.0), ("thinkfuse-mtp", 4000.0),
+                     ("thinkfuse-graph", 500.0)):
         case = harness.Case(op="e2e", impl=impl, variant="decode", mode="fwd",
                             shape={"batch": 1, "prompt": 128, "new_tokens": 64}, model="mimo-7b", dtype=torch.bfloat16)
         rows.append(harness.base_row(case) | {"status": "ok", "median_ms": ms})
-    (cost,) = e2e.graph_costs(rows)
+    cost, own = e2e.graph_costs(rows)
     assert cost["vs"] == "hf-sdpa" and cost["cost_ratio"] == pytest.approx(0.2)
     assert cost["implied_speedup"] == pytest.approx(1.9 / 0.2)
+    assert own["vs"] == "thinkfuse-graph" and own["implied_speedup"] == pytest.approx(1.9 / 1.2)
     assert any("thinkfuse-mtp-graph / hf-sdpa = 0.200 -> 9.50x" in line for line in e2e.summary_lines(rows))
 
 

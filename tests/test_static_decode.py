@@ -44,7 +44,7 @@ def _oracle_drafter(monkeypatch, reference, miss_every=3):
     """The static MTP layer drafts the true next-next greedy token (from ``reference``), except
     where ``(row + position) % miss_every == 0``. The real layer still runs and fills its cache;
     only its logits are replaced, by device ops alone (so captured steps take it too)."""
-    original = static_decode.StaticMTPDecoder.mtp
+    original = static_decode.StaticDecoder.mtp
     rows = torch.arange(reference.shape[0], device=reference.device)[:, None]
 
     def drafting(self, hidden, next_ids, positions, prefill=False):
@@ -55,7 +55,7 @@ def _oracle_drafter(monkeypatch, reference, miss_every=3):
         tokens = torch.where((rows + targets) % miss_every == 0, (tokens + 1) % VOCAB, tokens)
         return torch.nn.functional.one_hot(tokens, logits.shape[-1]).to(logits.dtype)
 
-    monkeypatch.setattr(static_decode.StaticMTPDecoder, "mtp", drafting)
+    monkeypatch.setattr(static_decode.StaticDecoder, "mtp", drafting)
 
 
 def _record_acceptances(monkeypatch) -> list:
@@ -195,3 +195,73 @@ def test_captured_steps_replay_to_the_greedy_output(monkeypatch, patched, oracle
     assert torch.equal(sequences, reference)
     if oracle:
         assert 0 < stats["accepted"] < stats["drafted"]
+
+
+# --- greedy_generate: the same engine without the MTP layer, for every family's causal LM ----
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "ministral3", "mimo"])
+def test_plain_greedy_equals_generate(family):
+    model = tiny_model(family, seed=0, dtype=torch.float32).to(DEVICE)
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(sequences, _greedy(model, ids, 12, eos_token_id=None))
+    assert stats == {"target_forwards": 12, "steps": 11, "cuda_graph": False, "new_tokens": 36}
+
+
+def test_plain_greedy_with_a_sliding_window_and_eos():
+    model = tiny_model("mistral", seed=0, dtype=torch.float32).to(DEVICE)
+    model.config.sliding_window = 5  # shorter than the prompt: prefill and decode both cut keys
+    # 8 new tokens: at the 10th this seed has a near-tie that flips between runs of generate itself
+    ids = tiny_batch(2, 9, seed=1, device=DEVICE)
+    plain = _greedy(model, ids, 8)
+    assert not torch.equal(plain, _greedy(tiny_model("mistral", seed=0).to(DEVICE), ids, 8))  # the window matters
+    sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(sequences, plain)
+    eos = int(plain[0, ids.shape[1] + 3])
+    reference = _greedy(model, ids, 8, eos_token_id=eos, pad_token_id=0)
+    model.generation_config.pad_token_id = 0
+    sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=8, eos_token_id=eos)
+    assert torch.equal(sequences, reference)
+
+
+def test_plain_greedy_patched_with_the_kernel_backend(kernel_backend):
+    model = tiny_model("ministral3", seed=3, dtype=torch.float32).to(DEVICE)
+    ids = tiny_batch(2, 7, seed=4, device=DEVICE)
+    reference = _greedy(model, ids, 6)
+    thinkfuse.patch_model(model, backend=kernel_backend)
+    with thinkfuse.use_backend(kernel_backend):
+        sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(sequences, reference)
+
+
+def test_plain_greedy_bad_arguments():
+    ids = tiny_batch(2, 5, seed=0, device=DEVICE)
+    with pytest.raises(TypeError, match="static decoding needs a causal LM"):
+        static_decode.greedy_generate(tiny_model("mistral3").to(DEVICE), ids, max_new_tokens=2)
+    model = _model()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        static_decode.greedy_generate(model, ids, max_new_tokens=-1)
+    with pytest.raises(TypeError, match="input_ids"):
+        static_decode.greedy_generate(model, ids.float(), max_new_tokens=2)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        static_decode.greedy_generate(model, ids, max_new_tokens=2, cuda_graph="yes")
+    sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=0)
+    assert torch.equal(sequences, ids) and stats["target_forwards"] == 0 and stats["new_tokens"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["qwen2", "ministral3"])
+def test_plain_greedy_captured_steps_replay_to_the_greedy_output(monkeypatch, family):
+    model = tiny_model(family, seed=0, dtype=torch.float32).cuda()
+    ids = tiny_batch(2, 9, seed=1, device="cuda")
+    reference = _greedy(model, ids, 12)
+    if "cuda" in KERNEL_BACKENDS:
+        thinkfuse.patch_model(model)
+    captured = []
+    capture = static_decode._capture
+    monkeypatch.setattr(static_decode, "_capture", lambda step: captured.append(1) or capture(step))
+    sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    assert captured == [1] and stats["cuda_graph"] is True
+    assert torch.equal(sequences, reference)

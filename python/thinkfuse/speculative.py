@@ -281,6 +281,20 @@ def _check_args(model, input_ids, max_new_tokens, temperature, attention_mask) -
         raise TypeError(
             f"mtp_generate needs a thinkfuse.models.MiMoForCausalLM with MTP layers, got {type(model).__name__}"
         )
+    _check_ids(model, input_ids, max_new_tokens)
+    temperature = check_float("temperature", temperature, non_negative=True)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}"
+            )
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("attention_mask must mark left padding (every row's last token real)")
+    return temperature
+
+
+def _check_ids(model, input_ids, max_new_tokens) -> None:
+    """input_ids ``[B, P]`` token ids of the model's vocabulary, P >= 1; max_new_tokens >= 0."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError("input_ids must be a 2-D integer tensor [B, P]")
     if input_ids.shape[1] == 0:
@@ -291,12 +305,3 @@ def _check_args(model, input_ids, max_new_tokens, temperature, attention_mask) -
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    temperature = check_float("temperature", temperature, non_negative=True)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}"
-            )
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask must mark left padding (every row's last token real)")
-    return temperature

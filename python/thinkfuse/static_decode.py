@@ -1,5 +1,5 @@
-"""Greedy MTP speculative decoding over static KV caches, one CUDA graph per step:
-``mtp_generate(..., cuda_graph=True)``.
+"""Greedy decoding over static KV caches, one CUDA graph per step: MTP speculative decoding
+(``mtp_generate(..., cuda_graph=True)``) and plain greedy decoding (``greedy_generate``).
 
 Why: at batch 1 a MiMo-7B decode step through transformers is host-bound. On the 2026-11-23 H100
 it took ~48 ms of host time for ~8 ms of GPU work. Replaying a captured step removes the host
@@ -25,10 +25,13 @@ A rejected slot (trunk or MTP) lies beyond the new length: the next step writes 
 no attention reads past a row's length. So rows that accept different counts need no rollback
 and no masks.
 
-Scope: greedy decoding (temperature 0) of unpadded prompts on MiMo models without a sliding
-window. It equals ``generate``'s greedy output token for token, as ``mtp_generate`` does. The
-modules are called as they are, patched by thinkfuse or not. On CPU the same steps run eagerly
-(that is how CI tests them); graphs are captured only on CUDA.
+``greedy_generate`` runs the same engine without the MTP layer: one token per step, for every
+causal LM of the Qwen2 / Mistral / Ministral 3 layout (MiMo's trunk included). It is the plain
+decoding that speculation has to beat once host cost is gone.
+
+Scope: greedy decoding (temperature 0) of unpadded prompts. Both equal ``generate``'s greedy
+output token for token. The modules are called as they are, patched by thinkfuse or not. On CPU
+the same steps run eagerly (that is how CI tests them); graphs are captured only on CUDA.
 """
 
 from __future__ import annotations
@@ -41,45 +44,58 @@ from torch import Tensor
 from . import ops
 from .backend import cuda_has_op, why_unavailable
 from .patching.forwards import has_static_rope
+from .rope_params import rope_params
 
 #: Eager steps before the capture: they compile the Triton kernels and let cuBLAS choose its
 #: algorithms, so neither happens while capturing. They are real steps (their tokens count).
 WARMUP_STEPS = 2
-
 
 #: The kernels' dtypes (float64 models decode with mtp_generate's default path).
 STATIC_DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_static_decode_applies(model, temperature: float, attention_mask: Tensor | None) -> None:
-    """Raise ValueError when ``cuda_graph=True`` cannot serve the call (see the module doc)."""
-    dtype = model.model.layers[0].self_attn.k_proj.weight.dtype
-    if dtype not in STATIC_DECODE_DTYPES:
-        raise ValueError(f"cuda_graph=True runs float32, float16 or bfloat16 models, got {dtype}")
-    if not has_static_rope(model.model.layers[0].self_attn):
-        raise ValueError("cuda_graph=True needs a rope whose frequencies do not change with the length "
+    """Raise ValueError (TypeError for a model without the layout) when the static path cannot
+    serve the call (see the module doc)."""
+    base = getattr(model, "model", None)
+    if not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(
+            model, "lm_head"):
+        raise TypeError(f"static decoding needs a causal LM with model.{{embed_tokens, layers, norm, rotary_emb}} and "
+                        f"lm_head (Qwen2, Mistral, Ministral 3, MiMo), got {type(model).__name__}")
+    attn = base.layers[0].self_attn
+    if attn.k_proj.weight.dtype not in STATIC_DECODE_DTYPES:
+        raise ValueError(f"static decoding runs float32, float16 or bfloat16 models, got {attn.k_proj.weight.dtype}")
+    if not has_static_rope(attn):
+        raise ValueError("static decoding needs a rope whose frequencies do not change with the length "
                          "(not dynamic or longrope)")
     if temperature != 0:
-        raise ValueError(f"cuda_graph=True decodes greedily (temperature 0), got temperature={temperature}")
+        raise ValueError(f"static decoding is greedy (temperature 0), got temperature={temperature}")
     if attention_mask is not None and bool((attention_mask == 0).any()):
-        raise ValueError("cuda_graph=True takes unpadded prompts (attention_mask all ones)")
-    if getattr(model.config, "use_sliding_window", False) and getattr(model.config, "sliding_window", None):
-        raise ValueError("cuda_graph=True does not support sliding-window attention")
+        raise ValueError("static decoding takes unpadded prompts (attention_mask all ones)")
 
 
-class StaticMTPDecoder:
-    """The caches and the per-step state of one greedy MTP generation (see the module doc)."""
+def _sliding_window(attn):
+    """The attention module's window, as transformers' forward reads it (None: none)."""
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+    return int(window) if window else None
 
-    def __init__(self, model, batch: int, max_len: int, device: torch.device, cuda_graph: bool):
+
+class StaticDecoder:
+    """The caches and the per-step state of one greedy generation (see the module doc); with
+    ``mtp``, the MTP layer's cache and draft too."""
+
+    def __init__(self, model, batch: int, max_len: int, device: torch.device, cuda_graph: bool, mtp: bool):
         self.model = model
         base = model.model
         self.layers = list(base.layers)
-        self.mtp_layer = base.mtp_layers[0]
+        self.mtp_layer = base.mtp_layers[0] if mtp else None
         # The model's own rotary buffer and scaling, as its forward uses them (a model cast to
-        # bfloat16 after construction holds a rounded inv_freq, which generate then uses too).
+        # bfloat16 after construction holds a rounded inv_freq, which generate then uses too);
+        # Ministral 3's query temperature from its config, as thinkfuse's patch reads it.
         rotary = base.rotary_emb
         self.inv_freq = rotary.inv_freq.float()
         self.attention_scaling = float(rotary.attention_scaling)
+        self.llama4_scaling = rope_params(model.config).llama4_scaling
         attn = self.layers[0].self_attn
         kv_heads = model.config.num_key_value_heads
         dtype = attn.k_proj.weight.dtype
@@ -88,7 +104,7 @@ class StaticMTPDecoder:
             return torch.zeros(batch, max_len, kv_heads, attn.head_dim, dtype=dtype, device=device)
 
         self.trunk_kv = [(cache(), cache()) for _ in self.layers]
-        self.mtp_kv = (cache(), cache())
+        self.mtp_kv = (cache(), cache()) if mtp else None
         self.rows = torch.arange(batch, device=device)[:, None]
         self.offsets = torch.arange(2, device=device)[None]
         # Under capture, automatic selection runs decode on Triton while eager calls run the cuda
@@ -106,20 +122,22 @@ class StaticMTPDecoder:
         q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim)
         k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim)
         v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim)
-        q, k = ops.rope(q, k, positions, self.inv_freq, attention_scaling=self.attention_scaling)
+        q, k = ops.rope(q, k, positions, self.inv_freq, attention_scaling=self.attention_scaling,
+                        llama4_scaling=self.llama4_scaling)
         k_cache, v_cache = kv
         k_cache[self.rows, positions] = k.to(k_cache.dtype)
         v_cache[self.rows, positions] = v.to(v_cache.dtype)
+        window = _sliding_window(attn)
         if prefill:  # the prompt: plain causal attention over itself
-            out = ops.flash_attention(q, k, v, causal=True, softmax_scale=attn.scaling)
+            out = ops.flash_attention(q, k, v, causal=True, softmax_scale=attn.scaling, sliding_window=window)
         else:  # each row attends to its first positions[:, -1] + 1 keys, the queries included
             seqlens = (positions[:, -1] + 1).to(torch.int32)
             out = ops.decode_attention(q, k_cache, v_cache, seqlens, softmax_scale=attn.scaling,
-                                       backend=self.decode_backend)
+                                       sliding_window=window, backend=self.decode_backend)
         return attn.o_proj(out.reshape(batch, seq, -1))
 
     def _layer(self, layer, h: Tensor, positions: Tensor, kv, prefill: bool) -> Tensor:
-        """Qwen2DecoderLayer's forward (pre-norm attention and MLP, residuals)."""
+        """The decoder layer's forward (pre-norm attention and MLP, residuals)."""
         h = h + self._attention(layer.self_attn, layer.input_layernorm(h), positions, kv, prefill)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -144,20 +162,31 @@ class StaticMTPDecoder:
     # --- generation ---------------------------------------------------------------------------
 
     def prefill(self, input_ids: Tensor) -> Tensor:
-        """Fill both caches with the prompt; returns the first new token ``[B]``."""
+        """Fill the caches with the prompt; returns the first new token ``[B]`` (and, with the
+        MTP layer, sets its draft of the token after)."""
         batch, prompt = input_ids.shape
         positions = torch.arange(prompt, device=input_ids.device)[None].expand(batch, -1)
         hidden, logits = self.trunk(input_ids, positions, prefill=True)
         first = logits[:, -1].argmax(-1)
-        # MTP row t pairs h_t with token t+1; the last row with the token just chosen.
-        next_ids = torch.cat([input_ids[:, 1:], first[:, None]], dim=1)
-        draft_logits = self.mtp(hidden, next_ids, positions, prefill=True)
         self.length.fill_(prompt)
         self.pending.copy_(first)
-        self.draft.copy_(draft_logits[:, -1].argmax(-1))
+        if self.mtp_layer is not None:
+            # MTP row t pairs h_t with token t+1; the last row with the token just chosen.
+            next_ids = torch.cat([input_ids[:, 1:], first[:, None]], dim=1)
+            self.draft.copy_(self.mtp(hidden, next_ids, positions, prefill=True)[:, -1].argmax(-1))
         return first
 
-    def step(self, out, stats: dict) -> None:
+    def plain_step(self, out, stats: dict) -> None:
+        """One greedy step (one token per row), in place on the state and ``out``: no host
+        synchronisation, so it can be captured."""
+        generating = ~out.done_rows()
+        _, logits = self.trunk(self.pending[:, None], self.length[:, None])
+        token = logits[:, 0].argmax(-1)
+        out.append(token[:, None], torch.ones_like(token))
+        self.pending.copy_(token)
+        self.length.add_(generating.long())  # done rows stay where they are
+
+    def mtp_step(self, out, stats: dict) -> None:
         """One verify step, in place on the state, ``out`` (speculative._NewTokens) and the
         device counters of ``stats``: no host synchronisation, so it can be captured."""
         generating = ~out.done_rows()
@@ -187,18 +216,49 @@ def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
     """Greedy MTP generation into ``out`` (speculative._NewTokens); returns the stats (device
     counters for accepted/drafted, ints for the rest, and ``cuda_graph``: whether the steps
     after the warm-up were replays of a captured one)."""
-    device = input_ids.device
+    return _on_model_device(input_ids.device, lambda: _decode(model, input_ids, out, cuda_graph, mtp=True))
+
+
+def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, eos_token_id=None, cuda_graph: bool = True):
+    """Plain greedy decoding over static caches, each step replayed from a CUDA graph on a GPU.
+
+    model: a causal LM of the Qwen2 / Mistral / Ministral 3 / MiMo layout (patched or not);
+    input_ids ``[B, P]`` without padding. Returns ``(sequences, stats)`` like ``mtp_generate``:
+    sequences ``[B, P + new]`` equal to greedy ``generate``'s; stats ``target_forwards``,
+    ``steps``, ``new_tokens``, ``cuda_graph``.
+    """
+    from .speculative import _NewTokens, _check_ids, _eos_ids, _pad_id
+
+    check_static_decode_applies(model, 0.0, None)
+    _check_ids(model, input_ids, max_new_tokens)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
+    out = _NewTokens(input_ids.shape[0], max_new_tokens, eos_ids, _pad_id(model, eos_ids), input_ids.device)
+    stats = {"target_forwards": 0, "steps": 0, "cuda_graph": False}
+    if max_new_tokens > 0:
+        with torch.no_grad():
+            stats = _on_model_device(input_ids.device,
+                                     lambda: _decode(model, input_ids, out, cuda_graph, mtp=False))
+        for counter in ("drafted", "accepted"):
+            stats.pop(counter)
+    stats["new_tokens"] = int(out.count.sum())
+    return torch.cat([input_ids, out.columns()], dim=1), stats
+
+
+def _on_model_device(device: torch.device, run):
     if device.type != "cuda":
-        return _static_mtp_decode(model, input_ids, out, cuda_graph)
+        return run()
     # Streams, synchronisation and capture act on the current device: make it the model's.
     with torch.cuda.device(device):
-        return _static_mtp_decode(model, input_ids, out, cuda_graph)
+        return run()
 
 
-def _static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
+def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool) -> dict:
     batch, prompt = input_ids.shape
     device = input_ids.device
-    decoder = StaticMTPDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph)
+    decoder = StaticDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph, mtp)
+    step = decoder.mtp_step if mtp else decoder.plain_step
     stats = {"accepted": torch.zeros((), dtype=torch.long, device=device),
              "drafted": torch.zeros((), dtype=torch.long, device=device), "target_forwards": 1, "steps": 0}
     first = decoder.prefill(input_ids)
@@ -209,14 +269,14 @@ def _static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
     graph = None
     while not out.done():  # one host sync per step: the queue holds at most one step
         if capture and graph is None and stats["steps"] >= WARMUP_STEPS:
-            graph = _capture(lambda: decoder.step(out, stats))
+            graph = _capture(lambda: step(out, stats))
             capture = graph is not None
         if graph is not None:
             graph.replay()
         elif side is not None:
-            _on_stream(side, lambda: decoder.step(out, stats))
+            _on_stream(side, lambda: step(out, stats))
         else:
-            decoder.step(out, stats)
+            step(out, stats)
         stats["steps"] += 1
         stats["target_forwards"] += 1
     stats["cuda_graph"] = graph is not None
@@ -242,7 +302,7 @@ def _capture(step) -> "torch.cuda.CUDAGraph | None":
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
     except RuntimeError as exc:
-        warnings.warn(f"mtp_generate(cuda_graph=True): the step could not be captured, running it eagerly: {exc}",
+        warnings.warn(f"static decoding: the step could not be captured, running it eagerly: {exc}",
                       RuntimeWarning, stacklevel=3)
         torch.cuda.synchronize()
         return None

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # Nothing imported here may import triton: TRITON_INTERPRET must still take effect when it is
 # set after `import thinkfuse` (the demo and the tests rely on that).
-from . import grpo, models, ops, reference, speculative  # models: registers MiMo with Auto*
+from . import grpo, models, ops, reference, speculative, static_decode  # models: registers MiMo with Auto*
 from .backend import (
     BackendUnavailable,
     available_backends,
@@ -39,6 +39,7 @@ __all__ = [
     "reference",
     "set_backend",
     "speculative",
+    "static_decode",
     "unpatch_model",
     "use_backend",
 ]

@@ -265,3 +265,45 @@ def test_plain_greedy_captured_steps_replay_to_the_greedy_output(monkeypatch, fa
     sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[])
     assert captured == [1] and stats["cuda_graph"] is True
     assert torch.equal(sequences, reference)
+
+
+def _tiny(config_class, model_class, **fields):
+    from thinkfuse.tiny import _COMMON, randomize_norm_weights
+
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**_COMMON, **fields}))
+    randomize_norm_weights(model, torch.Generator().manual_seed(1))
+    return model.eval().to(DEVICE)
+
+
+def test_plain_greedy_ministral3_query_temperature_and_yarn_scaling():
+    """Past original_max_position_embeddings (32 in the tiny config) Ministral 3 scales q by
+    1 + beta log(1 + floor(pos / 32)); without mscale, YaRN's attention_scaling is not 1."""
+    from transformers import Ministral3Config, Ministral3ForCausalLM
+
+    from thinkfuse.tiny import _MINISTRAL3_ROPE
+
+    rope = {k: v for k, v in _MINISTRAL3_ROPE.items() if k not in ("mscale", "mscale_all_dim")}
+    rope["llama_4_scaling_beta"] = 0.5
+    model = _tiny(Ministral3Config, Ministral3ForCausalLM, rope_parameters=rope)
+    assert model.model.rotary_emb.attention_scaling != 1.0
+    ids = tiny_batch(2, 9, seed=1, device=DEVICE)
+    sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=40, eos_token_id=[])
+    assert torch.equal(sequences, _greedy(model, ids, 40, eos_token_id=None))  # positions up to 48
+
+
+def test_plain_greedy_qwen2_sliding_layers():
+    """Qwen2 with use_sliding_window: layers from max_window_layers on see a window of 5 keys."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = _tiny(Qwen2Config, Qwen2ForCausalLM, tie_word_embeddings=True, use_sliding_window=True,
+                  sliding_window=5, max_window_layers=1)
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, 5]
+    ids = tiny_batch(2, 9, seed=1, device=DEVICE)
+    sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[],
+                                                 attention_mask=torch.ones_like(ids))
+    assert torch.equal(sequences, _greedy(model, ids, 12, eos_token_id=None))
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        static_decode.greedy_generate(model, ids, max_new_tokens=2, attention_mask=mask)

@@ -29,9 +29,11 @@ and no masks.
 causal LM of the Qwen2 / Mistral / Ministral 3 layout (MiMo's trunk included). It is the plain
 decoding that speculation has to beat once host cost is gone.
 
-Scope: greedy decoding (temperature 0) of unpadded prompts. Both equal ``generate``'s greedy
-output token for token. The modules are called as they are, patched by thinkfuse or not. On CPU
-the same steps run eagerly (that is how CI tests them); graphs are captured only on CUDA.
+Scope: greedy decoding (temperature 0) of unpadded prompts. In float32 both equal
+``generate``'s greedy output token for token; in bf16/fp16 the fused rope and attention round
+as thinkfuse's patched modules do (within tolerance of transformers, not bit for bit). The
+modules are called as they are, patched by thinkfuse or not. On CPU the same steps run eagerly
+(that is how CI tests them); graphs are captured only on CUDA.
 """
 
 from __future__ import annotations
@@ -54,20 +56,26 @@ WARMUP_STEPS = 2
 STATIC_DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_static_decode_applies(model, temperature: float, attention_mask: Tensor | None) -> None:
-    """Raise ValueError (TypeError for a model without the layout) when the static path cannot
-    serve the call (see the module doc)."""
+def check_layout(model) -> None:
+    """TypeError unless ``model`` is a causal LM of the layout the static decoder runs."""
     base = getattr(model, "model", None)
     if not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(
             model, "lm_head"):
         raise TypeError(f"static decoding needs a causal LM with model.{{embed_tokens, layers, norm, rotary_emb}} and "
                         f"lm_head (Qwen2, Mistral, Ministral 3, MiMo), got {type(model).__name__}")
-    attn = base.layers[0].self_attn
+
+
+def check_static_decode_applies(model, temperature: float, attention_mask: Tensor | None) -> None:
+    """Raise ValueError (TypeError for a model without the layout) when the static path cannot
+    serve the call (see the module doc)."""
+    check_layout(model)
+    attn = model.model.layers[0].self_attn
     if attn.k_proj.weight.dtype not in STATIC_DECODE_DTYPES:
         raise ValueError(f"static decoding runs float32, float16 or bfloat16 models, got {attn.k_proj.weight.dtype}")
     if not has_static_rope(attn):
         raise ValueError("static decoding needs a rope whose frequencies do not change with the length "
                          "(not dynamic or longrope)")
+    rope_params(model.config)  # raises ValueError for a rope type thinkfuse does not implement
     if temperature != 0:
         raise ValueError(f"static decoding is greedy (temperature 0), got temperature={temperature}")
     if attention_mask is not None and bool((attention_mask == 0).any()):
@@ -219,20 +227,27 @@ def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
     return _on_model_device(input_ids.device, lambda: _decode(model, input_ids, out, cuda_graph, mtp=True))
 
 
-def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, eos_token_id=None, cuda_graph: bool = True):
-    """Plain greedy decoding over static caches, each step replayed from a CUDA graph on a GPU.
+def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
+                    eos_token_id=None, cuda_graph: bool = True):
+    """Plain greedy decoding over static caches, each step replayed from a CUDA graph on a GPU
+    (that is the point of this function, hence ``cuda_graph=True`` by default; False, or a CPU
+    model, runs the same steps eagerly).
 
     model: a causal LM of the Qwen2 / Mistral / Ministral 3 / MiMo layout (patched or not);
-    input_ids ``[B, P]`` without padding. Returns ``(sequences, stats)`` like ``mtp_generate``:
-    sequences ``[B, P + new]`` equal to greedy ``generate``'s; stats ``target_forwards``,
-    ``steps``, ``new_tokens``, ``cuda_graph``.
+    input_ids ``[B, P]`` without padding (``attention_mask``, if given, must be all ones).
+    ``eos_token_id`` as in ``mtp_generate``. Returns ``(sequences, stats)`` like
+    ``mtp_generate``: sequences ``[B, P + new]``, greedy ``generate``'s; stats
+    ``target_forwards``, ``steps``, ``new_tokens``, ``cuda_graph``.
     """
     from .speculative import _NewTokens, _check_ids, _eos_ids, _pad_id
 
-    check_static_decode_applies(model, 0.0, None)
-    _check_ids(model, input_ids, max_new_tokens)
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    check_layout(model)
+    _check_ids(model, input_ids, max_new_tokens)
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape):
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+    check_static_decode_applies(model, 0.0, attention_mask)
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
     out = _NewTokens(input_ids.shape[0], max_new_tokens, eos_ids, _pad_id(model, eos_ids), input_ids.device)
     stats = {"target_forwards": 0, "steps": 0, "cuda_graph": False}

@@ -2,6 +2,7 @@
 
     python -m bench.breakdown                                  # train-step + grpo-step, thinkfuse and hf-sdpa
     python -m bench.breakdown --variant grpo-step --impl thinkfuse --out DIR
+    python -m bench.breakdown --variant decode-step --model mimo-7b --impl thinkfuse --impl hf-sdpa
     python -m bench.breakdown --smoke                          # CPU, tiny models: checks the plumbing only
 
 The benchmark rows of bench/e2e.py say how long a step takes; this says why. Each selected
@@ -14,6 +15,8 @@ e2e case (same builders, same shapes) is run as its fwd+bwd step: 2 warm-up step
 - GPU time per kind of kernel (``KINDS``: matmul, attention, thinkfuse's log-prob kernels, norms,
   elementwise, ...), so "the lm_head matmuls are 60% of the step" is one line;
 - the ``--top`` kernels by GPU time, names shortened;
+- the ``--host-top`` host ops by self time per step (where a host-bound step, a decode step
+  say, spends its time);
 - the ``--gaps`` longest stretches with no kernel running, each with the kernels on either side
   and the host ops that were running meanwhile (what kept the next launch from coming sooner),
   and the host synchronisations per step (``aten::_local_scalar_dense`` is ``.item()`` /
@@ -88,6 +91,7 @@ class Breakdown:
     gaps: list[dict] = field(default_factory=list)  # longest idle stretches, longest first
     idle_in_gaps_ms: float = 0.0  # per step, summed over every gap of >= MIN_GAP_US
     syncs_per_step: dict[str, float] = field(default_factory=dict)
+    host_top: list[dict] = field(default_factory=list)  # host ops by self time, largest first
 
 
 def kind_of(name: str) -> str:
@@ -180,6 +184,19 @@ def gap_report(events, cpu_events, steps: int, count: int) -> tuple[list[dict], 
     return rows, sum(end - start for start, end in gaps) / 1000.0 / max(1, steps)
 
 
+def host_top(cpu_events, steps: int, count: int) -> list[dict]:
+    """The ``count`` host ops with the most self time (the op's own, its children's excluded),
+    per step: what a host-bound step is made of."""
+    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in cpu_events:
+        self_us = getattr(e, "self_cpu_time_total", e.time_range.end - e.time_range.start)
+        totals[e.name][0] += self_us
+        totals[e.name][1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"name": name, "self_us_per_step": us / max(1, steps), "calls_per_step": n / max(1, steps)}
+            for name, (us, n) in ranked]
+
+
 def sync_counts(cpu_events, steps: int) -> dict[str, float]:
     """Host synchronisations per step, by op name (SYNC_OPS)."""
     counts: dict[str, int] = defaultdict(int)
@@ -202,7 +219,8 @@ def host_events(events) -> list:
     return [e for e in events if getattr(e, "device_type", None) == cpu and e.time_range.end >= e.time_range.start]
 
 
-def summarise(label: str, events, steps: int, wall_s: float, top: int, cpu_events=(), gaps: int = 0) -> Breakdown:
+def summarise(label: str, events, steps: int, wall_s: float, top: int, cpu_events=(), gaps: int = 0,
+              host_ops: int = 0) -> Breakdown:
     """Per-step figures of ``steps`` profiled steps from their device events (and host events,
     for the idle gaps and sync counts)."""
     totals: dict[tuple[str, str], KernelTotal] = {}  # different kernels may share a short name
@@ -226,10 +244,12 @@ def summarise(label: str, events, steps: int, wall_s: float, top: int, cpu_event
     if events:
         breakdown.gaps, breakdown.idle_in_gaps_ms = gap_report(events, cpu_events, steps, gaps)
     breakdown.syncs_per_step = sync_counts(cpu_events, steps)
+    breakdown.host_top = host_top(cpu_events, steps, host_ops)
     return breakdown
 
 
-def profile_case(case: harness.Case, config: harness.Config, steps: int, top: int, gaps: int = 0) -> Breakdown:
+def profile_case(case: harness.Case, config: harness.Config, steps: int, top: int, gaps: int = 0,
+                 host_ops: int = 0) -> Breakdown:
     label = f"{case.model} {case.variant} {case.shape_label} {case.impl}"
     workload = case.build()
     run = workload.runner(case.mode)
@@ -246,7 +266,7 @@ def profile_case(case: harness.Case, config: harness.Config, steps: int, top: in
         _synchronize(config)
         wall = time.perf_counter() - start
     events = prof.events()
-    return summarise(label, device_events(events), steps, wall, top, host_events(events), gaps)
+    return summarise(label, device_events(events), steps, wall, top, host_events(events), gaps, host_ops)
 
 
 def _synchronize(config: harness.Config) -> None:
@@ -276,28 +296,41 @@ def report(b: Breakdown) -> str:
             lines.append(f"   {g['us']:9.1f}  {g['after']} -> {g['before']}  | {' / '.join(g['host'])}")
     syncs = ", ".join(f"{name} {n:g}" for name, n in b.syncs_per_step.items()) or "none"
     lines.append(f"   host syncs per step: {syncs}")
+    if b.host_top:
+        lines.append(f"   top {len(b.host_top)} host ops (self us/step, calls/step):")
+        for h in b.host_top:
+            lines.append(f"   {h['self_us_per_step']:9.1f} {h['calls_per_step']:6.1f}  {h['name']}")
     return "\n".join(lines)
 
 
+#: Variants profiled as forward-only steps (the rest as fwd+bwd steps).
+FORWARD_VARIANTS = (e2e.DECODE_STEP,)
+
+
 def select_cases(config: harness.Config, variants, impls) -> list[harness.Case]:
+    def mode(variant):
+        return harness.FWD if variant in FORWARD_VARIANTS else harness.FWD_BWD
+
     return [c for c in e2e.cases(config)
-            if c.variant in variants and c.impl in impls and c.mode == harness.FWD_BWD and c.build is not None]
+            if c.variant in variants and c.impl in impls and c.mode == mode(c.variant) and c.build is not None]
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", action="append", choices=sorted({e2e.TRAIN, e2e.GRPO, e2e.GRPO_MODEL}),
+    parser.add_argument("--variant", action="append",
+                        choices=sorted({e2e.TRAIN, e2e.GRPO, e2e.GRPO_MODEL, e2e.DECODE_STEP}),
                         help=f"e2e variants to profile (default: {', '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--impl", action="append", help=f"implementations (default: {', '.join(DEFAULT_IMPLS)})")
     parser.add_argument("--model", default="palmyra-mini", help="models.json preset (default palmyra-mini)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per case (default 3)")
     parser.add_argument("--top", type=int, default=20, help="kernels listed per case (default 20)")
     parser.add_argument("--gaps", type=int, default=12, help="longest idle gaps listed per case (default 12)")
+    parser.add_argument("--host-top", type=int, default=15, help="host ops listed per case (default 15)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models: plumbing only, no timings")
     parser.add_argument("--out", type=Path, help="directory for breakdown.json")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.top < 0 or args.gaps < 0:
-        parser.error("--steps must be >= 1, --top and --gaps >= 0")
+    if args.steps < 1 or min(args.top, args.gaps, args.host_top) < 0:
+        parser.error("--steps must be >= 1, --top, --gaps and --host-top >= 0")
     return args
 
 
@@ -309,10 +342,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.model not in presets:
         raise SystemExit(f"unknown --model {args.model!r}; known: {', '.join(sorted(presets))}")
     impls = list(args.impl or DEFAULT_IMPLS)
-    bench_argv = ["--mode", "bwd", "--model", args.model] + [a for impl in impls for a in ("--impl", impl)]
+    variants = set(args.variant or DEFAULT_VARIANTS)
+    mode = "full" if variants & set(FORWARD_VARIANTS) else "bwd"
+    bench_argv = ["--mode", mode, "--model", args.model] + [a for impl in impls for a in ("--impl", impl)]
     bench_args = harness.parse_args(bench_argv + (["--smoke"] if args.smoke else []))
     config = harness.make_config(bench_args, presets)  # --impl: the e2e OOM probes run only for these
-    cases = select_cases(config, set(args.variant or DEFAULT_VARIANTS), set(impls))
+    cases = select_cases(config, variants, set(impls))
     if not cases:
         raise SystemExit("no e2e case matches the selection")
     meta = {"device": torch.cuda.get_device_name() if config.device.type == "cuda" else "cpu (smoke)",
@@ -320,7 +355,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results, failed = [], 0
     for case in cases:
         try:
-            b = profile_case(case, config, args.steps, args.top, args.gaps)
+            b = profile_case(case, config, args.steps, args.top, args.gaps, args.host_top)
         except Exception as exc:  # one case's failure (e.g. out of memory) must not hide the others
             failed += 1
             print(f"== {case.model} {case.variant} {case.shape_label} {case.impl}: FAILED "

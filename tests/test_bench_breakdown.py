@@ -134,3 +134,24 @@ def test_no_gaps_asked_lists_none_but_still_counts_syncs():
                             cpu_events=[_event("cudaStreamSynchronize", 100, 500)], gaps=0)
     assert b.gaps == [] and b.idle_in_gaps_ms == pytest.approx(0.4)
     assert b.syncs_per_step == {"cudaStreamSynchronize": 1.0}
+
+
+def test_host_top_ranks_host_ops_by_self_time_per_step():
+    host = [SimpleNamespace(name="aten::mm", time_range=SimpleNamespace(start=0, end=50), self_cpu_time_total=30),
+            SimpleNamespace(name="aten::mm", time_range=SimpleNamespace(start=60, end=90), self_cpu_time_total=30),
+            SimpleNamespace(name="triton launch", time_range=SimpleNamespace(start=100, end=200),
+                            self_cpu_time_total=100)]
+    b = breakdown.summarise("case", [_event("gemm", 0, 10)], steps=2, wall_s=0.001, top=1, cpu_events=host,
+                            host_ops=5)
+    assert [h["name"] for h in b.host_top] == ["triton launch", "aten::mm"]
+    assert b.host_top[1] == {"name": "aten::mm", "self_us_per_step": 30.0, "calls_per_step": 1.0}
+    assert "top 2 host ops" in breakdown.report(b)
+
+
+def test_decode_steps_are_profiled_as_forward_steps(tmp_path):
+    out = tmp_path / "decode"
+    assert breakdown.main(["--smoke", "--steps", "1", "--variant", "decode-step", "--model", "mimo-7b",
+                           "--impl", "thinkfuse", "--impl", "hf-sdpa", "--out", str(out)]) == 0
+    labels = [c["label"] for c in json.loads((out / "breakdown.json").read_text())["cases"]]
+    assert len(labels) == 2 and all("decode-step" in label for label in labels)
+    assert any(c["host_top"] for c in json.loads((out / "breakdown.json").read_text())["cases"])

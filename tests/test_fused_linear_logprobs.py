@@ -646,3 +646,54 @@ def test_one_pass_with_grads_checks_arguments():
         fused_linear_logprobs_with_grads(hidden, weight[:, :7], ids, lambda lp, s, e: lp)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_logprobs_with_grads(hidden, weight, ids, lambda lp, s, e: lp, chunk_size=0)
+
+
+def _watch_chunk_grads(monkeypatch):
+    """Weak references to every chunk of d logits the backend's reducer makes, and, per
+    _LmHeadGrads.result call (the float32 accumulator turned into d_weight), how many of them
+    were still alive then."""
+    import weakref
+
+    from thinkfuse.ops import logprobs as L
+
+    grads_alive, alive_at_result = [], []
+    original_reducer, original_result = L._reducer, L._LmHeadGrads.result
+
+    def reducer(name):
+        base = original_reducer(name)
+
+        def logits_grad(*args):
+            out = base.logits_grad(*args)
+            grads_alive.append(weakref.ref(out))
+            return out
+
+        return base._replace(logits_grad=logits_grad)
+
+    def result(self):
+        alive_at_result.append(sum(ref() is not None for ref in grads_alive))
+        return original_result(self)
+
+    monkeypatch.setattr(L, "_reducer", reducer)
+    monkeypatch.setattr(L._LmHeadGrads, "result", result)
+    return grads_alive, alive_at_result
+
+
+def test_no_chunk_of_d_logits_is_alive_when_the_accumulator_is_converted(backend, monkeypatch):
+    """One pass: the float32 [V, H] accumulator becomes d_weight (a second [V, H] buffer) after
+    the last chunk; that chunk's d logits must be gone by then, else the three make the peak."""
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    grads_alive, alive_at_result = _watch_chunk_grads(monkeypatch)
+    hidden, weight, _, ids = _inputs((23,), 16, 301, bias=False)
+    fused_linear_logprobs_with_grads(hidden, weight, ids, lambda lp, s, e: torch.ones_like(lp), chunk_size=5,
+                                     backend=backend)
+    assert len(grads_alive) == 5 and alive_at_result == [0]
+
+
+def test_two_pass_backward_frees_its_last_chunk_before_the_conversion(kernel_backend, monkeypatch):
+    """The same in the kernel backends' backward by token chunks."""
+    grads_alive, alive_at_result = _watch_chunk_grads(monkeypatch)
+    hidden, weight, _, ids = _inputs((23,), 16, 301, bias=False)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    fused_linear_token_logprobs(*leaves, ids, backend=kernel_backend, chunk_size=5).sum().backward()
+    assert len(grads_alive) >= 5 and alive_at_result == [0]

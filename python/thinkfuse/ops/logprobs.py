@@ -508,6 +508,7 @@ def _fused_chunked_backward(grad_logprobs, grad_entropy, hidden, weight, ids, bi
         h = hidden[start:end]
         grad = _logits_grad_piece(h, weight, bias, start, end, 0, weight.shape[0], *grad_args)
         grads.add_chunk(start, end, h, grad)
+        del grad  # see fused_linear_logprobs_with_grads: not alive while result() converts
     return grads.result()
 
 
@@ -615,6 +616,11 @@ def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: 
         grad = reducer.logits_grad(logits, chunk_ids, lse, None, grad_lp, None, temperature)
         del logits
         grads.add_chunk(start, end, h, grad)
+        # The loop variable would keep the last chunk's d logits (512 MiB by default) alive
+        # while result() turns the float32 accumulator into d_weight: that was the peak of a
+        # many-chunk pass (2026-11-23 H100: 1953 MiB beyond the inputs at 32k tokens, where
+        # accumulator + d_weight + d_hidden + one chunk = ~1.9 GiB).
+        del grad
     return (logprobs, *grads.result())
 
 

@@ -9,6 +9,7 @@ cannot pick different argmaxes through rounding.
 import pytest
 import torch
 from conftest import DEVICE
+from speculative_helpers import record_acceptances
 
 import thinkfuse
 from thinkfuse import speculative
@@ -67,27 +68,13 @@ def _oracle_drafter(model, monkeypatch, reference, mask, miss_every=3):
     monkeypatch.setattr(model, "mtp_forward", drafting)
 
 
-def _record_acceptances(monkeypatch) -> list:
-    """Per verify step, the accepted count of every row."""
-    steps = []
-    verify = speculative.reference.mtp_verify
-
-    def recording(*args, **kwargs):
-        tokens, num_accepted = verify(*args, **kwargs)
-        steps.append(num_accepted.tolist())
-        return tokens, num_accepted
-
-    monkeypatch.setattr(speculative.reference, "mtp_verify", recording)
-    return steps
-
-
 def test_often_right_drafter_is_accepted_and_saves_forwards(monkeypatch):
     model = _model()
     ids, mask = _padded_batch()
     max_new_tokens = 16
     reference = _greedy(model, ids, mask, max_new_tokens)
     _oracle_drafter(model, monkeypatch, reference, mask)
-    steps = _record_acceptances(monkeypatch)
+    steps = record_acceptances(monkeypatch, speculative.reference)  # float64 verifies by the reference
     sequences, stats = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
     assert torch.equal(sequences, reference)
     assert any(len(set(step)) > 1 for step in steps)  # rows disagreed: masked cache slots

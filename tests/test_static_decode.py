@@ -9,6 +9,7 @@ float32 (the kernels' dtypes): seeds where no greedy step is a near-tie, as in t
 import pytest
 import torch
 from conftest import DEVICE, KERNEL_BACKENDS
+from speculative_helpers import record_acceptances
 
 import thinkfuse
 from thinkfuse import static_decode
@@ -58,25 +59,12 @@ def _oracle_drafter(monkeypatch, reference, miss_every=3):
     monkeypatch.setattr(static_decode.StaticDecoder, "mtp", drafting)
 
 
-def _record_acceptances(monkeypatch) -> list:
-    steps = []
-    verify = thinkfuse.ops.mtp_verify
-
-    def recording(*args, **kwargs):
-        tokens, accepted = verify(*args, **kwargs)
-        steps.append(accepted.tolist())
-        return tokens, accepted
-
-    monkeypatch.setattr(static_decode.ops, "mtp_verify", recording)
-    return steps
-
-
 def test_rows_that_accept_different_counts_stay_exact(monkeypatch):
     model = _model()
     ids = tiny_batch(3, 9, seed=1, device=DEVICE)
     reference = _greedy(model, ids, 16)
     _oracle_drafter(monkeypatch, reference)
-    steps = _record_acceptances(monkeypatch)
+    steps = record_acceptances(monkeypatch, static_decode.ops)
     sequences, stats = _static(model, ids, 16, eos_token_id=[])
     assert torch.equal(sequences, reference)
     assert any(len(set(step)) > 1 for step in steps)  # rows disagreed: slots written over later

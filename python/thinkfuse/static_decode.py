@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import ops
 from .backend import cuda_has_op, why_unavailable
-from .patching.forwards import has_static_rope
+from .patching.forwards import attention_window, has_static_rope
 from .rope_params import rope_params
 
 #: Eager steps before the capture: they compile the Triton kernels and let cuBLAS choose its
@@ -80,12 +80,6 @@ def check_static_decode_applies(model, temperature: float, attention_mask: Tenso
         raise ValueError(f"static decoding is greedy (temperature 0), got temperature={temperature}")
     if attention_mask is not None and bool((attention_mask == 0).any()):
         raise ValueError("static decoding takes unpadded prompts (attention_mask all ones)")
-
-
-def _sliding_window(attn):
-    """The attention module's window, as transformers' forward reads it (None: none)."""
-    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
-    return int(window) if window else None
 
 
 class StaticDecoder:
@@ -135,7 +129,7 @@ class StaticDecoder:
         k_cache, v_cache = kv
         k_cache[self.rows, positions] = k.to(k_cache.dtype)
         v_cache[self.rows, positions] = v.to(v_cache.dtype)
-        window = _sliding_window(attn)
+        window = attention_window(attn) or None  # 0 in some configs: full attention
         if prefill:  # the prompt: plain causal attention over itself
             out = ops.flash_attention(q, k, v, causal=True, softmax_scale=attn.scaling, sliding_window=window)
         else:  # each row attends to its first positions[:, -1] + 1 keys, the queries included
@@ -255,8 +249,6 @@ def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
         with torch.no_grad():
             stats = _on_model_device(input_ids.device,
                                      lambda: _decode(model, input_ids, out, cuda_graph, mtp=False))
-        for counter in ("drafted", "accepted"):
-            stats.pop(counter)
     stats["new_tokens"] = int(out.count.sum())
     return torch.cat([input_ids, out.columns()], dim=1), stats
 
@@ -274,8 +266,9 @@ def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool) -> dict:
     device = input_ids.device
     decoder = StaticDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph, mtp)
     step = decoder.mtp_step if mtp else decoder.plain_step
-    stats = {"accepted": torch.zeros((), dtype=torch.long, device=device),
-             "drafted": torch.zeros((), dtype=torch.long, device=device), "target_forwards": 1, "steps": 0}
+    stats = {"target_forwards": 1, "steps": 0}
+    if mtp:  # counted on the device inside the step (read once at the end)
+        stats |= {name: torch.zeros((), dtype=torch.long, device=device) for name in ("accepted", "drafted")}
     first = decoder.prefill(input_ids)
     out.append(first[:, None], torch.ones_like(first))
     capture = cuda_graph and device.type == "cuda"

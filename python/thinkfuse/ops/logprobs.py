@@ -460,11 +460,10 @@ class _LmHeadGrads:
         if end - start == self.n_tokens:
             self.d_weight = _product(grad.t(), h, self.weight.dtype)
         else:
-            if self.d_weight is None:  # the first chunk writes it (beta = 0: no zero fill to read)
+            first = self.d_weight is None  # the first chunk writes it (beta 0: no zero fill to read)
+            if first:
                 self.d_weight = torch.empty(self.weight.shape, dtype=torch.float32, device=h.device)
-                self.d_weight = _add_product(self.d_weight, grad.t(), h, beta=0)
-            else:
-                self.d_weight = _add_product(self.d_weight, grad.t(), h)
+            self.d_weight = _add_product(self.d_weight, grad.t(), h, beta=0 if first else 1)
         if self.bias is not None:
             self.d_bias += grad.sum(0, dtype=torch.float32)
 

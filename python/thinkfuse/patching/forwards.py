@@ -36,6 +36,13 @@ def has_silu_activation(module: nn.Module) -> bool:
     return getattr(module.config, "hidden_act", None) in ("silu", "swish")
 
 
+def attention_window(attn: nn.Module):
+    """The sliding window an attention module's forward passes on, as transformers reads it: the
+    module's own attribute (per layer, Qwen2), else its config's (Mistral, Ministral 3); None:
+    full attention."""
+    return attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+
+
 def has_static_rope(module: nn.Module) -> bool:
     """The attention rule applies where inv_freq is fixed by the config (not dynamic/longrope,
     whose frequencies change with the sequence length at run time)."""
@@ -98,9 +105,7 @@ def rope_attention_forward(
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, eager_attention_forward
     )
-    sliding_window = self.sliding_window if hasattr(self, "sliding_window") else getattr(
-        self.config, "sliding_window", None
-    )
+    sliding_window = attention_window(self)
     attn_output, attn_weights = attention_interface(
         self, query, key, value, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,

@@ -37,13 +37,19 @@ def implementation(backend: str, op: str, triton_fn: str, cuda_fn: str, torch_fn
 # Custom ops with a direct eager path.
 #
 # Calling a torch.library custom op costs host time in the dispatcher: ~20 us per call without
-# autograd and ~55 us with it (measured on this project's CPU machine through the "torch" backend
-# value, so without any kernel). At decode, where a step of a 7B model runs ~5 ops per layer, that
-# is milliseconds per token. Where nothing needs the dispatcher (eager mode, no gradient to record,
-# plain tensors) ``call`` runs the op's Python body directly; torch.compile, autograd and tensor
-# subclasses (FakeTensor, FunctionalTensor, DTensor) still go through ``torch.ops.thinkfuse``.
+# autograd, and ~21 us more with it than the same formula as a plain autograd.Function (measured
+# on this project's CPU machine through the "torch" backend value, tiny tensors, torch 2.13). At
+# decode, where a step of a 7B model runs ~5 ops per layer, and in a training step whose GPU
+# work is short, that host time shows up as idle GPU. So in eager mode ``call`` skips the
+# dispatcher: without a gradient to record it runs the op's Python body; with one it applies an
+# autograd.Function built from the same body, setup_context and backward that the op registered
+# (what the dispatcher's autograd kernel runs too, minus the redispatch). torch.compile, tensor
+# subclasses (FakeTensor, FunctionalTensor, DTensor) and torch.func transforms still go through
+# ``torch.ops.thinkfuse``.
 
 _BODIES: dict = {}
+_OPS: dict = {}
+_AUTOGRAD_FUNCTIONS: dict = {}
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -53,26 +59,44 @@ def custom_op(name: str):
 
     def register(fn):
         _BODIES[name] = fn
-        return torch.library.custom_op(f"thinkfuse::{name}", mutates_args=())(fn)
+        _OPS[name] = torch.library.custom_op(f"thinkfuse::{name}", mutates_args=())(fn)
+        return _OPS[name]
 
     return register
 
 
+def register_autograd(name: str, backward, setup_context) -> None:
+    """``register_autograd`` of the custom op ``name``, and the same formula as the
+    autograd.Function ``call`` applies in eager mode."""
+    _OPS[name].register_autograd(backward, setup_context=setup_context)
+    body = _BODIES[name]
+    _AUTOGRAD_FUNCTIONS[name] = type(f"thinkfuse_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: body(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+
+
 def needs_dispatcher(args) -> bool:
-    """Whether a call with ``args`` must go through the dispatcher: under torch.compile, with a
-    gradient to record, or with a tensor subclass among the arguments."""
-    if torch.compiler.is_compiling():
+    """Whether a call with ``args`` must go through the dispatcher: under torch.compile or a
+    torch.func transform, or with a tensor subclass among the arguments."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return True
-    grad_mode = torch.is_grad_enabled()
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            if type(arg) not in _PLAIN_TENSOR_TYPES or (grad_mode and arg.requires_grad):
-                return True
-    return False
+    return any(isinstance(arg, torch.Tensor) and type(arg) not in _PLAIN_TENSOR_TYPES for arg in args)
+
+
+def records_gradient(args) -> bool:
+    """Whether autograd must record a call with ``args`` (grad mode on, an input requiring grad)."""
+    return torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
 
 
 def call(name: str, *args):
     """Run the custom op ``thinkfuse::<name>`` on ``args`` (its schema's positional order)."""
     if needs_dispatcher(args):
         return getattr(torch.ops.thinkfuse, name)(*args)
+    if records_gradient(args):
+        function = _AUTOGRAD_FUNCTIONS.get(name)
+        if function is None:  # an op without a gradient formula: the dispatcher says so
+            return getattr(torch.ops.thinkfuse, name)(*args)
+        return function.apply(*args)
     return _BODIES[name](*args)

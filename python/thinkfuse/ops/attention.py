@@ -42,7 +42,7 @@ from ..backend import (
     _constant_under_compile, backend_for_op, cuda_has_op, cuda_preferred_for, get_backend, resolve_backend,
     why_unavailable,
 )
-from ._registry import call, cuda_ops, custom_op, implementation
+from ._registry import call, cuda_ops, custom_op, implementation, register_autograd
 
 #: head dims the kernels accept (64, 96 and 128 are the real models'; the small ones are for tests)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
@@ -612,7 +612,7 @@ def _backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd("flash_attention_fwd", _backward, _setup_context)
 
 
 def _torch_decode_op_form(q, k_cache, v_cache, cache_seqlens, scale, window, num_splits):

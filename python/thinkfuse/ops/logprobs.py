@@ -54,7 +54,7 @@ from torch import Tensor
 
 from .._checks import as_rows, check_float, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import resolve_backend
-from ._registry import call, custom_op, implementation
+from ._registry import call, custom_op, implementation, register_autograd
 
 TOKEN_ID_DTYPES = (torch.int32, torch.int64)
 # The torch backend's chunks hold at most this many bytes of float32 logits.
@@ -775,7 +775,7 @@ def _token_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     return d_logits, None, None, None, None
 
 
-token_logprobs_fwd.register_autograd(_token_backward, setup_context=_setup_token_context)
+register_autograd("token_logprobs_fwd", _token_backward, _setup_token_context)
 
 
 def _grad_rows(grad, like):
@@ -854,4 +854,4 @@ def _fused_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     )
 
 
-fused_linear_logprobs_fwd.register_autograd(_fused_backward, setup_context=_setup_fused_context)
+register_autograd("fused_linear_logprobs_fwd", _fused_backward, _setup_fused_context)

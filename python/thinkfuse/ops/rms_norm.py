@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import FLOAT_DTYPES, as_rows, check_float, check_same_device, check_tensor
 from ..backend import resolve_backend
-from ._registry import call, custom_op, implementation
+from ._registry import call, custom_op, implementation, register_autograd
 
 
 def rms_norm(
@@ -136,4 +136,4 @@ def _backward(ctx, dy, dh, _drstd):
     return dx, dw, (dx if ctx.has_residual else None), None, None
 
 
-rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd("rms_norm_fwd", _backward, _setup_context)

@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import resolve_backend
-from ._registry import call, custom_op, implementation
+from ._registry import call, custom_op, implementation, register_autograd
 
 POSITION_DTYPES = (torch.int32, torch.int64)
 # transformers converts its inv_freq buffer with `.to(torch.float)` (a model cast to bfloat16
@@ -289,7 +289,7 @@ def _rope_backward(ctx, dq_out, dk_out):
     return dq, dk, None, None, None, None, None, None
 
 
-rope_fwd.register_autograd(_rope_backward, setup_context=_setup_rope_context)
+register_autograd("rope_fwd", _rope_backward, _setup_rope_context)
 
 
 @custom_op("apply_rotary_fwd")
@@ -355,4 +355,4 @@ def _apply_rotary_backward(ctx, dq_out, dk_out):
     return dq, dk, dcos, dsin, None
 
 
-apply_rotary_fwd.register_autograd(_apply_rotary_backward, setup_context=_setup_apply_rotary_context)
+register_autograd("apply_rotary_fwd", _apply_rotary_backward, _setup_apply_rotary_context)

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import as_rows, check_same_device, check_tensor
 from ..backend import resolve_backend
-from ._registry import call, custom_op, implementation
+from ._registry import call, custom_op, implementation, register_autograd
 
 
 def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -125,7 +125,7 @@ def _backward(ctx, dy):
     return dgate, dup, None
 
 
-swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd("swiglu_fwd", _backward, _setup_context)
 
 
 @custom_op("swiglu_fused_fwd")
@@ -161,4 +161,4 @@ def _fused_backward(ctx, dy):
     return call("swiglu_fused_bwd", as_rows(dy), gate_up, ctx.backend), None
 
 
-swiglu_fused_fwd.register_autograd(_fused_backward, setup_context=_setup_fused_context)
+register_autograd("swiglu_fused_fwd", _fused_backward, _setup_fused_context)

@@ -96,6 +96,61 @@ def test_unpadded_and_packed_batches(family, backend):
     assert_close_fp32(packed, torch.cat([torch.cat(alone[:2], 1), torch.cat(alone[2:], 1)]), tol=1e-4)
 
 
+def test_transformers_packing_decision_is_reused(monkeypatch):
+    """Where transformers has looked for packed sequences itself (no mask, no cache) and found
+    none, the attention function does not look again (a second host sync per forward); where it
+    found some, or did not look, the attention function decides."""
+    from thinkfuse import attention_interface
+
+    plans = []
+    real_plan = attention_interface._packed_plan
+    monkeypatch.setattr(attention_interface, "_packed_plan", lambda *a: plans.append(1) or real_plan(*a))
+    model = tiny_model("qwen2").to(DEVICE)
+    thinkfuse.patch_model(model, backend="torch")
+    ids = tiny_batch(2, 10, device=DEVICE)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], device=DEVICE)
+    for training in (False, True):
+        model.train(training)
+        model(ids, use_cache=False)
+        assert plans == [], training
+        model(ids, position_ids=packed.clone(), use_cache=False)  # a new tensor: the plan is memoized
+        assert len(plans) == 1, training  # once per forward, not per layer
+        plans.clear()
+    model(ids, position_ids=packed.clone(), use_cache=True)  # training with a cache: transformers did not look
+    assert len(plans) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_packing_given_as_flash_attention_kwargs(family, backend, monkeypatch):
+    """cu_seq_lens_q/k and max_length_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs=True))
+    are taken as flash_attention_2 takes them: each sequence equals itself run alone, and the
+    position_ids are not read to find the sequences."""
+    from thinkfuse import attention_interface
+
+    monkeypatch.setattr(attention_interface, "_packed_plan", None)  # must not be needed
+    model = tiny_model(family).to(DEVICE)
+    lengths = [3, 9, 1, 5]
+    ids = tiny_batch(1, sum(lengths), device=DEVICE)
+    with torch.no_grad():
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        alone = torch.cat([model(ids[:, a:a + n]).logits for a, n in zip(starts, lengths)], 1)
+        thinkfuse.patch_model(model, backend=backend)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
+        packed = model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                       max_length_q=max(lengths), max_length_k=max(lengths)).logits
+        assert_close_fp32(packed, alone, tol=1e-4)
+        without_max = model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu.long(),
+                            cu_seq_lens_k=cu.long()).logits
+        assert_close_fp32(without_max, alone, tol=1e-4)
+        with pytest.raises(ValueError, match="together"):
+            model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu)
+        with pytest.raises(TypeError, match="cu_seq_lens_k"):
+            model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu.float())
+        with pytest.raises(TypeError, match="max_length_q"):
+            model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2.5)
+
+
 def test_sliding_window(backend):
     model = tiny_model("mistral").to(DEVICE)
     model.config.sliding_window = 4
@@ -233,12 +288,41 @@ def test_bad_inputs_are_clear_errors():
 def test_mask_function_hands_through_the_padding_mask():
     mask = torch.tensor([[False, True, True], [True, True, True]])
     assert torch.equal(thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=mask), mask)
-    assert thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=torch.ones(2, 3).bool()) is None
-    assert thinkfuse_attention_mask(batch_size=2, q_length=1, kv_length=2, attention_mask=mask) is None  # window slice
+    ones = torch.ones(2, 3).bool()  # whether anything is padding is the attention function's call
+    assert thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=ones) is ones
+    window = thinkfuse_attention_mask(batch_size=2, q_length=1, kv_length=2, attention_mask=mask)
+    assert torch.equal(window, mask[:, -2:])  # a sliding-window cache keeps the last kv_length keys
     assert thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=None) is None
+    # No mask and the causal skip allowed: transformers found a plain causal mask (no packing).
+    marker = thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=None,
+                                      allow_is_causal_skip=True, device="cpu")
+    assert marker.shape == (2, 0) and marker.dtype == torch.bool
     dense = thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=mask, use_vmap=True,
                                      allow_is_causal_skip=False, device="cpu")
     assert dense.shape == (2, 1, 3, 3)  # custom mask patterns get the sdpa mask
+
+
+def test_padding_plan_reads_the_host_once(monkeypatch):
+    """The unpad plan of a padded mask equals nonzero's, from one host read of the row lengths
+    (nonzero itself would be a second); a mask without padding has no plan (dense attention)."""
+    from thinkfuse import attention_interface
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(4, 11, generator=gen) > 0.3
+    mask[2] = False  # an empty row
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    monkeypatch.setattr(torch, "nonzero", None)
+    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = attention_interface._padding_plan(mask, 5)
+    assert len(reads) == 1
+    monkeypatch.undo()
+    for valid, idx, cu, longest in ((mask[:, -5:], idx_q, cu_q, max_q), (mask, idx_k, cu_k, max_k)):
+        lengths = valid.sum(-1)
+        assert torch.equal(idx, torch.nonzero(valid.flatten()).flatten())
+        assert cu.dtype == torch.int32 and cu.tolist() == [0, *lengths.cumsum(0).tolist()]
+        assert longest == int(lengths.max())
+    assert attention_interface._padding_plan(torch.ones(3, 6, dtype=torch.bool), 2) is None
 
 
 def test_attention_rule_without_the_rope_rule():

@@ -6,16 +6,18 @@
 
 Two functions are registered, the way transformers wires ``flash_attention_2``:
 
-- ``AttentionMaskInterface``: ``thinkfuse_attention_mask`` hands the 2-D padding mask through
-  (or None when nothing is padded), like transformers' ``flash_attention_mask``: our kernels
-  take causality, sliding windows and packing as arguments, so no ``[B, 1, Sq, Sk]`` mask is
-  ever built. Mask patterns that are not "causal + padding (+ window, + packing)" (image-token
+- ``AttentionMaskInterface``: ``thinkfuse_attention_mask`` hands the 2-D padding mask through,
+  like transformers' ``flash_attention_mask`` (without a mask: a ``[B, 0]`` marker saying that
+  transformers found the mask plain causal, see ``_plain_causal_marker``): our kernels take
+  causality, sliding windows and packing as arguments, so no ``[B, 1, Sq, Sk]`` mask is ever
+  built. Mask patterns that are not "causal + padding (+ window, + packing)" (image-token
   overlays, bidirectional masks) get the dense boolean mask of ``sdpa_mask`` instead.
   Registering a mask function matters: without one transformers hands every attention function
   ``attention_mask=None`` and padding is silently ignored.
 - ``AttentionInterface``: ``thinkfuse_attention_forward(module, q [B,Hq,Sq,D], k/v
   [B,Hkv,Sk,D], attention_mask, ...) -> ([B,Sq,Hq,D], None)`` dispatches to
-  ``ops.flash_attention`` (dense, or unpadded to the packed ``cu_seqlens`` form) and, for
+  ``ops.flash_attention`` (dense, or unpadded to the packed ``cu_seqlens`` form; packed rows
+  found from position_ids, or given as flash_attention_2's ``cu_seq_lens_q/k`` kwargs) and, for
   inference decode steps, to ``ops.decode_attention``. Anything that is not a causal decoder
   self-attention (``module.is_causal`` False, e.g. a vision tower; a dense 4-D mask; softcap or
   attention sinks), and shape-only forwards on the meta device, run transformers' own sdpa
@@ -60,9 +62,29 @@ def _needs_dense_mask(kwargs) -> bool:
     return bool(kwargs.get("use_vmap")) or "allow_is_bidirectional_skip" in kwargs
 
 
+def _plain_causal_marker(kwargs):
+    """What the mask function returns when transformers found a plain causal mask: no padding,
+    no overlay, and (where it looked, see ``_packing_already_ruled_out``) no packed sequences.
+
+    transformers decides packing itself before it calls the mask function (a host sync in
+    ``find_packed_sequence_indices``) and only then allows the causal skip. Passing that decision
+    on saves the attention function a second sync per forward. The marker is a ``[B, 0]`` bool
+    mask, which allocates nothing; thinkfuse_attention_forward reads it as "no mask". Without the
+    causal-skip allowance (packed rows, block overlays, compiled caches at q_length 1) the mask
+    function returns None as before and the attention function decides packing on its own."""
+    if not kwargs.get("allow_is_causal_skip", False) or kwargs.get("batch_size") is None:
+        return None
+    return torch.empty((kwargs["batch_size"], 0), dtype=torch.bool, device=kwargs.get("device"))
+
+
+def _is_plain_causal_marker(attention_mask) -> bool:
+    return attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == 0
+
+
 def thinkfuse_attention_mask(**kwargs):
     """Mask function for ``AttentionMaskInterface``: the 2-D padding mask (bool ``[B, kv_length]``)
-    when some key is padding, None when none is; the sdpa mask for patterns that are not causal.
+    when there is one; without one, the plain-causal marker or None; the sdpa mask for patterns
+    that are not causal.
 
     All arguments are keywords (that is how transformers' create_*_mask call it); they are
     forwarded unchanged to ``sdpa_mask`` when a dense mask is needed, which keeps this working
@@ -74,31 +96,33 @@ def thinkfuse_attention_mask(**kwargs):
     attention_mask = kwargs.get("attention_mask")
     kv_length = kwargs.get("kv_length")
     if attention_mask is None:
-        return None
-    if kv_length is not None:
+        return _plain_causal_marker(kwargs)
+    if kv_length is not None and attention_mask.shape[1] > kv_length:
         # Sliding-window caches keep only the last kv_length keys: keep the matching columns.
         attention_mask = attention_mask[:, -kv_length:]
-        if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
-            return None
+    # Whether anything is padding is decided by the attention function, with the one host read
+    # its unpad plan needs anyway (see _padding_plan), not here with a read of its own.
     return attention_mask
 
 
 # ---------------------------------------------------------------------------------------------
 # Unpad / pad helpers (own versions of flash-attn's bert_padding, kept small)
 
-_memo_entry: dict = {}
+# (tensor ref, tensor version, key, value) of the latest computations, newest last. Two entries:
+# models that mix full and sliding-window layers alternate between two masks.
+_memo_entries: list = []
+_MEMO_SIZE = 2
 
 
 def _memoized(tensor: torch.Tensor, extra: tuple, compute):
-    """compute() once per (tensor, extra) for consecutive calls: every layer of one forward gets
-    the same mask / position_ids tensor, and the index computation reads values on the host."""
-    entry = _memo_entry.get("last")
-    if entry is not None:
-        ref, version, key, value = entry
+    """compute() once per (tensor, extra) while it is among the latest: every layer of one
+    forward gets the same mask / position_ids tensor, and the plan reads values on the host."""
+    for ref, version, key, value in _memo_entries:
         if ref() is tensor and version == tensor._version and key == extra:
             return value
     value = compute()
-    _memo_entry["last"] = (weakref.ref(tensor), tensor._version, extra, value)
+    _memo_entries.append((weakref.ref(tensor), tensor._version, extra, value))
+    del _memo_entries[:-_MEMO_SIZE]
     return value
 
 
@@ -106,20 +130,27 @@ def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
 
 
-def _unpad_data(valid: torch.Tensor):
+def _unpad_data(valid: torch.Tensor, lengths: torch.Tensor, host_lengths: list[int]):
     """Indices of the valid tokens of a bool ``[B, S]`` mask in the flattened ``[B*S]`` axis,
-    the int32 cu_seqlens of the rows, and the longest row."""
-    lengths = valid.sum(-1, dtype=torch.int32)
-    indices = torch.nonzero(valid.flatten(), as_tuple=False).flatten()
-    return indices, _cu_seqlens(lengths), int(lengths.max()) if lengths.numel() else 0
+    the int32 cu_seqlens of the rows, and the longest row. The row lengths are known on the
+    host already, so nonzero_static needs no host read of its own."""
+    indices = torch.nonzero_static(valid.flatten(), size=sum(host_lengths)).flatten()
+    return indices, _cu_seqlens(lengths), max(host_lengths, default=0)
 
 
 def _padding_plan(mask: torch.Tensor, sq: int):
     """Unpad plan for queries (the newest ``sq`` tokens: with a cache they are the end of the
     key timeline, so the valid queries are exactly the last valid keys of each row, which is
-    what bottom-right causal alignment per sequence needs) and keys."""
+    what bottom-right causal alignment per sequence needs) and keys; None when no key is
+    padding. One host synchronisation: the row lengths, read together."""
     valid = mask.bool()
-    return _unpad_data(valid[:, -sq:]), _unpad_data(valid)
+    valid_q = valid[:, -sq:]
+    lengths_q = valid_q.sum(-1, dtype=torch.int32)
+    lengths_k = valid.sum(-1, dtype=torch.int32)
+    host_q, host_k = torch.stack([lengths_q, lengths_k]).tolist()
+    if sum(host_k) == valid.numel():
+        return None
+    return _unpad_data(valid_q, lengths_q, host_q), _unpad_data(valid, lengths_k, host_k)
 
 
 def _packed_plan(position_ids: torch.Tensor, batch: int, seq: int):
@@ -148,6 +179,43 @@ def _may_be_packed(module, q, k, kwargs) -> bool:
     """
     no_cached_keys = q.shape[1] == k.shape[1]
     return no_cached_keys and (module.training or not kwargs.get("use_cache", False))
+
+
+def _packing_already_ruled_out(plain_causal_marker: bool, kwargs) -> bool:
+    """Whether transformers' own packing check found none: the mask function saw a plain causal
+    mask, and no cache was in play (transformers looks for packing only without a 2-D mask and
+    without a cache; ``use_cache`` off means the model made none). With a cache in training,
+    where this function keeps packed sequences apart although transformers does not look, the
+    attention function still checks itself."""
+    return plain_causal_marker and not kwargs.get("use_cache", False)
+
+
+def _given_packing(kwargs):
+    """``(cu_q, cu_k, max_q, max_k)`` when the caller passed the packed layout the way
+    flash_attention_2 takes it (``cu_seq_lens_q/k``, ``max_length_q/k``: transformers'
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True), padding-free trainers), else
+    None. As with flash_attention_2 they describe the rows of the batch laid end to end, and
+    nothing has to be read from the device (max lengths given as ints)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None:
+        raise ValueError("thinkfuse attention: cu_seq_lens_q and cu_seq_lens_k must be given together")
+    for name, cu in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"thinkfuse attention: {name} must be a 1-D int32 or int64 tensor, got "
+                            f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
+    return cu_q.int(), cu_k.int(), _max_length(kwargs, "max_length_q"), _max_length(kwargs, "max_length_k")
+
+
+def _max_length(kwargs, name: str) -> int | None:
+    """A ``max_length_*`` kwarg as a host int (None: the op derives it from cu_seqlens)."""
+    value = kwargs.get(name)
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value)  # a host read, as flash_attention_2 makes of it
+    raise TypeError(f"thinkfuse attention: {name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _pad(out: torch.Tensor, indices: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -231,7 +299,9 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backends):
 
 
 def _padded(q, k, v, mask, scaling, window, backends):
-    """Padded batch: unpad to the packed form, run varlen, scatter back (zeros at padding)."""
+    """Padded batch: unpad to the packed form, run varlen, scatter back (zeros at padding); a
+    mask without padding runs dense (transformers looks for packed sequences only without a
+    mask, so neither does this)."""
     batch, sq, hq, d = q.shape
     if mask.shape[1] > k.shape[1]:
         mask = mask[:, -k.shape[1]:]
@@ -239,7 +309,10 @@ def _padded(q, k, v, mask, scaling, window, backends):
         # A static cache holds more slots than tokens seen so far: the unused slots are not keys.
         k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
     sk = k.shape[1]
-    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = _memoized(mask, (sq, sk), lambda: _padding_plan(mask, sq))
+    plan = _memoized(mask, (sq, sk), lambda: _padding_plan(mask, sq))
+    if plan is None:  # nothing is padding
+        return _dense(q, k, v, scaling, window, backends)
+    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = plan
     q_packed = q.reshape(batch * sq, hq, d).index_select(0, idx_q)
     k_packed = k.reshape(batch * sk, *k.shape[2:]).index_select(0, idx_k)
     v_packed = v.reshape(batch * sk, *v.shape[2:]).index_select(0, idx_k)
@@ -262,6 +335,9 @@ def thinkfuse_attention_forward(
     """transformers attention function: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Sk, D]`` (GQA not
     repeated) -> (``[B, Sq, Hq, D]`` contiguous, None)."""
     _check_inputs(query, key, value, attention_mask, dropout)
+    plain_causal = _is_plain_causal_marker(attention_mask)
+    if plain_causal:
+        attention_mask = None
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     dense_mask = attention_mask is not None and attention_mask.dim() == 4
     special = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
@@ -279,10 +355,15 @@ def thinkfuse_attention_forward(
 
     if attention_mask is not None:
         out = _padded(q, k, v, attention_mask, scaling, window, backends)
+    elif (given := _given_packing(kwargs)) is not None:
+        cu_q, cu_k, max_q, max_k = given
+        flat_q, flat_k, flat_v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+        out = _varlen(flat_q, flat_k, flat_v, cu_q, cu_k, max_q, max_k, scaling, window, backends).view(q.shape)
     else:
         position_ids = kwargs.get("position_ids")
         plan = None
-        if position_ids is not None and sq > 1 and _may_be_packed(module, q, k, kwargs):
+        if (position_ids is not None and sq > 1 and _may_be_packed(module, q, k, kwargs)
+                and not _packing_already_ruled_out(plain_causal, kwargs)):
             plan = _memoized(position_ids, (batch, sq), lambda: _packed_plan(position_ids, batch, sq))
         if plan is None:
             out = _dense(q, k, v, scaling, window, backends)

@@ -151,6 +151,61 @@ def test_packing_given_as_flash_attention_kwargs(family, backend, monkeypatch):
             model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2.5)
 
 
+# Ops that read a tensor's values on the host: on a GPU each is a synchronisation.
+_HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+               torch.ops.aten.nonzero.default}
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in _HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_forward_without_position_ids_reads_nothing_on_the_host(family):
+    """Without position_ids the base model makes them (one sequence per row): the unpatched
+    forward still looks for packed sequences in them (transformers' check, a host read), the
+    patched one (positions rule) does not, in training and without or with a cache."""
+    model = tiny_model(family).to(DEVICE).train()
+    ids = tiny_batch(2, 12, device=DEVICE)
+    base = model.model.language_model if family == "mistral3" else model.model
+
+    def reads(**inputs):
+        with _HostReads() as mode:
+            base(input_ids=ids, **inputs).last_hidden_state.sum().backward()
+        return mode.count
+
+    assert reads(use_cache=False) >= 1
+    ref = base(input_ids=ids, use_cache=False).last_hidden_state.detach()
+    thinkfuse.patch_model(model, backend="torch")
+    assert reads(use_cache=False) == 0 and reads(use_cache=True) == 0
+    assert_close_fp32(base(input_ids=ids, use_cache=False).last_hidden_state.detach(), ref, tol=1e-4)
+    positions = torch.arange(12, device=DEVICE)[None]
+    assert reads(position_ids=positions.clone(), use_cache=False) >= 1  # given positions are checked
+    thinkfuse.unpatch_model(model)
+    assert "forward" not in base.__dict__ and reads(use_cache=False) >= 1
+
+
+def test_generated_positions_context_ends_with_the_forward():
+    from thinkfuse import attention_interface
+
+    model = tiny_model("qwen2").to(DEVICE)
+    thinkfuse.patch_model(model, backend="torch")
+    seen = []
+    model.model.norm.register_forward_hook(lambda *_: seen.append(attention_interface._GENERATED_POSITIONS.get()))
+    model(tiny_batch(1, 5, device=DEVICE))
+    model(tiny_batch(1, 5, device=DEVICE), position_ids=torch.arange(5, device=DEVICE)[None])
+    assert seen == [True, False] and not attention_interface._GENERATED_POSITIONS.get()
+    with pytest.raises(Exception):
+        model(tiny_batch(1, 5, device=DEVICE) + 10**6)  # ids out of the embedding's range
+    assert not attention_interface._GENERATED_POSITIONS.get()
+
+
 def test_sliding_window(backend):
     model = tiny_model("mistral").to(DEVICE)
     model.config.sliding_window = 4
@@ -332,7 +387,7 @@ def test_attention_rule_without_the_rope_rule():
     mask = _padding_mask(3, 9, "right")
     ref = model(ids, attention_mask=mask).logits
     report = thinkfuse.patch_model(model, backend="torch", rope=False)
-    assert report.patched == {"rms_norm": 5, "swiglu": 2, "attention": 2, "loss": 1}
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "attention": 2, "positions": 1, "loss": 1}
     valid = mask.bool()
     assert_close_fp32(model(ids, attention_mask=mask).logits[valid], ref[valid], tol=1e-4)
 

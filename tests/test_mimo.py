@@ -237,7 +237,7 @@ def test_patch_covers_trunk_and_mtp_layers(backend):
     report = thinkfuse.patch_model(model, backend=backend)
     # trunk: 2 layers x 2 norms + final norm, 2 MLPs, 2 attentions; MTP: 5 norms, 1 MLP, 1 attention
     assert report.family == "mimo" and report.patched == {"rms_norm": 10, "swiglu": 3, "rope": 3, "attention": 3,
-                                                                    "loss": 1}
+                                                          "positions": 1, "loss": 1}
     mtp = model.model.mtp_layers[0]
     for module in (mtp.token_layernorm, mtp.hidden_layernorm, mtp.input_layernorm, mtp.post_attention_layernorm,
                    mtp.final_layernorm, mtp.mlp, mtp.self_attn):

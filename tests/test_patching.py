@@ -15,12 +15,12 @@ from thinkfuse.tiny import BUILDERS, tiny_batch, tiny_model
 FAMILY_NAMES = list(BUILDERS)
 # Two decoder layers: two norms each plus the final norm, one MLP and one attention each.
 # The attention rule switches the same attention modules the rope rule patches to "thinkfuse";
-# the loss rule patches the *ForCausalLM itself.
-DECODER_PATCHES = {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
+# the positions rule patches the base model, the loss rule the *ForCausalLM itself.
+DECODER_PATCHES = {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "positions": 1}
 TWO_LAYER_PATCHES = {**DECODER_PATCHES, "loss": 1}
 EXPECTED_PATCHES = {
     # MiMo's MTP layer adds a decoder block and its own token/hidden/final norms.
-    "mimo": {"rms_norm": 10, "swiglu": 3, "rope": 3, "attention": 3, "loss": 1},
+    "mimo": {"rms_norm": 10, "swiglu": 3, "rope": 3, "attention": 3, "positions": 1, "loss": 1},
     # Only the text model of the VLM is patched (no *ForCausalLM there).
     "mistral3": DECODER_PATCHES,
 }
@@ -155,7 +155,7 @@ def test_mistral3_vision_tower_and_projector_untouched():
     model = tiny_model("mistral3")
     thinkfuse.patch_model(model, backend="torch")
     patched = _patched_state(model)
-    assert patched and all(name.startswith("model.language_model.") for name in patched)
+    assert patched and all(name.startswith("model.language_model.") for name in patched if name != "model.language_model")
     assert not any(hasattr(m, "_thinkfuse_patch") for m in model.model.vision_tower.modules())
     assert not hasattr(model.model.multi_modal_projector.norm, "_thinkfuse_patch")
 
@@ -167,7 +167,7 @@ def test_flags_turn_kinds_off():
     assert not _patched_state(model)
     assert "rms_norm" in str(report) and "attention" in str(report)
     report = thinkfuse.patch_model(model, rms_norm=False)
-    assert report.patched == {"swiglu": 2, "rope": 2, "attention": 2, "loss": 1}
+    assert report.patched == {"swiglu": 2, "rope": 2, "attention": 2, "positions": 1, "loss": 1}
 
 
 def test_rules_skip_modules_they_do_not_fit():
@@ -179,7 +179,7 @@ def test_rules_skip_modules_they_do_not_fit():
                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     report = thinkfuse.patch_model(Qwen2ForCausalLM(config))
     # The attention core still switches: the original forward dispatches through the config.
-    assert report.patched == {"rms_norm": 3, "attention": 1, "loss": 1}
+    assert report.patched == {"rms_norm": 3, "attention": 1, "positions": 1, "loss": 1}
 
 
 def test_report_names_backend_and_counts():
@@ -188,7 +188,7 @@ def test_report_names_backend_and_counts():
     assert report.backend == "auto" and report.resolved_backend == "torch" and report.family == "qwen2"
     text = str(report)
     assert "Qwen2ForCausalLM" in text and "rms_norm" in text and "5 modules" in text
-    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "loss": 1}
+    assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "positions": 1, "loss": 1}
 
 
 def test_deepcopy_of_patched_model_keeps_its_own_patches():

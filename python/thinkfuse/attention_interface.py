@@ -31,6 +31,9 @@ default (``thinkfuse.use_backend`` / ``THINKFUSE_BACKEND`` / fastest for the dev
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import importlib.abc
 import importlib.util
 import sys
@@ -182,12 +185,52 @@ def _may_be_packed(module, q, k, kwargs) -> bool:
 
 
 def _packing_already_ruled_out(plain_causal_marker: bool, kwargs) -> bool:
-    """Whether transformers' own packing check found none: the mask function saw a plain causal
-    mask, and no cache was in play (transformers looks for packing only without a 2-D mask and
-    without a cache; ``use_cache`` off means the model made none). With a cache in training,
-    where this function keeps packed sequences apart although transformers does not look, the
-    attention function still checks itself."""
-    return plain_causal_marker and not kwargs.get("use_cache", False)
+    """Whether packed sequences are known to be absent without reading position_ids: the model
+    made its positions itself (``generated_positions``), or transformers' own packing check
+    found none (the mask function saw a plain causal mask, and no cache was in play:
+    transformers looks for packing only without a 2-D mask and without a cache; ``use_cache``
+    off means the model made none). With a cache in training, where this function keeps packed
+    sequences apart although transformers does not look, the attention function checks itself."""
+    return _GENERATED_POSITIONS.get() or (plain_causal_marker and not kwargs.get("use_cache", False))
+
+
+# True while a patched base model runs a forward whose position_ids it makes itself.
+_GENERATED_POSITIONS = contextvars.ContextVar("thinkfuse_generated_positions", default=False)
+
+
+@contextlib.contextmanager
+def generated_positions():
+    """Within this context the running model forward makes its own position_ids (the caller
+    passed none: ``arange`` from the cache length, one sequence per row), so nothing needs to
+    look for packed sequences in them: neither transformers (``find_packed_sequence_indices``,
+    a host sync per forward; see _skip_packing_check_for_generated_positions) nor the attention
+    function. Set by patch_model's "positions" rule around the base model's forward."""
+    token = _GENERATED_POSITIONS.set(True)
+    try:
+        yield
+    finally:
+        _GENERATED_POSITIONS.reset(token)
+
+
+def _skip_packing_check_for_generated_positions() -> None:
+    """Wrap transformers' ``masking_utils.find_packed_sequence_indices`` (once, process-wide) so
+    that it answers "no packed sequences" (None) without reading the device while
+    ``generated_positions`` is on. Outside that context it is the original function; inside,
+    its answer for such positions would be None too, after a host sync."""
+    from transformers import masking_utils
+
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None or getattr(original, "_thinkfuse_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def find_packed_sequence_indices(position_ids):
+        if _GENERATED_POSITIONS.get():
+            return None
+        return original(position_ids)
+
+    find_packed_sequence_indices._thinkfuse_wrapped = True
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
 
 
 def _given_packing(kwargs):
@@ -416,3 +459,4 @@ def register_attention() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, thinkfuse_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, thinkfuse_attention_mask)
+    _skip_packing_check_for_generated_positions()

@@ -339,7 +339,9 @@ def patch_model(
     ``attention=True`` makes the text decoder's causal self-attention run thinkfuse's flash /
     decode attention (the "thinkfuse" transformers attention implementation, selected on this
     instance's text config; vision towers keep theirs); ``attention=False`` keeps the model's
-    configured implementation (sdpa, flash_attention_2, ...) behind the fused rope.
+    configured implementation (sdpa, flash_attention_2, ...) behind the fused rope. With it goes
+    the "positions" rule on the decoder base model: a forward given no position_ids skips the
+    search for packed sequences in the positions it makes itself (a host sync per forward).
 
     ``loss=True`` makes a ``*ForCausalLM``'s training forward with ``labels`` compute the loss
     from the hidden states (``ops.causal_lm_loss``: the logits are never held) and return
@@ -357,6 +359,7 @@ def patch_model(
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"patch_model: {name} must be a bool, got {type(value).__name__}")
+    flags["positions"] = attention  # the base model's half of the attention rule (no flag of its own)
     rules = [(rule, resolve_class(rule.module_class)) for rule in family.rules if flags[rule.kind]]
     if attention:
         register_attention()  # idempotent; the attention rule selects it by name

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
+import torch
 from torch import nn
 
 from .. import ops
@@ -142,6 +144,43 @@ def _original_forward(module: nn.Module):
     # functools.partial rather than types.MethodType: torch.compile traces through a partial
     # and breaks the graph at MethodType.
     return original if callable(original) else functools.partial(type(module).forward, module)
+
+
+_BASE_MODEL_PARAMETERS = ("self", "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
+                          "use_cache")
+
+
+def has_standard_base_model_forward(module: nn.Module) -> bool:
+    """The positions rule applies where the class's forward takes the decoder base model's
+    usual parameters (the ones generated_positions_forward passes on by name)."""
+    parameters = tuple(inspect.signature(type(module).forward).parameters)
+    return parameters[:len(_BASE_MODEL_PARAMETERS)] == _BASE_MODEL_PARAMETERS
+
+
+def generated_positions_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                                inputs_embeds=None, use_cache=None, *, backend=None, **kwargs):
+    """Forward of Qwen2Model / MistralModel / Ministral3Model / MiMoModel: the original one, run
+    inside ``attention_interface.generated_positions()`` when the caller passes no position_ids.
+    The model then makes them itself (``arange`` from the cache length), so they hold one
+    sequence per row, and transformers' check for packed sequences (a host sync in every
+    forward, which stalls the GPU until the host has queued work again) and the attention
+    function's own check are skipped. Under torch.compile transformers does not check anyway."""
+    from ..attention_interface import generated_positions
+
+    forward = _original_forward(self)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+    if position_ids is not None or torch.compiler.is_compiling():
+        return forward(**inputs, **kwargs)
+    with generated_positions():
+        return forward(**inputs, **kwargs)
+
+
+def positions_rule(module_class: str):
+    """The "positions" rule for a decoder base model class (the same for every family)."""
+    from .rules import PatchRule
+
+    return PatchRule("positions", module_class, generated_positions_forward, when=has_standard_base_model_forward)
 
 
 def _fused_loss_applies(module: nn.Module, labels, logits_to_keep, kwargs) -> bool:

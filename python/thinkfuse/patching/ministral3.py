@@ -5,8 +5,8 @@ left alone: the rules apply only below ``model.language_model``, which is a Mini
 """
 
 from . import mistral
-from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, rope_attention_forward,
-                       swiglu_mlp_forward)
+from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, positions_rule,
+                       rope_attention_forward, swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.ministral3.modeling_ministral3."
@@ -18,6 +18,7 @@ RULES = (
     PatchRule("swiglu", _M + "Ministral3MLP", swiglu_mlp_forward, when=has_silu_activation),
     PatchRule("rope", _M + "Ministral3Attention", rope_attention_forward, when=has_static_rope),
     attention_rule(_M + "Ministral3Attention"),
+    positions_rule(_M + "Ministral3Model"),
 )
 
 FAMILY = ModelFamily(

@@ -1,7 +1,7 @@
 """Mistral (Mistral-7B style, Ministral-8B-2410)."""
 
-from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, rope_attention_forward,
-                       swiglu_mlp_forward)
+from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, positions_rule,
+                       rope_attention_forward, swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.mistral.modeling_mistral."
@@ -11,6 +11,7 @@ RULES = (
     PatchRule("swiglu", _M + "MistralMLP", swiglu_mlp_forward, when=has_silu_activation),
     PatchRule("rope", _M + "MistralAttention", rope_attention_forward, when=has_static_rope),
     attention_rule(_M + "MistralAttention"),
+    positions_rule(_M + "MistralModel"),
 )
 
 FAMILY = ModelFamily(

@@ -1,7 +1,7 @@
 """Qwen2 (Palmyra-mini, AM-Thinking-v1); MiMo's trunk and MTP layers use the same modules."""
 
-from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, rope_attention_forward,
-                       swiglu_mlp_forward)
+from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, positions_rule,
+                       rope_attention_forward, swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.qwen2.modeling_qwen2."
@@ -11,6 +11,7 @@ RULES = (
     PatchRule("swiglu", _M + "Qwen2MLP", swiglu_mlp_forward, when=has_silu_activation),
     PatchRule("rope", _M + "Qwen2Attention", rope_attention_forward, when=has_static_rope),
     attention_rule(_M + "Qwen2Attention"),
+    positions_rule(_M + "Qwen2Model"),
 )
 # The *ForCausalLM rule is separate: MiMo shares the decoder rules but has its own model class.
 LOSS_RULES = (loss_rule(_M + "Qwen2ForCausalLM"),)

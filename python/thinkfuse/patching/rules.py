@@ -13,8 +13,10 @@ from typing import Callable
 
 from torch import nn
 
-# Kinds of rules, in report order; patch_model's keyword flags have the same names.
-KINDS = ("rms_norm", "swiglu", "rope", "attention", "loss")
+# Kinds of rules, in report order; patch_model's keyword flags have the same names, except
+# "positions" (the base model's forward, see forwards.generated_positions_forward), which goes
+# with the attention flag.
+KINDS = ("rms_norm", "swiglu", "rope", "attention", "positions", "loss")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ def _static(model, ids, max_new_tokens, **kwargs):
     return mtp_generate(model, ids, max_new_tokens=max_new_tokens, cuda_graph=True, **kwargs)
 
 
+def _captured(stats) -> bool:
+    """Whether the steps should have been graph replays: on a GPU, once the warm-up is done."""
+    return DEVICE.type == "cuda" and stats["steps"] > static_decode.WARMUP_STEPS
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 16])
 def test_greedy_equals_generate(max_new_tokens):
     model = _model()
@@ -38,7 +43,7 @@ def test_greedy_equals_generate(max_new_tokens):
     assert torch.equal(sequences, _greedy(model, ids, max_new_tokens, eos_token_id=None))
     assert stats["new_tokens"] == 3 * max_new_tokens
     assert stats["target_forwards"] == 1 + stats["steps"]
-    assert stats["cuda_graph"] is False  # CPU: the same steps, run eagerly
+    assert stats["cuda_graph"] is _captured(stats)  # CPU: the same steps, run eagerly
 
 
 def _oracle_drafter(monkeypatch, reference, miss_every=3):
@@ -175,7 +180,7 @@ def test_captured_steps_replay_to_the_greedy_output(monkeypatch, patched, oracle
         _oracle_drafter(monkeypatch, plain)
     captured = []
     capture = static_decode._capture
-    monkeypatch.setattr(static_decode, "_capture", lambda step: captured.append(1) or capture(step))
+    monkeypatch.setattr(static_decode, "_capture", lambda *args: captured.append(1) or capture(*args))
     sequences, stats = _static(model, ids, 16, eos_token_id=eos)
     assert captured == [1]  # one capture, after the warm-up steps; every later step a replay
     assert stats["cuda_graph"] is True  # the capture did not fall back to eager steps
@@ -194,7 +199,7 @@ def test_plain_greedy_equals_generate(family):
     ids = tiny_batch(3, 9, seed=1, device=DEVICE)
     sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(sequences, _greedy(model, ids, 12, eos_token_id=None))
-    assert stats == {"target_forwards": 12, "steps": 11, "cuda_graph": False, "new_tokens": 36}
+    assert stats == {"target_forwards": 12, "steps": 11, "cuda_graph": _captured(stats), "new_tokens": 36}
 
 
 def test_plain_greedy_with_a_sliding_window_and_eos():
@@ -249,9 +254,32 @@ def test_plain_greedy_captured_steps_replay_to_the_greedy_output(monkeypatch, fa
         thinkfuse.patch_model(model)
     captured = []
     capture = static_decode._capture
-    monkeypatch.setattr(static_decode, "_capture", lambda step: captured.append(1) or capture(step))
+    monkeypatch.setattr(static_decode, "_capture", lambda *args: captured.append(1) or capture(*args))
     sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[])
     assert captured == [1] and stats["cuda_graph"] is True
+    assert torch.equal(sequences, reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_step_that_cannot_be_captured_runs_eagerly_on_the_callers_stream(monkeypatch):
+    """A host sync in the step ends the capture: a warning, then eager steps with the same
+    output, and the caller's current stream is the current stream again afterwards."""
+    model = tiny_model("qwen2", seed=0, dtype=torch.float32).cuda()
+    ids = tiny_batch(2, 9, seed=1, device="cuda")
+    reference = _greedy(model, ids, 8)
+    step = static_decode.StaticDecoder.plain_step
+
+    def syncing_step(self, out, stats):
+        if torch.cuda.is_current_stream_capturing():
+            self.length.sum().item()  # not capturable
+        step(self, out, stats)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "plain_step", syncing_step)
+    before = torch.cuda.current_stream()
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=8, eos_token_id=[])
+    assert stats["cuda_graph"] is False and torch.cuda.current_stream() == before
     assert torch.equal(sequences, reference)
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .backend import cuda_has_op, why_unavailable
+from .backend import cuda_has_op, get_backend, triton_interpreter_enabled, why_unavailable
 from .patching.forwards import attention_window, has_static_rope
 from .rope_params import rope_params
 
@@ -207,11 +207,22 @@ class StaticDecoder:
 
 
 def _graph_decode_backend() -> str:
-    """The decode attention for captured steps: Triton's (the faster kernel once host cost is
-    gone), else the cuda kernel, else the torch form (no host syncs either)."""
-    if why_unavailable("triton") is None:
+    """The decode attention for captured steps: the backend named (use_backend, set_backend,
+    THINKFUSE_BACKEND), else Triton's (the faster kernel once host cost is gone; not the
+    interpreter's, which copies to the host and cannot be captured), else the cuda kernel, else
+    the torch form (no host syncs either)."""
+    named = get_backend()
+    if named is not None:
+        return named
+    if why_unavailable("triton") is None and not triton_interpreter_enabled():
         return "triton"
     return "cuda" if cuda_has_op("decode_attention") else "torch"
+
+
+def _on_one_device(model, device: torch.device) -> bool:
+    """Whether every parameter of ``model`` is on ``device``: a graph captured on one GPU does
+    not record the kernels of a model split over several (device_map)."""
+    return all(p.device == device for p in model.parameters())
 
 
 def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
@@ -272,12 +283,17 @@ def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool) -> dict:
     first = decoder.prefill(input_ids)
     out.append(first[:, None], torch.ones_like(first))
     capture = cuda_graph and device.type == "cuda"
-    # Warm-up steps before a capture run on a side stream, as torch.cuda.graphs asks.
+    if capture and not _on_one_device(model, device):
+        warnings.warn("static decoding: the model's parameters are on several devices; running the steps eagerly",
+                      RuntimeWarning, stacklevel=3)
+        capture = False
+    # Warm-up steps before a capture run on a side stream, as torch.cuda.graphs asks; the
+    # capture uses the same stream (the model's device's, not torch.cuda.graph's shared one).
     side = torch.cuda.Stream(device) if capture else None
     graph = None
     while not out.done():  # one host sync per step: the queue holds at most one step
         if capture and graph is None and stats["steps"] >= WARMUP_STEPS:
-            graph = _capture(lambda: step(out, stats))
+            graph = _capture(lambda: step(out, stats), side)
             capture = graph is not None
         if graph is not None:
             graph.replay()
@@ -299,19 +315,28 @@ def _on_stream(stream: "torch.cuda.Stream", fn) -> None:
     torch.cuda.current_stream().wait_stream(stream)
 
 
-def _capture(step) -> "torch.cuda.CUDAGraph | None":
-    """``step`` captured into a CUDA graph (not run: capture records the kernels only), or None
-    with a warning when something in it cannot be captured: the state is then untouched and the
-    generation goes on with eager steps."""
+def _capture(step, stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph | None":
+    """``step`` captured into a CUDA graph on ``stream`` (not run: capture records the kernels
+    only), or None with a warning when something in it cannot be captured: the state is then
+    untouched and the generation goes on with eager steps.
+
+    ``stream`` must be a side stream of the model's device. torch.cuda.graph's default capture
+    stream is one per process, created on whichever GPU captured first, and entering the
+    capture makes that GPU current."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream()
     try:
         # thread_local: CUDA calls of other threads (a data loader, say) do not end the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             step()
     except RuntimeError as exc:
         warnings.warn(f"static decoding: the step could not be captured, running it eagerly: {exc}",
                       RuntimeWarning, stacklevel=3)
         torch.cuda.synchronize()
         return None
+    finally:
+        # A failed capture_end leaves the capture stream current (torch.cuda.graph restores the
+        # stream only after capture_end returns): the eager steps and the caller must not run on it.
+        torch.cuda.set_stream(current)
     return graph

@@ -176,9 +176,7 @@ cudaError_t decode_attention(const DecodeAttentionShape& shape, const HeadsView&
                    rows_are_16B_aligned(p.v, v_cache.stride_b) &&
                    rows_are_16B_aligned(p.v, v_cache.stride_s) &&
                    rows_are_16B_aligned(p.v, v_cache.stride_h);
-    int device = 0;
-    TF_CUDA_TRY(cudaGetDevice(&device));
-    return decode_attn::launch<T, kD, kRows>(p, device, stream);
+    return decode_attn::launch<T, kD, kRows>(p, stream);
   });
 }
 

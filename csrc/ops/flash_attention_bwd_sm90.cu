@@ -74,12 +74,8 @@ cudaError_t launch_dkdv(flash_bwd::KernelParams<T> kp, const Maps& maps, cudaStr
   TF_CUDA_TRY(current_device_sms(&device, &sms));
   kp.pairs_per_chunk =
       pairs_per_chunk(sms, n_key_blocks, kp.batch * kp.heads_kv, kp.cu_k != nullptr);
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return err;
-  }
+  static std::atomic<uint64_t> smem_configured{0};
+  TF_CUDA_TRY(set_max_dynamic_smem_once(kernel, Cfg::kSmemBytes, smem_configured));
   TF_LAUNCH_KERNEL(static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(
       kp, maps.q, maps.k, maps.v, maps.dout);
   return cudaGetLastError();

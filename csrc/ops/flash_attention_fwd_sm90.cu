@@ -41,11 +41,9 @@ cudaError_t launch(const FlashAttnParams& p, const TmaDescriptor& tma_q,
       128 * Cfg::kProducerRegs + 128 * Cfg::kConsumerWarpgroups * Cfg::kConsumerRegs;
   cudaError_t err = check_sm90a_image(kernel, Cfg::kThreads, kRegisterFile);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return err;
-  }
+  static std::atomic<uint64_t> smem_configured{0};
+  err = set_max_dynamic_smem_once(kernel, Cfg::kSmemBytes, smem_configured);
+  if (err != cudaSuccess) return err;
   const int64_t ctas =
       flash_fwd_sm90::tile_order_ctas(ceil_div(p.max_seqlen_q, Cfg::kBlockM), p.heads_q, p.batch);
   if (ctas < 0) return cudaErrorInvalidValue;

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -293,6 +294,29 @@ inline cudaError_t sm_count(int device, int* sms) {
 inline cudaError_t current_device_sms(int* device, int* sms) {
   TF_CUDA_TRY(cudaGetDevice(device));
   return sm_count(*device, sms);
+}
+
+// Raises `kernel`'s dynamic shared memory limit to `bytes` on the current device, once per device:
+// `configured` is the caller's bit set of devices done (a static per kernel instantiation).
+// cudaFuncSetAttribute is not a stream operation, so calling it during a CUDA graph capture is
+// fine; the cache keeps it off the per-launch path. Racing threads may both set it: the same
+// value, harmless. A failure (e.g. more than the device's opt-in limit, an image this device
+// cannot load) is returned and cleared from the runtime's last error, so the caller can report
+// it and fall back.
+template <typename Kernel>
+cudaError_t set_max_dynamic_smem_once(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
+  int device = 0;
+  TF_CUDA_TRY(cudaGetDevice(&device));
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
+  configured.fetch_or(bit, std::memory_order_relaxed);
+  return cudaSuccess;
 }
 
 }  // namespace thinkfuse

@@ -903,19 +903,13 @@ inline int64_t choose_num_splits(int64_t base_blocks, int64_t slots, int64_t max
   return 1;
 }
 
-// Raises the kernel's dynamic shared memory limit, once per device and instantiation (not a
-// stream operation: also fine while a CUDA graph is being captured; the cache keeps it off the
-// per-step path).
+// Raises the kernel's dynamic shared memory limit, once per device and instantiation (see
+// set_max_dynamic_smem_once).
 template <typename T, int kD, int kRows>
-cudaError_t prepare_split_kernel(int device) {
-  static std::atomic<uint64_t> done{0};
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
-  TF_CUDA_TRY(cudaFuncSetAttribute(split_kernel<T, kD, kRows>,
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   Config<T, kD, kRows>::kSmemBytes));
-  done.fetch_or(bit, std::memory_order_relaxed);
-  return cudaSuccess;
+cudaError_t prepare_split_kernel() {
+  static std::atomic<uint64_t> smem_configured{0};
+  return set_max_dynamic_smem_once(split_kernel<T, kD, kRows>, Config<T, kD, kRows>::kSmemBytes,
+                                   smem_configured);
 }
 
 // Resident blocks per SM of split_kernel<T, kD, kRows> on `device` (the current device), cached.
@@ -929,7 +923,7 @@ cudaError_t blocks_per_sm(int device, int* count) {
       return cudaSuccess;
     }
   }
-  TF_CUDA_TRY((prepare_split_kernel<T, kD, kRows>(device)));
+  TF_CUDA_TRY((prepare_split_kernel<T, kD, kRows>()));
   int n = 0;
   TF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &n, split_kernel<T, kD, kRows>, kThreads, Config<T, kD, kRows>::kSmemBytes));
@@ -943,9 +937,9 @@ cudaError_t blocks_per_sm(int device, int* count) {
 // (num_splits and chunk consistent: chunk = chunk_for(S_max, num_splits), num_splits =
 // splits_for(S_max, chunk)).
 template <typename T, int kD, int kRows>
-cudaError_t launch(const Params<T>& p, int device, cudaStream_t stream) {
+cudaError_t launch(const Params<T>& p, cudaStream_t stream) {
   using C = Config<T, kD, kRows>;
-  TF_CUDA_TRY((prepare_split_kernel<T, kD, kRows>(device)));
+  TF_CUDA_TRY((prepare_split_kernel<T, kD, kRows>()));
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * p.num_splits * p.row_tiles;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;

@@ -621,17 +621,8 @@ cudaError_t launch_dkdv(const KernelParams<T>& p, cudaStream_t stream) {
   if (blocks_x == 0 || p.heads_kv == 0) return cudaSuccess;
   if (blocks_x > INT32_MAX || p.heads_kv > 65535) return cudaErrorInvalidValue;
   auto kernel = dkdv_kernel<T, Cfg>;
-  // Once per device (not per call: keeps driver calls out of CUDA graph captures). Racing
-  // threads may both set it: the same value, harmless.
-  static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  TF_CUDA_TRY(cudaGetDevice(&device));
-  const uint64_t bit = uint64_t{1} << (device & 63);
-  if ((configured.load(std::memory_order_relaxed) & bit) == 0 || device >= 64) {
-    TF_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     Cfg::kSmemBytes));
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
+  static std::atomic<uint64_t> smem_configured{0};
+  TF_CUDA_TRY(set_max_dynamic_smem_once(kernel, Cfg::kSmemBytes, smem_configured));
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(p.heads_kv));
   TF_LAUNCH_KERNEL(grid, Cfg::kThreads, Cfg::kSmemBytes, stream, kernel)(p);
   return cudaGetLastError();

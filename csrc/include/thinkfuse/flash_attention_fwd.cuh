@@ -505,7 +505,8 @@ cudaError_t launch(const FlashAttnParams& p, cudaStream_t stream) {
   using Cfg = Config<D>;
   constexpr int kSmem = Cfg::template smem_bytes<T>();
   auto* kernel = &forward_kernel<T, D>;
-  TF_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  static std::atomic<uint64_t> smem_configured{0};
+  TF_CUDA_TRY(set_max_dynamic_smem_once(kernel, kSmem, smem_configured));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_seqlen_q, Cfg::kBlockM)),
                   static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
   TF_LAUNCH_KERNEL(grid, Cfg::kThreads, kSmem, stream, kernel)(p);

@@ -191,6 +191,30 @@ def test_patched_forward_without_position_ids_reads_nothing_on_the_host(family):
     assert "forward" not in base.__dict__ and reads(use_cache=False) >= 1
 
 
+def test_packing_shortcuts_trace_under_fullgraph_compile():
+    """The process-wide wrapper of transformers' packing check and the attention function's
+    shortcut must not read their ContextVar while dynamo traces (it cannot): a whole unpatched
+    sdpa model and a patched model's decoder layers still compile with fullgraph=True."""
+    from thinkfuse.attention_interface import register_attention
+
+    register_attention()  # installs the wrapper, as `import thinkfuse` does with transformers loaded
+    ids = tiny_batch(1, 8, device=DEVICE)
+    model = tiny_model("qwen2").to(DEVICE)
+    model.config._attn_implementation = "sdpa"
+    ref = model(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert_close_fp32(compiled(ids, use_cache=False).logits, ref, tol=1e-5)
+
+    model = tiny_model("qwen2").to(DEVICE).train()
+    ref = model(ids, use_cache=False).logits.detach()
+    thinkfuse.patch_model(model, backend="torch")
+    for layer in model.model.layers:
+        layer.compile(backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    assert_close_fp32(model(ids, use_cache=False).logits.detach(), ref, tol=1e-4)
+
+
 def test_generated_positions_context_ends_with_the_forward():
     from thinkfuse import attention_interface
 

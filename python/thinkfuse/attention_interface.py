@@ -191,11 +191,18 @@ def _packing_already_ruled_out(plain_causal_marker: bool, kwargs) -> bool:
     transformers looks for packing only without a 2-D mask and without a cache; ``use_cache``
     off means the model made none). With a cache in training, where this function keeps packed
     sequences apart although transformers does not look, the attention function checks itself."""
-    return _GENERATED_POSITIONS.get() or (plain_causal_marker and not kwargs.get("use_cache", False))
+    return (plain_causal_marker and not kwargs.get("use_cache", False)) or _positions_are_generated()
 
 
 # True while a patched base model runs a forward whose position_ids it makes itself.
 _GENERATED_POSITIONS = contextvars.ContextVar("thinkfuse_generated_positions", default=False)
+
+
+def _positions_are_generated() -> bool:
+    """``generated_positions`` is on. Always False under torch.compile: dynamo cannot trace
+    ContextVar.get (fullgraph compiles would fail, others break the graph), the positions rule
+    does not set it there, and transformers does not look for packing while tracing."""
+    return not torch.compiler.is_compiling() and _GENERATED_POSITIONS.get()
 
 
 @contextlib.contextmanager
@@ -225,7 +232,7 @@ def _skip_packing_check_for_generated_positions() -> None:
 
     @functools.wraps(original)
     def find_packed_sequence_indices(position_ids):
-        if _GENERATED_POSITIONS.get():
+        if _positions_are_generated():
             return None
         return original(position_ids)
 

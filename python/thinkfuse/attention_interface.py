@@ -348,6 +348,13 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backends):
                                backend=backends["flash_attention_fwd"])
 
 
+def _rows_end_to_end(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backends):
+    """Packed sequences: the batch's rows laid end to end (``[B*S, H, D]``) and cut by
+    cu_seqlens, run varlen, back to ``[B, Sq, Hq, D]``."""
+    flat_q, flat_k, flat_v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+    return _varlen(flat_q, flat_k, flat_v, cu_q, cu_k, max_q, max_k, scaling, window, backends).view(q.shape)
+
+
 def _padded(q, k, v, mask, scaling, window, backends):
     """Padded batch: unpad to the packed form, run varlen, scatter back (zeros at padding); a
     mask without padding runs dense (transformers looks for packed sequences only without a
@@ -406,9 +413,7 @@ def thinkfuse_attention_forward(
     if attention_mask is not None:
         out = _padded(q, k, v, attention_mask, scaling, window, backends)
     elif (given := _given_packing(kwargs)) is not None:
-        cu_q, cu_k, max_q, max_k = given
-        flat_q, flat_k, flat_v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
-        out = _varlen(flat_q, flat_k, flat_v, cu_q, cu_k, max_q, max_k, scaling, window, backends).view(q.shape)
+        out = _rows_end_to_end(q, k, v, *given, scaling, window, backends)
     else:
         position_ids = kwargs.get("position_ids")
         plan = None
@@ -419,8 +424,7 @@ def thinkfuse_attention_forward(
             out = _dense(q, k, v, scaling, window, backends)
         else:
             cu, max_len = plan
-            flat = [t.reshape(batch * sq, *t.shape[2:]) for t in (q, k, v)]
-            out = _varlen(*flat, cu, cu, max_len, max_len, scaling, window, backends).view(q.shape)
+            out = _rows_end_to_end(q, k, v, cu, cu, max_len, max_len, scaling, window, backends)
     return out.contiguous(), None
 
 

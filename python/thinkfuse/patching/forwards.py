@@ -7,6 +7,7 @@ The optional keyword-only ``backend`` is filled in by patch_model when a backend
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -167,13 +168,11 @@ def generated_positions_forward(self, input_ids=None, attention_mask=None, posit
     function's own check are skipped. Under torch.compile transformers does not check anyway."""
     from ..attention_interface import generated_positions
 
-    forward = _original_forward(self)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-    if position_ids is not None or torch.compiler.is_compiling():
-        return forward(**inputs, **kwargs)
-    with generated_positions():
-        return forward(**inputs, **kwargs)
+    own_positions = position_ids is None and not torch.compiler.is_compiling()
+    with generated_positions() if own_positions else contextlib.nullcontext():
+        return _original_forward(self)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                       use_cache=use_cache, **kwargs)
 
 
 def positions_rule(module_class: str):

@@ -6,6 +6,7 @@ Padding positions are compared nowhere: their outputs are meaningless (sdpa and 
 disagree there too) and nothing downstream reads them.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
@@ -143,6 +144,9 @@ def test_packing_given_as_flash_attention_kwargs(family, backend, monkeypatch):
         without_max = model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu.long(),
                             cu_seq_lens_k=cu.long()).logits
         assert_close_fp32(without_max, alone, tol=1e-4)
+        numpy_max = model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                          max_length_q=np.int64(max(lengths)), max_length_k=np.int32(max(lengths))).logits
+        assert_close_fp32(numpy_max, alone, tol=1e-4)
         with pytest.raises(ValueError, match="together"):
             model(ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu)
         with pytest.raises(TypeError, match="cu_seq_lens_k"):
@@ -269,6 +273,68 @@ def test_greedy_generate_without_padding_uses_decode_kernel(backend, monkeypatch
     thinkfuse.patch_model(model, backend=backend)
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
     assert len(calls) == 7 * 2  # every decode step after the prefill, in both layers
+
+
+def _static_cache_chunks(model, ids, chunks):
+    """Logits of feeding ``ids`` in the given chunk sizes into one StaticCache with no
+    attention_mask: the attention gets the cache's whole buffer, mostly unwritten slots."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    logits, start = [], 0
+    with torch.no_grad():
+        for size in chunks:
+            logits.append(model(ids[:, start:start + size], past_key_values=cache, use_cache=True).logits)
+            start += size
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_without_mask_ignores_unwritten_slots(family, backend):
+    """A StaticCache forward with no attention_mask: only the written slots are keys (sdpa gets
+    that from its causal mask). Chunks of 7 (prefill, flash kernel), 1 and 3 (decode kernel)
+    and 10 (more queries than the decode kernel takes: flash again)."""
+    model = tiny_model(family).to(DEVICE).eval()
+    ids = tiny_batch(2, 21, device=DEVICE)
+    chunks = [7, 1, 3, 10]
+    ref = _static_cache_chunks(model, ids, chunks)
+    thinkfuse.patch_model(model, backend=backend)
+    assert_close_fp32(_static_cache_chunks(model, ids, chunks), ref, tol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_generate_with_static_cache_matches_unpatched(padded, backend):
+    model = tiny_model("qwen2").to(DEVICE)
+    ids = tiny_batch(2, 7, device=DEVICE)
+    mask = _padding_mask(2, 7, "left") if padded else None
+
+    def generate():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                              cache_implementation="static")
+
+    ref = generate()
+    thinkfuse.patch_model(model, backend=backend)
+    assert torch.equal(generate(), ref)
+
+
+def test_static_cache_decode_step_compiles_with_fullgraph():
+    """The reason to use a static cache: a compiled decode step. The written-key count reaches
+    the decode kernel as a device tensor, so nothing reads the host while tracing."""
+    model = tiny_model("qwen2").to(DEVICE).eval()
+    ids = tiny_batch(2, 8, device=DEVICE)
+    ref = _static_cache_chunks(model, ids, [5, 1, 1, 1])
+    thinkfuse.patch_model(model, backend="torch")
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    torch._dynamo.reset()
+    step = torch.compile(lambda t: model(t, past_key_values=cache, use_cache=True).logits, backend="eager",
+                         fullgraph=True)
+    with torch.no_grad():
+        logits = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        logits += [step(ids[:, i:i + 1]) for i in range(5, 8)]
+    torch._dynamo.reset()
+    assert_close_fp32(torch.cat(logits, 1), ref, tol=1e-4)
 
 
 def test_attn_implementation_thinkfuse_without_patching():

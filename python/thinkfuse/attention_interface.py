@@ -8,7 +8,8 @@ Two functions are registered, the way transformers wires ``flash_attention_2``:
 
 - ``AttentionMaskInterface``: ``thinkfuse_attention_mask`` hands the 2-D padding mask through,
   like transformers' ``flash_attention_mask`` (without a mask: a ``[B, 0]`` marker saying that
-  transformers found the mask plain causal, see ``_plain_causal_marker``): our kernels take
+  transformers found the mask plain causal, see ``_plain_causal_marker``; for a static cache
+  with no mask, an int32 ``[B, 1]`` count of its written slots, see ``_written_key_count``): our kernels take
   causality, sliding windows and packing as arguments, so no ``[B, 1, Sq, Sk]`` mask is ever
   built. Mask patterns that are not "causal + padding (+ window, + packing)" (image-token
   overlays, bidirectional masks) get the dense boolean mask of ``sdpa_mask`` instead.
@@ -36,6 +37,7 @@ import contextvars
 import functools
 import importlib.abc
 import importlib.util
+import numbers
 import sys
 import weakref
 
@@ -84,6 +86,41 @@ def _is_plain_causal_marker(attention_mask) -> bool:
     return attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == 0
 
 
+def _written_key_count(kwargs):
+    """How many of the ``kv_length`` key slots hold tokens when that is fewer than all of them,
+    else None. A static cache (``StaticCache``, ``generate(cache_implementation="static")``)
+    hands the attention its whole buffer, ``max_cache_len`` slots, of which only the first
+    ``q_offset + q_length`` are written; sdpa masks the rest through its causal mask, whose last
+    row ends there. Static caches give q_offset as a device tensor (no graph break), so the count
+    stays one too: an int32 scalar tensor. Older transformers pass cache_position instead."""
+    kv_length, q_length = kwargs.get("kv_length"), kwargs.get("q_length")
+    if kv_length is None or q_length is None or kv_length <= q_length:
+        return None
+    if kwargs.get("q_offset") is not None:
+        end = kwargs["q_offset"] + q_length
+    elif kwargs.get("cache_position") is not None:
+        end = kwargs["cache_position"][-1] + 1
+    else:
+        return None
+    count = end - (kwargs.get("kv_offset") or 0)
+    if not isinstance(count, torch.Tensor):
+        return count if count < kv_length else None
+    return count
+
+
+def _key_count_marker(count, kwargs) -> torch.Tensor:
+    """The mask function's answer for "no padding, but only the first ``count`` key slots are
+    written" (see _written_key_count): an int32 ``[B, 1]`` tensor of the count. transformers'
+    own 2-D masks are bool, so the two cannot be confused."""
+    count = torch.as_tensor(count, dtype=torch.int32, device=kwargs.get("device"))
+    return count.clamp(max=kwargs["kv_length"]).reshape(1, 1).expand(kwargs["batch_size"], 1)
+
+
+def _is_key_count_marker(attention_mask) -> bool:
+    return (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == 1
+            and attention_mask.dtype == torch.int32)
+
+
 def thinkfuse_attention_mask(**kwargs):
     """Mask function for ``AttentionMaskInterface``: the 2-D padding mask (bool ``[B, kv_length]``)
     when there is one; without one, the plain-causal marker or None; the sdpa mask for patterns
@@ -99,6 +136,9 @@ def thinkfuse_attention_mask(**kwargs):
     attention_mask = kwargs.get("attention_mask")
     kv_length = kwargs.get("kv_length")
     if attention_mask is None:
+        count = _written_key_count(kwargs)
+        if count is not None and kwargs.get("batch_size") is not None:
+            return _key_count_marker(count, kwargs)
         return _plain_causal_marker(kwargs)
     if kv_length is not None and attention_mask.shape[1] > kv_length:
         # Sliding-window caches keep only the last kv_length keys: keep the matching columns.
@@ -261,8 +301,10 @@ def _given_packing(kwargs):
 def _max_length(kwargs, name: str) -> int | None:
     """A ``max_length_*`` kwarg as a host int (None: the op derives it from cu_seqlens)."""
     value = kwargs.get(name)
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy ints too
+        return int(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         return int(value)  # a host read, as flash_attention_2 makes of it
     raise TypeError(f"thinkfuse attention: {name} must be an int, got {type(value).__name__} {value!r}")
@@ -329,15 +371,24 @@ def _window(sliding_window):
     return int(sliding_window) if sliding_window else None
 
 
-def _dense(q, k, v, scaling, window, backends):
+def _dense(q, k, v, scaling, window, backends, key_count_marker=None):
     """No padding: one dense call; Sq < Sk (a KV cache) is bottom-right causal, as caches need.
-    Inference decode steps use the split-K decode kernel."""
+    Inference decode steps use the split-K decode kernel. With a key-count marker only the
+    first keys of each row are written (a static cache): the decode kernel takes the count as
+    a device tensor (no host read, so static-cache decoding stays capturable); other calls read
+    it once per forward and cut the keys there."""
     sq, sk = q.shape[1], k.shape[1]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not grad and sq < sk and sq <= MAX_DECODE_QUERIES:
-        seqlens = torch.full((q.shape[0],), sk, dtype=torch.int32, device=q.device)
+        if key_count_marker is not None:
+            seqlens = key_count_marker[:, 0].contiguous()
+        else:
+            seqlens = torch.full((q.shape[0],), sk, dtype=torch.int32, device=q.device)
         return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window,
                                     backend=backends["decode_attention"])
+    if key_count_marker is not None:
+        written = _memoized(key_count_marker, ("written keys",), lambda: int(key_count_marker[0, 0]))
+        k, v = k[:, :written], v[:, :written]
     return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window,
                                backend=backends["flash_attention_fwd"])
 
@@ -395,6 +446,9 @@ def thinkfuse_attention_forward(
     plain_causal = _is_plain_causal_marker(attention_mask)
     if plain_causal:
         attention_mask = None
+    key_counts = attention_mask if _is_key_count_marker(attention_mask) else None
+    if key_counts is not None:
+        attention_mask = None
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     dense_mask = attention_mask is not None and attention_mask.dim() == 4
     special = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
@@ -402,6 +456,8 @@ def thinkfuse_attention_forward(
     # unpad or split packed sequences by; sdpa gives the same output shape.
     meta = query.device.type == "meta"
     if not is_causal or dense_mask or special or query.shape[2] > key.shape[2] or meta:
+        if key_counts is not None:  # as the padding mask it stands for
+            attention_mask = torch.arange(key.shape[2], device=key.device)[None, :] < key_counts
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
     backends = {op: _module_backend(module, op) for op in ("flash_attention_fwd", "decode_attention")}
@@ -412,6 +468,8 @@ def thinkfuse_attention_forward(
 
     if attention_mask is not None:
         out = _padded(q, k, v, attention_mask, scaling, window, backends)
+    elif key_counts is not None:
+        out = _dense(q, k, v, scaling, window, backends, key_counts)
     elif (given := _given_packing(kwargs)) is not None:
         out = _rows_end_to_end(q, k, v, *given, scaling, window, backends)
     else:

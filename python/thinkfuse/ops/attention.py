@@ -441,7 +441,8 @@ def _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_win
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
     scale = _check_scale(softmax_scale, q.shape[-1])
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
-    if cache_seqlens.device.type == "cpu" and batch:
+    # The range check reads values: cheap on the CPU, a sync elsewhere, a graph break under compile.
+    if cache_seqlens.device.type == "cpu" and batch and not torch.compiler.is_compiling():
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < sq or hi > k_cache.shape[1]:
             raise ValueError(

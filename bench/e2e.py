@@ -121,6 +121,10 @@ THINKFUSE_GRAPH = "thinkfuse-graph"  # static_decode.greedy_generate: the same e
 # HF's own fast decode: generate with a static cache, which transformers compiles on a GPU
 # (torch.compile, CUDA graphs). Compiling takes minutes: gpu_check runs it in a job of its own.
 HF_STATIC_COMPILE = "hf-static-compile"
+# The same compiled static-cache generate on the patched model (what a thinkfuse user who
+# compiles gets): decode steps reach the decode kernel with the written-slot count as a tensor.
+THINKFUSE_STATIC_COMPILE = "thinkfuse-static-compile"
+COMPILED_DECODE = (HF_STATIC_COMPILE, THINKFUSE_STATIC_COMPILE)
 
 TRAIN_LAYERS, TRAIN_BATCH, TRAIN_SEQ = 2, 2, 4096
 GRPO_TOKENS = (4096, 16384, 32768)
@@ -532,7 +536,8 @@ def decode_cases(config: Config) -> list[Case]:
         # The graph row first: a second or less, where the others take several.
         for impl, make in ((THINKFUSE_MTP_GRAPH, _mtp_graph_generate), (THINKFUSE_GRAPH, _graph_generate),
                            (HF_SDPA, _hf_generate),
-                           (THINKFUSE_MTP, _mtp_generate), (HF_STATIC_COMPILE, _hf_static_generate)):
+                           (THINKFUSE_MTP, _mtp_generate), (HF_STATIC_COMPILE, _hf_static_generate),
+                           (THINKFUSE_STATIC_COMPILE, _hf_static_generate)):
             build = functools.partial(_build_generate, make, impl not in (HF_SDPA, HF_STATIC_COMPILE), spec,
                                       prompt, new, config)
             out.append(_decode_case(spec, DECODE, impl, {"batch": 1, "prompt": prompt, "new_tokens": new}, build,
@@ -726,7 +731,7 @@ def graph_costs(rows: list[dict]) -> list[dict]:
     out = []
     done = [r for r in rows if r["op"] == OP and r["variant"] == DECODE and r.get("median_ms")]
     for graph in (r for r in done if r["impl"] == THINKFUSE_MTP_GRAPH):
-        for plain in (r for r in done if r["impl"] in (HF_SDPA, HF_STATIC_COMPILE, THINKFUSE_GRAPH)
+        for plain in (r for r in done if r["impl"] in (HF_SDPA, *COMPILED_DECODE, THINKFUSE_GRAPH)
                       and r["model"] == graph["model"]
                       and r["shape_label"] == graph["shape_label"]):
             ratio = graph["median_ms"] / plain["median_ms"]

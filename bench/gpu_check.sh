@@ -71,9 +71,10 @@ BENCH_JOBS=(
     # Palmyra-mini: 2-layer train steps, GRPO loss steps and the full-depth 32k-token GRPO step.
     "e2e:130:--op e2e --model palmyra-mini"
     # MiMo-7B at full depth: plain vs MTP speculative decoding (the e2e rows of mode fwd).
-    "decode:180:--op e2e --model mimo-7b --mode fwd --skip-impl hf-static-compile"
-    # HF's compiled static-cache generate (minutes of torch.compile): the strong decode baseline.
-    "decode-compiled:300:--op e2e --model mimo-7b --mode fwd --impl hf-static-compile"
+    "decode:180:--op e2e --model mimo-7b --mode fwd --skip-impl hf-static-compile --skip-impl thinkfuse-static-compile"
+    # HF's compiled static-cache generate (minutes of torch.compile): the strong decode baseline,
+    # unpatched and patched.
+    "decode-compiled:420:--op e2e --model mimo-7b --mode fwd --impl hf-static-compile --impl thinkfuse-static-compile"
 )
 if [ -n "${BENCH_JOBS_SELECT:-}" ]; then
     SELECTED=()

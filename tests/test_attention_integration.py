@@ -302,19 +302,46 @@ def test_static_cache_without_mask_ignores_unwritten_slots(family, backend):
     assert_close_fp32(_static_cache_chunks(model, ids, chunks), ref, tol=1e-4)
 
 
+def _static_generate(model, ids, mask, compiled):
+    """Greedy generate with a static cache: tokens and the logits of every step (tiny random
+    models repeat tokens, so the logits are what can tell a wrong attention apart). Compiled as
+    generate compiles on a GPU (fullgraph, so a graph break fails), with dynamo's eager backend."""
+    from transformers import CompileConfig
+
+    compile_config = None
+    if compiled:
+        compile_config = CompileConfig(backend="eager", fullgraph=True)
+        compile_config._compile_all_devices = True  # generate compiles on GPUs only by default
+        torch._dynamo.reset()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         cache_implementation="static", compile_config=compile_config,
+                         disable_compile=not compiled, return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_greedy_generate_with_static_cache_matches_unpatched(padded, backend):
+    """Unpadded, generate hands no mask (the written-slot count is used)."""
+    _check_static_generate(padded, compiled=False, backend=backend)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_static_cache_generate_matches_unpatched(padded):
+    """Compiled decode steps: unpadded, the written-slot count reaches the decode kernel as a
+    tensor; left-padded, steps with a padding mask run sdpa (no host read, no graph break)."""
+    _check_static_generate(padded, compiled=True, backend="torch")
+
+
+def _check_static_generate(padded, compiled, backend):
     model = tiny_model("qwen2").to(DEVICE)
     ids = tiny_batch(2, 7, device=DEVICE)
-    mask = _padding_mask(2, 7, "left") if padded else None
-
-    def generate():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                              cache_implementation="static")
-
-    ref = generate()
+    mask = _padding_mask(2, 7, "left") if padded else torch.ones_like(ids)
+    ref_tokens, ref_logits = _static_generate(model, ids, mask, compiled=False)
     thinkfuse.patch_model(model, backend=backend)
-    assert torch.equal(generate(), ref)
+    tokens, logits = _static_generate(model, ids, mask, compiled)
+    torch._dynamo.reset()
+    assert torch.equal(tokens, ref_tokens)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
 
 
 def test_static_cache_decode_step_compiles_with_fullgraph():

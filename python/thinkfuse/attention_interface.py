@@ -338,13 +338,28 @@ def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, 
 
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         # A padding mask (from our mask function): sdpa wants [B, 1, Sq, Sk], True = attend.
-        attention_mask = attention_mask.bool()[:, None, None, -key.shape[2]:]
+        # A static cache's unwritten slots lie beyond the mask: not keys.
+        sk = key.shape[2]
+        attention_mask = F.pad(attention_mask.bool(), (0, max(sk - attention_mask.shape[1], 0)), value=False)
+        attention_mask = attention_mask[:, None, None, -sk:]
         if is_causal:
             sq, sk = query.shape[2], key.shape[2]
             rows = torch.arange(sq, device=query.device)[:, None] + (sk - sq)
             attention_mask = attention_mask & (torch.arange(sk, device=query.device)[None, :] <= rows)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _compiled_padded_decode(query, key, value, attention_mask) -> bool:
+    """An inference decode step with a padding mask, being compiled (generate with a static
+    cache compiles those): the unpad plan reads the row lengths on the host, a graph break in
+    every layer of every step (and an error under fullgraph), so such steps run sdpa with the
+    mask made dense on the device instead. Eager decode steps and training keep the unpad path."""
+    if attention_mask is None or attention_mask.dim() != 2 or not torch.compiler.is_compiling():
+        return False
+    sq, sk = query.shape[2], key.shape[2]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return not grad and sq < sk and sq <= MAX_DECODE_QUERIES
 
 
 def _check_inputs(query, key, value, attention_mask, dropout):
@@ -455,7 +470,8 @@ def thinkfuse_attention_forward(
     # Meta tensors (shape-only forwards: memory planners, FLOP counters) have no values to
     # unpad or split packed sequences by; sdpa gives the same output shape.
     meta = query.device.type == "meta"
-    if not is_causal or dense_mask or special or query.shape[2] > key.shape[2] or meta:
+    if (not is_causal or dense_mask or special or query.shape[2] > key.shape[2] or meta
+            or _compiled_padded_decode(query, key, value, attention_mask)):
         if key_counts is not None:  # as the padding mask it stands for
             attention_mask = torch.arange(key.shape[2], device=key.device)[None, :] < key_counts
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)

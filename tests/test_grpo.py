@@ -27,9 +27,11 @@ def _batch(seed=0, spread=0.4):
 
 
 def _trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, *,
-              beta, epsilon_low, epsilon_high, loss_type, max_completion_length, num_items_in_batch, num_processes):
+              beta, epsilon_low, epsilon_high, loss_type, max_completion_length, num_items_in_batch, num_processes,
+              use_bias_correction_kl=False, delta=None, gradient_accumulation_steps=1, steps_per_generation=1):
     """TRL GRPOTrainer._compute_loss (trl 1.16, importance_sampling_level="token", no vLLM IS
-    correction, one accumulation step, train mode), transcribed line by line."""
+    correction, no entropy mask, train mode), transcribed line by line; the losses other than
+    dapo are shown before TRL's division by the accumulation steps."""
     mask = completion_mask
     advantages = advantages.unsqueeze(1)
     log_ratio = per_token_logps - old_per_token_logps
@@ -38,7 +40,11 @@ def _trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advanta
         per_token_kl = (
             torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
         )
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
     per_token_loss1 = coef_1 * advantages
     per_token_loss2 = coef_2 * advantages
     per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
@@ -52,29 +58,44 @@ def _trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advanta
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
     elif loss_type == "dapo":
         normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
+        normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
         loss = (per_token_loss * mask).sum() / normalizer
+
+    def masked_seq_mean(x):
+        return (x * mask).sum(-1) / mask.sum(-1)
 
     def global_masked_mean(x):
         return ((x * mask).sum() / mask.sum().float().clamp(min=1.0)).item()
 
     is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages < 0)
     is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+    low_seq, high_seq = masked_seq_mean(is_low_clipped.float()), masked_seq_mean(is_high_clipped.float())
     metrics = {
         "clip_ratio/low_mean": global_masked_mean(is_low_clipped.float()),
         "clip_ratio/high_mean": global_masked_mean(is_high_clipped.float()),
         "clip_ratio/region_mean": global_masked_mean((is_low_clipped | is_high_clipped).float()),
+        "clip_ratio/low_min": low_seq[~low_seq.isnan()].min().item(),  # TRL's nanmin
+        "clip_ratio/high_max": high_seq[~high_seq.isnan()].max().item(),  # TRL's nanmax
     }
     if beta != 0.0:
         metrics["kl"] = global_masked_mean(per_token_kl)
     return loss, metrics
 
 
+# (beta, epsilon_low, epsilon_high, use_bias_correction_kl, delta): TRL's defaults in trl 1.16
+# are beta 0, epsilon 0.2 both sides, use_bias_correction_kl True, delta None.
+LOSS_OPTIONS = [(0.0, 0.2, 0.2, True, None), (0.04, 0.2, 0.28, False, None), (0.04, 0.2, 0.28, True, None),
+                (0.1, 0.1, 0.3, True, 1.5), (0.0, 0.2, 0.2, False, 2.0)]
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("beta,epsilon_low,epsilon_high", [(0.0, 0.2, 0.2), (0.04, 0.2, 0.28), (0.1, 0.1, 0.3)])
-def test_loss_gradients_and_metrics_match_trl(loss_type, beta, epsilon_low, epsilon_high):
-    logprobs, old, ref, advantages, mask = _batch()
+@pytest.mark.parametrize("beta,epsilon_low,epsilon_high,use_bias_correction_kl,delta", LOSS_OPTIONS)
+def test_loss_gradients_and_metrics_match_trl(loss_type, beta, epsilon_low, epsilon_high, use_bias_correction_kl,
+                                              delta):
+    logprobs, old, ref, advantages, mask = _batch(spread=1.0 if delta else 0.4)  # delta caps ratios > 1.5
     num_items, world = torch.tensor(60.0, device=DEVICE), 2
-    options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type)
+    options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+                   use_bias_correction_kl=use_bias_correction_kl, delta=delta)
 
     ours_in = logprobs.clone().requires_grad_()
     loss, metrics = grpo_loss(ours_in, old, advantages, mask, ref_logprobs=ref, max_completion_length=9,
@@ -90,10 +111,68 @@ def test_loss_gradients_and_metrics_match_trl(loss_type, beta, epsilon_low, epsi
     assert metrics["clip_ratio"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"], abs=1e-7)
     assert metrics["clip_ratio/low_mean"].item() == pytest.approx(trl_metrics["clip_ratio/low_mean"], abs=1e-7)
     assert metrics["clip_ratio/high_mean"].item() == pytest.approx(trl_metrics["clip_ratio/high_mean"], abs=1e-7)
+    for name in ("clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"):
+        assert metrics[name].item() == pytest.approx(trl_metrics[name], abs=1e-7), name
     assert metrics["kl"].item() == pytest.approx(_trl_loss(
         logprobs, old, ref, advantages, mask, max_completion_length=9, num_items_in_batch=num_items,
         num_processes=world, **{**options, "beta": 1.0})[1]["kl"], rel=1e-6)
     assert 0 < trl_metrics["clip_ratio/region_mean"] < 1, "the data must exercise both clipped and unclipped tokens"
+
+
+def test_delta_and_bias_correction_change_the_loss_where_they_should():
+    """The options above are not inert on the test data: delta caps ratios of negative-advantage
+    tokens, and the bias correction reweights the KL term."""
+    logprobs, old, ref, advantages, mask = _batch(spread=1.0)
+    plain = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.1)[0]
+    assert grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.1, delta=1.5)[0] != plain
+    assert grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.1, use_bias_correction_kl=True)[0] != plain
+    with pytest.raises(TypeError, match="use_bias_correction_kl"):
+        grpo_loss(logprobs, old, advantages, mask, use_bias_correction_kl=1)
+    with pytest.raises(ValueError, match="delta"):
+        grpo_loss(logprobs, old, advantages, mask, delta=-1.0)
+
+
+def test_dapo_with_trls_generation_batch_token_count():
+    """TRL's num_items_in_batch spans steps_per_generation micro-batches; scaled by
+    gradient_accumulation_steps / steps_per_generation it reproduces TRL's dapo loss."""
+    logprobs, old, ref, advantages, mask = _batch(5)
+    items, ga, spg = torch.tensor(90.0, device=DEVICE), 4, 8
+    ours, _ = grpo_loss(logprobs, old, advantages, mask, loss_type="dapo", num_items_in_batch=items * ga / spg)
+    trl, _ = _trl_loss(logprobs, old, ref, advantages, mask, beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                       loss_type="dapo", max_completion_length=T, num_items_in_batch=items, num_processes=1,
+                       gradient_accumulation_steps=ga, steps_per_generation=spg)
+    torch.testing.assert_close(ours, trl)
+
+
+def test_unscored_positions_cannot_make_nan():
+    """Whatever old/ref hold where mask == 0 (-inf, huge), loss, gradient and metrics stay
+    finite and equal to those with harmless values there."""
+    logprobs, old, ref, advantages, mask = _batch(6)
+    garbage_old = old.masked_fill(mask == 0, float("-inf"))
+    garbage_ref = ref.masked_fill(mask == 0, 1e4)
+    results = []
+    for o, r in ((old, ref), (garbage_old, garbage_ref)):
+        x = logprobs.clone().requires_grad_()
+        loss, metrics = grpo_loss(x, o, advantages, mask, ref_logprobs=r, beta=0.1, use_bias_correction_kl=True)
+        loss.backward()
+        results.append((loss.detach(), x.grad, metrics))
+    (loss, grad, metrics), (loss_g, grad_g, metrics_g) = results
+    torch.testing.assert_close(loss_g, loss)
+    torch.testing.assert_close(grad_g, grad)
+    for name in ("ratio_mean", "kl", "clip_ratio/region_mean"):
+        torch.testing.assert_close(metrics_g[name], metrics[name])
+
+
+def test_half_precision_log_probs_are_reduced_in_float32():
+    """bf16 log-probs: the loss is float32 and its token count exact (1001 does not round to 1000)."""
+    gen = torch.Generator().manual_seed(7)
+    logprobs = (-torch.rand(1, 1001, generator=gen)).to(DEVICE)
+    advantages = torch.ones(1, device=DEVICE)
+    mask = torch.ones(1, 1001, dtype=torch.long, device=DEVICE)
+    loss, _ = grpo_loss(logprobs.bfloat16(), None, advantages, mask, loss_type="dr_grpo", max_completion_length=1001)
+    assert loss.dtype == torch.float32
+    # ratio 1 everywhere: -sum(A * M) / 1001 = -1 (a bfloat16 sum would give -1000 / 1001)
+    torch.testing.assert_close(loss, torch.tensor(-1.0, device=DEVICE))
 
 
 def test_defaults_dr_grpo_length_and_dapo_items():

@@ -14,7 +14,10 @@ the loss by the number of accumulation steps (TRL does), which weights micro-bat
 ``dapo`` divides the masked sum by ``num_items_in_batch / world_size``: pass the number of
 completion tokens (mask ones) in the whole accumulated batch over all ranks, and ``world_size``
 the number of data-parallel ranks whose gradients are averaged; summing the micro-batch losses
-(no further division) then gives the exact token mean over the global batch.
+(no further division) then gives the exact token mean over the global batch. (TRL's own
+``num_items_in_batch`` counts the tokens of a whole generation batch, which spans
+``steps_per_generation`` micro-batches: TRL multiplies its divisor by
+``gradient_accumulation_steps / steps_per_generation``, so pass that product to reproduce it.)
 
 ZeRO-3 / FSDP. ``GRPOLoss`` (like ``fused_linear_token_logprobs``) reads ``lm_head.weight``
 directly, without calling the lm_head module, and its backward recomputes the logits from the
@@ -65,53 +68,79 @@ def grpo_loss(
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     world_size: int = 1,
+    delta: Optional[float] = None,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[Tensor, dict]:
-    """GRPO loss and metrics, as TRL's ``GRPOTrainer`` computes them (token-level ratios).
+    """GRPO loss and metrics, as TRL's ``GRPOTrainer`` computes them (token-level ratios;
+    checked against trl 1.16's ``_compute_loss``).
 
     Per token, with ``r = exp(logprobs - old_logprobs)`` and ``A`` the advantage of its sequence:
-    ``L = -min(r * A, clamp(r, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * k3`` where
-    ``k3 = exp(ref - logprobs) - (ref - logprobs) - 1``. With ``M = mask``:
+    ``L = -min(r' * A, clamp(r, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL`` where
+    ``r' = min(r, delta)`` (TRL's two-sided clipping; ``r' = r`` when ``delta`` is None),
+    ``KL = k3 = exp(ref - logprobs) - (ref - logprobs) - 1``, times ``r`` when
+    ``use_bias_correction_kl`` (TRL's option of that name, whose default is True in trl 1.16:
+    pass it to reproduce a TRL run). With ``M = mask``:
 
     - ``grpo``: ``mean_b(sum_t(L * M) / sum_t(M))``
     - ``bnpo``: ``sum(L * M) / sum(M)``
-    - ``dr_grpo``: ``sum(L * M) / (B * max_completion_length)`` (default: T)
+    - ``dr_grpo``: ``sum(L * M) / (B * max_completion_length)`` (default: T; TRL divides by its
+      config's max_completion_length, not by the batch's padded length: pass it)
     - ``dapo``: ``sum(L * M) / (num_items_in_batch / world_size)`` (default: ``sum(M)``)
 
     Shapes: logprobs/old_logprobs/ref_logprobs/mask ``[B, T]``, advantages ``[B]`` (or ``[B, T]``).
     ``old_logprobs=None`` means on-policy (``logprobs.detach()``, ratio 1). Token sums use at
-    least 1 as divisor, as TRL.
+    least 1 as divisor, as TRL. Computed in float32 whatever the inputs' dtype (as TRL, whose
+    log-probs are float32). Positions with ``mask == 0`` contribute nothing whatever their
+    old/ref log-probs hold (-inf included: they are not read there).
 
-    metrics (0-d float32 tensors, detached; masked means over this call's tokens, no host sync):
-    ``clip_ratio`` (fraction of tokens where the clipped term is the active one:
-    ``r < 1 - epsilon_low`` with ``A < 0`` or ``r > 1 + epsilon_high`` with ``A > 0``),
-    ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``ratio_mean``, and ``kl`` (mean k3) when
-    ``ref_logprobs`` is given.
+    metrics (0-d float32 tensors, detached; over this call's tokens, no host sync; TRL also
+    reduces them across ranks): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``clip_ratio/region_mean`` (token fractions where the clipped term is the active one:
+    ``r' < 1 - epsilon_low`` with ``A < 0``, ``r' > 1 + epsilon_high`` with ``A > 0``, either),
+    ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences of each
+    sequence's fraction, sequences without tokens ignored), ``clip_ratio`` (= region_mean),
+    ``ratio_mean`` (mean r), and ``kl`` (mean KL as above) when ``ref_logprobs`` is given.
     """
     _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs)
     beta = check_float("beta", beta, non_negative=True)
     epsilon_low = check_float("epsilon_low", epsilon_low, non_negative=True)
     epsilon_high = check_float("epsilon_high", epsilon_high, non_negative=True)
+    if delta is not None:
+        delta = check_float("delta", delta, non_negative=True)
+    if not isinstance(use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs (the reference model's log-probs)")
     _check_num_items(num_items_in_batch)
 
-    mask = mask.to(logprobs.dtype)
-    if old_logprobs is None:
-        old_logprobs = logprobs.detach()
-    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    scored = mask != 0
+    mask = mask.to(torch.float32)
+    logprobs = logprobs.float()
+    # Unscored positions read as on-policy and equal to the reference (ratio 1, KL 0): whatever
+    # the caller left there (log-probs of padding, -inf) cannot turn into inf * 0 = NaN.
+    old_logprobs = logprobs.detach() if old_logprobs is None else _scored_or(scored, old_logprobs, logprobs)
+    adv = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).float()
     ratio = torch.exp(logprobs - old_logprobs)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token = -torch.min(capped * adv, clipped * adv)
     kl = None
     if ref_logprobs is not None:
-        kl = k3_kl(logprobs, ref_logprobs)
+        kl = k3_kl(logprobs, _scored_or(scored, ref_logprobs, logprobs))
+        if use_bias_correction_kl:
+            kl = kl * ratio
         if beta != 0:
             per_token = per_token + beta * kl
 
     loss = _normalise(per_token * mask, mask, loss_type, max_completion_length, num_items_in_batch, world_size)
-    return loss, _metrics(ratio, adv, mask, kl, epsilon_low, epsilon_high)
+    return loss, _metrics(ratio, capped, adv, mask, kl, epsilon_low, epsilon_high)
+
+
+def _scored_or(scored: Tensor, values: Tensor, logprobs: Tensor) -> Tensor:
+    """``values`` (as float32) where scored, the detached log-probs elsewhere."""
+    return torch.where(scored, values.float(), logprobs.detach())
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -139,20 +168,39 @@ def _normalise(masked_loss, mask, loss_type, max_completion_length, num_items_in
 
 
 @torch.no_grad()
-def _metrics(ratio, adv, mask, kl, epsilon_low, epsilon_high) -> dict:
+def _metrics(ratio, capped, adv, mask, kl, epsilon_low, epsilon_high) -> dict:
+    """TRL's clip metrics (computed on the delta-capped ratio, as TRL does) and means."""
     count = mask.sum().clamp(min=1.0)
     mean = lambda x: (x.to(mask.dtype) * mask).sum() / count  # noqa: E731
-    low = (ratio < 1 - epsilon_low) & (adv < 0)
-    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    low = (capped < 1 - epsilon_low) & (adv < 0)
+    high = (capped > 1 + epsilon_high) & (adv > 0)
+    region = mean(low | high)
     metrics = {
-        "clip_ratio": mean(low | high),
+        "clip_ratio": region,
+        "clip_ratio/region_mean": region,
         "clip_ratio/low_mean": mean(low),
         "clip_ratio/high_mean": mean(high),
+        "clip_ratio/low_min": _nan_extreme(_sequence_means(low, mask), torch.amin),
+        "clip_ratio/high_max": _nan_extreme(_sequence_means(high, mask), torch.amax),
         "ratio_mean": mean(ratio),
     }
     if kl is not None:
         metrics["kl"] = mean(kl)
     return metrics
+
+
+def _sequence_means(flags: Tensor, mask: Tensor) -> Tensor:
+    """Per sequence, the masked mean of ``flags``; NaN for a sequence without tokens (as TRL)."""
+    flags = flags.expand_as(mask).to(mask.dtype)
+    return (flags * mask).sum(-1) / mask.sum(-1)
+
+
+def _nan_extreme(values: Tensor, reduce) -> Tensor:
+    """``reduce`` (amin / amax) over the non-NaN values; NaN when all are NaN (TRL's nanmin/nanmax)."""
+    present = ~torch.isnan(values)
+    fill = float("inf") if reduce is torch.amin else float("-inf")
+    extreme = reduce(torch.where(present, values, fill)) if values.numel() else values.new_tensor(fill)
+    return torch.where(present.any(), extreme, torch.full_like(extreme, float("nan")))
 
 
 def _check_num_items(num_items_in_batch) -> None:
@@ -220,6 +268,8 @@ class GRPOLoss(nn.Module):
         loss_type: str = "grpo",
         max_completion_length: Optional[int] = None,
         world_size: int = 1,
+        delta: Optional[float] = None,
+        use_bias_correction_kl: bool = False,
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
         one_pass: bool = True,
@@ -231,6 +281,7 @@ class GRPOLoss(nn.Module):
             raise TypeError(f"one_pass must be a bool, got {type(one_pass).__name__}")
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.max_completion_length, self.world_size = loss_type, max_completion_length, world_size
+        self.delta, self.use_bias_correction_kl = delta, use_bias_correction_kl
         self.chunk_size, self.backend, self.one_pass = chunk_size, backend, one_pass
 
     def forward(
@@ -258,7 +309,8 @@ class GRPOLoss(nn.Module):
         loss_kwargs = dict(ref_logprobs=ref_logprobs, beta=self.beta, epsilon_low=self.epsilon_low,
                            epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                            max_completion_length=self.max_completion_length,
-                           num_items_in_batch=num_items_in_batch, world_size=self.world_size)
+                           num_items_in_batch=num_items_in_batch, world_size=self.world_size,
+                           delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, lm_head_weight, bias))
         if self.one_pass and needs_grad and not torch.compiler.is_compiling():
@@ -268,12 +320,7 @@ class GRPOLoss(nn.Module):
             hidden, lm_head_weight, scored_ids, bias=bias, temperature=temperature,
             chunk_size=self.chunk_size, backend=self.backend,
         )
-        loss, metrics = grpo_loss(
-            logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, beta=self.beta,
-            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
-            max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
-            world_size=self.world_size,
-        )
+        loss, metrics = grpo_loss(logprobs, old_logprobs, advantages, mask, **loss_kwargs)
         metrics["logprobs"] = logprobs.detach()
         return loss, metrics
 

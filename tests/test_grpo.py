@@ -304,14 +304,17 @@ def _module_inputs(seed=11, n_hidden=24, n_vocab=157):
 @pytest.mark.parametrize("policy", ["on", "off"])
 def test_one_pass_equals_differentiating_the_log_probs(backend, loss_type, policy):
     """GRPOLoss(one_pass=True) forms the lm_head gradients in the forward: same loss, metrics and
-    gradients as one_pass=False, also through a scaled loss (gradient accumulation)."""
+    gradients as one_pass=False, also through a scaled loss (gradient accumulation). Off-policy
+    with TRL's delta and KL bias correction, which keep the loss a sum of per-token terms."""
     hidden, weight, bias, ids = _module_inputs()
     _, old, ref, advantages, mask = _batch(9)
     old = None if policy == "on" else old - 2.5
+    trl_options = {} if policy == "on" else dict(delta=1.5, use_bias_correction_kl=True)
 
     def run(one_pass):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        module = GRPOLoss(beta=0.04, loss_type=loss_type, chunk_size=5, backend=backend, one_pass=one_pass)
+        module = GRPOLoss(beta=0.04, loss_type=loss_type, chunk_size=5, backend=backend, one_pass=one_pass,
+                          **trl_options)
         loss, metrics = module(leaves[0], leaves[1], ids, mask, advantages, old, ref - 2.5, bias=leaves[2],
                                num_items_in_batch=40)
         (3.0 * loss).backward()

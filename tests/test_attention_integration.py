@@ -319,10 +319,14 @@ def _static_generate(model, ids, mask, compiled):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_greedy_generate_with_static_cache_matches_unpatched(padded, backend):
-    """Unpadded, generate hands no mask (the written-slot count is used)."""
-    _check_static_generate(padded, compiled=False, backend=backend)
+def test_greedy_generate_with_static_cache_matches_unpatched(padded, family, backend):
+    """Unpadded, generate hands no mask (the written-slot count is used). For a static cache
+    generate makes the masks itself (create_masks_for_generate) and feeds them back as the
+    model's attention_mask: models without layer_types (Mistral, Ministral 3) then make their
+    mask again from it, which a 2-D count would not survive (read as padding)."""
+    _check_static_generate(padded, compiled=False, backend=backend, family=family)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -332,8 +336,8 @@ def test_compiled_static_cache_generate_matches_unpatched(padded):
     _check_static_generate(padded, compiled=True, backend="torch")
 
 
-def _check_static_generate(padded, compiled, backend):
-    model = tiny_model("qwen2").to(DEVICE)
+def _check_static_generate(padded, compiled, backend, family="qwen2"):
+    model = tiny_model(family).to(DEVICE)
     ids = tiny_batch(2, 7, device=DEVICE)
     mask = _padding_mask(2, 7, "left") if padded else torch.ones_like(ids)
     ref_tokens, ref_logits = _static_generate(model, ids, mask, compiled=False)
@@ -342,6 +346,37 @@ def _check_static_generate(padded, compiled, backend):
     torch._dynamo.reset()
     assert torch.equal(tokens, ref_tokens)
     assert_close_fp32(logits, ref_logits, tol=1e-4)
+
+
+def _padded_cache_step(model, cache_kind, step_tokens, compiled):
+    """Logits of a compiled (or eager) forward of ``step_tokens`` new tokens after a left-padded
+    prefill, both with a 2-D padding mask, on a static or dynamic cache."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = tiny_batch(2, 6, device=DEVICE)
+    mask = _padding_mask(2, 6, "left")
+    new = tiny_batch(2, step_tokens, seed=5, device=DEVICE)
+    cache = StaticCache(config=model.config, max_cache_len=16) if cache_kind == "static" else DynamicCache()
+    step = torch.compile(model.forward, backend="eager") if compiled else model.forward
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        mask = torch.cat([mask, torch.ones(2, step_tokens, dtype=mask.dtype, device=DEVICE)], 1)
+        logits = step(input_ids=new, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    torch._dynamo.reset()
+    return logits
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("step_tokens", [1, 3])
+def test_compiled_padded_cache_step_is_causal_and_windowed(cache_kind, step_tokens):
+    """Compiled steps with a padding mask run sdpa on a dense mask we build: causal from the
+    last written key (a static cache's buffer runs further) and within the sliding window
+    (Mistral, window 3, shorter than the context)."""
+    model = tiny_model("mistral").to(DEVICE).eval()
+    model.config.sliding_window = 3
+    ref = _padded_cache_step(model, cache_kind, step_tokens, compiled=False)
+    thinkfuse.patch_model(model, backend="torch")
+    assert_close_fp32(_padded_cache_step(model, cache_kind, step_tokens, compiled=True), ref, tol=1e-4)
 
 
 def test_static_cache_decode_step_compiles_with_fullgraph():

@@ -9,7 +9,7 @@ Two functions are registered, the way transformers wires ``flash_attention_2``:
 - ``AttentionMaskInterface``: ``thinkfuse_attention_mask`` hands the 2-D padding mask through,
   like transformers' ``flash_attention_mask`` (without a mask: a ``[B, 0]`` marker saying that
   transformers found the mask plain causal, see ``_plain_causal_marker``; for a static cache
-  with no mask, an int32 ``[B, 1]`` count of its written slots, see ``_written_key_count``): our kernels take
+  with no mask, an int32 ``[B, 1, 1, 1]`` count of its written slots, see ``_key_count_marker``): our kernels take
   causality, sliding windows and packing as arguments, so no ``[B, 1, Sq, Sk]`` mask is ever
   built. Mask patterns that are not "causal + padding (+ window, + packing)" (image-token
   overlays, bidirectional masks) get the dense boolean mask of ``sdpa_mask`` instead.
@@ -110,14 +110,18 @@ def _written_key_count(kwargs):
 
 def _key_count_marker(count, kwargs) -> torch.Tensor:
     """The mask function's answer for "no padding, but only the first ``count`` key slots are
-    written" (see _written_key_count): an int32 ``[B, 1]`` tensor of the count. transformers'
-    own 2-D masks are bool, so the two cannot be confused."""
+    written" (see _written_key_count): an int32 ``[B, 1, 1, 1]`` tensor of the count.
+
+    4-D because generate feeds masks it made for a static cache (``create_masks_for_generate``)
+    back into the model as its ``attention_mask``, and transformers passes 4-D masks on as they
+    are, where a 2-D one would be cast to bool and read as padding. Real 4-D masks are bool or
+    float, so int32 cannot be mistaken for one."""
     count = torch.as_tensor(count, dtype=torch.int32, device=kwargs.get("device"))
-    return count.clamp(max=kwargs["kv_length"]).reshape(1, 1).expand(kwargs["batch_size"], 1)
+    return count.clamp(max=kwargs["kv_length"]).reshape(1, 1, 1, 1).expand(kwargs["batch_size"], 1, 1, 1)
 
 
 def _is_key_count_marker(attention_mask) -> bool:
-    return (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == 1
+    return (attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1:] == (1, 1, 1)
             and attention_mask.dtype == torch.int32)
 
 
@@ -332,22 +336,41 @@ def _module_backend(module, cuda_op: str):
     return backend_for_op(name, cuda_op)
 
 
-def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    """transformers' sdpa, for the attention our kernels do not cover (see the module doc)."""
+def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window, kwargs,
+                   key_counts=None):
+    """transformers' sdpa, for the attention our kernels do not cover (see the module doc).
+    Our mask function's answers (a padding mask, or the written-key count of a static cache)
+    become the dense mask sdpa_mask would have made: padding, causal, sliding window."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        # A padding mask (from our mask function): sdpa wants [B, 1, Sq, Sk], True = attend.
-        # A static cache's unwritten slots lie beyond the mask: not keys.
-        sk = key.shape[2]
-        attention_mask = F.pad(attention_mask.bool(), (0, max(sk - attention_mask.shape[1], 0)), value=False)
-        attention_mask = attention_mask[:, None, None, -sk:]
-        if is_causal:
-            sq, sk = query.shape[2], key.shape[2]
-            rows = torch.arange(sq, device=query.device)[:, None] + (sk - sq)
-            attention_mask = attention_mask & (torch.arange(sk, device=query.device)[None, :] <= rows)
+    padding = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+    if padding or key_counts is not None:
+        attention_mask = _dense_sdpa_mask(attention_mask if padding else None, key_counts, query.shape[2],
+                                          key.shape[2], is_causal, window, query.device)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _dense_sdpa_mask(padding, key_counts, sq: int, sk: int, causal: bool, window, device) -> torch.Tensor:
+    """Bool ``[B, 1, Sq, Sk]`` (True = attend) from a 2-D padding mask or a key-count marker.
+    The keys written so far end where the padding mask ends (a static cache's later slots are
+    not keys) or at the count; the queries are the last ``Sq`` of them (bottom-right causal)."""
+    cols = torch.arange(sk, device=device)
+    if padding is not None:
+        padding = padding.bool()[:, -sk:]
+        written = torch.full((padding.shape[0],), padding.shape[1], device=device)
+        valid = F.pad(padding, (0, sk - padding.shape[1]), value=False)
+    else:
+        written = key_counts.reshape(-1).long()
+        valid = cols[None, :] < written[:, None]
+    mask = valid[:, None, None, :].expand(-1, 1, sq, sk)
+    if causal:
+        position = written[:, None] - sq + torch.arange(sq, device=device)  # [B, Sq]: each query's key position
+        visible = cols <= position[..., None]
+        if window:
+            visible = visible & (cols > position[..., None] - window)
+        mask = mask & visible[:, None]
+    return mask
 
 
 def _compiled_padded_decode(query, key, value, attention_mask) -> bool:
@@ -396,13 +419,13 @@ def _dense(q, k, v, scaling, window, backends, key_count_marker=None):
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not grad and sq < sk and sq <= MAX_DECODE_QUERIES:
         if key_count_marker is not None:
-            seqlens = key_count_marker[:, 0].contiguous()
+            seqlens = key_count_marker.reshape(-1).contiguous()
         else:
             seqlens = torch.full((q.shape[0],), sk, dtype=torch.int32, device=q.device)
         return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window,
                                     backend=backends["decode_attention"])
     if key_count_marker is not None:
-        written = _memoized(key_count_marker, ("written keys",), lambda: int(key_count_marker[0, 0]))
+        written = _memoized(key_count_marker, ("written keys",), lambda: int(key_count_marker[0, 0, 0, 0]))
         k, v = k[:, :written], v[:, :written]
     return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window,
                                backend=backends["flash_attention_fwd"])
@@ -472,9 +495,8 @@ def thinkfuse_attention_forward(
     meta = query.device.type == "meta"
     if (not is_causal or dense_mask or special or query.shape[2] > key.shape[2] or meta
             or _compiled_padded_decode(query, key, value, attention_mask)):
-        if key_counts is not None:  # as the padding mask it stands for
-            attention_mask = torch.arange(key.shape[2], device=key.device)[None, :] < key_counts
-        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                              _window(sliding_window), kwargs, key_counts)
 
     backends = {op: _module_backend(module, op) for op in ("flash_attention_fwd", "decode_attention")}
     window = _window(sliding_window)

@@ -356,6 +356,17 @@ def test_one_pass_gradients_are_handed_out_once():
         loss.backward()
 
 
+def test_one_pass_loss_has_no_second_derivative():
+    """A double backward (create_graph=True, e.g. a gradient-norm penalty) must raise: the held
+    gradients carry no graph, so their derivatives would silently be missing."""
+    hidden, weight, _, ids = _module_inputs(seed=15)
+    _, old, _, advantages, mask = _batch(13)
+    h = hidden.clone().requires_grad_()
+    loss, _ = GRPOLoss()(h, weight.clone().requires_grad_(), ids, mask, advantages, old - 2.5)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
 def test_one_pass_checks_arguments_before_any_work():
     hidden, weight, _, ids = _module_inputs(seed=13)
     _, old, _, advantages, mask = _batch(11)

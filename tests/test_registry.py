@@ -75,3 +75,22 @@ def test_direct_autograd_path_respects_needs_input_grad():
     y, _, _ = _registry.call("rms_norm_fwd", x, w.detach(), None, 1e-6, "torch")
     (dx,) = torch.autograd.grad(y.sum(), (x,))
     assert dx.shape == x.shape and w.grad is None
+
+
+def test_forward_mode_ad_is_a_clear_error_on_kernel_backends():
+    """Custom ops without a forward-mode formula drop tangents silently (torch.func.jvp gave
+    zeros): the kernel backends refuse instead; the torch backend differentiates forward."""
+    x = torch.randn(3, 8, device=DEVICE)
+    weight, tangent = torch.randn(8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+
+    def norm(backend):
+        return lambda t: thinkfuse.ops.rms_norm(t, weight, backend=backend)
+
+    expected = torch.func.jvp(lambda t: thinkfuse.reference.rms_norm(t, weight), (x,), (tangent,))[1]
+    torch.testing.assert_close(torch.func.jvp(norm("torch"), (x,), (tangent,))[1], expected)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(norm("triton"), (x,), (tangent,))
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        norm("triton")(forward_ad.make_dual(x, tangent))

@@ -99,8 +99,26 @@ def records_gradient(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
 
 
+def _forward_mode_ad_in_use(args) -> bool:
+    """Whether forward-mode AD is asked of this call: a ``torch.func.jvp`` (or ``jacfwd``)
+    transform is active, or an argument is a ``torch.autograd.forward_ad`` dual tensor. The
+    kernels have no forward-mode formula, and custom ops without one silently drop tangents."""
+    if torch._C._are_functorch_transforms_active():
+        stack = torch._C._functorch.get_interpreter_stack() or ()
+        if any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack):
+            return True
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    return any(isinstance(arg, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(arg).tangent is not None
+               for arg in args)
+
+
 def call(name: str, *args):
     """Run the custom op ``thinkfuse::<name>`` on ``args`` (its schema's positional order)."""
+    if _forward_mode_ad_in_use(args):
+        raise NotImplementedError(
+            f"thinkfuse op {name!r} has no forward-mode AD (torch.func.jvp / jacfwd / forward_ad dual tensors) on "
+            "its cuda and triton kernels; run it with backend='torch' (patch_model(model, backend='torch'))")
     if needs_dispatcher(args):
         return getattr(torch.ops.thinkfuse, name)(*args)
     if records_gradient(args):

@@ -33,6 +33,14 @@ class _OnePassLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, Hessian-vector products): the held gradients
+            # carry no graph, so their own derivatives would silently be missing.
+            raise RuntimeError(
+                "a one-pass loss (thinkfuse GRPOLoss / causal_lm_loss / patch_model's loss rule) has no second "
+                "derivative (backward with create_graph=True); for a patched model's loss use "
+                "patch_model(model, loss=False) (the fused log-prob ops have none either)"
+            )
         # The gradients are scaled in place and handed to autograd: a copy would double the
         # d_weight memory ([V, H]) at the very moment the optimizer's gradients are also alive.
         # That is why the loss can be differentiated once.

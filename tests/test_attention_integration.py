@@ -219,6 +219,23 @@ def test_packing_shortcuts_trace_under_fullgraph_compile():
     assert_close_fp32(model(ids, use_cache=False).logits.detach(), ref, tol=1e-4)
 
 
+@pytest.mark.parametrize("use_cache", [None, False])
+def test_patched_training_step_compiles_with_fullgraph(use_cache):
+    """A whole patched model's training forward (labels, no mask, no position_ids) traces as
+    one graph: the base model tells the attention by keyword that it made the positions, so
+    nothing looks for packed sequences (a data-dependent nonzero) while compiling."""
+    model = tiny_model("qwen2").to(DEVICE).train()
+    ids = tiny_batch(2, 8, device=DEVICE)
+    ref = model(ids, labels=ids, use_cache=use_cache).loss.detach()
+    thinkfuse.patch_model(model, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    loss = compiled(ids, labels=ids, use_cache=use_cache).loss
+    loss.backward()
+    torch._dynamo.reset()
+    assert_close_fp32(loss.detach(), ref, tol=1e-5)
+
+
 def test_generated_positions_context_ends_with_the_forward():
     from thinkfuse import attention_interface
 

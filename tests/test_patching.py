@@ -361,6 +361,60 @@ def test_models_sharing_a_config_object_are_patched_per_instance():
     assert first.config is second.config  # the original object is back
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral3"])
+def test_config_edits_made_while_patched_survive_unpatching(family):
+    """Edits to the (copied) config while patched land on the original object at unpatch, as
+    they would have without the patch: resize_token_embeddings' vocab_size, use_cache."""
+    model = tiny_model(family)
+    text_config = model.config.get_text_config()
+    thinkfuse.patch_model(model, backend="torch")
+    model.resize_token_embeddings(300)
+    model.config.get_text_config().use_cache = False
+    thinkfuse.unpatch_model(model)
+    assert model.config.get_text_config() is text_config
+    assert text_config.vocab_size == 300 and text_config.use_cache is False
+    assert text_config._attn_implementation != "thinkfuse"
+    if family == "qwen2":
+        ids = tiny_batch()
+        assert torch.isfinite(model(ids, labels=ids).loss)  # reshapes logits by config.vocab_size
+
+
+class _LoraHead(torch.nn.Module):
+    """An lm_head adapter laid out like PEFT's LoRA Linear: ``weight`` is the base weight, the
+    logits are not ``x @ weight.T`` alone."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_a = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.lora_b = torch.nn.Linear(2, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_b.weight)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def test_lm_head_wrapped_after_patching_is_not_bypassed_by_the_loss_rule():
+    model = tiny_model("qwen2").train()
+    ids = tiny_batch()
+    thinkfuse.patch_model(model, backend="torch")
+    model.lm_head = _LoraHead(model.lm_head)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    adapter_grad = model.lm_head.lora_b.weight.grad
+    thinkfuse.unpatch_model(model)
+    model.zero_grad()
+    ref = model(ids, labels=ids).loss
+    ref.backward()
+    assert_close_fp32(loss.detach(), ref.detach(), tol=1e-5)
+    assert adapter_grad is not None
+    assert_close_fp32(adapter_grad, model.lm_head.lora_b.weight.grad, tol=1e-5)
+
+
 def test_vlm_sub_configs_are_copied_together():
     model = tiny_model("mistral3")
     text_before = model.config.text_config

@@ -182,7 +182,7 @@ def _unpad_data(valid: torch.Tensor, lengths: torch.Tensor, host_lengths: list[i
     the int32 cu_seqlens of the rows, and the longest row. The row lengths are known on the
     host already, so nonzero_static needs no host read of its own."""
     indices = torch.nonzero_static(valid.flatten(), size=sum(host_lengths)).flatten()
-    return indices, _cu_seqlens(lengths), max(host_lengths, default=0)
+    return indices, _cu_seqlens(lengths), max(host_lengths) if host_lengths else 0
 
 
 def _padding_plan(mask: torch.Tensor, sq: int):
@@ -228,14 +228,21 @@ def _may_be_packed(module, q, k, kwargs) -> bool:
     return no_cached_keys and (module.training or not kwargs.get("use_cache", False))
 
 
+#: Keyword the patched base model passes to every layer (hence to this attention function)
+#: when it makes the position_ids itself: they cannot hold packed sequences.
+GENERATED_POSITIONS_KWARG = "thinkfuse_generated_positions"
+
+
 def _packing_already_ruled_out(plain_causal_marker: bool, kwargs) -> bool:
     """Whether packed sequences are known to be absent without reading position_ids: the model
-    made its positions itself (``generated_positions``), or transformers' own packing check
+    made its positions itself (``GENERATED_POSITIONS_KWARG``, or the ``generated_positions``
+    context), or transformers' own packing check
     found none (the mask function saw a plain causal mask, and no cache was in play:
     transformers looks for packing only without a 2-D mask and without a cache; ``use_cache``
     off means the model made none). With a cache in training, where this function keeps packed
     sequences apart although transformers does not look, the attention function checks itself."""
-    return (plain_causal_marker and not kwargs.get("use_cache", False)) or _positions_are_generated()
+    return ((plain_causal_marker and not kwargs.get("use_cache", False)) or kwargs.get(GENERATED_POSITIONS_KWARG, False)
+            or _positions_are_generated())
 
 
 # True while a patched base model runs a forward whose position_ids it makes itself.

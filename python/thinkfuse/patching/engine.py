@@ -229,8 +229,8 @@ def _own_configs(model: nn.Module) -> None:
     """Give ``model`` its own copies of the config objects its modules hold, so that the
     attention rule's switch (a config attribute) stays on this instance even when other models
     were built from the same config object. Sub-config links (a VLM's text_config) point to the
-    copies too. Each module remembers the object it held (``_SHARED_CONFIG_ATTR``) for
-    unpatch_model. A model that owns its copies already is left as it is."""
+    copies too. Each module remembers the object it held and its copy (``_SHARED_CONFIG_ATTR``)
+    for unpatch_model. A model that owns its copies already is left as it is."""
     from transformers import PretrainedConfig
 
     holders = [m for m in model.modules() if isinstance(m.__dict__.get("config"), PretrainedConfig)]
@@ -246,14 +246,30 @@ def _own_configs(model: nn.Module) -> None:
                 setattr(duplicate, name, copies[id(value)])
     for module in holders:
         config = module.__dict__["config"]
-        module.__dict__[_SHARED_CONFIG_ATTR] = config
+        module.__dict__[_SHARED_CONFIG_ATTR] = (config, copies[id(config)])
         module.__dict__["config"] = copies[id(config)]
 
 
 def _restore_configs(model: nn.Module) -> None:
+    """Hand every module its original config object back, carrying over what was changed on
+    the copy while patched (``resize_token_embeddings`` sets vocab_size, a user turns use_cache
+    off...): without the patch those edits would have gone to the original, so that is where
+    they belong. The attention switch was undone on the copies before (``_restore``). A module
+    whose config was replaced while patched keeps the replacement."""
+    from transformers import PretrainedConfig
+
+    pairs = [module.__dict__.pop(_SHARED_CONFIG_ATTR) for module in model.modules()
+             if _SHARED_CONFIG_ATTR in module.__dict__]
+    originals = {id(duplicate): original for original, duplicate in pairs}
+    for original, duplicate in {id(d): (o, d) for o, d in pairs}.values():
+        state = {name: originals.get(id(value), value) if isinstance(value, PretrainedConfig) else value
+                 for name, value in vars(duplicate).items()}
+        vars(original).clear()
+        vars(original).update(state)
     for module in model.modules():
-        if _SHARED_CONFIG_ATTR in module.__dict__:
-            module.__dict__["config"] = module.__dict__.pop(_SHARED_CONFIG_ATTR)
+        current = module.__dict__.get("config")
+        if current is not None and id(current) in originals:
+            module.__dict__["config"] = originals[id(current)]
 
 
 def _apply(module: nn.Module, rule, backend: str | None, originals: dict) -> None:

@@ -125,12 +125,16 @@ def rope_attention_forward(
 
 def has_linear_lm_head(module: nn.Module) -> bool:
     """The loss rule applies where the logits are a plain linear lm_head of the base model's
-    output, with transformers' standard causal-LM loss (no softcapping, no custom loss_type)."""
+    output, with transformers' standard causal-LM loss (no softcapping, no custom loss_type).
+    Checked at patch time and again in every forward: an adapter wrapping the lm_head after
+    patching (LoRA), or an nn.Linear subclass with its own forward (quantized), computes logits
+    that ``lm_head.weight`` alone does not give."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     head = getattr(module, "lm_head", None)
     return (
         isinstance(head, nn.Linear)
+        and type(head).forward is nn.Linear.forward
         and hasattr(module, "model")
         and getattr(module.config, "final_logit_softcapping", None) is None
         and module.loss_function is ForCausalLMLoss
@@ -165,9 +169,14 @@ def generated_positions_forward(self, input_ids=None, attention_mask=None, posit
     The model then makes them itself (``arange`` from the cache length), so they hold one
     sequence per row, and transformers' check for packed sequences (a host sync in every
     forward, which stalls the GPU until the host has queued work again) and the attention
-    function's own check are skipped. Under torch.compile transformers does not check anyway."""
-    from ..attention_interface import generated_positions
+    function's own check are skipped. The attention function learns it from a keyword the
+    base model hands every layer (``GENERATED_POSITIONS_KWARG``), which torch.compile can trace
+    (the context's ContextVar it cannot: under compile only the keyword is used, and
+    transformers' check makes no host read there)."""
+    from ..attention_interface import GENERATED_POSITIONS_KWARG, generated_positions
 
+    if position_ids is None:
+        kwargs[GENERATED_POSITIONS_KWARG] = True
     own_positions = position_ids is None and not torch.compiler.is_compiling()
     with generated_positions() if own_positions else contextlib.nullcontext():
         return _original_forward(self)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -190,6 +199,7 @@ def _fused_loss_applies(module: nn.Module, labels, logits_to_keep, kwargs) -> bo
         and labels is not None
         and isinstance(logits_to_keep, int) and logits_to_keep == 0
         and kwargs.get("return_dict", True) is not False
+        and has_linear_lm_head(module)
     )
 
 

@@ -49,8 +49,9 @@ def online_lse_update(m, s, u, z, RETURN_ENTROPY: tl.constexpr):
 @triton.jit
 def finish_lse(m, s, u):
     """(lse, entropy) of rows folded by ``online_lse_update``. A row with no finite logit
-    (or a masked-out row) has s = 0: its lse is -inf and its entropy 0."""
-    s_safe = tl.where(s > 0, s, 1.0)
+    (or a masked-out row) has s = 0: its lse is -inf and its entropy 0. A NaN logit makes s NaN
+    (tl.max skips NaN, the exp does not), which must stay NaN: a diverged model's log-probs."""
+    s_safe = tl.where(s == 0, 1.0, s)
     log_s = tl.log(s_safe)
     return m + log_s, log_s - u / s_safe
 

@@ -125,6 +125,22 @@ def test_empty_rows_are_zero(backend):
     assert torch.isneginf(lse[:, :, :14]).all() and torch.isfinite(lse[:, :, 14:]).all()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_empty_batch_backward(backend, packed):
+    """A batch without sequences (B = 0, or cu_seqlens = [0]): the output stays attached to the
+    inputs, so a backward gives their empty gradients instead of failing."""
+    q, k, v = (t.requires_grad_() for t in _qkv(0, 5, 5, 2, 1, 16))
+    if packed:
+        q, k, v = (t.detach().reshape(0, *t.shape[2:]).requires_grad_() for t in (q, k, v))
+    if _cuda_refuses(backend):
+        return _expect_cuda_refusal(lambda: flash_attention(q, k, v, backend=backend))
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE) if packed else None
+    out = flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=0 if packed else None,
+                          max_seqlen_k=0 if packed else None, backend=backend)
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad is not None and q.grad.shape == q.shape
+
+
 @pytest.mark.parametrize("sq,window", [(19, None), (19, 5), (7, None)], ids=["causal", "window", "sq<sk"])
 def test_reference_matches_sdpa(sq, window):
     """reference.flash_attention against transformers' sdpa attention function (GQA repeated as

@@ -84,9 +84,28 @@ def test_no_counted_token_gives_nan_like_transformers():
     assert torch.isnan(_transformers_loss(hidden, weight, None, labels))
 
 
+@pytest.mark.parametrize("bad_label", [-1, 10**6])
+def test_labels_that_are_no_token_id_are_refused(bad_label, backend):
+    """A label that is neither ignore_index nor a token id fails in transformers' cross-entropy;
+    it must not count as a log-prob of 0. On the CPU: a ValueError; elsewhere (a check would be a
+    host sync) the loss is NaN."""
+    hidden, weight, _, labels = _inputs(seed=4)
+    labels = labels.clone()
+    labels[0, 2] = bad_label
+    if hidden.device.type == "cpu":
+        with pytest.raises(ValueError, match="neither ignore_index nor a token id"):
+            causal_lm_loss(hidden, weight, labels, backend=backend)
+    else:
+        assert torch.isnan(causal_lm_loss(hidden, weight, labels, backend=backend))
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
+        (dict(num_items_in_batch="3"), TypeError, "num_items_in_batch must be None, a number or a tensor"),
+        (dict(num_items_in_batch="list"), TypeError, "num_items_in_batch must be None, a number or a tensor"),
+        (dict(num_items_in_batch="pair"), ValueError, "one-element tensor"),
+        (dict(weight=None), TypeError, "weight must be a torch.Tensor"),
         (dict(labels=None), ValueError, "exactly one of labels and shift_labels"),
         (dict(shift_labels="both"), ValueError, "exactly one of labels and shift_labels"),
         (dict(labels="float"), TypeError, "labels must have dtype"),
@@ -97,12 +116,14 @@ def test_no_counted_token_gives_nan_like_transformers():
 )
 def test_bad_inputs(kwargs, error, match):
     hidden, weight, _, labels = _inputs()
-    args = dict(hidden=hidden, labels=labels, shift_labels=None, ignore_index=-100)
-    replacements = {"float": labels.float(), "short": labels[:, :-1], "both": labels, "1d": hidden[0, 0]}
+    args = dict(hidden=hidden, weight=weight, labels=labels, shift_labels=None, ignore_index=-100,
+                num_items_in_batch=None)
+    replacements = {"float": labels.float(), "short": labels[:, :-1], "both": labels, "1d": hidden[0, 0],
+                    "list": [3], "pair": torch.tensor([3.0, 4.0])}
     args.update({k: replacements.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()})
     with pytest.raises(error, match=match):
-        causal_lm_loss(args["hidden"], weight, args["labels"], shift_labels=args["shift_labels"],
-                       ignore_index=args["ignore_index"])
+        causal_lm_loss(args["hidden"], args["weight"], args["labels"], shift_labels=args["shift_labels"],
+                       ignore_index=args["ignore_index"], num_items_in_batch=args["num_items_in_batch"])
 
 
 # --- the "loss" patch rule --------------------------------------------------------------------------

@@ -133,6 +133,19 @@ def test_scored_rows_of_all_minus_inf_give_nan_logprob_and_zero_entropy(backend)
         assert torch.isfinite(logprobs[:2]).all() and torch.isfinite(entropy[:2]).all()
 
 
+def test_a_nan_logit_gives_a_nan_logprob(backend):
+    """A NaN anywhere in a row (a diverged model) must show: its log-prob and entropy are NaN on
+    every backend, as in the reference. The kernels' running max skips NaN; their sum must not
+    read as an empty row."""
+    logits, ids = _inputs((3,), 600)
+    ids[0], ids[2] = 5, 7
+    logits[0, 300] = float("nan")  # not the target, in a later block than it
+    for fn in (_ours(backend, 1.0, True), _reference(1.0, True)):
+        logprobs, entropy = fn(logits, ids)
+        assert torch.isnan(logprobs[0]) and torch.isnan(entropy[0])
+        assert torch.isfinite(logprobs[2]) and torch.isfinite(entropy[2])
+
+
 def test_all_ignored(backend):
     logits, _ = _inputs((3,), 64)
     ids = torch.full((3,), -1, device=DEVICE)

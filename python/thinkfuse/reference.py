@@ -281,7 +281,7 @@ def flash_attention(
     if cu_seqlens_q is None:
         outs, lses = zip(*(_attention_dense(qc[b], kc[b], vc[b], causal, scale, sliding_window)
                            for b in range(q.shape[0]))) if q.shape[0] else ((), ())
-        out = torch.stack(outs) if outs else qc.new_empty(q.shape)
+        out = torch.stack(outs) if outs else _empty_output(qc, kc, vc)
         lse = torch.stack(lses) if lses else qc.new_empty((0, q.shape[2], q.shape[1]))
     else:
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -291,10 +291,16 @@ def flash_attention(
                                     causal, scale, sliding_window)
             outs.append(o)
             lses.append(l)
-        out = torch.cat(outs, dim=0) if outs else qc.new_empty(q.shape)
+        out = torch.cat(outs, dim=0) if outs else _empty_output(qc, kc, vc)
         lse = torch.cat(lses, dim=1) if lses else qc.new_empty((q.shape[1], 0))
     out = out.to(q.dtype)
     return (out, lse.to(torch.float32)) if return_lse else out
+
+
+def _empty_output(q, k, v):
+    """The (empty) output of a batch without sequences, still attached to q, k and v's graph:
+    a backward through it must give their (empty or zero) gradients, not fail."""
+    return q * 0 + (k.sum() + v.sum()) * 0
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None):

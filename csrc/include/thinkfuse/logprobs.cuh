@@ -195,7 +195,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams<T> p) {
   });
   if (threadIdx.x == 0) {
     // A row with no finite logit has s = 0: lse = -inf, entropy 0 (finish_lse in Triton).
-    const float s_safe = st.s > 0.0f ? st.s : 1.0f;
+    // s == 0: no finite logit (lse -inf). A NaN s (a NaN logit: fmaxf skips it, expf does not)
+    // stays NaN rather than reading as an empty row.
+    const float s_safe = st.s == 0.0f ? 1.0f : st.s;
     const float log_s = logf(s_safe);
     const float lse = st.m + log_s;
     float logprob = NAN;

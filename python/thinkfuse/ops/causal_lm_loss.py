@@ -13,6 +13,8 @@ is needed (outside torch.compile), the lm_head's gradients are formed in the sam
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Optional
 
 import torch
@@ -43,10 +45,11 @@ def causal_lm_loss(
     ``num_items_in_batch`` is None, as torch's mean cross-entropy).
     """
     targets = _shifted_targets(hidden, labels, shift_labels, ignore_index)
+    check_tensor("weight", weight, ndim=2)
     counted = targets != ignore_index
     # Ignored positions become negative ids: the op gives them log-prob 0 and no gradient.
     ids = torch.where(counted, targets, torch.full_like(targets, -1))
-    divisor = _divisor(counted, num_items_in_batch)
+    divisor = _poisoned_by_bad_labels(_divisor(counted, num_items_in_batch), targets, counted, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad and not torch.compiler.is_compiling():
         return _one_pass(hidden, weight, bias, ids, counted, divisor, backend)
@@ -59,7 +62,27 @@ def _divisor(counted: Tensor, num_items_in_batch) -> Tensor:
     ``num_items_in_batch`` (tokens of the whole accumulated batch)."""
     if num_items_in_batch is None:
         return counted.sum().float()
-    return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=counted.device)
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got "
+                        f"{type(num_items_in_batch).__name__}")
+    return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=counted.device).reshape(())
+
+
+def _poisoned_by_bad_labels(divisor: Tensor, targets: Tensor, counted: Tensor, vocab: int) -> Tensor:
+    """A label that is neither ignore_index nor a token id (transformers' cross-entropy fails on
+    it) must not pass as a log-prob of 0: on the CPU it raises here; on a GPU, where looking would
+    be a host sync, it makes the loss and its gradients NaN."""
+    bad = counted & ((targets < 0) | (targets >= vocab))
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            raise ValueError(f"labels hold {targets[bad][0].item()}, neither ignore_index nor a token id in "
+                             f"[0, {vocab})")
+        return divisor
+    return torch.where(bad.any(), torch.full_like(divisor, float("nan")), divisor)
 
 
 def _one_pass(hidden, weight, bias, ids, counted, divisor, backend):

@@ -131,6 +131,9 @@ def test_eos_in_the_middle(monkeypatch, oracle):
     sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(sequences, reference)
     assert (sequences[0, ids.shape[1]:] == VOCAB - 1).any()  # row 0 was padded after its eos
+    # as generate, a tensor of eos ids (0-d or 1-d) is accepted
+    as_tensor, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=torch.tensor(eos))
+    assert torch.equal(as_tensor, reference)
 
 
 def test_every_row_ending_early_shortens_the_output():

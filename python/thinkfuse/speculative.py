@@ -264,6 +264,8 @@ def _eos_ids(model, eos_token_id, device) -> Tensor:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos_token_id is None:
         eos_token_id = []
+    elif isinstance(eos_token_id, Tensor):  # generate accepts a 0-d or 1-d tensor too
+        eos_token_id = eos_token_id.reshape(-1).tolist()
     elif isinstance(eos_token_id, int):
         eos_token_id = [eos_token_id]
     return torch.as_tensor(list(eos_token_id), dtype=torch.long, device=device)

@@ -137,6 +137,8 @@ def test_unsupported_or_nested_rope_parameters_raise():
                                    rope_parameters={"full_attention": {"rope_type": "default"}})
     with pytest.raises(ValueError, match="nested per layer type"):
         rope_params(nested)
+    with pytest.raises(TypeError, match="config object"):
+        rope_params({"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 10000.0})
 
 
 def test_params_move_to_a_device():

@@ -51,6 +51,9 @@ def rope_params(config) -> RopeParams:
 
 
 def _text_config(config):
+    if isinstance(config, dict):
+        raise TypeError("rope_params takes a transformers config object (e.g. model.config), got a dict; "
+                        "build one with transformers.AutoConfig.for_model(**d) or PretrainedConfig(**d)")
     get_text_config = getattr(config, "get_text_config", None)
     return get_text_config() if callable(get_text_config) else config
 

@@ -235,14 +235,13 @@ GENERATED_POSITIONS_KWARG = "thinkfuse_generated_positions"
 
 def _packing_already_ruled_out(plain_causal_marker: bool, kwargs) -> bool:
     """Whether packed sequences are known to be absent without reading position_ids: the model
-    made its positions itself (``GENERATED_POSITIONS_KWARG``, or the ``generated_positions``
-    context), or transformers' own packing check
-    found none (the mask function saw a plain causal mask, and no cache was in play:
+    made its positions itself (``GENERATED_POSITIONS_KWARG``, which the positions rule passes
+    to every layer; traceable, unlike the ``generated_positions`` context that only transformers'
+    check needs), or transformers' own packing check found none (the mask function saw a plain causal mask, and no cache was in play:
     transformers looks for packing only without a 2-D mask and without a cache; ``use_cache``
     off means the model made none). With a cache in training, where this function keeps packed
     sequences apart although transformers does not look, the attention function checks itself."""
-    return ((plain_causal_marker and not kwargs.get("use_cache", False)) or kwargs.get(GENERATED_POSITIONS_KWARG, False)
-            or _positions_are_generated())
+    return (plain_causal_marker and not kwargs.get("use_cache", False)) or kwargs.get(GENERATED_POSITIONS_KWARG, False)
 
 
 # True while a patched base model runs a forward whose position_ids it makes itself.
@@ -260,9 +259,10 @@ def _positions_are_generated() -> bool:
 def generated_positions():
     """Within this context the running model forward makes its own position_ids (the caller
     passed none: ``arange`` from the cache length, one sequence per row), so nothing needs to
-    look for packed sequences in them: neither transformers (``find_packed_sequence_indices``,
-    a host sync per forward; see _skip_packing_check_for_generated_positions) nor the attention
-    function. Set by patch_model's "positions" rule around the base model's forward."""
+    look for packed sequences in them: transformers' ``find_packed_sequence_indices`` (a host
+    sync per forward; see _skip_packing_check_for_generated_positions) answers None at once.
+    Set by patch_model's "positions" rule around the base model's forward (which also tells the
+    attention function, by ``GENERATED_POSITIONS_KWARG``)."""
     token = _GENERATED_POSITIONS.set(True)
     try:
         yield
@@ -380,6 +380,13 @@ def _dense_sdpa_mask(padding, key_counts, sq: int, sk: int, causal: bool, window
     return mask
 
 
+def _is_inference_decode_step(sq: int, sk: int, tensors) -> bool:
+    """Few new queries against a longer cache, with no gradient to record: what the split-K
+    decode kernel serves (and what compiled generate steps look like)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not grad and sq < sk and sq <= MAX_DECODE_QUERIES
+
+
 def _compiled_padded_decode(query, key, value, attention_mask) -> bool:
     """An inference decode step with a padding mask, being compiled (generate with a static
     cache compiles those): the unpad plan reads the row lengths on the host, a graph break in
@@ -387,9 +394,7 @@ def _compiled_padded_decode(query, key, value, attention_mask) -> bool:
     mask made dense on the device instead. Eager decode steps and training keep the unpad path."""
     if attention_mask is None or attention_mask.dim() != 2 or not torch.compiler.is_compiling():
         return False
-    sq, sk = query.shape[2], key.shape[2]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    return not grad and sq < sk and sq <= MAX_DECODE_QUERIES
+    return _is_inference_decode_step(query.shape[2], key.shape[2], (query, key, value))
 
 
 def _check_inputs(query, key, value, attention_mask, dropout):
@@ -422,13 +427,11 @@ def _dense(q, k, v, scaling, window, backends, key_count_marker=None):
     first keys of each row are written (a static cache): the decode kernel takes the count as
     a device tensor (no host read, so static-cache decoding stays capturable); other calls read
     it once per forward and cut the keys there."""
-    sq, sk = q.shape[1], k.shape[1]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not grad and sq < sk and sq <= MAX_DECODE_QUERIES:
+    if _is_inference_decode_step(q.shape[1], k.shape[1], (q, k, v)):
         if key_count_marker is not None:
             seqlens = key_count_marker.reshape(-1).contiguous()
         else:
-            seqlens = torch.full((q.shape[0],), sk, dtype=torch.int32, device=q.device)
+            seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
         return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window,
                                     backend=backends["decode_attention"])
     if key_count_marker is not None:

@@ -4,8 +4,9 @@ One launch, one program per batch row. A program walks the draft positions in or
 doing work at the first rejection; every pass over a vocabulary row goes in blocks of at most
 ``_MAX_BLOCK_V`` ids, so rows of 152k ids never need one giant tile.
 
-greedy:   per position, argmax over V (ties to the lowest id, as torch.argmax); accept while the
-          draft equals it; the argmax at the first mismatch (or at position K) is the last token.
+greedy:   per position, argmax over V ranked as torch.argmax ranks: NaN above everything (+inf
+          included), ties (NaN with NaN too) to the lowest id; accept while the draft equals it;
+          the argmax at the first mismatch (or at position K) is the last token.
 sampled:  per position, online softmax statistics of logits / temperature (max, sum, and the sum
           without the draft token); accept iff ``u * p(draft) < q(draft)``; at the first
           rejection draw from ``max(q - p, 0)`` (deterministic draft: q without the draft token),
@@ -26,20 +27,34 @@ _MAX_BLOCK_V = 4096
 
 
 @triton.jit
+def _argmax_key(x):
+    """int32 keys of float32 ``x`` ordered as torch.argmax ranks values: the float order (-0.0
+    equal to 0.0), and every NaN above +inf, all NaNs equal. Integers, because a float max
+    reduction leaves NaN's rank to the backend (the GPU's max ignores NaN, and mapping NaN to
+    +inf ties it with +inf); the bit tests cannot be folded away by fast-math flags either."""
+    bits = x.to(tl.int32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    # negative floats: flip the magnitude bits, so that a larger magnitude is a smaller int
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(magnitude == 0, 0, key)
+    return tl.where(magnitude > 0x7F800000, 0x7FFFFFFF, key)
+
+
+@triton.jit
 def _argmax(row_ptr, V, BLOCK_V: tl.constexpr):
-    """Index of the largest value of ``row_ptr[0:V]``, the lowest on ties (NaN counts as +inf)."""
-    best_val = -float("inf")
+    """Index of the largest value of ``row_ptr[0:V]`` as torch.argmax: the first NaN if any,
+    else the lowest id of the maximum (0 for a row of -inf)."""
+    best_key = tl.full([], -2147483648, tl.int32)
     best_idx = 0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        x = tl.where(x != x, float("inf"), x)
-        block_max = tl.max(x, axis=0)
-        block_idx = tl.argmax(x, axis=0, tie_break_left=True)
-        # strict: an equal maximum in a later block keeps the earlier (lower) id
-        better = block_max > best_val
+        block_key, block_idx = tl.max(_argmax_key(x), axis=0, return_indices=True,
+                                      return_indices_tie_break_left=True)
+        # strict: an equal key in a later block keeps the earlier (lower) id
+        better = block_key > best_key
         best_idx = tl.where(better, start + block_idx, best_idx)
-        best_val = tl.where(better, block_max, best_val)
+        best_key = tl.where(better, block_key, best_key)
     return best_idx
 
 
@@ -109,7 +124,10 @@ def _draw_weights(logits_row, probs_row, cols, V, temperature, m, total, exclude
         # the bound is a number rather than `in_range & residual`, which the interpreter rejects
         probs_bound = tl.where(residual, V, 0)
         p = tl.load(probs_row + cols, mask=cols < probs_bound, other=0.0).to(tl.float32)
-        w = tl.where(residual, tl.maximum(e / total - p, 0.0), e)
+        # max(q - p, 0) written as a select: a NaN draft probability gives its id no weight (as
+        # the reference's nan_to_num), whatever a backend's maximum does with NaN
+        d = e / total - p
+        w = tl.where(residual, tl.where(d > 0.0, d, 0.0), e)
     else:
         w = tl.where(cols == excluded, 0.0, e)
     return tl.where(in_range, w, 0.0)
@@ -206,9 +224,14 @@ def _sampled_verify_kernel(
     else:
         weight_total = total_excluded
     threshold = tl.load(UNIFORMS + row * (K + 1) + K) * weight_total
-    final = _inverse_cdf(position, probs_row, V, temperature, m, total, excluded, residual, threshold,
-                         BLOCK_V, HAS_DRAFT_PROBS)
-    if final < 0:  # nothing to draw from (all -inf or NaN logits): the argmax, as greedy would
+    final = tl.full([], -1, tl.int32)
+    # A NaN or +inf in the row (after the division by the temperature) makes the normaliser NaN,
+    # hence every normalised weight NaN: the reference (nan_to_num) has nothing to draw from.
+    # Skipping the draw keeps the finite unnormalised weights from being drawn from instead.
+    if total == total:
+        final = _inverse_cdf(position, probs_row, V, temperature, m, total, excluded, residual, threshold,
+                             BLOCK_V, HAS_DRAFT_PROBS)
+    if final < 0:  # nothing to draw from (all -inf, NaN or +inf logits): the argmax, as greedy
         final = _argmax(position, V, BLOCK_V)
     tokens = tl.where(slots == num_accepted, final.to(tl.int64), tokens)
     tl.store(TOKENS + row * (K + 1) + slots, tokens, mask=slots < K + 1)

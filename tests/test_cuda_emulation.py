@@ -585,7 +585,8 @@ class Mtp:
     splits: int = 1  # 1: the one-block kernel; >= 2 slices per row; 0 the heuristic
     dtype: torch.dtype = BF16
     accept: float = 0.7  # fraction of draft positions made to match the target's argmax
-    special: str = ""  # "ties" | "nan-row" | "invalid-draft" | "unaligned" | "all-neg-inf"
+    # "ties" | "nan-row" | "invalid-draft" | "unaligned" | "nan-inf" (b >= 4) | "nan-probs" (probs)
+    special: str = ""
     opts: dict = field(default_factory=dict)
 
 
@@ -605,7 +606,36 @@ MTP_CASES = {
     "sampled-40k-heuristic": Mtp(b=1, k=4, vocab=40000, temperature=0.9, splits=0),
     "sampled-probs-40k-heuristic": Mtp(b=1, k=4, vocab=40000, temperature=0.9, probs=True, splits=0, accept=0.3),
     "sampled-probs-33k-one-block": Mtp(b=2, k=3, vocab=33000, temperature=0.7, probs=True),
+    # NaN and infinities ranked as torch.argmax ranks them (see _nan_inf_rows)
+    "greedy-one-block-nan-inf": Mtp(b=4, special="nan-inf", dtype=torch.float32),
+    "greedy-split4-nan-inf": Mtp(b=4, splits=4, special="nan-inf", opts=WORKERS),
+    "sampled-one-block-nan-inf": Mtp(b=4, temperature=0.8, special="nan-inf", dtype=torch.float32),
+    "sampled-probs-split4-nan-inf": Mtp(b=4, temperature=0.8, probs=True, splits=4, special="nan-inf",
+                                        opts=RANDOM),
+    "sampled-probs-one-block-nan-probs": Mtp(b=3, temperature=1.0, probs=True, special="nan-probs", accept=0.9),
+    "sampled-probs-split3-nan-probs": Mtp(b=3, temperature=1.0, probs=True, splits=3, special="nan-probs",
+                                          accept=0.9, opts=WORKERS),
 }
+
+
+def _nan_inf_rows(logits, draft, target):
+    """torch.argmax ranks NaN above everything (the first NaN of several wins, also over an
+    earlier +inf), equal values (+inf too) to the lowest id, and gives 0 for a row of -inf. The
+    drafts that a NaN-as-+inf ranking would accept are drafted. V = 3000: the ids set lie in
+    different slices of a 4-way split."""
+    nan, inf = float("nan"), float("inf")
+    logits[0, 0, [3, 1500, 2900]] = torch.tensor([inf, nan, nan], dtype=logits.dtype)  # argmax 1500
+    draft[0, 0] = 3
+    draft[1, 0] = target[1, 0]
+    logits[1, 1, [50, 100, 2999]] = torch.tensor([inf, nan, nan], dtype=logits.dtype)  # argmax 100
+    draft[1, 1] = 50
+    draft[2] = target[2, : draft.shape[1]]  # accepted up to the bonus (greedy)
+    logits[2, 1] = -inf
+    logits[2, 1, 2998] = nan  # argmax 2998
+    draft[2, 1] = 2998
+    logits[2, -1, [2000, 2500]] = inf  # argmax 2000
+    logits[3, 0] = -inf  # argmax 0
+    draft[3, 0] = 1
 
 
 def _mtp_inputs(c: Mtp, seed=0):
@@ -628,11 +658,18 @@ def _mtp_inputs(c: Mtp, seed=0):
     if c.special == "invalid-draft" and c.k:
         draft[0, 0] = c.vocab + 5
         draft[-1, -1] = -3
+    if c.special == "nan-inf":
+        _nan_inf_rows(logits, draft, target)
     probs = None
     if c.probs:
         probs = torch.softmax(torch.randn(c.b, c.k, c.vocab, generator=g), -1).to(c.dtype)
         # make some drafts likely to be rejected with a residual draw
         probs.scatter_(-1, draft[..., None].clamp(0, c.vocab - 1), 0.9)
+    if c.special == "nan-probs":
+        # a NaN draft probability rejects its draft and gives its id no weight in max(q - p, 0)
+        probs[0, 0, draft[0, 0]] = float("nan")
+        probs[1, 0, ::2] = float("nan")
+        probs[-1, 0] = float("nan")  # no weight at all: the argmax
     uniforms = torch.rand(c.b, c.k + 1, generator=g)
     return draft, logits, probs, uniforms
 

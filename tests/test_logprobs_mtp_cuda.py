@@ -223,9 +223,10 @@ def test_mtp_greedy_vs_reference(vocab, k, num_splits):
 
 
 def _greedy_case(batch, k, vocab, seed):
-    """bfloat16 logits [B, K+1, V] and drafts: accepted prefixes of every length (all K too),
-    and rows with ties across the vocabulary (hence across slices), NaN, out-of-range drafts and
-    an all -inf position."""
+    """bfloat16 logits [B, K+1, V] (B >= 7) and drafts: accepted prefixes of every length (all K
+    too), and rows with ties across the vocabulary (hence across slices), NaN (ranked as
+    torch.argmax: above +inf, the first of several), out-of-range drafts and an all -inf
+    position."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, k + 1, vocab, generator=gen).bfloat16()
     cut = torch.arange(batch) % (k + 2)  # k + 1: every draft accepted
@@ -242,6 +243,12 @@ def _greedy_case(batch, k, vocab, seed):
     draft[5, 0] = -7
     logits[6, 0] = float("-inf")  # all -inf: argmax 0
     draft[6, 0] = 0
+    if batch > 8:
+        nan, inf = float("nan"), float("inf")
+        logits[7, 0, ids] = torch.tensor([inf, nan, nan]).bfloat16()  # the first NaN beats an earlier +inf
+        draft[7, 0] = 3  # rejected, correction vocab // 2
+        logits[8, 0, ids] = torch.tensor([inf, inf, nan]).bfloat16()  # a NaN at the end beats two +inf
+        draft[8, 0] = vocab - 1  # accepted
     return draft.cuda(), logits.cuda()
 
 

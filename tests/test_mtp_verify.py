@@ -64,6 +64,71 @@ def test_greedy_ties_go_to_the_lowest_id(backend):
     assert tokens.tolist() == [[2, -1, -1], [4, 0, -1], [0, 0, 0]]
 
 
+# NaN and infinities rank as in torch.argmax: any NaN is the maximum (the first NaN wins when
+# there are several, NaN beats +inf), then +inf; equal values, infinities included, go to the
+# lowest id, and a row of only -inf gives id 0. Each case: the row's background (random values
+# in [-2, -1), or -inf), the values set, and torch's argmax. V = 9000 spans three of the Triton
+# kernel's 4096-id blocks, so competitors sit in one block or in different ones.
+_NAN, _INF = float("nan"), float("inf")
+_SPECIAL_VOCAB = 9000
+_SPECIAL_ROWS = [
+    ("random", {3: _INF, 6000: _NAN}, 6000),  # NaN beats an earlier +inf (another block)
+    ("random", {50: _INF, 100: _NAN}, 100),  # ... in the same block
+    ("random", {5: _NAN, 7000: _NAN}, 5),  # several NaNs: the first
+    ("random", {4100: _NAN, 4097: _NAN, 8999: _NAN, 20: _INF}, 4097),
+    ("random", {8999: _NAN}, 8999),  # NaN at the last id
+    ("random", {10: _INF, 8000: _INF}, 10),  # +inf ties: the first
+    ("random", {2: 7.0, 4500: 7.0, 8998: 7.0}, 2),  # finite ties across blocks: the first
+    ("-inf", {}, 0),  # all -inf
+    ("-inf", {7: _NAN}, 7),
+    ("-inf", {4096: 1.0, 8000: _INF}, 8000),
+    ("random", {9: 0.0, 4: -0.0}, 4),  # -0.0 == 0.0: a tie, the first
+]
+
+
+def _special_logits(dtype):
+    """Logits [R, 2, V]: position 0 of row r is case r, position 1 case r + 1; and torch's
+    argmax of each [R, 2]."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for background, values, _ in _SPECIAL_ROWS:
+        row = -1.0 - torch.rand(_SPECIAL_VOCAB, generator=gen)
+        if background == "-inf":
+            row.fill_(-_INF)
+        for i, v in values.items():
+            row[i] = v
+        rows.append(row)
+    n = len(rows)
+    logits = torch.stack([torch.stack([rows[r], rows[(r + 1) % n]]) for r in range(n)]).to(dtype)
+    expected = torch.tensor([[_SPECIAL_ROWS[r][2], _SPECIAL_ROWS[(r + 1) % n][2]] for r in range(n)])
+    return logits, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_argmax_ranks_nan_first_then_inf(dtype):
+    """The contract the kernels follow is torch.argmax's own ranking (checked, so that a change
+    in torch would show)."""
+    logits, expected = _special_logits(dtype)
+    assert torch.equal(logits.argmax(-1), expected)
+    _, num_accepted = reference.mtp_verify(expected[:, :1], logits)
+    assert num_accepted.tolist() == [1] * len(_SPECIAL_ROWS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ranks_nan_and_inf_as_torch_argmax(dtype, backend):
+    """Even rows draft torch's argmax (accepted, then the bonus: the argmax of position 1); odd
+    rows draft the id a NaN-as-+inf ranking picks when that differs (rejected; the correction is
+    torch's argmax)."""
+    logits, expected = _special_logits(dtype)
+    nan_as_inf = logits[:, 0].float().nan_to_num(nan=_INF).argmax(-1)
+    wrong = torch.where(nan_as_inf == expected[:, 0], (expected[:, 0] + 1) % _SPECIAL_VOCAB, nan_as_inf)
+    even = torch.arange(len(_SPECIAL_ROWS)) % 2 == 0
+    draft = torch.where(even, expected[:, 0], wrong)[:, None]
+    tokens, num_accepted = mtp_verify(draft.to(DEVICE), logits.to(DEVICE), backend=backend)
+    assert num_accepted.tolist() == even.long().tolist()
+    assert tokens.tolist() == [[e[0], e[1]] if ok else [e[0], -1] for e, ok in zip(expected.tolist(), even)]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_greedy_matches_reference(k, dtype, kernel_backend):
@@ -158,6 +223,83 @@ def test_sampling_low_precision_matches_reference(dtype, kernel_backend):
     ours = mtp_verify(*args, generator=_generator(2), backend=kernel_backend, **kwargs)
     ref = mtp_verify(*args, generator=_generator(2), backend="torch", **kwargs)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
+# NaN and infinities when sampling (the reference's rules, which the kernels follow): a row whose
+# softmax is undefined (a NaN logit, a +inf one, one that overflows at this temperature, or all
+# -inf) gives q = NaN everywhere, so its draft is rejected and, with nothing to draw from, the
+# final token is the argmax of its raw logits (torch.argmax's ranking, as greedy). A NaN draft
+# probability rejects its draft (u * NaN < q is false) and gives its id no weight in the
+# correction max(q - p, 0).
+
+
+def _verify_with_uniforms(backend, draft, logits, probs, uniforms, temperature, num_splits=1):
+    """The custom op with explicit uniforms (the public function draws them)."""
+    return torch.ops.thinkfuse.mtp_verify(draft.to(DEVICE), logits.to(DEVICE),
+                                          None if probs is None else probs.to(DEVICE), uniforms.to(DEVICE),
+                                          temperature, backend, num_splits)
+
+
+def _splits(backend):
+    return [1, 0, 7] if backend == "cuda" else [1]
+
+
+# (the Triton interpreter computes inf - inf and 3e38 / 0.5 with numpy, which warns)
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("draft_mode", ["deterministic", "probs"])
+def test_sampling_undefined_softmax_rows_emit_the_argmax(draft_mode, backend):
+    vocab, k, temperature = 5000, 2, 0.5
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, k + 1, vocab, generator=gen)
+    logits[0, 0, [10, 40, 4500]] = torch.tensor([_INF, _NAN, _NAN])  # rejected at 0: emits 40
+    logits[1, 1, [7, 4000]] = _INF  # accepted at 0, rejected at 1: emits 7
+    logits[2, 2, [4500, 200]] = _NAN  # both accepted, bonus 200
+    logits[3, 0, 12] = 3e38  # finite, but +inf once divided by the temperature: emits 12
+    logits[4, 0] = -_INF  # all -inf: emits 0
+    # the argmax, which a row of undefined softmax rejects all the same
+    draft = logits[:, :k].argmax(-1)
+    probs = None
+    if draft_mode == "probs":
+        probs = torch.softmax(torch.randn(5, k, vocab, generator=gen), -1)
+    uniforms = torch.rand(5, k + 1, generator=gen)
+    uniforms[:, :k] = 0.0  # accept every draft whose q is positive
+    expected_accepted = [0, 1, 2, 0, 0]
+    expected_final = [40, 7, 200, 12, 0]
+    for num_splits in _splits(backend):
+        tokens, num_accepted = _verify_with_uniforms(backend, draft, logits, probs, uniforms, temperature, num_splits)
+        assert num_accepted.tolist() == expected_accepted, num_splits
+        assert [tokens[r, n].item() for r, n in enumerate(expected_accepted)] == expected_final, num_splits
+        ref = reference.mtp_verify(draft, logits, temperature, probs, uniforms)
+        assert torch.equal(tokens.cpu(), ref[0]) and torch.equal(num_accepted.cpu(), ref[1])
+
+
+def test_sampling_nan_draft_probabilities(backend):
+    """Row 0: NaN at the draft id (rejected even with u = 0). Row 1: NaN on half the ids, draft
+    rejected: the correction is never one of them. Row 2: all NaN (draft rejected, nothing to draw
+    from): the argmax."""
+    vocab, k, temperature = 300, 1, 1.0
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, k + 1, vocab, generator=gen)
+    probs = torch.softmax(torch.randn(3, k, vocab, generator=gen), -1)
+    draft = logits[:, :k].argmax(-1)
+    probs[0, 0, draft[0, 0]] = _NAN
+    nan_ids = torch.arange(1, vocab, 2)
+    probs[1, 0, nan_ids] = _NAN
+    draft[1, 0] = 0
+    probs[1, 0, 0] = 1.0  # u * 1 >= q(0) for the u below: rejected
+    probs[2] = _NAN
+    for seed in range(4):
+        uniforms = torch.rand(3, k + 1, generator=torch.Generator().manual_seed(seed))
+        uniforms[0, 0] = 0.0
+        uniforms[1, 0] = 0.999
+        for num_splits in _splits(backend):
+            tokens, num_accepted = _verify_with_uniforms(backend, draft, logits, probs, uniforms, temperature,
+                                                         num_splits)
+            assert num_accepted.tolist() == [0, 0, 0]
+            assert tokens[1, 0].item() not in nan_ids.tolist()
+            assert tokens[2, 0].item() == logits[2, 0].argmax().item()
+            ref = reference.mtp_verify(draft, logits, temperature, probs, uniforms)
+            assert torch.equal(tokens.cpu(), ref[0]) and torch.equal(num_accepted.cpu(), ref[1])
 
 
 def test_sampling_on_a_152k_vocabulary():

@@ -1,8 +1,9 @@
 // Speculative verification of K draft tokens against the target's K+1 logits rows, with the
 // semantics of kernels/mtp_verify.py and thinkfuse.reference.mtp_verify:
-//   greedy (temperature 0): per position, the argmax over V (NaN counts as +inf, ties to the
-//            lowest id, as torch.argmax); accept while the draft equals it; the argmax at the
-//            first mismatch (or at position K) is the final token.
+//   greedy (temperature 0): per position, the argmax over V ranked as torch.argmax ranks: NaN
+//            above every number (+inf included), ties (NaN with NaN too) to the lowest id; accept
+//            while the draft equals it; the argmax at the first mismatch (or at position K) is
+//            the final token.
 //   sampled: per position, the softmax statistics of logits / temperature (max m, sum of
 //            exp(x - m), the same sum without the draft id); accept iff u * p(draft) < q(draft)
 //            (p = 1 for a deterministic draft; an id outside [0, V) is rejected); at the first
@@ -48,9 +49,21 @@ struct ArgMax {
   int i;
 };
 
-// The larger value, the lower index on ties (values are never NaN here).
+// torch.argmax's ranking of values: NaN above every number (+inf included), all NaNs of equal
+// rank. Float compares are false for NaN, hence the explicit NaN terms (a compare or two per id
+// in the argmax scan, which is bound by its loads). A NaN mapped to +inf instead would tie with
+// +inf, and the lower id would win where torch picks the NaN.
+__device__ __forceinline__ bool ranks_above(float a, float b) {
+  return a > b || (a != a && b == b);
+}
+
+__device__ __forceinline__ bool ranks_equal(float a, float b) {
+  return a == b || (a != a && b != b);
+}
+
+// The higher-ranked value, the lower index on equal rank (the first NaN, the first maximum).
 __device__ __forceinline__ ArgMax better(const ArgMax& a, const ArgMax& b) {
-  return (a.v > b.v || (a.v == b.v && a.i < b.i)) ? a : b;
+  return (ranks_above(a.v, b.v) || (ranks_equal(a.v, b.v) && a.i < b.i)) ? a : b;
 }
 
 // Softmax statistics: max m, total = sum exp(x - m), excl = the same sum without one id.
@@ -145,20 +158,19 @@ __device__ __forceinline__ void load_chunks(const T* row, int base, int len, int
   }
 }
 
-// One id of a thread's argmax scan: value x at id lo + col, skipped unless col < len. NaN
-// counts as +inf, as in torch.argmax. Each thread visits its ids in increasing order, so the
-// strict > keeps the lowest id on ties.
+// One id of a thread's argmax scan: value x at id lo + col, skipped unless col < len, ranked
+// as torch.argmax (ranks_above). Each thread visits its ids in increasing order, so the strict
+// ranks_above keeps the lowest id on ties (its first NaN once it has seen one).
 __device__ __forceinline__ void argmax_step(ArgMax& best, float x, int lo, int col, int len) {
-  const float v = x != x ? INFINITY : x;
-  if (col < len && v > best.v) best = ArgMax{v, lo + col};
+  if (col < len && ranks_above(x, best.v)) best = ArgMax{x, lo + col};
 }
 
-// Block argmax of row[lo:hi) (ids are row indices; NaN as +inf, ties to the lowest id), for
-// both paths. The row is read in chunks of kVecSize<T> consecutive ids, kChunksInFlight chunks
-// per thread before any is compared. `threads` is blockDim.x: the split kernels pass their
-// compile-time block size, so that the strides are constants there. With kAligned, row + lo must
-// be 16-byte aligned (split slices start at multiples of kSliceAlign ids) and every full chunk
-// is one 16-byte load.
+// Block argmax of row[lo:hi) (ids are row indices; torch.argmax's ranking: the first NaN if
+// any, else the lowest id of the maximum), for both paths. The row is read in chunks of
+// kVecSize<T> consecutive ids, kChunksInFlight chunks per thread before any is compared.
+// `threads` is blockDim.x: the split kernels pass their compile-time block size, so that the
+// strides are constants there. With kAligned, row + lo must be 16-byte aligned (split slices
+// start at multiples of kSliceAlign ids) and every full chunk is one 16-byte load.
 template <bool kAligned, typename T>
 __device__ ArgMax range_argmax(const T* row, int lo, int hi, int threads) {
   constexpr int kVec = kVecSize<T>;
@@ -440,13 +452,14 @@ __global__ void __launch_bounds__(kThreads) sampled_kernel(const Params<T> p) {
     weight_total = st.excl;
   }
   const float threshold = p.uniforms[b * (p.k + 1) + p.k] * weight_total;
-  // A NaN logit makes the normaliser NaN, hence every normalised weight NaN: the reference
-  // (nan_to_num) then has nothing to draw from and takes the argmax. (Skipping the draw keeps
-  // the finite unnormalised weights from being drawn from instead.)
+  // A NaN or +inf in the row (after the division by the temperature) makes the normaliser NaN,
+  // hence every normalised weight NaN: the reference (nan_to_num) then has nothing to draw from
+  // and takes the argmax. (Skipping the draw keeps the finite unnormalised weights from being
+  // drawn from instead.)
   int final_token = st.total != st.total
                         ? -1
                         : range_inverse_cdf<kItems>(weight, 0, p.vocab, 0.0f, threshold).id;
-  // Nothing to draw from (all -inf or NaN logits): the argmax, as greedy would.
+  // Nothing to draw from (all -inf, NaN or +inf logits): the argmax, as greedy would.
   if (final_token < 0) final_token = block_argmax<false>(position, p.vocab);
   write_row(p, b, accepted, final_token, true);
 }
@@ -480,7 +493,8 @@ cudaError_t verify(const Params<T>& p, int64_t batch, cudaStream_t stream) {
 //
 //   kernel 1, grid B * (K+1) * splits blocks (one 1-D index, b-major, then j, then the slice, so
 //     the blocks of one row are dispatched together): each block reduces its slice to partials
-//     in the workspace: greedy (max of the raw logits with NaN as +inf, its lowest id); sampled
+//     in the workspace: greedy (max of the raw logits in torch.argmax's ranking, its lowest id,
+//     NaN kept as NaN so that it outranks +inf across slices too); sampled
 //     the same plus the softmax statistics of logits / temperature (slice max m_s, sum of
 //     exp(x - m_s), the same sum without the draft id of position j < K). Thread 0 stores them,
 //     __threadfence(), then takes a ticket from the row's counter (atomicAdd). The block that
@@ -505,8 +519,8 @@ cudaError_t verify(const Params<T>& p, int64_t batch, cudaStream_t stream) {
 //
 // Exactness against the one-block kernels (same uniforms):
 //   - greedy: bit-identical. The max is order-independent and every reduction (per thread in
-//     increasing id order with a strict >, across threads, across slices) keeps the lowest id
-//     among equal maxima, NaN mapped to +inf as there.
+//     increasing id order with a strict ranks_above, across threads, across slices) keeps the
+//     lowest id among equal maxima, with the same NaN-aware ranking as there.
 //   - sampled: the same float32 formulas per element (x = logit / T with an IEEE division,
 //     exp_accurate); the max m is the same value; the sums (normaliser Z, slice masses, the
 //     running CDF) are added in a different order (per slice, then across slices), so they
@@ -519,8 +533,8 @@ cudaError_t verify(const Params<T>& p, int64_t batch, cudaStream_t stream) {
 //     monotone, so every id of positive weight keeps an interval of the right length up to that
 //     rounding. Tokens therefore match the one-block kernel and the float64 reference except on
 //     such boundary events (probability ~1e-7 per decision).
-//   - degenerate rows as there: a NaN anywhere in the final position's row (normaliser NaN)
-//     emits the argmax of the raw logits; no positive weight emits the argmax; when rounding
+//   - degenerate rows as there: a NaN or +inf anywhere in the final position's row (normaliser
+//     NaN) emits the argmax of the raw logits; no positive weight emits the argmax; when rounding
 //     leaves no crossing, the last id of positive weight (here: of the chosen slice).
 //
 // Early exit (skipping the blocks of positions after a rejection, as the one-block kernels
@@ -555,7 +569,7 @@ inline int64_t split_slice(int64_t vocab, int64_t splits) {
 struct SplitWorkspace {
   int* counters;     // [B] kernel 1's tickets per row; 0 between launches
   int* counters2;    // [B] kernel 2's tickets per row; 0 between launches
-  float* part_v;     // [R * S] slice max of the raw logits, NaN as +inf
+  float* part_v;     // [R * S] slice max of the raw logits in torch.argmax's ranking (NaN kept)
   int* part_i;       // [R * S] its lowest id (0 for an all -inf slice)
   float* part_m;     // [R * S] sampled: slice max of logits / T (-inf for an all -inf slice)
   float* part_total; // [R * S] sampled: sum of exp(x - m_s) over the slice
@@ -849,7 +863,7 @@ __device__ void sampled_finish(const SplitParams<T>& sp, int64_t b) {
   const bool rejected = accepted < p.k;
   const bool has_probs = p.probs != nullptr;
   const T* position = p.logits + b * p.stride_lb + static_cast<int64_t>(accepted) * p.stride_lk;
-  int final_token = fallback;  // NaN in the row (z is NaN): the argmax, as the one-block kernel
+  int final_token = fallback;  // NaN or +inf in the row (z is NaN): the argmax, as one-block
   bool deferred = false;
   if (z == z) {
     if (has_probs && rejected) {

@@ -76,14 +76,18 @@ def mtp_verify(
     followed by one token from the target (the correction at the first rejection, or the bonus
     after K acceptances), padded with -1; num_accepted ``[B]`` int64 in ``[0, K]``.
 
-    ``temperature == 0``: greedy, accept while the draft equals the target's argmax (ties go to
-    the lowest id, as ``torch.argmax``); ``draft_probs`` and ``generator`` are not used.
+    ``temperature == 0``: greedy, accept while the draft equals the target's argmax, ranked as
+    ``torch.argmax`` ranks: NaN above every number (+inf included), ties (NaN with NaN too) to the
+    lowest id; ``draft_probs`` and ``generator`` are not used.
     ``temperature > 0``: rejection sampling, so that the emitted tokens are distributed exactly
     as sampling from ``softmax(target_logits / temperature)``; ``draft_probs`` ``[B, K, V]`` is
     the distribution the drafts were sampled from, None for a deterministic draft
     (probability 1). ``generator`` is the torch generator the randomness is drawn from (None:
     the global one; under torch.compile it must be None, as dynamo cannot trace an explicit
-    generator).
+    generator). A position whose softmax is undefined (a NaN or +inf logit, also one that
+    overflows once divided by the temperature, or all -inf) rejects its draft and emits the
+    argmax above; a NaN draft probability rejects its draft and gives its id no weight in the
+    correction ``max(q - p, 0)``. Every backend does the same.
 
     Draft ids outside ``[0, V)`` raise ValueError on CPU tensors; on GPU tensors (where the
     check would cost a host sync) they are rejected.

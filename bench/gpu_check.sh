@@ -76,17 +76,38 @@ BENCH_JOBS=(
     # unpatched and patched.
     "decode-compiled:420:--op e2e --model mimo-7b --mode fwd --impl hf-static-compile --impl thinkfuse-static-compile"
 )
+JOB_NAMES=" ${BENCH_JOBS[*]%%:*} "
 if [ -n "${BENCH_JOBS_SELECT:-}" ]; then
+    # Every name must be a job's: a misspelt one would leave its job out without a word.
+    for name in ${BENCH_JOBS_SELECT//,/ }; do
+        case "$JOB_NAMES" in *" $name "*) ;; *)
+            echo "BENCH_JOBS_SELECT=$BENCH_JOBS_SELECT: no bench job '$name' (jobs:$JOB_NAMES)" >&2; exit 2 ;;
+        esac
+    done
     SELECTED=()
     for job in "${BENCH_JOBS[@]}"; do
         case ",$BENCH_JOBS_SELECT," in *",${job%%:*},"*) SELECTED+=("$job") ;; esac
     done
-    [ "${#SELECTED[@]}" -gt 0 ] || { echo "BENCH_JOBS_SELECT=$BENCH_JOBS_SELECT names no job of: ${BENCH_JOBS[*]%%:*}" >&2; exit 2; }
+    [ "${#SELECTED[@]}" -gt 0 ] || { echo "BENCH_JOBS_SELECT=$BENCH_JOBS_SELECT names no job of:$JOB_NAMES" >&2; exit 2; }
     BENCH_JOBS=("${SELECTED[@]}")
 fi
 export PYTHONUNBUFFERED=1
 
 if [ "$#" -gt 0 ]; then STEPS=("$@"); else STEPS=(env build backends tests-sm90 tests bench); fi
+# Names checked before anything runs: a wrong one found after the build would cost the call.
+KNOWN_STEPS=" env build backends tests-sm90 tests bench tune profile breakdown "
+for step in "${STEPS[@]}"; do
+    case "$KNOWN_STEPS" in *" $step "*) continue ;; esac
+    case "$JOB_NAMES" in
+        *" $step "*) echo "'$step' is a bench job, not a step: BENCH_JOBS_SELECT=$step bash bench/gpu_check.sh ... bench" >&2 ;;
+        *) echo "unknown step '$step' (steps:$KNOWN_STEPS; bench jobs, chosen with BENCH_JOBS_SELECT:$JOB_NAMES)" >&2 ;;
+    esac
+    exit 2
+done
+if [ -n "${BENCH_JOBS_SELECT:-}" ] && [[ " ${STEPS[*]} " != *" bench "* ]]; then
+    echo "BENCH_JOBS_SELECT=$BENCH_JOBS_SELECT chooses bench jobs, but the steps (${STEPS[*]}) have no 'bench' step to run them" >&2
+    exit 2
+fi
 
 # Wheels carried to the machine (`make gpu-wheels`, then the run with carry [".whl"]): baselines
 # such as Liger-Kernel that the machine's image lacks. Installed beside, not into, its Python.

@@ -1,0 +1,124 @@
+"""bench/gpu_check.sh end to end without a GPU: the script itself runs, on a copy, with a
+stand-in for python that plays the bench jobs (``python -m bench``), the merge (``--finalize``)
+and the harness's results directory. What it checks is the script's own plumbing: which names it
+accepts, where it writes, and how the bench step's time limits nest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_NAME = "2026-01-01_fake-gpu"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+# The stand-in python. `-m bench --out DIR ...`: a bench job that records its pid, writes its
+# partial metadata, runs FAKE_JOB_SECONDS and writes results.json; on SIGTERM it writes the rows
+# it has (as bench.harness does) and exits 1. `-m bench --finalize ... --out DIR`: the merge.
+FAKE_PYTHON = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    echo "$*" >>"$FAKE_LOG"
+    if [ "$1" = "-c" ]; then
+        case "$2" in *default_out_dir*) echo "$FAKE_RESULTS_DIR" ;; esac
+        exit 0
+    fi
+    [ "$1 $2" = "-m bench" ] || exit 0
+    shift 2
+    out="" finalize=0
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            --out) out=$2; shift 2 ;;
+            --finalize) finalize=1; shift ;;
+            *) shift ;;
+        esac
+    done
+    mkdir -p "$out"
+    if [ "$finalize" = 1 ]; then echo '{"merged": true}' >"$out/results.json"; exit 0; fi
+    read -r _ _ _ _ pgid _ </proc/$$/stat
+    echo "$$:$pgid" >>"$FAKE_PIDS"
+    echo '{}' >"$out/metadata.partial.json"
+    trap 'kill $sleeper 2>/dev/null; echo "{\\"stopped\\": \\"SIGTERM\\"}" >"$out/results.json"; exit 1' TERM
+    sleep "${FAKE_JOB_SECONDS:-0}" & sleeper=$!
+    wait $sleeper
+    echo '{"rows": "all"}' >"$out/results.json"
+    """)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A checkout holding only the script, and the stand-in python."""
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    shutil.copy(REPO / "bench" / "gpu_check.sh", root / "bench" / "gpu_check.sh")
+    python = tmp_path / "fake-python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    yield root, python
+    pids = tmp_path / "pids"
+    for entry in (pids.read_text().split() if pids.exists() else ()):
+        try:  # a bench job the script left running, with its `timeout` and sleep
+            os.killpg(int(entry.split(":")[1]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _run(repo, *steps, timeout=200, **env):
+    root, python = repo
+    full_env = {
+        "PATH": os.environ["PATH"], "HOME": str(root), "PYTHON": str(python),
+        "OUT": str(root.parent / "out"), "FAKE_LOG": str(root.parent / "python-calls"),
+        "FAKE_PIDS": str(root.parent / "pids"),
+        "FAKE_RESULTS_DIR": str(root / "bench" / "results" / RUN_NAME), **env,
+    }
+    return subprocess.run(["bash", "bench/gpu_check.sh", *steps], cwd=root, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _python_calls(repo) -> str:
+    log = repo[0].parent / "python-calls"
+    return log.read_text() if log.exists() else ""
+
+
+def test_an_unknown_step_is_refused_before_any_step_runs(repo):
+    """A bench job's name given as a step (`gpu_check.sh build attention-sm90`) used to run the
+    build first and only then say 'UNKNOWN STEP': a call's minutes spent for nothing."""
+    done = _run(repo, "build", "attention-sm90")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "attention-sm90" in done.stderr and "BENCH_JOBS_SELECT" in done.stderr
+    assert "=== build" not in done.stdout
+    assert "pip" not in _python_calls(repo)
+
+
+def test_a_misspelt_bench_job_is_refused(repo):
+    """BENCH_JOBS_SELECT=e2e,logprob used to run e2e alone, silently."""
+    done = _run(repo, "bench", BENCH_JOBS_SELECT="e2e,logprob")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "logprob" in done.stderr
+    assert "-m bench" not in _python_calls(repo)
+
+
+def test_a_bench_job_selection_without_the_bench_step_is_refused(repo):
+    """BENCH_JOBS_SELECT=decode with the steps `build breakdown`: the selection would be ignored."""
+    done = _run(repo, "breakdown", BENCH_JOBS_SELECT="decode")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "bench" in done.stderr
+    assert "=== breakdown" not in done.stdout
+
+
+def test_selected_jobs_run_and_merge(repo):
+    done = _run(repo, "bench", BENCH_JOBS_SELECT="e2e,logprobs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = repo[0] / "bench" / "results" / RUN_NAME
+    assert sorted(p.name for p in (results / "jobs").iterdir()) == ["e2e", "logprobs"]
+    assert json.loads((results / "results.json").read_text()) == {"merged": True}
+    assert (repo[0].parent / "out" / f"{RUN_NAME}.tgz").is_file()

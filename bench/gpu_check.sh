@@ -118,6 +118,17 @@ fi
 
 RESULTS_DIR=$("$PYTHON" -c 'from bench.harness import default_out_dir; print(default_out_dir())' 2>/dev/null) \
     || RESULTS_DIR="$PWD/bench/results/$(date -u +%F)_unknown-device"
+# The machine's copy of the tree may already hold a directory of that name: a committed run of
+# the same day and device, or an earlier call's results unpacked into the checkout. Its files
+# would go into this run's tarball, and its results.json pass for this run's (the bench step's
+# merge after a timeout looks for one): this run writes beside it instead.
+if [ -n "$(ls -A "$RESULTS_DIR" 2>/dev/null)" ]; then
+    taken=$RESULTS_DIR
+    RESULTS_DIR="${taken}_$(date -u +%H%M%S)"
+    n=1
+    while [ -e "$RESULTS_DIR" ]; do RESULTS_DIR="${taken}_$(date -u +%H%M%S)-$n"; n=$((n + 1)); done
+    echo "$taken already holds files (from the tree this machine got): this run writes to $RESULTS_DIR"
+fi
 LOG_DIR="$RESULTS_DIR/logs"
 mkdir -p "$LOG_DIR"
 SUMMARY=()

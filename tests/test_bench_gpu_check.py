@@ -122,3 +122,27 @@ def test_selected_jobs_run_and_merge(repo):
     assert sorted(p.name for p in (results / "jobs").iterdir()) == ["e2e", "logprobs"]
     assert json.loads((results / "results.json").read_text()) == {"merged": True}
     assert (repo[0].parent / "out" / f"{RUN_NAME}.tgz").is_file()
+
+
+def test_a_results_directory_already_in_the_tree_is_left_alone(repo):
+    """The machine gets a copy of the tree, which may hold a directory of this run's name: a
+    committed run of the same day and device (2026-11-23 has one), or an earlier call's results
+    unpacked into the checkout. Its files used to land in this run's tarball, and its
+    results.json, to pass for this run's."""
+    old = repo[0] / "bench" / "results" / RUN_NAME
+    (old / "logs").mkdir(parents=True)
+    (old / "results.json").write_text('{"stale": true}')
+    (old / "logs" / "tests.log").write_text("an earlier session's log")
+    done = _run(repo, "bench", BENCH_JOBS_SELECT="e2e")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((old / "results.json").read_text()) == {"stale": True}
+    assert sorted(p.name for p in old.rglob("*")) == ["logs", "results.json", "tests.log"]
+    (tarball,) = (repo[0].parent / "out").glob("*.tgz")
+    assert tarball.name != f"{RUN_NAME}.tgz" and tarball.name.startswith(RUN_NAME)
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+    assert not any(name.endswith("tests.log") for name in names), names
+    run_dir = tarball.name[: -len(".tgz")]
+    assert f"{run_dir}/results.json" in names
+    merged = repo[0] / "bench" / "results" / run_dir / "results.json"
+    assert json.loads(merged.read_text()) == {"merged": True}

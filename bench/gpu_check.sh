@@ -161,6 +161,10 @@ run_step() {
     [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name (limit ${limit}s)"
     start=$SECONDS
+    # When the step must end (epoch seconds): a step that runs commands under a `timeout` of
+    # their own (bench) cuts their limits to it, since such a command, in a process group of
+    # its own, never gets the SIGTERM that ends the step.
+    export STEP_DEADLINE=$(($(date +%s) + limit))
     # -k 30: after SIGTERM, 30 s for the benchmark to write the rows it has before SIGKILL.
     timeout -k 30 "$limit" bash -c "$func" >"$LOG_DIR/$name.log" 2>&1
     rc=$?
@@ -330,9 +334,17 @@ step_tests_sm90() {
 step_bench() {
     # Each job in its own directory under its own limit (SIGTERM lets the harness write the rows
     # it has); then one merged results directory. exec-free: the jobs run one by one.
-    local job name limit args
+    local job name limit args left
     while IFS= read -r job; do
         IFS=: read -r name limit args <<<"$job"
+        # Cut to what is left of the step, keeping 30 s for the job's SIGKILL grace (20 s) and
+        # the merge: a job still running when the step's limit ends it would run on unsignalled.
+        left=$((${STEP_DEADLINE:-$(($(date +%s) + limit + 30))} - $(date +%s) - 30))
+        [ "$limit" -gt "$left" ] && limit=$left
+        if [ "$limit" -lt 10 ]; then
+            echo "--- bench job $name: SKIPPED (the bench step's time is spent)"
+            continue
+        fi
         echo "--- bench job $name (limit ${limit}s): $args"
         # shellcheck disable=SC2086  # args is a word list on purpose
         timeout -s TERM -k 20 "$limit" "$PYTHON" -m bench --no-plots --out "$RESULTS_DIR/jobs/$name" $args

@@ -146,3 +146,18 @@ def test_a_results_directory_already_in_the_tree_is_left_alone(repo):
     assert f"{run_dir}/results.json" in names
     merged = repo[0] / "bench" / "results" / run_dir / "results.json"
     assert json.loads(merged.read_text()) == {"merged": True}
+
+
+def test_a_job_that_outlasts_its_step_is_stopped_by_the_step(repo):
+    """The bench step's limit (BENCH_TIMEOUT, cut to the budget) used to be enforced by killing
+    the step's shell only: a job inside, under a `timeout` of its own (a process group of its
+    own), never got the signal and ran on, on the GPU, beside the next steps, its rows left out
+    of the merge. A job's limit is now cut to what is left of its step."""
+    done = _run(repo, "bench", BENCH_JOBS_SELECT="e2e", BENCH_TIMEOUT="45", FAKE_JOB_SECONDS="300")
+    job = repo[0] / "bench" / "results" / RUN_NAME / "jobs" / "e2e"
+    assert (job / "results.json").exists(), done.stdout + done.stderr
+    assert json.loads((job / "results.json").read_text()) == {"stopped": "SIGTERM"}
+    for entry in (repo[0].parent / "pids").read_text().split():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(entry.split(":")[0]), 0)  # no job left running
+    assert "merged" in (repo[0] / "bench" / "results" / RUN_NAME / "results.json").read_text()

@@ -161,3 +161,31 @@ def test_a_job_that_outlasts_its_step_is_stopped_by_the_step(repo):
         with pytest.raises(ProcessLookupError):
             os.kill(int(entry.split(":")[0]), 0)  # no job left running
     assert "merged" in (repo[0] / "bench" / "results" / RUN_NAME / "results.json").read_text()
+
+
+def _job_limits() -> dict[str, int]:
+    """name -> time limit (s) of every job in gpu_check.sh's BENCH_JOBS."""
+    block = (REPO / "bench" / "gpu_check.sh").read_text().split("BENCH_JOBS=(", 1)[1].split("\n)", 1)[0]
+    return {line.strip().strip('"').split(":")[0]: int(line.strip().strip('"').split(":")[1])
+            for line in block.splitlines() if line.strip().startswith('"')}
+
+
+def test_the_logprobs_job_has_time_for_all_its_rows():
+    """On the 2026-11-23 H100 (bench/results/2026-11-23_nvidia-h100-80gb-hbm3_session10) the
+    logprobs job measured 53 of its rows in its 70 s and lost the 32k-token fwd+bwd fused-linear
+    rows, the ones the GRPO goal is about. Its limit must cover every row at that rate (the
+    missing rows are the heaviest, so with room to spare)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from bench import harness
+
+    presets, _ = harness.load_presets()
+    config = harness.Config(smoke=False, device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                            modes=harness.MODE_CHOICES["full"], presets={"palmyra-mini": presets["palmyra-mini"]},
+                            compile_backend="inductor")
+    rows = len(harness.op_cases("logprobs", config))
+    seconds_per_row = 70 / 53
+    assert _job_limits()["logprobs"] >= 1.2 * rows * seconds_per_row, rows

@@ -2,7 +2,8 @@
 
 q ``[B, Sq, Hq, D]`` (Sq small: 1 for decode, k+1 for verify), caches ``[B, S_max, Hkv, D]``,
 ``cache_seqlens`` ``[B]`` int32 (valid keys per row, the Sq query tokens included: query t sits
-at key position ``L - Sq + t``, causal among themselves, optional sliding window).
+at key position ``L - Sq + t``, causal among themselves, optional sliding window), optional
+``cache_leftpad`` ``[B]`` int32 (a row's keys start there: left padding, skipped in place).
 
 The G query heads of a kv group and the Sq query tokens form the rows of one tile (row
 ``r = g * Sq + t``), so each K/V byte is read once per group. The key axis is split into
@@ -26,11 +27,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQLENS, O_PART, LSE_PART,
+    Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
     so_b, so_p, so_r, sl_b, sl_p,
     seqlen_q, max_seqlen_k, head_dim, group, scale_log2, window, chunk,
-    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_LEFTPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -60,9 +61,14 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + chunk, k_len)
     if HAS_WINDOW:
         lo = tl.maximum(lo, (k_len - seqlen_q - window + 1) // BLOCK_N * BLOCK_N)
+    k_start = 0
+    if HAS_LEFTPAD:
+        # Left padding: this row's keys start at k_start; skip the blocks before it entirely.
+        k_start = tl.minimum(tl.maximum(tl.load(LEFTPAD + b).to(tl.int64), 0), k_len)
+        lo = tl.maximum(lo, k_start // BLOCK_N * BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < hi
+        col_ok = (cols < hi) & (cols >= k_start)  # padding slots are never read (they may hold NaN)
         kt = tl.load(k_base + cols[None, :] * sk_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
         ok = row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= pos[:, None])
@@ -121,8 +127,9 @@ def _num_splits(batch: int, hkv: int, max_seqlen_k: int, block_n: int, device) -
     return max(1, min(want, triton.cdiv(max_seqlen_k, max(256, block_n)), 64))
 
 
-def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, num_splits):
+def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, window, num_splits):
     """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` (unit stride on the last dim);
+    ``cache_leftpad``: None or ``[B]`` int32;
     ``window <= 0``: none; ``num_splits <= 0``: chosen from the shapes. Returns out like q."""
     batch, sq, hq, d = q.shape
     smax, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -142,12 +149,13 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, softmax_scale, 
     o_part = torch.empty((batch, num_splits, hq * sq, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((batch, num_splits, hq * sq), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_splits, batch, hkv)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+        q, k_cache, v_cache, cache_seqlens, cache_seqlens if cache_leftpad is None else cache_leftpad,
+        o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         sq, smax, d, group, softmax_scale * _LOG2E, max(window, 0), chunk,
-        HAS_WINDOW=window > 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_WINDOW=window > 0, HAS_LEFTPAD=cache_leftpad is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=1 if _INTERPRET else 3,
     )
     _decode_combine_kernel[(hq * sq, batch)](

@@ -274,6 +274,59 @@ def test_decode_matches_reference(backend, case):
     assert_close_fp32(ours, ref)
 
 
+# (B, Sq, S_max, Hq, Hkv, D, cache_seqlens, cache_leftpad, sliding_window, num_splits)
+DECODE_LEFTPAD = {
+    "leftpad": (3, 1, 50, 8, 2, 32, [50, 40, 17], [0, 21, 16], None, None),
+    # the padding ends inside the second of three splits; the second row's keys fit one block
+    "leftpad-past-a-split": (2, 1, 64, 4, 1, 64, [64, 60], [37, 51], None, 3),
+    # verify: the queries alone (leftpad = seqlens - Sq), and a window shorter than the keys
+    "leftpad-verify-window": (2, 4, 40, 8, 2, 32, [40, 30], [13, 26], 6, 2),
+    "leftpad-window-past-padding": (1, 2, 33, 2, 2, 16, [33], [5], 20, 4),
+}
+
+
+def _left_padded_case(case, dtype=torch.float32):
+    b, sq, smax, hq, hkv, d, lens, pads, window, splits = DECODE_LEFTPAD[case]
+    q, kc, vc = _qkv(b, sq, smax, hq, hkv, d, dtype=dtype)
+    for row, pad in enumerate(pads):  # padding slots are never read: poison them
+        kc[row, :pad] = float("nan")
+        vc[row, :pad] = float("nan")
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    return q, kc, vc, seqlens, leftpad, window, splits
+
+
+@pytest.mark.parametrize("case", list(DECODE_LEFTPAD))
+def test_decode_with_leftpad_matches_reference(backend, case):
+    q, kc, vc, seqlens, leftpad, window, splits = _left_padded_case(case)
+    ours = decode_attention(q, kc, vc, seqlens, sliding_window=window, num_splits=splits, cache_leftpad=leftpad,
+                            backend=backend)
+    ref = reference.decode_attention(q, kc, vc, seqlens, None, window, cache_leftpad=leftpad)
+    assert_close_fp32(ours, ref)
+
+
+@pytest.mark.parametrize("case", list(DECODE_LEFTPAD))
+def test_decode_with_leftpad_equals_decode_of_the_unpadded_rows(kernel_backend, case):
+    """A second oracle, independent of the reference: each row's keys moved to the front of its
+    own cache, decoded without leftpad, give the same output."""
+    q, kc, vc, seqlens, leftpad, window, splits = _left_padded_case(case)
+    ours = decode_attention(q, kc, vc, seqlens, sliding_window=window, num_splits=splits, cache_leftpad=leftpad,
+                            backend=kernel_backend)
+    for row in range(q.shape[0]):
+        start, end = int(leftpad[row]), int(seqlens[row])
+        alone = decode_attention(q[row:row + 1], kc[row:row + 1, start:end], vc[row:row + 1, start:end],
+                                 seqlens[row:row + 1] - start, sliding_window=window, backend=kernel_backend)
+        assert_close_fp32(ours[row:row + 1], alone)
+
+
+def test_decode_leftpad_fp16(kernel_backend):
+    q, kc, vc, seqlens, leftpad, window, splits = _left_padded_case("leftpad", dtype=torch.float16)
+    ours = decode_attention(q, kc, vc, seqlens, num_splits=2, cache_leftpad=leftpad, backend=kernel_backend)
+    ref = reference.decode_attention(q, kc, vc, seqlens, cache_leftpad=leftpad)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_backend):
     q, kc, vc = _qkv(1, 3, 37, 4, 2, 32)
     seqlens = torch.tensor([37], dtype=torch.int32, device=DEVICE)
@@ -356,13 +409,20 @@ def _bad_decode_calls():
         "cache-shape": (lambda: decode_attention(q, kc, kc[:, :8], lens), ValueError, "v_cache"),
         "head-dim": (lambda: decode_attention(_randn(2, 1, 4, 40), _randn(2, 16, 2, 40), _randn(2, 16, 2, 40), lens), ValueError, "head_dim"),
         "num-splits": (lambda: decode_attention(q, kc, kc, lens, num_splits=0), ValueError, "num_splits"),
+        "leftpad-int64": (lambda: decode_attention(q, kc, kc, lens, cache_leftpad=lens.long() * 0), TypeError, "int32"),
+        "leftpad-shape": (lambda: decode_attention(q, kc, kc, lens, cache_leftpad=lens[:1] * 0), ValueError, "cache_leftpad"),
+        "leftpad-type": (lambda: decode_attention(q, kc, kc, lens, cache_leftpad=[0, 0]), TypeError, "cache_leftpad"),
+        "leftpad-past-queries": (lambda: decode_attention(q, kc, kc, lens.cpu(), cache_leftpad=(lens.cpu() - 1) + 1),
+                                 ValueError, "cache_leftpad"),
+        "leftpad-negative": (lambda: decode_attention(q, kc, kc, lens.cpu(), cache_leftpad=lens.cpu() * 0 - 1),
+                             ValueError, "cache_leftpad"),
     }
 
 
 @pytest.mark.parametrize("case", list(_bad_decode_calls()))
 def test_bad_decode_inputs(backend, case):
     call, error, word = _bad_decode_calls()[case]
-    if DEVICE.type != "cpu" and case == "seqlens-too-long":
+    if DEVICE.type != "cpu" and case in ("seqlens-too-long", "leftpad-past-queries", "leftpad-negative"):
         pytest.skip("value checks run eagerly on CPU tensors only")
     with thinkfuse.use_backend(backend), pytest.raises(error, match=word):
         call()
@@ -390,7 +450,9 @@ def test_opcheck_flash_attention(kernel_backend):
 def test_opcheck_decode_attention(kernel_backend):
     q, kc, vc = _qkv(2, 2, 12, 4, 2, 16)
     seqlens = torch.tensor([12, 5], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.thinkfuse.decode_attention, (q, kc, vc, seqlens, 0.25, 0, 2, kernel_backend))
+    torch.library.opcheck(torch.ops.thinkfuse.decode_attention, (q, kc, vc, seqlens, None, 0.25, 0, 2, kernel_backend))
+    leftpad = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.thinkfuse.decode_attention, (q, kc, vc, seqlens, leftpad, 0.25, 0, 2, kernel_backend))
 
 
 def test_kernel_backend_op_matches_torch_form(kernel_backend):

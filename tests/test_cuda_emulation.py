@@ -473,6 +473,7 @@ class Decode:
     scale: float | None = None
     layout: str = "contig"  # contig | strided (transposed q, interleaved k/v) | unaligned
     opts: dict = field(default_factory=dict)
+    leftpad: tuple | None = None  # cache_leftpad per row; those slots are poisoned with NaN
 
 
 # G * Sq rows per kv head: <= 8 -> 8-row blocks, <= 16 -> 16, else 32-row tiles.
@@ -516,6 +517,16 @@ DECODE_CASES.update({
     "empty-cache-fp16-d64": (Decode(64, b=2, sq=2, hq=4, hkv=2, smax=0, lens=(0, 5)), FP16),
     "long-heuristic-splits-bf16-d128": (Decode(128, b=1, sq=1, hq=8, hkv=8, smax=3000, lens=(2900,),
                                                opts=WORKERS), BF16),
+    # left padding: inside the first tile, past a split, the queries alone, none, and out of range
+    # (negative: 0; past the length: no key)
+    "leftpad-bf16-d128-splits3": (Decode(128, b=4, sq=1, hq=8, hkv=2, smax=300, lens=(300, 290, 150, 40),
+                                         leftpad=(3, 170, 0, 39), splits=3, opts=RANDOM), BF16),
+    "leftpad-fp16-d64-sq4-window7": (Decode(64, b=3, sq=4, hq=16, hkv=4, smax=120, lens=(120, 61, 30),
+                                            leftpad=(50, 57, 1), window=7, splits=2), FP16),
+    "leftpad-fp32-d32-edges": (Decode(32, b=4, sq=2, hq=4, hkv=2, smax=80, lens=(80, 80, 30, 10),
+                                      leftpad=(-4, 79, 40, 9), splits=0, opts=EARLY), torch.float32),
+    "leftpad-unaligned-bf16-d64": (Decode(64, b=2, sq=1, hq=8, hkv=4, smax=100, lens=(100, 64), leftpad=(33, 5),
+                                          layout="unaligned", opts=WORKERS), BF16),
 })
 
 
@@ -537,7 +548,13 @@ def _decode_inputs(c: Decode, dtype, seed=0):
 def _check_decode(harness, c: Decode, dtype):
     q, kc, vc = _decode_inputs(c, dtype)
     lens = torch.tensor(c.lens, dtype=torch.int32)
-    r = emu.decode(harness, q, kc, vc, lens, c.scale, c.window, c.splits, options=emu.Options(**c.opts))
+    leftpad = None if c.leftpad is None else torch.tensor(c.leftpad, dtype=torch.int32)
+    if leftpad is not None:
+        for b, pad in enumerate(c.leftpad):  # padding slots must never be read
+            kc[b, :max(pad, 0)] = float("nan")
+            vc[b, :max(pad, 0)] = float("nan")
+    r = emu.decode(harness, q, kc, vc, lens, c.scale, c.window, c.splits, options=emu.Options(**c.opts),
+                   leftpad=leftpad)
     assert r.status == 0, emu.ERRORS.get(r.status, r.status)
     out, splits = r.out, r.splits
     assert splits >= 1
@@ -547,11 +564,12 @@ def _check_decode(harness, c: Decode, dtype):
     assert [launch.kernel.split("<")[0] for launch in r.launches] == (
         ["split_kernel"] + (["combine_kernel"] if splits > 1 else [])), r.launches
     ref_lens = lens.clamp(0, c.smax)
-    ref = reference.decode_attention(q, kc, vc, ref_lens, c.scale, c.window)
+    ref = reference.decode_attention(q, kc, vc, ref_lens, c.scale, c.window, cache_leftpad=leftpad)
     if dtype == torch.float32:
         assert_close_fp32(out, ref)
     else:
-        truth = reference.decode_attention(q.double(), kc.double(), vc.double(), ref_lens, c.scale, c.window)
+        truth = reference.decode_attention(q.double(), kc.double(), vc.double(), ref_lens, c.scale, c.window,
+                                           cache_leftpad=leftpad)
         assert_low_precision_ok(out, ref, truth)
     if c.smax == 0 or 0 in c.lens:
         for b, n in enumerate(c.lens):

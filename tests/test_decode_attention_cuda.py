@@ -2,7 +2,7 @@
 for float16/bfloat16, CUDA-core FMAs for float32) that need a GPU: every dtype and supported
 head dim, 1 to 16 query tokens, GQA groups 1 to 8 (and row tiles past 32 rows), cache lengths
 0, 1, shorter than Sq, past S_max and negative, mixed lengths in a batch, sliding windows,
-strided and unaligned caches and q, explicit split counts (the split count must not change the
+strided and unaligned caches and q, left padding (cache_leftpad), explicit split counts (the split count must not change the
 result), a 20k-key cache at batch 1, CUDA graph capture and bad arguments at the binding.
 Compared with reference.py (a float64 truth for float16/bfloat16, see tolerances.py). The
 reference counts lengths as the kernels do after clamping them to [0, S_max], so it is given the
@@ -217,7 +217,7 @@ def test_split_count_does_not_change_the_result():
 def test_opcheck():
     q, kc, vc = _inputs(2, 2, 4, 2, 40, 32, torch.float16)
     lens = _lens([40, 7])
-    torch.library.opcheck(torch.ops.thinkfuse.decode_attention, (q, kc, vc, lens, 0.25, 0, 3, "cuda"))
+    torch.library.opcheck(torch.ops.thinkfuse.decode_attention, (q, kc, vc, lens, None, 0.25, 0, 3, "cuda"))
 
 
 # --- CUDA graphs -------------------------------------------------------------------------------------
@@ -244,13 +244,55 @@ def test_cuda_graph_capture_and_replay(batch, smax):
     _check(out, q, kc, vc, lens, window=4000)
 
 
+# --- left padding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [None, 1, 5])
+def test_left_padding_is_skipped_in_place(dtype, splits):
+    """cache_leftpad: each row's keys are slots [leftpad, seqlens); the padding slots hold NaN and
+    must never be read. Padding inside the first tile, past a split, the queries alone, none, and
+    out of range (negative: from 0; past the length: no key)."""
+    q, kc, vc = _inputs(6, 2, 16, 4, 300, 128, dtype)
+    lens = _lens([300, 290, 150, 40, 100, 30])
+    pads = [3, 170, 0, 38, -7, 31]
+    for row, pad in enumerate(pads):
+        kc[row, :max(pad, 0)] = float("nan")
+        vc[row, :max(pad, 0)] = float("nan")
+    leftpad = _lens(pads)
+    ours = _cuda(q, kc, vc, lens, num_splits=splits, cache_leftpad=leftpad, sliding_window=None)
+    assert ours.shape == q.shape and ours.dtype == q.dtype
+    ref = reference.decode_attention(q, kc, vc, lens, cache_leftpad=leftpad)
+    if dtype == torch.float32:
+        assert_close_fp32(ours, ref)
+    else:
+        truth = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, cache_leftpad=leftpad)
+        assert_low_precision_ok(ours, ref, truth)
+    assert not ours[5].any(), "a row whose padding covers its keys outputs 0"
+
+
+def test_left_padding_with_window_and_graph_replay():
+    """Left padding with a sliding window, captured once and replayed with new pads and lengths."""
+    q, kc, vc = _inputs(3, 1, 8, 2, 256, 64, torch.bfloat16)
+    lens, leftpad = _lens([256, 200, 90]), _lens([10, 150, 0])
+    graph, out = capture_cuda_graph(lambda: _cuda(q, kc, vc, lens, sliding_window=64, cache_leftpad=leftpad))
+    for new_lens, new_pads in (([256, 200, 90], [10, 150, 0]), ([255, 230, 17], [250, 0, 3])):
+        lens.copy_(_lens(new_lens))
+        leftpad.copy_(_lens(new_pads))
+        graph.replay()
+        torch.cuda.synchronize()
+        truth = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, None, 64, cache_leftpad=leftpad)
+        ref = reference.decode_attention(q, kc, vc, lens, None, 64, cache_leftpad=leftpad)
+        assert_low_precision_ok(out, ref, truth)
+
+
 # --- bad arguments at the binding -------------------------------------------------------------------
 
 
-def _raw(q, kc, vc, lens, scale=0.125, window=0, splits=0):
+def _raw(q, kc, vc, lens, scale=0.125, window=0, splits=0, leftpad=None):
     from thinkfuse.ops._registry import cuda_ops
 
-    return cuda_ops().decode_attention(q, kc, vc, lens, scale, window, splits)
+    return cuda_ops().decode_attention(q, kc, vc, lens, leftpad, scale, window, splits)
 
 
 def _bad_binding_calls():
@@ -278,6 +320,11 @@ def _bad_binding_calls():
         "scale-nan": (lambda: _raw(q, kc, vc, lens, scale=float("nan")), ValueError, "softmax_scale"),
         "scale-zero": (lambda: _raw(q, kc, vc, lens, scale=0.0), ValueError, "softmax_scale"),
         "scale-overflow": (lambda: _raw(q, kc, vc, lens, scale=1e300), ValueError, "softmax_scale"),
+        "leftpad-int64": (lambda: _raw(q, kc, vc, lens, leftpad=lens.long()), TypeError, "cache_leftpad"),
+        "leftpad-cpu": (lambda: _raw(q, kc, vc, lens, leftpad=lens.cpu()), ValueError, "cache_leftpad"),
+        "leftpad-shape": (lambda: _raw(q, kc, vc, lens, leftpad=lens[:1]), ValueError, "cache_leftpad"),
+        "leftpad-strided": (lambda: _raw(q, kc, vc, lens, leftpad=_lens([0, 0, 0, 0])[::2]), ValueError,
+                            "contiguous"),
     }
 
 

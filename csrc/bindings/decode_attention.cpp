@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "common.h"
 #include "thinkfuse/ops.h"
@@ -27,10 +28,12 @@ void check_unit_last_stride(const at::Tensor& t, const char* name) {
 }
 
 // q [B, Sq, Hq, D], k_cache / v_cache [B, S_max, Hkv, D] (unit stride on D, any other strides),
-// cache_seqlens [B] int32. Returns the kernels' shape description.
+// cache_seqlens [B] int32, cache_leftpad (optional) [B] int32. Returns the kernels' shape
+// description.
 thinkfuse::DecodeAttentionShape check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
                                                   const at::Tensor& v_cache,
-                                                  const at::Tensor& cache_seqlens) {
+                                                  const at::Tensor& cache_seqlens,
+                                                  const std::optional<at::Tensor>& cache_leftpad) {
   check_4d(q, "q", "[B, Sq, Hq, D]");
   check_4d(k_cache, "k_cache", "[B, S_max, Hkv, D]");
   check_4d(v_cache, "v_cache", "[B, S_max, Hkv, D]");
@@ -80,14 +83,25 @@ thinkfuse::DecodeAttentionShape check_decode_args(const at::Tensor& q, const at:
                     "cache_seqlens must have one entry per batch row ([", batch, "]), got shape ",
                     cache_seqlens.sizes());
   TORCH_CHECK_VALUE(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous");
+  if (cache_leftpad.has_value()) {
+    const at::Tensor& leftpad = *cache_leftpad;
+    check_device(leftpad, "cache_leftpad", device);
+    TORCH_CHECK_TYPE(leftpad.scalar_type() == at::kInt, "cache_leftpad must be int32, got ",
+                     leftpad.scalar_type());
+    TORCH_CHECK_VALUE(leftpad.dim() == 1 && leftpad.size(0) == batch,
+                      "cache_leftpad must have one entry per batch row ([", batch, "]), got shape ",
+                      leftpad.sizes());
+    TORCH_CHECK_VALUE(leftpad.is_contiguous(), "cache_leftpad must be contiguous");
+  }
   return {batch, seqlen_q, q_heads, kv_heads, head_dim, max_seqlen_k};
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                 const std::optional<at::Tensor>& cache_leftpad,
                                  double softmax_scale, int64_t window, int64_t num_splits) {
   const thinkfuse::DecodeAttentionShape shape =
-      check_decode_args(q, k_cache, v_cache, cache_seqlens);
+      check_decode_args(q, k_cache, v_cache, cache_seqlens, cache_leftpad);
   const DType dtype = kernel_dtype(q, "q");
   // Python floats arrive as double; the kernels take float32, as the Triton kernel does.
   const float scale = static_cast<float>(softmax_scale);
@@ -114,7 +128,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   check_launch(
       thinkfuse::decode_attention(
           shape, heads_view(q), heads_view(k_cache), heads_view(v_cache),
-          cache_seqlens.const_data_ptr<int32_t>(), scale, window, splits,
+          cache_seqlens.const_data_ptr<int32_t>(),
+          cache_leftpad.has_value() ? cache_leftpad->const_data_ptr<int32_t>() : nullptr, scale,
+          window, splits,
           splits > 1 ? o_part.mutable_data_ptr<float>() : nullptr,
           splits > 1 ? lse_part.mutable_data_ptr<float>() : nullptr, out.mutable_data_ptr(),
           dtype, c10::cuda::getCurrentCUDAStream().stream()),
@@ -127,7 +143,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
 TORCH_LIBRARY_FRAGMENT(thinkfuse_C, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
-      "float softmax_scale, int window, int num_splits) -> Tensor out");
+      "Tensor? cache_leftpad, float softmax_scale, int window, int num_splits) -> Tensor out");
 }
 
 TORCH_LIBRARY_IMPL(thinkfuse_C, CUDA, m) { m.impl("decode_attention", &decode_attention_cuda); }

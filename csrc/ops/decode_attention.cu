@@ -110,9 +110,10 @@ int64_t decode_attention_num_splits(const DecodeAttentionShape& shape, int64_t r
 
 cudaError_t decode_attention(const DecodeAttentionShape& shape, const HeadsView& q,
                              const HeadsView& k_cache, const HeadsView& v_cache,
-                             const int32_t* cache_seqlens, float softmax_scale, int64_t window,
-                             int64_t num_splits, float* o_part, float* lse_part, void* out,
-                             DType dtype, cudaStream_t stream) {
+                             const int32_t* cache_seqlens, const int32_t* cache_leftpad,
+                             float softmax_scale, int64_t window, int64_t num_splits,
+                             float* o_part, float* lse_part, void* out, DType dtype,
+                             cudaStream_t stream) {
   if (!decode_attention_shape_valid(shape) || q.heads != shape.q_heads ||
       k_cache.heads != shape.kv_heads || v_cache.heads != shape.kv_heads || num_splits < 1) {
     return cudaErrorInvalidValue;
@@ -154,6 +155,7 @@ cudaError_t decode_attention(const DecodeAttentionShape& shape, const HeadsView&
     p.v_ss = v_cache.stride_s;
     p.v_sh = v_cache.stride_h;
     p.seqlens = cache_seqlens;
+    p.leftpad = cache_leftpad;  // nullptr: every row starts at key 0
     p.out = static_cast<T*>(out);
     p.o_part = o_part;
     p.lse_part = lse_part;

@@ -303,13 +303,17 @@ def _empty_output(q, k, v):
     return q * 0 + (k.sum() + v.sum()) * 0
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None):
-    """Attention of ``q [B, Sq, Hq, D]`` (the last Sq valid positions of each row) over the first
-    ``cache_seqlens[b]`` entries of ``k_cache``/``v_cache`` ``[B, S_max, Hkv, D]``; causal among
-    the query tokens (bottom-right aligned), with an optional sliding window."""
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None,
+                     cache_leftpad=None):
+    """Attention of ``q [B, Sq, Hq, D]`` (the last Sq valid positions of each row) over the
+    entries ``[cache_leftpad[b], cache_seqlens[b])`` of ``k_cache``/``v_cache`` ``[B, S_max, Hkv, D]``
+    (no leftpad: from 0); causal among the query tokens (bottom-right aligned), with an optional
+    sliding window. Left padding shifts every position of a row alike, so causality and the
+    window are the same counted in cache slots or in the row's own keys."""
     outs = []
     for b in range(q.shape[0]):
         n = min(int(cache_seqlens[b]), k_cache.shape[1])
-        outs.append(flash_attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], causal=True,
-                                    softmax_scale=softmax_scale, sliding_window=sliding_window))
+        start = 0 if cache_leftpad is None else min(max(int(cache_leftpad[b]), 0), max(n, 0))
+        outs.append(flash_attention(q[b:b + 1], k_cache[b:b + 1, start:n], v_cache[b:b + 1, start:n],
+                                    causal=True, softmax_scale=softmax_scale, sliding_window=sliding_window))
     return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)

@@ -438,19 +438,21 @@ def flash_bwd(exe, dout, q, k, v, out, lse, dlse=None, causal=True, scale=None, 
                            dv=from_bytes(r.outputs["dv"], v.dtype, v.shape))
 
 
-def decode(exe, q, k_cache, v_cache, seqlens, scale=None, window=None, splits=0, options=None):
+def decode(exe, q, k_cache, v_cache, seqlens, scale=None, window=None, splits=0, options=None, leftpad=None):
     """status, out, splits (and launches) of decode_attention with the split count from
     decode_attention_num_splits(requested=splits) (0: the heuristic for the emulated device)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     b, sq, hq, d = q.shape
     s = dict(dtype=DTYPE_NAMES[q.dtype], batch=b, seqlen_q=sq, q_heads=hq, kv_heads=k_cache.shape[2],
              head_dim=d, max_seqlen_k=k_cache.shape[1], scale=repr(float(scale)), window=window or 0,
-             requested_splits=splits)
+             requested_splits=splits, has_leftpad=int(leftpad is not None))
     for name, t in (("q", q), ("k", k_cache), ("v", v_cache)):
         s.update({f"{name}_off": t.storage_offset(), f"{name}_sb": t.stride(0), f"{name}_ss": t.stride(1),
                   f"{name}_sh": t.stride(2)})
     out = poison(q.shape, q.dtype)
     bufs = dict(q=q, k=k_cache, v=v_cache, seqlens=seqlens.to(torch.int32).contiguous(), out=out)
+    if leftpad is not None:
+        bufs["leftpad"] = leftpad.to(torch.int32).contiguous()
     r = run_case(exe, "decode", s, bufs, ["out"], options)
     return SimpleNamespace(status=r.status, launches=r.values["launches"], splits=r.values["splits"],
                            out=from_bytes(r.outputs["out"], q.dtype, q.shape))

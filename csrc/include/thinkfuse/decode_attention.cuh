@@ -2,7 +2,8 @@
 // kernels/decode_attention.py and reference.decode_attention:
 //   q [B, Sq, Hq, D] (1 <= Sq <= 16), k_cache / v_cache [B, S_max, Hkv, D], lengths L[b] (the Sq
 //   query tokens included) clamped to [0, S_max]. Query token t of row b sits at key position
-//   pos = L - Sq + t and sees the keys j with j <= pos and, with a window W > 0, j > pos - W.
+//   pos = L - Sq + t and sees the keys j with j <= pos and, with a window W > 0, j > pos - W;
+//   with left padding P[b] (optional, clamped to [0, L]) only the keys j >= P[b] exist.
 //   out = softmax(scale * q k^T) v over the visible keys; a row that sees no key gives 0.
 //
 // Work decomposition
@@ -210,6 +211,7 @@ struct Params {
   const T* v;
   int64_t v_sb, v_ss, v_sh;
   const int32_t* seqlens;  // [B]
+  const int32_t* leftpad;  // [B] first key of each row (left padding), or nullptr: 0
   T* out;                  // contiguous [B, Sq, Hq, D]; written when num_splits == 1
   float* o_part;           // [B, num_splits, Hq * Sq, D] (row h * Sq + t); num_splits > 1
   float* lse_part;         // [B, num_splits, Hq * Sq], log2 domain; num_splits > 1
@@ -271,7 +273,8 @@ __device__ __forceinline__ void store_shared(float* dst, const float (&x)[N]) {
 struct BlockWork {
   int b, kvh, split, row_tile;
   int len;     // L clamped to [0, S_max]
-  int key_lo;  // first key: the split start, raised to the first key any row's window allows
+  int key_lo;  // first key: the split start, raised to the row's first key (left padding) and
+               // to the first key any query's window allows
   int key_hi;  // one past the last key: the split end, capped at L
   int num_tiles;
 };
@@ -297,6 +300,9 @@ __device__ __forceinline__ BlockWork block_work(const Params<T>& p, int tile_n) 
     // Row t = 0 (the earliest position, L - Sq) sees keys j > L - Sq - W; later rows see less.
     w.key_lo = max(w.key_lo, w.len - p.seqlen_q - p.window + 1);
   }
+  // Left padding: the slots before the row's first key are skipped, never read. Every key the
+  // block handles is >= key_lo by construction, so raising key_lo is the whole mask.
+  if (p.leftpad != nullptr) w.key_lo = max(w.key_lo, min(max(p.leftpad[w.b], 0), w.len));
   w.num_tiles = w.key_hi > w.key_lo ? ceil_div(w.key_hi - w.key_lo, tile_n) : 0;
   return w;
 }

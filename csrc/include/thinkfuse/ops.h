@@ -329,9 +329,10 @@ int64_t decode_attention_num_splits(const DecodeAttentionShape& shape, int64_t r
 
 cudaError_t decode_attention(const DecodeAttentionShape& shape, const HeadsView& q,
                              const HeadsView& k_cache, const HeadsView& v_cache,
-                             const int32_t* cache_seqlens, float softmax_scale, int64_t window,
-                             int64_t num_splits, float* o_part, float* lse_part, void* out,
-                             DType dtype, cudaStream_t stream);
+                             const int32_t* cache_seqlens, const int32_t* cache_leftpad,
+                             float softmax_scale, int64_t window, int64_t num_splits,
+                             float* o_part, float* lse_part, void* out, DType dtype,
+                             cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Flash attention forward for Hopper (sm_90a: wgmma, TMA, warp specialisation; FA3-style),

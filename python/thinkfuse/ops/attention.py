@@ -19,7 +19,7 @@ no sliding window; ``num_splits <= 0`` means choose):
                         Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,
                         float softmax_scale, bool causal, int window) -> (Tensor dq, Tensor dk, Tensor dv)
     decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,
-                     float softmax_scale, int window, int num_splits) -> Tensor out
+                     Tensor? cache_leftpad, float softmax_scale, int window, int num_splits) -> Tensor out
 lse is float32 ``[B, Hq, Sq]`` (padded) or ``[Hq, total]`` (packed); rows that see no key have
 out 0 and lse -inf.
 
@@ -125,22 +125,28 @@ def decode_attention(
     softmax_scale: Optional[float] = None,
     sliding_window: Optional[int] = None,
     num_splits: Optional[int] = None,
+    cache_leftpad: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Attention of the last ``Sq`` tokens of each row over its KV cache (not differentiable).
 
     q ``[B, Sq, Hq, D]`` with ``1 <= Sq <= 16``; caches ``[B, S_max, Hkv, D]``; ``cache_seqlens``
-    ``[B]`` int32 counts valid keys per row, the query tokens included (causal among
-    themselves). ``num_splits`` (a hint; None chooses) splits the key axis (flash-decoding).
+    ``[B]`` int32 is where each row's keys end, the query tokens included (causal among
+    themselves). ``cache_leftpad`` (``[B]`` int32, optional, as in flash-attn's
+    ``flash_attn_with_kvcache``) is where they start: a left-padded batch attends to slots
+    ``[cache_leftpad[b], cache_seqlens[b])`` in place, with no copy of the cache. ``num_splits``
+    (a hint; None chooses) splits the key axis (flash-decoding).
     """
-    scale = _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits)
+    scale = _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits,
+                          cache_leftpad)
     name = _decode_backend(q, k_cache, v_cache, backend)
     if name == "torch":
-        return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, sliding_window)
+        return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, sliding_window, cache_leftpad)
     return call(
         "decode_attention",
         with_unit_last_stride(q), with_unit_last_stride(k_cache), with_unit_last_stride(v_cache),
-        cache_seqlens.contiguous(), scale, int(sliding_window or 0), int(num_splits or 0), name,
+        cache_seqlens.contiguous(), None if cache_leftpad is None else cache_leftpad.contiguous(), scale,
+        int(sliding_window or 0), int(num_splits or 0), name,
     )
 
 
@@ -185,10 +191,11 @@ def model_decode_backend(name: Optional[str]) -> Optional[str]:
     return None if name == "cuda" else backend_for_op(name, "decode_attention")
 
 
-def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, sliding_window) -> Tensor:
+def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, sliding_window, cache_leftpad=None) -> Tensor:
     """``reference.decode_attention`` for all rows at once: float32 scores over every cache slot,
-    masked to each row's first ``cache_seqlens`` keys, causal among the queries (query i of Sq
-    sits at key position ``len - Sq + i``) and within the window. Rows that see no key give 0."""
+    masked to each row's keys ``[cache_leftpad, cache_seqlens)``, causal among the queries (query
+    i of Sq sits at key position ``len - Sq + i``) and within the window. Rows that see no key
+    give 0."""
     batch, sq, hq, d = q.shape
     slots, hkv = k_cache.shape[1], k_cache.shape[2]
     q5 = q.float().reshape(batch, sq, hkv, hq // hkv, d)
@@ -199,10 +206,16 @@ def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, sliding_wind
     visible = keys <= position[..., None]  # [B, Sq, S]: causal, hence also inside the row's length
     if sliding_window:
         visible &= keys > position[..., None] - sliding_window
+    v = v_cache.float()
+    if cache_leftpad is not None:
+        first = cache_leftpad.long()[:, None]
+        visible &= (keys >= first)[:, None, :]
+        # Padding slots are not keys: whatever they hold (NaN included) must not reach 0 * v.
+        v = v.masked_fill((keys < first)[:, :, None, None], 0.0)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     seen = visible.any(-1)[:, None, None, :, None]  # a query with no key: softmax of all -inf is NaN
     probs = torch.where(seen, torch.softmax(scores, dim=-1), 0.0)
-    out = torch.einsum("bhgqs,bshd->bqhgd", probs, v_cache.float())
+    out = torch.einsum("bhgqs,bshd->bqhgd", probs, v)
     return out.reshape(batch, sq, hq, d).to(q.dtype)
 
 
@@ -417,7 +430,8 @@ def _check_attention(q, k, v, causal, softmax_scale, sliding_window, cu_seqlens_
     return scale
 
 
-def _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits) -> float:
+def _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits,
+                  cache_leftpad=None) -> float:
     check_tensor("q", q, ndim=4)
     check_tensor("k_cache", k_cache, ndim=4)
     check_tensor("v_cache", v_cache, ndim=4)
@@ -436,20 +450,38 @@ def _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_win
         raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if cache_seqlens.shape[0] != batch:
         raise ValueError(f"cache_seqlens must have one entry per batch row ({batch}), got {cache_seqlens.shape[0]}")
+    if cache_leftpad is not None:
+        check_tensor("cache_leftpad", cache_leftpad, dtypes=None, ndim=1)
+        if cache_leftpad.dtype != torch.int32:
+            raise TypeError(f"cache_leftpad must be int32, got {cache_leftpad.dtype}")
+        if cache_leftpad.shape[0] != batch:
+            raise ValueError(f"cache_leftpad must have one entry per batch row ({batch}), got "
+                             f"{cache_leftpad.shape[0]}")
     _check_window(sliding_window)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
     scale = _check_scale(softmax_scale, q.shape[-1])
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
-    # The range check reads values: cheap on the CPU, a sync elsewhere, a graph break under compile.
+    if cache_leftpad is not None:
+        check_same_device(q=q, cache_leftpad=cache_leftpad)
+    # The range checks read values: cheap on the CPU, a sync elsewhere, a graph break under compile.
     if cache_seqlens.device.type == "cpu" and batch and not torch.compiler.is_compiling():
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < sq or hi > k_cache.shape[1]:
-            raise ValueError(
-                f"cache_seqlens must lie in [Sq, S_max] = [{sq}, {k_cache.shape[1]}] (they count the query "
-                f"tokens), got values in [{lo}, {hi}]"
-            )
+        _check_decode_ranges(cache_seqlens, cache_leftpad, sq, k_cache.shape[1])
     return scale
+
+
+def _check_decode_ranges(cache_seqlens: Tensor, cache_leftpad: Optional[Tensor], sq: int, slots: int) -> None:
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < sq or hi > slots:
+        raise ValueError(
+            f"cache_seqlens must lie in [Sq, S_max] = [{sq}, {slots}] (they count the query "
+            f"tokens), got values in [{lo}, {hi}]"
+        )
+    if cache_leftpad is not None and bool(((cache_leftpad < 0) | (cache_leftpad > cache_seqlens - sq)).any()):
+        raise ValueError(
+            "cache_leftpad must lie in [0, cache_seqlens - Sq] per row (the query tokens are keys of their "
+            f"row), got {cache_leftpad.tolist()} for cache_seqlens {cache_seqlens.tolist()} and Sq = {sq}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,21 +648,21 @@ def _backward(ctx, dout, dlse):
 register_autograd("flash_attention_fwd", _backward, _setup_context)
 
 
-def _torch_decode_op_form(q, k_cache, v_cache, cache_seqlens, scale, window, num_splits):
+def _torch_decode_op_form(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, window, num_splits):
     """The custom op's "torch" form (opcheck, tests): the torch backend's decode."""
-    return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, window if window > 0 else None)
+    return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, window if window > 0 else None, cache_leftpad)
 
 
 @custom_op("decode_attention")
 def decode_attention_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float, window: int,
-    num_splits: int, backend: str,
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, cache_leftpad: Optional[Tensor],
+    softmax_scale: float, window: int, num_splits: int, backend: str,
 ) -> Tensor:
     fn = implementation(backend, "decode_attention", "decode_attention_forward", "decode_attention",
                         _torch_decode_op_form)
-    return fn(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, num_splits)
+    return fn(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, window, num_splits)
 
 
 @decode_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, num_splits, backend):
+def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, window, num_splits, backend):
     return q.new_empty(q.shape)

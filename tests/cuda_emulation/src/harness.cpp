@@ -225,8 +225,10 @@ cudaError_t run_decode() {
     o_part = reinterpret_cast<float*>(scratch("o_part", rows * shape.head_dim * 4, 0xFF).data);
     lse_part = reinterpret_cast<float*>(scratch("lse_part", rows * 4, 0xFF).data);
   }
+  const int32_t* leftpad =
+      I("has_leftpad", 0) != 0 ? static_cast<const int32_t*>(at("leftpad", 0, 4)) : nullptr;
   return thinkfuse::decode_attention(shape, q, k, v, static_cast<const int32_t*>(at("seqlens", 0, 4)),
-                                     static_cast<float>(F("scale")), I("window"), splits, o_part,
+                                     leftpad, static_cast<float>(F("scale")), I("window"), splits, o_part,
                                      lse_part, at("out", 0, e), dt, nullptr);
 }
 

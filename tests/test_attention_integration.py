@@ -278,6 +278,38 @@ def test_greedy_generate_left_padded_matches_unpatched(family, backend):
     assert torch.equal(_greedy(model, ids, mask), ref)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_decode_steps_skip_the_padding_in_place(family, backend, monkeypatch):
+    """Left-padded generate: the decode steps hand each row's padding length to the decode kernel
+    (cache_leftpad), which skips it in place; nothing is unpadded (that would copy every layer's
+    K/V cache each step) except the prefill. The logits of every step match unpatched."""
+    from thinkfuse import attention_interface
+
+    model = tiny_model(family).to(DEVICE)
+    ids = tiny_batch(2, 7, device=DEVICE)
+    mask = _padding_mask(2, 7, "left")
+
+    def generate():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True)
+        return out.sequences, torch.stack(out.logits, 1)
+
+    ref_tokens, ref_logits = generate()
+    leftpads, plans = [], []
+    decode, plan = thinkfuse.ops.decode_attention, attention_interface._padding_plan
+    monkeypatch.setattr(thinkfuse.ops, "decode_attention",
+                        lambda *a, **k: leftpads.append(k.get("cache_leftpad")) or decode(*a, **k))
+    monkeypatch.setattr(attention_interface, "_padding_plan", lambda *a: plans.append(1) or plan(*a))
+    thinkfuse.patch_model(model, backend=backend)
+    tokens, logits = generate()
+    assert torch.equal(tokens, ref_tokens)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
+    layers = _text_config(model).num_hidden_layers
+    assert len(leftpads) == 5 * layers  # every step after the prefill, every layer
+    assert all(pad is not None and pad.tolist() == [4, 0] for pad in leftpads)
+    assert len(plans) == 1  # the prefill's unpad plan, shared by its layers
+
+
 def test_greedy_generate_without_padding_uses_decode_kernel(backend, monkeypatch):
     """No padding: decode steps go to ops.decode_attention (the mask is None, Sq < Sk)."""
     model = tiny_model("qwen2").to(DEVICE)
@@ -365,13 +397,13 @@ def _check_static_generate(padded, compiled, backend, family="qwen2"):
     assert_close_fp32(logits, ref_logits, tol=1e-4)
 
 
-def _padded_cache_step(model, cache_kind, step_tokens, compiled):
-    """Logits of a compiled (or eager) forward of ``step_tokens`` new tokens after a left-padded
-    prefill, both with a 2-D padding mask, on a static or dynamic cache."""
+def _padded_cache_step(model, cache_kind, step_tokens, compiled, mask=None):
+    """Logits of a compiled (or eager) forward of ``step_tokens`` new tokens after a padded
+    prefill (default: left padding), both with a 2-D padding mask, on a static or dynamic cache."""
     from transformers import DynamicCache, StaticCache
 
     ids = tiny_batch(2, 6, device=DEVICE)
-    mask = _padding_mask(2, 6, "left")
+    mask = _padding_mask(2, 6, "left") if mask is None else mask
     new = tiny_batch(2, step_tokens, seed=5, device=DEVICE)
     cache = StaticCache(config=model.config, max_cache_len=16) if cache_kind == "static" else DynamicCache()
     step = torch.compile(model.forward, backend="eager") if compiled else model.forward
@@ -394,6 +426,50 @@ def test_compiled_padded_cache_step_is_causal_and_windowed(cache_kind, step_toke
     ref = _padded_cache_step(model, cache_kind, step_tokens, compiled=False)
     thinkfuse.patch_model(model, backend="torch")
     assert_close_fp32(_padded_cache_step(model, cache_kind, step_tokens, compiled=True), ref, tol=1e-4)
+
+
+PREFILL_MASKS = {
+    "left": [[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]],
+    "hole": [[1, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]],  # not left padding: the unpad path
+    "right": [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]],
+}
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("prefill_mask", list(PREFILL_MASKS))
+@pytest.mark.parametrize("step_tokens", [1, 3])
+def test_eager_padded_cache_step_matches_unpatched(cache_kind, prefill_mask, step_tokens, backend):
+    """Eager decode steps after a padded prefill: left padding runs the decode kernel with
+    cache_leftpad; other padding patterns unpad, except that tokens after padding under a
+    sliding window (Mistral, window 4, shorter than the context) run sdpa, whose window counts
+    cache slots (unpadded, it would count tokens). All as unpatched sdpa."""
+    model = tiny_model("mistral").to(DEVICE).eval()
+    model.config.sliding_window = 4
+    mask = torch.tensor(PREFILL_MASKS[prefill_mask], device=DEVICE)
+    ref = _padded_cache_step(model, cache_kind, step_tokens, compiled=False, mask=mask)
+    thinkfuse.patch_model(model, backend=backend)
+    assert_close_fp32(_padded_cache_step(model, cache_kind, step_tokens, compiled=False, mask=mask), ref, tol=1e-4)
+
+
+def test_left_padding_detection_reads_the_host_once(monkeypatch):
+    """_left_padding: the padding length per row when every row is padding then tokens (the
+    queries among them), else None; one host read."""
+    from thinkfuse import attention_interface
+
+    def left(rows, sq=1):
+        return attention_interface._left_padding(torch.tensor(rows, device=DEVICE), sq)
+
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    pads = left([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert len(reads) == 1
+    monkeypatch.undo()
+    assert pads.dtype == torch.int32 and pads.tolist() == [2, 0, 3]
+    assert left([[0, 1, 0, 1], [1, 1, 1, 1]]) is None  # a hole
+    assert left([[1, 1, 0, 0]]) is None  # right padding: the query is padding
+    assert left([[0, 0, 1, 1]], sq=3) is None  # a query is padding
+    assert left([[0, 1, 1, 1]], sq=3).tolist() == [1]
 
 
 def test_static_cache_decode_step_compiles_with_fullgraph():
@@ -538,7 +614,7 @@ def test_padding_plan_reads_the_host_once(monkeypatch):
     real_tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
     monkeypatch.setattr(torch, "nonzero", None)
-    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = attention_interface._padding_plan(mask, 5)
+    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k), one_run = attention_interface._padding_plan(mask, 5)
     assert len(reads) == 1
     monkeypatch.undo()
     for valid, idx, cu, longest in ((mask[:, -5:], idx_q, cu_q, max_q), (mask, idx_k, cu_k, max_k)):
@@ -546,7 +622,10 @@ def test_padding_plan_reads_the_host_once(monkeypatch):
         assert torch.equal(idx, torch.nonzero(valid.flatten()).flatten())
         assert cu.dtype == torch.int32 and cu.tolist() == [0, *lengths.cumsum(0).tolist()]
         assert longest == int(lengths.max())
+    assert not one_run  # random holes
     assert attention_interface._padding_plan(torch.ones(3, 6, dtype=torch.bool), 2) is None
+    ends = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert attention_interface._padding_plan(ends, 2)[2]  # padding at the ends only (or an empty row)
 
 
 def test_attention_rule_without_the_rope_rule():

@@ -188,16 +188,29 @@ def _unpad_data(valid: torch.Tensor, lengths: torch.Tensor, host_lengths: list[i
 def _padding_plan(mask: torch.Tensor, sq: int):
     """Unpad plan for queries (the newest ``sq`` tokens: with a cache they are the end of the
     key timeline, so the valid queries are exactly the last valid keys of each row, which is
-    what bottom-right causal alignment per sequence needs) and keys; None when no key is
-    padding. One host synchronisation: the row lengths, read together."""
+    what bottom-right causal alignment per sequence needs) and keys, and whether every row's
+    tokens form one run (padding only at its ends); None when no key is padding. One host
+    synchronisation: the row lengths and run counts, read together."""
     valid = mask.bool()
     valid_q = valid[:, -sq:]
     lengths_q = valid_q.sum(-1, dtype=torch.int32)
     lengths_k = valid.sum(-1, dtype=torch.int32)
-    host_q, host_k = torch.stack([lengths_q, lengths_k]).tolist()
+    runs = (valid & ~F.pad(valid[:, :-1], (1, 0), value=False)).sum(-1, dtype=torch.int32)
+    host_q, host_k, host_runs = torch.stack([lengths_q, lengths_k, runs]).tolist()
     if sum(host_k) == valid.numel():
         return None
-    return _unpad_data(valid_q, lengths_q, host_q), _unpad_data(valid, lengths_k, host_k)
+    return _unpad_data(valid_q, lengths_q, host_q), _unpad_data(valid, lengths_k, host_k), max(host_runs) <= 1
+
+
+def _left_padding(mask: torch.Tensor, sq: int):
+    """int32 ``[B]`` count of leading padding slots per row when every row of the ``[B, Sk]``
+    mask is padding followed by tokens only, the ``sq`` queries among the tokens (what generate
+    makes of a left-padded batch); else None. One host read."""
+    valid = mask.bool()
+    suffix = (valid[:, 1:] >= valid[:, :-1]).all() & valid[:, -sq:].all()
+    if not bool(suffix):
+        return None
+    return (valid.shape[1] - valid.sum(-1, dtype=torch.int32)).to(torch.int32)
 
 
 def _packed_plan(position_ids: torch.Tensor, batch: int, seq: int):
@@ -428,17 +441,22 @@ def _dense(q, k, v, scaling, window, backends, key_count_marker=None):
     a device tensor (no host read, so static-cache decoding stays capturable); other calls read
     it once per forward and cut the keys there."""
     if _is_inference_decode_step(q.shape[1], k.shape[1], (q, k, v)):
-        if key_count_marker is not None:
-            seqlens = key_count_marker.reshape(-1).contiguous()
-        else:
-            seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-        return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window,
-                                    backend=backends["decode_attention"])
+        seqlens = key_count_marker.reshape(-1).contiguous() if key_count_marker is not None else None
+        return _decode(q, k, v, scaling, window, backends, seqlens)
     if key_count_marker is not None:
         written = _memoized(key_count_marker, ("written keys",), lambda: int(key_count_marker[0, 0, 0, 0]))
         k, v = k[:, :written], v[:, :written]
     return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window,
                                backend=backends["flash_attention_fwd"])
+
+
+def _decode(q, k, v, scaling, window, backends, seqlens=None, leftpad=None):
+    """The split-K decode kernel over each row's keys ``[leftpad, seqlens)`` (defaults: the
+    whole cache), read in place."""
+    if seqlens is None:
+        seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+    return ops.decode_attention(q, k, v, seqlens, softmax_scale=scaling, sliding_window=window,
+                                cache_leftpad=leftpad, backend=backends["decode_attention"])
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backends):
@@ -457,7 +475,9 @@ def _rows_end_to_end(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, backend
 def _padded(q, k, v, mask, scaling, window, backends):
     """Padded batch: unpad to the packed form, run varlen, scatter back (zeros at padding); a
     mask without padding runs dense (transformers looks for packed sequences only without a
-    mask, so neither does this)."""
+    mask, so neither does this). None for what unpadding cannot do: a sliding window over a row
+    with padding between its tokens (tokens appended after right padding, or a hole), where
+    the window counts cache slots (as sdpa does) and the packed form would count tokens."""
     batch, sq, hq, d = q.shape
     if mask.shape[1] > k.shape[1]:
         mask = mask[:, -k.shape[1]:]
@@ -465,10 +485,18 @@ def _padded(q, k, v, mask, scaling, window, backends):
         # A static cache holds more slots than tokens seen so far: the unused slots are not keys.
         k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
     sk = k.shape[1]
+    if _is_inference_decode_step(sq, sk, (q, k, v)):
+        # A left-padded batch decoding (generate's usual case): the decode kernel skips each row's
+        # padding in place, where unpadding would copy the whole K/V cache of every layer.
+        leftpad = _memoized(mask, ("left padding", sq, sk), lambda: _left_padding(mask, sq))
+        if leftpad is not None:
+            return _decode(q, k, v, scaling, window, backends, leftpad=leftpad)
     plan = _memoized(mask, (sq, sk), lambda: _padding_plan(mask, sq))
     if plan is None:  # nothing is padding
         return _dense(q, k, v, scaling, window, backends)
-    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = plan
+    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k), one_run = plan
+    if window and not one_run:
+        return None
     q_packed = q.reshape(batch * sq, hq, d).index_select(0, idx_q)
     k_packed = k.reshape(batch * sk, *k.shape[2:]).index_select(0, idx_k)
     v_packed = v.reshape(batch * sk, *v.shape[2:]).index_select(0, idx_k)
@@ -516,6 +544,9 @@ def thinkfuse_attention_forward(
 
     if attention_mask is not None:
         out = _padded(q, k, v, attention_mask, scaling, window, backends)
+        if out is None:
+            return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window,
+                                  kwargs)
     elif key_counts is not None:
         out = _dense(q, k, v, scaling, window, backends, key_counts)
     elif (given := _given_packing(kwargs)) is not None:

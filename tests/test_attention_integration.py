@@ -602,6 +602,28 @@ def test_mask_function_hands_through_the_padding_mask():
     assert dense.shape == (2, 1, 3, 3)  # custom mask patterns get the sdpa mask
 
 
+@pytest.mark.parametrize("source", ["q_offset-int", "q_offset-tensor", "cache_position"])
+def test_mask_function_counts_the_written_slots_of_a_static_cache(source):
+    """No mask and more key slots than tokens so far (a static cache's buffer): the marker holds
+    the written-slot count, from q_offset (int, or a device tensor as static caches give it) or,
+    as older transformers pass it, from cache_position; kv_offset is subtracted."""
+    q_length, kv_length, written = 2, 16, 7  # the queries are tokens 5 and 6
+    given = {"q_offset-int": {"q_offset": 5}, "q_offset-tensor": {"q_offset": torch.tensor(5)},
+             "cache_position": {"cache_position": torch.arange(5, 7)}}[source]
+    marker = thinkfuse_attention_mask(batch_size=3, q_length=q_length, kv_length=kv_length, attention_mask=None,
+                                      device="cpu", **given)
+    assert marker.shape == (3, 1, 1, 1) and marker.dtype == torch.int32
+    assert marker.flatten().tolist() == [written] * 3
+    shifted = thinkfuse_attention_mask(batch_size=1, q_length=q_length, kv_length=kv_length, attention_mask=None,
+                                       device="cpu", kv_offset=3, **given)
+    assert shifted.flatten().tolist() == [written - 3]
+    # every slot written (a dynamic cache): no marker, or (a tensor count, not read on the host)
+    # one that counts every slot
+    full = thinkfuse_attention_mask(batch_size=1, q_length=q_length, kv_length=written, attention_mask=None,
+                                    device="cpu", **given)
+    assert full is None if source == "q_offset-int" else full.flatten().tolist() == [written]
+
+
 def test_padding_plan_reads_the_host_once(monkeypatch):
     """The unpad plan of a padded mask equals nonzero's, from one host read of the row lengths
     (nonzero itself would be a second); a mask without padding has no plan (dense attention)."""

@@ -30,8 +30,10 @@
 # isolation, no dependency resolution). Every step runs even when an earlier one failed; the
 # summary at the end lists each step's status and the exit status is non-zero if any failed.
 #
-# Output: bench/results/<YYYY-MM-DD>_<device-slug>/ (results.json, results.md, PNGs, logs/),
-# tarred to "$OUT/<that name>.tgz" after every step when OUT is set (so a run killed from
+# Output: bench/results/<YYYY-MM-DD>_<device-slug>/ (results.json, results.md, PNGs, logs/;
+# with _<HHMMSS> appended when the tree already holds a directory of that name: a committed run
+# of the same day, an earlier call's unpacked results), tarred to "$OUT/<that name>.tgz" after
+# every step when OUT is set (so a run killed from
 # outside keeps what finished). The whole script stays inside GPU_CHECK_BUDGET seconds (default 570, under the
 # 10 minutes a remote command gets): each step's time limit is cut to what is left, and the
 # benchmark, stopped by SIGTERM, still writes the rows it measured.

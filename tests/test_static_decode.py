@@ -46,6 +46,86 @@ def test_greedy_equals_generate(max_new_tokens):
     assert stats["cuda_graph"] is _captured(stats)  # CPU: the same steps, run eagerly
 
 
+def _left_padding(ids, pads):
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+@pytest.mark.parametrize("pads", [(3, 0, 1), (8, 2, 0)], ids=["some", "one-token-prompt"])
+def test_left_padded_prompts_equal_generate(pads):
+    """Left padding: RoPE positions count from each row's first token, and prefill, verify and
+    the MTP layer skip the padding slots (cache_leftpad); generate's greedy output token for
+    token."""
+    model = _model()
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    mask = _left_padding(ids, pads)
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    sequences, stats = _static(model, ids, 10, eos_token_id=[], attention_mask=mask)
+    assert torch.equal(sequences, reference)
+    assert stats["new_tokens"] == 30
+    # Greedy verification makes the tokens exact whatever the drafts; the drafts (the MTP layer
+    # skips position 0's token, which padding moves) show in the acceptances, which must be the
+    # eager path's.
+    eager, eager_stats = mtp_generate(model, ids, max_new_tokens=10, eos_token_id=[], attention_mask=mask)
+    assert torch.equal(eager, reference)
+    assert (stats["accepted"], stats["drafted"]) == (eager_stats["accepted"], eager_stats["drafted"])
+
+
+def test_left_padded_prefill_and_step_logits_match_the_model():
+    """Tokens cannot tell where padding moves a row's positions (RoPE depends on position
+    differences; greedy verification is exact whatever the drafts), so the logits are compared:
+    the trunk's first decode step against the model's forward (MiMo), and the MTP layer's
+    prefill draft against the eager speculative path, which skips position 0's token."""
+    from tolerances import assert_close_fp32
+
+    from thinkfuse import speculative
+
+    model = _model()
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    mask = _left_padding(ids, (3, 0, 5))
+    with torch.no_grad():
+        decoder = static_decode.StaticDecoder(model, 3, 16, ids.device, cuda_graph=False, mtp=True)
+        first = decoder.prefill(ids, mask)
+        _, step_logits = decoder.trunk(first[:, None], decoder.length[:, None])
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        expected = model(torch.cat([ids, first[:, None]], 1), attention_mask=full_mask, position_ids=positions).logits
+        assert_close_fp32(step_logits[:, 0], expected[:, -1], tol=1e-4)
+
+        slots = torch.arange(9, device=DEVICE)[None].expand(3, -1)
+        hidden, _ = decoder.trunk(ids, slots, prefill=True)
+        next_ids = torch.cat([ids[:, 1:], first[:, None]], dim=1)
+        static_draft = decoder.mtp(hidden, next_ids, slots, prefill=True)[:, -1]
+        out = speculative._NewTokens(3, 4, torch.tensor([], dtype=torch.long, device=DEVICE), 0, ids.device)
+        state, mtp_input = speculative._prefill(model, ids, mask, 0.0, None, out)
+        assert_close_fp32(static_draft, speculative._mtp_logits(model, state, mtp_input), tol=1e-4)
+
+
+def test_left_padded_ministral3_step_logits_follow_each_rows_positions():
+    """Ministral 3's query temperature depends on the absolute position: past 32 (the tiny
+    config's original_max_position_embeddings) a padded row's slots and positions differ."""
+    from tolerances import assert_close_fp32
+    from transformers import Ministral3Config, Ministral3ForCausalLM
+
+    from thinkfuse.tiny import _MINISTRAL3_ROPE
+
+    rope = {k: v for k, v in _MINISTRAL3_ROPE.items() if k not in ("mscale", "mscale_all_dim")}
+    rope["llama_4_scaling_beta"] = 0.5
+    model = _tiny(Ministral3Config, Ministral3ForCausalLM, rope_parameters=rope)
+    ids = tiny_batch(2, 36, seed=1, device=DEVICE)
+    mask = _left_padding(ids, (8, 0))  # row 0: slot 36 is position 28
+    with torch.no_grad():
+        decoder = static_decode.StaticDecoder(model, 2, 40, ids.device, cuda_graph=False, mtp=False)
+        first = decoder.prefill(ids, mask)
+        _, step_logits = decoder.trunk(first[:, None], decoder.length[:, None])
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        expected = model(torch.cat([ids, first[:, None]], 1), attention_mask=full_mask, position_ids=positions).logits
+    assert_close_fp32(step_logits[:, 0], expected[:, -1], tol=1e-4)
+
+
 def _oracle_drafter(monkeypatch, reference, miss_every=3):
     """The static MTP layer drafts the true next-next greedy token (from ``reference``), except
     where ``(row + position) % miss_every == 0``. The real layer still runs and fills its cache;
@@ -135,8 +215,8 @@ def test_uses_it_does_not_cover_are_refused():
     with pytest.raises(ValueError, match="temperature 0"):
         mtp_generate(model, ids, max_new_tokens=2, temperature=0.7, cuda_graph=True)
     mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="unpadded"):
+    mask[0, 2] = 0  # a hole: not left padding
+    with pytest.raises(ValueError, match="left-padded"):
         mtp_generate(model, ids, max_new_tokens=2, attention_mask=mask, cuda_graph=True)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         mtp_generate(model, ids, max_new_tokens=2, cuda_graph=1)
@@ -202,6 +282,28 @@ def test_plain_greedy_equals_generate(family):
     assert stats == {"target_forwards": 12, "steps": 11, "cuda_graph": _captured(stats), "new_tokens": 36}
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "ministral3", "mimo"])
+def test_plain_greedy_left_padded_equals_generate(family):
+    model = tiny_model(family, seed=0, dtype=torch.float32).to(DEVICE)
+    ids = tiny_batch(3, 9, seed=1, device=DEVICE)
+    mask = _left_padding(ids, (4, 0, 2))
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[],
+                                                 attention_mask=mask)
+    assert torch.equal(sequences, reference)
+
+
+def test_plain_greedy_left_padded_with_a_sliding_window():
+    """The window counts from each row's own tokens; padding longer than the window."""
+    model = tiny_model("mistral", seed=0, dtype=torch.float32).to(DEVICE)
+    model.config.sliding_window = 5
+    ids = tiny_batch(2, 12, seed=1, device=DEVICE)
+    mask = _left_padding(ids, (6, 1))
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=8, eos_token_id=[], attention_mask=mask)
+    assert torch.equal(sequences, reference)
+
+
 def test_plain_greedy_with_a_sliding_window_and_eos():
     model = tiny_model("mistral", seed=0, dtype=torch.float32).to(DEVICE)
     model.config.sliding_window = 5  # shorter than the prompt: prefill and decode both cut keys
@@ -246,16 +348,19 @@ def test_plain_greedy_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["qwen2", "ministral3"])
-def test_plain_greedy_captured_steps_replay_to_the_greedy_output(monkeypatch, family):
+@pytest.mark.parametrize("padded", [False, True])
+def test_plain_greedy_captured_steps_replay_to_the_greedy_output(monkeypatch, family, padded):
     model = tiny_model(family, seed=0, dtype=torch.float32).cuda()
     ids = tiny_batch(2, 9, seed=1, device="cuda")
-    reference = _greedy(model, ids, 12)
+    mask = _left_padding(ids, (3, 0) if padded else (0, 0))
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     if "cuda" in KERNEL_BACKENDS:
         thinkfuse.patch_model(model)
     captured = []
     capture = static_decode._capture
     monkeypatch.setattr(static_decode, "_capture", lambda *args: captured.append(1) or capture(*args))
-    sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=12, eos_token_id=[],
+                                                     attention_mask=mask)
     assert captured == [1] and stats["cuda_graph"] is True
     assert torch.equal(sequences, reference)
 
@@ -306,6 +411,13 @@ def test_plain_greedy_ministral3_query_temperature_and_yarn_scaling():
     ids = tiny_batch(2, 9, seed=1, device=DEVICE)
     sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=40, eos_token_id=[])
     assert torch.equal(sequences, _greedy(model, ids, 40, eos_token_id=None))  # positions up to 48
+    # Left padding: the temperature follows each row's own positions (RoPE alone would not tell:
+    # it depends on position differences only).
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None)
+    sequences, _ = static_decode.greedy_generate(model, ids, max_new_tokens=40, eos_token_id=[], attention_mask=mask)
+    assert torch.equal(sequences, reference)
 
 
 def test_plain_greedy_qwen2_sliding_layers():
@@ -320,6 +432,6 @@ def test_plain_greedy_qwen2_sliding_layers():
                                                  attention_mask=torch.ones_like(ids))
     assert torch.equal(sequences, _greedy(model, ids, 12, eos_token_id=None))
     mask = torch.ones_like(ids)
-    mask[1, 0] = 0
-    with pytest.raises(ValueError, match="unpadded"):
+    mask[1, 3] = 0  # a hole: not left padding
+    with pytest.raises(ValueError, match="left-padded"):
         static_decode.greedy_generate(model, ids, max_new_tokens=2, attention_mask=mask)

@@ -62,7 +62,8 @@ def mtp_generate(
 
     ``cuda_graph=True``: the same greedy output from static KV caches, each step replayed from a
     CUDA graph on a GPU (thinkfuse.static_decode), for host-bound small batches. It takes
-    temperature 0 and unpadded prompts (ValueError otherwise); on CPU its steps run eagerly.
+    temperature 0 and unpadded or left-padded prompts (ValueError otherwise); on CPU its steps run
+    eagerly.
     stats then also hold ``cuda_graph``: whether the steps were replays (False on CPU, or
     after a warning when the step could not be captured).
     """
@@ -81,7 +82,7 @@ def mtp_generate(
     if max_new_tokens > 0:
         with torch.no_grad():
             if cuda_graph:
-                stats = static_mtp_decode(model, input_ids, out, cuda_graph=True)
+                stats = static_mtp_decode(model, input_ids, out, cuda_graph=True, attention_mask=attention_mask)
             else:
                 _decode(model, input_ids, attention_mask.long(), temperature, generator, out, stats)
     return torch.cat([input_ids, out.columns()], dim=1), _finish_stats(stats, out)

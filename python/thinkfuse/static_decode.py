@@ -25,11 +25,16 @@ A rejected slot (trunk or MTP) lies beyond the new length: the next step writes 
 no attention reads past a row's length. So rows that accept different counts need no rollback
 and no masks.
 
+Left-padded prompts: ``length`` counts cache slots, the padding included. A row's RoPE
+positions are its slots minus its padding (as generate numbers a left-padded prompt), and its
+attention skips the padding slots in place (``decode_attention``'s ``cache_leftpad``; the
+prefill runs varlen over the prompt's tokens).
+
 ``greedy_generate`` runs the same engine without the MTP layer: one token per step, for every
 causal LM of the Qwen2 / Mistral / Ministral 3 layout (MiMo's trunk included). It is the plain
 decoding that speculation has to beat once host cost is gone.
 
-Scope: greedy decoding (temperature 0) of unpadded prompts. In float32 both equal
+Scope: greedy decoding (temperature 0) of prompts unpadded or left-padded. In float32 both equal
 ``generate``'s greedy output token for token; in bf16/fp16 the fused rope and attention round
 as thinkfuse's patched modules do (within tolerance of transformers, not bit for bit). The
 modules are called as they are, patched by thinkfuse or not. On CPU the same steps run eagerly
@@ -41,6 +46,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -78,8 +84,15 @@ def check_static_decode_applies(model, temperature: float, attention_mask: Tenso
     rope_params(model.config)  # raises ValueError for a rope type thinkfuse does not implement
     if temperature != 0:
         raise ValueError(f"static decoding is greedy (temperature 0), got temperature={temperature}")
-    if attention_mask is not None and bool((attention_mask == 0).any()):
-        raise ValueError("static decoding takes unpadded prompts (attention_mask all ones)")
+    if attention_mask is not None and not _is_left_padding(attention_mask):
+        raise ValueError("static decoding takes unpadded or left-padded prompts (attention_mask: each row zeros, "
+                         "then at least one one)")
+
+
+def _is_left_padding(attention_mask: Tensor) -> bool:
+    """Whether every row of the ``[B, P]`` mask is zeros then ones, with at least one one."""
+    valid = attention_mask != 0
+    return bool(((valid[:, 1:] >= valid[:, :-1]).all() & valid[:, -1].all()).item())
 
 
 class StaticDecoder:
@@ -114,59 +127,102 @@ class StaticDecoder:
         graphs = cuda_graph and device.type == "cuda"
         self.decode_backend = _graph_decode_backend() if graphs else None
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
+        # Left padding (set by prefill): padding slots per row, as int64 for positions and int32
+        # for decode_attention; the prompt's varlen plan (None: no padding).
+        self.padding = torch.zeros(batch, dtype=torch.long, device=device)
+        self.cache_leftpad = None
+        self.prompt_tokens = None
         self.pending = torch.zeros(batch, dtype=torch.long, device=device)
         self.draft = torch.zeros(batch, dtype=torch.long, device=device)
 
     # --- the model, from its modules ---------------------------------------------------------
 
-    def _attention(self, attn, x: Tensor, positions: Tensor, kv: tuple[Tensor, Tensor], prefill: bool) -> Tensor:
+    def _positions(self, slots: Tensor) -> Tensor:
+        """RoPE positions of cache ``slots`` ``[B, S]``: a row's tokens count from its first
+        token (padding slots get 0)."""
+        return (slots - self.padding[:, None]).clamp(min=0)
+
+    def _attention(self, attn, x: Tensor, slots: Tensor, kv: tuple[Tensor, Tensor], prefill: bool) -> Tensor:
         batch, seq, _ = x.shape
         q = attn.q_proj(x).view(batch, seq, -1, attn.head_dim)
         k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim)
         v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim)
-        q, k = ops.rope(q, k, positions, self.inv_freq, attention_scaling=self.attention_scaling,
+        q, k = ops.rope(q, k, self._positions(slots), self.inv_freq, attention_scaling=self.attention_scaling,
                         llama4_scaling=self.llama4_scaling)
         k_cache, v_cache = kv
-        k_cache[self.rows, positions] = k.to(k_cache.dtype)
-        v_cache[self.rows, positions] = v.to(v_cache.dtype)
+        k_cache[self.rows, slots] = k.to(k_cache.dtype)
+        v_cache[self.rows, slots] = v.to(v_cache.dtype)
         window = attention_window(attn) or None  # 0 in some configs: full attention
-        if prefill:  # the prompt: plain causal attention over itself
-            out = ops.flash_attention(q, k, v, causal=True, softmax_scale=attn.scaling, sliding_window=window)
-        else:  # each row attends to its first positions[:, -1] + 1 keys, the queries included
-            seqlens = (positions[:, -1] + 1).to(torch.int32)
+        if prefill:  # the prompt: causal attention over itself
+            out = self._prompt_attention(q, k, v, attn.scaling, window)
+        else:  # each row attends to its slots [padding, slots[:, -1] + 1), the queries included
+            seqlens = (slots[:, -1] + 1).to(torch.int32)
             out = ops.decode_attention(q, k_cache, v_cache, seqlens, softmax_scale=attn.scaling,
-                                       sliding_window=window, backend=self.decode_backend)
+                                       sliding_window=window, cache_leftpad=self.cache_leftpad,
+                                       backend=self.decode_backend)
         return attn.o_proj(out.reshape(batch, seq, -1))
 
-    def _layer(self, layer, h: Tensor, positions: Tensor, kv, prefill: bool) -> Tensor:
+    def _prompt_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float, window) -> Tensor:
+        """Causal attention of the prompt over itself; a left-padded one runs varlen over its
+        tokens (the padding rows' outputs are 0: nothing reads them)."""
+        if self.prompt_tokens is None:
+            return ops.flash_attention(q, k, v, causal=True, softmax_scale=scale, sliding_window=window)
+        index, cu_seqlens, longest = self.prompt_tokens
+        batch, seq = q.shape[:2]
+
+        def tokens(t: Tensor) -> Tensor:
+            return t.reshape(batch * seq, *t.shape[2:]).index_select(0, index)
+
+        out = ops.flash_attention(tokens(q), tokens(k), tokens(v), causal=True, softmax_scale=scale,
+                                  sliding_window=window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                  max_seqlen_q=longest, max_seqlen_k=longest)
+        return out.new_zeros(batch * seq, *out.shape[1:]).index_copy(0, index, out).view(q.shape)
+
+    def _layer(self, layer, h: Tensor, slots: Tensor, kv, prefill: bool) -> Tensor:
         """The decoder layer's forward (pre-norm attention and MLP, residuals)."""
-        h = h + self._attention(layer.self_attn, layer.input_layernorm(h), positions, kv, prefill)
+        h = h + self._attention(layer.self_attn, layer.input_layernorm(h), slots, kv, prefill)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def trunk(self, ids: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
+    def trunk(self, ids: Tensor, slots: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
         """(last decoder layer's output before the final norm, logits) of ``ids`` ``[B, S]``; a
         prefill's logits are the last position's only."""
         h = self.model.model.embed_tokens(ids)
         for layer, kv in zip(self.layers, self.trunk_kv):
-            h = self._layer(layer, h, positions, kv, prefill)
+            h = self._layer(layer, h, slots, kv, prefill)
         return h, self.model.lm_head(self.model.model.norm(h[:, -1:] if prefill else h))
 
-    def mtp(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, prefill: bool = False) -> Tensor:
-        """The MTP layer's logits (for tokens t+2) of rows t = ``positions`` (MiMoMTPLayer); a
+    def mtp(self, hidden: Tensor, next_ids: Tensor, slots: Tensor, prefill: bool = False) -> Tensor:
+        """The MTP layer's logits (for tokens t+2) of rows t at cache ``slots`` (MiMoMTPLayer); a
         prefill's are the last row's only."""
         mtp = self.mtp_layer
         embeds = self.model.model.embed_tokens(next_ids)
-        embeds = embeds.masked_fill((positions == 0)[..., None], 0.0)  # trained without position 0's token
+        # trained without the token at position 0 (a row's first token, after its padding)
+        embeds = embeds.masked_fill((self._positions(slots) == 0)[..., None], 0.0)
         fused = mtp.input_proj(torch.cat([mtp.hidden_layernorm(hidden), mtp.token_layernorm(embeds)], dim=-1))
-        h = self._layer(mtp, fused, positions, self.mtp_kv, prefill)
+        h = self._layer(mtp, fused, slots, self.mtp_kv, prefill)
         return self.model.lm_head(mtp.final_layernorm(h[:, -1:] if prefill else h))
 
     # --- generation ---------------------------------------------------------------------------
 
-    def prefill(self, input_ids: Tensor) -> Tensor:
-        """Fill the caches with the prompt; returns the first new token ``[B]`` (and, with the
-        MTP layer, sets its draft of the token after)."""
+    def _set_padding(self, attention_mask: Tensor | None) -> None:
+        """Left padding of the prompt (a checked ``[B, P]`` mask, or None): per-row padding
+        counts on the device and the prompt's varlen plan (host reads: the prefill is eager)."""
+        if attention_mask is None or bool((attention_mask != 0).all()):
+            return
+        valid = attention_mask != 0
+        lengths = valid.sum(-1)
+        self.padding.copy_(valid.shape[1] - lengths)
+        self.cache_leftpad = self.padding.to(torch.int32)
+        index = torch.nonzero(valid.flatten()).flatten()
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        self.prompt_tokens = (index, cu_seqlens, int(lengths.max()))
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Fill the caches with the prompt (left-padded where ``attention_mask`` says so);
+        returns the first new token ``[B]`` (and, with the MTP layer, sets its draft of the
+        token after)."""
         batch, prompt = input_ids.shape
+        self._set_padding(attention_mask)
         positions = torch.arange(prompt, device=input_ids.device)[None].expand(batch, -1)
         hidden, logits = self.trunk(input_ids, positions, prefill=True)
         first = logits[:, -1].argmax(-1)
@@ -225,11 +281,12 @@ def _on_one_device(model, device: torch.device) -> bool:
     return all(p.device == device for p in model.parameters())
 
 
-def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool) -> dict:
+def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool, attention_mask: Tensor | None = None) -> dict:
     """Greedy MTP generation into ``out`` (speculative._NewTokens); returns the stats (device
     counters for accepted/drafted, ints for the rest, and ``cuda_graph``: whether the steps
     after the warm-up were replays of a captured one)."""
-    return _on_model_device(input_ids.device, lambda: _decode(model, input_ids, out, cuda_graph, mtp=True))
+    return _on_model_device(input_ids.device,
+                            lambda: _decode(model, input_ids, out, cuda_graph, mtp=True, attention_mask=attention_mask))
 
 
 def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
@@ -239,7 +296,8 @@ def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
     model, runs the same steps eagerly).
 
     model: a causal LM of the Qwen2 / Mistral / Ministral 3 / MiMo layout (patched or not);
-    input_ids ``[B, P]`` without padding (``attention_mask``, if given, must be all ones).
+    input_ids ``[B, P]``, left-padded where ``attention_mask`` (if given) has zeros: each row
+    zeros, then ones.
     ``eos_token_id`` as in ``mtp_generate``. Returns ``(sequences, stats)`` like
     ``mtp_generate``: sequences ``[B, P + new]``, greedy ``generate``'s; stats
     ``target_forwards``, ``steps``, ``new_tokens``, ``cuda_graph``.
@@ -259,7 +317,8 @@ def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
     if max_new_tokens > 0:
         with torch.no_grad():
             stats = _on_model_device(input_ids.device,
-                                     lambda: _decode(model, input_ids, out, cuda_graph, mtp=False))
+                                     lambda: _decode(model, input_ids, out, cuda_graph, mtp=False,
+                                                     attention_mask=attention_mask))
     stats["new_tokens"] = int(out.count.sum())
     return torch.cat([input_ids, out.columns()], dim=1), stats
 
@@ -272,7 +331,7 @@ def _on_model_device(device: torch.device, run):
         return run()
 
 
-def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool) -> dict:
+def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool, attention_mask: Tensor | None = None) -> dict:
     batch, prompt = input_ids.shape
     device = input_ids.device
     decoder = StaticDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph, mtp)
@@ -280,7 +339,7 @@ def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool) -> dict:
     stats = {"target_forwards": 1, "steps": 0}
     if mtp:  # counted on the device inside the step (read once at the end)
         stats |= {name: torch.zeros((), dtype=torch.long, device=device) for name in ("accepted", "drafted")}
-    first = decoder.prefill(input_ids)
+    first = decoder.prefill(input_ids, attention_mask)
     out.append(first[:, None], torch.ones_like(first))
     capture = cuda_graph and device.type == "cuda"
     if capture and not _on_one_device(model, device):

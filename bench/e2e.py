@@ -69,6 +69,10 @@ models of ``thinkfuse.tiny`` instead, see the end of this docstring):
   - ``thinkfuse-mtp``: one speculative step on the patched model: the 2-token verify forward,
     ``thinkfuse.ops.mtp_verify`` (greedy), then the MTP layer over the 2 verified rows (the
     accepted case) + argmax of its draft.
+  Plain steps also run on a left-padded batch of DECODE_PADDED_BATCH rows (shape
+  ``padding: "left"``; rows padded by 0 to half the context): where generate serves prompts of
+  different lengths. ``thinkfuse`` skips each row's padding in place (decode_attention's
+  cache_leftpad); tokens/s counts every row.
   Cost ratio = ms(thinkfuse-mtp) / ms(plain step). One MTP layer drafts one token, so a step
   emits 1 + a tokens on average at acceptance a; the implied decode speedup at MiMo's reported
   ~90% acceptance is ``1.9 / cost ratio`` (vs ``hf-sdpa``: the whole thinkfuse stack; vs
@@ -133,6 +137,7 @@ GRPO_PRESETS = ("palmyra-mini", "am-thinking-v1")  # the smallest lm_head and a 
 GRPO_LOSS = dict(loss_type="dapo", beta=0.0)  # TRL GRPOConfig defaults
 GRPO_MODEL_PRESET, GRPO_MODEL_TOKENS = "palmyra-mini", 32768
 DECODE_PROMPT, DECODE_NEW = 128, 64
+DECODE_PADDED_BATCH = 8
 ACCEPTANCE = 0.9  # MiMo's reported MTP acceptance
 OOM_PREFIX = "out of memory"  # how bench.logprobs._oom_guard words a CUDA OOM
 
@@ -533,6 +538,11 @@ def decode_cases(config: Config) -> list[Case]:
         for impl, make in ((HF_SDPA, _plain_step), (THINKFUSE, _plain_step), (THINKFUSE_MTP, _mtp_step)):
             build = functools.partial(_build_step, make, impl != HF_SDPA, spec, context, config)
             out.append(_decode_case(spec, DECODE_STEP, impl, {"batch": 1, "context": context}, build, config))
+        for impl in (HF_SDPA, THINKFUSE):
+            build = functools.partial(_build_step, _plain_step, impl != HF_SDPA, spec, context, config,
+                                      batch=DECODE_PADDED_BATCH)
+            shape = {"batch": DECODE_PADDED_BATCH, "context": context, "padding": "left"}
+            out.append(_decode_case(spec, DECODE_STEP, impl, shape, build, config))
         # The graph row first: a second or less, where the others take several.
         for impl, make in ((THINKFUSE_MTP_GRAPH, _mtp_graph_generate), (THINKFUSE_GRAPH, _graph_generate),
                            (HF_SDPA, _hf_generate),
@@ -623,30 +633,51 @@ class _Context:
     length: int
     trunk_cache: Any
     mtp_cache: Any
-    pending: torch.Tensor  # [1]
-    draft: torch.Tensor  # [1]
+    pending: torch.Tensor  # [B]
+    draft: torch.Tensor  # [B]
+    padding: Optional[torch.Tensor] = None  # [B] left-padding slots per row (None: unpadded)
 
 
-def _prefill(model, length: int, config: Config) -> _Context:
+def _left_padding(batch: int, length: int, device) -> torch.Tensor:
+    """Padding slots per row, spread from 0 to half the context."""
+    return torch.tensor([row * length // (2 * batch) for row in range(batch)], device=device)
+
+
+def _padding_mask(ctx: _Context, extra: int) -> torch.Tensor:
+    """The ``[B, length + extra]`` mask of the context and ``extra`` new tokens."""
+    batch, device = ctx.pending.shape[0], ctx.pending.device
+    slots = torch.arange(ctx.length + extra, device=device)[None].expand(batch, -1)
+    padding = torch.zeros(batch, dtype=torch.long, device=device) if ctx.padding is None else ctx.padding
+    return (slots >= padding[:, None]).long()
+
+
+def _prefill(model, length: int, config: Config, batch: int = 1) -> _Context:
+    """The context; ``batch > 1``: left-padded rows (see _left_padding), trunk only."""
     from transformers.cache_utils import DynamicCache
 
-    ids = torch.randint(0, model.config.vocab_size, (1, length + 2), device=config.device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length + 2), device=config.device)
     context, pending, draft = ids[:, :length], ids[:, length], ids[:, length + 1]
     trunk_cache = DynamicCache(config=model.config)
+    padded = batch > 1
+    ctx = _Context(length, trunk_cache, None, pending, draft,
+                   _left_padding(batch, length, config.device) if padded else None)
     with torch.no_grad():
-        _, hidden = model.forward_with_pre_norm_hidden(context, past_key_values=trunk_cache, use_cache=True,
-                                                       logits_to_keep=1)
-        mtp_cache = DynamicCache()
-        # MTP row t pairs h_t with token t+1, as mtp_generate's prefill does.
-        next_ids = torch.cat([context[:, 1:], pending[:, None]], dim=1)
-        model.mtp_forward(hidden, next_ids, past_key_values=mtp_cache, logits_to_keep=1)
-    return _Context(length, trunk_cache, mtp_cache, pending, draft)
+        mask = _padding_mask(ctx, 0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        _, hidden = model.forward_with_pre_norm_hidden(context, attention_mask=mask, position_ids=positions,
+                                                       past_key_values=trunk_cache, use_cache=True, logits_to_keep=1)
+        if not padded:
+            ctx.mtp_cache = DynamicCache()
+            # MTP row t pairs h_t with token t+1, as mtp_generate's prefill does.
+            next_ids = torch.cat([context[:, 1:], pending[:, None]], dim=1)
+            model.mtp_forward(hidden, next_ids, past_key_values=ctx.mtp_cache, logits_to_keep=1)
+    return ctx
 
 
 def _plain_step(model, ctx: _Context) -> torch.Tensor:
-    """One greedy decode step (1 token) at the context; the cache is cropped back after."""
-    mask = torch.ones((1, ctx.length + 1), dtype=torch.int64, device=ctx.pending.device)
-    position = torch.full((1, 1), ctx.length, device=ctx.pending.device)
+    """One greedy decode step (1 token per row) at the context; the cache is cropped back after."""
+    mask = _padding_mask(ctx, 1)
+    position = mask.sum(-1, keepdim=True) - 1
     logits = model(ctx.pending[:, None], attention_mask=mask, position_ids=position,
                    past_key_values=ctx.trunk_cache, use_cache=True).logits
     ctx.trunk_cache.crop(-1)
@@ -671,9 +702,9 @@ def _mtp_step(model, ctx: _Context) -> torch.Tensor:
     return draft_logits[:, -1].argmax(-1)
 
 
-def _build_step(make, patched: bool, spec: ModelSpec, context: int, config: Config) -> Workload:
+def _build_step(make, patched: bool, spec: ModelSpec, context: int, config: Config, batch: int = 1) -> Workload:
     model = _decode_model(spec, patched, config)
-    ctx = _prefill(model, context, config)
+    ctx = _prefill(model, context, config, batch)
     return _decode_workload(lambda: make(model, ctx), config)
 
 
@@ -701,7 +732,7 @@ def tokens_per_s(row: dict) -> Optional[float]:
         return None
     shape = row["shape"]
     if row["variant"] == DECODE_STEP:
-        tokens = 1 + ACCEPTANCE if row["impl"] == THINKFUSE_MTP else 1
+        tokens = (1 + ACCEPTANCE if row["impl"] == THINKFUSE_MTP else 1) * shape.get("batch", 1)
     else:
         tokens = shape.get("new_tokens", shape.get("tokens"))
     return tokens / ms * 1000

@@ -108,6 +108,29 @@ def test_decode_steps_leave_the_caches_as_they_found_them():
     assert ctx.mtp_cache.get_seq_length() == 12
 
 
+def test_padded_decode_step_matches_between_hf_and_thinkfuse():
+    """The left-padded batch step: repeatable (the cache is cropped back), and the patched
+    model's step (cache_leftpad) gives the unpatched one's logits."""
+    config = _smoke_config()
+    spec = e2e.ModelSpec("tiny-mimo", "mimo", None)
+    try:
+        logits = {}
+        for patched in (False, True):
+            model = e2e._decode_model(spec, patched, config)
+            ctx = e2e._prefill(model, 12, config, batch=4)
+            assert ctx.padding.tolist() == [0, 1, 3, 4]
+            with torch.no_grad():
+                tokens = [e2e._plain_step(model, ctx) for _ in range(2)]
+                assert torch.equal(tokens[0], tokens[1]) and ctx.trunk_cache.get_seq_length() == 12
+                mask = e2e._padding_mask(ctx, 1)
+                logits[patched] = model(ctx.pending[:, None], attention_mask=mask,
+                                        position_ids=mask.sum(-1, keepdim=True) - 1,
+                                        past_key_values=ctx.trunk_cache).logits
+        torch.testing.assert_close(logits[True], logits[False], rtol=2e-2, atol=2e-2)
+    finally:
+        e2e._DECODE_MODEL.clear()
+
+
 def _is_patched(model) -> bool:
     from thinkfuse.patching.engine import _STATE_ATTR
 
@@ -142,11 +165,12 @@ def test_derived_numbers():
         ("decode", {"batch": 1, "prompt": 128, "new_tokens": 128}, "thinkfuse-mtp", 2000.0),
         ("decode-step", {"batch": 1, "context": 192}, "hf-sdpa", 20.0),
         ("decode-step", {"batch": 1, "context": 192}, "thinkfuse-mtp", 25.0),
+        ("decode-step", {"batch": 8, "context": 192, "padding": "left"}, "thinkfuse", 40.0),
     ):
         case = harness.Case(op="e2e", impl=impl, variant=variant, mode="fwd", shape=shape, model="mimo-7b",
                             dtype=torch.bfloat16)
         rows.append(harness.base_row(case) | {"status": "ok", "median_ms": ms})
-    expected = [8192 / 0.2, 128 / 2.0, 50.0, 1.9 / 0.025]
+    expected = [8192 / 0.2, 128 / 2.0, 50.0, 1.9 / 0.025, 8 / 0.04]
     assert [e2e.tokens_per_s(r) for r in rows] == pytest.approx(expected)
     (cost,) = e2e.step_costs(rows)
     assert cost["vs"] == "hf-sdpa" and cost["cost_ratio"] == 1.25

@@ -49,10 +49,16 @@ def _ministral3(name, **rope_overrides):
     return config, Ministral3RotaryEmbedding
 
 
-def _mistral():
+def _mistral(**rope):
     config = MistralConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                           rope_parameters={"rope_type": "default", "rope_theta": 1e8})
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e8, **rope})
     return config, MistralRotaryEmbedding
+
+
+def _qwen2_rope(**rope):
+    config = Qwen2Config(hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
+                         rope_parameters=rope)
+    return config, Qwen2RotaryEmbedding
 
 
 def _llama(rope, **extra):
@@ -78,6 +84,14 @@ CASES = {
                                              "partial_rotary_factor": 0.5}),
     "dynamic": lambda: _llama({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 3.0}),
     "llama-default-theta": lambda: _llama({"rope_type": "default"}),
+    # The families' default frequencies rotate the whole head whatever partial_rotary_factor says.
+    "qwen2-default-partial-rotary": lambda: _qwen2_rope(rope_type="default", rope_theta=1e6,
+                                                        partial_rotary_factor=0.5),
+    "qwen2-proportional": lambda: _qwen2_rope(rope_type="proportional", rope_theta=1e4, factor=2.0,
+                                              partial_rotary_factor=0.25),
+    "qwen2-proportional-full": lambda: _qwen2_rope(rope_type="proportional", rope_theta=1e4),
+    # Only Ministral 3's attention reads llama_4_scaling_beta.
+    "mistral-with-llama_4_scaling_beta": lambda: _mistral(llama_4_scaling_beta=0.1),
 }
 
 
@@ -89,7 +103,7 @@ def test_inv_freq_and_attention_scaling_match_transformers(case):
     assert params.inv_freq.dtype == torch.float32
     assert torch.equal(params.inv_freq, module.inv_freq), (params.inv_freq - module.inv_freq).abs().max()
     assert params.attention_scaling == module.attention_scaling
-    expected_llama4 = (0.1, 16384) if case.startswith(("ministral", "yarn")) else None
+    expected_llama4 = (0.1, 16384) if case.startswith(("ministral-3", "yarn")) else None
     assert params.llama4_scaling == expected_llama4
 
 

@@ -3,7 +3,7 @@
 The formulas follow ``transformers.modeling_rope_utils`` (5.x) operation for operation (same
 float32/float64 order, same defaults), so ``inv_freq`` and ``attention_scaling`` are bit-equal
 to what the model's rotary embedding module holds. Supported rope types: default, linear,
-dynamic (at its base length, where it equals default), yarn and llama3.
+dynamic (at its base length, where it equals default), yarn, llama3 and proportional.
 """
 
 from __future__ import annotations
@@ -80,9 +80,12 @@ def _standardized_rope_parameters(config) -> dict:
     return params
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _rotary_dim(config, params) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(head_dim * params.get("partial_rotary_factor", 1.0))
+    return int(_head_dim(config) * params.get("partial_rotary_factor", 1.0))
 
 
 def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -91,7 +94,9 @@ def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
 
 
 def _default(params, dim, config):
-    return _default_inv_freq(params["rope_theta"], dim), 1.0
+    # The families' own default (each model's ``compute_default_rope_parameters``: Qwen2,
+    # Mistral, Ministral 3, Llama) rotates the whole head: partial_rotary_factor is ignored.
+    return _default_inv_freq(params["rope_theta"], _head_dim(config)), 1.0
 
 
 def _linear(params, dim, config):
@@ -176,19 +181,40 @@ def _llama3(params, dim, config):
     return torch.where(is_medium, smoothed, inv_freq_llama), 1.0
 
 
+def _proportional(params, dim, config):
+    # The first partial_rotary_factor of the head's frequency pairs, with exponents over the
+    # whole head_dim; the remaining pairs get frequency 0 (cos 1, sin 0: not rotated).
+    head_dim = _head_dim(config)
+    rope_angles = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    inv_freq = 1.0 / (
+        params["rope_theta"] ** (torch.arange(0, 2 * rope_angles, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim)
+    )
+    nope_angles = head_dim // 2 - rope_angles
+    if nope_angles > 0:
+        inv_freq = torch.cat((inv_freq, torch.zeros(nope_angles, dtype=torch.float32)))
+    inv_freq /= params.get("factor", 1.0)
+    return inv_freq, 1.0
+
+
 _INV_FREQ_FUNCTIONS = {
     "default": _default,
     "linear": _linear,
     "dynamic": _dynamic,
     "yarn": _yarn,
     "llama3": _llama3,
+    "proportional": _proportional,
 }
+
+# Model types whose attention applies the query temperature of ``llama_4_scaling_beta``; any
+# other model ignores the key (a Mistral or Qwen2 config may carry it without effect).
+_LLAMA4_SCALING_MODEL_TYPES = ("ministral3",)
 
 
 def _llama4_scaling(params, config) -> Optional[tuple[float, int]]:
-    """Ministral 3's ``(llama_4_scaling_beta, original_max_position_embeddings)``, or None."""
+    """Ministral 3's ``(llama_4_scaling_beta, original_max_position_embeddings)``, or None (also
+    for other model types, whose attention ignores the key)."""
     beta = params.get("llama_4_scaling_beta")
-    if beta is None:
+    if beta is None or getattr(config, "model_type", None) not in _LLAMA4_SCALING_MODEL_TYPES:
         return None
     original_max = params.get("original_max_position_embeddings") or config.max_position_embeddings
     return float(beta), int(original_max)

@@ -174,6 +174,76 @@ def test_sampling_runs_and_is_reproducible(dtype):
     assert stats["drafted"] > 0 and stats["target_forwards"] == 1 + stats["steps"]
 
 
+def test_sampling_warpers_are_generates():
+    """temperature, then top-k, top-p, min-p, with transformers' classes: the scores generate's
+    logits processor would sample from."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(0))
+    logits[0, 0, :7] = 2.0  # ties at the k-th logit are kept
+    sampling = speculative._Sampling(0.7, None, speculative._warpers(5, 0.9, 0.05))
+    generate = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(5), TopPLogitsWarper(0.9),
+                                    MinPLogitsWarper(0.05)])
+    assert torch.equal(sampling.scores(logits), generate(None, logits.reshape(-1, 50)).view(4, 3, 50))
+    assert speculative._warpers(None, None, None) is None
+    assert speculative._warpers(0, 1.0, 0.0) is None  # settings that filter nothing
+
+
+def _filtered_probs(model, ids, temperature, **filters):
+    sampling = speculative._Sampling(temperature, None, speculative._warpers(**filters))
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1]
+    return torch.softmax(sampling.scores(logits), -1)[0]
+
+
+def _chi_square_p_value(tokens, probs):
+    observed = torch.bincount(tokens, minlength=probs.numel()).double()
+    support = probs > 0
+    assert observed[~support].sum() == 0, "a token outside the filtered support was emitted"
+    expected = probs.double()[support] * tokens.numel()
+    stat = ((observed[support] - expected) ** 2 / expected).sum()
+    dof = torch.tensor(support.sum().item() - 1.0, dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, stat / 2).item()
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=6), dict(top_p=0.7), dict(top_k=20, top_p=0.9, min_p=0.1)],
+                         ids=["top_k", "top_p", "all"])
+def test_filtered_sampling_follows_generates_distribution(filters):
+    """Many copies of one prompt, 3 new tokens: the first is the prefill's sample, the second
+    comes out of verification (an accepted draft or the correction), the third from a bonus token
+    or the next step. Each, given the tokens before it, follows the filtered softmax, and none
+    lies outside the filtered support."""
+    model = _model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(16)  # peaked distributions: the filters keep a few tokens
+    rows, temperature = 6000, 0.6
+    prompt = tiny_batch(1, 6, seed=2, device=DEVICE)
+    ids = prompt.expand(rows, -1).contiguous()
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    sequences, stats = mtp_generate(model, ids, max_new_tokens=3, temperature=temperature, generator=generator,
+                                    eos_token_id=[], **filters)
+    assert stats["drafted"] > 0
+    new = sequences[:, prompt.shape[1]:]
+    for position in range(3):
+        # the most frequent prefix of the new tokens so far, and the rows that continue it
+        if position == 0:
+            rows_with, prefix = torch.ones(rows, dtype=torch.bool, device=DEVICE), prompt
+        else:
+            before, counts = new[:, :position].unique(dim=0, return_counts=True)
+            common = before[counts.argmax()]
+            rows_with = (new[:, :position] == common).all(-1)
+            prefix = torch.cat([prompt, common[None]], 1)
+        probs = _filtered_probs(model, prefix, temperature, **filters)
+        assert rows_with.sum() >= 200
+        assert _chi_square_p_value(new[rows_with, position].cpu(), probs.cpu()) > 1e-4
+
+
 def test_zero_new_tokens():
     model = _model()
     ids, mask = _padded_batch()
@@ -190,6 +260,10 @@ def test_bad_arguments():
         mtp_generate(model, ids, max_new_tokens=-1)
     with pytest.raises(ValueError, match="temperature"):
         mtp_generate(model, ids, max_new_tokens=2, temperature=-1.0)
+    for name, value in (("top_k", -1), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 2.0),
+                        ("min_p", -0.1)):
+        with pytest.raises(ValueError, match=name):
+            mtp_generate(model, ids, max_new_tokens=2, temperature=0.8, **{name: value})
     with pytest.raises(ValueError, match="left padding"):
         mtp_generate(model, ids, attention_mask=mask.flip(1), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask"):

@@ -99,7 +99,7 @@ def test_left_padded_prefill_and_step_logits_match_the_model():
         next_ids = torch.cat([ids[:, 1:], first[:, None]], dim=1)
         static_draft = decoder.mtp(hidden, next_ids, slots, prefill=True)[:, -1]
         out = speculative._NewTokens(3, 4, torch.tensor([], dtype=torch.long, device=DEVICE), 0, ids.device)
-        state, mtp_input = speculative._prefill(model, ids, mask, 0.0, None, out)
+        state, mtp_input = speculative._prefill(model, ids, mask, speculative._Sampling(0.0), out)
         assert_close_fp32(static_draft, speculative._mtp_logits(model, state, mtp_input), tol=1e-4)
 
 

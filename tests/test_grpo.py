@@ -2,13 +2,15 @@
 for every loss type (loss, gradients, metrics), gradient accumulation, GRPOLoss through the
 fused lm_head, and the TRL integration (skipped when trl is not installed)."""
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
 from tolerances import assert_close_fp32
 
 from thinkfuse import reference
-from thinkfuse.grpo import LOSS_TYPES, GRPOLoss, grpo_loss
+from thinkfuse.grpo import CLIPPED_LOSS_TYPES, LOSS_TYPES, GRPOLoss, grpo_loss
 
 B, T = 4, 7
 
@@ -28,58 +30,220 @@ def _batch(seed=0, spread=0.4):
 
 def _trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, *,
               beta, epsilon_low, epsilon_high, loss_type, max_completion_length, num_items_in_batch, num_processes,
-              use_bias_correction_kl=False, delta=None, gradient_accumulation_steps=1, steps_per_generation=1):
-    """TRL GRPOTrainer._compute_loss (trl 1.16, importance_sampling_level="token", no vLLM IS
-    correction, no entropy mask, train mode), transcribed line by line; the losses other than
-    dapo are shown before TRL's division by the accumulation steps."""
+              use_bias_correction_kl=False, delta=None, gradient_accumulation_steps=1, steps_per_generation=1,
+              importance_sampling_level="token", entropies=None, top_entropy_quantile=1.0, entropy_coef=0.0,
+              importance_sampling_ratio=None, off_policy_mask_threshold=None, sampling_per_token_logps=None,
+              sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+              vespo_k_neg=3.0, vespo_lambda_neg=2.0):
+    """TRL GRPOTrainer._compute_loss (trl 1.16, one process, train mode, static entropy bonus, no
+    MoE aux loss), transcribed line by line with get_high_entropy_mask, get_off_policy_mask and
+    get_gamma_weights; ``importance_sampling_ratio`` given = TRL's use_vllm with
+    vllm_importance_sampling_correction. The loss is TRL's, divided by the accumulation steps."""
     mask = completion_mask
-    advantages = advantages.unsqueeze(1)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    if top_entropy_quantile < 1.0:
+        local = entropies[mask.bool()].float()
+        if local.numel() == 0:
+            entropy_mask = torch.zeros_like(entropies, dtype=torch.bool)
+        else:
+            entropy_threshold = torch.quantile(local, 1 - top_entropy_quantile)
+            entropy_mask = ((entropies * mask.float()) >= entropy_threshold) & mask.bool()
+    else:
+        entropy_mask = None
+    if off_policy_mask_threshold is not None:
+        sampling = old_per_token_logps if sampling_per_token_logps is None else sampling_per_token_logps
+        kl_div = torch.nan_to_num(sampling - per_token_logps.detach(), nan=0.0)
+        avg_seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        off_policy_mask = ((advantages >= 0) | (avg_seq_kl <= off_policy_mask_threshold)).to(dtype=mask.dtype)
     log_ratio = per_token_logps - old_per_token_logps
-    coef_1 = torch.exp(log_ratio)
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
     if beta != 0.0:
         per_token_kl = (
             torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
         )
         if use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    if delta is not None:
-        coef_1 = torch.clamp(coef_1, max=delta)
-    per_token_loss1 = coef_1 * advantages
-    per_token_loss2 = coef_2 * advantages
-    per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if loss_type == "cispo":
+        clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach()
+        per_token_loss = -clamped_ratios * advantages * per_token_logps
+    elif loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token_loss1 = coef_1 * advantages
+        per_token_loss2 = coef_2 * advantages
+        per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    elif loss_type == "sapo":
+        temperatures = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg)
+        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+        per_token_loss = -soft_coef_1 * advantages
+    elif loss_type == "vespo":
+        with torch.no_grad():
+            lower_clamp = math.log(1e-8)
+            log_ratio_clamped = torch.clamp(log_ratio, -20.0, 20.0)
+            seq_log_ratio = torch.sum(log_ratio_clamped * mask, dim=-1, keepdim=True)
+            if importance_sampling_ratio is not None:
+                log_is_ratio = torch.clamp(torch.log(importance_sampling_ratio), lower_clamp, 20.0)
+                seq_log_ratio += torch.sum(log_is_ratio, dim=-1, keepdim=True)
+            log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
+            w_seq = torch.exp(log_w_seq)
+            is_nonneg_adv = advantages >= 0
+            k_seq = torch.where(is_nonneg_adv, vespo_k_pos, vespo_k_neg)
+            lambda_seq = torch.where(is_nonneg_adv, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
+            log_phi = lambda_seq + k_seq * log_w_seq - lambda_seq * w_seq
+            phi_seq = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_token_loss = -phi_seq * advantages * per_token_logps
+    if off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * off_policy_mask
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    if importance_sampling_ratio is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * importance_sampling_ratio
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
-    if loss_type == "grpo":
+    ga = gradient_accumulation_steps
+    if loss_type in ["grpo", "sapo"]:
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        policy_loss = loss.detach()
+        loss = loss / ga
     elif loss_type == "bnpo":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        policy_loss = loss.detach()
+        loss = loss / ga
     elif loss_type == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
-    elif loss_type == "dapo":
+        policy_loss = loss.detach()
+        loss = loss / ga
+    elif loss_type in ["cispo", "dapo", "vespo"]:
         normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
-        normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
+        normalizer = normalizer * ga / steps_per_generation
         loss = (per_token_loss * mask).sum() / normalizer
+        policy_loss = loss.detach()
+    elif loss_type == "luspo":
+        loss = (per_token_loss * mask).sum(-1).mean()
+        policy_loss = loss.detach()
+        loss = loss / ga
+    metrics = {}
+    if entropy_coef != 0.0:
+        effective_mask = mask if entropy_mask is None else mask * entropy_mask
+        entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / ga
+        loss = loss - entropy_coef * entropy_loss
+        metrics["policy_loss"] = policy_loss.item()
 
     def masked_seq_mean(x):
+        if x.shape[1] == 1:
+            return x.squeeze(1)
         return (x * mask).sum(-1) / mask.sum(-1)
 
     def global_masked_mean(x):
-        return ((x * mask).sum() / mask.sum().float().clamp(min=1.0)).item()
+        if x.shape[1] == 1:
+            local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+        else:
+            local_sum, local_count = (x * mask).sum(), mask.sum().float()
+        return (local_sum / local_count.clamp(min=1.0)).item()
 
-    is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages < 0)
-    is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages > 0)
-    low_seq, high_seq = masked_seq_mean(is_low_clipped.float()), masked_seq_mean(is_high_clipped.float())
-    metrics = {
-        "clip_ratio/low_mean": global_masked_mean(is_low_clipped.float()),
-        "clip_ratio/high_mean": global_masked_mean(is_high_clipped.float()),
-        "clip_ratio/region_mean": global_masked_mean((is_low_clipped | is_high_clipped).float()),
-        "clip_ratio/low_min": low_seq[~low_seq.isnan()].min().item(),  # TRL's nanmin
-        "clip_ratio/high_max": high_seq[~high_seq.isnan()].max().item(),  # TRL's nanmax
-    }
+    def nanmin(t):  # trl.trainer.utils.nanmin / nanmax
+        return float("nan") if torch.isnan(t).all() else t[~torch.isnan(t)].min().item()
+
+    def nanmax(t):
+        return float("nan") if torch.isnan(t).all() else t[~torch.isnan(t)].max().item()
+
     if beta != 0.0:
         metrics["kl"] = global_masked_mean(per_token_kl)
+    if entropies is not None:
+        metrics["entropy"] = global_masked_mean(entropies)
+    if loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
+        is_low_clipped = (coef_1 < 1 - epsilon_low) & (advantages < 0)
+        is_high_clipped = (coef_1 > 1 + epsilon_high) & (advantages > 0)
+        is_region_clipped = is_low_clipped | is_high_clipped
+        metrics["clip_ratio/low_mean"] = global_masked_mean(is_low_clipped.float())
+        metrics["clip_ratio/high_mean"] = global_masked_mean(is_high_clipped.float())
+        metrics["clip_ratio/region_mean"] = global_masked_mean(is_region_clipped.float())
+        metrics["clip_ratio/low_min"] = nanmin(masked_seq_mean(is_low_clipped.float()))
+        metrics["clip_ratio/high_max"] = nanmax(masked_seq_mean(is_high_clipped.float()))
+    elif loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > epsilon_high) & (advantages > 0)).float())
+    elif loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = global_masked_mean(phi_seq)
     return loss, metrics
+
+
+def _trl_vllm_is_ratio(old_per_token_logps, sampling_per_token_logps, mask, mode, clip_min, clip_max):
+    """TRL 1.16 _generate_and_score_completions' vLLM importance-sampling ratio, transcribed."""
+    per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps) * mask
+    per_token_logps_diff = torch.nan_to_num(per_token_logps_diff, nan=0.0)
+    if mode in ["sequence_mask", "sequence_truncate"]:
+        logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)
+    else:
+        logps_diff = per_token_logps_diff
+    ratio = torch.exp(logps_diff)
+    if mode in ["sequence_truncate", "token_truncate"]:
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    min_val = clip_min if clip_min is not None else -math.inf
+    max_val = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < min_val) | (ratio > max_val), value=0.0)
+
+
+def _real_trl_loss(per_token_logps, entropies, inputs, *, beta, epsilon_low, epsilon_high, loss_type,
+                   max_completion_length, num_processes, use_bias_correction_kl=False, delta=None,
+                   gradient_accumulation_steps=1, steps_per_generation=1, importance_sampling_level="token",
+                   top_entropy_quantile=1.0, entropy_coef=0.0, off_policy_mask_threshold=None,
+                   sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                   vespo_k_neg=3.0, vespo_lambda_neg=2.0):
+    """trl 1.16's own GRPOTrainer._compute_loss, run on a trainer built without __init__ whose
+    model forward returns the given log-probs and entropies, on one process in train mode.
+    ``inputs`` holds TRL's batch keys (completion_mask, advantages, old/ref/sampling_per_token_logps,
+    importance_sampling_ratio: its presence turns on use_vllm + vllm_importance_sampling_correction,
+    num_items_in_batch). Returns (loss, {metric name: last logged value})."""
+    import collections
+    import types
+
+    from trl import GRPOTrainer
+
+    class Accelerator:  # one process: reductions are identities
+        num_processes, sync_gradients = 1, True
+
+        def reduce(self, t, reduction="sum"):
+            return t
+
+        def gather(self, t):
+            return t
+
+        gather_for_metrics = gather
+
+        def pad_across_processes(self, t, dim=0, pad_index=0):
+            return t
+
+    accelerator = Accelerator()
+    accelerator.num_processes = num_processes
+    trainer = GRPOTrainer.__new__(GRPOTrainer)
+    trainer.__dict__.update(
+        args=types.SimpleNamespace(delta=delta, use_bias_correction_kl=use_bias_correction_kl,
+                                   steps_per_generation=steps_per_generation, sapo_temperature_pos=sapo_temperature_pos,
+                                   sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+                                   vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                                   vespo_lambda_neg=vespo_lambda_neg, entropy_target=0.2),
+        accelerator=accelerator, model=torch.nn.Module().train(), loss_type=loss_type, beta=beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, importance_sampling_level=importance_sampling_level,
+        top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=off_policy_mask_threshold,
+        use_vllm="importance_sampling_ratio" in inputs, vllm_importance_sampling_correction=True,
+        max_completion_length=max_completion_length, current_gradient_accumulation_steps=gradient_accumulation_steps,
+        entropy_coef=entropy_coef, use_adaptive_entropy=False, _entropy_bonus_enabled=entropy_coef != 0.0,
+        aux_loss_enabled=False, _metrics={"train": collections.defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (per_token_logps, entropies, None),
+    )
+    batch, length = per_token_logps.shape
+    device = per_token_logps.device
+    inputs = {"prompt_ids": torch.zeros(batch, 0, dtype=torch.long, device=device),
+              "prompt_mask": torch.zeros(batch, 0, dtype=torch.long, device=device),
+              "completion_ids": torch.zeros(batch, length, dtype=torch.long, device=device), **inputs}
+    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 
 # (beta, epsilon_low, epsilon_high, use_bias_correction_kl, delta): TRL's defaults in trl 1.16
@@ -88,7 +252,7 @@ LOSS_OPTIONS = [(0.0, 0.2, 0.2, True, None), (0.04, 0.2, 0.28, False, None), (0.
                 (0.1, 0.1, 0.3, True, 1.5), (0.0, 0.2, 0.2, False, 2.0)]
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED_LOSS_TYPES)
 @pytest.mark.parametrize("beta,epsilon_low,epsilon_high,use_bias_correction_kl,delta", LOSS_OPTIONS)
 def test_loss_gradients_and_metrics_match_trl(loss_type, beta, epsilon_low, epsilon_high, use_bias_correction_kl,
                                               delta):
@@ -309,7 +473,9 @@ def test_one_pass_equals_differentiating_the_log_probs(backend, loss_type, polic
     hidden, weight, bias, ids = _module_inputs()
     _, old, ref, advantages, mask = _batch(9)
     old = None if policy == "on" else old - 2.5
-    trl_options = {} if policy == "on" else dict(delta=1.5, use_bias_correction_kl=True)
+    trl_options = {} if policy == "on" else dict(use_bias_correction_kl=True)
+    if policy == "off" and loss_type in CLIPPED_LOSS_TYPES:
+        trl_options["delta"] = 1.5
 
     def run(one_pass):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
@@ -381,13 +547,407 @@ def test_one_pass_checks_arguments_before_any_work():
 
 def test_grpo_loss_module_rejects_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
-        GRPOLoss(loss_type="sapo")
+        GRPOLoss(loss_type="ppo")
 
 
 def test_import_as_submodule():
     import thinkfuse.grpo as grpo_module
 
     assert grpo_module.grpo_loss is grpo_loss
+
+
+# --- TRL 1.16's other options: GSPO, cispo / sapo / luspo / vespo, entropy mask and bonus, OPSM,
+# --- vLLM importance sampling; against the transcription above and trl's own _compute_loss ------
+
+
+def _have_trl():
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BIG_B, BIG_T = 8, 9
+
+
+def _trl_inputs(seed, spread=0.4, adv_per_token=False, on_policy=False):
+    """A batch of BIG_B x BIG_T (one empty completion), with entropies and sampler log-probs."""
+    gen = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(BIG_B, BIG_T, generator=gen) * 3
+    old = logprobs + spread * torch.randn(BIG_B, BIG_T, generator=gen)
+    ref = logprobs + spread * torch.randn(BIG_B, BIG_T, generator=gen)
+    sampling = old + 0.3 * torch.randn(BIG_B, BIG_T, generator=gen)
+    entropies = torch.rand(BIG_B, BIG_T, generator=gen) * 3
+    shape = (BIG_B, BIG_T) if adv_per_token else (BIG_B,)
+    advantages = torch.randn(shape, generator=gen)
+    advantages[6] = 0.0  # a group whose rewards were all equal
+    mask = (torch.rand(BIG_B, BIG_T, generator=gen) > 0.25).long()
+    mask[3] = 0
+    mask[0, 0] = 1
+    old = logprobs.clone() if on_policy else old
+    return [t.to(DEVICE) for t in (logprobs, old, ref, sampling, entropies, advantages, mask)]
+
+
+# (options, the keys that make the option under test: dropping them must change the loss).
+# Data keys: ga / spg / world (TRL's gradient_accumulation_steps, steps_per_generation,
+# num_processes), is_mode (vLLM IS: mode, clip_min, clip_max), sampling (pass the sampler's
+# log-probs), adv_per_token, on_policy, spread.
+TRL_CASES = {
+    "gspo-grpo": (dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=0.05, epsilon_high=0.06,
+                       beta=0.04, use_bias_correction_kl=True), ["importance_sampling_level"]),
+    "gspo-bnpo": (dict(loss_type="bnpo", importance_sampling_level="sequence", epsilon_low=0.05,
+                       epsilon_high=0.05), ["importance_sampling_level"]),
+    "gspo-dr_grpo": (dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon_low=0.05,
+                          epsilon_high=0.08, ga=2), ["importance_sampling_level"]),
+    "gspo-dapo-delta": (dict(loss_type="dapo", importance_sampling_level="sequence", epsilon_low=0.05,
+                             epsilon_high=0.05, delta=1.1, beta=0.04, ga=4, spg=8, world=2, spread=0.8),
+                        ["importance_sampling_level", "delta"]),
+    "gspo-per-token-advantages": (dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=0.05,
+                                       epsilon_high=0.05, adv_per_token=True), ["importance_sampling_level"]),
+    "gspo-on-policy": (dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
+                            use_bias_correction_kl=True, on_policy=True), []),
+    "cispo": (dict(loss_type="cispo", epsilon_high=1.3, beta=0.04, use_bias_correction_kl=True), []),
+    "cispo-sequence-ga": (dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.05, ga=4,
+                               spg=8, world=2), ["importance_sampling_level"]),
+    "sapo": (dict(loss_type="sapo", beta=0.04), []),
+    "sapo-temperatures-sequence-ga": (dict(loss_type="sapo", sapo_temperature_pos=0.7, sapo_temperature_neg=1.6,
+                                           importance_sampling_level="sequence", ga=3),
+                                      ["sapo_temperature_pos", "sapo_temperature_neg", "importance_sampling_level"]),
+    "luspo-sequence": (dict(loss_type="luspo", importance_sampling_level="sequence", epsilon_low=0.05,
+                            epsilon_high=0.05, beta=0.04, use_bias_correction_kl=True, ga=2),
+                       ["importance_sampling_level"]),
+    "luspo-token": (dict(loss_type="luspo", delta=1.5, spread=1.0), ["delta"]),
+    "vespo": (dict(loss_type="vespo", beta=0.04), []),
+    "vespo-parameters-ga": (dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.0,
+                                 vespo_lambda_neg=1.0, ga=4, spg=8, world=2),
+                            ["vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"]),
+    "vespo-token-truncate-is": (dict(loss_type="vespo", is_mode=("token_truncate", 0.7, 1.4)), ["is_mode"]),
+    "vespo-token-mask-is": (dict(loss_type="vespo", is_mode=("token_mask", 0.7, 1.4)), ["is_mode"]),
+    "vespo-sequence-level": (dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.04,
+                                  use_bias_correction_kl=True), ["importance_sampling_level"]),
+    "top-entropy-grpo": (dict(loss_type="grpo", top_entropy_quantile=0.3, beta=0.04), ["top_entropy_quantile"]),
+    "top-entropy-dapo-sequence": (dict(loss_type="dapo", top_entropy_quantile=0.5,
+                                       importance_sampling_level="sequence", ga=4, spg=8),
+                                  ["top_entropy_quantile"]),
+    "top-entropy-zero": (dict(loss_type="bnpo", top_entropy_quantile=0.0, on_policy=True), ["top_entropy_quantile"]),
+    "entropy-bonus-grpo-ga": (dict(loss_type="grpo", entropy_coef=0.01, ga=2), ["entropy_coef"]),
+    "entropy-bonus-dapo-ga": (dict(loss_type="dapo", entropy_coef=0.01, ga=4, spg=8, world=2), ["entropy_coef"]),
+    "entropy-bonus-and-mask-vespo": (dict(loss_type="vespo", entropy_coef=-0.02, top_entropy_quantile=0.4, ga=2,
+                                          spg=2), ["entropy_coef", "top_entropy_quantile"]),
+    "opsm": (dict(loss_type="grpo", off_policy_mask_threshold=0.07), ["off_policy_mask_threshold"]),
+    "opsm-sampling-sequence": (dict(loss_type="dapo", off_policy_mask_threshold=0.1, sampling=True,
+                                    importance_sampling_level="sequence", beta=0.04),
+                               ["off_policy_mask_threshold"]),
+    "is-token_truncate": (dict(loss_type="grpo", is_mode=("token_truncate", 0.8, 1.25), beta=0.04), ["is_mode"]),
+    "is-token_mask": (dict(loss_type="dapo", is_mode=("token_mask", 0.8, 1.25), ga=2, spg=4), ["is_mode"]),
+    "is-sequence_truncate": (dict(loss_type="bnpo", is_mode=("sequence_truncate", None, 1.5)), ["is_mode"]),
+    "is-sequence_mask": (dict(loss_type="cispo", epsilon_high=1.3, is_mode=("sequence_mask", 0.5, 3.0)),
+                         ["is_mode"]),
+    "is-sequence_mask-gspo-sapo": (dict(loss_type="sapo", importance_sampling_level="sequence",
+                                        is_mode=("sequence_mask", 0.5, 3.0)), ["is_mode"]),
+    "everything": (dict(loss_type="dapo", importance_sampling_level="sequence", epsilon_low=0.05, epsilon_high=0.05,
+                        delta=1.2, beta=0.04, use_bias_correction_kl=True, top_entropy_quantile=0.6,
+                        entropy_coef=0.01, off_policy_mask_threshold=0.05, sampling=True,
+                        is_mode=("token_truncate", 0.8, 1.25), ga=4, spg=8, world=2), []),
+}
+_DATA_KEYS = {"ga": 1, "spg": 1, "world": 1, "is_mode": None, "sampling": False, "adv_per_token": False,
+              "on_policy": False, "spread": 0.4}
+
+
+def _run_case(options, seed=0, reference="ours"):
+    """(loss, d loss / d logprobs, d loss / d entropies, metrics) of one TRL_CASES entry, computed by
+    grpo_loss ("ours"), the transcription ("transcription") or trl itself ("trl"). Our loss is
+    scaled as TRL's gradient accumulation needs (see the module docstring of thinkfuse.grpo)."""
+    options = dict(options)
+    data = {key: options.pop(key, default) for key, default in _DATA_KEYS.items()}
+    logprobs, old, ref, sampling, entropies, advantages, mask = _trl_inputs(
+        seed, data["spread"], data["adv_per_token"], data["on_policy"])
+    ratio = None if data["is_mode"] is None else _trl_vllm_is_ratio(old, sampling, mask, *data["is_mode"])
+    num_items, ga, spg, world = torch.tensor(50.0, device=DEVICE), data["ga"], data["spg"], data["world"]
+    lp, ent = logprobs.clone().requires_grad_(), entropies.clone().requires_grad_()
+    sampling = sampling if data["sampling"] else None
+    if reference == "ours":
+        token_sum = options["loss_type"] in ("dapo", "cispo", "vespo")
+        coef = options.pop("entropy_coef", 0.0)
+        loss, metrics = grpo_loss(
+            lp, old, advantages, mask, ref_logprobs=ref, entropies=ent, importance_sampling_ratio=ratio,
+            sampling_logprobs=sampling, max_completion_length=11, num_items_in_batch=num_items * ga / spg,
+            world_size=world, entropy_coef=coef / ga if token_sum else coef, **options)
+        loss = loss if token_sum else loss / ga
+        metrics = {name: value.item() for name, value in metrics.items()}
+    elif reference == "transcription":
+        loss, metrics = _trl_loss(lp, old, ref, advantages, mask, entropies=ent, importance_sampling_ratio=ratio,
+                                  sampling_per_token_logps=sampling, max_completion_length=11,
+                                  num_items_in_batch=num_items, num_processes=world, gradient_accumulation_steps=ga,
+                                  steps_per_generation=spg, **{"beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2,
+                                                               **options})
+    else:
+        inputs = {"completion_mask": mask, "advantages": advantages, "old_per_token_logps": old,
+                  "ref_per_token_logps": ref, "num_items_in_batch": num_items}
+        if ratio is not None:
+            inputs["importance_sampling_ratio"] = ratio
+        if sampling is not None:
+            inputs["sampling_per_token_logps"] = sampling
+        loss, metrics = _real_trl_loss(lp, ent, inputs, max_completion_length=11, num_processes=world,
+                                       gradient_accumulation_steps=ga, steps_per_generation=spg,
+                                       **{"beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2, **options})
+        metrics.pop("entropy_coef", None)
+    loss.backward()
+    return loss.detach(), lp.grad, ent.grad, metrics
+
+
+@pytest.mark.parametrize("case", list(TRL_CASES))
+def test_trl_options_match_trl(case):
+    """Loss, gradients (log-probs and entropies) and every TRL metric of grpo_loss equal TRL's:
+    the line-by-line transcription always, trl 1.16's own _compute_loss when trl is installed
+    (its gradient-accumulation and data-parallel normalisation included)."""
+    options, _ = TRL_CASES[case]
+    loss, grad, ent_grad, metrics = _run_case(options)
+    for reference in ["transcription"] + (["trl"] if _have_trl() else []):
+        ref_loss, ref_grad, ref_ent_grad, ref_metrics = _run_case(options, reference=reference)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7, msg=f"loss vs {reference}")
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7, msg=f"gradient vs {reference}")
+        assert (ent_grad is None) == (ref_ent_grad is None), reference
+        if ent_grad is not None:
+            torch.testing.assert_close(ent_grad, ref_ent_grad, rtol=1e-6, atol=1e-7)
+        assert ref_metrics.keys() <= metrics.keys(), f"missing {ref_metrics.keys() - metrics.keys()}"
+        for name, value in ref_metrics.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-7, nan_ok=True), (reference, name)
+    assert torch.isfinite(loss) and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", [c for c, (_, keys) in TRL_CASES.items() if keys])
+def test_trl_options_are_exercised_by_the_data(case):
+    """Each option above changes the loss and its gradient on the test data (a no-op would pass
+    the comparison only if TRL's option were a no-op too)."""
+    options, keys = TRL_CASES[case]
+    loss, grad, ent_grad, _ = _run_case(options)
+    plain_loss, plain_grad, plain_ent_grad, _ = _run_case({k: v for k, v in options.items() if k not in keys})
+    assert loss != plain_loss
+    if "entropy_coef" in keys:  # the bonus's gradient goes to the entropies
+        assert ent_grad is not None and plain_ent_grad is None and ent_grad.abs().sum() > 0
+    if keys != ["entropy_coef"]:
+        assert not torch.equal(grad, plain_grad)
+
+
+def _mask_fractions(options, seed=0):
+    """The fractions of scored tokens (or of non-empty sequences) that each of TRL's masks keeps."""
+    logprobs, old, _, sampling, entropies, advantages, mask = _trl_inputs(seed)
+    scored = mask.bool()
+    out = {}
+    if "is_mode" in options:
+        ratio = _trl_vllm_is_ratio(old, sampling, mask, *options["is_mode"])
+        ratio = ratio.expand_as(mask)[scored]
+        mode, low, high = options["is_mode"]
+        bounded = ((ratio == 0) if mode.endswith("mask") else ((ratio == low) | (ratio == high)))
+        out["is"] = bounded.float().mean().item()
+    if "off_policy_mask_threshold" in options:
+        sampling = sampling if options.get("sampling") else old
+        kl = ((sampling - logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        dropped = (advantages < 0) & (kl > options["off_policy_mask_threshold"])
+        out["opsm"] = dropped[scored.any(1)].float().mean().item()
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c in TRL_CASES if c.startswith(("is-", "opsm", "vespo-token"))])
+def test_trl_masks_both_keep_and_drop_on_the_test_data(case):
+    """The IS ratios are bounded (truncated / masked) for some tokens and not others, and OPSM
+    drops some sequences and keeps others: both branches of each are compared with TRL."""
+    for name, fraction in _mask_fractions(TRL_CASES[case][0]).items():
+        assert 0 < fraction < 1, (name, fraction)
+
+
+def test_off_policy_mask_reads_sampling_logprobs():
+    """OPSM measures the drift from the sampler's log-probs when given (TRL's
+    sampling_per_token_logps), else from old_logprobs: the two masks differ on the test data."""
+    options = dict(TRL_CASES["opsm-sampling-sequence"][0])
+    with_sampling, grad, _, _ = _run_case(options)
+    without, grad_without, _, _ = _run_case({**options, "sampling": False})
+    assert with_sampling != without and not torch.equal(grad, grad_without)
+
+@pytest.mark.parametrize("mode,clip_min,clip_max", [("token_truncate", 0.8, 1.25), ("token_mask", 0.8, 1.25),
+                                                    ("sequence_truncate", None, 1.5), ("sequence_mask", 0.5, 3.0),
+                                                    ("token_mask", None, 1.1), ("sequence_truncate", 0.7, None)])
+def test_vllm_importance_sampling_ratio_matches_trl(mode, clip_min, clip_max):
+    """TRL's generation-side ratio; NaN sampler log-probs (vLLM gave none) and junk at unscored
+    positions give ratio 1 there (no correction), as TRL."""
+    from thinkfuse.grpo import vllm_importance_sampling_ratio
+
+    _, old, _, sampling, _, _, mask = _trl_inputs(1)
+    sampling = sampling.clone()
+    sampling[1, 2] = float("nan")
+    ours = vllm_importance_sampling_ratio(old, sampling, mask, mode=mode, clip_min=clip_min, clip_max=clip_max)
+    trl = _trl_vllm_is_ratio(old, sampling, mask, mode, clip_min, clip_max)
+    torch.testing.assert_close(ours, trl, rtol=1e-6, atol=0)
+    assert ours.shape == ((BIG_B, 1) if mode.startswith("sequence") else (BIG_B, BIG_T))
+    junk = vllm_importance_sampling_ratio(old, sampling.masked_fill(mask == 0, float("-inf")), mask, mode=mode,
+                                          clip_min=clip_min, clip_max=clip_max)
+    torch.testing.assert_close(junk, ours)
+
+
+def test_high_entropy_mask_threshold_is_torch_quantile_bit_for_bit():
+    """The sort-based threshold equals torch.quantile's (linear interpolation) exactly, ties
+    included: a token whose entropy equals the threshold is kept by both."""
+    from thinkfuse.grpo import _high_entropy_mask
+
+    for seed in range(200):
+        gen = torch.Generator().manual_seed(seed)
+        entropies = torch.rand(5, 13, generator=gen) * 4
+        if seed % 2:
+            entropies = (entropies * 2).round() / 2  # many ties
+        scored = torch.rand(5, 13, generator=gen) > 0.3
+        q = float(torch.rand((), generator=gen)) if seed % 3 else [0.0, 0.2, 0.5, 1.0][seed % 4]
+        threshold = torch.quantile(entropies[scored], q)
+        expected = ((entropies * scored.float()) >= threshold) & scored
+        assert torch.equal(_high_entropy_mask(entropies, scored, q), expected), seed
+    assert not _high_entropy_mask(entropies, torch.zeros_like(scored), 0.5).any()
+
+
+def test_trl_options_unscored_positions_cannot_make_nan():
+    """-inf / NaN / huge values where mask == 0 in every per-token input of the new options
+    change nothing."""
+    options = dict(loss_type="dapo", importance_sampling_level="sequence", top_entropy_quantile=0.5,
+                   entropy_coef=0.01, off_policy_mask_threshold=0.05, beta=0.04, use_bias_correction_kl=True)
+    logprobs, old, ref, sampling, entropies, advantages, mask = _trl_inputs(2)
+    ratio = _trl_vllm_is_ratio(old, sampling, mask, "token_truncate", 0.8, 1.25)
+    junk = mask == 0
+    results = []
+    for dirty in (False, True):
+        fill = (lambda t, v: t.masked_fill(junk, v)) if dirty else (lambda t, v: t)
+        for loss_type in ("dapo", "cispo", "vespo"):
+            x = fill(logprobs, float("-inf")).clone().requires_grad_()
+            loss, metrics = grpo_loss(x, fill(old, float("-inf")), advantages, mask, ref_logprobs=fill(ref, 1e4),
+                                      entropies=fill(entropies, float("nan")), sampling_logprobs=fill(sampling, 1e4),
+                                      importance_sampling_ratio=fill(ratio, float("nan")),
+                                      **{**options, "loss_type": loss_type})
+            loss.backward()
+            results.append((loss.detach(), x.grad, metrics))
+    for (loss, grad, metrics), (loss_d, grad_d, metrics_d) in zip(results[:3], results[3:]):
+        assert torch.isfinite(loss_d)
+        torch.testing.assert_close(loss_d, loss)
+        torch.testing.assert_close(grad_d, grad)
+        for name in metrics:
+            torch.testing.assert_close(metrics_d[name], metrics[name], equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(importance_sampling_level="sequence_token"), ValueError, "importance_sampling_level must be one of"),
+        (dict(loss_type="cispo", delta=2.0), ValueError, "delta"),
+        (dict(top_entropy_quantile=0.5), ValueError, "need entropies"),
+        (dict(entropy_coef=0.1), ValueError, "need entropies"),
+        (dict(top_entropy_quantile=1.5, entropies=True), ValueError, "top_entropy_quantile must be in"),
+        (dict(top_entropy_quantile="0.5", entropies=True), TypeError, "top_entropy_quantile"),
+        (dict(entropy_coef=float("inf"), entropies=True), ValueError, "entropy_coef must be finite"),
+        (dict(entropies=torch.zeros(BIG_B, BIG_T + 1)), ValueError, "entropies shape"),
+        (dict(importance_sampling_ratio=torch.ones(BIG_B, 2)), ValueError, "importance_sampling_ratio must have"),
+        (dict(importance_sampling_ratio=torch.ones(BIG_B)), ValueError, "importance_sampling_ratio must be 2-D"),
+        (dict(loss_type="vespo", importance_sampling_ratio=torch.ones(BIG_B, 1)), ValueError, "vespo"),
+        (dict(sampling_logprobs=torch.zeros(BIG_B + 1, BIG_T)), ValueError, "sampling_logprobs shape"),
+        (dict(off_policy_mask_threshold="x"), TypeError, "off_policy_mask_threshold"),
+        (dict(loss_type="sapo", sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg must be > 0"),
+        (dict(loss_type="vespo", vespo_lambda_pos=float("nan")), ValueError, "vespo_lambda_pos"),
+    ],
+)
+def test_trl_options_bad_inputs(kwargs, error, match):
+    logprobs, old, _, _, entropies, advantages, mask = _trl_inputs(3)
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    if kwargs.get("entropies") is True:
+        kwargs["entropies"] = entropies
+    with pytest.raises(error, match=match):
+        grpo_loss(logprobs, old, advantages, mask, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(mode="token"), ValueError, "mode must be one of"),
+    (dict(mode="token_truncate", clip_min=None, clip_max=None), ValueError, "needs clip_min or clip_max"),
+    (dict(clip_min=2.0, clip_max=1.0), ValueError, "clip_min"),
+    (dict(clip_max="3"), TypeError, "clip_max"),
+])
+def test_vllm_importance_sampling_ratio_bad_inputs(kwargs, error, match):
+    from thinkfuse.grpo import vllm_importance_sampling_ratio
+
+    _, old, _, sampling, _, _, mask = _trl_inputs(3)
+    with pytest.raises(error, match=match):
+        vllm_importance_sampling_ratio(old, sampling, mask, **kwargs)
+    with pytest.raises(ValueError, match="sampling_logprobs shape"):
+        vllm_importance_sampling_ratio(old, sampling[:, 1:], mask)
+
+
+# --- GRPOLoss with the new options ----------------------------------------------------------------
+
+
+MODULE_CASES = {
+    "gspo-grpo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=0.05, epsilon_high=0.05),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.3),
+    "sapo": dict(loss_type="sapo"),
+    "luspo-sequence": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo"),
+    "top-entropy-bonus-dapo": dict(loss_type="dapo", top_entropy_quantile=0.4, entropy_coef=0.05),
+    "opsm": dict(loss_type="grpo", off_policy_mask_threshold=0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_grpo_loss_module_new_options_match_materialised_logits(backend, case):
+    """GRPOLoss with each new option (one-pass where the loss is per-token, the differentiated
+    fused op otherwise; entropies from the fused op when needed) equals grpo_loss on log-probs and
+    entropies from materialised logits: loss, gradients w.r.t. hidden / weight / bias, metrics."""
+    options = MODULE_CASES[case]
+    hidden, weight, bias, ids = _module_inputs(seed=21)
+    _, old, ref, advantages, mask = _batch(22)
+    old, ref = old - 2.5, ref - 2.5
+    ratio = torch.rand(B, T, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.5
+
+    def run(use_module):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        if use_module:
+            module = GRPOLoss(beta=0.04, chunk_size=5, backend=backend, **options)
+            loss, metrics = module(leaves[0], leaves[1], ids, mask, advantages, old, ref, bias=leaves[2],
+                                   temperature=0.9, num_items_in_batch=30, importance_sampling_ratio=ratio)
+        else:
+            logprobs, entropies = reference.fused_linear_token_logprobs(
+                leaves[0], leaves[1], ids.masked_fill(mask == 0, -100), leaves[2], 0.9, return_entropy=True)
+            needs_entropy = options.get("top_entropy_quantile", 1.0) < 1 or options.get("entropy_coef", 0.0) != 0
+            loss, metrics = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.04,
+                                      num_items_in_batch=30, importance_sampling_ratio=ratio,
+                                      entropies=entropies if needs_entropy else None, **options)
+        loss.backward()
+        return loss.detach(), metrics, [t.grad for t in leaves]
+
+    loss, metrics, grads = run(True)
+    ref_loss, ref_metrics, ref_grads = run(False)
+    assert_close_fp32(loss, ref_loss, tol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        assert_close_fp32(g, r, tol=1e-4)
+    assert metrics.keys() - {"logprobs"} == ref_metrics.keys()
+    for key in ref_metrics:
+        assert_close_fp32(metrics[key], ref_metrics[key], tol=1e-4)
+
+
+def test_grpo_loss_module_uses_one_pass_only_for_per_token_losses(monkeypatch):
+    import thinkfuse.grpo as grpo_module
+
+    calls = []
+    original = grpo_module._one_pass_grpo
+    monkeypatch.setattr(grpo_module, "_one_pass_grpo", lambda *a, **k: calls.append(1) or original(*a, **k))
+    hidden, weight, _, ids = _module_inputs(seed=23)
+    _, old, _, advantages, mask = _batch(24)
+    for options, one_pass in [(dict(loss_type="cispo"), True), (dict(loss_type="sapo"), True),
+                              (dict(loss_type="luspo"), True), (dict(loss_type="vespo"), False),
+                              (dict(importance_sampling_level="sequence"), False),
+                              (dict(off_policy_mask_threshold=0.1), False), (dict(top_entropy_quantile=0.5), False),
+                              (dict(entropy_coef=0.1), False)]:
+        calls.clear()
+        GRPOLoss(**options)(hidden.clone().requires_grad_(), weight, ids, mask, advantages, old - 2.5)[0].backward()
+        assert bool(calls) == one_pass, options
+
+
+def test_grpo_loss_module_rejects_bad_importance_sampling_level():
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        GRPOLoss(importance_sampling_level="seq")
 
 
 # --- TRL integration (skipped without trl) -------------------------------------------------------

@@ -1,20 +1,25 @@
 """GRPO loss on top of thinkfuse's log-prob ops, with TRL's normalisations, and a patch that
 makes TRL's ``GRPOTrainer`` compute its log-probs with thinkfuse.
 
-- ``grpo_loss(logprobs, old_logprobs, advantages, mask, ...)``: the clipped-ratio GRPO objective
-  with the k3 KL term, loss types ``grpo | bnpo | dr_grpo | dapo`` normalised exactly as TRL's
-  ``GRPOTrainer`` does (per-token importance sampling), plus TRL's clip metrics.
+- ``grpo_loss(logprobs, old_logprobs, advantages, mask, ...)``: TRL 1.16 ``GRPOTrainer``'s loss,
+  normalised exactly as TRL does: loss types ``grpo | bnpo | dr_grpo | dapo | cispo | sapo |
+  luspo | vespo``, token- or sequence-level (GSPO) importance sampling, the k3 KL term (with
+  TRL's bias correction), two-sided clipping (``delta``), the top-entropy token mask, the
+  entropy bonus, the off-policy sequence mask (OPSM) and the vLLM importance-sampling
+  correction (``vllm_importance_sampling_ratio`` computes TRL's ratio), plus TRL's metrics.
 - ``GRPOLoss``: the same from the policy's last hidden states and the lm_head weight, through
   ``fused_linear_token_logprobs``, so the ``[tokens, V]`` logits are never materialised.
 - ``patch_trl()``: routes TRL's fused lm_head (``add_fused_lm_head``, what ``GRPOTrainer`` uses
   for the policy and reference log-probs) and ``selective_log_softmax`` to thinkfuse.
 
-Gradient accumulation. ``grpo``, ``bnpo`` and ``dr_grpo`` are means over one micro-batch: divide
-the loss by the number of accumulation steps (TRL does), which weights micro-batches equally.
-``dapo`` divides the masked sum by ``num_items_in_batch / world_size``: pass the number of
-completion tokens (mask ones) in the whole accumulated batch over all ranks, and ``world_size``
-the number of data-parallel ranks whose gradients are averaged; summing the micro-batch losses
-(no further division) then gives the exact token mean over the global batch. (TRL's own
+Gradient accumulation. ``grpo``, ``bnpo``, ``dr_grpo``, ``sapo`` and ``luspo`` are means over one
+micro-batch: divide the loss by the number of accumulation steps (TRL does), which weights
+micro-batches equally; so is the entropy bonus, for every loss type (TRL divides it too).
+``dapo``, ``cispo`` and ``vespo`` divide the masked sum by ``num_items_in_batch / world_size``:
+pass the number of completion tokens (mask ones) in the whole accumulated batch over all ranks,
+and ``world_size`` the number of data-parallel ranks whose gradients are averaged; summing the
+micro-batch losses (no further division) then gives the exact token mean over the global batch.
+With an entropy bonus, pass ``entropy_coef / gradient_accumulation_steps`` then. (TRL's own
 ``num_items_in_batch`` counts the tokens of a whole generation batch, which spans
 ``steps_per_generation`` micro-batches: TRL multiplies its divisor by
 ``gradient_accumulation_steps / steps_per_generation``, so pass that product to reproduce it.)
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import numbers
 from typing import Optional
 
@@ -50,7 +56,11 @@ from ._checks import check_float, check_same_device, check_tensor
 from .ops.logprobs import TOKEN_ID_DTYPES, fused_linear_logprobs_with_grads, fused_linear_token_logprobs, token_logprobs
 from .ops.one_pass import one_pass_loss
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO-style clipped ratio (TRL's set)
+TOKEN_SUM_LOSS_TYPES = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch / world_size
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 MASK_DTYPES = (torch.bool, torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -70,77 +80,255 @@ def grpo_loss(
     world_size: int = 1,
     delta: Optional[float] = None,
     use_bias_correction_kl: bool = False,
+    importance_sampling_level: str = "token",
+    entropies: Optional[Tensor] = None,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
+    importance_sampling_ratio: Optional[Tensor] = None,
+    off_policy_mask_threshold: Optional[float] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[Tensor, dict]:
-    """GRPO loss and metrics, as TRL's ``GRPOTrainer`` computes them (token-level ratios;
-    checked against trl 1.16's ``_compute_loss``).
+    """GRPO-family loss and metrics, as TRL's ``GRPOTrainer._compute_loss`` computes them
+    (checked against trl 1.16's own code).
 
-    Per token, with ``r = exp(logprobs - old_logprobs)`` and ``A`` the advantage of its sequence:
-    ``L = -min(r' * A, clamp(r, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL`` where
-    ``r' = min(r, delta)`` (TRL's two-sided clipping; ``r' = r`` when ``delta`` is None),
-    ``KL = k3 = exp(ref - logprobs) - (ref - logprobs) - 1``, times ``r`` when
-    ``use_bias_correction_kl`` (TRL's option of that name, whose default is True in trl 1.16:
-    pass it to reproduce a TRL run). With ``M = mask``:
+    Importance weight ``r = exp(w)``: ``importance_sampling_level="token"`` (default) ``w =
+    logprobs - old_logprobs`` per token; ``"sequence"`` (GSPO) the masked mean of that over each
+    sequence, ``[B, 1]``, broadcast to its tokens (its gradient reaches every token of the
+    sequence). ``A`` is the advantage of the sequence. Per-token loss ``L`` by ``loss_type``:
 
-    - ``grpo``: ``mean_b(sum_t(L * M) / sum_t(M))``
+    - ``grpo | bnpo | dr_grpo | dapo | luspo`` (clipped): ``-min(r' * A, clamp(r, 1 - epsilon_low,
+      1 + epsilon_high) * A)``, ``r' = min(r, delta)`` (TRL's two-sided clipping; ``r' = r`` when
+      ``delta`` is None)
+    - ``cispo``: ``-min(r, epsilon_high).detach() * A * logprobs`` (``epsilon_high`` is CISPO's
+      eps_max: TRL recommends 5.0)
+    - ``sapo``: ``-sigmoid(tau * (r - 1)) * 4 / tau * A``, ``tau = sapo_temperature_pos`` where
+      ``A > 0`` else ``sapo_temperature_neg``
+    - ``vespo``: ``-phi.detach() * A * logprobs`` with the Gamma weight ``phi = exp(lambda + k log w
+      - lambda w)`` of the sequence ratio ``w = exp(clamp(sum_t clamp(logprobs - old, +-20) +
+      sum_t clamp(log importance_sampling_ratio, log 1e-8, 20), log 1e-8, 20))``, ``(k, lambda) =
+      (vespo_k_pos, vespo_lambda_pos)`` where ``A >= 0`` else the ``_neg`` pair (always
+      sequence-level, whatever ``importance_sampling_level``)
+
+    then, in TRL's order, times the off-policy sequence mask (``off_policy_mask_threshold``:
+    DeepSeek-V3.2's OPSM, keeps a sequence when ``A >= 0`` or the masked mean of
+    ``sampling_logprobs - logprobs.detach()`` is ``<= threshold``; ``sampling_logprobs`` defaults
+    to ``old_logprobs``), times the top-entropy mask (``top_entropy_quantile < 1``: keeps the
+    scored tokens whose ``entropies`` are ``>=`` the ``1 - top_entropy_quantile`` quantile of
+    this call's scored tokens; TRL takes the quantile over all ranks), times
+    ``importance_sampling_ratio`` (TRL's vLLM importance-sampling correction, ``[B, T]`` for the
+    token modes or ``[B, 1]`` for the sequence modes, see ``vllm_importance_sampling_ratio``; for
+    vespo it enters ``w`` instead and must be ``[B, T]``), plus ``beta * KL`` with ``KL = k3 =
+    exp(ref - logprobs) - (ref - logprobs) - 1``, times ``r`` when ``use_bias_correction_kl``
+    (TRL's option of that name, whose default is True in trl 1.16: pass it to reproduce a TRL run).
+    With ``M = mask``:
+
+    - ``grpo``, ``sapo``: ``mean_b(sum_t(L * M) / sum_t(M))``
     - ``bnpo``: ``sum(L * M) / sum(M)``
     - ``dr_grpo``: ``sum(L * M) / (B * max_completion_length)`` (default: T; TRL divides by its
       config's max_completion_length, not by the batch's padded length: pass it)
-    - ``dapo``: ``sum(L * M) / (num_items_in_batch / world_size)`` (default: ``sum(M)``)
+    - ``dapo``, ``cispo``, ``vespo``: ``sum(L * M) / (num_items_in_batch / world_size)``
+      (default: ``sum(M)``)
+    - ``luspo``: ``mean_b(sum_t(L * M))``
 
-    Shapes: logprobs/old_logprobs/ref_logprobs/mask ``[B, T]``, advantages ``[B]`` (or ``[B, T]``).
-    ``old_logprobs=None`` means on-policy (``logprobs.detach()``, ratio 1). Token sums use at
-    least 1 as divisor, as TRL. Computed in float32 whatever the inputs' dtype (as TRL, whose
-    log-probs are float32). Positions with ``mask == 0`` contribute nothing whatever their
-    old/ref log-probs hold (-inf included: they are not read there).
+    ``entropy_coef != 0`` subtracts ``entropy_coef`` times the mean of ``entropies`` over the
+    scored (and, with ``top_entropy_quantile < 1``, kept) tokens of this call: TRL's static
+    entropy bonus, a micro-batch mean for every loss type (with dapo / cispo / vespo, whose
+    micro-batch losses are summed, pass ``entropy_coef / gradient_accumulation_steps`` to
+    reproduce TRL). ``entropies`` (``[B, T]``, may carry a gradient) is needed for it and for the
+    entropy mask.
+
+    Shapes: logprobs/old_logprobs/ref_logprobs/sampling_logprobs/entropies/mask ``[B, T]``,
+    advantages ``[B]`` (or ``[B, T]``). ``old_logprobs=None`` means on-policy
+    (``logprobs.detach()``, ratio 1). Token sums use at least 1 as divisor, as TRL. Computed in
+    float32 whatever the inputs' dtype (as TRL, whose log-probs are float32). Positions with
+    ``mask == 0`` contribute nothing whatever the other tensors hold there (-inf included: they
+    are not read there).
 
     metrics (0-d float32 tensors, detached; over this call's tokens, no host sync; TRL also
-    reduces them across ranks): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-    ``clip_ratio/region_mean`` (token fractions where the clipped term is the active one:
-    ``r' < 1 - epsilon_low`` with ``A < 0``, ``r' > 1 + epsilon_high`` with ``A > 0``, either),
+    reduces them across ranks). Means are over the scored tokens for per-token quantities and over
+    the B sequences for per-sequence ones (``importance_sampling_level="sequence"``, vespo's
+    ``phi``), as TRL's. Clipped loss types: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``clip_ratio/region_mean`` (fractions where the clipped term is the active one: ``r' < 1 -
+    epsilon_low`` with ``A < 0``, ``r' > 1 + epsilon_high`` with ``A > 0``, either),
     ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences of each
-    sequence's fraction, sequences without tokens ignored), ``clip_ratio`` (= region_mean),
-    ``ratio_mean`` (mean r), and ``kl`` (mean KL as above) when ``ref_logprobs`` is given.
+    sequence's fraction, sequences without tokens ignored at token level), ``clip_ratio`` (=
+    region_mean). cispo: ``cispo_clip_ratio`` (``r > epsilon_high`` with ``A > 0``) and
+    ``clip_ratio`` (= it). vespo: ``vespo/phi_seq_mean``. sapo has no clip metric. All:
+    ``ratio_mean`` (mean r), ``kl`` (mean KL as above) when ``ref_logprobs`` is given,
+    ``entropy`` (mean over the scored tokens) when ``entropies`` is given, and ``policy_loss``
+    (the loss before the entropy bonus) when ``entropy_coef != 0``.
     """
-    _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs)
+    _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropies, importance_sampling_ratio,
+                     sampling_logprobs)
     beta = check_float("beta", beta, non_negative=True)
     epsilon_low = check_float("epsilon_low", epsilon_low, non_negative=True)
     epsilon_high = check_float("epsilon_high", epsilon_high, non_negative=True)
-    if delta is not None:
-        delta = check_float("delta", delta, non_negative=True)
-    if not isinstance(use_bias_correction_kl, bool):
-        raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    if delta is not None:
+        delta = check_float("delta", delta, non_negative=True)
+        if loss_type not in CLIPPED_LOSS_TYPES:
+            raise ValueError(f"delta (two-sided clipping) applies to loss_type in {CLIPPED_LOSS_TYPES} only, "
+                             f"got loss_type={loss_type!r}")
+    if not isinstance(use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs (the reference model's log-probs)")
+    top_entropy_quantile = check_float("top_entropy_quantile", top_entropy_quantile)
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
+    entropy_coef = check_float("entropy_coef", entropy_coef)
+    if entropies is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
+        raise ValueError("top_entropy_quantile < 1 and entropy_coef != 0 need entropies (the per-token entropies)")
+    if off_policy_mask_threshold is not None:
+        off_policy_mask_threshold = check_float("off_policy_mask_threshold", off_policy_mask_threshold)
+    if loss_type == "sapo":
+        sapo_temperature_pos = check_float("sapo_temperature_pos", sapo_temperature_pos, positive=True)
+        sapo_temperature_neg = check_float("sapo_temperature_neg", sapo_temperature_neg, positive=True)
+    if loss_type == "vespo":
+        vespo = [check_float(name, value) for name, value in (
+            ("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+            ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg))]
+        if importance_sampling_ratio is not None and importance_sampling_ratio.shape[1] != logprobs.shape[1]:
+            raise ValueError("loss_type 'vespo' takes a token-level importance_sampling_ratio [B, T] (TRL's "
+                             "token_truncate / token_mask modes), got shape "
+                             f"{tuple(importance_sampling_ratio.shape)}")
     _check_num_items(num_items_in_batch)
 
     scored = mask != 0
     mask = mask.to(torch.float32)
-    logprobs = logprobs.float()
-    # Unscored positions read as on-policy and equal to the reference (ratio 1, KL 0): whatever
-    # the caller left there (log-probs of padding, -inf) cannot turn into inf * 0 = NaN.
+    # Unscored positions read as log-prob 0, on-policy and equal to the reference (ratio 1, KL 0):
+    # whatever the caller left there (log-probs of padding, -inf) cannot turn into inf * 0 = NaN.
+    logprobs = _scored_or_zero(scored, logprobs.float())
     old_logprobs = logprobs.detach() if old_logprobs is None else _scored_or(scored, old_logprobs, logprobs)
     adv = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).float()
-    ratio = torch.exp(logprobs - old_logprobs)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    per_token = -torch.min(capped * adv, clipped * adv)
+    log_ratio = logprobs - old_logprobs
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:
+        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_weights)
+    is_ratio = None
+    if importance_sampling_ratio is not None:
+        is_ratio = importance_sampling_ratio.float()
+        if is_ratio.shape[1] == logprobs.shape[1]:  # token-level ratios: 1 where not scored
+            is_ratio = torch.where(scored, is_ratio, torch.ones_like(is_ratio))
     kl = None
     if ref_logprobs is not None:
         kl = k3_kl(logprobs, _scored_or(scored, ref_logprobs, logprobs))
         if use_bias_correction_kl:
             kl = kl * ratio
-        if beta != 0:
-            per_token = per_token + beta * kl
+
+    capped, phi = ratio, None
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logprobs
+    elif loss_type in CLIPPED_LOSS_TYPES:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.min(capped * adv, clipped * adv)
+    elif loss_type == "sapo":
+        temperatures = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token = -(torch.sigmoid(temperatures * (ratio - 1)) * 4 / temperatures) * adv
+    else:  # vespo
+        phi = _vespo_weights(adv, log_ratio, mask, is_ratio, *vespo)
+        per_token = -phi * adv * logprobs
+
+    if off_policy_mask_threshold is not None:
+        sampling = old_logprobs if sampling_logprobs is None else _scored_or(scored, sampling_logprobs, logprobs)
+        per_token = per_token * _off_policy_mask(adv, logprobs, sampling, mask, off_policy_mask_threshold)
+    entropy_mask = None
+    if entropies is not None:
+        entropies = torch.where(scored, entropies.float(), torch.zeros_like(logprobs))
+        if top_entropy_quantile < 1.0:
+            entropy_mask = _high_entropy_mask(entropies, scored, 1 - top_entropy_quantile)
+            per_token = per_token * entropy_mask
+    if is_ratio is not None and loss_type != "vespo":
+        per_token = per_token * is_ratio
+    if kl is not None and beta != 0:
+        per_token = per_token + beta * kl
 
     loss = _normalise(per_token * mask, mask, loss_type, max_completion_length, num_items_in_batch, world_size)
-    return loss, _metrics(ratio, capped, adv, mask, kl, epsilon_low, epsilon_high)
+    policy_loss = None
+    if entropy_coef != 0.0:
+        kept = mask if entropy_mask is None else mask * entropy_mask
+        policy_loss = loss.detach()
+        loss = loss - entropy_coef * ((entropies * kept).sum() / kept.sum().clamp(min=1.0))
+    metrics = _metrics(loss_type, ratio, capped, adv, mask, kl, phi, entropies, epsilon_low, epsilon_high)
+    if policy_loss is not None:
+        metrics["policy_loss"] = policy_loss
+    return loss, metrics
+
+
+def vllm_importance_sampling_ratio(
+    old_logprobs: Tensor,
+    sampling_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    mode: str = "sequence_mask",
+    clip_min: Optional[float] = None,
+    clip_max: Optional[float] = 3.0,
+) -> Tensor:
+    """TRL's vLLM importance-sampling correction ratio (``vllm_importance_sampling_correction``),
+    the ``importance_sampling_ratio`` that ``grpo_loss`` multiplies the per-token loss by.
+
+    ``old_logprobs`` are the trainer's log-probs of the sampled completions, ``sampling_logprobs``
+    the sampler's (vLLM's; NaN where it gave none: no correction there), ``[B, T]``. ``d =
+    (old - sampling) * mask``; ``token_*`` modes: ``exp(d)`` per token (``[B, T]``); ``sequence_*``
+    modes: ``exp(sum_t d)`` per sequence (``[B, 1]``). ``*_truncate`` clamps it to ``[clip_min,
+    clip_max]``, ``*_mask`` sets it to 0 outside (a None bound is no bound). TRL's defaults:
+    ``mode="sequence_mask"``, ``clip_max=3.0``, ``clip_min=None``. Float32, no gradient.
+    """
+    check_tensor("old_logprobs", old_logprobs, ndim=2)
+    shape = tuple(old_logprobs.shape)
+    check_tensor("sampling_logprobs", sampling_logprobs, ndim=2)
+    if tuple(sampling_logprobs.shape) != shape:
+        raise ValueError(f"sampling_logprobs shape {tuple(sampling_logprobs.shape)} must equal old_logprobs shape "
+                         f"{shape}")
+    check_tensor("mask", mask, dtypes=MASK_DTYPES, ndim=2)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal old_logprobs shape {shape}")
+    check_same_device(old_logprobs=old_logprobs, sampling_logprobs=sampling_logprobs, mask=mask)
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"mode must be one of {VLLM_IS_MODES}, got {mode!r}")
+    if clip_min is not None:
+        clip_min = check_float("clip_min", clip_min)
+    if clip_max is not None:
+        clip_max = check_float("clip_max", clip_max)
+    if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+        raise ValueError(f"clip_min ({clip_min}) must be less than clip_max ({clip_max})")
+    if mode.endswith("_truncate") and clip_min is None and clip_max is None:
+        raise ValueError(f"mode {mode!r} needs clip_min or clip_max")
+    with torch.no_grad():
+        scored = mask != 0
+        diff = torch.where(scored, old_logprobs.float() - sampling_logprobs.float(), 0.0)
+        diff = torch.nan_to_num(diff, nan=0.0)
+        if mode.startswith("sequence"):
+            diff = diff.sum(dim=-1, keepdim=True)
+        ratio = torch.exp(diff)
+        if mode.endswith("_truncate"):
+            return torch.clamp(ratio, min=clip_min, max=clip_max)
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
 def _scored_or(scored: Tensor, values: Tensor, logprobs: Tensor) -> Tensor:
     """``values`` (as float32) where scored, the detached log-probs elsewhere."""
     return torch.where(scored, values.float(), logprobs.detach())
+
+
+def _scored_or_zero(scored: Tensor, logprobs: Tensor) -> Tensor:
+    """The log-probs where scored, 0 elsewhere (no gradient there)."""
+    return torch.where(scored, logprobs, torch.zeros_like(logprobs))
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -149,17 +337,59 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
+@torch.no_grad()
+def _vespo_weights(adv, log_ratio, mask, is_ratio, k_pos, lambda_pos, k_neg, lambda_neg) -> Tensor:
+    """TRL's ``get_gamma_weights``: ``phi(w) = exp(lambda + k log w - lambda w)`` of the sequence
+    importance weight ``w`` (``[B, 1]``, or ``[B, T]`` with per-token advantages); no gradient."""
+    lower = math.log(1e-8)
+    seq_log_ratio = torch.sum(torch.clamp(log_ratio, -20.0, 20.0) * mask, dim=-1, keepdim=True)
+    if is_ratio is not None:  # 1 (log 0) where not scored
+        seq_log_ratio = seq_log_ratio + torch.sum(torch.clamp(torch.log(is_ratio), lower, 20.0), dim=-1, keepdim=True)
+    log_w = torch.clamp(seq_log_ratio, lower, 20.0)
+    w = torch.exp(log_w)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * w).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def _off_policy_mask(adv, logprobs, sampling, mask, threshold) -> Tensor:
+    """TRL's ``get_off_policy_mask`` (OPSM): 1 where ``A >= 0`` or the sequence's mean of
+    ``sampling - logprobs`` is ``<= threshold``, else 0 (``[B, 1]``, or ``[B, T]`` with per-token
+    advantages)."""
+    kl_div = torch.nan_to_num(sampling - logprobs.detach(), nan=0.0)
+    mean_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return ((adv >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+@torch.no_grad()
+def _high_entropy_mask(entropies: Tensor, scored: Tensor, threshold: float) -> Tensor:
+    """TRL's ``get_high_entropy_mask`` over this call's tokens: scored tokens whose entropy is >=
+    the ``threshold`` quantile (linear interpolation, as ``torch.quantile``, bit for bit) of the
+    scored tokens' entropies; none when no token is scored. Sort-based: no host sync and no
+    ``torch.quantile`` size limit."""
+    count = scored.sum()
+    values = torch.where(scored, entropies, math.inf).flatten().sort().values
+    ranks = torch.tensor(threshold, dtype=torch.float32, device=entropies.device) * (count - 1).clamp(min=0).float()
+    below, above = ranks.long(), ranks.ceil().long()
+    cut = torch.lerp(values[below], values[above], ranks - below)
+    return (entropies >= cut) & scored
+
+
 def _normalise(masked_loss, mask, loss_type, max_completion_length, num_items_in_batch, world_size) -> Tensor:
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return (masked_loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "bnpo":
         return masked_loss.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "luspo":
+        return masked_loss.sum(-1).mean()
     if loss_type == "dr_grpo":
         length = masked_loss.shape[1] if max_completion_length is None else max_completion_length
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length <= 0:
             raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
         return masked_loss.sum() / (masked_loss.shape[0] * length)
-    # dapo
+    # dapo, cispo, vespo
     if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size <= 0:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     items = mask.sum() if num_items_in_batch is None else num_items_in_batch
@@ -168,29 +398,47 @@ def _normalise(masked_loss, mask, loss_type, max_completion_length, num_items_in
 
 
 @torch.no_grad()
-def _metrics(ratio, capped, adv, mask, kl, epsilon_low, epsilon_high) -> dict:
-    """TRL's clip metrics (computed on the delta-capped ratio, as TRL does) and means."""
+def _metrics(loss_type, ratio, capped, adv, mask, kl, phi, entropies, epsilon_low, epsilon_high) -> dict:
+    """TRL's metrics (the clip ones on the delta-capped ratio, as TRL) and means. A ``[B, 1]``
+    quantity (sequence-level) is averaged over the sequences, a ``[B, T]`` one over the tokens."""
     count = mask.sum().clamp(min=1.0)
-    mean = lambda x: (x.to(mask.dtype) * mask).sum() / count  # noqa: E731
-    low = (capped < 1 - epsilon_low) & (adv < 0)
-    high = (capped > 1 + epsilon_high) & (adv > 0)
-    region = mean(low | high)
-    metrics = {
-        "clip_ratio": region,
-        "clip_ratio/region_mean": region,
-        "clip_ratio/low_mean": mean(low),
-        "clip_ratio/high_mean": mean(high),
-        "clip_ratio/low_min": _nan_extreme(_sequence_means(low, mask), torch.amin),
-        "clip_ratio/high_max": _nan_extreme(_sequence_means(high, mask), torch.amax),
-        "ratio_mean": mean(ratio),
-    }
+
+    def mean(x):
+        x = x.to(mask.dtype)
+        if x.shape[1] == 1 and mask.shape[1] != 1:
+            return x.sum() / max(x.shape[0], 1)
+        return (x * mask).sum() / count
+
+    metrics = {}
+    if loss_type in CLIPPED_LOSS_TYPES:
+        low = (capped < 1 - epsilon_low) & (adv < 0)
+        high = (capped > 1 + epsilon_high) & (adv > 0)
+        region = mean(low | high)
+        metrics.update({
+            "clip_ratio": region,
+            "clip_ratio/region_mean": region,
+            "clip_ratio/low_mean": mean(low),
+            "clip_ratio/high_mean": mean(high),
+            "clip_ratio/low_min": _nan_extreme(_sequence_means(low, mask), torch.amin),
+            "clip_ratio/high_max": _nan_extreme(_sequence_means(high, mask), torch.amax),
+        })
+    elif loss_type == "cispo":
+        metrics["clip_ratio"] = metrics["cispo_clip_ratio"] = mean((ratio > epsilon_high) & (adv > 0))
+    elif loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = mean(phi)
+    metrics["ratio_mean"] = mean(ratio)
     if kl is not None:
         metrics["kl"] = mean(kl)
+    if entropies is not None:
+        metrics["entropy"] = mean(entropies)
     return metrics
 
 
 def _sequence_means(flags: Tensor, mask: Tensor) -> Tensor:
-    """Per sequence, the masked mean of ``flags``; NaN for a sequence without tokens (as TRL)."""
+    """Per sequence, the masked mean of ``flags``; NaN for a sequence without tokens (as TRL). A
+    sequence-level ``[B, 1]`` flag is its own mean (as TRL)."""
+    if flags.shape[1] == 1 and mask.shape[1] != 1:
+        return flags[:, 0].to(mask.dtype)
     flags = flags.expand_as(mask).to(mask.dtype)
     return (flags * mask).sum(-1) / mask.sum(-1)
 
@@ -215,14 +463,21 @@ def _check_num_items(num_items_in_batch) -> None:
                          f"got {num_items_in_batch!r}")
 
 
-def _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs) -> None:
+def _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropies=None,
+                     importance_sampling_ratio=None, sampling_logprobs=None) -> None:
     check_tensor("logprobs", logprobs, ndim=2)
     shape = tuple(logprobs.shape)
-    for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+    for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                        ("sampling_logprobs", sampling_logprobs), ("entropies", entropies)):
         if value is not None:
             check_tensor(name, value, ndim=2)
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} shape {tuple(value.shape)} must equal logprobs shape {shape}")
+    if importance_sampling_ratio is not None:
+        check_tensor("importance_sampling_ratio", importance_sampling_ratio, ndim=2)
+        if tuple(importance_sampling_ratio.shape) not in (shape, (shape[0], 1)):
+            raise ValueError(f"importance_sampling_ratio must have shape [B, T] = {shape} (token modes) or [B, 1] = "
+                             f"({shape[0]}, 1) (sequence modes), got {tuple(importance_sampling_ratio.shape)}")
     check_tensor("mask", mask, dtypes=MASK_DTYPES, ndim=2)
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal logprobs shape {shape}")
@@ -230,31 +485,39 @@ def _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs) -> 
     if tuple(advantages.shape) not in ((shape[0],), shape):
         raise ValueError(f"advantages must have shape [B] = ({shape[0]},) or [B, T], got {tuple(advantages.shape)}")
     check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                      ref_logprobs=ref_logprobs)
+                      ref_logprobs=ref_logprobs, entropies=entropies,
+                      importance_sampling_ratio=importance_sampling_ratio,
+                      sampling_logprobs=sampling_logprobs)
 
 
 class GRPOLoss(nn.Module):
     """GRPO loss from the policy's hidden states, with fused lm_head log-probs.
 
-    ``forward(hidden, lm_head_weight, completion_ids, mask, advantages, old_logprobs=None,
-    ref_logprobs=None, *, bias=None, temperature=1.0, num_items_in_batch=None)`` returns
-    ``(loss, metrics)`` as ``grpo_loss``. ``hidden`` ``[B, T, H]`` are the last hidden states that
-    *predict* ``completion_ids`` ``[B, T]`` (already shifted: position t predicts token t);
-    ``lm_head_weight`` ``[V, H]`` (gathered, see the module docstring on ZeRO-3 / FSDP).
-    Positions with ``mask == 0`` are not scored (their log-prob is 0 and they get no gradient;
-    the lm_head matmul still covers them, as it works on whole chunks of tokens). ``metrics``
-    also holds ``logprobs`` (detached, ``[B, T]``), e.g. to serve as the next iteration's
-    ``old_logprobs``.
+    The constructor takes ``grpo_loss``'s options (loss type, clipping, KL, importance-sampling
+    level, entropy mask and bonus, OPSM threshold, sapo / vespo parameters); ``forward(hidden,
+    lm_head_weight, completion_ids, mask, advantages, old_logprobs=None, ref_logprobs=None, *,
+    bias=None, temperature=1.0, num_items_in_batch=None, importance_sampling_ratio=None,
+    sampling_logprobs=None)`` returns ``(loss, metrics)`` as ``grpo_loss``. ``hidden`` ``[B, T, H]``
+    are the last hidden states that *predict* ``completion_ids`` ``[B, T]`` (already shifted:
+    position t predicts token t); ``lm_head_weight`` ``[V, H]`` (gathered, see the module
+    docstring on ZeRO-3 / FSDP). Positions with ``mask == 0`` are not scored (their log-prob is 0
+    and they get no gradient; the lm_head matmul still covers them, as it works on whole chunks of
+    tokens). The per-token entropies are computed (through the same fused op, with their
+    gradient) when the loss needs them: ``top_entropy_quantile < 1`` or ``entropy_coef != 0``.
+    ``metrics`` also holds ``logprobs`` (detached, ``[B, T]``), e.g. to serve as the next
+    iteration's ``old_logprobs``.
 
-    ``one_pass=True`` (the default, when a gradient is needed, outside torch.compile): the GRPO
-    loss's gradient w.r.t. a token's log-prob depends on that log-prob alone, so the lm_head's
-    gradients are formed in the forward, chunk by chunk, from logits computed once (3 matmuls
-    instead of the 4 of forward + a recomputing backward); the backward only scales them. They
-    are held from the forward to the backward ([B*T, H] + [V, H]), and the loss can be
-    differentiated once. While it runs, d_weight is summed over token chunks in a float32 [V, H]
-    buffer, unless all tokens' logits weigh less than a default chunk plus that buffer (fewer
-    than about 2 H tokens more than a chunk, for a bfloat16 lm_head): then they form one chunk
-    and d_weight is one matmul. ``one_pass=False`` differentiates ``fused_linear_token_logprobs``, whose backward walks
+    ``one_pass=True`` (the default, when a gradient is needed, outside torch.compile, and when
+    the loss is a sum of per-token terms each depending on its own log-prob only: token-level
+    importance sampling, a loss type other than vespo, no off-policy mask, no entropy mask or
+    bonus; otherwise the ``one_pass=False`` path runs): the lm_head's gradients are formed in
+    the forward, chunk by chunk, from logits computed once (3 matmuls instead of the 4 of
+    forward + a recomputing backward); the backward only scales them. They are held from the
+    forward to the backward ([B*T, H] + [V, H]), and the loss can be differentiated once. While it
+    runs, d_weight is summed over token chunks in a float32 [V, H] buffer, unless all tokens'
+    logits weigh less than a default chunk plus that buffer (fewer than about 2 H tokens more
+    than a chunk, for a bfloat16 lm_head): then they form one chunk and d_weight is one matmul.
+    ``one_pass=False`` differentiates ``fused_linear_token_logprobs``, whose backward walks
     vocab slabs and needs no [V, H] buffer beyond d_weight itself: one matmul more, less memory
     for half-precision lm_heads (the choice when memory is the limit).
     """
@@ -270,6 +533,16 @@ class GRPOLoss(nn.Module):
         world_size: int = 1,
         delta: Optional[float] = None,
         use_bias_correction_kl: bool = False,
+        importance_sampling_level: str = "token",
+        top_entropy_quantile: float = 1.0,
+        entropy_coef: float = 0.0,
+        off_policy_mask_threshold: Optional[float] = None,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
         one_pass: bool = True,
@@ -277,12 +550,30 @@ class GRPOLoss(nn.Module):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                             f"got {importance_sampling_level!r}")
         if not isinstance(one_pass, bool):
             raise TypeError(f"one_pass must be a bool, got {type(one_pass).__name__}")
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.max_completion_length, self.world_size = loss_type, max_completion_length, world_size
         self.delta, self.use_bias_correction_kl = delta, use_bias_correction_kl
+        self.importance_sampling_level = importance_sampling_level
+        self.top_entropy_quantile, self.entropy_coef = top_entropy_quantile, entropy_coef
+        self.off_policy_mask_threshold = off_policy_mask_threshold
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
+        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
         self.chunk_size, self.backend, self.one_pass = chunk_size, backend, one_pass
+
+    def _needs_entropy(self) -> bool:
+        return self.top_entropy_quantile != 1.0 or self.entropy_coef != 0.0
+
+    def _per_token_separable(self) -> bool:
+        """Whether the loss is a sum of per-token terms, each a function of its own log-prob (what
+        the one-pass path needs: the gradient at a token does not read the other tokens' values)."""
+        return (self.importance_sampling_level == "token" and self.loss_type != "vespo"
+                and self.off_policy_mask_threshold is None and not self._needs_entropy())
 
     def forward(
         self,
@@ -297,6 +588,8 @@ class GRPOLoss(nn.Module):
         bias: Optional[Tensor] = None,
         temperature: float = 1.0,
         num_items_in_batch=None,
+        importance_sampling_ratio: Optional[Tensor] = None,
+        sampling_logprobs: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict]:
         check_tensor("mask", mask, dtypes=MASK_DTYPES, ndim=2)
         check_tensor("completion_ids", completion_ids, dtypes=TOKEN_ID_DTYPES)
@@ -310,17 +603,27 @@ class GRPOLoss(nn.Module):
                            epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                            max_completion_length=self.max_completion_length,
                            num_items_in_batch=num_items_in_batch, world_size=self.world_size,
-                           delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl)
+                           delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl,
+                           importance_sampling_level=self.importance_sampling_level,
+                           top_entropy_quantile=self.top_entropy_quantile, entropy_coef=self.entropy_coef,
+                           importance_sampling_ratio=importance_sampling_ratio,
+                           off_policy_mask_threshold=self.off_policy_mask_threshold,
+                           sampling_logprobs=sampling_logprobs, sapo_temperature_pos=self.sapo_temperature_pos,
+                           sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+                           vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+                           vespo_lambda_neg=self.vespo_lambda_neg)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, lm_head_weight, bias))
-        if self.one_pass and needs_grad and not torch.compiler.is_compiling():
+        if self.one_pass and needs_grad and self._per_token_separable() and not torch.compiler.is_compiling():
             return _one_pass_grpo(hidden, lm_head_weight, bias, scored_ids, mask, advantages, old_logprobs,
                                   temperature, loss_kwargs, self.chunk_size, self.backend)
-        logprobs = fused_linear_token_logprobs(
-            hidden, lm_head_weight, scored_ids, bias=bias, temperature=temperature,
+        needs_entropy = self._needs_entropy()
+        result = fused_linear_token_logprobs(
+            hidden, lm_head_weight, scored_ids, bias=bias, temperature=temperature, return_entropy=needs_entropy,
             chunk_size=self.chunk_size, backend=self.backend,
         )
-        loss, metrics = grpo_loss(logprobs, old_logprobs, advantages, mask, **loss_kwargs)
+        logprobs, entropies = result if needs_entropy else (result, None)
+        loss, metrics = grpo_loss(logprobs, old_logprobs, advantages, mask, entropies=entropies, **loss_kwargs)
         metrics["logprobs"] = logprobs.detach()
         return loss, metrics
 
@@ -508,4 +811,5 @@ def _zero3_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-__all__ = ["GRPOLoss", "LOSS_TYPES", "TrlPatch", "grpo_loss", "k3_kl", "patch_trl", "selective_log_softmax"]
+__all__ = ["CLIPPED_LOSS_TYPES", "GRPOLoss", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "TrlPatch", "VLLM_IS_MODES",
+           "grpo_loss", "k3_kl", "patch_trl", "selective_log_softmax", "vllm_importance_sampling_ratio"]

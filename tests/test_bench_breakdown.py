@@ -153,5 +153,7 @@ def test_decode_steps_are_profiled_as_forward_steps(tmp_path):
     assert breakdown.main(["--smoke", "--steps", "1", "--variant", "decode-step", "--model", "mimo-7b",
                            "--impl", "thinkfuse", "--impl", "hf-sdpa", "--out", str(out)]) == 0
     labels = [c["label"] for c in json.loads((out / "breakdown.json").read_text())["cases"]]
-    assert len(labels) == 2 and all("decode-step" in label for label in labels)
+    # batch 1, and the left-padded batch (bench.e2e's DECODE_PADDED_BATCH rows), for both impls
+    assert len(labels) == 4 and all("decode-step" in label for label in labels)
+    assert sum("left" in label for label in labels) == 2
     assert any(c["host_top"] for c in json.loads((out / "breakdown.json").read_text())["cases"])

@@ -272,7 +272,7 @@ def _restore_configs(model: nn.Module) -> None:
             module.__dict__["config"] = originals[id(current)]
 
 
-def _apply(module: nn.Module, rule, backend: str | None, originals: dict) -> None:
+def _apply(module: nn.Module, rule, backend: str | None, originals: dict, root: nn.Module) -> None:
     state = getattr(module, _STATE_ATTR, None)
     if state is None:
         state = PatchState(backend)
@@ -284,6 +284,8 @@ def _apply(module: nn.Module, rule, backend: str | None, originals: dict) -> Non
         )
     if rule.kind in state.kinds:  # patching twice is a no-op
         return
+    if rule.setup is not None:
+        rule.setup(module, root)
     if rule.forward is not None:
         _replace_forward(module, state, rule.forward, backend)
     if rule.kind == "attention":
@@ -384,11 +386,12 @@ def patch_model(
     counts: dict[str, int] = {}
     originals: dict[int, object] = {}
     first_attention = None  # the PatchReport's attention backend is read off this module
-    for module in family.root(model).modules():
+    root = family.root(model)
+    for module in root.modules():
         for rule, cls in rules:
             if cls is None or type(module) is not cls or (rule.when and not rule.when(module)):
                 continue
-            _apply(module, rule, backend, originals)
+            _apply(module, rule, backend, originals, root)
             counts[rule.kind] = counts.get(rule.kind, 0) + 1
             if rule.kind == "attention" and first_attention is None:
                 first_attention = module

@@ -53,6 +53,20 @@ def has_static_rope(module: nn.Module) -> bool:
     return params.get("rope_type", params.get("type", "default")) not in _RUNTIME_ROPE_TYPES
 
 
+_ROTARY_ATTR = "_thinkfuse_rotary"  # the engine deletes "_thinkfuse_*" attributes at unpatch
+
+
+def link_rotary_embedding(module: nn.Module, root: nn.Module) -> None:
+    """Setup of the rope rule: remember the rotary embedding module that makes this attention's
+    cos/sin (the one module under ``root`` holding an ``inv_freq`` buffer and the attention's
+    config object: the base model's ``rotary_emb``, which MiMo's MTP layers share too). Kept in
+    ``__dict__``, so it is not registered as a submodule."""
+    found = [m for m in root.modules()
+             if "inv_freq" in m._buffers and m.__dict__.get("config") is module.config and m is not module]
+    if len(found) == 1:
+        module.__dict__[_ROTARY_ATTR] = found[0]
+
+
 def _rope_params(module: nn.Module, device) -> RopeParams:
     """rope_params of the module's config with inv_freq on ``device``, cached on the module
     per device (so no host-to-device copy happens per call, and CUDA graphs can capture it).
@@ -69,18 +83,38 @@ def _rope_params(module: nn.Module, device) -> RopeParams:
     return params
 
 
+def _rope_inputs(module: nn.Module, device):
+    """``(inv_freq, attention_scaling, llama4_scaling)`` the module's rope runs with.
+
+    With the model's rotary embedding module linked (the rope rule's setup), its ``inv_freq``
+    buffer and ``attention_scaling`` as they are now, which is what transformers' cos/sin are
+    made of: a model cast with ``model.to(torch.bfloat16)`` after construction holds a rounded
+    inv_freq buffer (from_pretrained(dtype=...) keeps it in float32), and at position 1e5 the
+    rounding moves angles by radians. Else (no single rotary module found) from the config.
+    The query temperature always comes from the config, as Ministral 3's attention reads it.
+    """
+    params = _rope_params(module, device)
+    rotary = getattr(module, _ROTARY_ATTR, None)
+    if rotary is None:
+        return params.inv_freq, params.attention_scaling, params.llama4_scaling
+    inv_freq = rotary.inv_freq
+    if inv_freq.device != device:  # layers dispatched over several devices
+        inv_freq = inv_freq.to(device)
+    return inv_freq, float(rotary.attention_scaling), params.llama4_scaling
+
+
 def _rotate(module, query, key, position_embeddings, position_ids, backend):
     """Rotate q, k given as [B, S, H, D]; returns them as [B, H, S, D] like transformers."""
-    params = _rope_params(module, query.device)
+    inv_freq, attention_scaling, llama4_scaling = _rope_inputs(module, query.device)
     if position_ids is None:  # transformers' models always pass them; keep their cos/sin if not
-        if params.llama4_scaling is not None:
+        if llama4_scaling is not None:
             raise ValueError("Ministral 3 attention needs position_ids for its query temperature")
         cos, sin = position_embeddings
         query, key = ops.apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2, backend=backend)
     else:
         query, key = ops.rope(
-            query, key, position_ids, params.inv_freq,
-            attention_scaling=params.attention_scaling, llama4_scaling=params.llama4_scaling,
+            query, key, position_ids, inv_freq,
+            attention_scaling=attention_scaling, llama4_scaling=llama4_scaling,
             backend=backend,
         )
     return query.transpose(1, 2), key.transpose(1, 2)

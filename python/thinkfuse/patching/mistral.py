@@ -1,7 +1,7 @@
 """Mistral (Mistral-7B style, Ministral-8B-2410)."""
 
-from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, positions_rule,
-                       rope_attention_forward, swiglu_mlp_forward)
+from .forwards import (has_silu_activation, has_static_rope, link_rotary_embedding, loss_rule, positions_rule,
+                       rms_norm_forward, rope_attention_forward, swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.mistral.modeling_mistral."
@@ -9,7 +9,8 @@ _M = "transformers.models.mistral.modeling_mistral."
 RULES = (
     PatchRule("rms_norm", _M + "MistralRMSNorm", rms_norm_forward),
     PatchRule("swiglu", _M + "MistralMLP", swiglu_mlp_forward, when=has_silu_activation),
-    PatchRule("rope", _M + "MistralAttention", rope_attention_forward, when=has_static_rope),
+    PatchRule("rope", _M + "MistralAttention", rope_attention_forward, when=has_static_rope,
+              setup=link_rotary_embedding),
     attention_rule(_M + "MistralAttention"),
     positions_rule(_M + "MistralModel"),
 )

@@ -1,7 +1,7 @@
 """Qwen2 (Palmyra-mini, AM-Thinking-v1); MiMo's trunk and MTP layers use the same modules."""
 
-from .forwards import (has_silu_activation, has_static_rope, loss_rule, rms_norm_forward, positions_rule,
-                       rope_attention_forward, swiglu_mlp_forward)
+from .forwards import (has_silu_activation, has_static_rope, link_rotary_embedding, loss_rule, positions_rule,
+                       rms_norm_forward, rope_attention_forward, swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.qwen2.modeling_qwen2."
@@ -9,7 +9,8 @@ _M = "transformers.models.qwen2.modeling_qwen2."
 RULES = (
     PatchRule("rms_norm", _M + "Qwen2RMSNorm", rms_norm_forward),
     PatchRule("swiglu", _M + "Qwen2MLP", swiglu_mlp_forward, when=has_silu_activation),
-    PatchRule("rope", _M + "Qwen2Attention", rope_attention_forward, when=has_static_rope),
+    PatchRule("rope", _M + "Qwen2Attention", rope_attention_forward, when=has_static_rope,
+              setup=link_rotary_embedding),
     attention_rule(_M + "Qwen2Attention"),
     positions_rule(_M + "Qwen2Model"),
 )

@@ -32,6 +32,10 @@ class PatchRule:
     # Optional predicate on the module instance: the rule applies only where it holds (e.g. the
     # MLP rule only where the activation is SiLU).
     when: Callable[[nn.Module], bool] | None = None
+    # Optional setup(module, root), called once when the rule is applied, with the family's root
+    # module (e.g. to find a sibling module the forward reads). Whatever it stores on the module
+    # goes in its __dict__ under the "_thinkfuse_" prefix, which unpatch_model deletes.
+    setup: Callable[[nn.Module, nn.Module], None] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

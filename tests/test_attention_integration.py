@@ -451,6 +451,43 @@ def test_eager_padded_cache_step_matches_unpatched(cache_kind, prefill_mask, ste
     assert_close_fp32(_padded_cache_step(model, cache_kind, step_tokens, compiled=False, mask=mask), ref, tol=1e-4)
 
 
+@pytest.mark.parametrize("prefill_mask", ["left", "right"])
+def test_decode_step_of_mixed_layers_reads_each_mask_once(prefill_mask, monkeypatch):
+    """Full and sliding-window layers alternating (Qwen2 layer_types) get two masks per forward.
+    A decode step looks at each once, whatever its padding: left padding (the left-padding check
+    only) or padding between tokens (the check, then the unpad plan), memoized across the
+    layers; not once per layer (a host read each, 2 per layer when the memo held two entries)."""
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+    from thinkfuse import attention_interface
+    from thinkfuse.tiny import _COMMON
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**{**_COMMON, "num_hidden_layers": 6}, use_sliding_window=True, sliding_window=4,
+                         layer_types=["full_attention", "sliding_attention"] * 3)
+    model = Qwen2ForCausalLM(config).to(DEVICE).eval()
+    ids = tiny_batch(2, 6, device=DEVICE)
+    mask = torch.tensor(PREFILL_MASKS[prefill_mask], device=DEVICE)
+
+    def step(calls=None):
+        cache = DynamicCache(config=config)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+            if calls is not None:  # the decode step only
+                left, plan = attention_interface._left_padding, attention_interface._padding_plan
+                monkeypatch.setattr(attention_interface, "_left_padding", lambda *a: calls.append("left") or left(*a))
+                monkeypatch.setattr(attention_interface, "_padding_plan", lambda *a: calls.append("plan") or plan(*a))
+            full = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            return model(ids[:, :1], attention_mask=full, past_key_values=cache).logits
+
+    ref = step()
+    thinkfuse.patch_model(model, backend="torch")
+    calls = []
+    assert_close_fp32(step(calls), ref, tol=1e-4)
+    expected = {"left": ["left", "left"], "right": ["left", "left", "plan", "plan"]}[prefill_mask]
+    assert sorted(calls) == expected
+
+
 def test_left_padding_detection_reads_the_host_once(monkeypatch):
     """_left_padding: the padding length per row when every row is padding then tokens (the
     queries among them), else None; one host read."""

@@ -155,10 +155,12 @@ def thinkfuse_attention_mask(**kwargs):
 # ---------------------------------------------------------------------------------------------
 # Unpad / pad helpers (own versions of flash-attn's bert_padding, kept small)
 
-# (tensor ref, tensor version, key, value) of the latest computations, newest last. Two entries:
-# models that mix full and sliding-window layers alternate between two masks.
+# (tensor ref, tensor version, key, value) of the latest computations, newest last. Four entries:
+# models that mix full and sliding-window layers alternate between two masks, and a decode step
+# with padding between tokens computes two things per mask (the left-padding check, then the
+# unpad plan); with fewer, every layer would evict the next one's entries and read the host.
 _memo_entries: list = []
-_MEMO_SIZE = 2
+_MEMO_SIZE = 4
 
 
 def _memoized(tensor: torch.Tensor, extra: tuple, compute):

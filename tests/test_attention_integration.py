@@ -295,11 +295,11 @@ def test_left_padded_decode_steps_skip_the_padding_in_place(family, backend, mon
         return out.sequences, torch.stack(out.logits, 1)
 
     ref_tokens, ref_logits = generate()
-    leftpads, plans = [], []
-    decode, plan = thinkfuse.ops.decode_attention, attention_interface._padding_plan
+    leftpads, unpads = [], []
+    decode, unpad = thinkfuse.ops.decode_attention, attention_interface._unpad_data
     monkeypatch.setattr(thinkfuse.ops, "decode_attention",
                         lambda *a, **k: leftpads.append(k.get("cache_leftpad")) or decode(*a, **k))
-    monkeypatch.setattr(attention_interface, "_padding_plan", lambda *a: plans.append(1) or plan(*a))
+    monkeypatch.setattr(attention_interface, "_unpad_data", lambda *a: unpads.append(1) or unpad(*a))
     thinkfuse.patch_model(model, backend=backend)
     tokens, logits = generate()
     assert torch.equal(tokens, ref_tokens)
@@ -307,7 +307,7 @@ def test_left_padded_decode_steps_skip_the_padding_in_place(family, backend, mon
     layers = _text_config(model).num_hidden_layers
     assert len(leftpads) == 5 * layers  # every step after the prefill, every layer
     assert all(pad is not None and pad.tolist() == [4, 0] for pad in leftpads)
-    assert len(plans) == 1  # the prefill's unpad plan, shared by its layers
+    assert len(unpads) == 2  # the prefill's unpad plans (queries, keys), shared by its layers
 
 
 def test_greedy_generate_without_padding_uses_decode_kernel(backend, monkeypatch):
@@ -474,8 +474,7 @@ def test_decode_step_of_mixed_layers_reads_each_mask_once(prefill_mask, monkeypa
         with torch.no_grad():
             model(ids, attention_mask=mask, past_key_values=cache)
             if calls is not None:  # the decode step only
-                left, plan = attention_interface._left_padding, attention_interface._padding_plan
-                monkeypatch.setattr(attention_interface, "_left_padding", lambda *a: calls.append("left") or left(*a))
+                plan = attention_interface._padding_plan
                 monkeypatch.setattr(attention_interface, "_padding_plan", lambda *a: calls.append("plan") or plan(*a))
             full = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             return model(ids[:, :1], attention_mask=full, past_key_values=cache).logits
@@ -484,21 +483,22 @@ def test_decode_step_of_mixed_layers_reads_each_mask_once(prefill_mask, monkeypa
     thinkfuse.patch_model(model, backend="torch")
     calls = []
     assert_close_fp32(step(calls), ref, tol=1e-4)
-    expected = {"left": ["left", "left"], "right": ["left", "left", "plan", "plan"]}[prefill_mask]
-    assert sorted(calls) == expected
+    assert calls == ["plan", "plan"]  # one per mask (a host read each), not one per layer
 
 
 def test_left_padding_detection_reads_the_host_once(monkeypatch):
-    """_left_padding: the padding length per row when every row is padding then tokens (the
-    queries among them), else None; one host read."""
+    """The plan's left_padding: the padding length per row when every row is padding then
+    tokens (the queries among them), else None; from the plan's one host read."""
     from thinkfuse import attention_interface
 
     def left(rows, sq=1):
-        return attention_interface._left_padding(torch.tensor(rows, device=DEVICE), sq)
+        return attention_interface._padding_plan(torch.tensor(rows, device=DEVICE), sq).left_padding
 
     reads = []
-    real_bool = torch.Tensor.__bool__
-    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    monkeypatch.setattr(torch.Tensor, "__bool__", None)
+    monkeypatch.setattr(torch.Tensor, "item", None)
     pads = left([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
     assert len(reads) == 1
     monkeypatch.undo()
@@ -673,7 +673,8 @@ def test_padding_plan_reads_the_host_once(monkeypatch):
     real_tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
     monkeypatch.setattr(torch, "nonzero", None)
-    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k), one_run = attention_interface._padding_plan(mask, 5)
+    plan = attention_interface._padding_plan(mask, 5)
+    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = plan.unpadded
     assert len(reads) == 1
     monkeypatch.undo()
     for valid, idx, cu, longest in ((mask[:, -5:], idx_q, cu_q, max_q), (mask, idx_k, cu_k, max_k)):
@@ -681,10 +682,10 @@ def test_padding_plan_reads_the_host_once(monkeypatch):
         assert torch.equal(idx, torch.nonzero(valid.flatten()).flatten())
         assert cu.dtype == torch.int32 and cu.tolist() == [0, *lengths.cumsum(0).tolist()]
         assert longest == int(lengths.max())
-    assert not one_run  # random holes
+    assert not plan.one_run and plan.left_padding is None  # random holes
     assert attention_interface._padding_plan(torch.ones(3, 6, dtype=torch.bool), 2) is None
     ends = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    assert attention_interface._padding_plan(ends, 2)[2]  # padding at the ends only (or an empty row)
+    assert attention_interface._padding_plan(ends, 2).one_run  # padding at the ends only (or an empty row)
 
 
 def test_attention_rule_without_the_rope_rule():

@@ -73,6 +73,18 @@ def test_left_padded_prompts_equal_generate(pads):
     assert (stats["accepted"], stats["drafted"]) == (eager_stats["accepted"], eager_stats["drafted"])
 
 
+def _first_step_logits(model, ids, mask, mtp: bool):
+    """(decoder, first token, the static decoder's logits of the first decode step, the model's
+    logits of the same token with generate's positions)."""
+    decoder = static_decode.StaticDecoder(model, ids.shape[0], ids.shape[1] + 4, ids.device, cuda_graph=False, mtp=mtp)
+    first = decoder.prefill(ids, mask)
+    _, step_logits = decoder.trunk(first[:, None], decoder.length[:, None])
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    expected = model(torch.cat([ids, first[:, None]], 1), attention_mask=full_mask, position_ids=positions).logits
+    return decoder, first, step_logits[:, 0], expected[:, -1]
+
+
 def test_left_padded_prefill_and_step_logits_match_the_model():
     """Tokens cannot tell where padding moves a row's positions (RoPE depends on position
     differences; greedy verification is exact whatever the drafts), so the logits are compared:
@@ -86,13 +98,8 @@ def test_left_padded_prefill_and_step_logits_match_the_model():
     ids = tiny_batch(3, 9, seed=1, device=DEVICE)
     mask = _left_padding(ids, (3, 0, 5))
     with torch.no_grad():
-        decoder = static_decode.StaticDecoder(model, 3, 16, ids.device, cuda_graph=False, mtp=True)
-        first = decoder.prefill(ids, mask)
-        _, step_logits = decoder.trunk(first[:, None], decoder.length[:, None])
-        full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        expected = model(torch.cat([ids, first[:, None]], 1), attention_mask=full_mask, position_ids=positions).logits
-        assert_close_fp32(step_logits[:, 0], expected[:, -1], tol=1e-4)
+        decoder, first, step_logits, expected = _first_step_logits(model, ids, mask, mtp=True)
+        assert_close_fp32(step_logits, expected, tol=1e-4)
 
         slots = torch.arange(9, device=DEVICE)[None].expand(3, -1)
         hidden, _ = decoder.trunk(ids, slots, prefill=True)
@@ -117,13 +124,8 @@ def test_left_padded_ministral3_step_logits_follow_each_rows_positions():
     ids = tiny_batch(2, 36, seed=1, device=DEVICE)
     mask = _left_padding(ids, (8, 0))  # row 0: slot 36 is position 28
     with torch.no_grad():
-        decoder = static_decode.StaticDecoder(model, 2, 40, ids.device, cuda_graph=False, mtp=False)
-        first = decoder.prefill(ids, mask)
-        _, step_logits = decoder.trunk(first[:, None], decoder.length[:, None])
-        full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        expected = model(torch.cat([ids, first[:, None]], 1), attention_mask=full_mask, position_ids=positions).logits
-    assert_close_fp32(step_logits[:, 0], expected[:, -1], tol=1e-4)
+        _, _, step_logits, expected = _first_step_logits(model, ids, mask, mtp=False)
+    assert_close_fp32(step_logits, expected, tol=1e-4)
 
 
 def _oracle_drafter(monkeypatch, reference, miss_every=3):

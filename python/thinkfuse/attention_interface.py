@@ -155,10 +155,10 @@ def thinkfuse_attention_mask(**kwargs):
 # ---------------------------------------------------------------------------------------------
 # Unpad / pad helpers (own versions of flash-attn's bert_padding, kept small)
 
-# (tensor ref, tensor version, key, value) of the latest computations, newest last. Four entries:
-# models that mix full and sliding-window layers alternate between two masks, and a decode step
-# with padding between tokens computes two things per mask (the left-padding check, then the
-# unpad plan); with fewer, every layer would evict the next one's entries and read the host.
+# (tensor ref, tensor version, key, value) of the latest computations, newest last. Models that
+# mix full and sliding-window layers alternate between two masks (one plan each); with fewer
+# entries than the masks of a forward, every layer would evict the next one's plan and read the
+# host again. Four leave room.
 _memo_entries: list = []
 _MEMO_SIZE = 4
 
@@ -187,32 +187,46 @@ def _unpad_data(valid: torch.Tensor, lengths: torch.Tensor, host_lengths: list[i
     return indices, _cu_seqlens(lengths), max(host_lengths) if host_lengths else 0
 
 
-def _padding_plan(mask: torch.Tensor, sq: int):
-    """Unpad plan for queries (the newest ``sq`` tokens: with a cache they are the end of the
-    key timeline, so the valid queries are exactly the last valid keys of each row, which is
-    what bottom-right causal alignment per sequence needs) and keys, and whether every row's
-    tokens form one run (padding only at its ends); None when no key is padding. One host
-    synchronisation: the row lengths and run counts, read together."""
+class _PaddingPlan:
+    """What attention under a padding mask needs, from one host read (the row lengths, run
+    counts and last columns, read together), memoized per mask across the layers:
+
+    - ``left_padding``: int32 ``[B]`` padding slots per row when every row is padding then
+      tokens, the ``sq`` queries among the tokens (generate's left-padded batch), else None: a
+      decode step hands it to the decode kernel, which skips the padding in place;
+    - ``one_run``: every row's tokens form one run (padding only at its ends), so distances
+      counted in packed tokens equal those counted in cache slots (sliding windows);
+    - ``unpadded``: the unpad plans of the queries (the newest ``sq`` tokens: with a cache they
+      end the key timeline, so the valid queries are the last valid keys of each row, as bottom-
+      right causal alignment per sequence needs) and of the keys; built on first use, with no
+      host read of its own."""
+
+    def __init__(self, valid: torch.Tensor, sq: int, lengths: tuple, host_lengths: tuple, runs: list, last: list):
+        self._valid, self._sq = valid, sq
+        self._lengths, self._host_lengths = lengths, host_lengths
+        self.one_run = max(runs) <= 1
+        host_q = host_lengths[0]
+        left_padded = self.one_run and all(last) and all(n == sq for n in host_q)
+        self.left_padding = (valid.shape[1] - lengths[1]).to(torch.int32) if left_padded else None
+
+    @functools.cached_property
+    def unpadded(self):
+        (lengths_q, lengths_k), (host_q, host_k) = self._lengths, self._host_lengths
+        return (_unpad_data(self._valid[:, -self._sq:], lengths_q, host_q),
+                _unpad_data(self._valid, lengths_k, host_k))
+
+
+def _padding_plan(mask: torch.Tensor, sq: int) -> _PaddingPlan | None:
+    """The plan of a ``[B, Sk]`` padding mask for ``sq`` queries (see _PaddingPlan); None when
+    no key is padding. One host synchronisation."""
     valid = mask.bool()
-    valid_q = valid[:, -sq:]
-    lengths_q = valid_q.sum(-1, dtype=torch.int32)
+    lengths_q = valid[:, -sq:].sum(-1, dtype=torch.int32)
     lengths_k = valid.sum(-1, dtype=torch.int32)
     runs = (valid & ~F.pad(valid[:, :-1], (1, 0), value=False)).sum(-1, dtype=torch.int32)
-    host_q, host_k, host_runs = torch.stack([lengths_q, lengths_k, runs]).tolist()
+    host_q, host_k, host_runs, host_last = torch.stack([lengths_q, lengths_k, runs, valid[:, -1].int()]).tolist()
     if sum(host_k) == valid.numel():
         return None
-    return _unpad_data(valid_q, lengths_q, host_q), _unpad_data(valid, lengths_k, host_k), max(host_runs) <= 1
-
-
-def _left_padding(mask: torch.Tensor, sq: int):
-    """int32 ``[B]`` count of leading padding slots per row when every row of the ``[B, Sk]``
-    mask is padding followed by tokens only, the ``sq`` queries among the tokens (what generate
-    makes of a left-padded batch); else None. One host read."""
-    valid = mask.bool()
-    suffix = (valid[:, 1:] >= valid[:, :-1]).all() & valid[:, -sq:].all()
-    if not bool(suffix):
-        return None
-    return (valid.shape[1] - valid.sum(-1, dtype=torch.int32)).to(torch.int32)
+    return _PaddingPlan(valid, sq, (lengths_q, lengths_k), (host_q, host_k), host_runs, host_last)
 
 
 def _packed_plan(position_ids: torch.Tensor, batch: int, seq: int):
@@ -487,18 +501,16 @@ def _padded(q, k, v, mask, scaling, window, backends):
         # A static cache holds more slots than tokens seen so far: the unused slots are not keys.
         k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
     sk = k.shape[1]
-    if _is_inference_decode_step(sq, sk, (q, k, v)):
-        # A left-padded batch decoding (generate's usual case): the decode kernel skips each row's
-        # padding in place, where unpadding would copy the whole K/V cache of every layer.
-        leftpad = _memoized(mask, ("left padding", sq, sk), lambda: _left_padding(mask, sq))
-        if leftpad is not None:
-            return _decode(q, k, v, scaling, window, backends, leftpad=leftpad)
     plan = _memoized(mask, (sq, sk), lambda: _padding_plan(mask, sq))
     if plan is None:  # nothing is padding
         return _dense(q, k, v, scaling, window, backends)
-    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k), one_run = plan
-    if window and not one_run:
+    if plan.left_padding is not None and _is_inference_decode_step(sq, sk, (q, k, v)):
+        # A left-padded batch decoding (generate's usual case): the decode kernel skips each row's
+        # padding in place, where unpadding would copy the whole K/V cache of every layer.
+        return _decode(q, k, v, scaling, window, backends, leftpad=plan.left_padding)
+    if window and not plan.one_run:
         return None
+    (idx_q, cu_q, max_q), (idx_k, cu_k, max_k) = plan.unpadded
     q_packed = q.reshape(batch * sq, hq, d).index_select(0, idx_q)
     k_packed = k.reshape(batch * sk, *k.shape[2:]).index_select(0, idx_k)
     v_packed = v.reshape(batch * sk, *v.shape[2:]).index_select(0, idx_k)

@@ -420,6 +420,17 @@ def test_bad_inputs(kwargs, error, match):
 # --- GRPOLoss: the fused lm_head path ---------------------------------------------------------
 
 
+def _module_against_materialised(run, tol):
+    """(module metrics, materialised metrics) of ``run(True)`` / ``run(False)`` (each returning
+    loss, metrics, leaf gradients), after checking that their losses and gradients agree."""
+    loss, metrics, grads = run(True)
+    ref_loss, ref_metrics, ref_grads = run(False)
+    assert_close_fp32(loss, ref_loss, tol=tol)
+    for g, r in zip(grads, ref_grads):
+        assert_close_fp32(g, r, tol=tol)
+    return metrics, ref_metrics
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_grpo_loss_module_matches_materialised_logits(backend, loss_type):
     gen = torch.Generator().manual_seed(7)
@@ -444,11 +455,7 @@ def test_grpo_loss_module_matches_materialised_logits(backend, loss_type):
         loss.backward()
         return loss.detach(), metrics, [t.grad for t in leaves]
 
-    loss, metrics, grads = run(True)
-    ref_loss, ref_metrics, ref_grads = run(False)
-    assert_close_fp32(loss, ref_loss, tol=1e-4)
-    for g, r in zip(grads, ref_grads):
-        assert_close_fp32(g, r, tol=1e-4)
+    metrics, ref_metrics = _module_against_materialised(run, tol=1e-4)
     for key in ("clip_ratio", "kl", "ratio_mean"):
         assert_close_fp32(metrics[key], ref_metrics[key], tol=1e-4)
     assert metrics["logprobs"].shape == (B, T)
@@ -486,11 +493,7 @@ def test_one_pass_equals_differentiating_the_log_probs(backend, loss_type, polic
         (3.0 * loss).backward()
         return loss.detach(), metrics, [t.grad for t in leaves]
 
-    loss, metrics, grads = run(True)
-    ref_loss, ref_metrics, ref_grads = run(False)
-    assert_close_fp32(loss, ref_loss, tol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        assert_close_fp32(g, r, tol=1e-5)
+    metrics, ref_metrics = _module_against_materialised(run, tol=1e-5)
     assert metrics.keys() == ref_metrics.keys()
     for key in metrics:
         assert_close_fp32(metrics[key], ref_metrics[key], tol=1e-5)
@@ -917,11 +920,7 @@ def test_grpo_loss_module_new_options_match_materialised_logits(backend, case):
         loss.backward()
         return loss.detach(), metrics, [t.grad for t in leaves]
 
-    loss, metrics, grads = run(True)
-    ref_loss, ref_metrics, ref_grads = run(False)
-    assert_close_fp32(loss, ref_loss, tol=1e-4)
-    for g, r in zip(grads, ref_grads):
-        assert_close_fp32(g, r, tol=1e-4)
+    metrics, ref_metrics = _module_against_materialised(run, tol=1e-4)
     assert metrics.keys() - {"logprobs"} == ref_metrics.keys()
     for key in ref_metrics:
         assert_close_fp32(metrics[key], ref_metrics[key], tol=1e-4)

@@ -1,6 +1,6 @@
 """mtp_generate: greedy output equals model.generate token for token (left padding, several
 lengths, eos), acceptance statistics with a drafter that is often right, mixed accept/reject
-batches (cache holes) and sampling.
+batches (dead slots moved to the rows' fronts), sliding-window trunks and sampling.
 
 Tiny models run in float64 here, so the 2-token verify forward and generate's 1-token steps
 cannot pick different argmaxes through rounding.
@@ -77,11 +77,78 @@ def test_often_right_drafter_is_accepted_and_saves_forwards(monkeypatch):
     steps = record_acceptances(monkeypatch, speculative.reference)  # float64 verifies by the reference
     sequences, stats = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
     assert torch.equal(sequences, reference)
-    assert any(len(set(step)) > 1 for step in steps)  # rows disagreed: masked cache slots
+    assert any(len(set(step)) > 1 for step in steps)  # rows disagreed: dead slots moved
     assert any(set(step) == {0} for step in steps)  # all rejected: the cropping path
     assert 0 < stats["accepted"] < stats["drafted"]
     assert stats["target_forwards"] < max_new_tokens + 1
     assert stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
+
+
+def _record_slot_masks(monkeypatch) -> list:
+    """The slot mask after each step's dead slots were moved (the layout the next verify sees)."""
+    masks = []
+    move = speculative._move_dead_slots_to_the_front
+
+    def recording(state):
+        move(state)
+        masks.append(state.slot_mask.clone())
+
+    monkeypatch.setattr(speculative, "_move_dead_slots_to_the_front", recording)
+    return masks
+
+
+def test_mixed_steps_keep_every_row_padding_then_tokens(monkeypatch):
+    """A rejecting row's dead slot is rotated to its front: no row ever has a hole, and its
+    tokens stay in the cache in order (greedy output unchanged)."""
+    model = _model()
+    ids, mask = _padded_batch()
+    reference = _greedy(model, ids, mask, 16)
+    _oracle_drafter(model, monkeypatch, reference, mask)
+    steps = record_acceptances(monkeypatch, speculative.reference)
+    masks = _record_slot_masks(monkeypatch)
+    sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=16)
+    assert torch.equal(sequences, reference)
+    assert any(len(set(step)) > 1 for step in steps)
+    grew_padding = False
+    for slot_mask in masks:
+        assert torch.equal(slot_mask, slot_mask.cummax(dim=1).values)  # zeros, then ones
+        grew_padding |= bool((slot_mask == 0).sum() > (mask == 0).sum())
+    assert grew_padding  # some rejection became padding
+
+
+def _sliding_window_model(window: int):
+    """The tiny MiMo with a sliding window on every trunk layer (MiMo-7B has none; a fine-tune
+    may): a hole in a row would narrow the window, and a sliding cache layer could not roll back."""
+    config = _model().config
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, window, 0
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    torch.manual_seed(0)
+    return type(_model())(config).to(device=DEVICE, dtype=torch.float64).eval()
+
+
+@pytest.mark.parametrize("miss_every", [3, 1])
+def test_sliding_window_trunk_equals_generate(monkeypatch, miss_every):
+    """Window 4 over 9-token prompts and 16 new tokens: the window decides most logits. Mixed
+    steps (3) and all-rejected steps, which crop the trunk cache (1)."""
+    model = _sliding_window_model(4)
+    ids, mask = _padded_batch()
+    reference = _greedy(model, ids, mask, 16)
+    _oracle_drafter(model, monkeypatch, reference, mask, miss_every=miss_every)
+    sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=16)
+    assert torch.equal(sequences, reference)
+
+
+def test_patched_sliding_window_trunk_with_mixed_steps(monkeypatch, kernel_backend):
+    """Patched, rows that padded at different steps decode through thinkfuse's attention with
+    per-row padding and the window; float32, against the unpatched model's generate."""
+    model = _sliding_window_model(4).float()
+    ids, mask = _padded_batch()
+    reference = _greedy(model, ids, mask, 12)
+    thinkfuse.patch_model(model, backend=kernel_backend)
+    _oracle_drafter(model, monkeypatch, reference, mask)
+    with thinkfuse.use_backend(kernel_backend):
+        sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(sequences, reference)
 
 
 def test_always_right_drafter_batch_of_one(monkeypatch):

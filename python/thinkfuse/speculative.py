@@ -13,12 +13,17 @@ attends to a rejected token, so its own cache needs no rollback of its own.
 
 Rollback with rows that accept different counts: both caches keep one slot layout, shared with a
 2-D ``slot_mask`` (1 = the slot holds a verified token). A verify step appends two slots to every
-row; a row that rejected the draft marks its second slot 0, and the attention mask hides it from
-then on (RoPE positions are explicit per row, so the next token reuses the rejected one's
-position). The MTP cache gets the same two slots, the second masked likewise. Rows never re-run
-anything. When every row rejected, the dead slot is cropped off the trunk cache instead and the
-MTP layer gets one slot (so batch 1 never carries a hole). The price of a hole is one cache slot
-per rejection in a mixed batch, and attention over it.
+row; a row that rejected the draft marks its second slot 0 (RoPE positions are explicit per row,
+so the next token reuses the rejected one's position). The MTP cache gets the same two slots, the
+second masked likewise. Once the MTP layer has consumed them, each rejecting row's slots are
+rotated by one in both caches, so its dead last slot becomes its first: every row stays left
+padding followed by its tokens in order, the layout ``generate`` itself decodes. That keeps
+sliding windows exact (transformers counts a window in cache slots, and a hole inside a row would
+narrow it) and lets thinkfuse's attention decode with per-row padding instead of unpadding the
+caches. Rows never re-run anything. When every row rejected, the dead slot is cropped off the
+trunk cache instead and the MTP layer gets one slot (so batch 1 never moves a slot). The price of
+a rejection in a mixed batch is one padding slot per row and one copy of the rejecting rows'
+caches.
 """
 
 from __future__ import annotations
@@ -161,6 +166,7 @@ class _State:
     pending: Tensor  # [B] int64
     draft: Tensor | None = None  # [B] int64
     draft_probs: Tensor | None = None  # [B, V] float32 (temperature > 0)
+    dead_last_rows: Tensor | None = None  # rows whose last slot holds a rejected draft
 
 
 @dataclass
@@ -180,13 +186,16 @@ def _decode(model, input_ids, attention_mask, sampling: _Sampling, out, stats) -
     stats["target_forwards"] += 1
     while not out.done():
         state.draft, state.draft_probs = _pick(_mtp_logits(model, state, mtp_input), sampling)
+        _move_dead_slots_to_the_front(state)
         mtp_input = _verify_step(model, state, sampling, out, stats)
 
 
 def _prefill(model, input_ids, attention_mask, sampling: _Sampling, out):
     """Run the prompt through the trunk and emit the first token. The MTP layer then catches up
     on the prompt: row t pairs h_t with token t+1, the last row with the token just emitted."""
-    trunk_cache = DynamicCache(config=model.config)
+    # Full layers even where the model has sliding-window ones: a sliding layer keeps only the
+    # last window - 1 slots, one too few once a row's last slot is a rejected draft.
+    trunk_cache = DynamicCache()
     positions = _prompt_positions(attention_mask)
     outputs, hidden = model.forward_with_pre_norm_hidden(
         input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -250,14 +259,31 @@ def _verify_step(model, state: _State, sampling: _Sampling, out, stats) -> _MTPI
     accepted = num_accepted.bool()
     state.pending = tokens.gather(1, num_accepted[:, None])[:, 0]
     state.position = state.position + num_accepted + 1
-    if not bool(accepted.any()):
+    rejecting = (~accepted).nonzero()[:, 0]  # the step's one host synchronisation
+    if rejecting.numel() == batch:
         # every row rejected: the draft's slot is dead everywhere, drop it from the trunk cache
         state.trunk_cache.crop(-1)
         state.slot_mask = torch.cat([state.slot_mask, ones[:, :1]], dim=1)
         return _MTPInput(hidden[:, :1], tokens[:, :1], positions[:, :1])
     state.slot_mask = torch.cat([state.slot_mask, ones[:, :1], accepted[:, None].to(ones.dtype)], dim=1)
+    state.dead_last_rows = rejecting if rejecting.numel() else None
     # a rejecting row's second slot (rejected draft, no token after it) is masked: any id will do
     return _MTPInput(hidden, tokens.clamp(min=0), positions, draft_slot=num_accepted)
+
+
+def _move_dead_slots_to_the_front(state: _State) -> None:
+    """Rotate the slots of the rows whose last slot is a rejected draft by one, in both caches
+    and the slot mask: the dead slot becomes padding in front of the row's tokens. Only those
+    rows are copied."""
+    rows = state.dead_last_rows
+    if rows is None:
+        return
+    for cache in (state.trunk_cache, state.mtp_cache):
+        for layer in cache.layers:
+            layer.keys[rows] = layer.keys[rows].roll(1, dims=-2)
+            layer.values[rows] = layer.values[rows].roll(1, dims=-2)
+    state.slot_mask[rows] = state.slot_mask[rows].roll(1, dims=-1)
+    state.dead_last_rows = None
 
 
 def _verify(draft, logits, sampling: _Sampling, draft_probs):

@@ -337,6 +337,11 @@ def test_bad_arguments():
         mtp_generate(model, ids, attention_mask=mask[:, 1:], max_new_tokens=2)
     with pytest.raises(TypeError, match="input_ids"):
         mtp_generate(model, ids.float(), max_new_tokens=2)
+    # tensors on another device than the model's (meta stands for one here)
+    with pytest.raises(ValueError, match="input_ids must be on the device"):
+        mtp_generate(model, ids.to("meta"), max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must be on input_ids' device"):
+        mtp_generate(model, ids, attention_mask=mask.to("meta"), max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids must be token ids"):
         mtp_generate(model, ids + model.config.vocab_size, max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids must be token ids"):

@@ -343,6 +343,8 @@ def test_plain_greedy_bad_arguments():
         static_decode.greedy_generate(model, ids.float(), max_new_tokens=2)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         static_decode.greedy_generate(model, ids, max_new_tokens=2, cuda_graph="yes")
+    with pytest.raises(ValueError, match="attention_mask must be on input_ids' device"):
+        static_decode.greedy_generate(model, ids, attention_mask=torch.ones_like(ids, device="meta"), max_new_tokens=2)
     sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=0)
     assert torch.equal(sequences, ids) and stats["target_forwards"] == 0 and stats["new_tokens"] == 0
 

@@ -376,14 +376,21 @@ def _check_args(model, input_ids, max_new_tokens, temperature, attention_mask) -
         )
     _check_ids(model, input_ids, max_new_tokens)
     temperature = check_float("temperature", temperature, non_negative=True)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}"
-            )
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask must mark left padding (every row's last token real)")
+    _check_mask(input_ids, attention_mask)
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("attention_mask must mark left padding (every row's last token real)")
     return temperature
+
+
+def _check_mask(input_ids: Tensor, attention_mask) -> None:
+    """attention_mask: None, or a tensor of input_ids' shape on input_ids' device."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask must be on input_ids' device ({input_ids.device}), "
+                         f"got {attention_mask.device}")
 
 
 def _check_ids(model, input_ids, max_new_tokens) -> None:
@@ -392,6 +399,10 @@ def _check_ids(model, input_ids, max_new_tokens) -> None:
         raise TypeError("input_ids must be a 2-D integer tensor [B, P]")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per row")
+    embedding = model.get_input_embeddings().weight.device
+    if input_ids.device != embedding:
+        raise ValueError(f"input_ids must be on the device of the model's input embeddings ({embedding}), "
+                         f"got {input_ids.device}")
     vocab = model.config.vocab_size
     if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):  # one sync, once
         raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocab_size), got values in "

@@ -302,14 +302,13 @@ def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
     ``mtp_generate``: sequences ``[B, P + new]``, greedy ``generate``'s; stats
     ``target_forwards``, ``steps``, ``new_tokens``, ``cuda_graph``.
     """
-    from .speculative import _NewTokens, _check_ids, _eos_ids, _pad_id
+    from .speculative import _NewTokens, _check_ids, _check_mask, _eos_ids, _pad_id
 
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     check_layout(model)
     _check_ids(model, input_ids, max_new_tokens)
-    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape):
-        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+    _check_mask(input_ids, attention_mask)
     check_static_decode_applies(model, 0.0, attention_mask)
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
     out = _NewTokens(input_ids.shape[0], max_new_tokens, eos_ids, _pad_id(model, eos_ids), input_ids.device)

@@ -165,7 +165,27 @@ def test_rope_rule_links_the_text_models_rotary_embedding(family):
     assert patched and all(m.__dict__.get("_thinkfuse_rotary") is rotary for m in patched)
     assert "_thinkfuse_rotary" not in dict(model.named_modules())  # not registered as a submodule
     thinkfuse.unpatch_model(model)
-    assert not any("_thinkfuse_rotary" in m.__dict__ for m in model.modules())
+    assert not any(name.startswith("_thinkfuse_") for m in model.modules() for name in m.__dict__)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linked_rope_rule_builds_no_frequencies_from_the_config(family, monkeypatch):
+    """With the rotary module linked, the rule runs from its buffer and the query temperature
+    read at patch time: the config's frequencies are never built (nor could a rope type
+    rope_params lacks stop it)."""
+    from thinkfuse.patching import forwards
+
+    ids = tiny.tiny_batch(2, 9, device=DEVICE)
+    positions = _far_positions(9)
+    model = _model(family, YARN)
+    expected = _recorded_qk(model, ids, positions)
+    _patch_rope_only(model, "torch")
+
+    def no_rope_params(config):
+        raise AssertionError("rope_params was called")
+
+    monkeypatch.setattr(forwards, "rope_params", no_rope_params)
+    _assert_qk_close(_recorded_qk(model, ids, positions), expected, rtol=1e-5)
 
 
 def test_rope_rule_follows_a_cast_made_after_patching(backend):

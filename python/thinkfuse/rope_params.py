@@ -210,6 +210,13 @@ _INV_FREQ_FUNCTIONS = {
 _LLAMA4_SCALING_MODEL_TYPES = ("ministral3",)
 
 
+def llama4_scaling(config) -> Optional[tuple[float, int]]:
+    """Only the query temperature's parameters of ``rope_params(config)`` (no frequencies built,
+    and any rope type)."""
+    config = _text_config(config)
+    return _llama4_scaling(_standardized_rope_parameters(config), config)
+
+
 def _llama4_scaling(params, config) -> Optional[tuple[float, int]]:
     """Ministral 3's ``(llama_4_scaling_beta, original_max_position_embeddings)``, or None (also
     for other model types, whose attention ignores the key)."""

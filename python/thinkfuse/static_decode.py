@@ -52,7 +52,7 @@ from torch import Tensor
 from . import ops
 from .backend import cuda_has_op, get_backend, triton_interpreter_enabled, why_unavailable
 from .patching.forwards import attention_window, has_static_rope
-from .rope_params import rope_params
+from .rope_params import llama4_scaling, rope_params
 
 #: Eager steps before the capture: they compile the Triton kernels and let cuBLAS choose its
 #: algorithms, so neither happens while capturing. They are real steps (their tokens count).
@@ -110,7 +110,7 @@ class StaticDecoder:
         rotary = base.rotary_emb
         self.inv_freq = rotary.inv_freq.float()
         self.attention_scaling = float(rotary.attention_scaling)
-        self.llama4_scaling = rope_params(model.config).llama4_scaling
+        self.llama4_scaling = llama4_scaling(model.config)
         attn = self.layers[0].self_attn
         kv_heads = model.config.num_key_value_heads
         dtype = attn.k_proj.weight.dtype

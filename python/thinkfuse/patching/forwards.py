@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..rope_params import RopeParams, rope_params
+from ..rope_params import RopeParams, llama4_scaling, rope_params
 
 # Rope types whose inv_freq depends on the sequence length at run time: the attention rule does
 # not apply to them (the unpatched module keeps using the model's own cos/sin).
@@ -53,18 +53,22 @@ def has_static_rope(module: nn.Module) -> bool:
     return params.get("rope_type", params.get("type", "default")) not in _RUNTIME_ROPE_TYPES
 
 
-_ROTARY_ATTR = "_thinkfuse_rotary"  # the engine deletes "_thinkfuse_*" attributes at unpatch
+# the engine deletes "_thinkfuse_*" attributes at unpatch
+_ROTARY_ATTR = "_thinkfuse_rotary"
+_LLAMA4_SCALING_ATTR = "_thinkfuse_llama4_scaling"
 
 
 def link_rotary_embedding(module: nn.Module, root: nn.Module) -> None:
     """Setup of the rope rule: remember the rotary embedding module that makes this attention's
     cos/sin (the one module under ``root`` holding an ``inv_freq`` buffer and the attention's
     config object: the base model's ``rotary_emb``, which MiMo's MTP layers share too). Kept in
-    ``__dict__``, so it is not registered as a submodule."""
+    ``__dict__``, so it is not registered as a submodule. With it, the config's query
+    temperature (Ministral 3), read once here: the frequencies then come from the buffer."""
     found = [m for m in root.modules()
              if "inv_freq" in m._buffers and m.__dict__.get("config") is module.config and m is not module]
     if len(found) == 1:
         module.__dict__[_ROTARY_ATTR] = found[0]
+        module.__dict__[_LLAMA4_SCALING_ATTR] = llama4_scaling(module.config)
 
 
 def _rope_params(module: nn.Module, device) -> RopeParams:
@@ -93,14 +97,14 @@ def _rope_inputs(module: nn.Module, device):
     rounding moves angles by radians. Else (no single rotary module found) from the config.
     The query temperature always comes from the config, as Ministral 3's attention reads it.
     """
-    params = _rope_params(module, device)
     rotary = getattr(module, _ROTARY_ATTR, None)
     if rotary is None:
+        params = _rope_params(module, device)
         return params.inv_freq, params.attention_scaling, params.llama4_scaling
     inv_freq = rotary.inv_freq
     if inv_freq.device != device:  # layers dispatched over several devices
         inv_freq = inv_freq.to(device)
-    return inv_freq, float(rotary.attention_scaling), params.llama4_scaling
+    return inv_freq, float(rotary.attention_scaling), getattr(module, _LLAMA4_SCALING_ATTR)
 
 
 def _rotate(module, query, key, position_embeddings, position_ids, backend):

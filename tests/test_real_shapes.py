@@ -103,3 +103,30 @@ def test_patched_greedy_generation_of_the_real_shape(name, kernel_backend):
     with thinkfuse.use_backend(kernel_backend):
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("name", GENERATION_PRESETS)
+def test_static_greedy_decoding_of_the_real_shape(name, kernel_backend):
+    """thinkfuse.static_decode's engine (its steps run eagerly on the CPU) at the real geometry."""
+    from thinkfuse.static_decode import greedy_generate
+
+    model = _model(name).eval()
+    ids, mask, _ = _inputs()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with thinkfuse.use_backend(kernel_backend):
+        generated, _ = greedy_generate(model, ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_mtp_generation_of_the_mimo_shape(cuda_graph, kernel_backend):
+    """MiMo-7B's geometry with its MTP layer: speculative greedy decoding equals generate."""
+    from thinkfuse.speculative import mtp_generate
+
+    model = _model("mimo-7b").eval()
+    ids, mask, _ = _inputs()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    thinkfuse.patch_model(model, backend=kernel_backend)
+    with thinkfuse.use_backend(kernel_backend):
+        generated, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=5, cuda_graph=cuda_graph)
+    assert torch.equal(generated, expected)

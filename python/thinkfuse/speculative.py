@@ -280,6 +280,8 @@ def _move_dead_slots_to_the_front(state: _State) -> None:
         return
     for cache in (state.trunk_cache, state.mtp_cache):
         for layer in cache.layers:
+            if not layer.is_initialized:  # an MTP layer this generation does not run
+                continue
             layer.keys[rows] = layer.keys[rows].roll(1, dims=-2)
             layer.values[rows] = layer.values[rows].roll(1, dims=-2)
     state.slot_mask[rows] = state.slot_mask[rows].roll(1, dims=-1)

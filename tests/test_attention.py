@@ -319,6 +319,28 @@ def test_decode_with_leftpad_equals_decode_of_the_unpadded_rows(kernel_backend, 
         assert_close_fp32(ours[row:row + 1], alone)
 
 
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_decode_never_reads_the_slots_past_cache_seqlens(backend, leftpad):
+    """The slots at and after cache_seqlens[b] are not keys (a static cache allocated with
+    torch.empty holds whatever was there, NaN included): they must not reach the output."""
+    q, kc, vc = _qkv(3, 2, 12, 4, 2, 16)
+    lens, pads = [2, 7, 9], [0, 3, 1]
+    for row, (n, pad) in enumerate(zip(lens, pads)):
+        kc[row, n:] = float("nan")
+        vc[row, n:] = float("nan")
+        if leftpad:
+            kc[row, :pad] = float("nan")
+            vc[row, :pad] = float("inf")
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    cache_leftpad = torch.tensor(pads, dtype=torch.int32, device=DEVICE) if leftpad else None
+    for window in (None, 3):
+        ours = decode_attention(q, kc, vc, seqlens, sliding_window=window, cache_leftpad=cache_leftpad,
+                                backend=backend)
+        ref = reference.decode_attention(q, kc, vc, seqlens, None, window, cache_leftpad=cache_leftpad)
+        assert torch.isfinite(ref).all()
+        assert_close_fp32(ours, ref)
+
+
 def test_decode_leftpad_fp16(kernel_backend):
     q, kc, vc, seqlens, leftpad, window, splits = _left_padded_case("leftpad", dtype=torch.float16)
     ours = decode_attention(q, kc, vc, seqlens, num_splits=2, cache_leftpad=leftpad, backend=kernel_backend)

@@ -206,12 +206,14 @@ def _torch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, sliding_wind
     visible = keys <= position[..., None]  # [B, Sq, S]: causal, hence also inside the row's length
     if sliding_window:
         visible &= keys > position[..., None] - sliding_window
-    v = v_cache.float()
+    # Only the slots [cache_leftpad, cache_seqlens) are keys. The others (left padding, and the
+    # unwritten tail of a static cache allocated with torch.empty) may hold anything, NaN
+    # included, which must not reach the output through 0 * v.
+    is_key = keys < lengths[:, None]  # [B, S]
     if cache_leftpad is not None:
-        first = cache_leftpad.long()[:, None]
-        visible &= (keys >= first)[:, None, :]
-        # Padding slots are not keys: whatever they hold (NaN included) must not reach 0 * v.
-        v = v.masked_fill((keys < first)[:, :, None, None], 0.0)
+        is_key &= keys >= cache_leftpad.long()[:, None]
+        visible &= is_key[:, None, :]
+    v = v_cache.float().masked_fill(~is_key[:, :, None, None], 0.0)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     seen = visible.any(-1)[:, None, None, :, None]  # a query with no key: softmax of all -inf is NaN
     probs = torch.where(seen, torch.softmax(scores, dim=-1), 0.0)

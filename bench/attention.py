@@ -93,8 +93,9 @@ SM90_IMPL = "thinkfuse-cuda-sm90"  # dense forward rows, dense and varlen fwd+bw
 
 BYTES_COUNTED = (
     "flash and varlen rows count FLOPs, not bytes: the two attention matmuls, forward "
-    "4*B*Hq*Sq*Sk*D, halved when causal (square, so half the score matrix; varlen: the sum of "
-    "2*Hq*L*L*D over sequences of length L); fwd+bwd adds a backward of 2.5x the forward "
+    "4*B*Hq*Sq*Sk*D, halved when causal (square, so half the score matrix: S*S/2 pairs, flash-attn's "
+    "convention, S/2 fewer than the S*(S+1)/2 unmasked ones, so never an overcount; varlen: the sum "
+    "of 2*Hq*L*L*D over sequences of length L); fwd+bwd adds a backward of 2.5x the forward "
     "(3.5x in all). The recomputation some kernels do is not counted, nor are softmax FLOPs. "
     "decode rows count bytes: the K and V caches read once (2*B*cache_len*Hkv*D elements, all "
     "cache_len positions valid), plus q read and the output written (2*B*Sq*Hq*D), in the run's "

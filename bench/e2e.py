@@ -79,7 +79,7 @@ models of ``thinkfuse.tiny`` instead, see the end of this docstring):
   ``thinkfuse``: speculation alone). ``python -m bench.e2e <results.json>`` prints these and
   every row's tokens/s, since the harness has no per-row field for derived numbers.
 
-Peak memory (harness ``peak_mem_mb``): one call's peak beyond what was allocated before it,
+Peak memory (harness ``peak_mem_mb``, in MiB): one call's peak beyond what was allocated before it,
 i.e. without the weights; it includes the gradients, activations, logits and KV caches.
 
 Out of memory: a CUDA OOM in a row becomes an ``error`` whose reason starts with ``out of
@@ -758,7 +758,10 @@ def graph_costs(rows: list[dict]) -> list[dict]:
     measured: against the latter the implied speedup is what speculation itself adds). With
     random weights the MTP drafts are rejected, so both emit one token per trunk forward and the
     ratio is the cost of a (replayed, 2-token) speculative step over the other row's step; the implied
-    speedup at ACCEPTANCE follows as for decode-step."""
+    speedup at ACCEPTANCE follows as for decode-step. Both times also hold fixed costs (the prompt's
+    prefill; the graph row's capture) that acceptance does not shorten, so ``(1 + ACCEPTANCE) /
+    ratio`` overstates the generate speedup by the share of those: an upper bound, and
+    ``1 / ratio`` (every draft rejected) a lower one."""
     out = []
     done = [r for r in rows if r["op"] == OP and r["variant"] == DECODE and r.get("median_ms")]
     for graph in (r for r in done if r["impl"] == THINKFUSE_MTP_GRAPH):
@@ -798,7 +801,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         speedup = speedup_vs_baseline(row, rows)
         lines.append(f"  {row['variant']:<12} {row['model']:<16} {row['shape_label']:<18} {row['impl']:<17} "
                      f"{rate:>10,.0f} tokens/s{implied}  {row['median_ms']:.4g} ms"
-                     f"{f' ({speedup:.2f}x)' if speedup else ''}, peak {row['peak_mem_mb'] or 0:.0f} MB")
+                     f"{f' ({speedup:.2f}x)' if speedup else ''}, peak {row['peak_mem_mb'] or 0:.0f} MiB")
     costs = step_costs(rows)
     if costs:
         lines.append(f"decode-step: speculative step cost, implied speedup at {ACCEPTANCE:.0%} acceptance:")
@@ -808,7 +811,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
     graphs = graph_costs(rows)
     if graphs:
         lines.append(f"decode (random weights, drafts rejected): graph step cost, implied speedup at "
-                     f"{ACCEPTANCE:.0%} acceptance:")
+                     f"{ACCEPTANCE:.0%} acceptance (an upper bound: the prefill and the graph capture inside "
+                     "both times do not shrink with acceptance, yet are divided by 1 + acceptance too):")
         for c in graphs:
             lines.append(f"  {c['model']} {c['shape']}: thinkfuse-mtp-graph / {c['vs']} = "
                          f"{c['cost_ratio']:.3f} -> {c['implied_speedup']:.2f}x")

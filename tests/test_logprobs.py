@@ -121,6 +121,25 @@ def test_ignored_rows_of_all_minus_inf_give_zero_and_no_gradient(backend):
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_ignored_rows_holding_nan_or_inf_give_zero_and_no_gradient(backend, return_entropy):
+    """Whatever an ignored row holds (NaN or +inf logits from a padded position's garbage hidden
+    state), it gives 0 and a zero gradient, as in the reference; the scored rows are untouched."""
+    logits, ids = _inputs((5,), 40)
+    logits[0, 3] = float("nan")
+    logits[1] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, :5] = float("inf")
+    ids[:4], ids[4] = IGNORED, 9
+    results = [_run(fn, logits, ids, return_entropy)
+               for fn in (_ours(backend, 0.8, return_entropy), _reference(0.8, return_entropy))]
+    for *outs, grad in results:
+        assert all(torch.all(o[:4] == 0) for o in outs)
+        assert torch.all(grad[:4] == 0) and torch.isfinite(grad).all()
+    for ours, ref in zip(*results):
+        assert_close_fp32(ours, ref)
+
+
 def test_scored_rows_of_all_minus_inf_give_nan_logprob_and_zero_entropy(backend):
     """A scored row with no finite logit has no distribution: every backend and the reference
     say so with a NaN log-prob (and entropy 0, the kernels' convention for an empty sum)."""

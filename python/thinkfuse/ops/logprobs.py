@@ -306,8 +306,10 @@ def _chunk_logits_grad(logits, ids, lse, entropy, grad_logprob, grad_entropy, te
     ``grad_logprob`` / ``grad_entropy`` may be None (no gradient reached that output)."""
     live = ids >= 0
     zeros = torch.zeros_like(lse)
-    # Ignored rows get lse = +inf, hence p = 0 and no gradient at all.
-    logp = _float32_copy(logits).div_(temperature).sub_(torch.where(live, lse, zeros + float("inf")).unsqueeze(-1))
+    # Ignored rows get log p = -inf, hence p = 0 and no gradient at all, whatever their logits
+    # hold (subtracting an lse of +inf instead would leave NaN where a logit is NaN or +inf).
+    logp = (_float32_copy(logits).div_(temperature).masked_fill_(~live.unsqueeze(-1), float("-inf"))
+            .sub_(torch.where(live, lse, zeros).unsqueeze(-1)))
     p = logp.exp()
     g = zeros if grad_logprob is None else torch.where(live, grad_logprob, zeros)
     if grad_entropy is None:

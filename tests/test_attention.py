@@ -235,6 +235,29 @@ def test_varlen_matches_reference(kernel_backend, case, causal, window):
     _compare(result, _run(ref, (q, k, v)))
 
 
+def test_varlen_strided_cu_seqlens(backend):
+    """cu_seqlens that are views with a step (every other entry of a longer tensor) are read as
+    the offsets they show, forward and backward, like contiguous ones."""
+    lq, lk = [3, 0, 6], [5, 2, 4]
+    q, k, v = _qkv(None, sum(lq), sum(lk), 4, 2, 16)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    # the same values, as every other entry of a tensor whose other entries are garbage
+    strided_q = torch.stack([cu_q, torch.full_like(cu_q, 10**6)], dim=1).reshape(-1)[::2]
+    strided_k = torch.stack([cu_k, torch.full_like(cu_k, -7)], dim=1).reshape(-1)[::2]
+    assert not strided_q.is_contiguous() and torch.equal(strided_q, cu_q)
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, cu_seqlens_q=strided_q, cu_seqlens_k=strided_k, return_lse=True,
+                               backend=backend)
+
+    def ref(q, k, v):
+        return reference.flash_attention(q, k, v, True, None, None, cu_q, cu_k, return_lse=True)
+
+    if _cuda_refuses(backend):
+        return _expect_cuda_refusal(lambda: ours(q, k, v))
+    _compare(_run(ours, (q, k, v)), _run(ref, (q, k, v)))
+
+
 def test_varlen_equals_padded_per_sequence(kernel_backend):
     lengths = [5, 33, 1]
     q, k, v = _qkv(None, sum(lengths), sum(lengths), 2, 1, 16)

@@ -102,6 +102,8 @@ def flash_attention(
         return reference.flash_attention(q, k, v, causal, scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
                                          return_lse)
     if cu_seqlens_q is not None:
+        # The kernels read offset b at cu + b: a strided view (cu[::2]) would be read as garbage.
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
         if max_seqlen_q is None:
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if len(cu_seqlens_q) > 1 else 0
         if max_seqlen_k is None:

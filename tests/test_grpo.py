@@ -1124,3 +1124,56 @@ def test_bad_num_items_in_batch_is_refused(value, error):
     logprobs = torch.zeros(2, 3)
     with pytest.raises(error, match="num_items_in_batch"):
         grpo_loss(logprobs, None, torch.ones(2), torch.ones(2, 3), loss_type="dapo", num_items_in_batch=value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_entropy_quantile_over_every_rank(tmp_path, monkeypatch):
+    """entropy_quantile_group=WORLD: the top-entropy threshold is the quantile of every rank's
+    scored entropies (TRL's get_high_entropy_mask gathers them), with ranks of different batch
+    and completion lengths; each rank's loss and gradient are those of its own tokens under
+    that mask. Two gloo processes on the CPU."""
+    import torch.multiprocessing as mp
+    from distributed_helpers import entropy_quantile_worker
+
+    import thinkfuse.grpo as grpo
+
+    inputs = []
+    for rank, (B, T) in enumerate([(4, 9), (3, 14)]):
+        gen = torch.Generator().manual_seed(100 + rank)
+        logprobs = -torch.rand(B, T, generator=gen) * 3
+        old = logprobs + 0.3 * torch.randn(B, T, generator=gen)
+        mask = (torch.rand(B, T, generator=gen) > 0.3).long()
+        entropies = torch.rand(B, T, generator=gen) * (2 + 3 * rank)  # rank 1's run higher
+        inputs.append((logprobs, old, torch.randn(B, generator=gen), mask, entropies, 0.4))
+    mp.spawn(entropy_quantile_worker, args=(2, _free_port(), inputs, str(tmp_path)), nprocs=2, join=True)
+
+    everyone = torch.cat([entropies[mask.bool()] for _, _, _, mask, entropies, _ in inputs])
+    threshold = torch.quantile(everyone, 1 - 0.4)
+    for rank, (logprobs, old, advantages, mask, entropies, quantile) in enumerate(inputs):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        expected_mask = (entropies >= threshold) & mask.bool()
+        assert torch.equal(got["mask"], expected_mask)
+        local = grpo._high_entropy_mask(entropies, mask != 0, 1 - quantile)
+        assert not torch.equal(local, expected_mask)  # the ranks' threshold is not this rank's own
+        monkeypatch.setattr(grpo, "_high_entropy_mask", lambda *args: expected_mask)
+        x = logprobs.clone().requires_grad_()
+        loss, metrics = grpo_loss(x, old, advantages, mask, entropies=entropies, top_entropy_quantile=quantile,
+                                  loss_type="dapo")
+        loss.backward()
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(got["grad"], x.grad, rtol=0, atol=0)
+        monkeypatch.undo()
+
+
+def test_entropy_quantile_group_needs_torch_distributed():
+    logprobs, old, _, advantages, mask = _batch()
+    with pytest.raises(ValueError, match="entropy_quantile_group needs torch.distributed"):
+        grpo_loss(logprobs, old, advantages, mask, entropies=torch.rand_like(logprobs), top_entropy_quantile=0.5,
+                  entropy_quantile_group=object())

@@ -83,6 +83,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     entropies: Optional[Tensor] = None,
     top_entropy_quantile: float = 1.0,
+    entropy_quantile_group=None,
     entropy_coef: float = 0.0,
     importance_sampling_ratio: Optional[Tensor] = None,
     off_policy_mask_threshold: Optional[float] = None,
@@ -120,7 +121,9 @@ def grpo_loss(
     ``sampling_logprobs - logprobs.detach()`` is ``<= threshold``; ``sampling_logprobs`` defaults
     to ``old_logprobs``), times the top-entropy mask (``top_entropy_quantile < 1``: keeps the
     scored tokens whose ``entropies`` are ``>=`` the ``1 - top_entropy_quantile`` quantile of
-    this call's scored tokens; TRL takes the quantile over all ranks), times
+    this call's scored tokens, or of the scored tokens of every rank of ``entropy_quantile_group``
+    when given, a ``torch.distributed`` process group: pass ``torch.distributed.group.WORLD`` to
+    take it over all ranks, as TRL does; every rank of the group must then make the call), times
     ``importance_sampling_ratio`` (TRL's vLLM importance-sampling correction, ``[B, T]`` for the
     token modes or ``[B, 1]`` for the sequence modes, see ``vllm_importance_sampling_ratio``; for
     vespo it enters ``w`` instead and must be ``[B, T]``), plus ``beta * KL`` with ``KL = k3 =
@@ -189,6 +192,7 @@ def grpo_loss(
     entropy_coef = check_float("entropy_coef", entropy_coef)
     if entropies is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
         raise ValueError("top_entropy_quantile < 1 and entropy_coef != 0 need entropies (the per-token entropies)")
+    _check_process_group("entropy_quantile_group", entropy_quantile_group)
     if off_policy_mask_threshold is not None:
         off_policy_mask_threshold = check_float("off_policy_mask_threshold", off_policy_mask_threshold)
     if loss_type == "sapo":
@@ -249,7 +253,7 @@ def grpo_loss(
     if entropies is not None:
         entropies = torch.where(scored, entropies.float(), torch.zeros_like(logprobs))
         if top_entropy_quantile < 1.0:
-            entropy_mask = _high_entropy_mask(entropies, scored, 1 - top_entropy_quantile)
+            entropy_mask = _high_entropy_mask(entropies, scored, 1 - top_entropy_quantile, entropy_quantile_group)
             per_token = per_token * entropy_mask
     if is_ratio is not None and loss_type != "vespo":
         per_token = per_token * is_ratio
@@ -363,18 +367,50 @@ def _off_policy_mask(adv, logprobs, sampling, mask, threshold) -> Tensor:
     return ((adv >= 0) | (mean_kl <= threshold)).to(mask.dtype)
 
 
+def _check_process_group(name: str, group) -> None:
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{name} needs torch.distributed initialised (init_process_group), or None")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be None or a torch.distributed ProcessGroup, got {type(group).__name__}")
+
+
 @torch.no_grad()
-def _high_entropy_mask(entropies: Tensor, scored: Tensor, threshold: float) -> Tensor:
-    """TRL's ``get_high_entropy_mask`` over this call's tokens: scored tokens whose entropy is >=
-    the ``threshold`` quantile (linear interpolation, as ``torch.quantile``, bit for bit) of the
-    scored tokens' entropies; none when no token is scored. Sort-based: no host sync and no
-    ``torch.quantile`` size limit."""
+def _high_entropy_mask(entropies: Tensor, scored: Tensor, threshold: float, group=None) -> Tensor:
+    """TRL's ``get_high_entropy_mask``: scored tokens whose entropy is >= the ``threshold``
+    quantile (linear interpolation, as ``torch.quantile``, bit for bit) of the scored tokens'
+    entropies, this call's or (``group``) those of every rank of the process group; none when no
+    token is scored. Sort-based: no ``torch.quantile`` size limit, and no host sync unless
+    gathered (the ranks' token counts are read to size the gather)."""
     count = scored.sum()
-    values = torch.where(scored, entropies, math.inf).flatten().sort().values
+    values = torch.where(scored, entropies, math.inf).flatten()
+    if group is not None:
+        values, count = _gather_across_ranks(values, count, group)
+    values = values.sort().values
     ranks = torch.tensor(threshold, dtype=torch.float32, device=entropies.device) * (count - 1).clamp(min=0).float()
     below, above = ranks.long(), ranks.ceil().long()
     cut = torch.lerp(values[below], values[above], ranks - below)
     return (entropies >= cut) & scored
+
+
+def _gather_across_ranks(values: Tensor, count: Tensor, group) -> tuple[Tensor, Tensor]:
+    """Every rank's ``values`` (unscored entries +inf, so they sort last) laid end to end, padded
+    with +inf to the longest rank's, and the ranks' summed scored ``count``."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([values.numel()], device=values.device), group=group)
+    longest = int(torch.cat(sizes).max())
+    padded = torch.nn.functional.pad(values, (0, longest - values.numel()), value=math.inf)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous(), group=group)
+    total = count.clone()
+    dist.all_reduce(total, group=group)
+    return torch.cat(gathered), total
 
 
 def _normalise(masked_loss, mask, loss_type, max_completion_length, num_items_in_batch, world_size) -> Tensor:
@@ -535,6 +571,7 @@ class GRPOLoss(nn.Module):
         use_bias_correction_kl: bool = False,
         importance_sampling_level: str = "token",
         top_entropy_quantile: float = 1.0,
+        entropy_quantile_group=None,
         entropy_coef: float = 0.0,
         off_policy_mask_threshold: Optional[float] = None,
         sapo_temperature_pos: float = 1.0,
@@ -560,6 +597,7 @@ class GRPOLoss(nn.Module):
         self.delta, self.use_bias_correction_kl = delta, use_bias_correction_kl
         self.importance_sampling_level = importance_sampling_level
         self.top_entropy_quantile, self.entropy_coef = top_entropy_quantile, entropy_coef
+        self.entropy_quantile_group = entropy_quantile_group
         self.off_policy_mask_threshold = off_policy_mask_threshold
         self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
         self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
@@ -605,7 +643,8 @@ class GRPOLoss(nn.Module):
                            num_items_in_batch=num_items_in_batch, world_size=self.world_size,
                            delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl,
                            importance_sampling_level=self.importance_sampling_level,
-                           top_entropy_quantile=self.top_entropy_quantile, entropy_coef=self.entropy_coef,
+                           top_entropy_quantile=self.top_entropy_quantile,
+                           entropy_quantile_group=self.entropy_quantile_group, entropy_coef=self.entropy_coef,
                            importance_sampling_ratio=importance_sampling_ratio,
                            off_policy_mask_threshold=self.off_policy_mask_threshold,
                            sampling_logprobs=sampling_logprobs, sapo_temperature_pos=self.sapo_temperature_pos,

@@ -13,6 +13,7 @@ from speculative_helpers import record_acceptances
 
 import thinkfuse
 from thinkfuse import speculative
+from thinkfuse.sampling import Sampling, warpers
 from thinkfuse.speculative import mtp_generate
 from thinkfuse.tiny import VOCAB, tiny_batch, tiny_model
 
@@ -74,7 +75,7 @@ def test_often_right_drafter_is_accepted_and_saves_forwards(monkeypatch):
     max_new_tokens = 16
     reference = _greedy(model, ids, mask, max_new_tokens)
     _oracle_drafter(model, monkeypatch, reference, mask)
-    steps = record_acceptances(monkeypatch, speculative.reference)  # float64 verifies by the reference
+    steps = record_acceptances(monkeypatch, thinkfuse.reference)  # float64 verifies by the reference
     sequences, stats = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens)
     assert torch.equal(sequences, reference)
     assert any(len(set(step)) > 1 for step in steps)  # rows disagreed: dead slots moved
@@ -104,7 +105,7 @@ def test_mixed_steps_keep_every_row_padding_then_tokens(monkeypatch):
     ids, mask = _padded_batch()
     reference = _greedy(model, ids, mask, 16)
     _oracle_drafter(model, monkeypatch, reference, mask)
-    steps = record_acceptances(monkeypatch, speculative.reference)
+    steps = record_acceptances(monkeypatch, thinkfuse.reference)
     masks = _record_slot_masks(monkeypatch)
     sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=16)
     assert torch.equal(sequences, reference)
@@ -241,6 +242,23 @@ def test_sampling_runs_and_is_reproducible(dtype):
     assert stats["drafted"] > 0 and stats["target_forwards"] == 1 + stats["steps"]
 
 
+def test_static_sampling_draws_as_the_dynamic_loop():
+    """The static engine draws its random numbers in the dynamic loop's order (prefill sample,
+    draft, then per step the verification's uniforms and the next draft), so with one seed both
+    emit the same tokens; float32, filters on, a left-padded batch."""
+    model = _model(torch.float32)
+    ids, mask = _padded_batch()
+
+    def sample(cuda_graph):
+        generator = torch.Generator(device=DEVICE).manual_seed(7)
+        return mtp_generate(model, ids, attention_mask=mask, max_new_tokens=10, temperature=0.9, top_k=40,
+                            top_p=0.95, generator=generator, cuda_graph=cuda_graph)
+
+    (dynamic, dynamic_stats), (static, static_stats) = sample(False), sample(True)
+    assert torch.equal(static, dynamic)
+    assert static_stats["accepted"] == dynamic_stats["accepted"] and static_stats["drafted"] > 0
+
+
 def test_sampling_warpers_are_generates():
     """temperature, then top-k, top-p, min-p, with transformers' classes: the scores generate's
     logits processor would sample from."""
@@ -254,16 +272,16 @@ def test_sampling_warpers_are_generates():
 
     logits = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(0))
     logits[0, 0, :7] = 2.0  # ties at the k-th logit are kept
-    sampling = speculative._Sampling(0.7, None, speculative._warpers(5, 0.9, 0.05))
+    sampling = Sampling(0.7, None, warpers(5, 0.9, 0.05))
     generate = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(5), TopPLogitsWarper(0.9),
                                     MinPLogitsWarper(0.05)])
     assert torch.equal(sampling.scores(logits), generate(None, logits.reshape(-1, 50)).view(4, 3, 50))
-    assert speculative._warpers(None, None, None) is None
-    assert speculative._warpers(0, 1.0, 0.0) is None  # settings that filter nothing
+    assert warpers(None, None, None) is None
+    assert warpers(0, 1.0, 0.0) is None  # settings that filter nothing
 
 
 def _filtered_probs(model, ids, temperature, **filters):
-    sampling = speculative._Sampling(temperature, None, speculative._warpers(**filters))
+    sampling = Sampling(temperature, None, warpers(**filters))
     with torch.no_grad():
         logits = model(ids).logits[:, -1]
     return torch.softmax(sampling.scores(logits), -1)[0]
@@ -279,14 +297,16 @@ def _chi_square_p_value(tokens, probs):
     return torch.special.gammaincc(dof / 2, stat / 2).item()
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("filters", [dict(top_k=6), dict(top_p=0.7), dict(top_k=20, top_p=0.9, min_p=0.1)],
                          ids=["top_k", "top_p", "all"])
-def test_filtered_sampling_follows_generates_distribution(filters):
+def test_filtered_sampling_follows_generates_distribution(filters, cuda_graph):
     """Many copies of one prompt, 3 new tokens: the first is the prefill's sample, the second
     comes out of verification (an accepted draft or the correction), the third from a bonus token
     or the next step. Each, given the tokens before it, follows the filtered softmax, and none
-    lies outside the filtered support."""
-    model = _model()
+    lies outside the filtered support. Static: thinkfuse.static_decode's engine (eager here), in
+    float32 (it runs the kernels' dtypes)."""
+    model = _model(torch.float32 if cuda_graph else torch.float64)
     with torch.no_grad():
         model.lm_head.weight.mul_(16)  # peaked distributions: the filters keep a few tokens
     rows, temperature = 6000, 0.6
@@ -294,7 +314,7 @@ def test_filtered_sampling_follows_generates_distribution(filters):
     ids = prompt.expand(rows, -1).contiguous()
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     sequences, stats = mtp_generate(model, ids, max_new_tokens=3, temperature=temperature, generator=generator,
-                                    eos_token_id=[], **filters)
+                                    eos_token_id=[], cuda_graph=cuda_graph, **filters)
     assert stats["drafted"] > 0
     new = sequences[:, prompt.shape[1]:]
     for position in range(3):

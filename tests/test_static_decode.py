@@ -13,6 +13,7 @@ from speculative_helpers import record_acceptances
 
 import thinkfuse
 from thinkfuse import static_decode
+from thinkfuse.sampling import Sampling
 from thinkfuse.speculative import mtp_generate
 from thinkfuse.tiny import VOCAB, tiny_batch, tiny_model
 
@@ -106,7 +107,7 @@ def test_left_padded_prefill_and_step_logits_match_the_model():
         next_ids = torch.cat([ids[:, 1:], first[:, None]], dim=1)
         static_draft = decoder.mtp(hidden, next_ids, slots, prefill=True)[:, -1]
         out = speculative._NewTokens(3, 4, torch.tensor([], dtype=torch.long, device=DEVICE), 0, ids.device)
-        state, mtp_input = speculative._prefill(model, ids, mask, speculative._Sampling(0.0), out)
+        state, mtp_input = speculative._prefill(model, ids, mask, Sampling(0.0), out)
         assert_close_fp32(static_draft, speculative._mtp_logits(model, state, mtp_input), tol=1e-4)
 
 
@@ -214,8 +215,6 @@ def test_uses_it_does_not_cover_are_refused():
     ids = tiny_batch(2, 5, seed=0, device=DEVICE)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         mtp_generate(tiny_model("mimo", dtype=torch.float64).to(DEVICE), ids, max_new_tokens=2, cuda_graph=True)
-    with pytest.raises(ValueError, match="temperature 0"):
-        mtp_generate(model, ids, max_new_tokens=2, temperature=0.7, cuda_graph=True)
     mask = torch.ones_like(ids)
     mask[0, 2] = 0  # a hole: not left padding
     with pytest.raises(ValueError, match="left-padded"):
@@ -270,6 +269,30 @@ def test_captured_steps_replay_to_the_greedy_output(monkeypatch, patched, oracle
     assert torch.equal(sequences, reference)
     if oracle:
         assert 0 < stats["accepted"] < stats["drafted"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_captured_sampling_steps_draw_as_eager_steps(monkeypatch, own_generator):
+    """Sampled speculative decoding, replayed: the capture registers the generator, so each
+    replay draws new numbers, the same the eager steps draw from the same seed."""
+    model = tiny_model("mimo", seed=0, dtype=torch.float32).cuda()
+    ids = tiny_batch(3, 9, seed=1, device="cuda")
+
+    def sample():
+        torch.cuda.manual_seed(3)
+        generator = torch.Generator(device="cuda").manual_seed(3) if own_generator else None
+        return mtp_generate(model, ids, max_new_tokens=16, temperature=0.8, top_p=0.9, generator=generator,
+                            eos_token_id=[], cuda_graph=True)
+
+    replayed, stats = sample()
+    assert stats["cuda_graph"] is True and stats["steps"] > static_decode.WARMUP_STEPS
+    again, _ = sample()
+    monkeypatch.setattr(static_decode, "_capture", lambda *args: None)  # every step eager
+    eager, eager_stats = sample()
+    assert eager_stats["cuda_graph"] is False
+    assert torch.equal(replayed, again) and torch.equal(replayed, eager)
 
 
 # --- greedy_generate: the same engine without the MTP layer, for every family's causal LM ----

@@ -34,9 +34,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from . import reference
 from ._checks import check_float
-from .ops import mtp_verify
+from .sampling import Sampling, pick, verify, warpers
 from .static_decode import check_static_decode_applies, static_mtp_decode
 
 
@@ -71,19 +70,19 @@ def mtp_generate(
     (drafts offered to rows still generating), ``acceptance_rate``, ``target_forwards``
     (batched trunk forwards, prefill included), ``steps`` (verify steps) and ``new_tokens``.
 
-    ``cuda_graph=True``: the same greedy output from static KV caches, each step replayed from a
-    CUDA graph on a GPU (thinkfuse.static_decode), for host-bound small batches. It takes
-    temperature 0 and unpadded or left-padded prompts (ValueError otherwise); on CPU its steps run
-    eagerly.
+    ``cuda_graph=True``: the same decoding (greedy, or sampled with the same filters and the same
+    distribution) from static KV caches, each step replayed from a CUDA graph on a GPU
+    (thinkfuse.static_decode), for host-bound small batches. It takes unpadded or left-padded
+    prompts and float32/16-bit models (ValueError otherwise); on CPU its steps run eagerly.
     stats then also hold ``cuda_graph``: whether the steps were replays (False on CPU, or
     after a warning when the step could not be captured).
     """
     temperature = _check_args(model, input_ids, max_new_tokens, temperature, attention_mask)
-    sampling = _Sampling(temperature, generator, _warpers(top_k, top_p, min_p))
+    sampling = Sampling(temperature, generator, warpers(top_k, top_p, min_p))
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     if cuda_graph:
-        check_static_decode_applies(model, temperature, attention_mask)
+        check_static_decode_applies(model, attention_mask)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
@@ -94,63 +93,11 @@ def mtp_generate(
     if max_new_tokens > 0:
         with torch.no_grad():
             if cuda_graph:
-                stats = static_mtp_decode(model, input_ids, out, cuda_graph=True, attention_mask=attention_mask)
+                stats = static_mtp_decode(model, input_ids, out, cuda_graph=True, attention_mask=attention_mask,
+                                          sampling=sampling)
             else:
                 _decode(model, input_ids, attention_mask.long(), sampling, out, stats)
     return torch.cat([input_ids, out.columns()], dim=1), _finish_stats(stats, out)
-
-
-@dataclass
-class _Sampling:
-    """How tokens are chosen: argmax (temperature 0), or a sample of the softmax of the logits
-    divided by the temperature, then filtered by generate's warpers (top-k, top-p, min-p; None:
-    none). Drafts and targets are filtered alike, so the draft distribution mtp_verify gets is the
-    one the draft was sampled from, and the verified tokens follow the filtered target."""
-
-    temperature: float
-    generator: torch.Generator | None = None
-    warpers: object | None = None  # transformers LogitsProcessorList
-
-    def scores(self, logits: Tensor) -> Tensor:
-        """``logits`` ``[..., V]`` as the sampled distribution's logits: divided by the
-        temperature and filtered (float32; filtered entries -inf)."""
-        scores = logits.float() / self.temperature
-        if self.warpers is None:
-            return scores
-        return self.warpers(None, scores.reshape(-1, scores.shape[-1])).view(scores.shape)
-
-
-def _warpers(top_k=None, top_p=None, min_p=None):
-    """generate's sampling warpers for these settings, in generate's order (after the
-    temperature: top-k, top-p, min-p), or None when they filter nothing. transformers' own
-    classes, so the filtering (ties at the k-th logit kept, at least one token kept) is
-    generate's."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        MinPLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    warpers = LogitsProcessorList()
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be None or an int >= 0 (0: no top-k filtering), got {top_k!r}")
-        if top_k > 0:
-            warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None:
-        top_p = check_float("top_p", top_p, non_negative=True)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1] (1: no top-p filtering), got {top_p}")
-        if top_p < 1:
-            warpers.append(TopPLogitsWarper(top_p))
-    if min_p is not None:
-        min_p = check_float("min_p", min_p, non_negative=True)
-        if min_p > 1:
-            raise ValueError(f"min_p must lie in [0, 1], got {min_p}")
-        if min_p > 0:
-            warpers.append(MinPLogitsWarper(min_p))
-    return warpers or None
 
 
 @dataclass
@@ -181,16 +128,16 @@ class _MTPInput:
     draft_slot: Tensor | None = None  # [B]
 
 
-def _decode(model, input_ids, attention_mask, sampling: _Sampling, out, stats) -> None:
+def _decode(model, input_ids, attention_mask, sampling: Sampling, out, stats) -> None:
     state, mtp_input = _prefill(model, input_ids, attention_mask, sampling, out)
     stats["target_forwards"] += 1
     while not out.done():
-        state.draft, state.draft_probs = _pick(_mtp_logits(model, state, mtp_input), sampling)
+        state.draft, state.draft_probs = pick(_mtp_logits(model, state, mtp_input), sampling)
         _move_dead_slots_to_the_front(state)
         mtp_input = _verify_step(model, state, sampling, out, stats)
 
 
-def _prefill(model, input_ids, attention_mask, sampling: _Sampling, out):
+def _prefill(model, input_ids, attention_mask, sampling: Sampling, out):
     """Run the prompt through the trunk and emit the first token. The MTP layer then catches up
     on the prompt: row t pairs h_t with token t+1, the last row with the token just emitted."""
     # Full layers even where the model has sliding-window ones: a sliding layer keeps only the
@@ -201,7 +148,7 @@ def _prefill(model, input_ids, attention_mask, sampling: _Sampling, out):
         input_ids, attention_mask=attention_mask, position_ids=positions,
         past_key_values=trunk_cache, use_cache=True, logits_to_keep=1,
     )
-    first, _ = _pick(outputs.logits[:, -1], sampling)
+    first, _ = pick(outputs.logits[:, -1], sampling)
     out.append(first[:, None], torch.ones_like(first))
     state = _State(
         trunk_cache=trunk_cache,
@@ -232,7 +179,7 @@ def _mtp_logits(model, state: _State, mtp_input: _MTPInput) -> Tensor:
     return logits[torch.arange(logits.shape[0], device=logits.device), mtp_input.draft_slot]
 
 
-def _verify_step(model, state: _State, sampling: _Sampling, out, stats) -> _MTPInput:
+def _verify_step(model, state: _State, sampling: Sampling, out, stats) -> _MTPInput:
     """Feed [pending, draft] to the trunk, accept or reject, update the caches' slots.
 
     Returns the MTP layer's next input: the slots this step verified (one when every row
@@ -247,7 +194,7 @@ def _verify_step(model, state: _State, sampling: _Sampling, out, stats) -> _MTPI
         past_key_values=state.trunk_cache, use_cache=True,
     )
     draft_probs = None if state.draft_probs is None else state.draft_probs[:, None]
-    tokens, num_accepted = _verify(state.draft[:, None], outputs.logits, sampling, draft_probs)
+    tokens, num_accepted = verify(state.draft[:, None], outputs.logits, sampling, draft_probs)
     generating = ~out.done_rows()
     stats["target_forwards"] += 1
     stats["steps"] += 1
@@ -286,30 +233,6 @@ def _move_dead_slots_to_the_front(state: _State) -> None:
             layer.values[rows] = layer.values[rows].roll(1, dims=-2)
     state.slot_mask[rows] = state.slot_mask[rows].roll(1, dims=-1)
     state.dead_last_rows = None
-
-
-def _verify(draft, logits, sampling: _Sampling, draft_probs):
-    """mtp_verify; float64 models (the kernels take 16/32-bit floats) verify with the reference,
-    so greedy decoding stays exact there too. With warpers the target's filtered scores are
-    verified at temperature 1 (they hold the temperature already)."""
-    temperature, generator = sampling.temperature, sampling.generator
-    if temperature > 0 and sampling.warpers is not None:
-        logits, temperature = sampling.scores(logits), 1.0
-    if logits.dtype != torch.float64:
-        return mtp_verify(draft, logits, temperature=temperature, draft_probs=draft_probs, generator=generator)
-    uniforms = None
-    if temperature > 0:
-        uniforms = torch.rand(draft.shape[0], draft.shape[1] + 1, generator=generator, device=logits.device)
-    return reference.mtp_verify(draft, logits, temperature, draft_probs, uniforms)
-
-
-def _pick(logits: Tensor, sampling: _Sampling):
-    """The next token per row: argmax, or a sample of the sampled distribution (returned with
-    that distribution, which mtp_verify needs for a sampled draft)."""
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1), None
-    probs = torch.softmax(sampling.scores(logits), dim=-1)
-    return torch.multinomial(probs, 1, generator=sampling.generator)[:, 0], probs
 
 
 class _NewTokens:

@@ -1,5 +1,5 @@
-"""Greedy decoding over static KV caches, one CUDA graph per step: MTP speculative decoding
-(``mtp_generate(..., cuda_graph=True)``) and plain greedy decoding (``greedy_generate``).
+"""Decoding over static KV caches, one CUDA graph per step: MTP speculative decoding, greedy or
+sampled (``mtp_generate(..., cuda_graph=True)``), and plain greedy decoding (``greedy_generate``).
 
 Why: at batch 1 a MiMo-7B decode step through transformers is host-bound. On the 2026-11-23 H100
 it took ~48 ms of host time for ~8 ms of GPU work. Replaying a captured step removes the host
@@ -34,8 +34,14 @@ prefill runs varlen over the prompt's tokens).
 causal LM of the Qwen2 / Mistral / Ministral 3 layout (MiMo's trunk included). It is the plain
 decoding that speculation has to beat once host cost is gone.
 
-Scope: greedy decoding (temperature 0) of prompts unpadded or left-padded. In float32 both equal
-``generate``'s greedy output token for token; in bf16/fp16 the fused rope and attention round
+Sampling (MTP only, ``temperature > 0``, with top-k / top-p / min-p): the first token and each
+draft are sampled from the filtered softmax (thinkfuse.sampling, as ``mtp_generate``'s dynamic
+loop), the draft's distribution kept in a ``[B, V]`` float32 buffer for ``mtp_verify``'s exact
+rejection sampling; the random draws come from the generator's state, which the capture
+registers, so each replay draws new numbers.
+
+Scope: prompts unpadded or left-padded. Greedy, in float32 both equal ``generate``'s greedy
+output token for token; in bf16/fp16 the fused rope and attention round
 as thinkfuse's patched modules do (within tolerance of transformers, not bit for bit). The
 modules are called as they are, patched by thinkfuse or not. On CPU the same steps run eagerly
 (that is how CI tests them); graphs are captured only on CUDA.
@@ -53,6 +59,7 @@ from . import ops
 from .backend import cuda_has_op, get_backend, triton_interpreter_enabled, why_unavailable
 from .patching.forwards import attention_window, has_static_rope
 from .rope_params import llama4_scaling, rope_params
+from .sampling import Sampling, pick, verify
 
 #: Eager steps before the capture: they compile the Triton kernels and let cuBLAS choose its
 #: algorithms, so neither happens while capturing. They are real steps (their tokens count).
@@ -71,7 +78,7 @@ def check_layout(model) -> None:
                         f"lm_head (Qwen2, Mistral, Ministral 3, MiMo), got {type(model).__name__}")
 
 
-def check_static_decode_applies(model, temperature: float, attention_mask: Tensor | None) -> None:
+def check_static_decode_applies(model, attention_mask: Tensor | None) -> None:
     """Raise ValueError (TypeError for a model without the layout) when the static path cannot
     serve the call (see the module doc)."""
     check_layout(model)
@@ -82,8 +89,6 @@ def check_static_decode_applies(model, temperature: float, attention_mask: Tenso
         raise ValueError("static decoding needs a rope whose frequencies do not change with the length "
                          "(not dynamic or longrope)")
     rope_params(model.config)  # raises ValueError for a rope type thinkfuse does not implement
-    if temperature != 0:
-        raise ValueError(f"static decoding is greedy (temperature 0), got temperature={temperature}")
     if attention_mask is not None and not _is_left_padding(attention_mask):
         raise ValueError("static decoding takes unpadded or left-padded prompts (attention_mask: each row zeros, "
                          "then at least one one)")
@@ -96,11 +101,13 @@ def _is_left_padding(attention_mask: Tensor) -> bool:
 
 
 class StaticDecoder:
-    """The caches and the per-step state of one greedy generation (see the module doc); with
-    ``mtp``, the MTP layer's cache and draft too."""
+    """The caches and the per-step state of one generation (see the module doc); with ``mtp``,
+    the MTP layer's cache and draft too (and, sampling, the draft's distribution)."""
 
-    def __init__(self, model, batch: int, max_len: int, device: torch.device, cuda_graph: bool, mtp: bool):
+    def __init__(self, model, batch: int, max_len: int, device: torch.device, cuda_graph: bool, mtp: bool,
+                 sampling: Sampling | None = None):
         self.model = model
+        self.sampling = Sampling(0.0) if sampling is None else sampling
         base = model.model
         self.layers = list(base.layers)
         self.mtp_layer = base.mtp_layers[0] if mtp else None
@@ -134,6 +141,10 @@ class StaticDecoder:
         self.prompt_tokens = None
         self.pending = torch.zeros(batch, dtype=torch.long, device=device)
         self.draft = torch.zeros(batch, dtype=torch.long, device=device)
+        self.draft_probs = None
+        if mtp and not self.sampling.greedy:
+            vocab = model.lm_head.weight.shape[0]
+            self.draft_probs = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
 
     # --- the model, from its modules ---------------------------------------------------------
 
@@ -225,14 +236,22 @@ class StaticDecoder:
         self._set_padding(attention_mask)
         positions = torch.arange(prompt, device=input_ids.device)[None].expand(batch, -1)
         hidden, logits = self.trunk(input_ids, positions, prefill=True)
-        first = logits[:, -1].argmax(-1)
+        first, _ = pick(logits[:, -1], self.sampling)
         self.length.fill_(prompt)
         self.pending.copy_(first)
         if self.mtp_layer is not None:
             # MTP row t pairs h_t with token t+1; the last row with the token just chosen.
             next_ids = torch.cat([input_ids[:, 1:], first[:, None]], dim=1)
-            self.draft.copy_(self.mtp(hidden, next_ids, positions, prefill=True)[:, -1].argmax(-1))
+            self._set_draft(self.mtp(hidden, next_ids, positions, prefill=True)[:, -1])
         return first
+
+    def _set_draft(self, draft_logits: Tensor) -> None:
+        """The MTP layer's guess from its logits ``[B, V]`` (argmax, or a sample kept with its
+        distribution for the verification)."""
+        draft, probs = pick(draft_logits, self.sampling)
+        self.draft.copy_(draft)
+        if probs is not None:
+            self.draft_probs.copy_(probs)
 
     def plain_step(self, out, stats: dict) -> None:
         """One greedy step (one token per row), in place on the state and ``out``: no host
@@ -250,14 +269,16 @@ class StaticDecoder:
         generating = ~out.done_rows()
         positions = self.length[:, None] + self.offsets
         hidden, logits = self.trunk(torch.stack([self.pending, self.draft], dim=1), positions)
-        tokens, accepted = ops.mtp_verify(self.draft[:, None], logits, temperature=0.0)
+        draft_probs = None if self.draft_probs is None else self.draft_probs[:, None]
+        tokens, accepted = verify(self.draft[:, None], logits, self.sampling, draft_probs)
         draft_logits = self.mtp(hidden, tokens.clamp(min=0), positions)
         stats["drafted"].add_(generating.sum())
         stats["accepted"].add_((accepted * generating).sum())
         out.append(tokens, accepted + 1)
-        pick = accepted[:, None]
-        self.pending.copy_(tokens.gather(1, pick)[:, 0])
-        self.draft.copy_(draft_logits.argmax(-1).gather(1, pick)[:, 0])
+        row = accepted[:, None]  # the MTP row after the last verified token
+        self.pending.copy_(tokens.gather(1, row)[:, 0])
+        vocab = draft_logits.shape[-1]
+        self._set_draft(draft_logits.gather(1, row[..., None].expand(-1, -1, vocab))[:, 0])
         # rows that are done stay where they are, so the caches never outgrow max_len
         self.length.add_((accepted + 1) * generating)
 
@@ -281,12 +302,14 @@ def _on_one_device(model, device: torch.device) -> bool:
     return all(p.device == device for p in model.parameters())
 
 
-def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool, attention_mask: Tensor | None = None) -> dict:
-    """Greedy MTP generation into ``out`` (speculative._NewTokens); returns the stats (device
-    counters for accepted/drafted, ints for the rest, and ``cuda_graph``: whether the steps
-    after the warm-up were replays of a captured one)."""
+def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool, attention_mask: Tensor | None = None,
+                      sampling: Sampling | None = None) -> dict:
+    """MTP generation into ``out`` (speculative._NewTokens), greedy or as ``sampling`` says;
+    returns the stats (device counters for accepted/drafted, ints for the rest, and
+    ``cuda_graph``: whether the steps after the warm-up were replays of a captured one)."""
     return _on_model_device(input_ids.device,
-                            lambda: _decode(model, input_ids, out, cuda_graph, mtp=True, attention_mask=attention_mask))
+                            lambda: _decode(model, input_ids, out, cuda_graph, mtp=True, attention_mask=attention_mask,
+                                            sampling=sampling))
 
 
 def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
@@ -309,7 +332,7 @@ def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
     check_layout(model)
     _check_ids(model, input_ids, max_new_tokens)
     _check_mask(input_ids, attention_mask)
-    check_static_decode_applies(model, 0.0, attention_mask)
+    check_static_decode_applies(model, attention_mask)
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
     out = _NewTokens(input_ids.shape[0], max_new_tokens, eos_ids, _pad_id(model, eos_ids), input_ids.device)
     stats = {"target_forwards": 0, "steps": 0, "cuda_graph": False}
@@ -330,10 +353,11 @@ def _on_model_device(device: torch.device, run):
         return run()
 
 
-def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool, attention_mask: Tensor | None = None) -> dict:
+def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool, attention_mask: Tensor | None = None,
+            sampling: Sampling | None = None) -> dict:
     batch, prompt = input_ids.shape
     device = input_ids.device
-    decoder = StaticDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph, mtp)
+    decoder = StaticDecoder(model, batch, prompt + out.max_new_tokens + 2, device, cuda_graph, mtp, sampling)
     step = decoder.mtp_step if mtp else decoder.plain_step
     stats = {"target_forwards": 1, "steps": 0}
     if mtp:  # counted on the device inside the step (read once at the end)
@@ -351,7 +375,7 @@ def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool, attentio
     graph = None
     while not out.done():  # one host sync per step: the queue holds at most one step
         if capture and graph is None and stats["steps"] >= WARMUP_STEPS:
-            graph = _capture(lambda: step(out, stats), side)
+            graph = _capture(lambda: step(out, stats), side, decoder.sampling.generator)
             capture = graph is not None
         if graph is not None:
             graph.replay()
@@ -373,16 +397,21 @@ def _on_stream(stream: "torch.cuda.Stream", fn) -> None:
     torch.cuda.current_stream().wait_stream(stream)
 
 
-def _capture(step, stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph | None":
+def _capture(step, stream: "torch.cuda.Stream", generator=None) -> "torch.cuda.CUDAGraph | None":
     """``step`` captured into a CUDA graph on ``stream`` (not run: capture records the kernels
     only), or None with a warning when something in it cannot be captured: the state is then
     untouched and the generation goes on with eager steps.
 
     ``stream`` must be a side stream of the model's device. torch.cuda.graph's default capture
     stream is one per process, created on whichever GPU captured first, and entering the
-    capture makes that GPU current."""
+    capture makes that GPU current.
+
+    ``generator``: a sampling step's own generator (the default one is registered by torch), so
+    that each replay draws new numbers from it and advances it."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
     current = torch.cuda.current_stream()
     try:
         # thread_local: CUDA calls of other threads (a data loader, say) do not end the capture

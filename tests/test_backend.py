@@ -149,3 +149,17 @@ def test_extension_shares_the_process_cpp_runtime():
     symbols = subprocess.run([nm, "-D", "--defined-only", extension.__file__], capture_output=True, text=True,
                              check=True).stdout.split()
     assert "__cxa_throw" not in symbols
+
+
+def test_meta_tensors_give_shapes_whatever_backend_is_named(backend):
+    """Shape-only runs (meta tensors) compute the torch form's shapes, whichever backend is
+    named: no kernel can run on them."""
+    meta = dict(device="meta")
+    x, w = torch.empty(2, 3, 64, **meta), torch.empty(64, **meta)
+    assert thinkfuse.ops.rms_norm(x, w, eps=1e-6, backend=backend).shape == (2, 3, 64)
+    assert thinkfuse.ops.swiglu(x, x, backend=backend).shape == (2, 3, 64)
+    q, k = torch.empty(2, 5, 4, 16, **meta), torch.empty(2, 5, 2, 16, **meta)
+    out = thinkfuse.ops.flash_attention(q, k, k, causal=True, backend=backend)
+    assert out.shape == (2, 5, 4, 16) and out.device.type == "meta"
+    logits, ids = torch.empty(6, 50, **meta), torch.empty(6, dtype=torch.long, **meta)
+    assert thinkfuse.ops.token_logprobs(logits, ids, backend=backend).shape == (6,)

@@ -206,6 +206,10 @@ def resolve_backend(device: torch.device, requested: str | None = None, cuda_op:
     if name is None:
         return default_backend(device, cuda_op)
     require_backend(name)
+    if device.type == "meta":
+        # Shapes only (memory planners, FLOP counters): no kernel can run, and every backend
+        # returns the torch form's shapes, which computes them on meta tensors.
+        return "torch"
     if name == "cuda" and cuda_op is not None and not cuda_has_op(cuda_op):
         raise BackendUnavailable(
             f"the cuda backend of this build has no {cuda_op} kernel; use backend='triton'"

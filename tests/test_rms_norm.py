@@ -191,6 +191,17 @@ def test_bad_inputs_raise_before_any_kernel(backend, kwargs, error, match):
         rms_norm(args["x"], args["weight"], args["eps"], residual=args["residual"], backend=backend)
 
 
+def test_triton_rows_past_its_tile_limit_are_refused():
+    """The Triton kernels hold a row in one tile of at most MAX_HIDDEN columns: wider rows get a
+    ValueError naming the limit before any kernel runs, not a compile failure."""
+    from thinkfuse.kernels.rms_norm import MAX_HIDDEN
+
+    wide = MAX_HIDDEN + 1
+    with pytest.raises(ValueError, match=f"at most {MAX_HIDDEN} elements"):
+        rms_norm(torch.ones(1, wide, device=DEVICE), torch.ones(wide, device=DEVICE), backend="triton")
+    assert rms_norm(torch.ones(1, wide), torch.ones(wide), backend="torch").shape == (1, wide)
+
+
 # --- torch.library registration and torch.compile ----------------------------------------------
 
 

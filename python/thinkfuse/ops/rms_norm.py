@@ -34,6 +34,8 @@ def rms_norm(
     """
     _check_args(x, weight, eps, residual)
     name = resolve_backend(x.device, backend, cuda_op="rms_norm_fwd")
+    if name == "triton":
+        _check_triton_row_width(x.shape[-1])
     if name == "torch" or x.numel() == 0:  # nothing for a kernel to do
         return reference.rms_norm(x, weight, eps, residual)
 
@@ -61,6 +63,16 @@ def _check_args(x, weight, eps, residual) -> None:
             raise TypeError(f"residual dtype {residual.dtype} must equal x dtype {x.dtype}")
     check_same_device(x=x, weight=weight, residual=residual)
 
+
+
+def _check_triton_row_width(cols: int) -> None:
+    """The Triton kernels hold a row in one tile: ValueError past their width limit (the cuda
+    kernels stream long rows; the torch form has no limit)."""
+    from ..kernels.rms_norm import MAX_HIDDEN
+
+    if cols > MAX_HIDDEN:
+        raise ValueError(f"the triton rms_norm takes rows of at most {MAX_HIDDEN} elements (x's last dim), got "
+                         f"{cols}; use backend='cuda' or 'torch'")
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops. Inputs are 2-D [rows, N] with a unit column stride (see _checks.as_rows).

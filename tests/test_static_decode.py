@@ -415,6 +415,25 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_on_the_callers_stream(monke
     assert torch.equal(sequences, reference)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_sampled_step_that_cannot_be_captured_raises(monkeypatch):
+    """Sampling, a failed capture may leave the generators mid-capture: a clear error, not eager
+    steps drawing from them."""
+    model = tiny_model("mimo", seed=0, dtype=torch.float32).cuda()
+    ids = tiny_batch(2, 9, seed=1, device="cuda")
+    step = static_decode.StaticDecoder.mtp_step
+
+    def syncing_step(self, out, stats):
+        if torch.cuda.is_current_stream_capturing():
+            self.length.sum().item()  # not capturable
+        step(self, out, stats)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "mtp_step", syncing_step)
+    with pytest.raises(RuntimeError, match="sampled step could not be captured"):
+        mtp_generate(model, ids, max_new_tokens=8, temperature=0.7, eos_token_id=[], cuda_graph=True)
+
+
 def _tiny(config_class, model_class, **fields):
     from thinkfuse.tiny import _COMMON, randomize_norm_weights
 

@@ -84,7 +84,17 @@ def pick(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor | None]:
     if sampling.greedy:
         return logits.argmax(dim=-1), None
     probs = torch.softmax(sampling.scores(logits), dim=-1)
-    return torch.multinomial(probs, 1, generator=sampling.generator)[:, 0], probs
+    return _sample(probs, sampling.generator), probs
+
+
+def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row drawn from ``probs`` ``[B, V]``: ``argmax(probs / E)`` with ``E``
+    i.i.d. Exponential(1) picks ``i`` with probability ``probs[i]`` (the exponential race). It is
+    what ``torch.multinomial`` does for one sample, without multinomial's checks of the
+    probabilities, which some torch versions read back to the host: a host read cannot be captured
+    in a CUDA graph."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
 def verify(draft: Tensor, logits: Tensor, sampling: Sampling, draft_probs: Tensor | None):

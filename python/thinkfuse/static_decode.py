@@ -375,7 +375,7 @@ def _decode(model, input_ids: Tensor, out, cuda_graph: bool, mtp: bool, attentio
     graph = None
     while not out.done():  # one host sync per step: the queue holds at most one step
         if capture and graph is None and stats["steps"] >= WARMUP_STEPS:
-            graph = _capture(lambda: step(out, stats), side, decoder.sampling.generator)
+            graph = _capture(lambda: step(out, stats), side, decoder.sampling)
             capture = graph is not None
         if graph is not None:
             graph.replay()
@@ -397,7 +397,7 @@ def _on_stream(stream: "torch.cuda.Stream", fn) -> None:
     torch.cuda.current_stream().wait_stream(stream)
 
 
-def _capture(step, stream: "torch.cuda.Stream", generator=None) -> "torch.cuda.CUDAGraph | None":
+def _capture(step, stream: "torch.cuda.Stream", sampling: Sampling | None = None) -> "torch.cuda.CUDAGraph | None":
     """``step`` captured into a CUDA graph on ``stream`` (not run: capture records the kernels
     only), or None with a warning when something in it cannot be captured: the state is then
     untouched and the generation goes on with eager steps.
@@ -406,18 +406,25 @@ def _capture(step, stream: "torch.cuda.Stream", generator=None) -> "torch.cuda.C
     stream is one per process, created on whichever GPU captured first, and entering the
     capture makes that GPU current.
 
-    ``generator``: a sampling step's own generator (the default one is registered by torch), so
-    that each replay draws new numbers from it and advances it."""
+    ``sampling``: a sampled step's generator (the default one is registered by torch) is
+    registered, so that each replay draws new numbers from it and advances it. A sampled step
+    that cannot be captured raises instead of going on eagerly: a capture that fails part way may
+    leave the generators in their capturing state (torch versions differ), and the eager steps
+    would then fail, or draw from a corrupt state."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        graph.register_generator_state(generator)
+    sampled = sampling is not None and not sampling.greedy
+    if sampled and sampling.generator is not None:
+        graph.register_generator_state(sampling.generator)
     current = torch.cuda.current_stream()
     try:
         # thread_local: CUDA calls of other threads (a data loader, say) do not end the capture
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             step()
     except RuntimeError as exc:
+        if sampled:
+            raise RuntimeError(f"static decoding: the sampled step could not be captured ({exc}); "
+                               "mtp_generate(cuda_graph=False) samples without graphs") from exc
         warnings.warn(f"static decoding: the step could not be captured, running it eagerly: {exc}",
                       RuntimeWarning, stacklevel=3)
         torch.cuda.synchronize()

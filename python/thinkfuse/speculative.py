@@ -22,7 +22,7 @@ sliding windows exact (transformers counts a window in cache slots, and a hole i
 narrow it) and lets thinkfuse's attention decode with per-row padding instead of unpadding the
 caches. Rows never re-run anything. When every row rejected, the dead slot is cropped off the
 trunk cache instead and the MTP layer gets one slot (so batch 1 never moves a slot). The price of
-a rejection in a mixed batch is one padding slot per row and one copy of the rejecting rows'
+a rejection in a mixed batch is one padding slot per row and two copies of the rejecting rows'
 caches.
 """
 
@@ -221,18 +221,27 @@ def _verify_step(model, state: _State, sampling: Sampling, out, stats) -> _MTPIn
 def _move_dead_slots_to_the_front(state: _State) -> None:
     """Rotate the slots of the rows whose last slot is a rejected draft by one, in both caches
     and the slot mask: the dead slot becomes padding in front of the row's tokens. Only those
-    rows are copied."""
+    rows are copied, twice (out, and back shifted by one)."""
     rows = state.dead_last_rows
     if rows is None:
         return
     for cache in (state.trunk_cache, state.mtp_cache):
         for layer in cache.layers:
-            if not layer.is_initialized:  # an MTP layer this generation does not run
-                continue
-            layer.keys[rows] = layer.keys[rows].roll(1, dims=-2)
-            layer.values[rows] = layer.values[rows].roll(1, dims=-2)
-    state.slot_mask[rows] = state.slot_mask[rows].roll(1, dims=-1)
+            if layer.is_initialized:  # (an MTP layer this generation does not run is not)
+                _rotate_rows(layer.keys, rows)
+                _rotate_rows(layer.values, rows)
+    _rotate_rows(state.slot_mask, rows)
     state.dead_last_rows = None
+
+
+def _rotate_rows(slots: Tensor, rows: Tensor) -> None:
+    """``slots[rows]`` rolled by one along the slot dim in place (``[B, S]``, or a cache layer's
+    ``[B, H, S, D]``): the last slot moves to the front."""
+    dim = 1 if slots.dim() == 2 else 2
+    count = slots.shape[dim]
+    moved = slots.index_select(0, rows)
+    slots.narrow(dim, 1, count - 1)[rows] = moved.narrow(dim, 0, count - 1)
+    slots.narrow(dim, 0, 1)[rows] = moved.narrow(dim, count - 1, 1)
 
 
 class _NewTokens:
@@ -325,7 +334,8 @@ def _check_ids(model, input_ids, max_new_tokens) -> None:
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per row")
     embedding = model.get_input_embeddings().weight.device
-    if input_ids.device != embedding:
+    # (an embedding offloaded by accelerate sits on meta until its hook moves it: nothing to compare)
+    if embedding.type != "meta" and input_ids.device != embedding:
         raise ValueError(f"input_ids must be on the device of the model's input embeddings ({embedding}), "
                          f"got {input_ids.device}")
     vocab = model.config.vocab_size

@@ -805,6 +805,8 @@ def test_high_entropy_mask_threshold_is_torch_quantile_bit_for_bit():
         expected = ((entropies * scored.float()) >= threshold) & scored
         assert torch.equal(_high_entropy_mask(entropies, scored, q), expected), seed
     assert not _high_entropy_mask(entropies, torch.zeros_like(scored), 0.5).any()
+    empty = torch.zeros(0, 13)
+    assert _high_entropy_mask(empty, empty.bool(), 0.5).shape == (0, 13)  # no token at all
 
 
 def test_trl_options_unscored_positions_cannot_make_nan():

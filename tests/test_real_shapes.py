@@ -55,6 +55,9 @@ def _model(name: str):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.5)
+    # no eos: generate and the static / speculative decoders all run the full length
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model.to(DEVICE).float()
 
 

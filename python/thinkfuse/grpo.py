@@ -389,6 +389,8 @@ def _high_entropy_mask(entropies: Tensor, scored: Tensor, threshold: float, grou
     values = torch.where(scored, entropies, math.inf).flatten()
     if group is not None:
         values, count = _gather_across_ranks(values, count, group)
+    if values.numel() == 0:  # no token anywhere
+        return torch.zeros_like(scored)
     values = values.sort().values
     ranks = torch.tensor(threshold, dtype=torch.float32, device=entropies.device) * (count - 1).clamp(min=0).float()
     below, above = ranks.long(), ranks.ceil().long()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from .._checks import FLOAT_DTYPES, as_rows, check_float, check_same_device, check_tensor
-from ..backend import resolve_backend
+from ..backend import get_backend, resolve_backend
 from ._registry import call, custom_op, implementation, register_autograd
 
 
@@ -34,8 +34,8 @@ def rms_norm(
     """
     _check_args(x, weight, eps, residual)
     name = resolve_backend(x.device, backend, cuda_op="rms_norm_fwd")
-    if name == "triton":
-        _check_triton_row_width(x.shape[-1])
+    if name == "triton" and not _triton_takes_rows_of(x.shape[-1], backend):
+        name = "torch"
     if name == "torch" or x.numel() == 0:  # nothing for a kernel to do
         return reference.rms_norm(x, weight, eps, residual)
 
@@ -65,14 +65,19 @@ def _check_args(x, weight, eps, residual) -> None:
 
 
 
-def _check_triton_row_width(cols: int) -> None:
-    """The Triton kernels hold a row in one tile: ValueError past their width limit (the cuda
-    kernels stream long rows; the torch form has no limit)."""
+def _triton_takes_rows_of(cols: int, requested: Optional[str]) -> bool:
+    """Whether the Triton kernels, which hold a row in one tile, take rows of ``cols`` elements;
+    past their limit a named triton backend (``requested``, or use_backend / set_backend) is a
+    ValueError and an automatic choice falls back to the torch form (the cuda kernels stream long
+    rows)."""
     from ..kernels.rms_norm import MAX_HIDDEN
 
-    if cols > MAX_HIDDEN:
+    if cols <= MAX_HIDDEN:
+        return True
+    if requested is not None or get_backend() is not None:
         raise ValueError(f"the triton rms_norm takes rows of at most {MAX_HIDDEN} elements (x's last dim), got "
                          f"{cols}; use backend='cuda' or 'torch'")
+    return False
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops. Inputs are 2-D [rows, N] with a unit column stride (see _checks.as_rows).

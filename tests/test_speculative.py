@@ -366,3 +366,16 @@ def test_bad_arguments():
         mtp_generate(model, ids + model.config.vocab_size, max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids must be token ids"):
         mtp_generate(model, ids - ids.max() - 1, max_new_tokens=2)
+
+
+def test_accelerate_offloaded_model():
+    """accelerate's cpu_offload keeps the weights on meta between calls (the embedding's too):
+    mtp_generate still runs, and still equals generate."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _model()
+    ids, mask = _padded_batch()
+    reference = _greedy(model, ids, mask, 6)
+    accelerate.cpu_offload(model, torch.device(DEVICE))
+    assert model.get_input_embeddings().weight.device.type == "meta"
+    sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(sequences, reference)

@@ -57,6 +57,12 @@ models of ``thinkfuse.tiny`` instead, see the end of this docstring):
   - ``hf-sdpa``: ``model.generate(greedy, max_new_tokens=DECODE_NEW)`` on the unpatched model.
   - ``thinkfuse-mtp``: ``thinkfuse.speculative.mtp_generate`` on the patched model (trunk
     verifies [pending, draft] in one 2-token forward, ``mtp_verify``, the MTP layer drafts).
+  - ``thinkfuse-mtp-graph`` / ``thinkfuse-graph``: the same, and plain greedy decoding, on the
+    static engine with replayed CUDA graphs (``cuda_graph=True``; see graph_costs).
+  - ``thinkfuse-mtp-graph-sampled``: ``thinkfuse-mtp-graph`` sampling at SAMPLED_DECODE
+    (temperature 0.6, top-p 0.95, as reasoning models are served). Tokens/s only: with random
+    weights its drafts are accepted at whatever rate two near-random distributions give, so no
+    step cost or implied speedup is derived from it.
   With random weights the MTP layer's drafts are (almost) never accepted, so this row pays for
   speculation without its benefit: it is a lower bound, not MiMo's real speed. Tokens/s =
   ``DECODE_NEW / ms * 1000``.
@@ -122,6 +128,10 @@ GRPO_MODEL = "grpo-model-step"
 HF_SDPA, THINKFUSE, THINKFUSE_MTP, TRL_MATERIALISED = "hf-sdpa", "thinkfuse", "thinkfuse-mtp", "trl-materialised"
 THINKFUSE_MTP_GRAPH = "thinkfuse-mtp-graph"  # mtp_generate(cuda_graph=True): static caches, replayed steps
 THINKFUSE_GRAPH = "thinkfuse-graph"  # static_decode.greedy_generate: the same engine, no speculation
+# mtp_generate(cuda_graph=True) sampling as reasoning models are served (SAMPLED_DECODE): what the
+# softmax, the top-p sort and the rejection sampling add to a replayed step
+THINKFUSE_MTP_GRAPH_SAMPLED = "thinkfuse-mtp-graph-sampled"
+SAMPLED_DECODE = {"temperature": 0.6, "top_p": 0.95}
 # HF's own fast decode: generate with a static cache, which transformers compiles on a GPU
 # (torch.compile, CUDA graphs). Compiling takes minutes: gpu_check runs it in a job of its own.
 HF_STATIC_COMPILE = "hf-static-compile"
@@ -545,7 +555,7 @@ def decode_cases(config: Config) -> list[Case]:
             out.append(_decode_case(spec, DECODE_STEP, impl, shape, build, config))
         # The graph row first: a second or less, where the others take several.
         for impl, make in ((THINKFUSE_MTP_GRAPH, _mtp_graph_generate), (THINKFUSE_GRAPH, _graph_generate),
-                           (HF_SDPA, _hf_generate),
+                           (THINKFUSE_MTP_GRAPH_SAMPLED, _mtp_graph_sampled_generate), (HF_SDPA, _hf_generate),
                            (THINKFUSE_MTP, _mtp_generate), (HF_STATIC_COMPILE, _hf_static_generate),
                            (THINKFUSE_STATIC_COMPILE, _hf_static_generate)):
             build = functools.partial(_build_generate, make, impl not in (HF_SDPA, HF_STATIC_COMPILE), spec,
@@ -617,6 +627,11 @@ def _graph_generate(model, input_ids, new: int):
 def _mtp_graph_generate(model, input_ids, new: int):
     return thinkfuse.speculative.mtp_generate(model, input_ids, max_new_tokens=new, eos_token_id=[],
                                               cuda_graph=True)[0]
+
+
+def _mtp_graph_sampled_generate(model, input_ids, new: int):
+    return thinkfuse.speculative.mtp_generate(model, input_ids, max_new_tokens=new, eos_token_id=[],
+                                              cuda_graph=True, **SAMPLED_DECODE)[0]
 
 
 def _build_generate(make, patched: bool, spec: ModelSpec, prompt: int, new: int, config: Config) -> Workload:

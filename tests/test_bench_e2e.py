@@ -48,6 +48,7 @@ def test_gpu_case_list():
     assert full[0].flops == e2e.train_flops(_config().presets["palmyra-mini"], layers, 32, 1024)
     assert {(c.variant, c.impl) for c in cases if c.mode == "fwd"} == {
         ("decode", "hf-sdpa"), ("decode", "thinkfuse-mtp"), ("decode", "thinkfuse-mtp-graph"),
+        ("decode", "thinkfuse-mtp-graph-sampled"),
         ("decode", "hf-static-compile"), ("decode", "thinkfuse-static-compile"), ("decode", "thinkfuse-graph"),
         ("decode-step", "hf-sdpa"), ("decode-step", "thinkfuse"), ("decode-step", "thinkfuse-mtp")}
     assert {c.model for c in cases if c.mode == "fwd"} == {"mimo-7b"}

@@ -9,7 +9,7 @@ cannot pick different argmaxes through rounding.
 import pytest
 import torch
 from conftest import DEVICE
-from speculative_helpers import record_acceptances
+from speculative_helpers import chi_square_p_value, filtered_probs, record_acceptances
 
 import thinkfuse
 from thinkfuse import speculative
@@ -280,23 +280,6 @@ def test_sampling_warpers_are_generates():
     assert warpers(0, 1.0, 0.0) is None  # settings that filter nothing
 
 
-def _filtered_probs(model, ids, temperature, **filters):
-    sampling = Sampling(temperature, None, warpers(**filters))
-    with torch.no_grad():
-        logits = model(ids).logits[:, -1]
-    return torch.softmax(sampling.scores(logits), -1)[0]
-
-
-def _chi_square_p_value(tokens, probs):
-    observed = torch.bincount(tokens, minlength=probs.numel()).double()
-    support = probs > 0
-    assert observed[~support].sum() == 0, "a token outside the filtered support was emitted"
-    expected = probs.double()[support] * tokens.numel()
-    stat = ((observed[support] - expected) ** 2 / expected).sum()
-    dof = torch.tensor(support.sum().item() - 1.0, dtype=torch.float64)
-    return torch.special.gammaincc(dof / 2, stat / 2).item()
-
-
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("filters", [dict(top_k=6), dict(top_p=0.7), dict(top_k=20, top_p=0.9, min_p=0.1)],
                          ids=["top_k", "top_p", "all"])
@@ -326,9 +309,9 @@ def test_filtered_sampling_follows_generates_distribution(filters, cuda_graph):
             common = before[counts.argmax()]
             rows_with = (new[:, :position] == common).all(-1)
             prefix = torch.cat([prompt, common[None]], 1)
-        probs = _filtered_probs(model, prefix, temperature, **filters)
+        probs = filtered_probs(model, prefix, temperature, **filters)
         assert rows_with.sum() >= 200
-        assert _chi_square_p_value(new[rows_with, position].cpu(), probs.cpu()) > 1e-4
+        assert chi_square_p_value(new[rows_with, position].cpu(), probs.cpu()) > 1e-4
 
 
 def test_zero_new_tokens():

@@ -9,7 +9,7 @@ float32 (the kernels' dtypes): seeds where no greedy step is a near-tie, as in t
 import pytest
 import torch
 from conftest import DEVICE, KERNEL_BACKENDS
-from speculative_helpers import record_acceptances
+from speculative_helpers import chi_square_p_value, filtered_probs, record_acceptances
 
 import thinkfuse
 from thinkfuse import static_decode
@@ -273,18 +273,21 @@ def test_captured_steps_replay_to_the_greedy_output(monkeypatch, patched, oracle
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("speculative", [True, False])
 @pytest.mark.parametrize("own_generator", [False, True])
-def test_captured_sampling_steps_draw_as_eager_steps(monkeypatch, own_generator):
-    """Sampled speculative decoding, replayed: the capture registers the generator, so each
-    replay draws new numbers, the same the eager steps draw from the same seed."""
+def test_captured_sampling_steps_draw_as_eager_steps(monkeypatch, own_generator, speculative):
+    """Sampled decoding (speculative, or plain static_generate), replayed: the capture registers
+    the generator, so each replay draws new numbers, the same the eager steps draw from the same
+    seed."""
     model = tiny_model("mimo", seed=0, dtype=torch.float32).cuda()
     ids = tiny_batch(3, 9, seed=1, device="cuda")
+    decode = mtp_generate if speculative else static_decode.static_generate
 
     def sample():
         torch.cuda.manual_seed(3)
         generator = torch.Generator(device="cuda").manual_seed(3) if own_generator else None
-        return mtp_generate(model, ids, max_new_tokens=16, temperature=0.8, top_p=0.9, generator=generator,
-                            eos_token_id=[], cuda_graph=True)
+        return decode(model, ids, max_new_tokens=16, temperature=0.8, top_p=0.9, generator=generator,
+                      eos_token_id=[], cuda_graph=True)
 
     replayed, stats = sample()
     assert stats["cuda_graph"] is True and stats["steps"] > static_decode.WARMUP_STEPS
@@ -481,3 +484,44 @@ def test_plain_greedy_qwen2_sliding_layers():
     mask[1, 3] = 0  # a hole: not left padding
     with pytest.raises(ValueError, match="left-padded"):
         static_decode.greedy_generate(model, ids, max_new_tokens=2, attention_mask=mask)
+
+
+@pytest.mark.parametrize("family", ["mistral", "ministral3"])  # (qwen2's tied lm_head would scale its embeddings)
+def test_static_generate_samples_generates_filtered_distribution(family):
+    """Sampled plain decoding on the static engine: many copies of one prompt, 2 new tokens, each
+    (given the one before) following the filtered softmax, none outside its support."""
+    model = tiny_model(family, seed=0, dtype=torch.float32).to(DEVICE)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(16)  # peaked distributions: the filters keep a few tokens
+    rows, temperature, filters = 6000, 0.7, dict(top_k=12, top_p=0.9)
+    prompt = tiny_batch(1, 6, seed=2, device=DEVICE)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    sequences, stats = static_decode.static_generate(model, prompt.expand(rows, -1).contiguous(), max_new_tokens=2,
+                                                     temperature=temperature, generator=generator, eos_token_id=[],
+                                                     **filters)
+    new = sequences[:, prompt.shape[1]:]
+    first = filtered_probs(model, prompt, temperature, **filters)
+    assert 1 < (first > 0).sum() < 12  # the filters cut, and leave a choice
+    assert chi_square_p_value(new[:, 0].cpu(), first.cpu()) > 1e-4
+    common = new[:, 0].mode().values
+    rows_with = new[:, 0] == common
+    assert rows_with.sum() >= 200
+    second = filtered_probs(model, torch.cat([prompt, common.view(1, 1)], 1), temperature, **filters)
+    assert chi_square_p_value(new[rows_with, 1].cpu(), second.cpu()) > 1e-4
+
+
+def test_static_generate_sampling_is_reproducible_and_checked():
+    model = tiny_model("mistral", seed=0, dtype=torch.float32).to(DEVICE)
+    ids = tiny_batch(3, 7, seed=1, device=DEVICE)
+
+    def sample(seed):
+        generator = torch.Generator(device=DEVICE).manual_seed(seed)
+        return static_decode.static_generate(model, ids, max_new_tokens=8, temperature=1.0, min_p=0.02,
+                                             generator=generator, eos_token_id=[])[0]
+
+    assert torch.equal(sample(0), sample(0)) and not torch.equal(sample(0), sample(1))
+    assert torch.equal(static_decode.static_generate(model, ids, max_new_tokens=8, eos_token_id=[])[0],
+                       static_decode.greedy_generate(model, ids, max_new_tokens=8, eos_token_id=[])[0])
+    for name, value in (("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5)):
+        with pytest.raises(ValueError, match=name):
+            static_decode.static_generate(model, ids, max_new_tokens=2, **{name: value})

@@ -1,5 +1,5 @@
-"""Decoding over static KV caches, one CUDA graph per step: MTP speculative decoding, greedy or
-sampled (``mtp_generate(..., cuda_graph=True)``), and plain greedy decoding (``greedy_generate``).
+"""Decoding over static KV caches, one CUDA graph per step, greedy or sampled: MTP speculative
+decoding (``mtp_generate(..., cuda_graph=True)``) and plain decoding (``static_generate``).
 
 Why: at batch 1 a MiMo-7B decode step through transformers is host-bound. On the 2026-11-23 H100
 it took ~48 ms of host time for ~8 ms of GPU work. Replaying a captured step removes the host
@@ -30,19 +30,20 @@ positions are its slots minus its padding (as generate numbers a left-padded pro
 attention skips the padding slots in place (``decode_attention``'s ``cache_leftpad``; the
 prefill runs varlen over the prompt's tokens).
 
-``greedy_generate`` runs the same engine without the MTP layer: one token per step, for every
-causal LM of the Qwen2 / Mistral / Ministral 3 layout (MiMo's trunk included). It is the plain
-decoding that speculation has to beat once host cost is gone.
+``static_generate`` (greedy or sampled; ``greedy_generate`` is its temperature 0) runs the same
+engine without the MTP layer: one token per step, for every causal LM of the Qwen2 / Mistral /
+Ministral 3 layout (MiMo's trunk included). It is the plain decoding that speculation has to
+beat once host cost is gone.
 
-Sampling (MTP only, ``temperature > 0``, with top-k / top-p / min-p): the first token and each
-draft are sampled from the filtered softmax (thinkfuse.sampling, as ``mtp_generate``'s dynamic
-loop), the draft's distribution kept in a ``[B, V]`` float32 buffer for ``mtp_verify``'s exact
-rejection sampling; the random draws come from the generator's state, which the capture
-registers, so each replay draws new numbers.
+Sampling (``temperature > 0``, with top-k / top-p / min-p): each plain token, and with MTP the
+first token and each draft, are sampled from the filtered softmax (thinkfuse.sampling, as
+``mtp_generate``'s dynamic loop); a draft's distribution is kept in a ``[B, V]`` float32
+buffer for ``mtp_verify``'s exact rejection sampling. The random draws come from the
+generator's state, which the capture registers, so each replay draws new numbers.
 
 Scope: prompts unpadded or left-padded. Greedy, in float32 both equal ``generate``'s greedy
-output token for token; in bf16/fp16 the fused rope and attention round
-as thinkfuse's patched modules do (within tolerance of transformers, not bit for bit). The
+output token for token; in bf16/fp16 the fused rope and attention round as thinkfuse's patched
+modules do (within tolerance of transformers, not bit for bit). The
 modules are called as they are, patched by thinkfuse or not. On CPU the same steps run eagerly
 (that is how CI tests them); graphs are captured only on CUDA.
 """
@@ -56,10 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from ._checks import check_float
 from .backend import cuda_has_op, get_backend, triton_interpreter_enabled, why_unavailable
 from .patching.forwards import attention_window, has_static_rope
 from .rope_params import llama4_scaling, rope_params
-from .sampling import Sampling, pick, verify
+from .sampling import Sampling, pick, verify, warpers
 
 #: Eager steps before the capture: they compile the Triton kernels and let cuBLAS choose its
 #: algorithms, so neither happens while capturing. They are real steps (their tokens count).
@@ -254,11 +256,11 @@ class StaticDecoder:
             self.draft_probs.copy_(probs)
 
     def plain_step(self, out, stats: dict) -> None:
-        """One greedy step (one token per row), in place on the state and ``out``: no host
-        synchronisation, so it can be captured."""
+        """One step (one token per row, argmax or sampled), in place on the state and ``out``: no
+        host synchronisation, so it can be captured."""
         generating = ~out.done_rows()
         _, logits = self.trunk(self.pending[:, None], self.length[:, None])
-        token = logits[:, 0].argmax(-1)
+        token, _ = pick(logits[:, 0], self.sampling)
         out.append(token[:, None], torch.ones_like(token))
         self.pending.copy_(token)
         self.length.add_(generating.long())  # done rows stay where they are
@@ -312,18 +314,24 @@ def static_mtp_decode(model, input_ids: Tensor, out, cuda_graph: bool, attention
                                             sampling=sampling))
 
 
-def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
-                    eos_token_id=None, cuda_graph: bool = True):
-    """Plain greedy decoding over static caches, each step replayed from a CUDA graph on a GPU
-    (that is the point of this function, hence ``cuda_graph=True`` by default; False, or a CPU
-    model, runs the same steps eagerly).
+def static_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
+                    eos_token_id=None, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, min_p: float | None = None,
+                    generator: torch.Generator | None = None, cuda_graph: bool = True):
+    """Plain decoding (no speculation) over static caches, each step replayed from a CUDA graph
+    on a GPU (that is the point of this function, hence ``cuda_graph=True`` by default; False, or
+    a CPU model, runs the same steps eagerly).
 
     model: a causal LM of the Qwen2 / Mistral / Ministral 3 / MiMo layout (patched or not);
     input_ids ``[B, P]``, left-padded where ``attention_mask`` (if given) has zeros: each row
     zeros, then ones.
+    ``temperature`` 0: greedy, ``generate``'s tokens. Above 0: each token sampled from
+    ``softmax(logits / temperature)`` filtered by ``top_k`` / ``top_p`` / ``min_p`` as
+    ``generate(do_sample=True, ...)`` filters (its classes, its order; as ``mtp_generate``,
+    nothing is taken from the generation config), drawn from ``generator``.
     ``eos_token_id`` as in ``mtp_generate``. Returns ``(sequences, stats)`` like
-    ``mtp_generate``: sequences ``[B, P + new]``, greedy ``generate``'s; stats
-    ``target_forwards``, ``steps``, ``new_tokens``, ``cuda_graph``.
+    ``mtp_generate``: sequences ``[B, P + new]``; stats ``target_forwards``, ``steps``,
+    ``new_tokens``, ``cuda_graph``.
     """
     from .speculative import _NewTokens, _check_ids, _check_mask, _eos_ids, _pad_id
 
@@ -333,6 +341,8 @@ def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
     _check_ids(model, input_ids, max_new_tokens)
     _check_mask(input_ids, attention_mask)
     check_static_decode_applies(model, attention_mask)
+    sampling = Sampling(check_float("temperature", temperature, non_negative=True), generator,
+                        warpers(top_k, top_p, min_p))
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)
     out = _NewTokens(input_ids.shape[0], max_new_tokens, eos_ids, _pad_id(model, eos_ids), input_ids.device)
     stats = {"target_forwards": 0, "steps": 0, "cuda_graph": False}
@@ -340,9 +350,16 @@ def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
         with torch.no_grad():
             stats = _on_model_device(input_ids.device,
                                      lambda: _decode(model, input_ids, out, cuda_graph, mtp=False,
-                                                     attention_mask=attention_mask))
+                                                     attention_mask=attention_mask, sampling=sampling))
     stats["new_tokens"] = int(out.count.sum())
     return torch.cat([input_ids, out.columns()], dim=1), stats
+
+
+def greedy_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
+                    eos_token_id=None, cuda_graph: bool = True):
+    """``static_generate`` at temperature 0: greedy ``generate``'s tokens, from replayed steps."""
+    return static_generate(model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                           eos_token_id=eos_token_id, cuda_graph=cuda_graph)
 
 
 def _on_model_device(device: torch.device, run):

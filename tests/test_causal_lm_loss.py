@@ -111,6 +111,7 @@ def test_labels_that_are_no_token_id_are_refused(bad_label, backend):
         (dict(labels="float"), TypeError, "labels must have dtype"),
         (dict(labels="short"), ValueError, "labels shape"),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (dict(labels="int32", ignore_index=2**40), ValueError, "ignore_index 1099511627776 does not fit labels"),
         (dict(hidden="1d"), ValueError, "hidden must have at least 2 dims"),
     ],
 )
@@ -118,7 +119,7 @@ def test_bad_inputs(kwargs, error, match):
     hidden, weight, _, labels = _inputs()
     args = dict(hidden=hidden, weight=weight, labels=labels, shift_labels=None, ignore_index=-100,
                 num_items_in_batch=None)
-    replacements = {"float": labels.float(), "short": labels[:, :-1], "both": labels, "1d": hidden[0, 0],
+    replacements = {"float": labels.float(), "int32": labels.int(), "short": labels[:, :-1], "both": labels, "1d": hidden[0, 0],
                     "list": [3], "pair": torch.tensor([3.0, 4.0])}
     args.update({k: replacements.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()})
     with pytest.raises(error, match=match):

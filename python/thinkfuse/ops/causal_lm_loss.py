@@ -108,6 +108,9 @@ def _shifted_targets(hidden, labels, shift_labels, ignore_index) -> Tensor:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     name, given = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
     check_tensor(name, given, dtypes=(torch.int32, torch.int64))
+    limits = torch.iinfo(given.dtype)
+    if not limits.min <= ignore_index <= limits.max:
+        raise ValueError(f"ignore_index {ignore_index} does not fit {name}'s dtype {given.dtype}")
     if given.shape != hidden.shape[:-1]:
         raise ValueError(f"{name} shape {tuple(given.shape)} must equal hidden's leading shape "
                          f"{tuple(hidden.shape[:-1])}")

@@ -258,14 +258,19 @@ def test_sliding_window(backend):
     mask = _padding_mask(2, 10, "left")
     _assert_matches_unpatched(model, backend, ids, mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
     thinkfuse.unpatch_model(model)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ref_tokens, ref_logits = _greedy(model, ids, mask, max_new_tokens=5)
     thinkfuse.patch_model(model, backend=backend)
-    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0),
-                       ref)
+    tokens, logits = _greedy(model, ids, mask, max_new_tokens=5)
+    assert torch.equal(tokens, ref_tokens)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
 
 
-def _greedy(model, ids, mask):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+def _greedy(model, ids, mask, max_new_tokens=20):
+    """Greedy tokens and every step's logits: tiny random models hardly depend on their attention,
+    so a wrong attention can leave the tokens unchanged; the logits show it."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits, 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -273,9 +278,11 @@ def test_greedy_generate_left_padded_matches_unpatched(family, backend):
     model = tiny_model(family).to(DEVICE)
     ids = tiny_batch(2, 7, device=DEVICE)
     mask = _padding_mask(2, 7, "left")
-    ref = _greedy(model, ids, mask)
+    ref_tokens, ref_logits = _greedy(model, ids, mask)
     thinkfuse.patch_model(model, backend=backend)
-    assert torch.equal(_greedy(model, ids, mask), ref)
+    tokens, logits = _greedy(model, ids, mask)
+    assert torch.equal(tokens, ref_tokens)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -315,12 +322,14 @@ def test_greedy_generate_without_padding_uses_decode_kernel(backend, monkeypatch
     model = tiny_model("qwen2").to(DEVICE)
     ids = tiny_batch(2, 7, device=DEVICE)
     ids = ids[:, :4]
-    ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref_tokens, ref_logits = _greedy(model, ids, None, max_new_tokens=8)
     calls = []
     original = thinkfuse.ops.decode_attention
     monkeypatch.setattr(thinkfuse.ops, "decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     thinkfuse.patch_model(model, backend=backend)
-    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
+    tokens, logits = _greedy(model, ids, None, max_new_tokens=8)
+    assert torch.equal(tokens, ref_tokens)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
     assert len(calls) == 7 * 2  # every decode step after the prefill, in both layers
 
 

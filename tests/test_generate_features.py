@@ -3,9 +3,9 @@ sdpa), float32: beam search, prompt lookup and assisted decoding (verification s
 than 16 tokens, a cropped cache), static and sliding-window caches, a continued conversation
 (past_key_values with padding holes), scores / logits, sampling with num_return_sequences.
 
-Tiny random models hardly depend on their attention (a wrong attention often leaves the greedy
-tokens unchanged), so the query/key projections are scaled up to sharpen the attention and
-every step's logits are compared, not only the tokens.
+Tiny random models hardly depend on their attention unless it is sharp (a wrong attention then
+often leaves the greedy tokens unchanged): thinkfuse.tiny sharpens it, these tests sharpen it
+further, and every step's logits are compared, not only the tokens.
 """
 
 import pytest

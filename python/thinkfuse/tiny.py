@@ -2,7 +2,8 @@
 
 Used by the demo and the tests: hidden 64, 2 layers, 4 heads / 2 kv heads, vocab 256. Norm
 weights are randomised (transformers initialises them to ones, which would hide a kernel that
-ignores the weight).
+ignores the weight), and the attention is sharpened (``sharpen_attention``), so that the
+outputs depend on it.
 """
 
 from __future__ import annotations
@@ -103,7 +104,18 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     torch.manual_seed(seed)
     model = BUILDERS[family]()
     randomize_norm_weights(model, torch.Generator().manual_seed(seed + 1))
+    sharpen_attention(model)
     return model.to(dtype).eval()
+
+
+def sharpen_attention(model: nn.Module) -> None:
+    """Query and key projections x3 (attention logits x9): with transformers' initialisation a
+    tiny model's attention is nearly uniform and its outputs hardly depend on it, so a wrong key,
+    mask or position would not show in its tokens."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")) and "vision" not in name:
+                param.mul_(3.0)
 
 
 def tiny_batch(batch: int = 2, seq: int = 11, *, seed: int = 0, device="cpu") -> torch.Tensor:

@@ -395,6 +395,18 @@ def test_plain_greedy_captured_steps_replay_to_the_greedy_output(monkeypatch, fa
     assert torch.equal(sequences, reference)
 
 
+def _make_step_uncapturable(monkeypatch, name: str) -> None:
+    """StaticDecoder.<name> with a host sync while a capture is on, which ends the capture."""
+    step = getattr(static_decode.StaticDecoder, name)
+
+    def syncing_step(self, out, stats):
+        if torch.cuda.is_current_stream_capturing():
+            self.length.sum().item()  # not capturable
+        step(self, out, stats)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, name, syncing_step)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_step_that_cannot_be_captured_runs_eagerly_on_the_callers_stream(monkeypatch):
@@ -403,14 +415,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_on_the_callers_stream(monke
     model = tiny_model("qwen2", seed=0, dtype=torch.float32).cuda()
     ids = tiny_batch(2, 9, seed=1, device="cuda")
     reference = _greedy(model, ids, 8)
-    step = static_decode.StaticDecoder.plain_step
-
-    def syncing_step(self, out, stats):
-        if torch.cuda.is_current_stream_capturing():
-            self.length.sum().item()  # not capturable
-        step(self, out, stats)
-
-    monkeypatch.setattr(static_decode.StaticDecoder, "plain_step", syncing_step)
+    _make_step_uncapturable(monkeypatch, "plain_step")
     before = torch.cuda.current_stream()
     with pytest.warns(RuntimeWarning, match="could not be captured"):
         sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=8, eos_token_id=[])
@@ -425,14 +430,7 @@ def test_a_sampled_step_that_cannot_be_captured_raises(monkeypatch):
     steps drawing from them."""
     model = tiny_model("mimo", seed=0, dtype=torch.float32).cuda()
     ids = tiny_batch(2, 9, seed=1, device="cuda")
-    step = static_decode.StaticDecoder.mtp_step
-
-    def syncing_step(self, out, stats):
-        if torch.cuda.is_current_stream_capturing():
-            self.length.sum().item()  # not capturable
-        step(self, out, stats)
-
-    monkeypatch.setattr(static_decode.StaticDecoder, "mtp_step", syncing_step)
+    _make_step_uncapturable(monkeypatch, "mtp_step")
     with pytest.raises(RuntimeError, match="sampled step could not be captured"):
         mtp_generate(model, ids, max_new_tokens=8, temperature=0.7, eos_token_id=[], cuda_graph=True)
 

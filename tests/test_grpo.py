@@ -1179,3 +1179,97 @@ def test_entropy_quantile_group_needs_torch_distributed():
     with pytest.raises(ValueError, match="entropy_quantile_group needs torch.distributed"):
         grpo_loss(logprobs, old, advantages, mask, entropies=torch.rand_like(logprobs), top_entropy_quantile=0.5,
                   entropy_quantile_group=object())
+
+
+# --- GRPOLoss copies: deepcopy and pickle with a process group ----------------------------------
+
+
+@pytest.fixture
+def single_process_group():
+    """A one-rank gloo ProcessGroup in this process (a HashStore: no port), torn down after, so
+    that other tests still see torch.distributed uninitialised."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.new_group([0])
+    finally:
+        dist.destroy_process_group()
+
+
+def _entropy_masked_loss(module, monkeypatch):
+    """module's loss on fixed inputs, with the entropy mask's process group recorded."""
+    import thinkfuse.grpo as grpo
+
+    groups_used, mask_of = [], grpo._high_entropy_mask
+
+    def recording_mask(entropies, scored, threshold, group=None):
+        groups_used.append(group)
+        return mask_of(entropies, scored, threshold, group)
+
+    monkeypatch.setattr(grpo, "_high_entropy_mask", recording_mask)
+    hidden, weight, bias, ids = _module_inputs(seed=21)
+    _, old, _, advantages, mask = _batch(21)
+    loss, _ = module(hidden, weight, ids, mask, advantages, old - 2.5, bias=bias)
+    monkeypatch.undo()
+    return loss, groups_used
+
+
+def test_deepcopy_of_grpo_loss_shares_its_process_group(single_process_group, monkeypatch):
+    """A deepcopy stays in this process: the same communicator, not a copy of it."""
+    import copy
+
+    module = GRPOLoss(top_entropy_quantile=0.5, entropy_quantile_group=single_process_group, backend="torch")
+    copied = copy.deepcopy(module)
+    assert copied.entropy_quantile_group is single_process_group
+    loss, groups_used = _entropy_masked_loss(copied, monkeypatch)
+    assert groups_used == [single_process_group]
+    torch.testing.assert_close(loss, _entropy_masked_loss(module, monkeypatch)[0], rtol=0, atol=0)
+    copied.entropy_quantile_group = None  # the copy's own setting, not the original's
+    assert module.entropy_quantile_group is single_process_group
+
+
+def test_pickled_grpo_loss_leaves_its_process_group_out(single_process_group, monkeypatch):
+    """A pickle may be loaded in another process: the group is left out, and a forward that needs
+    it raises (rather than taking the quantile over this rank's tokens only) until it is set."""
+    import pickle
+
+    module = GRPOLoss(top_entropy_quantile=0.5, entropy_quantile_group=single_process_group, backend="torch")
+    restored = pickle.loads(pickle.dumps(module))
+    assert restored.top_entropy_quantile == 0.5 and restored.backend == "torch"
+    with pytest.raises(RuntimeError, match="unpickled without its entropy_quantile_group"):
+        _entropy_masked_loss(restored, monkeypatch)
+    with pytest.raises(RuntimeError, match="unpickled without its entropy_quantile_group"):
+        restored.entropy_quantile_group
+    restored.entropy_quantile_group = single_process_group
+    loss, groups_used = _entropy_masked_loss(restored, monkeypatch)
+    assert groups_used == [single_process_group]
+    torch.testing.assert_close(loss, _entropy_masked_loss(module, monkeypatch)[0], rtol=0, atol=0)
+    # Pickled twice: the first pickle's leaving-out is not forgotten (the group is not None).
+    with pytest.raises(RuntimeError, match="unpickled without"):
+        pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(module)))).entropy_quantile_group
+
+
+def test_pickled_grpo_loss_without_an_entropy_mask_runs_without_its_group(single_process_group):
+    """With top_entropy_quantile 1 the group is never used, so the unpickled module runs as is."""
+    import pickle
+
+    module = GRPOLoss(entropy_quantile_group=single_process_group, backend="torch")
+    restored = pickle.loads(pickle.dumps(module))
+    hidden, weight, bias, ids = _module_inputs(seed=22)
+    _, old, _, advantages, mask = _batch(22)
+    with torch.no_grad():
+        expected, _ = module(hidden, weight, ids, mask, advantages, old - 2.5, bias=bias)
+        loss, _ = restored(hidden, weight, ids, mask, advantages, old - 2.5, bias=bias)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+def test_grpo_loss_without_a_group_copies_and_pickles_as_before():
+    import copy
+    import pickle
+
+    module = GRPOLoss(top_entropy_quantile=0.5, backend="torch")
+    for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert copied.entropy_quantile_group is None and copied._group_for_forward() is None

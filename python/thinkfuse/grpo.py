@@ -599,12 +599,27 @@ class GRPOLoss(nn.Module):
         self.delta, self.use_bias_correction_kl = delta, use_bias_correction_kl
         self.importance_sampling_level = importance_sampling_level
         self.top_entropy_quantile, self.entropy_coef = top_entropy_quantile, entropy_coef
-        self.entropy_quantile_group = entropy_quantile_group
+        self.entropy_quantile_group = entropy_quantile_group  # a property: see _ProcessGroupSlot
         self.off_policy_mask_threshold = off_policy_mask_threshold
         self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
         self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
         self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
         self.chunk_size, self.backend, self.one_pass = chunk_size, backend, one_pass
+
+    @property
+    def entropy_quantile_group(self):
+        """The torch.distributed ProcessGroup the entropy quantile is taken over (None: this
+        call's tokens). A module unpickled in another process has none until it is set again."""
+        return self._entropy_quantile_group.group(needed=True)
+
+    @entropy_quantile_group.setter
+    def entropy_quantile_group(self, group) -> None:
+        self._entropy_quantile_group = _ProcessGroupSlot(group)
+
+    def _group_for_forward(self):
+        """The group for grpo_loss; an unpickled module without one still runs where the entropy
+        quantile is not taken (top_entropy_quantile 1), the only case the group is unused."""
+        return self._entropy_quantile_group.group(needed=self.top_entropy_quantile < 1.0)
 
     def _needs_entropy(self) -> bool:
         return self.top_entropy_quantile != 1.0 or self.entropy_coef != 0.0
@@ -646,7 +661,7 @@ class GRPOLoss(nn.Module):
                            delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl,
                            importance_sampling_level=self.importance_sampling_level,
                            top_entropy_quantile=self.top_entropy_quantile,
-                           entropy_quantile_group=self.entropy_quantile_group, entropy_coef=self.entropy_coef,
+                           entropy_quantile_group=self._group_for_forward(), entropy_coef=self.entropy_coef,
                            importance_sampling_ratio=importance_sampling_ratio,
                            off_policy_mask_threshold=self.off_policy_mask_threshold,
                            sampling_logprobs=sampling_logprobs, sapo_temperature_pos=self.sapo_temperature_pos,
@@ -667,6 +682,35 @@ class GRPOLoss(nn.Module):
         loss, metrics = grpo_loss(logprobs, old_logprobs, advantages, mask, entropies=entropies, **loss_kwargs)
         metrics["logprobs"] = logprobs.detach()
         return loss, metrics
+
+
+class _ProcessGroupSlot:
+    """Where a GRPOLoss keeps its entropy_quantile_group. A ProcessGroup is process-local (a
+    communicator between this process and its peers) and cannot be pickled, yet trainers
+    deepcopy modules (reference models) and pickle them (checkpoints, spawned workers). A
+    deepcopy stays in this process, so it shares the group object; a pickle may be loaded
+    anywhere, so the group is left out and the unpickled module says so when a forward needs it
+    (rather than silently taking the quantile over its own rank's tokens only)."""
+
+    def __init__(self, group, dropped_by_pickle: bool = False):
+        self._group, self._dropped_by_pickle = group, dropped_by_pickle
+
+    def group(self, *, needed: bool):
+        if self._dropped_by_pickle:
+            if needed:
+                raise RuntimeError(
+                    "this GRPOLoss was unpickled without its entropy_quantile_group: a torch.distributed "
+                    "ProcessGroup belongs to the process that made it and is not pickled; set "
+                    "loss.entropy_quantile_group = <this process's group> before a forward with "
+                    "top_entropy_quantile < 1")
+            return None
+        return self._group
+
+    def __deepcopy__(self, memo):
+        return _ProcessGroupSlot(self._group, self._dropped_by_pickle)
+
+    def __reduce__(self):
+        return _ProcessGroupSlot, (None, self._dropped_by_pickle or self._group is not None)
 
 
 def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, temperature, loss_kwargs,

@@ -13,7 +13,7 @@ from speculative_helpers import chi_square_p_value, filtered_probs, record_accep
 
 import thinkfuse
 from thinkfuse import speculative
-from thinkfuse.sampling import Sampling, warpers
+from thinkfuse.sampling import Sampling, pick, warpers
 from thinkfuse.speculative import mtp_generate
 from thinkfuse.tiny import VOCAB, tiny_batch, tiny_model
 
@@ -287,6 +287,30 @@ def test_sampling_warpers_are_generates():
     assert warpers(0, 1.0, 0.0) is None  # settings that filter nothing
 
 
+def test_a_temperature_that_overflows_the_scores_samples_their_limit():
+    """logits / 1e-40 overflows float32 (and 1e-300 is 0 there): the sampled distribution is then
+    its limit (all mass on the largest logit, shared by ties), not softmax's NaNs, from which the
+    race drew token 0."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 0] = logits.min() - 1  # token 0 is never the largest
+    logits[3, 7] = logits[3, 9] = logits[3].max() + 1  # a tie
+    limit = torch.zeros(4, 50)
+    limit[torch.arange(3), logits[:3].argmax(-1)] = 1.0
+    limit[3, 7] = limit[3, 9] = 0.5
+    for temperature, filters in ((1e-40, None), (1e-40, warpers(top_k=5)), (1e-300, None)):  # 1e-300: 0 in float32
+        tokens, probs = pick(logits, Sampling(temperature, torch.Generator().manual_seed(0), filters))
+        assert torch.equal(probs, limit)
+        assert torch.equal(tokens[:3], logits[:3].argmax(-1)) and int(tokens[3]) in (7, 9)
+
+
+def test_a_tiny_temperature_decodes_greedily():
+    """The limit of ever smaller temperatures is greedy decoding (these logits have no ties)."""
+    model = _model()
+    ids, mask = _padded_batch()
+    sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=6, temperature=1e-40)
+    assert torch.equal(sequences, _greedy(model, ids, mask, 6))
+
+
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("filters", [dict(top_k=6), dict(top_p=0.7), dict(top_k=20, top_p=0.9, min_p=0.1)],
                          ids=["top_k", "top_p", "all"])
@@ -356,6 +380,11 @@ def test_bad_arguments():
         mtp_generate(model, ids + model.config.vocab_size, max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids must be token ids"):
         mtp_generate(model, ids - ids.max() - 1, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must hold at least one row"):
+        mtp_generate(model, ids[:0], max_new_tokens=2)  # was a RuntimeError from deep inside
+    for eos in (3.5, "7", [1, None], torch.tensor([1.0])):  # were errors that did not name it
+        with pytest.raises(TypeError, match="eos_token_id"):
+            mtp_generate(model, ids, max_new_tokens=2, eos_token_id=eos)
 
 
 def test_accelerate_offloaded_model():

@@ -371,6 +371,10 @@ def test_plain_greedy_bad_arguments():
         static_decode.greedy_generate(model, ids, max_new_tokens=2, cuda_graph="yes")
     with pytest.raises(ValueError, match="attention_mask must be on input_ids' device"):
         static_decode.greedy_generate(model, ids, attention_mask=torch.ones_like(ids, device="meta"), max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must hold at least one row"):
+        static_decode.greedy_generate(model, ids[:0], max_new_tokens=2)
+    with pytest.raises(TypeError, match="eos_token_id"):
+        static_decode.greedy_generate(model, ids, max_new_tokens=2, eos_token_id=[2, 3.0])
     sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=0)
     assert torch.equal(sequences, ids) and stats["target_forwards"] == 0 and stats["new_tokens"] == 0
 
@@ -523,3 +527,12 @@ def test_static_generate_sampling_is_reproducible_and_checked():
     for name, value in (("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5)):
         with pytest.raises(ValueError, match=name):
             static_decode.static_generate(model, ids, max_new_tokens=2, **{name: value})
+
+
+def test_static_generate_at_a_tiny_temperature_decodes_greedily():
+    """logits / 1e-40 overflows float32; the sampled distribution's limit is the argmax (was
+    token 0 at every step, drawn from softmax's NaNs)."""
+    model = tiny_model("mistral", seed=0, dtype=torch.float32).to(DEVICE)
+    ids = tiny_batch(3, 7, seed=1, device=DEVICE)
+    sequences, _ = static_decode.static_generate(model, ids, max_new_tokens=6, temperature=1e-40, eos_token_id=[])
+    assert torch.equal(sequences, _greedy(model, ids, 6, eos_token_id=None))

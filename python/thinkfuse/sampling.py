@@ -39,7 +39,14 @@ class Sampling:
     def scores(self, logits: Tensor) -> Tensor:
         """``logits`` ``[..., V]`` as the sampled distribution's logits: divided by the
         temperature and filtered (float32; filtered entries -inf)."""
-        scores = logits.float() / self.temperature
+        logits = logits.float()
+        scores = logits / self.temperature  # generate's division, so the warpers see its scores
+        # A temperature so small that a row's largest score overflows float32 (or is NaN: a
+        # temperature below float32's range divides by 0) would make softmax NaN. That row's
+        # distribution is then, to float32, its limit: uniform over its largest logits.
+        top = logits.amax(dim=-1, keepdim=True)
+        limit = torch.where(logits == top, 0.0, float("-inf"))
+        scores = torch.where(scores.amax(dim=-1, keepdim=True).isfinite(), scores, limit)
         if self.warpers is None:
             return scores
         return self.warpers(None, scores.reshape(-1, scores.shape[-1])).view(scores.shape)

@@ -28,6 +28,7 @@ caches.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -285,15 +286,19 @@ def _finish_stats(stats: dict, out: _NewTokens) -> dict:
 
 
 def _eos_ids(model, eos_token_id, device) -> Tensor:
+    """The ids that end a row, 1-D: ``eos_token_id`` (an int, a list of ints, or an integer
+    tensor, 0-d or 1-d, as generate takes), or the generation config's when None."""
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos_token_id is None:
         eos_token_id = []
-    elif isinstance(eos_token_id, Tensor):  # generate accepts a 0-d or 1-d tensor too
-        eos_token_id = eos_token_id.reshape(-1).tolist()
-    elif isinstance(eos_token_id, int):
-        eos_token_id = [eos_token_id]
-    return torch.as_tensor(list(eos_token_id), dtype=torch.long, device=device)
+    ids = eos_token_id.reshape(-1).tolist() if isinstance(eos_token_id, Tensor) else eos_token_id
+    if not isinstance(ids, (list, tuple)):
+        ids = [ids]
+    # checked here: torch.as_tensor would take floats, and fail on the rest without naming it
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"eos_token_id must be an int, a list of ints or an integer tensor, got {eos_token_id!r}")
+    return torch.as_tensor([int(i) for i in ids], dtype=torch.long, device=device)
 
 
 def _pad_id(model, eos_ids: Tensor) -> int:
@@ -328,11 +333,12 @@ def _check_mask(input_ids: Tensor, attention_mask) -> None:
 
 
 def _check_ids(model, input_ids, max_new_tokens) -> None:
-    """input_ids ``[B, P]`` token ids of the model's vocabulary, P >= 1; max_new_tokens >= 0."""
+    """input_ids ``[B, P]`` token ids of the model's vocabulary, B, P >= 1; max_new_tokens >= 0."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError("input_ids must be a 2-D integer tensor [B, P]")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids must hold at least one token per row")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one row and one token per row, got shape "
+                         f"{tuple(input_ids.shape)}")
     embedding = model.get_input_embeddings().weight.device
     # (an embedding offloaded by accelerate sits on meta until its hook moves it: nothing to compare)
     if embedding.type != "meta" and input_ids.device != embedding:

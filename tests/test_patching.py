@@ -496,3 +496,81 @@ def test_report_reads_the_hopper_choice_off_the_patched_attention_module(family,
     assert _hopper_attention(module, cuda, "triton") is None
     assert _hopper_attention(module, torch.device("cpu"), None) is None
     assert len(asked) == 2
+
+
+def test_report_of_a_later_call_counts_the_patches_it_leaves_in_place():
+    """A later call that turns a kind off does not unpatch it (that takes unpatch_model): its
+    report still counts those modules, and its total is what unpatch_model undoes."""
+    model = tiny_model("qwen2")
+    first = thinkfuse.patch_model(model, backend="torch")
+    later = thinkfuse.patch_model(model, rms_norm=False, loss=False)
+    assert later.patched == first.patched
+    assert " off" not in str(later)
+    assert thinkfuse.unpatch_model(model) == later.total
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral3"])
+def test_attention_implementation_chosen_while_patched_survives_unpatching(family):
+    """set_attn_implementation while patched replaces the "thinkfuse" switch: unpatch_model
+    leaves the user's choice (as it leaves a forward someone replaced after patching)."""
+    model = tiny_model(family)
+    thinkfuse.patch_model(model, backend="torch")
+    model.set_attn_implementation("eager")
+    thinkfuse.unpatch_model(model)
+    text_config = model.config.get_text_config()
+    assert text_config._attn_implementation == "eager"
+    decoder = model.get_decoder()
+    assert {m.config._attn_implementation for m in decoder.modules() if "config" in m.__dict__} == {"eager"}
+
+
+def test_replacement_forwards_take_the_original_parameters():
+    """Same parameter names, kinds and defaults as the forward they replace (the `kernels`
+    contract), so that a positional caller binds each argument where the original would."""
+    from thinkfuse.patching.rules import resolve_class
+
+    def parameters(function):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()
+                if p.name != "backend"]
+
+    for family in FAMILIES:
+        for rule in family.rules:
+            if rule.forward is not None:
+                original = resolve_class(rule.module_class).forward
+                assert parameters(rule.forward) == parameters(original), (family.name, rule.module_class)
+
+
+def test_ministral3_attention_called_with_positional_position_ids():
+    model = tiny_model("ministral3")
+    attention = model.model.layers[0].self_attn
+    hidden = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(40, 49).expand(2, -1)  # past the original context: the temperature is on
+    cos_sin = model.model.rotary_emb(hidden, positions)
+    ref = attention(hidden, cos_sin, None, positions)[0]
+    thinkfuse.patch_model(model, backend="torch")
+    assert_close_fp32(attention(hidden, cos_sin, None, positions)[0], ref, tol=1e-5)
+
+
+def test_repatch_with_other_backend_changes_nothing():
+    """The backend clash is found before any module is patched: a base model patched first,
+    then its *ForCausalLM with another backend, leaves the *ForCausalLM unpatched."""
+    model = tiny_model("qwen2")
+    thinkfuse.patch_model(model.model, backend="torch")
+    with pytest.raises(ValueError, match="unpatch_model"):
+        thinkfuse.patch_model(model, backend="triton")
+    assert "_thinkfuse_patch" not in model.__dict__ and "forward" not in model.__dict__
+
+
+def test_base_model_patched_first_then_the_whole_model_owns_one_config():
+    """patch_model(model.model), then patch_model(model): the *ForCausalLM's config joins the
+    base model's copy, so edits to model.config while patched (resize_token_embeddings) reach
+    every module, and unpatch_model carries them to the original."""
+    model = tiny_model("qwen2")
+    original = model.config
+    thinkfuse.patch_model(model.model, backend="torch")
+    thinkfuse.patch_model(model, backend="torch")
+    assert model.config is model.model.config is not original
+    model.resize_token_embeddings(300)
+    thinkfuse.unpatch_model(model)
+    assert model.config is model.model.config is original and original.vocab_size == 300
+    ids = tiny_batch()
+    assert torch.isfinite(model(ids, labels=ids).loss)

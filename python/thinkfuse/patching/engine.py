@@ -230,21 +230,26 @@ def _own_configs(model: nn.Module) -> None:
     attention rule's switch (a config attribute) stays on this instance even when other models
     were built from the same config object. Sub-config links (a VLM's text_config) point to the
     copies too. Each module remembers the object it held and its copy (``_SHARED_CONFIG_ATTR``)
-    for unpatch_model. A model that owns its copies already is left as it is."""
+    for unpatch_model. Copies an earlier call made (on the base model alone, say) are reused:
+    a module holding their original gets the same copy, so the model keeps one config."""
     from transformers import PretrainedConfig
 
     holders = [m for m in model.modules() if isinstance(m.__dict__.get("config"), PretrainedConfig)]
-    if any(_SHARED_CONFIG_ATTR in m.__dict__ for m in holders):
-        return
-    copies: dict[int, object] = {}
-    for module in holders:
+    copies = {id(original): duplicate for original, duplicate in
+              (m.__dict__[_SHARED_CONFIG_ATTR] for m in holders if _SHARED_CONFIG_ATTR in m.__dict__)}
+    owned = {id(duplicate) for duplicate in copies.values()}
+    unowned = [m for m in holders
+               if _SHARED_CONFIG_ATTR not in m.__dict__ and id(m.__dict__["config"]) not in owned]
+    fresh = {}
+    for module in unowned:
         config = module.__dict__["config"]
-        copies.setdefault(id(config), copy.copy(config))
-    for duplicate in copies.values():  # sub-configs of a copy: the copies of those sub-configs
+        if id(config) not in copies:
+            fresh[id(config)] = copies[id(config)] = copy.copy(config)
+    for duplicate in fresh.values():  # sub-configs of a copy: the copies of those sub-configs
         for name, value in vars(duplicate).items():
             if id(value) in copies and isinstance(value, PretrainedConfig):
                 setattr(duplicate, name, copies[id(value)])
-    for module in holders:
+    for module in unowned:
         config = module.__dict__["config"]
         module.__dict__[_SHARED_CONFIG_ATTR] = (config, copies[id(config)])
         module.__dict__["config"] = copies[id(config)]
@@ -299,7 +304,15 @@ def _restore(module: nn.Module, state: PatchState) -> None:
     if state.original_forward is not _UNSET:
         _restore_forward(module, state)
     if state.original_attn_implementation is not _UNSET:
-        module.config._attn_implementation_internal = state.original_attn_implementation
+        _undo_attention_switch(module.config, state.original_attn_implementation)
+
+
+def _undo_attention_switch(config, original) -> None:
+    """Put the implementation from before patching back, unless one was chosen while patched
+    (set_attn_implementation): that replaced the switch, and stays (as a forward someone
+    replaced after patching does)."""
+    if getattr(config, "_attn_implementation_internal", None) == ATTN_IMPLEMENTATION:
+        config._attn_implementation_internal = original
 
 
 def _check_dtype(model: nn.Module) -> None:
@@ -311,13 +324,23 @@ def _check_dtype(model: nn.Module) -> None:
                          "has float64 ones (cast it, e.g. model.float(), before patching)")
 
 
-def _patched_backend(model: nn.Module) -> str | None:
-    """The backend an earlier patch_model named for ``model`` (None: none named, or unpatched)."""
-    for module in model.modules():
-        state = module.__dict__.get(_STATE_ATTR)
-        if state is not None:
-            return state.backend
-    return None
+def _backend_to_patch_with(model: nn.Module, backend: str | None) -> str | None:
+    """``backend``, or without one the backend an earlier patch_model named for ``model`` (None:
+    none named, or unpatched). Naming another one than the earlier call raises here, before
+    any module is touched (found module by module, it would leave the model half patched)."""
+    earlier = {state.backend for module in model.modules()
+               if (state := module.__dict__.get(_STATE_ATTR)) is not None}
+    if not earlier:
+        return backend
+    if backend is None and len(earlier) == 1:
+        return earlier.pop()
+    if earlier != {backend}:
+        named = ", ".join(repr(name) for name in sorted(earlier, key=str))
+        raise ValueError(
+            f"{type(model).__name__} is already patched with backend {named}; "
+            f"call thinkfuse.unpatch_model(model) before patching with {backend!r}"
+        )
+    return backend
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -368,8 +391,7 @@ def patch_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     family = find_family(model)
-    if backend is None:  # patching again without naming one keeps the backend of the first call
-        backend = _patched_backend(model)
+    backend = _backend_to_patch_with(model, backend)  # none named: an earlier call's
     if backend is not None:
         require_backend(backend)
     _check_dtype(model)
@@ -383,19 +405,19 @@ def patch_model(
         register_attention()  # idempotent; the attention rule selects it by name
         _own_configs(model)
 
-    counts: dict[str, int] = {}
     originals: dict[int, object] = {}
-    first_attention = None  # the PatchReport's attention backend is read off this module
     root = family.root(model)
     for module in root.modules():
         for rule, cls in rules:
             if cls is None or type(module) is not cls or (rule.when and not rule.when(module)):
                 continue
             _apply(module, rule, backend, originals, root)
-            counts[rule.kind] = counts.get(rule.kind, 0) + 1
-            if rule.kind == "attention" and first_attention is None:
-                first_attention = module
 
+    # What the model runs now, earlier calls' patches included (a kind turned off in a later
+    # call stays patched until unpatch_model).
+    counts = _patched_kinds(root)
+    # the PatchReport's attention backend is read off this module
+    first_attention = next((m for m in root.modules() if "attention" in _kinds_of(m)), None)
     device = _model_device(model)
     return PatchReport(
         model=type(model).__name__,
@@ -408,6 +430,20 @@ def patch_model(
         disabled=tuple(k for k in KINDS if not flags[k]),
         attention_backend=_hopper_attention(first_attention, device, backend) if first_attention else None,
     )
+
+
+def _kinds_of(module: nn.Module) -> tuple[str, ...]:
+    state = module.__dict__.get(_STATE_ATTR)
+    return state.kinds if state is not None else ()
+
+
+def _patched_kinds(root: nn.Module) -> dict[str, int]:
+    """How many modules under ``root`` carry each kind of patch."""
+    counts: dict[str, int] = {}
+    for module in root.modules():
+        for kind in _kinds_of(module):
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _hopper_attention(attention: nn.Module, device: torch.device, backend: str | None) -> str | None:

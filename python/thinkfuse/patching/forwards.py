@@ -127,8 +127,9 @@ def _rotate(module, query, key, position_embeddings, position_ids, backend):
 def rope_attention_forward(
     self, hidden_states, position_embeddings, attention_mask, past_key_values=None, *, backend=None, **kwargs
 ):
-    """Forward of Qwen2Attention / MistralAttention / Ministral3Attention with the rotary
-    embedding (and Ministral 3's query temperature) fused into one kernel; everything else,
+    """Forward of Qwen2Attention / MistralAttention (and, through
+    rope_attention_with_positions_forward, Ministral3Attention) with the rotary embedding (and
+    Ministral 3's query temperature) fused into one kernel; everything else,
     the KV cache and the configured attention implementation included, as in transformers."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
@@ -156,6 +157,16 @@ def rope_attention_forward(
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+def rope_attention_with_positions_forward(
+    self, hidden_states, position_embeddings, attention_mask, position_ids, past_key_values=None, *, backend=None,
+    **kwargs
+):
+    """Forward of Ministral3Attention, whose position_ids (read by its query temperature) are a
+    parameter of its own, before past_key_values: a positional caller binds them there."""
+    return rope_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values,
+                                  backend=backend, position_ids=position_ids, **kwargs)
 
 
 # --- causal LM: the loss from the hidden states ---------------------------------------------------

@@ -6,7 +6,7 @@ left alone: the rules apply only below ``model.language_model``, which is a Mini
 
 from . import mistral
 from .forwards import (has_silu_activation, has_static_rope, link_rotary_embedding, loss_rule, positions_rule,
-                       rms_norm_forward, rope_attention_forward, swiglu_mlp_forward)
+                       rms_norm_forward, rope_attention_with_positions_forward, swiglu_mlp_forward)
 from .rules import ModelFamily, PatchRule, attention_rule
 
 _M = "transformers.models.ministral3.modeling_ministral3."
@@ -16,7 +16,7 @@ _VLM = "transformers.models.mistral3.modeling_mistral3."
 RULES = (
     PatchRule("rms_norm", _M + "Ministral3RMSNorm", rms_norm_forward),
     PatchRule("swiglu", _M + "Ministral3MLP", swiglu_mlp_forward, when=has_silu_activation),
-    PatchRule("rope", _M + "Ministral3Attention", rope_attention_forward, when=has_static_rope,
+    PatchRule("rope", _M + "Ministral3Attention", rope_attention_with_positions_forward, when=has_static_rope,
               setup=link_rotary_embedding),
     attention_rule(_M + "Ministral3Attention"),
     positions_rule(_M + "Ministral3Model"),

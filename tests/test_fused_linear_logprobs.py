@@ -197,6 +197,17 @@ def test_ignored_ids_and_leading_dims(backend):
     _assert_all_close(ours, ref)
 
 
+def test_a_logit_overflowing_float16_gives_nan_like_the_reference(backend):
+    """A float16 lm_head whose logit overflows to +inf (a diverging model) must show it: a NaN
+    log-prob for that token, as log_softmax of the materialised logits gives, not -inf."""
+    hidden, weight, _, ids = _inputs((4,), 16, 70, dtype=torch.float16, bias=False)
+    hidden[2], weight[30] = 200.0, 200.0  # 16 * 200 * 200 > 65504: logit (2, 30) is +inf
+    ids[2] = 3
+    for fn in (_ours(backend), _reference()):
+        logprobs = fn(hidden, weight, None, ids)
+        assert torch.isnan(logprobs[2]) and torch.isfinite(logprobs[[0, 3]]).all()
+
+
 def test_all_ignored_gives_zero_gradients(backend):
     hidden, weight, bias, _ = _inputs((5,), 16, 64)
     ids = torch.full((5,), IGNORED, device=DEVICE)
@@ -239,6 +250,20 @@ def test_strided_hidden_and_weight(backend):
                (hidden, weight, bias), ids)
     assert torch.equal(hidden, before[0]) and torch.equal(weight_t, before[1]), "the op wrote into its inputs"
     _assert_all_close(ours, ref)
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_second_derivative_raises(backend, return_entropy):
+    """No double backward (create_graph=True): it must refuse rather than differentiate the
+    backward's in-place steps."""
+    hidden, weight, bias, ids = _inputs((5,), 8, 40)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    outs = fused_linear_token_logprobs(leaves[0], leaves[1], ids, bias=leaves[2], return_entropy=return_entropy,
+                                       backend=backend)
+    loss = sum(o.sum() for o in outs) if return_entropy else outs.sum()
+    grads = torch.autograd.grad(loss, leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative|no autograd formula"):
+        torch.autograd.grad(sum(g.pow(2).sum() for g in grads), leaves)
 
 
 def test_empty(backend):
@@ -646,6 +671,17 @@ def test_one_pass_with_grads_checks_arguments():
         fused_linear_logprobs_with_grads(hidden, weight[:, :7], ids, lambda lp, s, e: lp)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_logprobs_with_grads(hidden, weight, ids, lambda lp, s, e: lp, chunk_size=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), ()])
+def test_one_pass_with_grads_wants_token_rows(backend, shape):
+    """hidden must be [N, H] (it chunks dim 0 as tokens): other ranks, which the fused op takes,
+    are refused up front, not met by a shape error from inside a chunk's reduction."""
+    from thinkfuse.ops.logprobs import fused_linear_logprobs_with_grads
+
+    hidden, weight, _, ids = _inputs(shape, 8, 20, bias=False)
+    with pytest.raises(ValueError, match="hidden must be 2-D"):
+        fused_linear_logprobs_with_grads(hidden, weight, ids, lambda lp, s, e: torch.ones_like(lp), backend=backend)
 
 
 def _watch_chunk_grads(monkeypatch):

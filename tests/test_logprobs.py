@@ -165,6 +165,22 @@ def test_a_nan_logit_gives_a_nan_logprob(backend):
         assert torch.isfinite(logprobs[2]) and torch.isfinite(entropy[2])
 
 
+@pytest.mark.parametrize("target_is_the_inf", [False, True])
+def test_a_plus_inf_logit_gives_a_nan_logprob_and_gradient(backend, target_is_the_inf):
+    """An overflowed logit (+inf, e.g. float16 lm_head output of a diverging model) leaves no
+    distribution: log_softmax makes the row NaN, and so must every backend. torch.logsumexp
+    returns +inf for such a row, which once turned the log-prob into -inf (finite loss terms,
+    e.g. a GRPO ratio of 0) and the gradient into a finite onehot push: divergence hidden."""
+    logits, ids = _inputs((3,), 600)
+    ids[0], ids[1], ids[2] = 5, 9, 7
+    logits[1, 5 if target_is_the_inf else 300] = float("inf")
+    for fn in (_ours(backend, 0.9, True), _reference(0.9, True)):
+        logprobs, entropy, grad = _run(fn, logits, ids, True)
+        assert torch.isnan(logprobs[1]) and torch.isnan(entropy[1])
+        assert torch.isnan(grad[1]).all()
+        assert torch.isfinite(logprobs[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
 def test_all_ignored(backend):
     logits, _ = _inputs((3,), 64)
     ids = torch.full((3,), -1, device=DEVICE)
@@ -228,6 +244,24 @@ def test_entropy_only_gradient(backend):
     y = logits.clone().requires_grad_()
     reference.token_logprobs(y, ids, 1.0, True)[1].sum().backward()
     assert_close_fp32(x.grad, y.grad, tol=1e-4)
+
+
+SECOND_DERIVATIVE_REFUSED = "no second derivative|no autograd formula"
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_second_derivative_raises_instead_of_being_wrong(backend, return_entropy):
+    """The backward is a hand-written formula with no derivative of its own: a double backward
+    (create_graph=True, Hessian-vector products) must refuse, not differentiate the formula's
+    in-place float32 steps (which gave a wrong Hessian with the entropy, a confusing in-place
+    error without it)."""
+    logits, ids = _inputs((4,), 30)
+    x = logits.clone().requires_grad_()
+    outs = token_logprobs(x, ids, return_entropy=return_entropy, backend=backend)
+    loss = sum(o.sum() for o in outs) if return_entropy else outs.sum()
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match=SECOND_DERIVATIVE_REFUSED):
+        torch.autograd.grad(grad.pow(2).sum(), x)
 
 
 def test_empty_and_int32_ids(backend):

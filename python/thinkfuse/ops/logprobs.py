@@ -45,6 +45,7 @@ each chunk of logits.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 from typing import Callable, NamedTuple, Optional
@@ -281,11 +282,19 @@ def _float32_copy(t: Tensor) -> Tensor:
     return t.to(torch.float32, copy=True)
 
 
+def _row_logsumexp(z: Tensor) -> Tensor:
+    """``logsumexp(z, -1)``, NaN for a row holding +inf (an overflowed logit), as log_softmax and
+    the kernels (``m + log sum exp(z - m)`` with m = +inf) make it. torch.logsumexp returns +inf
+    there, which would turn the row's log-prob into a plausible -inf and its gradient finite."""
+    lse = torch.logsumexp(z, dim=-1)
+    return lse.masked_fill_(torch.isposinf(lse), float("nan"))
+
+
 def _chunk_stats(logits, ids, temperature: float, return_entropy: bool):
     """(logprob, entropy or None, lse) of a chunk of logits rows [c, V], all float32 [c]."""
     z = _float32_copy(logits).div_(temperature)  # the only float32 copy of logits: one chunk
     n_vocab = z.shape[-1]
-    lse = torch.logsumexp(z, dim=-1)
+    lse = _row_logsumexp(z)
     live, in_vocab = ids >= 0, ids < n_vocab
     target = z.gather(-1, torch.where(live & in_vocab, ids, 0).long().unsqueeze(-1)).squeeze(-1)
     logprob = torch.where(in_vocab, target - lse, torch.full_like(lse, float("nan")))
@@ -359,6 +368,43 @@ def _token_logprobs_torch_backward(grad_logprobs, grad_entropy, logits3, ids, ls
     return d_logits
 
 
+SECOND_DERIVATIVE_ERROR = (
+    "thinkfuse's token_logprobs / fused_linear_token_logprobs have no second derivative (double backward, "
+    "create_graph=True through them)"
+)
+
+
+def _first_order_only(backward):
+    """For a hand-written ``autograd.Function.backward``: it runs without recording a graph, and
+    under ``create_graph=True`` each gradient comes out tied to the saved inputs it depends on
+    through a node that raises when differentiated. Recorded, the formula's in-place float32 steps
+    gave a wrong second derivative (or an in-place error); left untied (torch's
+    ``once_differentiable`` when the upstream gradients need none) they would pass as constants."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        tied = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        if not torch.is_grad_enabled() or not tied:
+            return outputs
+        return tuple(None if t is None else _RefuseSecondDerivative.apply(t, *tied) for t in outputs)
+
+    return wrapper
+
+
+class _RefuseSecondDerivative(torch.autograd.Function):
+    """``gradient`` itself, made to depend on ``inputs``; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, gradient, *inputs):
+        return gradient.view_as(gradient)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """The torch backend of token_logprobs: chunks of rows, recomputed in backward."""
 
@@ -371,6 +417,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_logprobs, grad_entropy):
         logits3, ids, lse, entropy = ctx.saved_tensors
         if not ctx.return_entropy:
@@ -594,6 +641,7 @@ def fused_linear_logprobs_with_grads(hidden: Tensor, weight: Tensor, token_ids: 
     d_bias)`` (d_weight / d_bias empty when ``weight_grad`` is False or there is no bias). Not
     differentiable itself: callers wrap it (``thinkfuse.grpo.GRPOLoss``).
     """
+    check_tensor("hidden", hidden, ndim=2)  # its rows are the tokens the chunks walk
     temperature = _check_fused_args(hidden, weight, token_ids, bias, temperature, chunk_size)
     name = resolve_backend(hidden.device, backend, cuda_op="token_logprobs_fwd")
     reducer = _reducer(name)
@@ -703,6 +751,7 @@ class _ChunkedFusedLinearLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, ids, bias, lse, entropy = ctx.saved_tensors
         if not ctx.return_entropy:

@@ -147,6 +147,15 @@ def test_func_vjp_called_after_the_transform_equals_autograd(kernel_backend, nam
     _assert_grads_equal(grads, _autograd_grads(case, kernel_backend), same_backend=True)
 
 
+@pytest.mark.parametrize("name", ["token_logprobs", "fused_linear_token_logprobs"])
+def test_func_grad_through_the_torch_backends_chunked_logprobs(name):
+    """The torch backend of the log-prob ops is a hand-written chunked autograd.Function too."""
+    case = CASES[name]
+    inputs = _inputs(case)
+    grads = torch.func.grad(_loss(case, "torch"), argnums=tuple(range(len(inputs))))(*inputs)
+    _assert_grads_equal(grads, _autograd_grads(case, "torch"), same_backend=True)
+
+
 def test_grad_and_value_gives_the_eager_value(kernel_backend):
     case = _case("rms_norm_residual", kernel_backend)
     inputs = _inputs(case)
@@ -226,3 +235,45 @@ def test_grad_of_grad_is_a_clear_error_not_a_silent_zero(kernel_backend):
     hessian_vector = torch.func.grad(lambda w: (torch.func.grad(
         lambda w_: (ops.rms_norm(x, w_, backend="torch") ** 2).sum())(w) ** 2).sum())(weight)
     assert hessian_vector.abs().max() > 0
+
+
+# --- the losses: their one-pass form steps aside under torch.func ---------------------------
+
+
+def _causal_lm_inputs():
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight = _randn(gen, 2, 5, 16), _randn(gen, 37, 16)
+    labels = torch.randint(0, 37, (2, 5), generator=gen).to(DEVICE)
+    labels[0, 2] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("loss_backend", ["triton", "torch"])
+def test_func_grad_of_causal_lm_loss_equals_autograd(loss_backend):
+    hidden, weight, labels = _causal_lm_inputs()
+
+    def loss(h, w):
+        return ops.causal_lm_loss(h, w, labels, backend=loss_backend)
+
+    grads = torch.func.grad(loss, argnums=(0, 1))(hidden, weight)
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    _assert_grads_equal(grads, torch.autograd.grad(loss(*leaves), leaves), same_backend=True)
+
+
+@pytest.mark.parametrize("loss_backend", ["triton", "torch"])
+def test_func_grad_of_grpo_loss_equals_autograd(loss_backend):
+    from thinkfuse.grpo import GRPOLoss
+
+    hidden, weight, ids = _causal_lm_inputs()
+    gen = torch.Generator().manual_seed(8)
+    mask = (torch.rand(2, 5, generator=gen) > 0.2).to(DEVICE)
+    advantages = _randn(gen, 2)
+    old_logprobs = -torch.rand(2, 5, generator=gen).to(DEVICE)
+    loss_fn = GRPOLoss(loss_type="dapo", beta=0.0, backend=loss_backend)  # one_pass by default
+
+    def loss(h, w):
+        return loss_fn(h, w, ids.clamp(min=0), mask, advantages, old_logprobs=old_logprobs)[0]
+
+    grads = torch.func.grad(loss, argnums=(0, 1))(hidden, weight)
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    _assert_grads_equal(grads, torch.autograd.grad(loss(*leaves), leaves), same_backend=False)

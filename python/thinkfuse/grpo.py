@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from ._checks import check_float, check_same_device, check_tensor
 from .ops.logprobs import TOKEN_ID_DTYPES, fused_linear_logprobs_with_grads, fused_linear_token_logprobs, token_logprobs
-from .ops.one_pass import one_pass_loss
+from .ops.one_pass import one_pass_applies, one_pass_loss
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO-style clipped ratio (TRL's set)
@@ -545,7 +545,7 @@ class GRPOLoss(nn.Module):
     ``metrics`` also holds ``logprobs`` (detached, ``[B, T]``), e.g. to serve as the next
     iteration's ``old_logprobs``.
 
-    ``one_pass=True`` (the default, when a gradient is needed, outside torch.compile, and when
+    ``one_pass=True`` (the default, when a gradient is needed, outside torch.compile and torch.func, and when
     the loss is a sum of per-token terms each depending on its own log-prob only: token-level
     importance sampling, a loss type other than vespo, no off-policy mask, no entropy mask or
     bonus; otherwise the ``one_pass=False`` path runs): the lm_head's gradients are formed in
@@ -670,7 +670,7 @@ class GRPOLoss(nn.Module):
                            vespo_lambda_neg=self.vespo_lambda_neg)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, lm_head_weight, bias))
-        if self.one_pass and needs_grad and self._per_token_separable() and not torch.compiler.is_compiling():
+        if self.one_pass and needs_grad and self._per_token_separable() and one_pass_applies():
             return _one_pass_grpo(hidden, lm_head_weight, bias, scored_ids, mask, advantages, old_logprobs,
                                   temperature, loss_kwargs, self.chunk_size, self.backend)
         needs_entropy = self._needs_entropy()

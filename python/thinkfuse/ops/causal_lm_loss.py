@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._checks import check_tensor
 from .logprobs import fused_linear_logprobs_with_grads, fused_linear_token_logprobs
-from .one_pass import one_pass_loss
+from .one_pass import one_pass_applies, one_pass_loss
 
 
 def causal_lm_loss(
@@ -51,7 +51,7 @@ def causal_lm_loss(
     ids = torch.where(counted, targets, torch.full_like(targets, -1))
     divisor = _poisoned_by_bad_labels(_divisor(counted, num_items_in_batch), targets, counted, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad and not torch.compiler.is_compiling():
+    if needs_grad and one_pass_applies():
         return _one_pass(hidden, weight, bias, ids, counted, divisor, backend)
     logprobs = fused_linear_token_logprobs(hidden, weight, ids, bias=bias, backend=backend)
     return -logprobs.sum() / divisor

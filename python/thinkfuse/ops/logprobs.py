@@ -92,7 +92,7 @@ def token_logprobs(
     name = resolve_backend(logits.device, backend, cuda_op="token_logprobs_fwd")
     logits3, ids = _as_batch_rows(logits), _flat_ids(token_ids)
     if name == "torch":
-        logprobs, entropy = _ChunkedTokenLogprobs.apply(logits3, ids, temperature, bool(return_entropy))
+        logprobs, entropy, _ = _ChunkedTokenLogprobs.apply(logits3, ids, temperature, bool(return_entropy))
     else:
         logprobs, entropy, _ = call(
             "token_logprobs_fwd", logits3, ids, temperature, bool(return_entropy), name
@@ -135,7 +135,7 @@ def fused_linear_token_logprobs(
     bias = bias.contiguous() if bias is not None else None
     chunk = _chunk_tokens(name, weight, chunk_size)
     if name == "torch":
-        logprobs, entropy = _ChunkedFusedLinearLogprobs.apply(
+        logprobs, entropy, _ = _ChunkedFusedLinearLogprobs.apply(
             rows, weight, ids, bias, temperature, bool(return_entropy), chunk
         )
     else:
@@ -397,28 +397,42 @@ class _RefuseSecondDerivative(torch.autograd.Function):
     """``gradient`` itself, made to depend on ``inputs``; its backward raises."""
 
     @staticmethod
-    def forward(ctx, gradient, *inputs):
+    def forward(gradient, *inputs):
         return gradient.view_as(gradient)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # this style, as torch.func (whose grad records one) needs
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(SECOND_DERIVATIVE_ERROR)
 
 
+# The two torch-backend Functions below use the setup_context style (forward without ctx), the one
+# torch.func.grad / vjp accept; the row statistics the backward needs (lse) are therefore a third,
+# non-differentiable output that the callers drop.
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """The torch backend of token_logprobs: chunks of rows, recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, logits3, ids, temperature, return_entropy):
-        logprobs, entropy, lse = _token_logprobs_torch_forward(logits3, ids, temperature, return_entropy)
+    def forward(logits3, ids, temperature, return_entropy):
+        return _token_logprobs_torch_forward(logits3, ids, temperature, return_entropy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits3, ids, temperature, return_entropy = inputs
+        _, entropy, lse = output
+        ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # an unused output (often the entropy) costs nothing
         ctx.temperature, ctx.return_entropy = temperature, return_entropy
         ctx.save_for_backward(logits3, ids, lse, entropy)
-        return logprobs, entropy
 
     @staticmethod
     @_first_order_only
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits3, ids, lse, entropy = ctx.saved_tensors
         if not ctx.return_entropy:
             grad_entropy = None
@@ -741,18 +755,21 @@ class _ChunkedFusedLinearLogprobs(torch.autograd.Function):
     chunk's logits recomputed in backward, so at most one chunk of logits is ever alive."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens):
-        logprobs, entropy, lse = _fused_chunked_forward(
-            hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens
-        )
+    def forward(hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens):
+        return _fused_chunked_forward(hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, ids, bias, temperature, return_entropy, chunk_tokens = inputs
+        _, entropy, lse = output
+        ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         ctx.temperature, ctx.return_entropy, ctx.chunk_tokens = temperature, return_entropy, chunk_tokens
         ctx.save_for_backward(hidden, weight, ids, bias, lse, entropy)
-        return logprobs, entropy
 
     @staticmethod
     @_first_order_only
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, weight, ids, bias, lse, entropy = ctx.saved_tensors
         if not ctx.return_entropy:
             grad_entropy = None

@@ -14,6 +14,15 @@ from __future__ import annotations
 import torch
 
 
+def one_pass_applies() -> bool:
+    """Whether a loss that needs a gradient may take the one-pass form here: not while
+    torch.compile traces (the held gradients are eager state) nor under a torch.func transform
+    (its autograd.Function decides in its forward which gradients to form, from
+    ``needs_input_grad``, which the setup_context style torch.func needs cannot see). The
+    callers then differentiate the fused log-prob op, which takes both."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def one_pass_loss(hidden, weight, bias, compute):
     """``compute(weight_grad) -> (loss, d_hidden, d_weight, d_bias)`` as a differentiable scalar
     of (hidden, weight, bias); ``weight_grad`` says whether d_weight / d_bias are needed."""

@@ -444,3 +444,17 @@ def test_return_entropy_must_be_a_bool():
     logits, ids = _inputs((3,), 40)
     with pytest.raises(TypeError, match="return_entropy"):
         token_logprobs(logits, ids, return_entropy="no")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "decode_rows"])
+def test_torch_row_chunks_cover_every_row_once_and_span_batch_rows_when_they_can(layout):
+    from thinkfuse.ops.logprobs import _row_chunks
+
+    full = torch.randn(3, 7, 11)
+    logits3 = {"contiguous": full, "sliced": full[:, :-1], "decode_rows": full[:, :1].contiguous()}[layout]
+    chunks = list(_row_chunks(logits3, chunk_rows=4))
+    rows = torch.cat([chunk for _, _, chunk in chunks])
+    assert torch.equal(rows, logits3.reshape(-1, 11))
+    assert [(s, e) for s, e, _ in chunks] == [(s, s + len(c)) for s, _, c in chunks]
+    if layout != "sliced":  # flattened: the fewest chunks of at most 4 rows
+        assert len(chunks) == -(-rows.shape[0] // 4)

@@ -335,8 +335,15 @@ def _chunk_logits_grad(logits, ids, lse, entropy, grad_logprob, grad_entropy, te
 
 
 def _row_chunks(logits3: Tensor, chunk_rows: int):
-    """(flat start, flat end, [c, V] view) chunks of a [B, T, V] view, in row order."""
-    n_batch, seq_len, _ = logits3.shape
+    """(flat start, flat end, [c, V] view) chunks of a [B, T, V] view, in row order. Chunks span
+    batch rows where the view allows it (``[B, 1, V]`` decode logits: one chunk, not B); a slice
+    such as ``logits[:, :-1]`` cannot be flattened without a copy and is chunked per batch row."""
+    n_batch, seq_len, n_vocab = logits3.shape
+    if logits3.shape[0] == 1 or logits3.stride(0) == seq_len * logits3.stride(1):
+        flat = logits3.view(n_batch * seq_len, n_vocab)
+        for start in range(0, flat.shape[0], chunk_rows):
+            yield start, min(start + chunk_rows, flat.shape[0]), flat[start:start + chunk_rows]
+        return
     for b in range(n_batch):
         for start in range(0, seq_len, chunk_rows):
             end = min(start + chunk_rows, seq_len)

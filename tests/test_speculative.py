@@ -13,7 +13,7 @@ from speculative_helpers import chi_square_p_value, filtered_probs, record_accep
 
 import thinkfuse
 from thinkfuse import speculative
-from thinkfuse.sampling import Sampling, pick, warpers
+from thinkfuse.sampling import Sampling, pick, verify, warpers
 from thinkfuse.speculative import mtp_generate
 from thinkfuse.tiny import VOCAB, tiny_batch, tiny_model
 
@@ -301,6 +301,18 @@ def test_a_temperature_that_overflows_the_scores_samples_their_limit():
         tokens, probs = pick(logits, Sampling(temperature, torch.Generator().manual_seed(0), filters))
         assert torch.equal(probs, limit)
         assert torch.equal(tokens[:3], logits[:3].argmax(-1)) and int(tokens[3]) in (7, 9)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-25])
+def test_a_tiny_temperature_accepts_the_drafts_greedy_decoding_would(temperature):
+    """At such temperatures the target is, to float32, its argmax: a draft equal to it is accepted
+    (the kernels divided the logits themselves, overflowed, and rejected every draft)."""
+    logits = torch.randn(3, 3, 50, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    draft = logits[:, :2].argmax(-1)
+    sampling = Sampling(temperature, torch.Generator(device=DEVICE).manual_seed(0), None)
+    tokens, num_accepted = verify(draft, logits, sampling, None)
+    assert num_accepted.tolist() == [2, 2, 2]
+    assert torch.equal(tokens, logits.argmax(-1))  # both drafts, then the bonus token
 
 
 def test_a_tiny_temperature_decodes_greedily():

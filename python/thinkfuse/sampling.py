@@ -104,13 +104,19 @@ def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return (probs / race).argmax(dim=-1)
 
 
+# mtp_verify divides the logits by the temperature itself. Below this temperature a quotient may
+# overflow float32 (logits up to 1e18 cannot), and the kernels would then reject every draft, right
+# ones included; Sampling.scores gives such rows their limit instead, verified at temperature 1.
+KERNEL_MIN_TEMPERATURE = 1e-20
+
+
 def verify(draft: Tensor, logits: Tensor, sampling: Sampling, draft_probs: Tensor | None):
     """``ops.mtp_verify`` of ``draft`` ``[B, K]`` against ``logits`` ``[B, K+1, V]``; float64
     models (the kernels take 16/32-bit floats) verify with the reference, so greedy decoding stays
     exact there too. With warpers the target's filtered scores are verified at temperature 1
     (they hold the temperature already)."""
     temperature, generator = sampling.temperature, sampling.generator
-    if temperature > 0 and sampling.warpers is not None:
+    if temperature > 0 and (sampling.warpers is not None or temperature < KERNEL_MIN_TEMPERATURE):
         logits, temperature = sampling.scores(logits), 1.0
     if logits.dtype != torch.float64:
         return ops.mtp_verify(draft, logits, temperature=temperature, draft_probs=draft_probs, generator=generator)

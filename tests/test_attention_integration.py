@@ -635,7 +635,9 @@ def test_mask_function_hands_through_the_padding_mask():
     mask = torch.tensor([[False, True, True], [True, True, True]])
     assert torch.equal(thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=mask), mask)
     ones = torch.ones(2, 3).bool()  # whether anything is padding is the attention function's call
-    assert thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=ones) is ones
+    handed = thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=ones)
+    # a new view each call (each forward): the attention function's padding plans live one forward
+    assert torch.equal(handed, ones) and handed is not ones and handed.data_ptr() == ones.data_ptr()
     window = thinkfuse_attention_mask(batch_size=2, q_length=1, kv_length=2, attention_mask=mask)
     assert torch.equal(window, mask[:, -2:])  # a sliding-window cache keeps the last kv_length keys
     assert thinkfuse_attention_mask(batch_size=2, q_length=3, kv_length=3, attention_mask=None) is None
@@ -732,3 +734,134 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def _sdpa_twin(model):
+    """A copy of ``model`` on transformers' sdpa (the reference of the unpatched model)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    return twin
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_inference_mode_matches_sdpa(family, backend):
+    """Under torch.inference_mode (pipelines, servers) masks and position_ids are inference
+    tensors, which keep no version counter: padded batches, packed positions and left-padded
+    generate work there as under no_grad."""
+    model = tiny_model(family).to(DEVICE)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    reference = _sdpa_twin(model)
+    ids = tiny_batch(2, 9, device=DEVICE)
+    thinkfuse.set_backend(backend)
+    with torch.inference_mode():
+        mask = _padding_mask(2, 9, "left").bool()
+        valid = mask.clone()
+        assert_close_fp32(model(ids, attention_mask=mask).logits[valid],
+                          reference(ids, attention_mask=mask).logits[valid], tol=1e-4)
+        packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5]] * 2, device=DEVICE)
+        assert_close_fp32(model(ids, position_ids=packed, use_cache=False).logits,
+                          reference(ids, position_ids=packed, use_cache=False).logits, tol=1e-4)
+        tokens, logits = _greedy(model, ids, mask.long(), max_new_tokens=3)
+        ref_tokens, ref_logits = _greedy(reference, ids, mask.long(), max_new_tokens=3)
+    assert torch.equal(tokens, ref_tokens)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
+
+
+def _unversioned_writes():
+    """Ways to write into a mask between two forwards that its version counter does not see."""
+
+    def through_data(mask, rows):
+        mask.data[rows] = False
+
+    def through_numpy(mask, rows):
+        mask.numpy()[rows] = False
+
+    def in_inference_mode(mask, rows):
+        mask[rows] = False  # an inference tensor: no version counter at all
+
+    return {"data": through_data, "numpy": through_numpy, "inference_mode": in_inference_mode}
+
+
+@pytest.mark.parametrize("write", list(_unversioned_writes()))
+def test_mask_written_between_forwards_gets_a_new_padding_plan(write):
+    """The padding plan is memoized across the layers of one forward, never across forwards:
+    the same mask tensor, written in place between two forwards in a way its version counter
+    does not record, gives the second forward the new mask's result."""
+    model = tiny_model("qwen2")
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    reference = _sdpa_twin(model)
+    thinkfuse.set_backend("torch")
+    ids = tiny_batch(2, 9)
+    context = torch.inference_mode() if write == "inference_mode" else torch.no_grad()
+    with context:
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        model(ids, attention_mask=mask)  # no padding: the plan of this forward is "dense"
+        _unversioned_writes()[write](mask, (0, slice(0, 3)))
+        valid = mask.clone()
+        assert_close_fp32(model(ids, attention_mask=mask).logits[valid],
+                          reference(ids, attention_mask=mask).logits[valid], tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_inputs_the_kernels_do_not_take_run_sdpa(head_dim, dtype):
+    """attn_implementation="thinkfuse" on a model whose head_dim or dtype the kernels do not take
+    (patch_model leaves those modules alone) runs transformers' sdpa instead of raising."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from thinkfuse.tiny import _COMMON
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**_COMMON, "head_dim": head_dim})).to(dtype).eval()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    reference = _sdpa_twin(model)
+    ids = tiny_batch(2, 9)
+    mask = _padding_mask(2, 9, "left")
+    valid = mask.bool()
+    with torch.no_grad():
+        assert_close_fp32(model(ids, attention_mask=mask).logits[valid],
+                          reference(ids, attention_mask=mask).logits[valid], tol=1e-4)
+        tokens, logits = _greedy(model, ids, mask, max_new_tokens=3)
+        ref_tokens, ref_logits = _greedy(reference, ids, mask, max_new_tokens=3)
+    assert torch.equal(tokens, ref_tokens)
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{"s_aux": torch.zeros(4)}, {"softcap": 30.0}])
+def test_attention_sinks_and_softcap_are_clear_errors(extra):
+    """Neither our kernels nor transformers' sdpa implement attention sinks (sdpa drops s_aux
+    silently) or logit soft-capping: asking for them is an error naming the argument."""
+    q, k, v = _qkv(sq=3, sk=8)
+    name = next(iter(extra))
+    with pytest.raises(ValueError, match=f"thinkfuse attention.*{name}"):
+        thinkfuse_attention_forward(_Module(is_causal=True), q, k, v, None, scaling=0.25, **extra)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static", None])
+def test_sdpa_fallback_without_a_mask_is_bottom_right_causal_and_windowed(cache_kind):
+    """Where sdpa runs for us (here: head_dim 24, which the kernels do not take) with no mask
+    (nothing padded: our mask function makes none), the queries after cached keys still see
+    the cache (bottom-right causal, not sdpa's top-left is_causal) and the sliding window
+    still applies (Mistral, window 3, shorter than the chunks)."""
+    from transformers import DynamicCache, MistralConfig, MistralForCausalLM, StaticCache
+
+    from thinkfuse.tiny import _COMMON
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**{**_COMMON, "head_dim": 24}, sliding_window=3)).eval()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    reference = _sdpa_twin(model)
+    ids = tiny_batch(2, 12)
+
+    def chunked(m):
+        if cache_kind is None:
+            return m(ids, use_cache=False).logits
+        static = cache_kind == "static"
+        cache = StaticCache(config=m.config, max_cache_len=20) if static else DynamicCache(config=m.config)
+        return torch.cat([m(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+                          for a, b in ((0, 5), (5, 8), (8, 12))], 1)
+
+    with torch.no_grad():
+        assert_close_fp32(chunked(model), chunked(reference), tol=1e-4)

@@ -20,11 +20,12 @@ Two functions are registered, the way transformers wires ``flash_attention_2``:
   ``ops.flash_attention`` (dense, or unpadded to the packed ``cu_seqlens`` form; packed rows
   found from position_ids, or given as flash_attention_2's ``cu_seq_lens_q/k`` kwargs) and, for
   inference decode steps, to ``ops.decode_attention``. Anything that is not a causal decoder
-  self-attention (``module.is_causal`` False, e.g. a vision tower; a dense 4-D mask; softcap or
-  attention sinks), and shape-only forwards on the meta device, run transformers' own sdpa
-  instead. Dropout is not supported: a training
-  forward with ``attention_dropout > 0`` raises ValueError rather than silently training
-  without dropout.
+  self-attention (``module.is_causal`` False, e.g. a vision tower; a dense 4-D mask), inputs
+  the kernels do not take (a head_dim outside ``SUPPORTED_HEAD_DIMS``, float64), and
+  shape-only forwards on the meta device, run transformers' own sdpa instead. Dropout,
+  logit soft-capping and attention sinks are not supported (sdpa has neither of the last two):
+  a training forward with ``attention_dropout > 0``, or ``softcap`` / ``s_aux`` given, raise
+  ValueError rather than silently computing something else.
 
 The backend is the one ``patch_model(model, backend=...)`` chose for the module, else the
 default (``thinkfuse.use_backend`` / ``THINKFUSE_BACKEND`` / fastest for the device).
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .backend import backend_for_op
-from .ops.attention import MAX_DECODE_QUERIES, model_decode_backend, model_flash_backend
+from .ops.attention import MAX_DECODE_QUERIES, SUPPORTED_HEAD_DIMS, model_decode_backend, model_flash_backend
 
 #: the name under which the implementation is registered with transformers
 ATTN_IMPLEMENTATION = "thinkfuse"
@@ -144,12 +145,15 @@ def thinkfuse_attention_mask(**kwargs):
         if count is not None and kwargs.get("batch_size") is not None:
             return _key_count_marker(count, kwargs)
         return _plain_causal_marker(kwargs)
-    if kv_length is not None and attention_mask.shape[1] > kv_length:
-        # Sliding-window caches keep only the last kv_length keys: keep the matching columns.
-        attention_mask = attention_mask[:, -kv_length:]
+    # Sliding-window caches keep only the last kv_length keys: keep the matching columns. Always
+    # a new view, even of the whole mask: the attention function memoizes its padding plan per
+    # mask object (see _memoized), and a view made here, once per forward, scopes that plan to
+    # the layers of this forward. The caller's own tensor can come back in the next forward
+    # with other values that its version counter did not record (written through .data or
+    # numpy, or an inference tensor, which has no version counter).
     # Whether anything is padding is decided by the attention function, with the one host read
     # its unpad plan needs anyway (see _padding_plan), not here with a read of its own.
-    return attention_mask
+    return attention_mask[:, -kv_length:] if kv_length is not None else attention_mask[:, :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,14 +167,22 @@ _memo_entries: list = []
 _MEMO_SIZE = 4
 
 
-def _memoized(tensor: torch.Tensor, extra: tuple, compute):
+def _memoized(tensor: torch.Tensor, extra: tuple, compute, *, made_per_forward: bool = False):
     """compute() once per (tensor, extra) while it is among the latest: every layer of one
-    forward gets the same mask / position_ids tensor, and the plan reads values on the host."""
-    for ref, version, key, value in _memo_entries:
-        if ref() is tensor and version == tensor._version and key == extra:
+    forward gets the same mask / position_ids tensor, and the plan reads values on the host.
+
+    An entry is found again only for the same tensor object at the same version. Inference
+    tensors (torch.inference_mode) keep no version counter, so an in-place write to one cannot
+    be seen: they are memoized by identity only where the tensor is ``made_per_forward`` (the
+    mask function's answers, a new object each forward), and computed each time otherwise."""
+    if tensor.is_inference() and not made_per_forward:
+        return compute()
+    version = None if tensor.is_inference() else tensor._version
+    for ref, entry_version, key, value in _memo_entries:
+        if ref() is tensor and entry_version == version and key == extra:
             return value
     value = compute()
-    _memo_entries.append((weakref.ref(tensor), tensor._version, extra, value))
+    _memo_entries.append((weakref.ref(tensor), version, extra, value))
     del _memo_entries[:-_MEMO_SIZE]
     return value
 
@@ -375,29 +387,37 @@ def _module_backend(module, cuda_op: str):
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window, kwargs,
                    key_counts=None):
     """transformers' sdpa, for the attention our kernels do not cover (see the module doc).
-    Our mask function's answers (a padding mask, or the written-key count of a static cache)
-    become the dense mask sdpa_mask would have made: padding, causal, sliding window."""
+    Our mask function's answers (a padding mask, the written-key count of a static cache, or
+    no mask where sdpa_mask would have made one) become the dense mask sdpa_mask would have
+    made: padding, causal, sliding window."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     padding = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-    if padding or key_counts is not None:
-        attention_mask = _dense_sdpa_mask(attention_mask if padding else None, key_counts, query.shape[2],
-                                          key.shape[2], is_causal, window, query.device)
+    # Without a mask sdpa runs its own is_causal, which aligns the queries top-left and has no
+    # window: queries after cached keys (chunked prefill, speculative verify) and sliding
+    # windows need the dense mask, which our mask function does not make.
+    causal_needs_mask = (attention_mask is None and is_causal
+                         and (window is not None or query.shape[2] != key.shape[2]))
+    if padding or key_counts is not None or causal_needs_mask:
+        attention_mask = _dense_sdpa_mask(attention_mask if padding else None, key_counts, query.shape[0],
+                                          query.shape[2], key.shape[2], is_causal, window, query.device)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
 
-def _dense_sdpa_mask(padding, key_counts, sq: int, sk: int, causal: bool, window, device) -> torch.Tensor:
-    """Bool ``[B, 1, Sq, Sk]`` (True = attend) from a 2-D padding mask or a key-count marker.
-    The keys written so far end where the padding mask ends (a static cache's later slots are
-    not keys) or at the count; the queries are the last ``Sq`` of them (bottom-right causal)."""
+def _dense_sdpa_mask(padding, key_counts, batch: int, sq: int, sk: int, causal: bool, window,
+                     device) -> torch.Tensor:
+    """Bool ``[B, 1, Sq, Sk]`` (True = attend) from a 2-D padding mask, a key-count marker, or
+    neither (every key written, none padding). The keys written so far end where the padding
+    mask ends (a static cache's later slots are not keys) or at the count; the queries are the
+    last ``Sq`` of them (bottom-right causal)."""
     cols = torch.arange(sk, device=device)
     if padding is not None:
         padding = padding.bool()[:, -sk:]
         written = torch.full((padding.shape[0],), padding.shape[1], device=device)
         valid = F.pad(padding, (0, sk - padding.shape[1]), value=False)
     else:
-        written = key_counts.reshape(-1).long()
+        written = key_counts.reshape(-1).long() if key_counts is not None else torch.full((batch,), sk, device=device)
         valid = cols[None, :] < written[:, None]
     mask = valid[:, None, None, :].expand(-1, 1, sq, sk)
     if causal:
@@ -445,6 +465,31 @@ def _check_inputs(query, key, value, attention_mask, dropout):
                          f"mask [B, 1, Sq, Sk], got shape {tuple(attention_mask.shape)}")
 
 
+def _check_supported_features(kwargs):
+    """Logit soft-capping and attention sinks: our kernels have neither, and transformers' sdpa
+    raises on softcap and drops s_aux without a word, so neither can be handed on."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"thinkfuse attention does not implement logit soft-capping (got softcap="
+                         f"{kwargs['softcap']}); use attn_implementation='eager' for this model")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("thinkfuse attention does not implement attention sinks (got s_aux); use "
+                         "attn_implementation='eager' for this model")
+
+
+# The dtypes the flash and decode kernels take (the ops raise on others, e.g. float64).
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels_take(query, key, value) -> bool:
+    """Whether the flash / decode ops take these inputs: one head_dim of SUPPORTED_HEAD_DIMS
+    for q, k and v, and a dtype of _KERNEL_DTYPES. patch_model leaves attention modules with
+    other head dims on their configured implementation; a model configured with
+    attn_implementation="thinkfuse" runs sdpa for them instead of failing."""
+    head_dim = query.shape[-1]
+    return (head_dim in SUPPORTED_HEAD_DIMS and key.shape[-1] == value.shape[-1] == head_dim
+            and query.dtype in _KERNEL_DTYPES)
+
+
 def _window(sliding_window):
     # transformers passes None (or 0 in some configs) for full attention.
     return int(sliding_window) if sliding_window else None
@@ -460,7 +505,8 @@ def _dense(q, k, v, scaling, window, backends, key_count_marker=None):
         seqlens = key_count_marker.reshape(-1).contiguous() if key_count_marker is not None else None
         return _decode(q, k, v, scaling, window, backends, seqlens)
     if key_count_marker is not None:
-        written = _memoized(key_count_marker, ("written keys",), lambda: int(key_count_marker[0, 0, 0, 0]))
+        written = _memoized(key_count_marker, ("written keys",), lambda: int(key_count_marker[0, 0, 0, 0]),
+                            made_per_forward=True)
         k, v = k[:, :written], v[:, :written]
     return ops.flash_attention(q, k, v, causal=True, softmax_scale=scaling, sliding_window=window,
                                backend=backends["flash_attention_fwd"])
@@ -501,7 +547,8 @@ def _padded(q, k, v, mask, scaling, window, backends):
         # A static cache holds more slots than tokens seen so far: the unused slots are not keys.
         k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
     sk = k.shape[1]
-    plan = _memoized(mask, (sq, sk), lambda: _padding_plan(mask, sq))
+    # The mask is the mask function's view, a new object each forward (see thinkfuse_attention_mask).
+    plan = _memoized(mask, (sq, sk), lambda: _padding_plan(mask, sq), made_per_forward=True)
     if plan is None:  # nothing is padding
         return _dense(q, k, v, scaling, window, backends)
     if plan.left_padding is not None and _is_inference_decode_step(sq, sk, (q, k, v)):
@@ -533,6 +580,7 @@ def thinkfuse_attention_forward(
     """transformers attention function: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Sk, D]`` (GQA not
     repeated) -> (``[B, Sq, Hq, D]`` contiguous, None)."""
     _check_inputs(query, key, value, attention_mask, dropout)
+    _check_supported_features(kwargs)
     plain_causal = _is_plain_causal_marker(attention_mask)
     if plain_causal:
         attention_mask = None
@@ -541,12 +589,11 @@ def thinkfuse_attention_forward(
         attention_mask = None
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     dense_mask = attention_mask is not None and attention_mask.dim() == 4
-    special = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
     # Meta tensors (shape-only forwards: memory planners, FLOP counters) have no values to
     # unpad or split packed sequences by; sdpa gives the same output shape.
     meta = query.device.type == "meta"
-    if (not is_causal or dense_mask or special or query.shape[2] > key.shape[2] or meta
-            or _compiled_padded_decode(query, key, value, attention_mask)):
+    if (not is_causal or dense_mask or not _kernels_take(query, key, value) or query.shape[2] > key.shape[2]
+            or meta or _compiled_padded_decode(query, key, value, attention_mask)):
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                               _window(sliding_window), kwargs, key_counts)
 

@@ -839,6 +839,14 @@ def test_attention_sinks_and_softcap_are_clear_errors(extra):
         thinkfuse_attention_forward(_Module(is_causal=True), q, k, v, None, scaling=0.25, **extra)
 
 
+def test_output_attentions_warns_that_no_weights_come_back():
+    model = tiny_model("qwen2").to(DEVICE).eval()
+    thinkfuse.patch_model(model)
+    with pytest.warns(UserWarning, match="no attention weights"):
+        out = model(tiny_batch(1, 5, device=DEVICE), output_attentions=True)
+    assert not any(weights is not None for weights in (out.attentions or ()))
+
+
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static", None])
 def test_sdpa_fallback_without_a_mask_is_bottom_right_causal_and_windowed(cache_kind):
     """Where sdpa runs for us (here: head_dim 24, which the kernels do not take) with no mask

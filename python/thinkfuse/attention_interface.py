@@ -40,6 +40,7 @@ import importlib.abc
 import importlib.util
 import numbers
 import sys
+import warnings
 import weakref
 
 import torch
@@ -476,6 +477,14 @@ def _check_supported_features(kwargs):
                          "attn_implementation='eager' for this model")
 
 
+def _warn_if_weights_asked(kwargs):
+    """Fused attention never forms the attention weights, so output_attentions gets none (as
+    with sdpa, which warns too): say so rather than hand back an empty tuple without a word."""
+    if kwargs.get("output_attentions"):
+        warnings.warn("thinkfuse attention returns no attention weights (output_attentions=True gets none); "
+                      "use attn_implementation='eager' (or thinkfuse.unpatch_model) to read them", stacklevel=3)
+
+
 # The dtypes the flash and decode kernels take (the ops raise on others, e.g. float64).
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -581,6 +590,7 @@ def thinkfuse_attention_forward(
     repeated) -> (``[B, Sq, Hq, D]`` contiguous, None)."""
     _check_inputs(query, key, value, attention_mask, dropout)
     _check_supported_features(kwargs)
+    _warn_if_weights_asked(kwargs)
     plain_causal = _is_plain_causal_marker(attention_mask)
     if plain_causal:
         attention_mask = None

@@ -31,11 +31,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
-    """(start offset, length) of sequence b."""
+def _seq_bounds(CU, b, seqlen, total, IS_VARLEN: tl.constexpr):
+    """(start offset, length) of sequence b. Packed: the offsets are clamped into [0, total]
+    (the tensor's rows), as the cuda kernels do: on GPU tensors cu_seqlens' values are not checked
+    (a host sync), and bad ones must not make the kernels read or write outside the tensors."""
     if IS_VARLEN:
-        start = tl.load(CU + b).to(tl.int64)
-        length = tl.load(CU + b + 1).to(tl.int64) - start
+        start = tl.minimum(tl.maximum(tl.load(CU + b).to(tl.int64), 0), total)
+        end = tl.minimum(tl.maximum(tl.load(CU + b + 1).to(tl.int64), start), total)
+        length = end - start
     else:
         start = b * 0
         length = seqlen + b * 0
@@ -111,13 +114,13 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_n, of
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h, sl_b, sl_h, sl_s,
-    seqlen_q, seqlen_k, head_dim, group, scale_log2, window, batch, heads,
+    seqlen_q, seqlen_k, total_q, total_k, head_dim, group, scale_log2, window, batch, heads,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, b, h = _tile_program(batch, heads, True)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, total_q, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, total_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -177,13 +180,13 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     O, DO, DELTA, CU_Q,
     so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, sl_b, sl_h, sl_s,
-    seqlen_q, head_dim,
+    seqlen_q, total_q, head_dim,
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, total_q, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -251,13 +254,13 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
     sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, sl_b, sl_h, sl_s,
-    seqlen_q, seqlen_k, head_dim, group, scale, window, batch, heads,
+    seqlen_q, seqlen_k, total_q, total_k, head_dim, group, scale, window, batch, heads,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n, b, kvh = _tile_program(batch, heads, False)  # heads: the kv heads
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, total_q, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, total_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= k_len:
         return
@@ -312,13 +315,13 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h,
     sdq_b, sdq_s, sdq_h, sl_b, sl_h, sl_s,
-    seqlen_q, seqlen_k, head_dim, group, scale, window, batch, heads,
+    seqlen_q, seqlen_k, total_q, total_k, head_dim, group, scale, window, batch, heads,
     IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, b, h = _tile_program(batch, heads, True)
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, total_q, IS_VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, total_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -480,7 +483,7 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         q, k, v, out, lse, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
-        sq, sk, d, hq // hkv, softmax_scale * _LOG2E, max(window, 0), batch, hq,
+        sq, sk, q.shape[0], k.shape[0], d, hq // hkv, softmax_scale * _LOG2E, max(window, 0), batch, hq,
         IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0, BLOCK_D=block_d, EVEN_D=block_d == d,
         PRECISION=_precision(q.dtype), **_launch(config),
     )
@@ -513,13 +516,13 @@ def flash_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seq
     delta = torch.empty_like(lse)
     _attn_bwd_preprocess_kernel[(triton.cdiv(sq, 32 if _INTERPRET else 64), batch, hq)](
         out, dout, delta, cu_q, *_strides(out, varlen), *_strides(dout, varlen), *_lse_strides(lse, varlen),
-        sq, d, IS_VARLEN=varlen, BLOCK_M=32 if _INTERPRET else 64, BLOCK_D=block_d, num_warps=4,
+        sq, q.shape[0], d, IS_VARLEN=varlen, BLOCK_M=32 if _INTERPRET else 64, BLOCK_D=block_d, num_warps=4,
     )
     if dlse is not None:
         delta -= dlse
     common = dict(IS_VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window > 0, BLOCK_D=block_d,
                   PRECISION=_precision(q.dtype))
-    geometry = (sq, sk, d, hq // hkv, softmax_scale, max(window, 0), batch)
+    geometry = (sq, sk, q.shape[0], k.shape[0], d, hq // hkv, softmax_scale, max(window, 0), batch)
     _attn_bwd_dkdv_kernel[_tile_grid(triton.cdiv(sk, dkdv_config.block_n), batch, hkv)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),

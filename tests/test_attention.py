@@ -15,6 +15,7 @@ from attention_helpers import (
     assert_lse_close,
     assert_rows_without_keys_empty,
     cu_seqlens,
+    failure_label,
     qkv,
     randn,
     strided_qkv,
@@ -180,6 +181,20 @@ def test_softmax_scale_and_strided_inputs(backend):
     assert not q.is_contiguous()
 
 
+def test_a_window_longer_than_any_tensor_is_no_window(backend):
+    """A sliding window past int64 (2**64) sees every key, like None: no OverflowError from the
+    int64 arithmetic of the kernels or of torch's masks."""
+    q, k, v = _qkv(1, 9, 12, 4, 2, 16)
+    seqlens = torch.tensor([12], dtype=torch.int32, device=DEVICE)
+    if _cuda_refuses(backend):
+        q, k, v = q.half(), k.half(), v.half()
+    huge = 2**64
+    assert_close_fp32(flash_attention(q, k, v, sliding_window=huge, backend=backend).float(),
+                      flash_attention(q, k, v, backend=backend).float())
+    assert_close_fp32(decode_attention(q[:, :3], k, v, seqlens, sliding_window=huge, backend=backend).float(),
+                      decode_attention(q[:, :3], k, v, seqlens, backend=backend).float())
+
+
 def test_fp16_close_to_reference(kernel_backend):
     q, k, v = _qkv(1, 33, 33, 4, 2, 64, dtype=torch.float16)
     inputs = (q, k, v)
@@ -269,6 +284,53 @@ def test_varlen_equals_padded_per_sequence(kernel_backend):
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         alone = flash_attention(q[None, s:e], k[None, s:e], v[None, s:e], backend=kernel_backend)[0]
         assert_close_fp32(packed[s:e], alone)
+
+
+def _packed_keys_between_nan(lk, hkv, d, before, after):
+    """(k, v) [sum(lk), hkv, d], each a view into a buffer whose ``before`` rows in front of it
+    and ``after`` rows behind it are NaN: a kernel that reads outside the tensors gets NaN."""
+    total = sum(lk)
+    views = []
+    for seed in (1, 2):
+        buf = _randn(before + total + after, hkv, d, seed=seed)
+        buf[:before] = float("nan")
+        buf[before + total:] = float("nan")
+        views.append(buf[before:before + total])
+    return views
+
+
+# cu_seqlens_k that start before the keys (-2) and end past them (+3): on GPU tensors their
+# values are not checked (a host sync), so the kernels clamp them into [0, total] like the cuda
+# ones; the truth is the reference over the clamped offsets [0, 5, 11].
+_BAD_CU_K, _CLAMPED_CU_K = [-2, 5, 14], [0, 5, 11]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_triton_kernels_never_read_outside_the_keys_for_unchecked_cu_seqlens(window):
+    """The launchers (what the triton backend runs on GPU tensors, past the CPU-only value
+    checks) with offsets outside k: no NaN from the rows around k, the clamped result."""
+    from thinkfuse.kernels import attention as attention_kernels
+
+    lq, lk = [3, 4], [5, 6]
+    q = _randn(sum(lq), 4, 16)
+    k, v = _packed_keys_between_nan(lk, 2, 16, before=2, after=3)
+    cu_q = _cu(lq)
+    bad_k = torch.tensor(_BAD_CU_K, dtype=torch.int32, device=DEVICE)
+    clamped_k = torch.tensor(_CLAMPED_CU_K, dtype=torch.int32, device=DEVICE)
+    geometry = (max(lq), 9, 16 ** -0.5, True, window or 0)
+    out, lse = attention_kernels.flash_attention_forward(q, k, v, cu_q, bad_k, *geometry)
+    ref_out, ref_lse = reference.flash_attention(q, k, v, True, None, window, cu_q, clamped_k, return_lse=True)
+    assert_close_fp32(out, ref_out)
+    _assert_lse_equal(lse, ref_lse)
+
+    dout = _randn(*q.shape, seed=5)
+    grads = attention_kernels.flash_attention_backward(dout, q, k, v, out, lse, None, cu_q, bad_k, *geometry)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference.flash_attention(*leaves, True, None, window, cu_q, clamped_k),
+                                    leaves, dout)
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        with failure_label(name):
+            assert_close_fp32(g, rg, tol=1e-4)
 
 
 # --- decode ----------------------------------------------------------------------------------------
@@ -410,6 +472,8 @@ def _bad_attention_calls():
         "window-zero": (lambda: flash_attention(q, k, v, sliding_window=0), ValueError, "sliding_window"),
         "scale": (lambda: flash_attention(q, k, v, softmax_scale=float("nan")), ValueError, "softmax_scale"),
         "cu-one-side": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=cu), ValueError, "cu_seqlens"),
+        "cu-not-a-tensor": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=[0, 8], cu_seqlens_k=cu), TypeError,
+                            "cu_seqlens_q"),
         "cu-int64": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=cu.long(), cu_seqlens_k=cu), TypeError, "int32"),
         "cu-decreasing": (lambda: flash_attention(q3, k3, k3, cu_seqlens_q=torch.tensor([0, 6, 4, 8], dtype=torch.int32, device=DEVICE),
                                                   cu_seqlens_k=torch.tensor([0, 2, 4, 8], dtype=torch.int32, device=DEVICE)),

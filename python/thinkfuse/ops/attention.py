@@ -97,6 +97,7 @@ def flash_attention(
     """
     scale = _check_attention(q, k, v, causal, softmax_scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, return_lse)
+    sliding_window = _bounded_window(sliding_window)
     name = _flash_backend(q, backend)
     if name == "torch":
         return reference.flash_attention(q, k, v, causal, scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
@@ -141,6 +142,7 @@ def decode_attention(
     """
     scale = _check_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window, num_splits,
                           cache_leftpad)
+    sliding_window = _bounded_window(sliding_window)
     name = _decode_backend(q, k_cache, v_cache, backend)
     if name == "torch":
         return _torch_decode(q, k_cache, v_cache, cache_seqlens, scale, sliding_window, cache_leftpad)
@@ -357,6 +359,16 @@ def _check_window(sliding_window, causal=True):
         raise ValueError("sliding_window requires causal=True")
 
 
+#: a sliding window this long sees every key of any tensor (none has 2**62 elements)
+UNBOUNDED_WINDOW = 2**62
+
+
+def _bounded_window(sliding_window):
+    """The window to compute with: longer ones see every key, like this one, whose masks
+    (pos - window in int64, in the kernels and in torch) cannot overflow."""
+    return None if sliding_window is None else min(sliding_window, UNBOUNDED_WINDOW)
+
+
 def _check_heads(q_name, hq, k_name, hkv, head_dim, dk):
     if hkv == 0 or hq % hkv:
         raise ValueError(
@@ -426,11 +438,13 @@ def _check_attention(q, k, v, causal, softmax_scale, sliding_window, cu_seqlens_
             raise ValueError("max_seqlen_q / max_seqlen_k go with cu_seqlens_q / cu_seqlens_k (packed layout)")
     _check_window(sliding_window, causal)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if varlen:
+        # before the device check, which reads .device: a cu_seqlens that is not a tensor must
+        # raise a TypeError naming it, not an AttributeError
         _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, max_seqlen_q, "max_seqlen_q")
         _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0], max_seqlen_k,
                           "max_seqlen_k")
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return scale
 
 

@@ -120,11 +120,15 @@ def _decode_combine_kernel(
     tl.store(OUT + b * sout_b + t * sout_s + h * sout_h + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
+#: most key splits per row (the partial outputs of more would not pay for their combine)
+MAX_SPLITS = 64
+
+
 def _num_splits(batch: int, hkv: int, max_seqlen_k: int, block_n: int, device) -> int:
     """Enough programs to fill the GPU, each with at least 256 keys."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = triton.cdiv(2 * sms, max(batch * hkv, 1))
-    return max(1, min(want, triton.cdiv(max_seqlen_k, max(256, block_n)), 64))
+    return max(1, min(want, triton.cdiv(max_seqlen_k, max(256, block_n)), MAX_SPLITS))
 
 
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, window, num_splits):
@@ -142,6 +146,9 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, 
     block_n = 16 if _INTERPRET else (64 if q.dtype != torch.float32 else 32)
     if num_splits <= 0:
         num_splits = _num_splits(batch, hkv, smax, block_n, q.device)
+    # A caller's count is a hint: capped as the chosen ones are, so the combine kernel's tile
+    # (BLOCK_S splits x head_dim floats) stays small enough to compile and run well.
+    num_splits = min(num_splits, MAX_SPLITS)
     chunk = triton.cdiv(triton.cdiv(smax, num_splits), block_n) * block_n
     num_splits = triton.cdiv(smax, chunk)
     block_m = max(16, triton.next_power_of_2(group * sq))

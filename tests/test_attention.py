@@ -443,6 +443,27 @@ def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_ba
         assert_close_fp32(decode_attention(q, kc, vc, seqlens, num_splits=splits, backend=kernel_backend), full)
 
 
+def test_triton_decode_caps_a_huge_split_count(monkeypatch):
+    """num_splits is a hint: a huge one is capped (the combine kernel holds a tile of all splits),
+    and the result is the same."""
+    from thinkfuse.kernels import decode_attention as kernels
+
+    grids = []
+    split_kernel = kernels._decode_split_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return split_kernel[grid]
+
+    monkeypatch.setattr(kernels, "_decode_split_kernel", RecordingKernel())
+    q, kc, vc = _qkv(1, 1, 16 * (kernels.MAX_SPLITS + 9), 2, 1, 32)
+    seqlens = torch.tensor([kc.shape[1]], dtype=torch.int32, device=DEVICE)
+    ours = decode_attention(q, kc, vc, seqlens, num_splits=10**6, backend="triton")
+    assert grids and grids[0][0] <= kernels.MAX_SPLITS
+    assert_close_fp32(ours, reference.decode_attention(q, kc, vc, seqlens))
+
+
 def test_decode_fp16(kernel_backend):
     q, kc, vc = _qkv(2, 2, 40, 4, 2, 32, dtype=torch.float16)
     seqlens = torch.tensor([40, 9], dtype=torch.int32, device=DEVICE)

@@ -94,6 +94,9 @@ def flash_attention(
 
     With ``cu_seqlens_*`` on a GPU, ``max_seqlen_*`` should be given (else they are read from
     the device, a host synchronisation); they must not be smaller than the longest sequence.
+    On the CPU that is checked; on a GPU, where checking is the host synchronisation they avoid,
+    it is trusted (as flash-attn trusts it), and the rows past a too-small max_seqlen_q come out
+    as zeros (lse -inf).
     """
     scale = _check_attention(q, k, v, causal, softmax_scale, sliding_window, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, return_lse)

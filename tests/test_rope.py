@@ -341,6 +341,10 @@ def test_rope_bad_inputs_raise_before_any_kernel(backend, overrides, error, matc
     "overrides,error,match",
     [
         (dict(unsqueeze_dim=3), ValueError, "unsqueeze_dim must be 1"),
+        # transformers 4.x's signature had position_ids fifth: passed positionally, it lands here
+        (dict(unsqueeze_dim=torch.zeros(2, 3, dtype=torch.long)), TypeError, "unsqueeze_dim must be an int"),
+        (dict(unsqueeze_dim=True), TypeError, "unsqueeze_dim must be an int"),
+        (dict(unsqueeze_dim=1.0), TypeError, "unsqueeze_dim must be an int"),
         (dict(cos=torch.ones(2, 3, 8).numpy()), TypeError, "cos must be a torch.Tensor"),
         (dict(cos=torch.ones(2, 3, 6)), ValueError, "cos must have shape"),
         (dict(cos=torch.ones(3, 3, 8)), ValueError, "cos must have shape"),

@@ -155,6 +155,30 @@ def test_unsupported_or_nested_rope_parameters_raise():
         rope_params({"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 10000.0})
 
 
+def test_a_model_or_none_instead_of_a_config_raises_type_error():
+    config, _ = _qwen2("palmyra-mini")
+    model = torch.nn.Module()
+    model.config = config  # what a transformers model carries
+    with pytest.raises(TypeError, match=r"got a Module; pass model\.config"):
+        rope_params(model)
+    with pytest.raises(TypeError, match="config object"):
+        rope_params(None)
+
+
+@pytest.mark.parametrize("rope,missing", [
+    ({"type": "yarn"}, "factor"),
+    ({"type": "linear"}, "factor"),
+    ({"type": "dynamic"}, "factor"),
+    ({"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 4096}, "low_freq_factor"),
+])
+def test_rope_parameters_missing_a_required_key_raise_value_error(rope, missing):
+    """A config that skipped transformers' validation (an old-style config object)."""
+    old = types.SimpleNamespace(hidden_size=64, num_attention_heads=4, max_position_embeddings=8192,
+                                rope_theta=10000.0, rope_scaling=rope)
+    with pytest.raises(ValueError, match=f"rope_type '{rope['type']}'.*'{missing}'"):
+        rope_params(old)
+
+
 def test_params_move_to_a_device():
     config, _ = _qwen2("palmyra-mini")
     params = rope_params(config).to("meta")

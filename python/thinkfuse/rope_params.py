@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -46,6 +47,7 @@ def rope_params(config) -> RopeParams:
         raise ValueError(
             f"config has rope_type {rope_type!r}; rope_params supports {sorted(_INV_FREQ_FUNCTIONS)}"
         )
+    _check_required_keys(params, rope_type)
     inv_freq, attention_scaling = compute(params, _rotary_dim(config, params), config)
     return RopeParams(inv_freq, float(attention_scaling), _llama4_scaling(params, config))
 
@@ -54,6 +56,12 @@ def _text_config(config):
     if isinstance(config, dict):
         raise TypeError("rope_params takes a transformers config object (e.g. model.config), got a dict; "
                         "build one with transformers.AutoConfig.for_model(**d) or PretrainedConfig(**d)")
+    if isinstance(config, torch.nn.Module):  # the likeliest slip: the model itself
+        raise TypeError(f"rope_params takes a transformers config object, got a {type(config).__name__}; "
+                        "pass model.config")
+    if config is None or isinstance(config, (str, bytes, numbers.Number)):
+        raise TypeError(f"rope_params takes a transformers config object (e.g. model.config), "
+                        f"got {type(config).__name__}")
     get_text_config = getattr(config, "get_text_config", None)
     return get_text_config() if callable(get_text_config) else config
 
@@ -78,6 +86,24 @@ def _standardized_rope_parameters(config) -> dict:
         else:
             params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     return params
+
+
+# Keys transformers' config validation requires per rope type (yarn's factor may be None, then
+# derived). A config object that skipped that validation (an old-style one) would otherwise fail
+# with a bare KeyError deep in the formulas.
+_REQUIRED_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def _check_required_keys(params: dict, rope_type: str) -> None:
+    missing = [key for key in _REQUIRED_KEYS.get(rope_type, ()) if key not in params]
+    if missing:
+        raise ValueError(f"config.rope_parameters with rope_type {rope_type!r} lacks {missing}, "
+                         "which transformers requires")
 
 
 def _head_dim(config) -> int:

@@ -156,6 +156,13 @@ def _check_llama4_scaling(llama4_scaling) -> Optional[tuple[float, int]]:
 
 
 def _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim) -> None:
+    # Type first: `in (1, 2)` would let True and 1.0 through (True == 1) and raise a bare
+    # RuntimeError for a tensor, e.g. position_ids passed fifth as transformers 4.x's signature had.
+    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, numbers.Integral):
+        raise TypeError(
+            f"unsqueeze_dim must be an int (1 or 2), got {type(unsqueeze_dim).__name__}; "
+            "transformers 5's apply_rotary_pos_emb takes no position_ids"
+        )
     if unsqueeze_dim not in (1, 2):
         raise ValueError(
             f"unsqueeze_dim must be 1 (q/k [B, H, S, D]) or 2 (q/k [B, S, H, D]), got {unsqueeze_dim!r}"

@@ -99,6 +99,9 @@ def _softmax_stats(row_ptr, V, temperature, excluded, BLOCK_V: tl.constexpr):
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32) / temperature
+        # pad after the division: a temperature past float32's range is +inf here, and the
+        # padding's -inf / inf would be NaN, making the whole row look undefined
+        x = tl.where(cols < V, x, -float("inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         rescale = tl.exp(m - m_safe)

@@ -320,6 +320,39 @@ def test_generator_makes_sampling_reproducible(backend):
     assert torch.equal(first[0], again[0])
 
 
+# A temperature past float32's range (finite as a Python float) is +inf in the kernels' float32
+# arithmetic: every finite logit / T is 0 (a uniform distribution), as in the reference. The
+# Triton kernel pads a vocabulary that is not a multiple of its block with -inf; -inf / inf is
+# NaN, which once made every such row look undefined (the argmax emitted, drafts rejected).
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter's numpy casts
+@pytest.mark.parametrize("temperature", [1e300, 3.5e38])
+def test_sampling_at_a_temperature_past_float32_range(temperature, backend):
+    vocab, k = 37, 2  # not a power of two: the kernels' last vocabulary block is padded
+    gen = torch.Generator().manual_seed(8)
+    logits = 3 * torch.randn(4, k + 1, vocab, generator=gen)
+    draft = logits[:, :k].argmax(-1)
+    uniforms = torch.rand(4, k + 1, generator=gen)
+    uniforms[0, 0] = 0.0  # u * 1 < q = 1/V: row 0 accepts its first draft
+    tokens, num_accepted = _verify_with_uniforms(backend, draft, logits, None, uniforms, temperature)
+    ref = reference.mtp_verify(draft, logits, temperature, None, uniforms)
+    assert num_accepted[0].item() >= 1
+    assert torch.equal(tokens.cpu(), ref[0]) and torch.equal(num_accepted.cpu(), ref[1])
+
+
+# Shape-only runs (meta tensors: memory planners, FLOP counters) give the outputs' shapes on
+# every path; the reference's sampled path with a deterministic draft indexes with a data-dependent
+# mask, which meta tensors cannot run.
+@pytest.mark.parametrize("temperature, with_probs", [(0.0, False), (0.8, False), (0.8, True)])
+def test_meta_tensors_give_shapes(temperature, with_probs, backend):
+    meta = dict(device="meta")
+    draft, logits = torch.empty(3, 2, dtype=torch.int32, **meta), torch.empty(3, 3, 11, **meta)
+    probs = torch.empty(3, 2, 11, **meta) if with_probs else None
+    tokens, num_accepted = mtp_verify(draft, logits, temperature=temperature, draft_probs=probs, backend=backend)
+    assert tokens.shape == (3, 3) and num_accepted.shape == (3,)
+    assert tokens.device.type == num_accepted.device.type == "meta"
+    assert tokens.dtype == num_accepted.dtype == torch.int64
+
+
 # ---------------------------------------------------------------------------------------------
 # The emitted tokens follow softmax(target / temperature): chi-square at every position
 
@@ -468,6 +501,7 @@ def test_bad_inputs(change, error, match):
         (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
         (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
         (dict(temperature="1"), TypeError, "temperature must be a float"),
+        (dict(temperature=10**400), ValueError, "temperature must be finite"),  # float() overflows
         (dict(temperature=1.0, draft_probs=torch.rand(1, 3, 8)), ValueError, r"draft_probs must be \[B, K, V\]"),
         (dict(temperature=1.0, draft_probs=torch.rand(1, 2, 7)), ValueError, r"draft_probs must be \[B, K, V\]"),
         (dict(temperature=1.0, draft_probs=torch.ones(1, 2, 8, dtype=torch.long)), TypeError, "draft_probs must have"),

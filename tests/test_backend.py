@@ -163,3 +163,21 @@ def test_meta_tensors_give_shapes_whatever_backend_is_named(backend):
     assert out.shape == (2, 5, 4, 16) and out.device.type == "meta"
     logits, ids = torch.empty(6, 50, **meta), torch.empty(6, dtype=torch.long, **meta)
     assert thinkfuse.ops.token_logprobs(logits, ids, backend=backend).shape == (6,)
+
+
+def test_use_backend_none_is_automatic_selection(monkeypatch):
+    """use_backend(None) asks for the automatic choice inside its block: it overrides
+    set_backend and THINKFUSE_BACKEND as any use_backend does (context beats both), and an
+    enclosing use_backend too."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("THINKFUSE_BACKEND", "torch")
+    with thinkfuse.use_backend(None):
+        assert backend_mod.get_backend() is None
+        assert backend_mod.resolve_backend(cpu) == "torch"  # automatic: torch on CPU tensors
+    thinkfuse.set_backend("triton")
+    with thinkfuse.use_backend(None):
+        assert backend_mod.get_backend() is None
+        assert backend_mod.resolve_backend(cpu) == "torch"
+    with thinkfuse.use_backend("triton"), thinkfuse.use_backend(None):
+        assert backend_mod.get_backend() is None
+    assert backend_mod.get_backend() == "triton"  # set_backend applies again outside

@@ -39,7 +39,10 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 def check_float(name: str, value, *, positive: bool = False, non_negative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range: as infinite as float("inf")
+        value = float("inf") if value > 0 else float("-inf")
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:

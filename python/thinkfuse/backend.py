@@ -91,9 +91,12 @@ def require_backend(name: str) -> str:
     return name
 
 
-# None means "automatic". A ContextVar keeps use_backend() correct across threads and tasks.
-_CONTEXT_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "thinkfuse_backend", default=None
+# Outside any use_backend block the context holds _NO_CONTEXT (set_backend and the environment
+# decide); inside use_backend(None) it holds None, "automatic", which overrides them as any
+# use_backend does. A ContextVar keeps use_backend() correct across threads and tasks.
+_NO_CONTEXT = object()
+_CONTEXT_BACKEND: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "thinkfuse_backend", default=_NO_CONTEXT
 )
 _GLOBAL_BACKEND: str | None = None
 
@@ -106,7 +109,10 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str | None:
     """The backend chosen by name (context, set_backend, environment), or None for automatic."""
-    name = _CONTEXT_BACKEND.get() or _GLOBAL_BACKEND
+    name = _CONTEXT_BACKEND.get()
+    if name is not _NO_CONTEXT:
+        return name
+    name = _GLOBAL_BACKEND
     if name is None:
         name = os.environ.get("THINKFUSE_BACKEND") or None
         if name is not None and name not in BACKENDS:

@@ -2,6 +2,7 @@
 distribution (chi-square), GPU-path handling of bad draft ids, bad inputs, torch.compile and a
 PTX compile of the Triton kernels."""
 
+import functools
 
 import pytest
 import torch
@@ -567,3 +568,18 @@ def test_kernels_compile_for_sm90():
     """The interpreter cannot catch what only the compiler rejects (types across branches of the
     loops' scalar ifs); compiling to PTX needs no device."""
     compile_in_subprocess(_COMPILE_SCRIPT)
+
+
+def test_reference_samples_a_deterministic_draft_without_data_dependent_shapes():
+    """The rejected draft is removed by a comparison, not by indexing with a mask: the reference
+    runs on meta tensors (shape-only forwards) and traces whole under torch.compile."""
+    gen = torch.Generator().manual_seed(3)
+    draft = torch.randint(0, 13, (4, 2), generator=gen)
+    logits = torch.randn(4, 3, 13, generator=gen)
+    uniforms = torch.rand(4, 3, generator=gen)
+    tokens, accepted = reference.mtp_verify(draft.to("meta"), logits.to("meta"), 0.7, None, uniforms.to("meta"))
+    assert tokens.shape == (4, 3) and accepted.shape == (4,)
+    verify = functools.partial(reference.mtp_verify, temperature=0.7, uniforms=uniforms)
+    compiled = torch.compile(verify, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(draft, logits), verify(draft, logits)):
+        assert torch.equal(got, want)

@@ -199,8 +199,9 @@ def _sampled_verify(draft_tokens, target_logits, temperature, draft_probs, unifo
     if k > 0 and draft_probs is None:
         # deterministic draft rejected: q with that draft token removed
         removed = residual & valid[rows, at]
-        drop = torch.zeros_like(weights, dtype=torch.bool)
-        drop[rows[removed], draft[rows, at][removed]] = True
+        # a comparison, not indexing by a mask: no data-dependent shapes (torch.compile, meta)
+        ids = torch.arange(vocab, device=draft.device)
+        drop = removed[:, None] & (ids[None, :] == draft[rows, at][:, None])
         weights = weights.masked_fill(drop, 0.0)
     elif k > 0:
         leftover = (weights - draft_probs[rows, at].float()).clamp(min=0)

@@ -583,3 +583,14 @@ def test_reference_samples_a_deterministic_draft_without_data_dependent_shapes()
     compiled = torch.compile(verify, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(draft, logits), verify(draft, logits)):
         assert torch.equal(got, want)
+
+
+def test_numpy_scalar_temperatures_are_taken():
+    """A temperature read from a numpy config (np.float32 / np.float64): as the Python float."""
+    import numpy as np
+
+    draft, logits = _good_args()[:2]
+    for temperature in (np.float32(0.0), np.float64(0.0)):
+        tokens, accepted = mtp_verify(draft, logits, temperature=temperature)
+        want_tokens, want_accepted = mtp_verify(draft, logits, temperature=0.0)
+        assert torch.equal(tokens, want_tokens) and torch.equal(accepted, want_accepted)

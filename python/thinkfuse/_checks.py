@@ -6,6 +6,8 @@ what was expected.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,7 +39,9 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_float(name: str, value, *, positive: bool = False, non_negative: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: Python's ints and floats, and numpy's scalars (a temperature read from a
+    # numpy config); not bool, and not tensors (whose value would be a host read)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     try:
         value = float(value)

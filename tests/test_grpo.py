@@ -548,6 +548,33 @@ def test_one_pass_checks_arguments_before_any_work():
         GRPOLoss(one_pass=1)
 
 
+@pytest.mark.parametrize("options", [dict(one_pass=False), dict(top_entropy_quantile=0.5), dict(entropy_coef=0.1),
+                                     dict(loss_type="vespo"), dict(importance_sampling_level="sequence")])
+def test_grpo_loss_module_checks_arguments_before_the_lm_head(options, monkeypatch):
+    """Where the one-pass path does not apply, bad loss arguments are refused before the fused
+    lm_head runs too (API.md: before any kernel), with the same messages as the one-pass path."""
+    import thinkfuse.grpo as grpo_module
+
+    calls = []
+    monkeypatch.setattr(grpo_module, "fused_linear_token_logprobs", lambda *a, **k: calls.append(1))
+    hidden, weight, _, ids = _module_inputs(seed=13)
+    _, old, ref, advantages, mask = _batch(11)
+    h = hidden.clone().requires_grad_()
+    for kwargs, error, match in [
+        (dict(advantages=advantages[:2]), ValueError, "advantages must have shape"),
+        (dict(old_logprobs=old[:, :-1]), ValueError, "old_logprobs shape"),
+        (dict(importance_sampling_ratio=torch.ones(B, 3, device=DEVICE)), ValueError, "importance_sampling_ratio"),
+        (dict(num_items_in_batch="x"), TypeError, "num_items_in_batch"),
+        (dict(hidden=h[:, :-1]), ValueError, "hidden must be"),
+    ]:
+        args = {**dict(hidden=h, advantages=advantages, old_logprobs=old), **kwargs}
+        extra = {k: v for k, v in args.items() if k in ("importance_sampling_ratio", "num_items_in_batch")}
+        with pytest.raises(error, match=match):
+            GRPOLoss(**options)(args["hidden"], weight, ids, mask, args["advantages"], args["old_logprobs"], **extra)
+    with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
+        GRPOLoss(beta=0.1, **options)(h, weight, ids, mask, advantages, old)
+    assert not calls, "the lm_head ran before the arguments were checked"
+
 def test_grpo_loss_module_rejects_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         GRPOLoss(loss_type="ppo")
@@ -769,6 +796,42 @@ def test_off_policy_mask_reads_sampling_logprobs():
     without, grad_without, _, _ = _run_case({**options, "sampling": False})
     assert with_sampling != without and not torch.equal(grad, grad_without)
 
+
+def _single_token_batch():
+    """A batch whose longest completion is one token (T = 1), with two empty completions; the
+    unscored positions hold what TRL's fused lm_head gives there (log-prob 0, entropy 0)."""
+    gen = torch.Generator().manual_seed(31)
+    mask = torch.tensor([[1], [0], [1], [1], [0], [1]])
+    logprobs = -torch.rand(6, 1, generator=gen) * 3 * mask
+    old = (logprobs + 0.5 * torch.randn(6, 1, generator=gen)) * mask
+    ref = (logprobs + 0.5 * torch.randn(6, 1, generator=gen)) * mask
+    entropies = torch.rand(6, 1, generator=gen) * 3 * mask
+    advantages = torch.tensor([-1.0, 0.5, 1.0, -0.7, -0.3, 0.8])
+    return [t.to(DEVICE) for t in (logprobs, old, ref, entropies, advantages, mask)]
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="vespo"),
+                                     dict(loss_type="grpo", importance_sampling_level="sequence"),
+                                     dict(loss_type="dapo", beta=0.04), dict(loss_type="cispo", epsilon_high=1.1)],
+                         ids=["vespo", "gspo", "dapo-kl", "cispo"])
+def test_single_token_completions_with_empty_ones_match_trls_metrics(options):
+    """T = 1: TRL reduces every [B, 1] metric input over the B sequences (it cannot tell them from
+    sequence-level ones), empty completions included; the metrics must still equal TRL's."""
+    logprobs, old, ref, entropies, advantages, mask = _single_token_batch()
+    options = {"beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2, **options}
+    common = dict(max_completion_length=1, num_processes=1)
+    _, metrics = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, entropies=entropies, **options)
+    references = [_trl_loss(logprobs, old, ref, advantages, mask, entropies=entropies,
+                            num_items_in_batch=mask.sum(), **common, **options)[1]]
+    if _have_trl():
+        inputs = {"completion_mask": mask, "advantages": advantages, "old_per_token_logps": old,
+                  "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+        references.append(_real_trl_loss(logprobs, entropies, inputs, **common, **options)[1])
+    for ref_metrics in references:
+        assert ref_metrics.keys() <= metrics.keys()
+        for name, value in ref_metrics.items():
+            assert metrics[name].item() == pytest.approx(value, rel=1e-6, abs=1e-7, nan_ok=True), name
+
 @pytest.mark.parametrize("mode,clip_min,clip_max", [("token_truncate", 0.8, 1.25), ("token_mask", 0.8, 1.25),
                                                     ("sequence_truncate", None, 1.5), ("sequence_mask", 0.5, 3.0),
                                                     ("token_mask", None, 1.1), ("sequence_truncate", 0.7, None)])
@@ -973,6 +1036,50 @@ def test_patch_trl_replaces_and_restores(trl_utils):
         assert patch.replaced
     assert trl_utils._ChunkedLogProbFunction is original_chunked
     assert trl_utils.selective_log_softmax is original_selective
+
+
+def test_patch_trl_nested_and_undone_in_any_order_restores_trl(trl_utils, monkeypatch):
+    """Two patches (say a library's and a script's): undone in the order they were made, or in
+    reverse, or inside a with block left by an exception, TRL ends up exactly as it was."""
+    from thinkfuse.grpo import patch_trl
+
+    originals = (trl_utils._ChunkedLogProbFunction, trl_utils.selective_log_softmax)
+    for name, value in zip(("_ChunkedLogProbFunction", "selective_log_softmax"), originals):
+        monkeypatch.setattr(trl_utils, name, value)  # restored after the test even if it fails
+    current = lambda: (trl_utils._ChunkedLogProbFunction, trl_utils.selective_log_softmax)  # noqa: E731
+    first, second = patch_trl(), patch_trl()
+    first.undo()
+    assert trl_utils._ChunkedLogProbFunction.__name__ == "ThinkfuseChunkedLogProb"  # the second still holds
+    second.undo()
+    assert current() == originals
+    with pytest.raises(KeyError):
+        with patch_trl():
+            with patch_trl(backend="torch"):
+                raise KeyError("inside")
+    assert current() == originals
+
+
+def test_patch_trl_that_fails_part_way_leaves_trl_as_it_was(trl_utils, monkeypatch):
+    """An error while patching (here: trl.trainer.grpo_trainer fails to import, e.g. an optional
+    dependency of it is broken) propagates, and what was already replaced is put back."""
+    import importlib
+
+    from thinkfuse.grpo import patch_trl
+
+    originals = (trl_utils._ChunkedLogProbFunction, trl_utils.selective_log_softmax)
+    for name, value in zip(("_ChunkedLogProbFunction", "selective_log_softmax"), originals):
+        monkeypatch.setattr(trl_utils, name, value)  # restored after the test even if it fails
+    import_module = importlib.import_module
+
+    def failing_import(name, *args):
+        if name == "trl.trainer.grpo_trainer":
+            raise ImportError("broken optional dependency")
+        return import_module(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", failing_import)
+    with pytest.raises(ImportError, match="broken optional dependency"):
+        patch_trl()
+    assert (trl_utils._ChunkedLogProbFunction, trl_utils.selective_log_softmax) == originals
 
 
 def test_patched_selective_log_softmax_matches_trl(trl_utils):

@@ -156,7 +156,9 @@ def grpo_loss(
     metrics (0-d float32 tensors, detached; over this call's tokens, no host sync; TRL also
     reduces them across ranks). Means are over the scored tokens for per-token quantities and over
     the B sequences for per-sequence ones (``importance_sampling_level="sequence"``, vespo's
-    ``phi``), as TRL's. Clipped loss types: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``phi``), as TRL's; with T = 1 every quantity is averaged over the B sequences, empty ones
+    included, as TRL does (it cannot tell ``[B, 1]`` token quantities from sequence ones).
+    Clipped loss types: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean`` (fractions where the clipped term is the active one: ``r' < 1 -
     epsilon_low`` with ``A < 0``, ``r' > 1 + epsilon_high`` with ``A > 0``, either),
     ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences of each
@@ -186,9 +188,7 @@ def grpo_loss(
         raise TypeError(f"use_bias_correction_kl must be a bool, got {type(use_bias_correction_kl).__name__}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs (the reference model's log-probs)")
-    top_entropy_quantile = check_float("top_entropy_quantile", top_entropy_quantile)
-    if not 0.0 <= top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
+    top_entropy_quantile = _checked_quantile(top_entropy_quantile)
     entropy_coef = check_float("entropy_coef", entropy_coef)
     if entropies is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
         raise ValueError("top_entropy_quantile < 1 and entropy_coef != 0 need entropies (the per-token entropies)")
@@ -438,12 +438,14 @@ def _normalise(masked_loss, mask, loss_type, max_completion_length, num_items_in
 @torch.no_grad()
 def _metrics(loss_type, ratio, capped, adv, mask, kl, phi, entropies, epsilon_low, epsilon_high) -> dict:
     """TRL's metrics (the clip ones on the delta-capped ratio, as TRL) and means. A ``[B, 1]``
-    quantity (sequence-level) is averaged over the sequences, a ``[B, T]`` one over the tokens."""
+    quantity (sequence-level) is averaged over the sequences, a ``[B, T]`` one over the tokens. With
+    T = 1 every quantity is ``[B, 1]`` and TRL averages each over the sequences, empty ones included
+    (where its log-probs and entropies are 0: ratio 1, KL 0, as here), so that is done here too."""
     count = mask.sum().clamp(min=1.0)
 
     def mean(x):
         x = x.to(mask.dtype)
-        if x.shape[1] == 1 and mask.shape[1] != 1:
+        if x.shape[1] == 1:
             return x.sum() / max(x.shape[0], 1)
         return (x * mask).sum() / count
 
@@ -474,8 +476,8 @@ def _metrics(loss_type, ratio, capped, adv, mask, kl, phi, entropies, epsilon_lo
 
 def _sequence_means(flags: Tensor, mask: Tensor) -> Tensor:
     """Per sequence, the masked mean of ``flags``; NaN for a sequence without tokens (as TRL). A
-    sequence-level ``[B, 1]`` flag is its own mean (as TRL)."""
-    if flags.shape[1] == 1 and mask.shape[1] != 1:
+    ``[B, 1]`` flag (sequence-level, or T = 1) is its own mean (as TRL)."""
+    if flags.shape[1] == 1:
         return flags[:, 0].to(mask.dtype)
     flags = flags.expand_as(mask).to(mask.dtype)
     return (flags * mask).sum(-1) / mask.sum(-1)
@@ -487,6 +489,13 @@ def _nan_extreme(values: Tensor, reduce) -> Tensor:
     fill = float("inf") if reduce is torch.amin else float("-inf")
     extreme = reduce(torch.where(present, values, fill)) if values.numel() else values.new_tensor(fill)
     return torch.where(present.any(), extreme, torch.full_like(extreme, float("nan")))
+
+
+def _checked_quantile(top_entropy_quantile) -> float:
+    top_entropy_quantile = check_float("top_entropy_quantile", top_entropy_quantile)
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
+    return top_entropy_quantile
 
 
 def _check_num_items(num_items_in_batch) -> None:
@@ -668,12 +677,13 @@ class GRPOLoss(nn.Module):
                            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
                            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
                            vespo_lambda_neg=self.vespo_lambda_neg)
+        needs_entropy = self._needs_entropy()
+        _check_module_loss_args(hidden, mask, advantages, old_logprobs, needs_entropy, loss_kwargs)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, lm_head_weight, bias))
         if self.one_pass and needs_grad and self._per_token_separable() and one_pass_applies():
             return _one_pass_grpo(hidden, lm_head_weight, bias, scored_ids, mask, advantages, old_logprobs,
                                   temperature, loss_kwargs, self.chunk_size, self.backend)
-        needs_entropy = self._needs_entropy()
         result = fused_linear_token_logprobs(
             hidden, lm_head_weight, scored_ids, bias=bias, temperature=temperature, return_entropy=needs_entropy,
             chunk_size=self.chunk_size, backend=self.backend,
@@ -713,18 +723,29 @@ class _ProcessGroupSlot:
         return _ProcessGroupSlot, (None, self._dropped_by_pickle or self._group is not None)
 
 
-def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, temperature, loss_kwargs,
-                   chunk_size, backend):
-    """GRPOLoss.forward with the lm_head gradients formed in the forward (see GRPOLoss)."""
+def _check_module_loss_args(hidden, mask, advantages, old_logprobs, with_entropies, loss_kwargs) -> None:
+    """GRPOLoss's arguments checked before any lm_head work: grpo_loss on stand-in log-probs
+    (and entropies), zeros of the mask's shape. The entropy quantile and its group are only
+    checked, not taken (over a group that would be a collective)."""
     shape = tuple(mask.shape)
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape:
         raise ValueError(f"hidden must be [B, T, H] with [B, T] = mask's shape {shape}, got {tuple(hidden.shape)}")
+    _checked_quantile(loss_kwargs["top_entropy_quantile"])
+    _check_process_group("entropy_quantile_group", loss_kwargs["entropy_quantile_group"])
+    zeros = torch.zeros(shape, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        grpo_loss(zeros, old_logprobs, advantages, mask, entropies=zeros if with_entropies else None,
+                  **{**loss_kwargs, "top_entropy_quantile": 1.0, "entropy_quantile_group": None})
+
+
+def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, temperature, loss_kwargs,
+                   chunk_size, backend):
+    """GRPOLoss.forward with the lm_head gradients formed in the forward (see GRPOLoss); its
+    arguments are checked (_check_module_loss_args)."""
 
     def loss_of(logprobs):
         return grpo_loss(logprobs, old_logprobs, advantages, mask, **loss_kwargs)
 
-    with torch.no_grad():  # checks every argument before any lm_head work
-        loss_of(torch.zeros(shape, dtype=torch.float32, device=hidden.device))
     outputs = {}
     loss = one_pass_loss(hidden, weight, bias, functools.partial(
         _one_pass_compute, hidden, weight, bias, ids, loss_of, temperature, chunk_size, backend, outputs))
@@ -773,22 +794,35 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
 
 
 class TrlPatch(contextlib.AbstractContextManager):
-    """What ``patch_trl`` replaced; ``undo()`` (or leaving the ``with`` block) restores it."""
+    """What ``patch_trl`` replaced; ``undo()`` (or leaving the ``with`` block) restores it.
+
+    Patches may be undone in any order: a replacement that a later patch has wrapped is only
+    retired (the later patch's undo then skips past it to what it replaced), so TRL ends up
+    exactly as it was once every patch is undone."""
 
     def __init__(self, replaced: list):
-        self.replaced = replaced  # (module, attribute name, original value)
+        self.replaced = replaced  # (module, attribute name, original value, replacement)
 
     def undo(self) -> None:
-        for module, name, original in reversed(self.replaced):
-            setattr(module, name, original)
+        for module, name, original, replacement in reversed(self.replaced):
+            replacement.thinkfuse_retired = True
+            if getattr(module, name) is replacement:
+                setattr(module, name, _unretired(original))
         self.replaced = []
 
     def __exit__(self, *exc) -> None:
         self.undo()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{m.__name__}.{n}" for m, n, _ in self.replaced)
+        names = ", ".join(f"{m.__name__}.{n}" for m, n, _, _ in self.replaced)
         return f"TrlPatch({names})"
+
+
+def _unretired(value):
+    """``value``, or, when it is a replacement of an undone patch, the first live value beneath it."""
+    while getattr(value, "thinkfuse_retired", False):
+        value = value.thinkfuse_original
+    return value
 
 
 def patch_trl(*, backend: Optional[str] = None) -> TrlPatch:
@@ -815,14 +849,26 @@ def patch_trl(*, backend: Optional[str] = None) -> TrlPatch:
     formulas are the ones ``grpo_loss`` reproduces. TRL handles gradient accumulation and the
     gathering of a sharded lm_head (FSDP2 ``full_tensor``) before it calls the patched function.
     """
+    patch = TrlPatch([])
+    try:
+        _replace_trl_functions(patch.replaced, backend)
+    except BaseException:
+        patch.undo()  # an error part way (e.g. a trl module failing to import): put back what was replaced
+        raise
+    if not patch.replaced:
+        raise RuntimeError("patch_trl found neither _ChunkedLogProbFunction nor selective_log_softmax in trl")
+    return patch
+
+
+def _replace_trl_functions(replaced: list, backend) -> None:
+    """patch_trl's replacements, each recorded in ``replaced`` as soon as it is made."""
     import importlib
 
     utils = importlib.import_module("trl.trainer.utils")
-    replaced = []
 
     def replace(module, name, new):
         if hasattr(module, name):
-            replaced.append((module, name, getattr(module, name)))
+            replaced.append((module, name, getattr(module, name), new))
             setattr(module, name, new)
 
     original_chunked = getattr(utils, "_ChunkedLogProbFunction", None)
@@ -835,9 +881,6 @@ def patch_trl(*, backend: Optional[str] = None) -> TrlPatch:
         grpo_module = importlib.import_module("trl.trainer.grpo_trainer")
         if getattr(grpo_module, "selective_log_softmax", None) is original_selective:
             replace(grpo_module, "selective_log_softmax", new_selective)
-    if not replaced:
-        raise RuntimeError("patch_trl found neither _ChunkedLogProbFunction nor selective_log_softmax in trl")
-    return TrlPatch(replaced)
 
 
 def _trl_selective_log_softmax(original, backend):

@@ -594,3 +594,13 @@ def test_numpy_scalar_temperatures_are_taken():
         tokens, accepted = mtp_verify(draft, logits, temperature=temperature)
         want_tokens, want_accepted = mtp_verify(draft, logits, temperature=0.0)
         assert torch.equal(tokens, want_tokens) and torch.equal(accepted, want_accepted)
+
+
+def test_a_generator_must_be_on_the_logits_device_index_included():
+    from thinkfuse.ops.mtp_verify import _same_device
+
+    cuda = lambda index=None: torch.device("cuda", index)  # noqa: E731
+    assert _same_device(torch.device("cpu"), torch.device("cpu"))
+    assert _same_device(cuda(0), cuda(0)) and _same_device(cuda(), cuda(1)) and _same_device(cuda(1), cuda())
+    assert not _same_device(cuda(0), cuda(1))
+    assert not _same_device(torch.device("cpu"), cuda(0))

@@ -162,7 +162,7 @@ def _check_args(draft_tokens, target_logits, temperature, draft_probs, generator
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != target_logits.device.type:
+        if not _same_device(generator.device, target_logits.device):
             raise ValueError(
                 f"generator is on {generator.device} but target_logits is on {target_logits.device}"
             )
@@ -170,6 +170,16 @@ def _check_args(draft_tokens, target_logits, temperature, draft_probs, generator
     if draft_tokens.device.type == "cpu" and draft_tokens.numel() and not torch.compiler.is_compiling():
         _check_ids_in_range(draft_tokens, vocab)
     return temperature
+
+
+def _same_device(generator_device: torch.device, tensor_device: torch.device) -> bool:
+    """Whether torch.rand can draw on ``tensor_device`` with a generator of ``generator_device``:
+    the same type, and the same index where both have one (a cuda:0 generator cannot draw on
+    cuda:1)."""
+    if generator_device.type != tensor_device.type:
+        return False
+    return generator_device.index is None or tensor_device.index is None or \
+        generator_device.index == tensor_device.index
 
 
 def _check_ids_in_range(draft_tokens: Tensor, vocab: int) -> None:

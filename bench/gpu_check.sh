@@ -81,15 +81,17 @@ BENCH_JOBS=(
 )
 JOB_NAMES=" ${BENCH_JOBS[*]%%:*} "
 if [ -n "${BENCH_JOBS_SELECT:-}" ]; then
-    # Every name must be a job's: a misspelt one would leave its job out without a word.
-    for name in ${BENCH_JOBS_SELECT//,/ }; do
+    # The names, split at commas and blanks ("e2e, logprobs" too), without glob expansion; each
+    # must be a job's: a misspelt one would leave its job out without a word.
+    read -r -a SELECT_NAMES <<<"${BENCH_JOBS_SELECT//,/ }"
+    for name in "${SELECT_NAMES[@]}"; do
         case "$JOB_NAMES" in *" $name "*) ;; *)
             echo "BENCH_JOBS_SELECT=$BENCH_JOBS_SELECT: no bench job '$name' (jobs:$JOB_NAMES)" >&2; exit 2 ;;
         esac
     done
     SELECTED=()
     for job in "${BENCH_JOBS[@]}"; do
-        case ",$BENCH_JOBS_SELECT," in *",${job%%:*},"*) SELECTED+=("$job") ;; esac
+        case " ${SELECT_NAMES[*]} " in *" ${job%%:*} "*) SELECTED+=("$job") ;; esac
     done
     [ "${#SELECTED[@]}" -gt 0 ] || { echo "BENCH_JOBS_SELECT=$BENCH_JOBS_SELECT names no job of:$JOB_NAMES" >&2; exit 2; }
     BENCH_JOBS=("${SELECTED[@]}")
@@ -336,8 +338,9 @@ step_tests_sm90() {
 
 step_bench() {
     # Each job in its own directory under its own limit (SIGTERM lets the harness write the rows
-    # it has); then one merged results directory. exec-free: the jobs run one by one.
-    local job name limit args left
+    # it has); then one merged results directory. exec-free: the jobs run one by one. The step
+    # fails when a job did (the merge only sees the jobs that got as far as measuring).
+    local job name limit args left rc failed=0
     while IFS= read -r job; do
         IFS=: read -r name limit args <<<"$job"
         # Cut to what is left of the step, keeping 30 s for the job's SIGKILL grace (20 s) and
@@ -346,14 +349,18 @@ step_bench() {
         [ "$limit" -gt "$left" ] && limit=$left
         if [ "$limit" -lt 10 ]; then
             echo "--- bench job $name: SKIPPED (the bench step's time is spent)"
+            failed=1
             continue
         fi
         echo "--- bench job $name (limit ${limit}s): $args"
         # shellcheck disable=SC2086  # args is a word list on purpose
         timeout -s TERM -k 20 "$limit" "$PYTHON" -m bench --no-plots --out "$RESULTS_DIR/jobs/$name" $args
-        echo "--- bench job $name: rc=$?"
+        rc=$?
+        echo "--- bench job $name: rc=$rc"
+        [ "$rc" -eq 0 ] || failed=1
     done <<<"$BENCH_JOBS_SERIALISED"
-    merge_bench_jobs
+    merge_bench_jobs || return 1
+    return "$failed"
 }
 
 step_profile() {

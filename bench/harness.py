@@ -341,7 +341,8 @@ METRIC_KEYS = (
     "median_ms", "gbps", "frac_copy_bw", "tflops", "frac_matmul_peak",
     "speedup_vs_hf_eager", "speedup_vs_torch_compile", "peak_mem_mb",
     # thinkfuse rows: {baseline impl: its ms / this row's ms} for every baseline of the same
-    # group (op, variant, shape, mode, dtype) measured in the run, and the fastest of them.
+    # group (op, variant, shape, mode, dtype, model, timing kind: see _group_key) measured in the
+    # run, and the fastest of them.
     "speedup_vs", "best_baseline", "speedup_vs_best_baseline",
     # True for a row timed as CUDA-graph replays (no L2 flush between them) whose bytes_moved fit
     # in the device's L2: its GB/s and fraction of copy bandwidth are not DRAM figures.
@@ -438,7 +439,7 @@ def _l2_resident(row: dict, peaks: dict) -> Optional[bool]:
     l2_bytes = peaks.get("l2_cache_bytes")
     if not l2_bytes:
         return None
-    return bool(row["timing"] and "cudagraph" in row["timing"] and row["bytes_moved"] <= l2_bytes)
+    return _graph_timed(row) and row["bytes_moved"] <= l2_bytes
 
 
 def is_thinkfuse(impl: str) -> bool:
@@ -462,8 +463,20 @@ def _add_speedups_vs_every_baseline(rows: list[dict]) -> None:
 
 
 def _group_key(row: dict) -> tuple:
-    """Rows that differ only in implementation share this key."""
-    return row["op"], row["variant"], row["shape_label"], row["mode"], row["dtype"]
+    """Rows that differ only in implementation share this key, and only such rows are compared.
+
+    The model is part of it because some shapes do not name it (every e2e train-step row is
+    8192 tokens x 2 layers, whatever the preset). So is the timing kind: a CUDA-graph replay
+    (GPU time, inputs left in L2) against a plain do_bench row (host launches, L2 flushed) is
+    no speedup of the kernel (mtp_verify's sampling rows)."""
+    return (row["op"], row["variant"], row["shape_label"], row["mode"], row["dtype"], row.get("model"),
+            _graph_timed(row))
+
+
+def _graph_timed(row: dict) -> bool:
+    """Whether the row was timed as CUDA-graph replays (a failed capture falls back to do_bench,
+    and its label says so without naming do_bench_cudagraph)."""
+    return bool(row.get("timing") and "cudagraph" in row["timing"])
 
 
 def _ratio(numerator, denominator):
@@ -832,6 +845,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "(their rows.partial.jsonl + metadata.partial.json, or results.json), "
                              "merged, into --out")
     args = parser.parse_args(argv)
+    if args.finalize and args.out is None:
+        # The default directory names today and this machine's device, not those of the runs.
+        parser.error("--finalize needs --out (the merged runs' date and device are not this machine's)")
     if args.cuda_graph and not (args.op and set(args.op) <= GRAPH_SAFE_OPS):
         parser.error(f"--cuda-graph needs --op, each one of {sorted(GRAPH_SAFE_OPS)}: a capture that fails inside "
                      "a random op leaves torch's CUDA generator unusable for the rest of the run")
@@ -879,15 +895,21 @@ def run_ops(ops: list[str], config: Config, partial_path: Path) -> list[dict]:
                 cases = [case for case in op_cases(op, config) if config.selects(case.impl)]
             except Exception as exc:
                 traceback.print_exc()
-                cases, failed = [], error_row(op, f"cases() failed: {type(exc).__name__}: {exc}")
-                rows.append(failed)
+                cases = []
+                # Streamed like a measured row: a run killed later must still report the failure.
+                _keep_row(error_row(op, f"cases() failed: {type(exc).__name__}: {exc}"), rows, partial)
             for index, case in enumerate(cases, 1):
-                row = run_case(case, config)
-                rows.append(row)
-                partial.write(json.dumps(row) + "\n")
-                partial.flush()
+                row = _keep_row(run_case(case, config), rows, partial)
                 progress(index, len(cases), row)
     return rows
+
+
+def _keep_row(row: dict, rows: list[dict], partial) -> dict:
+    """Append ``row`` to the run's rows and to its partial file, flushed at once."""
+    rows.append(row)
+    partial.write(json.dumps(row) + "\n")
+    partial.flush()
+    return row
 
 
 @contextlib.contextmanager
@@ -982,21 +1004,41 @@ def write_results(out_dir: Path, metadata: dict, rows: list[dict], plots: bool =
 
 def finalize(run_dirs: list[Path], out_dir: Path, plots: bool = True) -> int:
     """Results from the partial files of runs that were killed before writing them (and/or the
-    results.json of finished runs), merged in the order given. The metadata (device, versions,
-    measured peaks) is the first run's; every run must have been on the same device."""
-    metadata, rows, stops = None, [], []
+    results.json of finished runs), merged in the order given. The metadata (device, versions)
+    is the first run's, with the measured peaks of the first run that measured them and every
+    run's commit; every run must have been on the same device."""
+    metadata, rows, stops, metas = None, [], [], []
     for run_dir in run_dirs:
         run_meta, run_rows, stopped = _load_run(run_dir)
         if metadata is None:
             metadata = run_meta
         elif run_meta["device"] != metadata["device"]:
             raise SystemExit(f"{run_dir} ran on {run_meta['device']}, not {metadata['device']}")
+        metas.append(run_meta)
         rows += run_rows
         if stopped:
             stops.append(f"{run_dir.name}: {stopped}")
-    metadata = dict(metadata, merged_from=[str(d) for d in run_dirs], interrupted="; ".join(stops) or None)
+    metadata = dict(metadata, merged_from=[str(d) for d in run_dirs], interrupted="; ".join(stops) or None,
+                    peaks=_first_measured_peaks(metas), git_commit=_merged_commits(metas))
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_results(out_dir, metadata, rows, plots)
+
+
+def _first_measured_peaks(metas: list[dict]) -> dict:
+    """The peaks of the first run that measured them: a job stopped while it measured the device
+    has none, and its place first in the merge must not leave every row without them."""
+    for meta in metas:
+        if (meta.get("peaks") or {}).get("copy_gbps"):
+            return meta["peaks"]
+    return metas[0].get("peaks") or {}
+
+
+def _merged_commits(metas: list[dict]) -> Optional[str]:
+    """The merged runs' commit, or every distinct one (in order) where they differ."""
+    commits = list(dict.fromkeys(meta.get("git_commit") or "unknown" for meta in metas))
+    if len(commits) == 1:
+        return metas[0].get("git_commit")
+    return "several: " + ", ".join(commits)
 
 
 def _load_run(run_dir: Path) -> tuple[dict, list[dict], Optional[str]]:

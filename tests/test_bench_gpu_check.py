@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 # The stand-in python. `-m bench --out DIR ...`: a bench job that records its pid, writes its
 # partial metadata, runs FAKE_JOB_SECONDS and writes results.json; on SIGTERM it writes the rows
-# it has (as bench.harness does) and exits 1. `-m bench --finalize ... --out DIR`: the merge.
+# it has (as bench.harness does) and exits 1; FAKE_CRASH_JOB names a job that exits 3 before writing
+# anything. `-m bench --finalize ... --out DIR`: the merge.
 FAKE_PYTHON = textwrap.dedent("""\
     #!/usr/bin/env bash
     echo "$*" >>"$FAKE_LOG"
@@ -42,6 +43,8 @@ FAKE_PYTHON = textwrap.dedent("""\
             *) shift ;;
         esac
     done
+    # FAKE_CRASH_JOB: that job fails before it measures anything (an import error, a bad argument).
+    case "$out" in */"${FAKE_CRASH_JOB:-}") echo "crashed before measuring" >&2; exit 3 ;; esac
     mkdir -p "$out"
     if [ "$finalize" = 1 ]; then echo '{"merged": true}' >"$out/results.json"; exit 0; fi
     read -r _ _ _ _ pgid _ </proc/$$/stat
@@ -122,6 +125,39 @@ def test_selected_jobs_run_and_merge(repo):
     assert sorted(p.name for p in (results / "jobs").iterdir()) == ["e2e", "logprobs"]
     assert json.loads((results / "results.json").read_text()) == {"merged": True}
     assert (repo[0].parent / "out" / f"{RUN_NAME}.tgz").is_file()
+
+
+def test_a_selection_with_spaces_after_its_commas_runs_every_job_it_names(repo):
+    """`BENCH_JOBS_SELECT="e2e, logprobs"`: every name passed the check, yet the selection looked
+    for ",logprobs," in ",e2e, logprobs," and ran e2e alone, without a word."""
+    done = _run(repo, "bench", BENCH_JOBS_SELECT="e2e, logprobs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = repo[0] / "bench" / "results" / RUN_NAME / "jobs"
+    assert sorted(p.name for p in jobs.iterdir()) == ["e2e", "logprobs"]
+
+
+def test_a_job_that_crashes_before_measuring_fails_the_bench_step(repo):
+    """A job that died before writing anything (an import error, a bad argument, CUDA failing to
+    start) left nothing for the merge to find: the merge of the other jobs succeeded and the
+    summary said `bench: ok`, the job's rows missing without a word."""
+    done = _run(repo, "bench", BENCH_JOBS_SELECT="e2e,logprobs", FAKE_CRASH_JOB="logprobs")
+    assert done.returncode != 0, done.stdout + done.stderr
+    summary = (repo[0] / "bench" / "results" / RUN_NAME / "logs" / "summary.txt").read_text()
+    assert "bench: FAILED" in summary, summary
+    log = (repo[0] / "bench" / "results" / RUN_NAME / "logs" / "bench.log").read_text()
+    assert "logprobs" in log and "rc=3" in log, log
+    # the jobs that did measure are still merged
+    assert json.loads((repo[0] / "bench" / "results" / RUN_NAME / "results.json").read_text()) == {"merged": True}
+
+
+def test_a_job_skipped_for_lack_of_time_fails_the_bench_step(repo):
+    """The first job (logprobs, 12 s) leaves the second (e2e) less than 10 s of the step's 50: it is skipped, and
+    the summary must not say `bench: ok` with its rows absent."""
+    done = _run(repo, "bench", BENCH_JOBS_SELECT="e2e,logprobs", BENCH_TIMEOUT="50", FAKE_JOB_SECONDS="12")
+    log = (repo[0] / "bench" / "results" / RUN_NAME / "logs" / "bench.log").read_text()
+    assert "--- bench job e2e: SKIPPED" in log and "--- bench job logprobs: rc=0" in log, log  # BENCH_JOBS order
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "bench: FAILED" in (repo[0] / "bench" / "results" / RUN_NAME / "logs" / "summary.txt").read_text()
 
 
 def test_a_results_directory_already_in_the_tree_is_left_alone(repo):

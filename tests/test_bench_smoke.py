@@ -167,6 +167,57 @@ def test_finalize_merges_killed_and_finished_runs(smoke, tmp_path):
     assert not (merged / harness.PARTIAL_ROWS).exists()
 
 
+def _finished_run(run_dir: Path, rows: list[dict], **metadata) -> Path:
+    """A run directory as the harness leaves it: results.json with metadata and rows."""
+    run_dir.mkdir()
+    base = {"date_utc": "2026-11-23T10:00:00+00:00", "smoke": False, "device": "NVIDIA H100 80GB HBM3",
+            "driver": "580.159.04", "cuda": "13.0", "torch": "2.11", "triton": "3.6", "transformers": "5",
+            "liger_kernel": None, "thinkfuse": "-", "thinkfuse_backends": [], "git_commit": "aaaa111",
+            "timing": "-", "compile_backend": "inductor", "models_json": "-", "bytes_counted": {},
+            "peaks": {"copy_gbps": 3000.0, "matmul_bf16_tflops": 700.0}}
+    (run_dir / "results.json").write_text(json.dumps({"metadata": base | metadata, "rows": rows}))
+    return run_dir
+
+
+def test_finalize_takes_the_peaks_of_a_run_that_measured_them(tmp_path):
+    """gpu_check merges its jobs in alphabetical order, and the first job's metadata is the
+    merged run's: a job stopped by its limit while it measured the device (the last job of a
+    call, cut to the seconds left) has empty peaks, and every merged row lost its fraction of
+    copy bandwidth and its L2 flag."""
+    row = _timed_row("rms_norm", "norm", {"tokens": 4096, "hidden": 1536}, "thinkfuse-cuda", 0.01)
+    row["bytes_moved"] = 30_000_000
+    stopped = _finished_run(tmp_path / "attention", [], peaks={}, interrupted="signal 15")
+    measured = _finished_run(tmp_path / "memory-bound", [row])
+    out = tmp_path / "merged"
+    harness.finalize([stopped, measured], out, plots=False)
+    data = json.loads((out / "results.json").read_text())
+    assert data["metadata"]["peaks"]["copy_gbps"] == 3000.0
+    assert data["rows"][0]["frac_copy_bw"] == pytest.approx(3000.0 / 3000.0)
+
+
+def test_finalize_names_every_commit_it_merges(tmp_path):
+    """Runs of one session can be at different commits (a job rerun after a fix); the merged
+    metadata named the first run's commit only, so rows measured at another passed for its."""
+    first = _finished_run(tmp_path / "a", [], git_commit="aaaa111")
+    second = _finished_run(tmp_path / "b", [], git_commit="bbbb222", date_utc="2026-11-23T11:00:00+00:00")
+    same = _finished_run(tmp_path / "c", [], git_commit="aaaa111")
+    out = tmp_path / "merged"
+    harness.finalize([first, second, same], out, plots=False)
+    metadata = json.loads((out / "results.json").read_text())["metadata"]
+    assert "aaaa111" in metadata["git_commit"] and "bbbb222" in metadata["git_commit"]
+    assert "bbbb222" in (out / "results.md").read_text()
+    harness.finalize([first, same], tmp_path / "one-commit", plots=False)
+    assert json.loads((tmp_path / "one-commit" / "results.json").read_text())["metadata"]["git_commit"] == "aaaa111"
+
+
+def test_finalize_needs_an_output_directory():
+    """Without --out, --finalize wrote to bench/results/<today>_<this machine's device>/: a GPU
+    run's jobs finished on a laptop the next day became `<next day>_cpu`."""
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--finalize", "some-run"])
+    assert harness.parse_args(["--finalize", "some-run", "--out", "merged"]).out == Path("merged")
+
+
 def test_thinkfuse_rows_get_speedups_over_every_baseline_of_their_group():
     def row(impl, ms, shape="s"):
         r = dict(op="attention", variant="v", shape_label=shape, mode="fwd", dtype="bfloat16", impl=impl,
@@ -180,6 +231,61 @@ def test_thinkfuse_rows_get_speedups_over_every_baseline_of_their_group():
     assert ours["speedup_vs"] == {"hf-eager": 4.0, "sdpa-cudnn": 0.5, "sdpa-flash": 1.5}
     assert ours["best_baseline"] == "sdpa-cudnn" and ours["speedup_vs_best_baseline"] == 0.5
     assert all(r["speedup_vs"] is None for r in rows[1:])  # baselines, an untimed row, another group
+
+
+def _timed_row(op, variant, shape, impl, ms, model="m", timing="do_bench median (CUDA events)"):
+    case = harness.Case(op=op, impl=impl, variant=variant, mode="fwd+bwd", shape=shape, model=model,
+                        dtype=torch.bfloat16)
+    return harness.base_row(case) | {"status": "ok", "median_ms": ms, "timing": timing}
+
+
+def test_speedups_compare_rows_of_the_same_model_only():
+    """e2e train-step rows of every preset share one shape (8192 tokens x 4096 x 2 layers): a
+    full run's thinkfuse Palmyra-mini row was divided into the last preset's hf-sdpa time (a 7x
+    slower model), not its own."""
+    shape = {"tokens": 8192, "seq": 4096, "layers": 2}
+    rows = [_timed_row("e2e", "train-step", shape, "hf-sdpa", 50.0, model="palmyra-mini"),
+            _timed_row("e2e", "train-step", shape, "thinkfuse", 40.0, model="palmyra-mini"),
+            _timed_row("e2e", "train-step", shape, "hf-sdpa", 400.0, model="am-thinking-v1"),
+            _timed_row("e2e", "train-step", shape, "thinkfuse", 320.0, model="am-thinking-v1")]
+    harness.add_derived_metrics(rows, {})
+    assert rows[1]["speedup_vs"] == {"hf-sdpa": pytest.approx(1.25)}
+    assert rows[3]["speedup_vs"] == {"hf-sdpa": pytest.approx(1.25)}
+
+
+def test_speedups_compare_rows_timed_the_same_way_only():
+    """mtp_verify's thinkfuse sampling rows are CUDA-graph replays (GPU time, no L2 flush) and
+    vllm-style's plain do_bench (host launches, L2 flushed): their ratio (12.6x on the
+    2026-11-23 H100) is not a speedup of the kernel. A thinkfuse row gets speedups only over
+    baselines timed as it was."""
+    graph = "do_bench_cudagraph median (CUDA graph replay: no host overhead)"
+    shape = {"batch": 64, "drafts": 1, "vocab": 151680}
+    rows = [_timed_row("mtp_verify", "sample", shape, "thinkfuse-cuda", 0.087, timing=graph),
+            _timed_row("mtp_verify", "sample", shape, "thinkfuse-torch", 1.6),
+            _timed_row("mtp_verify", "sample", shape, "vllm-style", 1.1),
+            _timed_row("mtp_verify", "sample", shape, "hf-eager", 2.2)]
+    harness.add_derived_metrics(rows, {})
+    assert rows[0]["speedup_vs"] is None and rows[0]["best_baseline"] is None
+    assert rows[0]["speedup_vs_hf_eager"] is None
+    assert rows[1]["speedup_vs"] == {"hf-eager": pytest.approx(2.2 / 1.6), "vllm-style": pytest.approx(1.1 / 1.6)}
+    assert rows[1]["speedup_vs_hf_eager"] == pytest.approx(2.2 / 1.6)
+
+
+def test_an_op_whose_cases_fail_keeps_its_error_row_in_the_partial_rows(tmp_path, monkeypatch):
+    """The error row of an op whose cases() raised was only in memory: a job killed later (as the
+    logprobs and mtp_verify jobs were on 2026-11-23) wrote, or --finalize merged, its partial
+    rows without it, and the op's failure vanished from the results."""
+    def cases(op, config):
+        if op == "broken":
+            raise ImportError("no module named something")
+        return []
+
+    monkeypatch.setattr(harness, "op_cases", cases)
+    config = _gpu_config(smoke=True, device=torch.device("cpu"))
+    partial = tmp_path / harness.PARTIAL_ROWS
+    rows = harness.run_ops(["broken", "fine"], config, partial)
+    assert [r["status"] for r in rows] == ["error"]
+    assert harness._read_partial(partial) == rows
 
 
 def test_smoke_refuses_to_write_under_bench_results():

@@ -536,3 +536,14 @@ def test_static_generate_at_a_tiny_temperature_decodes_greedily():
     ids = tiny_batch(3, 7, seed=1, device=DEVICE)
     sequences, _ = static_decode.static_generate(model, ids, max_new_tokens=6, temperature=1e-40, eos_token_id=[])
     assert torch.equal(sequences, _greedy(model, ids, 6, eos_token_id=None))
+
+
+def test_a_model_of_the_same_module_layout_but_another_family_is_refused():
+    """Qwen3 has Qwen2's modules plus q/k norms inside the attention, which the engine does not
+    run: its tokens were silently not generate's. Only the families it re-implements pass."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model = _tiny(Qwen3Config, Qwen3ForCausalLM)
+    ids = tiny_batch(2, 5, seed=0, device=DEVICE)
+    with pytest.raises(TypeError, match="static decoding needs a causal LM .*Qwen3ForCausalLM"):
+        static_decode.greedy_generate(model, ids, max_new_tokens=4, eos_token_id=[])

@@ -31,9 +31,10 @@ attention skips the padding slots in place (``decode_attention``'s ``cache_leftp
 prefill runs varlen over the prompt's tokens).
 
 ``static_generate`` (greedy or sampled; ``greedy_generate`` is its temperature 0) runs the same
-engine without the MTP layer: one token per step, for every causal LM of the Qwen2 / Mistral /
-Ministral 3 layout (MiMo's trunk included). It is the plain decoding that speculation has to
-beat once host cost is gone.
+engine without the MTP layer: one token per step, for the causal LMs of Qwen2, Mistral,
+Ministral 3 and MiMo (its trunk); other families are refused, even with the same modules (see
+STATIC_DECODE_MODEL_TYPES). It is the plain decoding that speculation has to beat once host cost
+is gone.
 
 Sampling (``temperature > 0``, with top-k / top-p / min-p): each plain token, and with MTP the
 first token and each draft, are sampled from the filtered softmax (thinkfuse.sampling, as
@@ -71,13 +72,21 @@ WARMUP_STEPS = 2
 STATIC_DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+#: The families whose decoder layer the engine re-implements. Others with the same modules compute
+#: something else (Qwen3: q/k norms in the attention; Granite: embedding and logit multipliers),
+#: so the module layout alone does not admit a model.
+STATIC_DECODE_MODEL_TYPES = ("qwen2", "mistral", "ministral3", "mimo")
+
+
 def check_layout(model) -> None:
-    """TypeError unless ``model`` is a causal LM of the layout the static decoder runs."""
+    """TypeError unless ``model`` is a causal LM of a family and layout the static decoder runs."""
     base = getattr(model, "model", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(
-            model, "lm_head"):
-        raise TypeError(f"static decoding needs a causal LM with model.{{embed_tokens, layers, norm, rotary_emb}} and "
-                        f"lm_head (Qwen2, Mistral, Ministral 3, MiMo), got {type(model).__name__}")
+            model, "lm_head") or model_type not in STATIC_DECODE_MODEL_TYPES:
+        raise TypeError(f"static decoding needs a causal LM of Qwen2, Mistral, Ministral 3 or MiMo (model_type one of "
+                        f"{STATIC_DECODE_MODEL_TYPES}, with model.{{embed_tokens, layers, norm, rotary_emb}} and "
+                        f"lm_head), got {type(model).__name__} (model_type {model_type!r})")
 
 
 def check_static_decode_applies(model, attention_mask: Tensor | None) -> None:

@@ -597,7 +597,7 @@ def test_numpy_scalar_temperatures_are_taken():
 
 
 def test_a_generator_must_be_on_the_logits_device_index_included():
-    from thinkfuse.ops.mtp_verify import _same_device
+    from thinkfuse._checks import same_generator_device as _same_device
 
     cuda = lambda index=None: torch.device("cuda", index)  # noqa: E731
     assert _same_device(torch.device("cpu"), torch.device("cpu"))

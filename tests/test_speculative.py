@@ -394,6 +394,8 @@ def test_bad_arguments():
         mtp_generate(model, ids - ids.max() - 1, max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids must hold at least one row"):
         mtp_generate(model, ids[:0], max_new_tokens=2)  # was a RuntimeError from deep inside
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):  # before the prefill
+        mtp_generate(model, ids, max_new_tokens=2, temperature=0.8, generator=123)
     for eos in (3.5, "7", [1, None], torch.tensor([1.0])):  # were errors that did not name it
         with pytest.raises(TypeError, match="eos_token_id"):
             mtp_generate(model, ids, max_new_tokens=2, eos_token_id=eos)

@@ -375,6 +375,8 @@ def test_plain_greedy_bad_arguments():
         static_decode.greedy_generate(model, ids[:0], max_new_tokens=2)
     with pytest.raises(TypeError, match="eos_token_id"):
         static_decode.greedy_generate(model, ids, max_new_tokens=2, eos_token_id=[2, 3.0])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):  # before the prefill
+        static_decode.static_generate(model, ids, max_new_tokens=2, temperature=0.8, generator=123)
     sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=0)
     assert torch.equal(sequences, ids) and stats["target_forwards"] == 0 and stats["new_tokens"] == 0
 

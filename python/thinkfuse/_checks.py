@@ -70,3 +70,23 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 def with_unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim has unit stride (any other strides are fine), else a copy."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def check_generator(generator, device: torch.device, tensor_name: str) -> None:
+    """None, or a torch.Generator that can draw on ``device`` (where ``tensor_name`` lives):
+    the same device type, and the same index where both have one (a cuda:0 generator cannot
+    draw on cuda:1)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not same_generator_device(generator.device, device):
+        raise ValueError(f"generator is on {generator.device} but {tensor_name} is on {device}")
+
+
+def same_generator_device(generator_device: torch.device, tensor_device: torch.device) -> bool:
+    if generator_device.type != tensor_device.type:
+        return False
+    return generator_device.index is None or tensor_device.index is None or \
+        generator_device.index == tensor_device.index
+

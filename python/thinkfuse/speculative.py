@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from ._checks import check_float
+from ._checks import check_float, check_generator
 from .sampling import Sampling, pick, verify, warpers
 from .static_decode import check_static_decode_applies, static_mtp_decode
 
@@ -79,6 +79,8 @@ def mtp_generate(
     after a warning when the step could not be captured).
     """
     temperature = _check_args(model, input_ids, max_new_tokens, temperature, attention_mask)
+    # the device type only: a model split over GPUs draws where its logits are, checked there
+    check_generator(generator, torch.device(input_ids.device.type), "input_ids")
     sampling = Sampling(temperature, generator, warpers(top_k, top_p, min_p))
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from ._checks import check_float
+from ._checks import check_float, check_generator
 from .backend import cuda_has_op, get_backend, triton_interpreter_enabled, why_unavailable
 from .patching.forwards import attention_window, has_static_rope
 from .rope_params import llama4_scaling, rope_params
@@ -350,6 +350,8 @@ def static_generate(model, input_ids: Tensor, *, max_new_tokens: int, attention_
     _check_ids(model, input_ids, max_new_tokens)
     _check_mask(input_ids, attention_mask)
     check_static_decode_applies(model, attention_mask)
+    # the device type only: a model split over GPUs draws where its logits are, checked there
+    check_generator(generator, torch.device(input_ids.device.type), "input_ids")
     sampling = Sampling(check_float("temperature", temperature, non_negative=True), generator,
                         warpers(top_k, top_p, min_p))
     eos_ids = _eos_ids(model, eos_token_id, input_ids.device)

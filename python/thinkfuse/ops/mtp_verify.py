@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor, with_unit_last_stride
+from .._checks import FLOAT_DTYPES, check_float, check_generator, check_same_device, check_tensor, with_unit_last_stride
 from ..backend import resolve_backend
 from ._registry import call, custom_op, implementation
 
@@ -159,27 +159,11 @@ def _check_args(draft_tokens, target_logits, temperature, draft_probs, generator
                 f"draft_probs must be [B, K, V] = [{batch}, {k}, {vocab}], got {tuple(draft_probs.shape)}"
             )
     check_same_device(target_logits=target_logits, draft_tokens=draft_tokens, draft_probs=draft_probs)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if not _same_device(generator.device, target_logits.device):
-            raise ValueError(
-                f"generator is on {generator.device} but target_logits is on {target_logits.device}"
-            )
+    check_generator(generator, target_logits.device, "target_logits")
     # Reading values costs a host sync on GPU (and a graph break under torch.compile).
     if draft_tokens.device.type == "cpu" and draft_tokens.numel() and not torch.compiler.is_compiling():
         _check_ids_in_range(draft_tokens, vocab)
     return temperature
-
-
-def _same_device(generator_device: torch.device, tensor_device: torch.device) -> bool:
-    """Whether torch.rand can draw on ``tensor_device`` with a generator of ``generator_device``:
-    the same type, and the same index where both have one (a cuda:0 generator cannot draw on
-    cuda:1)."""
-    if generator_device.type != tensor_device.type:
-        return False
-    return generator_device.index is None or tensor_device.index is None or \
-        generator_device.index == tensor_device.index
 
 
 def _check_ids_in_range(draft_tokens: Tensor, vocab: int) -> None:

@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-fast check-cuda bench bench-smoke gpu-check gpu-wheels build-cuda clean
+.PHONY: venv demo test check-cuda bench bench-smoke gpu-check gpu-wheels build-cuda clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)

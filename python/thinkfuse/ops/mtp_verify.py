@@ -107,18 +107,9 @@ def mtp_verify(
     if temperature > 0:
         probs = None if draft_probs is None else with_unit_last_stride(draft_probs)
         uniforms = _uniforms(draft.shape[0], draft.shape[1] + 1, logits.device, generator)
-    if logits.device.type == "meta":
-        return _shape_only_outputs(draft)
     if name == "torch":
         return reference.mtp_verify(draft, logits, temperature, probs, uniforms)
     return call("mtp_verify", draft, logits, probs, uniforms, temperature, name, splits)
-
-
-def _shape_only_outputs(draft: Tensor) -> tuple[Tensor, Tensor]:
-    """Empty outputs of the right shapes, for meta tensors: no kernel can run on them, and the
-    reference's sampled path indexes with data-dependent masks, which meta tensors cannot."""
-    batch, k = draft.shape
-    return draft.new_empty((batch, k + 1), dtype=torch.int64), draft.new_empty((batch,), dtype=torch.int64)
 
 
 def _check_num_splits(num_splits) -> int:

@@ -21,6 +21,13 @@ from . import ops, reference
 from ._checks import check_float
 
 
+# Below this temperature, logits / temperature may overflow float32 (logits up to 1e18 cannot
+# above it). Sampling.scores then gives an overflowing row its limit, and verify hands mtp_verify
+# those scores at temperature 1: the kernels' own division would reject every draft, right ones
+# included. Above it neither costs a pass over the logits.
+OVERFLOW_TEMPERATURE = 1e-20
+
+
 @dataclass
 class Sampling:
     """How tokens are chosen: argmax (temperature 0), or a sample of the softmax of the logits
@@ -41,15 +48,19 @@ class Sampling:
         temperature and filtered (float32; filtered entries -inf)."""
         logits = logits.float()
         scores = logits / self.temperature  # generate's division, so the warpers see its scores
-        # A temperature so small that a row's largest score overflows float32 (or is NaN: a
-        # temperature below float32's range divides by 0) would make softmax NaN. That row's
-        # distribution is then, to float32, its limit: uniform over its largest logits.
-        top = logits.amax(dim=-1, keepdim=True)
-        limit = torch.where(logits == top, 0.0, float("-inf"))
-        scores = torch.where(scores.amax(dim=-1, keepdim=True).isfinite(), scores, limit)
+        if self.temperature < OVERFLOW_TEMPERATURE:
+            scores = _limit_where_overflowed(logits, scores)
         if self.warpers is None:
             return scores
         return self.warpers(None, scores.reshape(-1, scores.shape[-1])).view(scores.shape)
+
+
+def _limit_where_overflowed(logits: Tensor, scores: Tensor) -> Tensor:
+    """A row whose largest score overflowed float32 (or is NaN: a temperature below float32's
+    range divides by 0) would make softmax NaN; its distribution is then, to float32, its limit:
+    uniform over its largest logits."""
+    limit = torch.where(logits == logits.amax(dim=-1, keepdim=True), 0.0, float("-inf"))
+    return torch.where(scores.amax(dim=-1, keepdim=True).isfinite(), scores, limit)
 
 
 def warpers(top_k=None, top_p=None, min_p=None):
@@ -104,19 +115,13 @@ def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return (probs / race).argmax(dim=-1)
 
 
-# mtp_verify divides the logits by the temperature itself. Below this temperature a quotient may
-# overflow float32 (logits up to 1e18 cannot), and the kernels would then reject every draft, right
-# ones included; Sampling.scores gives such rows their limit instead, verified at temperature 1.
-KERNEL_MIN_TEMPERATURE = 1e-20
-
-
 def verify(draft: Tensor, logits: Tensor, sampling: Sampling, draft_probs: Tensor | None):
     """``ops.mtp_verify`` of ``draft`` ``[B, K]`` against ``logits`` ``[B, K+1, V]``; float64
     models (the kernels take 16/32-bit floats) verify with the reference, so greedy decoding stays
     exact there too. With warpers the target's filtered scores are verified at temperature 1
     (they hold the temperature already)."""
     temperature, generator = sampling.temperature, sampling.generator
-    if temperature > 0 and (sampling.warpers is not None or temperature < KERNEL_MIN_TEMPERATURE):
+    if temperature > 0 and (sampling.warpers is not None or temperature < OVERFLOW_TEMPERATURE):
         logits, temperature = sampling.scores(logits), 1.0
     if logits.dtype != torch.float64:
         return ops.mtp_verify(draft, logits, temperature=temperature, draft_probs=draft_probs, generator=generator)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
 
 
 def triton_kernels(op: str):
@@ -218,6 +217,8 @@ def _make_functorch_function(name: str):
     def backward(ctx, *grads):
         if registered_backward is None:
             raise _no_derivative_error(name, ctx.thinkfuse_backend)
+        from torch._functorch.utils import unwrap_dead_wrappers  # private: imported only under torch.func
+
         return registered_backward(_ContextWithLiveSavedTensors(ctx), *unwrap_dead_wrappers(grads))
 
     return type(f"thinkfuse_{name}_functorch", (torch.autograd.Function,), {
@@ -242,4 +243,6 @@ class _ContextWithLiveSavedTensors:
 
     @property
     def saved_tensors(self):
+        from torch._functorch.utils import unwrap_dead_wrappers
+
         return unwrap_dead_wrappers(self._ctx.saved_tensors)

@@ -575,6 +575,37 @@ def test_grpo_loss_module_checks_arguments_before_the_lm_head(options, monkeypat
         GRPOLoss(beta=0.1, **options)(h, weight, ids, mask, advantages, old)
     assert not calls, "the lm_head ran before the arguments were checked"
 
+@pytest.mark.parametrize("options", [dict(one_pass=False), dict(top_entropy_quantile=0.5)])
+def test_grpo_loss_module_computes_the_loss_once(options, monkeypatch):
+    """The up-front checks compute nothing: the loss is computed once per forward (it used to be
+    computed on zeros as well, a few [B, T] kernels per step)."""
+    import thinkfuse.grpo as grpo_module
+
+    hidden, weight, _, ids = _module_inputs(seed=17)
+    _, old, _, advantages, mask = _batch(12)
+    real, calls = grpo_module.grpo_loss, []
+    monkeypatch.setattr(grpo_module, "grpo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss, _ = GRPOLoss(**options)(hidden.clone().requires_grad_(), weight, ids, mask, advantages, old)
+    assert len(calls) == 1 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="dr_grpo", max_completion_length=0),
+                                     dict(loss_type="dapo", world_size=0), dict(loss_type="dapo", world_size=1.5)])
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_grpo_loss_module_checks_normalisation_options_before_the_lm_head(options, one_pass, monkeypatch):
+    """Options only the loss's normalisation reads are refused before the lm_head runs too."""
+    import thinkfuse.grpo as grpo_module
+
+    calls = []
+    monkeypatch.setattr(grpo_module, "fused_linear_token_logprobs", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(grpo_module, "fused_linear_logprobs_with_grads", lambda *a, **k: calls.append(1))
+    hidden, weight, _, ids = _module_inputs(seed=17)
+    _, old, _, advantages, mask = _batch(12)
+    with pytest.raises(ValueError, match="must be a positive int"):
+        GRPOLoss(one_pass=one_pass, **options)(hidden.clone().requires_grad_(), weight, ids, mask, advantages, old)
+    assert not calls, "the lm_head ran before the arguments were checked"
+
+
 def test_grpo_loss_module_rejects_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         GRPOLoss(loss_type="ppo")

@@ -169,6 +169,29 @@ def grpo_loss(
     ``entropy`` (mean over the scored tokens) when ``entropies`` is given, and ``policy_loss``
     (the loss before the entropy bonus) when ``entropy_coef != 0``.
     """
+    options = _checked_options(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, beta=beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        world_size=world_size, delta=delta, use_bias_correction_kl=use_bias_correction_kl,
+        importance_sampling_level=importance_sampling_level, entropies=entropies,
+        top_entropy_quantile=top_entropy_quantile, entropy_quantile_group=entropy_quantile_group,
+        entropy_coef=entropy_coef, importance_sampling_ratio=importance_sampling_ratio,
+        off_policy_mask_threshold=off_policy_mask_threshold, sampling_logprobs=sampling_logprobs,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg)
+    return _loss_and_metrics(logprobs, old_logprobs, advantages, mask, **options)
+
+
+def _checked_options(logprobs, old_logprobs, advantages, mask, *, ref_logprobs, beta, epsilon_low, epsilon_high,
+                     loss_type, max_completion_length, num_items_in_batch, world_size, delta,
+                     use_bias_correction_kl, importance_sampling_level, entropies, top_entropy_quantile,
+                     entropy_quantile_group, entropy_coef, importance_sampling_ratio, off_policy_mask_threshold,
+                     sampling_logprobs, sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos,
+                     vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg) -> dict:
+    """Every check grpo_loss makes, before it computes anything (GRPOLoss makes them before its
+    lm_head work too); returns grpo_loss's options with the numbers as floats, and vespo's four
+    parameters as one list (None for other loss types)."""
     _check_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropies, importance_sampling_ratio,
                      sampling_logprobs)
     beta = check_float("beta", beta, non_negative=True)
@@ -198,6 +221,7 @@ def grpo_loss(
     if loss_type == "sapo":
         sapo_temperature_pos = check_float("sapo_temperature_pos", sapo_temperature_pos, positive=True)
         sapo_temperature_neg = check_float("sapo_temperature_neg", sapo_temperature_neg, positive=True)
+    vespo = None
     if loss_type == "vespo":
         vespo = [check_float(name, value) for name, value in (
             ("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
@@ -207,7 +231,35 @@ def grpo_loss(
                              "token_truncate / token_mask modes), got shape "
                              f"{tuple(importance_sampling_ratio.shape)}")
     _check_num_items(num_items_in_batch)
+    if loss_type == "dr_grpo":
+        _check_positive_int("max_completion_length", max_completion_length, none_ok=True)
+    if loss_type in TOKEN_SUM_LOSS_TYPES:
+        _check_positive_int("world_size", world_size)
+    return dict(ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                loss_type=loss_type, max_completion_length=max_completion_length,
+                num_items_in_batch=num_items_in_batch, world_size=world_size, delta=delta,
+                use_bias_correction_kl=use_bias_correction_kl, importance_sampling_level=importance_sampling_level,
+                entropies=entropies, top_entropy_quantile=top_entropy_quantile,
+                entropy_quantile_group=entropy_quantile_group, entropy_coef=entropy_coef,
+                importance_sampling_ratio=importance_sampling_ratio,
+                off_policy_mask_threshold=off_policy_mask_threshold, sampling_logprobs=sampling_logprobs,
+                sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg, vespo=vespo)
 
+
+def _check_positive_int(name, value, none_ok=False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _loss_and_metrics(logprobs, old_logprobs, advantages, mask, *, ref_logprobs, beta, epsilon_low,
+                      epsilon_high, loss_type, max_completion_length, num_items_in_batch, world_size, delta,
+                      use_bias_correction_kl, importance_sampling_level, entropies, top_entropy_quantile,
+                      entropy_quantile_group, entropy_coef, importance_sampling_ratio,
+                      off_policy_mask_threshold, sampling_logprobs, sapo_temperature_pos, sapo_temperature_neg,
+                      vespo) -> tuple[Tensor, dict]:
+    """grpo_loss on checked options (_checked_options)."""
     scored = mask != 0
     mask = mask.to(torch.float32)
     # Unscored positions read as log-prob 0, on-policy and equal to the reference (ratio 1, KL 0):
@@ -424,12 +476,8 @@ def _normalise(masked_loss, mask, loss_type, max_completion_length, num_items_in
         return masked_loss.sum(-1).mean()
     if loss_type == "dr_grpo":
         length = masked_loss.shape[1] if max_completion_length is None else max_completion_length
-        if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length <= 0:
-            raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
         return masked_loss.sum() / (masked_loss.shape[0] * length)
     # dapo, cispo, vespo
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size <= 0:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     items = mask.sum() if num_items_in_batch is None else num_items_in_batch
     items = torch.as_tensor(items, dtype=masked_loss.dtype, device=masked_loss.device)
     return masked_loss.sum() / (items.clamp(min=1.0) / world_size)
@@ -724,18 +772,14 @@ class _ProcessGroupSlot:
 
 
 def _check_module_loss_args(hidden, mask, advantages, old_logprobs, with_entropies, loss_kwargs) -> None:
-    """GRPOLoss's arguments checked before any lm_head work: grpo_loss on stand-in log-probs
-    (and entropies), zeros of the mask's shape. The entropy quantile and its group are only
-    checked, not taken (over a group that would be a collective)."""
+    """GRPOLoss's arguments checked before any lm_head work: grpo_loss's checks (nothing computed)
+    on stand-ins of the mask's shape for the log-probs (and entropies) still to be computed."""
     shape = tuple(mask.shape)
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape:
         raise ValueError(f"hidden must be [B, T, H] with [B, T] = mask's shape {shape}, got {tuple(hidden.shape)}")
-    _checked_quantile(loss_kwargs["top_entropy_quantile"])
-    _check_process_group("entropy_quantile_group", loss_kwargs["entropy_quantile_group"])
-    zeros = torch.zeros(shape, dtype=torch.float32, device=hidden.device)
-    with torch.no_grad():
-        grpo_loss(zeros, old_logprobs, advantages, mask, entropies=zeros if with_entropies else None,
-                  **{**loss_kwargs, "top_entropy_quantile": 1.0, "entropy_quantile_group": None})
+    stand_in = torch.empty(shape, dtype=torch.float32, device=hidden.device)
+    _checked_options(stand_in, old_logprobs, advantages, mask, entropies=stand_in if with_entropies else None,
+                     **loss_kwargs)
 
 
 def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, temperature, loss_kwargs,

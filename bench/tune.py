@@ -101,7 +101,11 @@ ATTENTION_GPU_SHAPES = (
     AttentionShape(8, 2048, 32, 8, 128, True),
     AttentionShape(2, 8192, 12, 2, 128, True),  # Palmyra-mini's heads
 )
-ATTENTION_SMOKE_SHAPES = (AttentionShape(1, 37, 4, 2, 32, True), AttentionShape(2, 19, 2, 1, 64, False))
+# The third is longer than the largest query tile (256) plus the largest key tile (128), and a
+# multiple of neither, so that every candidate also runs its unmasked interior blocks, not only
+# the masked edge ones.
+ATTENTION_SMOKE_SHAPES = (AttentionShape(1, 37, 4, 2, 32, True), AttentionShape(2, 19, 2, 1, 64, False),
+                          AttentionShape(1, 300, 2, 1, 16, True))
 
 
 @dataclass

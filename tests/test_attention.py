@@ -15,6 +15,7 @@ from attention_helpers import (
     assert_lse_close,
     assert_rows_without_keys_empty,
     cu_seqlens,
+    eager_attention,
     failure_label,
     qkv,
     randn,
@@ -22,7 +23,7 @@ from attention_helpers import (
 )
 from conftest import DEVICE, KERNEL_BACKENDS, backends_with
 from ptx import compile_in_subprocess
-from tolerances import assert_close_fp32
+from tolerances import assert_close_fp32, assert_low_precision_ok
 
 import thinkfuse
 from thinkfuse import reference
@@ -196,13 +197,21 @@ def test_a_window_longer_than_any_tensor_is_no_window(backend):
 
 
 def test_fp16_close_to_reference(kernel_backend):
+    """float16 forward and backward against a float64 truth, within twice the error of HF's own
+    float16 attention (ARCHITECTURE.md's rule): a fixed tolerance of 2e-2 here let a 1.5% error
+    in dK/dV through."""
     q, k, v = _qkv(1, 33, 33, 4, 2, 64, dtype=torch.float16)
+    scale = 64 ** -0.5
     inputs = (q, k, v)
     ours = _run(lambda *t: flash_attention(*t, return_lse=True, backend=kernel_backend), inputs)
-    ref = _run(lambda *t: reference.flash_attention(*t, return_lse=True), inputs)
-    for o, r in zip(ours, ref):
-        assert o.dtype == r.dtype
-        torch.testing.assert_close(o.float(), r.float(), rtol=2e-2, atol=2e-2)
+    truth = _run(lambda *t: reference.flash_attention(*t, return_lse=True), [t.double() for t in inputs])
+    hf_low = _run(lambda *t: eager_attention(*t, True, scale, None), inputs)
+    for name, o, hf, t in zip(("out", "lse", "dq", "dk", "dv"), ours, hf_low, truth):
+        assert o.dtype == hf.dtype, name
+        if name == "lse":  # float32 in both: within a few float32 ulps of log-sum-exp's size
+            assert_close_fp32(o, t, tol=1e-4)
+        else:
+            assert_low_precision_ok(o, hf, t)
 
 
 def test_return_lse_shapes(backend):
@@ -430,8 +439,8 @@ def test_decode_leftpad_fp16(kernel_backend):
     q, kc, vc, seqlens, leftpad, window, splits = _left_padded_case("leftpad", dtype=torch.float16)
     ours = decode_attention(q, kc, vc, seqlens, num_splits=2, cache_leftpad=leftpad, backend=kernel_backend)
     ref = reference.decode_attention(q, kc, vc, seqlens, cache_leftpad=leftpad)
-    assert torch.isfinite(ours).all()
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    truth = reference.decode_attention(q.double(), kc.double(), vc.double(), seqlens, cache_leftpad=leftpad)
+    assert_decode_low_precision_ok(ours, ref, truth)
 
 
 def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_backend):
@@ -469,8 +478,16 @@ def test_decode_fp16(kernel_backend):
     seqlens = torch.tensor([40, 9], dtype=torch.int32, device=DEVICE)
     ours = decode_attention(q, kc, vc, seqlens, num_splits=2, backend=kernel_backend)
     ref = reference.decode_attention(q, kc, vc, seqlens)
-    assert ours.dtype == torch.float16
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    truth = reference.decode_attention(q.double(), kc.double(), vc.double(), seqlens)
+    assert_decode_low_precision_ok(ours, ref, truth)
+
+
+def assert_decode_low_precision_ok(ours, ref, truth):
+    """A float16 decode output against the float64 truth, no worse than twice the error of the
+    reference in float16 plus one ulp (the rule of the CUDA decode tests). A fixed 1e-2 tolerance
+    here let a 1% error through."""
+    assert ours.dtype == torch.float16 and torch.isfinite(ours).all()
+    assert_low_precision_ok(ours, ref, truth)
 
 
 # --- bad inputs ------------------------------------------------------------------------------------

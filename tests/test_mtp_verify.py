@@ -303,15 +303,35 @@ def test_sampling_nan_draft_probabilities(backend):
             assert torch.equal(tokens.cpu(), ref[0]) and torch.equal(num_accepted.cpu(), ref[1])
 
 
-def test_sampling_on_a_152k_vocabulary():
-    vocab = 151680
-    draft, logits, _ = _sampling_case(2, 2, vocab, seed=4, draft_mode="deterministic", dtype=torch.bfloat16)
-    tokens, num_accepted = mtp_verify(draft, logits, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                                      backend="torch")
-    n = num_accepted.tolist()
-    for row in range(2):
-        assert tokens[row, : n[row]].tolist() == draft[row, : n[row]].tolist()
-        assert 0 <= tokens[row, n[row]] < vocab and (tokens[row, n[row] + 1:] == -1).all()
+def _assert_inverse_cdf_draw(token, weights, u, eps=1e-5):
+    """``token`` is the inverse-CDF draw of ``u`` over ``weights`` (float64, in id order), up to
+    ``eps`` of rounding in where the kernel's cumulative sums put the boundaries."""
+    cdf = torch.cumsum(weights.double(), 0)
+    cdf = cdf / cdf[-1]
+    low = cdf[token - 1].item() if token > 0 else 0.0
+    assert weights[token] > 0 and low - eps <= u <= cdf[token].item() + eps, (token, u, low, cdf[token].item())
+
+
+def test_sampling_on_a_152k_vocabulary(backend):
+    """At MiMo's vocabulary (151680, bf16 logits; the kernels walk it in many blocks), every
+    backend emits the right token: accepted drafts, then the bonus drawn from q (row 0), the
+    correction drawn from q without the rejected draft (row 1, rejected at 1; row 2, at 0)."""
+    vocab, k, temperature = 151680, 2, 0.8
+    gen = torch.Generator().manual_seed(4)
+    logits = (2 * torch.randn(3, k + 1, vocab, generator=gen)).bfloat16()
+    draft = logits[:, :k].float().argmax(-1)  # q(draft) > 0: accepted when its uniform is 0
+    q = torch.softmax(logits.double() / temperature, -1)
+    for final_u in (0.03, 0.5, 0.97):
+        uniforms = torch.tensor([[0.0, 0.0, final_u], [0.0, 0.999, final_u], [0.999, 0.0, final_u]])
+        tokens, num_accepted = _verify_with_uniforms(backend, draft, logits, None, uniforms, temperature)
+        tokens, num_accepted = tokens.cpu(), num_accepted.cpu()
+        assert num_accepted.tolist() == [2, 1, 0]
+        for row, n in enumerate(num_accepted.tolist()):
+            assert tokens[row, :n].tolist() == draft[row, :n].tolist() and (tokens[row, n + 1:] == -1).all()
+            weights = q[row, n].clone()
+            if n < k:
+                weights[draft[row, n]] = 0.0  # deterministic draft rejected: q without it
+            _assert_inverse_cdf_draw(tokens[row, n].item(), weights, final_u)
 
 
 def test_generator_makes_sampling_reproducible(backend):

@@ -51,12 +51,17 @@ class MiMoMTPLayer(Qwen2DecoderLayer):
     """
 
     def __init__(self, config: MiMoConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
+        # Built as index 0: Qwen2Attention looks its layer type up in the trunk's layer_types,
+        # which has no entry for an MTP index past the trunk's depth (and the trunk's type is not
+        # the MTP layer's anyway).
+        super().__init__(config, 0)
         self.token_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hidden_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.input_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.final_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn.layer_idx = layer_idx
         # The MTP block always attends to everything it has cached (MiMo has no sliding window).
+        self.self_attn.layer_type = "full_attention"
         self.self_attn.sliding_window = None
 
     def forward(
@@ -164,18 +169,22 @@ class MiMoForCausalLM(Qwen2ForCausalLM):
         """Run MTP layer ``mtp_layer`` over rows t = position_ids.
 
         previous_hidden_states: ``[B, S, H]`` trunk states h_t (``forward_with_pre_norm_hidden``);
-        next_input_ids: ``[B, S]`` tokens t+1; position_ids ``[B, S]``: t (default: continues
+        next_input_ids: ``[B, S]`` tokens t+1; position_ids ``[B, S]`` (or ``[S]``): t (default: continues
         the MTP cache); attention_mask: 2-D padding mask over the MTP cache plus these rows, as
         for the trunk; past_key_values: the MTP layers' own cache (a fresh DynamicCache when None;
         never pass the trunk's cache: the MTP attention's layer index would alias trunk layer 0).
         Returns the logits for tokens t+2 (shared lm_head).
         """
+        if not isinstance(mtp_layer, int) or isinstance(mtp_layer, bool):
+            raise TypeError(f"mtp_layer must be an int, got {type(mtp_layer).__name__}")
         if not 0 <= mtp_layer < len(self.model.mtp_layers):
             raise ValueError(f"mtp_layer must be in [0, {len(self.model.mtp_layers)}), got {mtp_layer}")
         if past_key_values is None:
             past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length(mtp_layer)
+        _check_mtp_args(self.config, previous_hidden_states, next_input_ids, position_ids, attention_mask, past,
+                        logits_to_keep)
         if position_ids is None:
-            past = past_key_values.get_seq_length(mtp_layer)
             position_ids = torch.arange(past, past + next_input_ids.shape[1], device=next_input_ids.device)[None]
         position_ids = position_ids.expand(next_input_ids.shape[0], -1)
 
@@ -205,6 +214,34 @@ class MiMoForCausalLM(Qwen2ForCausalLM):
             hidden_states=hidden_states,
             past_key_values=past_key_values,
         )
+
+
+def _check_mtp_args(config, hidden, next_ids, position_ids, attention_mask, past: int, logits_to_keep) -> None:
+    """mtp_forward's inputs, checked before anything runs: mismatched shapes would otherwise fail
+    deep inside (cat, rotary) or, for a short mask or a negative logits_to_keep, return wrong
+    rows silently (transformers pads a short mask with zeros)."""
+    if not isinstance(next_ids, torch.Tensor) or next_ids.dim() != 2:
+        raise ValueError("next_input_ids must be a [batch, rows] tensor")
+    if next_ids.dtype.is_floating_point or next_ids.dtype.is_complex or next_ids.dtype == torch.bool:
+        raise TypeError(f"next_input_ids must hold integer token ids, got {next_ids.dtype}")
+    batch, rows = next_ids.shape
+    if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (batch, rows, config.hidden_size):
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"previous_hidden_states must be [batch, rows, hidden] = "
+                         f"{(batch, rows, config.hidden_size)} (next_input_ids is {(batch, rows)}), got {got}")
+    if position_ids is not None and (
+        not isinstance(position_ids, torch.Tensor) or position_ids.dim() not in (1, 2)
+        or position_ids.shape[-1] != rows or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch))
+    ):
+        got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be [{rows}], [1, {rows}] or [{batch}, {rows}], got {got}")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, past + rows)
+    ):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be 2-D [batch, cached + rows] = {(batch, past + rows)}, got {got}")
+    if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0: every row), got {logits_to_keep!r}")
 
 
 def _register_with_auto_classes() -> None:

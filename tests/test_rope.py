@@ -281,6 +281,18 @@ def test_apply_rotary_low_precision_vs_float64_truth(kernel_backend, dtype, unsq
         assert_low_precision_ok(ours, hf, truth)
 
 
+@pytest.mark.parametrize("negative,positive", [(-3, 1), (-2, 2)])
+def test_apply_rotary_takes_negative_unsqueeze_dims_like_transformers(backend, negative, positive):
+    """transformers unsqueezes the 3-D cos at unsqueeze_dim, so -3 is 1 and -2 is 2 there: a
+    drop-in takes them too (they were refused)."""
+    q, k, cos, sin = _apply_rotary_inputs(positive, torch.float32)
+    ours = apply_rotary_pos_emb(q, k, cos, sin, negative, backend=backend)
+    theirs = hf_apply_rotary_pos_emb(q, k, cos, sin, negative)
+    for o, t in zip(ours, theirs):
+        assert o.shape == t.shape
+        assert_close_fp32(o, t)
+
+
 def test_apply_rotary_promotes_like_transformers(kernel_backend):
     """bfloat16 q/k with float32 cos/sin: transformers' products promote to float32."""
     q, k, cos, sin = _apply_rotary_inputs(1, torch.bfloat16, cos_dtype=torch.float32)

@@ -27,7 +27,7 @@ The torch backend chunks over tokens with ``torch.autograd.Function``s that reco
 in backward, so it too never holds more than one chunk of float32 logits.
 
 The CUDA extension is expected to provide, with the Triton launchers' argument order and
-conventions (kernels/logprobs.py, kernels/fused_linear_logprobs.py):
+conventions (kernels/logprobs.py):
     token_logprobs_fwd(Tensor logits, Tensor token_ids, float temperature, bool return_entropy)
         -> (Tensor logprobs, Tensor entropy, Tensor lse)
         # logits [B, T, V], unit stride on V, any strides on B and T (a logits[:, :-1] slice is

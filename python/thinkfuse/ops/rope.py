@@ -81,10 +81,11 @@ def apply_rotary_pos_emb(
 ) -> tuple[Tensor, Tensor]:
     """Transformers' ``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin`` for q and k.
 
-    ``unsqueeze_dim=1``: q/k ``[B, H, S, D]``; ``unsqueeze_dim=2``: ``[B, S, H, D]``. cos/sin
-    ``[B, S, D]`` or ``[1, S, D]``. Outputs have dtype ``promote_types(q.dtype, cos.dtype)``.
+    ``unsqueeze_dim=1`` (or -3, the same dim of cos): q/k ``[B, H, S, D]``; ``unsqueeze_dim=2``
+    (or -2): ``[B, S, H, D]``. cos/sin ``[B, S, D]`` or ``[1, S, D]``. Outputs have dtype
+    ``promote_types(q.dtype, cos.dtype)``.
     """
-    _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim)
+    unsqueeze_dim = _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim)
     name = resolve_backend(q.device, backend, cuda_op="apply_rotary_fwd")
     if name == "torch":
         return reference.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
@@ -155,7 +156,9 @@ def _check_llama4_scaling(llama4_scaling) -> Optional[tuple[float, int]]:
     return beta, int(original_max)
 
 
-def _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim) -> None:
+def _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim) -> int:
+    """The checks, and unsqueeze_dim as 1 or 2 (transformers unsqueezes the 3-D cos at it, so -3
+    and -2 are the same dims)."""
     # Type first: `in (1, 2)` would let True and 1.0 through (True == 1) and raise a bare
     # RuntimeError for a tensor, e.g. position_ids passed fifth as transformers 4.x's signature had.
     if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, numbers.Integral):
@@ -163,9 +166,11 @@ def _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim) -> None:
             f"unsqueeze_dim must be an int (1 or 2), got {type(unsqueeze_dim).__name__}; "
             "transformers 5's apply_rotary_pos_emb takes no position_ids"
         )
+    if unsqueeze_dim in (-3, -2):
+        unsqueeze_dim += 4
     if unsqueeze_dim not in (1, 2):
         raise ValueError(
-            f"unsqueeze_dim must be 1 (q/k [B, H, S, D]) or 2 (q/k [B, S, H, D]), got {unsqueeze_dim!r}"
+            f"unsqueeze_dim must be 1 or -3 (q/k [B, H, S, D]) or 2 or -2 (q/k [B, S, H, D]), got {unsqueeze_dim!r}"
         )
     layout = "[B, H, S, D]" if unsqueeze_dim == 1 else "[B, S, H, D]"
     for name, x in (("q", q), ("k", k)):
@@ -185,6 +190,7 @@ def _check_apply_rotary_args(q, k, cos, sin, unsqueeze_dim) -> None:
     if sin.dtype != cos.dtype:
         raise TypeError(f"sin dtype {sin.dtype} must equal cos dtype {cos.dtype}")
     check_same_device(q=q, k=k, cos=cos, sin=sin)
+    return unsqueeze_dim
 
 
 # ---------------------------------------------------------------------------------------------

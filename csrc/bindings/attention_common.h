@@ -41,9 +41,10 @@ inline TokenStrides token_strides(const at::Tensor& t, bool packed) {
 // The kernels move rows in 16-byte chunks (cp.async, TMA): the base pointer and the stride of
 // every dim with more than one element must be non-negative 16-byte multiples, the last dim
 // unit-stride. Any other layout (an odd slice of a fused projection, an offset or transposed
-// view) is copied into a fresh contiguous tensor.
+// view) is copied into a fresh contiguous tensor. Empty tensors too: the launchers check the
+// strides of a tensor they never read (k / v without keys), and torch's contiguous() keeps an
+// empty tensor's strides (clone with an explicit memory format recomputes them, for free).
 inline at::Tensor with_16B_rows(const at::Tensor& t) {
-  if (t.numel() == 0) return t;
   bool ok = reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(-1) == 1;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) {
     const int64_t stride = stride_or_zero(t, d);

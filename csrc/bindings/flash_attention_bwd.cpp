@@ -48,7 +48,7 @@ enum class Kernel { kSm80, kSm90 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     Kernel kernel, const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& dlse_in, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, bool causal, int64_t window) {
@@ -56,18 +56,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_device(q_in, "q", device);
   check_device(k_in, "k", device);
   check_device(v_in, "v", device);
-  check_device(out, "out", device);
+  check_device(out_in, "out", device);
   check_device(dout_in, "dout", device);
   const bool sm90 = kernel == Kernel::kSm90;
   const char* op = sm90 ? "flash_attention_bwd_sm90" : "flash_attention_bwd";
   if (sm90) check_hopper_device(device, op, "flash_attention_bwd");
   const DType dtype = check_half_dtypes(q_in, sm90 ? "sm90 flash_attention backward"
                                                    : "cuda flash_attention backward",
-                                        {{"k", &k_in}, {"v", &v_in}, {"out", &out}, {"dout", &dout_in}});
+                                        {{"k", &k_in}, {"v", &v_in}, {"out", &out_in},
+                                         {"dout", &dout_in}});
 
   const QkvLayout qkv = check_qkv_layout(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k);
   const bool packed = qkv.packed;
-  TORCH_CHECK_VALUE(out.sizes() == q_in.sizes(), "out shape ", out.sizes(),
+  TORCH_CHECK_VALUE(out_in.sizes() == q_in.sizes(), "out shape ", out_in.sizes(),
                     " must equal q shape ", q_in.sizes());
   TORCH_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "dout shape ", dout_in.sizes(),
                     " must equal q shape ", q_in.sizes());
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_unit_last_stride(q_in, "q");
   check_unit_last_stride(k_in, "k");
   check_unit_last_stride(v_in, "v");
-  check_unit_last_stride(out, "out");
+  check_unit_last_stride(out_in, "out");
   check_unit_last_stride(dout_in, "dout");
   check_scale_and_window(softmax_scale, causal, window);
 
@@ -114,13 +115,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor k = with_16B_rows(k_in);
   at::Tensor v = with_16B_rows(v_in);
   at::Tensor dout = with_16B_rows(dout_in);
+  // The launchers check out's rows like q's (FlashAttnParams::rows_16B_aligned), though the
+  // kernels read it element-wise: an out at an odd offset would be refused, not read.
+  const at::Tensor out = with_16B_rows(out_in);
 
   // Outputs contiguous like q, k, v. Packed dk/dv start at zero: rows outside every sequence
   // are never written by the kernel (dq's are, by the preprocessing and conversion kernels).
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = packed ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
   at::Tensor dv = packed ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
-  if (batch == 0 || q.numel() + k.numel() == 0) {
+  // No query (Sq = 0, total_q = 0 or Hq = 0, whose GQA group 0 the launchers refuse) or no key:
+  // nothing depends on the other side, every gradient is 0.
+  if (batch == 0 || q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
@@ -152,8 +158,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   a.delta = a.lse_log2 + rows_q * heads_q;
   auto set_inputs = [&]() {
     set_qkv(p, q, k, v, packed);
-    // K / V with no token at all: never read, but the kernels want non-null pointers.
-    if (k.numel() == 0) p.k = p.v = q.const_data_ptr();
     const TokenStrides ds = token_strides(dout, packed);
     a.dout = dout.const_data_ptr();
     a.do_batch_stride = ds.b;

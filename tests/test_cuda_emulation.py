@@ -456,6 +456,17 @@ def test_flash_attention_backward_sm90_refuses(harness, options):
     assert r.status == 801 and not r.launches, (r.status, r.launches)
 
 
+@pytest.mark.parametrize("sm90", [False, True], ids=["sm80", "sm90"])
+def test_flash_attention_backward_refuses_misaligned_dout(harness, sm90):
+    """dout is read with 16-byte copies like q: at an odd element offset the launcher refuses it
+    (cudaErrorInvalidValue, no launch) instead of faulting. (The binding copies such a dout.)"""
+    q, k, v = qkv(1, 64, 64, 2, 1, 128, FP16)
+    out, lse = reference.flash_attention(q, k, v, True, None, None, None, None, return_lse=True)
+    dout = randn(1, 64, 2, 129, dtype=FP16, seed=5)[..., 1:]
+    r = emu.flash_bwd(harness, dout, q, k, v, out.to(FP16), lse.float(), sm90=sm90)
+    assert r.status == 1 and not r.launches, (r.status, r.launches)
+
+
 # --- decode attention -------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ namespace thinkfuse {
 cudaError_t flash_attention_backward(const FlashAttnParams& params, const FlashAttnBwdArgs& args,
                                      DType dtype, cudaStream_t stream) {
   if (!flash_attention_backward_head_dim_supported(params.head_dim) ||
-      !flash_bwd::problem_in_range(params)) {
+      !flash_bwd::problem_in_range(params, args)) {
     return cudaErrorInvalidValue;
   }
   if (params.batch == 0 || params.heads_q == 0) return cudaSuccess;

@@ -97,7 +97,7 @@ cudaError_t flash_attention_backward_sm90(const FlashAttnParams& params,
                                           const FlashAttnBwdArgs& args, DType dtype,
                                           cudaStream_t stream) {
   if (!flash_attention_backward_sm90_head_dim_supported(params.head_dim) ||
-      !flash_bwd::problem_in_range(params)) {
+      !flash_bwd::problem_in_range(params, args)) {
     return cudaErrorInvalidValue;
   }
   const bool packed = params.is_varlen();

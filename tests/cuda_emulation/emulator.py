@@ -362,15 +362,15 @@ def flash_fwd(exe, q, k, v, causal=True, scale=None, window=None, cu_q=None, cu_
 
 def _with_16B_rows(t):
     """csrc/bindings/attention_common.h with_16B_rows: a contiguous copy unless the base (the
-    harness allocates every buffer 256-byte aligned) and every stride are 16-byte multiples."""
-    if t.numel() == 0:
-        return t
+    harness allocates every buffer 256-byte aligned) and every stride are 16-byte multiples. A
+    fresh copy, as the binding's clone: contiguous() would keep an empty tensor's strides and a
+    contiguous tensor's odd storage offset."""
     e = t.element_size()
     ok = (t.storage_offset() * e) % 16 == 0 and t.stride(-1) == 1
     for d in range(t.dim() - 1):
         st = _stride_or_zero(t, d)
         ok = ok and st >= 0 and (st * e) % 16 == 0
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def flash_fwd_sm90(exe, q, k, v, causal=True, scale=None, window=None, cu_q=None, cu_k=None,

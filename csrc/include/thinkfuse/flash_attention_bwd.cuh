@@ -692,7 +692,15 @@ cudaError_t backward(const KernelParams<T>& p, int head_dim, cudaStream_t stream
 
 // The problem limits of the backward kernels (head_dim aside, which is per kernel): sizes in
 // range, heads_q = group * heads_kv, cu_seqlens for both or neither, 16-byte aligned rows.
-inline bool problem_in_range(const FlashAttnParams& p) {
+// dout is read like q, with 16-byte copies: its base and strides must be 16-byte multiples too
+// (2-byte elements), or a copy would fault (a sticky error) instead of being refused.
+inline bool dout_rows_16B_aligned(const FlashAttnBwdArgs& a) {
+  const auto ok = [](int64_t stride) { return (stride * 2) % 16 == 0; };
+  return reinterpret_cast<uintptr_t>(a.dout) % 16 == 0 && ok(a.do_batch_stride) &&
+         ok(a.do_seq_stride) && ok(a.do_head_stride);
+}
+
+inline bool problem_in_range(const FlashAttnParams& p, const FlashAttnBwdArgs& a) {
   if (p.batch < 0 || p.heads_q < 0 || p.heads_kv < 0 || p.max_seqlen_q < 0 ||
       p.max_seqlen_k < 0 || p.total_q < 0 || p.total_k < 0) {
     return false;
@@ -701,7 +709,7 @@ inline bool problem_in_range(const FlashAttnParams& p) {
   if (p.heads_kv > kFlashAttnMaxGridDim) return false;
   if (p.heads_kv > 0 && (p.group < 1 || p.heads_q != p.group * p.heads_kv)) return false;
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
-  if (!p.rows_16B_aligned(2)) return false;  // both backward dtypes are 2-byte
+  if (!p.rows_16B_aligned(2) || !dout_rows_16B_aligned(a)) return false;  // 2-byte dtypes
   return p.total_q <= kFlashAttnMaxSeqlen * int64_t{1024} &&
          p.total_k <= kFlashAttnMaxSeqlen * int64_t{1024};
 }

@@ -260,7 +260,7 @@ cudaError_t flash_attention_forward(const FlashAttnParams& params, DType dtype,
 // ---------------------------------------------------------------------------------------------
 
 struct FlashAttnBwdArgs {
-  const void* dout = nullptr;  // like q (dtype and shape), any strides with a unit one on D
+  const void* dout = nullptr;  // like q (dtype, shape, 16-byte aligned rows and strides)
   int64_t do_batch_stride = 0, do_seq_stride = 0, do_head_stride = 0;
   const float* dlse = nullptr;  // gradient into lse, laid out like lse; nullptr: none
   int64_t dlse_batch_stride = 0, dlse_head_stride = 0;

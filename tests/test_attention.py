@@ -883,6 +883,29 @@ def test_cuda_forward_uses_the_hopper_kernel_only_where_it_applies_and_is_valida
     assert not hopper_kernel_applies(torch.float32, 128, (9, 0), validated=True)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_hopper_forward_is_skipped_past_its_grid(monkeypatch, packed):
+    """More than 65535 sequences (the Hopper forward's gridDim.y) go to the other kernels, which
+    take them (1-D grids), instead of the binding's refusal reaching the caller of an automatic
+    choice."""
+    import thinkfuse.ops.attention as attention_ops
+
+    calls = []
+
+    def kernel(name):
+        return lambda *args: calls.append(name) or (args[0].clone(), args[0].new_zeros(1))
+
+    monkeypatch.setattr(attention_ops, "_hopper_forward_available", lambda q: True)
+    monkeypatch.setattr(attention_ops, "_run_hopper", lambda op, args, device: kernel("hopper")(*args))
+    monkeypatch.setattr(attention_ops, "implementation", lambda backend, *names: kernel(backend))
+    for batch, ran in ((attention_ops.HOPPER_MAX_GRID_DIM, "hopper"), (attention_ops.HOPPER_MAX_GRID_DIM + 1, "triton")):
+        calls.clear()
+        q = torch.zeros(batch, 1, 16) if packed else torch.zeros(batch, 1, 1, 16)
+        cu = torch.arange(batch + 1, dtype=torch.int32) if packed else None
+        attention_ops.flash_attention_fwd(q, q, q, cu, cu, 1, 1, 0.25, True, 0, attention_ops.HOPPER_FORWARD)
+        assert calls == [ran]
+
+
 def test_automatic_flash_backend_takes_the_hopper_forward_only_when_nothing_was_named(monkeypatch):
     """Chosen automatically, flash_attention on an H100/H200 runs the Hopper forward and, at
     head_dim 128, the Hopper backward; without that kernel (other head dims, a build without it)

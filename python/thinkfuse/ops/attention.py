@@ -290,6 +290,17 @@ def _hopper_forward_available(q: Tensor) -> bool:
     return hopper_attention_applies(q.device, q.dtype, q.shape[-1])
 
 
+#: gridDim.y / z limit: the Hopper forward launches a block row per sequence and per query head
+HOPPER_MAX_GRID_DIM = 65535
+
+
+def _within_hopper_grid(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> bool:
+    """Whether the Hopper forward's grid holds q's sequences and heads; beyond it (e.g. 70,000
+    short padded sequences) the binding refuses, and the other kernels (1-D grids) take them."""
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    return batch <= HOPPER_MAX_GRID_DIM and q.shape[-2] <= HOPPER_MAX_GRID_DIM
+
+
 # Under torch.compile decided once while tracing, like resolve_backend (it imports the extension).
 @_constant_under_compile
 def hopper_attention_applies(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -578,7 +589,8 @@ def flash_attention_fwd(
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
-    if backend in ("cuda", HOPPER_FORWARD) and _hopper_forward_available(q):
+    if (backend in ("cuda", HOPPER_FORWARD) and _hopper_forward_available(q)
+            and _within_hopper_grid(q, cu_seqlens_q)):
         result = _run_hopper(HOPPER_FLASH_OP, args, q.device)
         if result is not None:
             return result

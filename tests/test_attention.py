@@ -452,6 +452,22 @@ def test_decode_equals_flash_attention_and_split_count_does_not_matter(kernel_ba
         assert_close_fp32(decode_attention(q, kc, vc, seqlens, num_splits=splits, backend=kernel_backend), full)
 
 
+def test_int_arguments_past_int64_are_taken(backend):
+    """num_splits (a hint) and max_seqlen_* (bounds) past int64, which the ops' int arguments
+    cannot take, are cut to what they can mean instead of failing in torch's argument parsing."""
+    q, k, v = _qkv(1, 3, 20, 2, 1, 32)
+    if _cuda_refuses(backend):
+        q, k, v = q.half(), k.half(), v.half()
+    seqlens = torch.tensor([20], dtype=torch.int32, device=DEVICE)
+    assert_close_fp32(decode_attention(q, k, v, seqlens, num_splits=2**70, backend=backend).float(),
+                      decode_attention(q, k, v, seqlens, backend=backend).float())
+    cu_q = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 20], dtype=torch.int32, device=DEVICE)
+    packed = flash_attention(q[0], k[0], v[0], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2**70,
+                             max_seqlen_k=2**64, backend=backend)
+    assert_close_fp32(packed.float(), flash_attention(q, k, v, backend=backend)[0].float())
+
+
 def test_triton_decode_caps_a_huge_split_count(monkeypatch):
     """num_splits is a hint: a huge one is capped (the combine kernel holds a tile of all splits),
     and the result is the same."""

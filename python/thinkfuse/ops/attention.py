@@ -112,6 +112,9 @@ def flash_attention(
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if len(cu_seqlens_q) > 1 else 0
         if max_seqlen_k is None:
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if len(cu_seqlens_k) > 1 else 0
+        # No sequence is longer than all the tokens: a larger bound (even past int64, which the
+        # op's int arguments cannot take) only sizes the grid, so it is cut there.
+        max_seqlen_q, max_seqlen_k = min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0])
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     out, lse = call(
@@ -153,8 +156,13 @@ def decode_attention(
         "decode_attention",
         with_unit_last_stride(q), with_unit_last_stride(k_cache), with_unit_last_stride(v_cache),
         cache_seqlens.contiguous(), None if cache_leftpad is None else cache_leftpad.contiguous(), scale,
-        int(sliding_window or 0), int(num_splits or 0), name,
+        int(sliding_window or 0), min(num_splits or 0, MAX_NUM_SPLITS_HINT), name,
     )
+
+
+#: num_splits is a hint every kernel caps far below this; a larger one (even past int64, which
+#: the op's int argument cannot take) is passed as this.
+MAX_NUM_SPLITS_HINT = 2**31 - 1
 
 
 #: Automatic selection, in eager mode, runs decode_attention's CUDA kernel for caches (K and V)

@@ -606,6 +606,18 @@ def test_grpo_loss_module_checks_normalisation_options_before_the_lm_head(option
     assert not calls, "the lm_head ran before the arguments were checked"
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_reports_the_contracts_metrics(loss_type):
+    """API.md: metrics has at least clip_ratio, kl (when beta > 0) and ratio_mean, whatever the
+    loss type; sapo and vespo clip nothing, so theirs is 0."""
+    logprobs, old, ref, advantages, mask = _batch(3)
+    _, metrics = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.1, loss_type=loss_type)
+    assert {"clip_ratio", "kl", "ratio_mean"} <= set(metrics)
+    assert all(m.dim() == 0 and m.dtype == torch.float32 and torch.isfinite(m) for m in metrics.values())
+    if loss_type in ("sapo", "vespo"):
+        assert metrics["clip_ratio"].item() == 0.0
+
+
 def test_grpo_loss_module_rejects_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         GRPOLoss(loss_type="ppo")

@@ -164,7 +164,8 @@ def grpo_loss(
     ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences of each
     sequence's fraction, sequences without tokens ignored at token level), ``clip_ratio`` (=
     region_mean). cispo: ``cispo_clip_ratio`` (``r > epsilon_high`` with ``A > 0``) and
-    ``clip_ratio`` (= it). vespo: ``vespo/phi_seq_mean``. sapo has no clip metric. All:
+    ``clip_ratio`` (= it). sapo and vespo clip nothing: ``clip_ratio`` 0 (API.md's minimum set;
+    TRL logs none for them); vespo: ``vespo/phi_seq_mean``. All:
     ``ratio_mean`` (mean r), ``kl`` (mean KL as above) when ``ref_logprobs`` is given,
     ``entropy`` (mean over the scored tokens) when ``entropies`` is given, and ``policy_loss``
     (the loss before the entropy bonus) when ``entropy_coef != 0``.
@@ -512,8 +513,10 @@ def _metrics(loss_type, ratio, capped, adv, mask, kl, phi, entropies, epsilon_lo
         })
     elif loss_type == "cispo":
         metrics["clip_ratio"] = metrics["cispo_clip_ratio"] = mean((ratio > epsilon_high) & (adv > 0))
-    elif loss_type == "vespo":
-        metrics["vespo/phi_seq_mean"] = mean(phi)
+    else:  # sapo, vespo: a smooth weight, never a clipped ratio (TRL logs no clip metric for them)
+        metrics["clip_ratio"] = torch.zeros((), dtype=mask.dtype, device=mask.device)
+        if loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = mean(phi)
     metrics["ratio_mean"] = mean(ratio)
     if kl is not None:
         metrics["kl"] = mean(kl)

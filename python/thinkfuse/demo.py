@@ -2,6 +2,7 @@
 against the unpatched model, and print what ran where.
 
     python -m thinkfuse.demo            (exit status 1 if any check fails)
+    python -m thinkfuse.demo --backend triton --family mimo   (--help lists the options)
 
 On a machine without a GPU the Triton kernels run through the Triton interpreter
 (TRITON_INTERPRET=1 is set here unless the environment says otherwise).
@@ -9,6 +10,7 @@ On a machine without a GPU the Triton kernels run through the Triton interpreter
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -20,11 +22,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import thinkfuse  # noqa: E402  (after TRITON_INTERPRET is settled)
+from thinkfuse.backend import BACKENDS, why_unavailable  # noqa: E402
 from thinkfuse.tiny import BUILDERS, tiny_batch, tiny_model  # noqa: E402
 
 # Float32 tolerances from ARCHITECTURE.md (logits and gradients are long reductions).
 LOGITS_TOL = 1e-4
 GRAD_TOL = 1e-4
+
+# Sequence lengths at which every feature of the tiny models acts: Ministral 3's query temperature
+# differs from 1 only from position original_max_position_embeddings (32 in tiny.py) on, and
+# Mistral's sliding window must be shorter than the sequence. Longer sequences cost time in the
+# Triton interpreter, so only the Ministral 3 models get one.
+SEQ = {"ministral3": 40, "mistral3": 40}
+DEFAULT_SEQ = 11
+# tiny_model("mistral") has no window (tests rely on that); the demo gives it one.
+MISTRAL_SLIDING_WINDOW = 4
+# A check where one of these was not patched would not have run that kernel.
+KERNEL_KINDS = ("rms_norm", "swiglu", "rope", "attention")
 
 
 def _logits(model, ids):
@@ -40,38 +54,53 @@ def _logits(model, ids):
 def _forward_backward(model, ids):
     model.zero_grad(set_to_none=True)
     logits = _logits(model, ids)
-    logits.float().square().mean().backward()
+    # The fused loss (the "loss" rule) runs only in training with labels; the tiny models have no
+    # dropout, so train mode changes nothing else.
+    model.train()
+    outputs = model(ids, labels=ids)
+    model.eval()
+    (logits.float().square().mean() + outputs.loss).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads
+    fused_loss = outputs.logits is None  # the fused loss returns no logits
+    return logits.detach(), outputs.loss.detach(), grads, fused_loss
 
 
 def _relative_error(ours: torch.Tensor, truth: torch.Tensor) -> float:
     return ((ours - truth).abs().max() / truth.abs().max().clamp_min(1e-12)).item()
 
 
-def check_family(family: str, backend: str, device: torch.device) -> dict:
-    """Patch a tiny model of ``family`` with ``backend``; compare logits and grads."""
+def demo_model(family: str, device: torch.device):
     model = tiny_model(family).to(device)
-    ids = tiny_batch(device=device)
-    ref_logits, ref_grads = _forward_backward(model, ids)
+    if family == "mistral":
+        model.config.sliding_window = MISTRAL_SLIDING_WINDOW
+    return model
+
+
+def check_family(family: str, backend: str, device: torch.device) -> dict:
+    """Patch a tiny model of ``family`` with ``backend``; compare logits, loss and grads."""
+    model = demo_model(family, device)
+    ids = tiny_batch(seq=SEQ.get(family, DEFAULT_SEQ), device=device)
+    ref_logits, ref_loss, ref_grads, _ = _forward_backward(model, ids)
     state_keys = list(model.state_dict())
 
     start = time.perf_counter()
     report = thinkfuse.patch_model(model, backend=backend)
-    logits, grads = _forward_backward(model, ids)
+    logits, loss, grads, fused_loss = _forward_backward(model, ids)
     seconds = time.perf_counter() - start
 
-    logits_err = _relative_error(logits, ref_logits)
+    logits_err = max(_relative_error(logits, ref_logits), _relative_error(loss, ref_loss))
     # a parameter the patched model gave no gradient counts as an infinite error
     grad_err = max(_relative_error(grads[n], g) if n in grads else float("inf") for n, g in ref_grads.items())
     thinkfuse.unpatch_model(model)
-    restored = torch.equal(_forward_backward(model, ids)[0], ref_logits)
+    after = _forward_backward(model, ids)
+    restored = torch.equal(after[0], ref_logits) and torch.equal(after[1], ref_loss)
     ok = (
         logits_err <= LOGITS_TOL
         and grad_err <= GRAD_TOL
         and restored
         and list(model.state_dict()) == state_keys
-        and report.total > 0
+        and all(report.patched.get(kind) for kind in KERNEL_KINDS)
+        and fused_loss == bool(report.patched.get("loss"))  # a patched loss that never ran checks nothing
     )
     return {
         "family": family,
@@ -88,7 +117,7 @@ def check_family(family: str, backend: str, device: torch.device) -> dict:
 
 
 def _print_table(rows: list[dict]) -> None:
-    headers = ["family", "model", "patched", "backend", "attention", "logits err", "grads err", "unpatch",
+    headers = ["family", "model", "patched", "backend", "attention", "logits/loss err", "grads err", "unpatch",
                "time s", "status"]
     cells = [
         [r["family"], r["model"], r["patched"], r["backend"], r["attention"], f"{r['logits_err']:.2e}",
@@ -113,12 +142,35 @@ def _print_table(rows: list[dict]) -> None:
     Console(width=max(shutil.get_terminal_size().columns, 150)).print(table)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m thinkfuse.demo",
+        description="Patch a tiny random model of every family on every usable backend, compare it with the "
+                    "unpatched model (logits, loss, gradients) and print what ran where. Exit status 1 if a "
+                    "check fails.")
+    parser.add_argument("--backend", action="append", choices=BACKENDS,
+                        help="backend to check (repeatable; default: every one usable here)")
+    parser.add_argument("--family", action="append", choices=list(BUILDERS),
+                        help="model family to check (repeatable; default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # None means no options (not sys.argv): main() called from Python checks everything.
+    parser = _parser()
+    args = parser.parse_args([] if argv is None else argv)
+    for name in args.backend or ():
+        reason = why_unavailable(name)
+        if reason is not None:
+            parser.error(f"argument --backend: {name!r} is unavailable here: {reason}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backends = thinkfuse.available_backends()
+    backends = list(dict.fromkeys(args.backend)) if args.backend else thinkfuse.available_backends()
     print(f"thinkfuse {thinkfuse.__version__} | torch {torch.__version__} | device {device} | "
           f"backends {backends} | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
-    rows = [check_family(family, backend, device) for family in BUILDERS for backend in backends]
+    for name in BACKENDS:  # say why a backend is left out (e.g. a GPU without the built extension)
+        if name not in backends and why_unavailable(name) is not None:
+            print(f"  {name} not checked: {why_unavailable(name)}")
+    rows = [check_family(family, backend, device) for family in dict.fromkeys(args.family or BUILDERS) for backend in backends]
     _print_table(rows)
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
@@ -126,4 +178,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

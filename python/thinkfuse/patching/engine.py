@@ -229,48 +229,58 @@ def _own_configs(model: nn.Module) -> None:
     """Give ``model`` its own copies of the config objects its modules hold, so that the
     attention rule's switch (a config attribute) stays on this instance even when other models
     were built from the same config object. Sub-config links (a VLM's text_config) point to the
-    copies too. Each module remembers the object it held and its copy (``_SHARED_CONFIG_ATTR``)
-    for unpatch_model. Copies an earlier call made (on the base model alone, say) are reused:
-    a module holding their original gets the same copy, so the model keeps one config."""
+    copies too. Each module remembers the object it held, its copy and the copy's attributes
+    as they were made (``_SHARED_CONFIG_ATTR``) for unpatch_model. Copies an earlier call made
+    (on the base model alone, say) are reused: a module holding their original gets the same
+    copy, so the model keeps one config."""
     from transformers import PretrainedConfig
 
     holders = [m for m in model.modules() if isinstance(m.__dict__.get("config"), PretrainedConfig)]
-    copies = {id(original): duplicate for original, duplicate in
-              (m.__dict__[_SHARED_CONFIG_ATTR] for m in holders if _SHARED_CONFIG_ATTR in m.__dict__)}
-    owned = {id(duplicate) for duplicate in copies.values()}
+    entries = {id(entry[0]): entry for entry in
+               (m.__dict__[_SHARED_CONFIG_ATTR] for m in holders if _SHARED_CONFIG_ATTR in m.__dict__)}
+    owned = {id(entry[1]) for entry in entries.values()}
     unowned = [m for m in holders
                if _SHARED_CONFIG_ATTR not in m.__dict__ and id(m.__dict__["config"]) not in owned]
     fresh = {}
     for module in unowned:
         config = module.__dict__["config"]
-        if id(config) not in copies:
-            fresh[id(config)] = copies[id(config)] = copy.copy(config)
-    for duplicate in fresh.values():  # sub-configs of a copy: the copies of those sub-configs
-        for name, value in vars(duplicate).items():
+        if id(config) not in entries:
+            fresh[id(config)] = (config, copy.copy(config))
+    copies = {key: entry[1] for key, entry in {**entries, **fresh}.items()}
+    for _, duplicate in fresh.values():
+        for name, value in vars(duplicate).items():  # sub-configs of a copy: the copies of those
             if id(value) in copies and isinstance(value, PretrainedConfig):
                 setattr(duplicate, name, copies[id(value)])
+    for key, (original, duplicate) in fresh.items():
+        # what the copy holds now: at unpatch, only what was changed on it since goes back
+        entries[key] = (original, duplicate, dict(vars(duplicate)))
     for module in unowned:
-        config = module.__dict__["config"]
-        module.__dict__[_SHARED_CONFIG_ATTR] = (config, copies[id(config)])
-        module.__dict__["config"] = copies[id(config)]
+        entry = entries[id(module.__dict__["config"])]
+        module.__dict__[_SHARED_CONFIG_ATTR] = entry
+        module.__dict__["config"] = entry[1]
 
 
 def _restore_configs(model: nn.Module) -> None:
     """Hand every module its original config object back, carrying over what was changed on
     the copy while patched (``resize_token_embeddings`` sets vocab_size, a user turns use_cache
     off...): without the patch those edits would have gone to the original, so that is where
-    they belong. The attention switch was undone on the copies before (``_restore``). A module
-    whose config was replaced while patched keeps the replacement."""
+    they belong. Only those: the original may be shared with other models, whose edits made
+    to it meanwhile stay. The attention switch was undone on the copies before (``_restore``).
+    A module whose config was replaced while patched keeps the replacement."""
     from transformers import PretrainedConfig
 
-    pairs = [module.__dict__.pop(_SHARED_CONFIG_ATTR) for module in model.modules()
-             if _SHARED_CONFIG_ATTR in module.__dict__]
-    originals = {id(duplicate): original for original, duplicate in pairs}
-    for original, duplicate in {id(d): (o, d) for o, d in pairs}.values():
-        state = {name: originals.get(id(value), value) if isinstance(value, PretrainedConfig) else value
-                 for name, value in vars(duplicate).items()}
-        vars(original).clear()
-        vars(original).update(state)
+    entries = [module.__dict__.pop(_SHARED_CONFIG_ATTR) for module in model.modules()
+               if _SHARED_CONFIG_ATTR in module.__dict__]
+    originals = {id(entry[1]): entry[0] for entry in entries}
+    for original, duplicate, *made in {id(entry[1]): entry for entry in entries}.values():
+        made = made[0] if made else {}  # (entries of older versions hold no snapshot: carry all)
+        for name, value in vars(duplicate).items():
+            if name not in made or made[name] is not value:
+                if isinstance(value, PretrainedConfig):
+                    value = originals.get(id(value), value)
+                vars(original)[name] = value
+        for name in made.keys() - vars(duplicate).keys():  # deleted on the copy
+            vars(original).pop(name, None)
     for module in model.modules():
         current = module.__dict__.get("config")
         if current is not None and id(current) in originals:
@@ -386,7 +396,9 @@ def patch_model(
 
     ``loss=True`` makes a ``*ForCausalLM``'s training forward with ``labels`` compute the loss
     from the hidden states (``ops.causal_lm_loss``: the logits are never held) and return
-    ``logits=None``; evaluation and inference keep their logits.
+    ``logits=None``; evaluation and inference keep their logits. Where a forward was set on the
+    instance before patching (TRL's ``fused_lm_head`` wrapper, accelerate's autocast), that
+    forward runs instead, so its behaviour is kept.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

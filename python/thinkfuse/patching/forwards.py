@@ -240,6 +240,16 @@ def positions_rule(module_class: str):
     return PatchRule("positions", module_class, generated_positions_forward, when=has_standard_base_model_forward)
 
 
+def _replaces_the_class_forward(module: nn.Module) -> bool:
+    """Whether the forward patch_model replaced is the class's own: none was set on the
+    instance, or accelerate's hook holds the class's forward as ``_old_forward``. An instance
+    forward set before patching wraps it with behaviour of its own (TRL's trainers add a
+    ``fused_lm_head=True`` mode that returns log-probs, accelerate's autocast wrapper a dtype
+    context), which the fused loss, computed without calling it, would drop."""
+    original = getattr(module.__dict__.get("_thinkfuse_patch"), "original_forward", None)
+    return original is None or getattr(original, "__func__", None) is type(module).forward
+
+
 def _fused_loss_applies(module: nn.Module, labels, logits_to_keep, kwargs) -> bool:
     """Training with labels, full-length logits and a ModelOutput return: the case where the
     logits tensor is only an intermediate of the loss (evaluation keeps its logits)."""
@@ -249,6 +259,7 @@ def _fused_loss_applies(module: nn.Module, labels, logits_to_keep, kwargs) -> bo
         and isinstance(logits_to_keep, int) and logits_to_keep == 0
         and kwargs.get("return_dict", True) is not False
         and has_linear_lm_head(module)
+        and _replaces_the_class_forward(module)
     )
 
 

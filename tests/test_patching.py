@@ -191,6 +191,25 @@ def test_report_names_backend_and_counts():
     assert report.patched == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "positions": 1, "loss": 1}
 
 
+def test_report_says_which_backend_each_kind_runs_on(monkeypatch):
+    """API.md: the report says, per kind, with which backend. A model-wide "cuda" runs the kinds
+    whose CUDA kernel is pending validation (attention here) on triton: each line says so."""
+    import thinkfuse.backend as backend_module
+    from thinkfuse.patching import PatchReport
+
+    report = PatchReport(model="Qwen2ForCausalLM", family="qwen2", backend="cuda", device="cuda:0",
+                         resolved_backend="cuda",
+                         patched={"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "positions": 1, "loss": 1})
+    monkeypatch.setattr(backend_module, "cuda_has_op", lambda op: True)
+    assert [report.backend_of(k) for k in ("rms_norm", "swiglu", "rope", "attention", "positions", "loss")] == \
+        ["cuda", "cuda", "cuda", "triton", None, "cuda"]
+    lines = str(report).splitlines()
+    assert "  rms_norm      5 modules on cuda" in lines and "  attention     2 modules on triton" in lines
+    assert "  positions     1 modules" in lines
+    text = str(thinkfuse.patch_model(tiny_model("qwen2"), backend="triton"))
+    assert "attention     2 modules on triton" in text and "rms_norm      5 modules on triton" in text
+
+
 def test_deepcopy_of_patched_model_keeps_its_own_patches():
     model = tiny_model("qwen2")
     thinkfuse.patch_model(model, backend="torch")

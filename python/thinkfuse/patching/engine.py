@@ -70,9 +70,15 @@ class PatchState:
         return self.kinds[0] if self.kinds else ""
 
 
+# The extension op whose availability decides each kind's backend (backend_for_op); the loss
+# runs the fused lm_head log-probs.
+_KIND_CUDA_OPS = {"rms_norm": "rms_norm_fwd", "swiglu": "swiglu_fwd", "rope": "rope_fwd", "loss": "token_logprobs_fwd"}
+
+
 @dataclass
 class PatchReport:
-    """What patch_model did: modules patched per kind, and the backend they run on."""
+    """What patch_model did: modules patched per kind, and the backend each kind runs on
+    (``backend_of``, printed on each kind's line)."""
 
     model: str
     family: str
@@ -97,6 +103,15 @@ class PatchReport:
         backend = self.attention_backend or backend_for_op(self.resolved_backend, "flash_attention_fwd")
         return f"{ATTN_IMPLEMENTATION}:{backend}"
 
+    def backend_of(self, kind: str) -> str | None:
+        """The backend the kernels of ``kind`` run on (a model-wide "cuda" runs an op whose CUDA
+        kernel is pending validation on triton, backend.backend_for_op); None for a kind that
+        runs no kernel of its own (positions)."""
+        if kind == "attention":
+            return self.attention.removeprefix(f"{ATTN_IMPLEMENTATION}:") if self.patched.get(kind) else None
+        op = _KIND_CUDA_OPS.get(kind)
+        return None if op is None else backend_for_op(self.resolved_backend, op)
+
     def __str__(self) -> str:
         lines = [
             f"thinkfuse patch of {self.model} (family {self.family}) on {self.device}: "
@@ -104,7 +119,8 @@ class PatchReport:
         ]
         for kind in KINDS:
             if kind in self.patched:
-                lines.append(f"  {kind:<10} {self.patched[kind]:>4} modules")
+                backend = self.backend_of(kind)
+                lines.append(f"  {kind:<10} {self.patched[kind]:>4} modules" + (f" on {backend}" if backend else ""))
             elif kind in self.disabled:
                 lines.append(f"  {kind:<10}  off")
         return "\n".join(lines)

@@ -47,12 +47,13 @@ import contextlib
 import functools
 import math
 import numbers
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_float, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_float, check_same_device, check_tensor
 from .ops.logprobs import TOKEN_ID_DTYPES, fused_linear_logprobs_with_grads, fused_linear_token_logprobs, token_logprobs
 from .ops.one_pass import one_pass_applies, one_pass_loss
 
@@ -881,10 +882,15 @@ def patch_trl(*, backend: Optional[str] = None) -> TrlPatch:
       policy and reference models (``GRPOTrainer`` in TRL >= 1.x computes every log-prob and the
       entropy through it), by ``fused_linear_token_logprobs``. Calls it cannot serve
       (logit soft-capping, the extra outputs ``log_sum_sq_probs``/``mean_logits``/``is_top1``,
-      DeepSpeed ZeRO-3) go to TRL's original.
+      float64 outside autocast, DeepSpeed ZeRO-3) go to TRL's original.
     - ``selective_log_softmax`` (used on full logits by older ``GRPOTrainer`` versions and other
-      trainers; also replaced in ``trl.trainer.grpo_trainer`` when it imported it by name) by
-      ``thinkfuse.grpo.selective_log_softmax``.
+      trainers; also replaced in the trl modules loaded so far that imported it by name; a module
+      importing it while patched calls TRL's own again once the patch is undone) by
+      ``thinkfuse.grpo.selective_log_softmax``. Float64 logits and top-K indices go to TRL's.
+
+    In trl 1.16, ``SFTTrainer`` and ``DPOTrainer``'s policy ask the fused lm_head for ``is_top1``
+    (and ``mean_logits``), so they keep TRL's kernel; ``GRPOTrainer`` (policy and reference
+    model) and ``DPOTrainer``'s reference model run on thinkfuse.
 
     Call it once before ``trainer.train()``, or use the result as a context manager::
 
@@ -925,15 +931,23 @@ def _replace_trl_functions(replaced: list, backend) -> None:
     if original_selective is not None:
         new_selective = _trl_selective_log_softmax(original_selective, backend)
         replace(utils, "selective_log_softmax", new_selective)
-        grpo_module = importlib.import_module("trl.trainer.grpo_trainer")
-        if getattr(grpo_module, "selective_log_softmax", None) is original_selective:
-            replace(grpo_module, "selective_log_softmax", new_selective)
+        importlib.import_module("trl.trainer.grpo_trainer")  # (older versions imported it by name)
+        # Trainers that imported it by name (trl.experimental's CPO, ORPO, SDPO, ... in trl 1.16)
+        # hold their own reference: replace it in every trl module loaded so far.
+        for name, module in list(sys.modules.items()):
+            # (the module's own names: a lazy module's getattr could import more of trl)
+            if name.startswith("trl.") and module is not utils \
+                    and getattr(module, "__dict__", {}).get("selective_log_softmax") is original_selective:
+                replace(module, "selective_log_softmax", new_selective)
 
 
 def _trl_selective_log_softmax(original, backend):
     def selective_log_softmax_(logits, index, temperature=1.0, row_mask=None):
-        if index.dim() != logits.dim() - 1:  # top-K gathering: TRL's own
-            return original(logits, index, temperature=temperature, row_mask=row_mask)
+        # top-K gathering, float64 logits (thinkfuse's ops take 16/32-bit floats), and calls after
+        # the patch was undone (from a module that imported this by name while patched): TRL's own
+        if index.dim() != logits.dim() - 1 or logits.dtype not in FLOAT_DTYPES \
+                or getattr(selective_log_softmax_, "thinkfuse_retired", False):
+            return _unretired(original)(logits, index, temperature=temperature, row_mask=row_mask)
         return selective_log_softmax(logits, index, temperature, row_mask, backend=backend)
 
     selective_log_softmax_.__doc__ = selective_log_softmax.__doc__
@@ -954,21 +968,28 @@ def _trl_chunked_logprob(original, backend):
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                   logit_scale=1.0, outputs=("log_probs",)):
+            dtype = _trl_compute_dtype(hidden)
+            # float64 (a float64 model outside autocast) is TRL's too: thinkfuse's ops take 16/32-bit floats
             if final_logit_softcapping is not None or not set(outputs) <= _SERVED_OUTPUTS or logit_scale <= 0 \
-                    or _zero3_enabled():
+                    or dtype not in FLOAT_DTYPES or _zero3_enabled():
                 return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                       final_logit_softcapping, logit_scale, outputs)
             return _fused_trl_logprobs(hidden, weight, bias, targets, temperature / logit_scale,
-                                       "entropy" in outputs, backend)
+                                       "entropy" in outputs, dtype, backend)
 
     return ThinkfuseChunkedLogProb
 
 
-def _fused_trl_logprobs(hidden, weight, bias, targets, temperature, return_entropy, backend):
+def _trl_compute_dtype(hidden: Tensor) -> torch.dtype:
     """TRL's fused lm_head contract: the matmul runs in the autocast dtype when autocast is on
     (TRL casts hidden and weight to it), else in hidden's dtype."""
     device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+def _fused_trl_logprobs(hidden, weight, bias, targets, temperature, return_entropy, dtype, backend):
+    """TRL's fused lm_head in ``dtype`` (``_trl_compute_dtype``)."""
+    device_type = hidden.device.type
     with torch.autocast(device_type, enabled=False):
         result = fused_linear_token_logprobs(
             hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),

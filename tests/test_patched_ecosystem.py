@@ -145,3 +145,20 @@ def test_trainer_steps_on_padded_batches_match_unpatched(side, tmp_path):
     assert losses == pytest.approx(reference_losses, rel=1e-5)
     for name, weight in reference_weights.items():
         assert_close_fp32(weights[name], weight)
+
+
+def test_unpatching_under_a_trl_wrapper_added_after_patching_restores_the_logits():
+    """TRL wraps the forward after patch_model (its trainers do so when built): the wrapper keeps
+    calling the patched forward, which after unpatch_model must run the original one (logits
+    and all), not the fused loss."""
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model("qwen2")
+    ids = tiny_batch()
+    thinkfuse.patch_model(model, backend="torch")
+    add_fused_lm_head(model)
+    thinkfuse.unpatch_model(model)
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is not None and torch.isfinite(out.loss)

@@ -245,8 +245,13 @@ def _replaces_the_class_forward(module: nn.Module) -> bool:
     instance, or accelerate's hook holds the class's forward as ``_old_forward``. An instance
     forward set before patching wraps it with behaviour of its own (TRL's trainers add a
     ``fused_lm_head=True`` mode that returns log-probs, accelerate's autocast wrapper a dtype
-    context), which the fused loss, computed without calling it, would drop."""
-    original = getattr(module.__dict__.get("_thinkfuse_patch"), "original_forward", None)
+    context), which the fused loss, computed without calling it, would drop. False once the
+    module is unpatched: a wrapper made while it was patched (TRL's, added after patch_model)
+    still calls this replacement, which must then be the original forward again."""
+    state = module.__dict__.get("_thinkfuse_patch")
+    if state is None or "loss" not in state.kinds:
+        return False
+    original = getattr(state, "original_forward", None)
     return original is None or getattr(original, "__func__", None) is type(module).forward
 
 

@@ -83,7 +83,9 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_n, of
     """Online-softmax update over the key blocks [lo, hi). MASKED=False: every row of the tile
     sees every key of these blocks (interior blocks), so no mask is built."""
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
+        # int64 on the GPU already (the loop variable takes hi = k_len's type); explicit for the
+        # interpreter, whose loop variable is a Python int (cols * sk_s would wrap in int32)
+        cols = start_n + offs_n.to(tl.int64)
         k_ptrs = k_base + cols[None, :] * sk_s + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * sv_s + offs_d[None, :]
         if MASKED:
@@ -207,7 +209,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, sq_s, sdo_s, sl_
     """dK/dV of one key block from the query blocks [lo, hi) of one query head. MASKED=False:
     every query row sees every key of the block, so no mask is built."""
     for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
+        rows = start_m + offs_m.to(tl.int64)  # int64 for the interpreter too (see _fwd_blocks)
         row_ok = rows < q_len
         qd_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows[:, None] * sq_s + offs_d[None, :], mask=qd_mask, other=0.0)
@@ -234,7 +236,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_n
     """dQ of one query block from the key blocks [lo, hi). MASKED=False: every row sees every key
     of these blocks (all inside k_len), so no mask is built."""
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
+        cols = start_n + offs_n.to(tl.int64)  # int64 for the interpreter too (see _fwd_blocks)
         col_ok = cols < k_len
         kt = tl.load(k_base + cols[None, :] * sk_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + cols[None, :] * sv_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)

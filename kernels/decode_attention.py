@@ -48,7 +48,8 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    q = tl.load(Q + b * sq_b + t[:, None] * sq_s + h[:, None] * sq_h + offs_d[None, :],
+    # t is int32: t * sq_s in int64 (a q view with a long token stride)
+    q = tl.load(Q + b * sq_b + t[:, None].to(tl.int64) * sq_s + h[:, None] * sq_h + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     pos = k_len - seqlen_q + t  # key position of each row's query token
     k_base = K + b * sk_b + kvh * sk_h
@@ -67,7 +68,9 @@ def _decode_split_kernel(
         k_start = tl.minimum(tl.maximum(tl.load(LEFTPAD + b).to(tl.int64), 0), k_len)
         lo = tl.maximum(lo, k_start // BLOCK_N * BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
+        # int64 on the GPU already (the loop variable takes hi's type); explicit for the
+        # interpreter, whose loop variable is a Python int (cols * sk_s would wrap in int32)
+        cols = start_n + offs_n.to(tl.int64)
         col_ok = (cols < hi) & (cols >= k_start)  # padding slots are never read (they may hold NaN)
         kt = tl.load(k_base + cols[None, :] * sk_s + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION) * scale_log2

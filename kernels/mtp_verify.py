@@ -66,6 +66,9 @@ def _greedy_verify_kernel(
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # int64: j * stride_lk is a product of int32 values, past 2**31 at j >= 4 when the logits are
+    # a [K+1, B, V] buffer viewed as [B, K+1, V] (stride_lk = B * V, e.g. B = 4096, V = 152k)
+    stride_lk = tl.cast(stride_lk, tl.int64)
     logits_row = LOGITS + row * stride_lb
     slots = tl.arange(0, BLOCK_K)
     tokens = tl.full([BLOCK_K], -1, tl.int64)
@@ -179,6 +182,9 @@ def _sampled_verify_kernel(
     HAS_DRAFT_PROBS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # int64: position * stride is a product of int32 values (see _greedy_verify_kernel)
+    stride_lk = tl.cast(stride_lk, tl.int64)
+    stride_pk = tl.cast(stride_pk, tl.int64)
     logits_row = LOGITS + row * stride_lb
     slots = tl.arange(0, BLOCK_K)
     tokens = tl.full([BLOCK_K], -1, tl.int64)

@@ -69,7 +69,9 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+        # int64 on the GPU already (start takes row_start's type); explicit for the interpreter,
+        # whose loop variable is a Python int (rows * stride_dy would wrap in int32)
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -2,6 +2,7 @@
 
 import torch
 
+from thinkfuse import speculative
 from thinkfuse.sampling import Sampling, warpers
 
 
@@ -18,6 +19,29 @@ def record_acceptances(monkeypatch, owner, name: str = "mtp_verify") -> list:
 
     monkeypatch.setattr(owner, name, recording)
     return steps
+
+
+def record_verify_counts(monkeypatch, device) -> dict:
+    """Wrap ``_NewTokens.append``, which both engines (dynamic and static) hand each verify
+    step's ``[B, 2]`` tokens with ``counts`` = accepted + 1, so that each such step adds up: the
+    rows still generating (``generating``), the drafts those rows accepted (``accepted``) and
+    the drafts rows already done accepted (``accepted_when_done``: they must not count). Device
+    ops only, into tensors made here: a captured step replays them too. Returns the totals."""
+    totals = {name: torch.zeros((), dtype=torch.long, device=device)
+              for name in ("generating", "accepted", "accepted_when_done")}
+    append = speculative._NewTokens.append
+
+    def recording(self, new, counts):
+        if new.shape[1] == 2:
+            generating = ~self.done_rows()
+            accepted = counts - 1
+            totals["generating"].add_(generating.sum())
+            totals["accepted"].add_(torch.where(generating, accepted, 0).sum())
+            totals["accepted_when_done"].add_(torch.where(generating, 0, accepted).sum())
+        append(self, new, counts)
+
+    monkeypatch.setattr(speculative._NewTokens, "append", recording)
+    return totals
 
 
 def filtered_probs(model, ids, temperature, **filters):

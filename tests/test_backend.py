@@ -21,6 +21,23 @@ def test_triton_listed_under_interpreter(monkeypatch):
     assert "triton" in thinkfuse.available_backends()
 
 
+@pytest.mark.parametrize("value,interpreted", [
+    ("1", True), ("true", True), ("TRUE", True), ("On", True), ("yes", True), ("y", True),
+    ("0", False), ("false", False), ("False", False), ("off", False), ("no", False), ("", False), ("2", False),
+    (" 1", False), (None, False),
+])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, interpreted):
+    """TRITON_INTERPRET=false / off / no turn the interpreter off in Triton: the triton backend
+    must not then be offered for CPU tensors (its kernels would not run there)."""
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backend_mod.triton_interpreter_enabled() is interpreted
+    knobs = pytest.importorskip("triton.knobs")
+    assert knobs.runtime.interpret is interpreted  # the installed Triton agrees
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only behaviour")
 def test_unavailable_backends_raise_with_reason(monkeypatch):
     with pytest.raises(BackendUnavailable, match="cuda.*unavailable.*CUDA"):

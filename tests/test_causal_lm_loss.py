@@ -34,9 +34,11 @@ def _transformers_loss(hidden, weight, bias, labels, **kwargs):
 
 
 def _loss_and_grads(fn, hidden, weight, bias, labels, **kwargs):
+    """The loss and the gradients of 2.5 x the loss (an upstream gradient other than 1, as a
+    loss scaler or a weighted sum of losses gives)."""
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     loss = fn(*leaves[:2], leaves[2] if bias is not None else None, labels, **kwargs)
-    loss.backward()
+    (2.5 * loss).backward()
     return [loss.detach()] + [t.grad for t in leaves]
 
 
@@ -97,6 +99,19 @@ def test_labels_that_are_no_token_id_are_refused(bad_label, backend):
             causal_lm_loss(hidden, weight, labels, backend=backend)
     else:
         assert torch.isnan(causal_lm_loss(hidden, weight, labels, backend=backend))
+
+
+def test_labels_that_are_no_token_id_make_the_loss_nan_where_checking_would_sync(monkeypatch):
+    """Where a check would be a host sync (a GPU, or under torch.compile) a bad label poisons the
+    loss instead: NaN. Forced on any device by claiming to be compiling."""
+    hidden, weight, _, labels = _inputs(seed=4)
+    good = causal_lm_loss(hidden, weight, labels, backend="torch")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(causal_lm_loss(hidden, weight, labels, backend="torch"), good)
+    for bad_label in (-1, VOCAB):
+        bad = labels.clone()
+        bad[0, 2] = bad_label
+        assert torch.isnan(causal_lm_loss(hidden, weight, bad, backend="torch"))
 
 
 @pytest.mark.parametrize(

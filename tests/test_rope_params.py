@@ -76,6 +76,8 @@ CASES = {
     "yarn-attention_factor": lambda: _ministral3("yarn", attention_factor=1.25),
     "yarn-no-truncate": lambda: _ministral3("yarn", truncate=False),
     "yarn-beta-32-8": lambda: _ministral3("yarn", beta_fast=32.0, beta_slow=8.0, factor=4.0),
+    # beta_fast / beta_slow left out: transformers' defaults (32 and 1) apply.
+    "yarn-default-betas": lambda: _ministral3("yarn", beta_fast=None, beta_slow=None),
     "llama3": lambda: _llama({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 4096}),

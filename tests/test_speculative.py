@@ -9,7 +9,7 @@ cannot pick different argmaxes through rounding.
 import pytest
 import torch
 from conftest import DEVICE
-from speculative_helpers import chi_square_p_value, filtered_probs, record_acceptances
+from speculative_helpers import chi_square_p_value, filtered_probs, record_acceptances, record_verify_counts
 
 import thinkfuse
 from thinkfuse import speculative
@@ -117,6 +117,48 @@ def test_mixed_steps_keep_every_row_padding_then_tokens(monkeypatch):
     assert grew_padding  # some rejection became padding
 
 
+def test_mtp_logits_follow_the_verified_tokens_through_mixed_steps(monkeypatch):
+    """The MTP layer drafts from its own cache, whose rejecting rows' slots are rotated as the
+    trunk's are: at every draft its real logits equal the MTP layer run from scratch (no cache,
+    no padding) over the row's verified tokens. Greedy output cannot show this (drafts only
+    change how many tokens a step emits), so the drafts come from an oracle at this level while
+    the real logits are kept."""
+    model = _model()
+    ids, mask = _padded_batch()
+    reference = _greedy(model, ids, mask, 12)
+    real_tokens = [reference[r, ids.shape[1] - int(mask[r].sum()):] for r in range(3)]
+    drafted_from = []  # (pending token's position [B], real MTP logits [B, V]) per draft
+    mtp_logits = speculative._mtp_logits
+
+    def oracle(model_, state, mtp_input):
+        logits = mtp_logits(model_, state, mtp_input)
+        drafted_from.append((state.position.tolist(), logits))
+        drafts = []
+        for r, position in enumerate(state.position.tolist()):  # the draft is for position + 1
+            token = int(real_tokens[r][position + 1]) if position + 1 < len(real_tokens[r]) else 0
+            drafts.append((token + 1) % VOCAB if (r + position) % 3 == 0 else token)
+        return torch.nn.functional.one_hot(torch.tensor(drafts, device=DEVICE), VOCAB).to(logits.dtype)
+
+    monkeypatch.setattr(speculative, "_mtp_logits", oracle)
+    steps = record_acceptances(monkeypatch, thinkfuse.reference)
+    sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(sequences, reference)
+    assert any(len(set(step)) > 1 for step in steps)  # mixed steps: rejecting rows' slots rotated
+    checked = 0
+    with torch.no_grad():
+        for positions, logits in drafted_from:
+            for r, position in enumerate(positions):
+                if position >= len(real_tokens[r]):  # a row past max_new_tokens
+                    continue
+                tokens = real_tokens[r][None, : position + 1]  # ends with the pending token
+                _, hidden = model.forward_with_pre_norm_hidden(tokens[:, :-1])
+                expected = model.mtp_forward(hidden, tokens[:, 1:], position_ids=torch.arange(position, device=DEVICE),
+                                             logits_to_keep=1).logits[0, -1]
+                torch.testing.assert_close(logits[r], expected)
+                checked += 1
+    assert checked >= 3 * len(steps)
+
+
 def _sliding_window_model(window: int):
     """The tiny MiMo with a sliding window on every trunk layer (MiMo-7B has none; a fine-tune
     may): a hole in a row would narrow the window, and a sliding cache layer could not roll back."""
@@ -203,12 +245,33 @@ def test_eos_in_the_middle(monkeypatch, oracle):
     sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(sequences[:, : ids.shape[1] + 1], reference[:, : ids.shape[1] + 1])
     model.generation_config.pad_token_id = VOCAB - 1
-    sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
+    counts = record_verify_counts(monkeypatch, DEVICE)
+    sequences, stats = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(sequences, reference)
     assert (sequences[0, ids.shape[1]:] == VOCAB - 1).any()  # row 0 was padded after its eos
+    # Drafts count for the rows still generating only: row 0's after its eos do not.
+    assert stats["drafted"] == int(counts["generating"]) < 3 * stats["steps"]
+    assert stats["accepted"] == int(counts["accepted"])
+    if oracle:  # row 0 still accepts the oracle's drafts after its eos
+        assert int(counts["accepted_when_done"]) > 0
     # as generate, a tensor of eos ids (0-d or 1-d) is accepted
     as_tensor, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=torch.tensor(eos))
     assert torch.equal(as_tensor, reference)
+
+
+def test_without_a_pad_id_rows_are_padded_with_the_first_eos_id():
+    """generation_config.pad_token_id None and two eos ids: a row that ends on the second one is
+    padded with the first, as generate pads."""
+    model = _model()
+    ids, mask = _padded_batch()
+    plain = _greedy(model, ids, mask, 12)
+    ends = _eos_from_the_middle(plain, ids.shape[1])
+    never = next(t for t in range(VOCAB) if t not in plain.flatten().tolist())  # ends no row: only pads
+    assert model.generation_config.pad_token_id is None
+    reference = _greedy(model, ids, mask, 12, eos_token_id=[never, ends])
+    sequences, _ = mtp_generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[never, ends])
+    assert torch.equal(sequences, reference)
+    assert (sequences[0, ids.shape[1]:] == never).any()
 
 
 def test_every_row_ending_early_shortens_the_output():

@@ -9,7 +9,7 @@ float32 (the kernels' dtypes): seeds where no greedy step is a near-tie, as in t
 import pytest
 import torch
 from conftest import DEVICE, KERNEL_BACKENDS
-from speculative_helpers import chi_square_p_value, filtered_probs, record_acceptances
+from speculative_helpers import chi_square_p_value, filtered_probs, record_acceptances, record_verify_counts
 
 import thinkfuse
 from thinkfuse import static_decode
@@ -195,9 +195,15 @@ def test_eos_in_the_middle(monkeypatch, oracle):
     if oracle:
         _oracle_drafter(monkeypatch, plain)
     model.generation_config.pad_token_id = VOCAB - 1
-    sequences, _ = _static(model, ids, 12, eos_token_id=eos)
+    counts = record_verify_counts(monkeypatch, DEVICE)
+    sequences, stats = _static(model, ids, 12, eos_token_id=eos)
     assert torch.equal(sequences, reference)
     assert (sequences[0, ids.shape[1]:] == VOCAB - 1).any()  # row 0 was padded after its eos
+    # Drafts count for the rows still generating only: row 0's after its eos do not.
+    assert stats["drafted"] == int(counts["generating"]) < 3 * stats["steps"]
+    assert stats["accepted"] == int(counts["accepted"])
+    if oracle:  # row 0 still accepts the oracle's drafts after its eos
+        assert int(counts["accepted_when_done"]) > 0
 
 
 def test_patched_model_with_the_kernel_backend(kernel_backend):
@@ -375,6 +381,10 @@ def test_plain_greedy_bad_arguments():
         static_decode.greedy_generate(model, ids[:0], max_new_tokens=2)
     with pytest.raises(TypeError, match="eos_token_id"):
         static_decode.greedy_generate(model, ids, max_new_tokens=2, eos_token_id=[2, 3.0])
+    no_tokens = torch.ones_like(ids)
+    no_tokens[1] = 0  # a row of padding only, no token at all
+    with pytest.raises(ValueError, match="left-padded"):
+        static_decode.greedy_generate(model, ids, max_new_tokens=2, attention_mask=no_tokens)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):  # before the prefill
         static_decode.static_generate(model, ids, max_new_tokens=2, temperature=0.8, generator=123)
     sequences, stats = static_decode.greedy_generate(model, ids, max_new_tokens=0)

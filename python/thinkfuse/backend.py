@@ -42,8 +42,14 @@ def _cuda_extension_error() -> str | None:
     return None
 
 
+# How Triton reads TRITON_INTERPRET (triton.knobs.runtime.interpret, libtriton's getenv_bool):
+# on for these values, any case; off for anything else ("0", "false", "off", "no", ""...).
+_TRITON_TRUE_VALUES = ("1", "y", "yes", "on", "true")
+
+
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs its kernels in the interpreter, read as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE_VALUES
 
 
 @functools.lru_cache(maxsize=None)

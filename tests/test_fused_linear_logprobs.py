@@ -7,7 +7,7 @@ import pytest
 import torch
 from ptx import compile_in_subprocess
 from conftest import DEVICE, backends_with
-from tolerances import assert_close_fp32, assert_low_precision_ok
+from tolerances import assert_close_fp32, assert_low_precision_ok, assert_no_scale_bias
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import thinkfuse
@@ -181,6 +181,7 @@ def test_low_precision_vs_float64_truth(backend, dtype):
     truth = _run(_truth(0.8, True), (hidden.double(), weight.double(), bias.double()), ids)
     for o, r, t in zip(ours, ref, truth):
         assert_low_precision_ok(o, r, t)  # float32 log-probs/entropy, then gradients in `dtype`
+        assert_no_scale_bias(o, t)
     assert [o.dtype for o in ours] == [torch.float32] * 2 + [dtype] * 3
 
 

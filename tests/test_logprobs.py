@@ -5,7 +5,7 @@ custom-op registration and torch.compile."""
 import pytest
 import torch
 from conftest import DEVICE, backends_with
-from tolerances import assert_close_fp32, assert_low_precision_ok
+from tolerances import assert_close_fp32, assert_low_precision_ok, assert_no_scale_bias
 
 import thinkfuse
 from thinkfuse import reference
@@ -97,6 +97,7 @@ def test_low_precision_logits_vs_float64_truth(backend, dtype):
             assert_close_fp32(o, t, tol=1e-4)
         else:
             assert_low_precision_ok(o, r, t)
+            assert_no_scale_bias(o, t)
     assert ours[0].dtype == torch.float32 and ours[2].dtype == dtype, "float32 log-probs, gradient in logits' dtype"
 
 

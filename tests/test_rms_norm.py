@@ -1,10 +1,13 @@
 """thinkfuse.ops.rms_norm: every backend against reference.py, reference.py against the
 transformers module, forward and gradients, dtypes, odd sizes, strides, bad inputs, compile."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import DEVICE, KERNEL_BACKENDS
-from tolerances import ULP, assert_close_fp32, assert_low_precision_ok
+from strided_helpers import spy_on_op_calls, strided_leaf
+from tolerances import ULP, assert_close_fp32, assert_low_precision_ok, assert_no_scale_bias
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 import thinkfuse
@@ -25,7 +28,7 @@ def _inputs(rows, hidden, dtype, *, residual=False, w_dtype=None, seed=0):
 
 def _run(fn, x, w, r, eps=1e-6, seed=1):
     """Forward and the gradients of a fixed random projection of the outputs."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, r) if t is not None]
+    leaves = [strided_leaf(t) for t in (x, w, r) if t is not None]
     out = fn(*leaves[:2], eps, residual=leaves[2] if r is not None else None)
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(seed)
@@ -96,8 +99,10 @@ def test_low_precision_vs_float64_truth(kernel_backend, dtype, hidden, residual)
     outs, grads = _run(_backend_fn(kernel_backend), x, w, r)
     hf_outs, hf_grads = _run(_reference_fn, x, w, r)
     truth_outs, truth_grads = _run(_truth_fn, x, w, r)
-    for ours, hf, truth in zip(outs + grads, hf_outs + hf_grads, truth_outs + truth_grads):
+    for i, (ours, hf, truth) in enumerate(zip(outs + grads, hf_outs + hf_grads, truth_outs + truth_grads)):
         assert_low_precision_ok(ours, hf, truth)
+        # y is rounded twice (the normalised row, then times the weight), the rest once
+        assert_no_scale_bias(ours, truth, roundings=2 if i == 0 else 1)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
@@ -119,26 +124,55 @@ def test_mixed_dtypes_follow_transformers_promotion(kernel_backend, x_dtype, w_d
 
 
 def _strided_views():
+    """(id, x, the row stride the op reads x with)."""
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(6, 5, 2 * 160, generator=gen).to(DEVICE)
-    yield "every-other-column", base[..., ::2]  # unit stride lost: copied
-    yield "column-slice", base[..., :160]  # row stride 320 > 160: read in place
-    yield "transposed", base[..., :160].transpose(0, 1)  # rows not flattenable: copied
-    yield "expanded", torch.randn(1, 160, generator=gen).to(DEVICE).expand(7, 160)
+    yield "every-other-column", base[..., ::2], 160  # unit stride lost: copied
+    yield "column-slice", base[..., :160], 320  # row stride 320 > 160: read in place
+    yield "transposed", base[..., :160].transpose(0, 1), 160  # rows not flattenable: copied
+    yield "expanded", torch.randn(1, 160, generator=gen).to(DEVICE).expand(7, 160), 0  # read in place
 
 
 @pytest.mark.parametrize("case", list(_strided_views()), ids=lambda c: c[0])
-def test_strided_inputs(kernel_backend, case):
-    _, x = case
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_strided_inputs(kernel_backend, case, residual, monkeypatch):
+    _, x, row_stride = case
     w = torch.linspace(0.5, 1.5, x.shape[-1], device=DEVICE)
-    r = torch.randn(x.shape, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
+    # column-major: copied to row stride 160, unlike x (a kernel reading it with x's stride fails)
+    r = torch.randn(x.shape, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2) if residual else None
     x_before = x.clone()
+    seen = spy_on_op_calls(monkeypatch, "thinkfuse.ops.rms_norm")
     outs, grads = _run(_backend_fn(kernel_backend), x, w, r)
+    # x reaches the kernels with its strides, in the forward and (as the saved h) the backward
+    assert seen["rms_norm_fwd"][0] == (row_stride, 1)
+    assert seen["rms_norm_fwd"][2] == (None if r is None else (160, 1))
+    assert seen["rms_norm_bwd"][1] == ((160, 1) if residual else (row_stride, 1))
     ref_outs, ref_grads = _run(_reference_fn, x, w, r)
     assert torch.equal(x, x_before), "rms_norm wrote into its input"
     for ours, ref in zip(outs + grads, ref_outs + ref_grads):
         assert ours.shape == ref.shape
         assert_close_fp32(ours, ref, tol=1e-4)
+
+
+def _grads(fn, x, w, r, grad_outputs):
+    leaves = [strided_leaf(t) for t in (x, w, r) if t is not None]
+    outs = fn(leaves[0], leaves[1], 1e-6, residual=leaves[2] if r is not None else None)
+    return torch.autograd.grad(outs, leaves, grad_outputs)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_row_strided_output_gradient(kernel_backend, residual, monkeypatch):
+    """dy read with its row stride: e.g. y consumed through a torch.cat, whose backward hands
+    on slices of its gradient."""
+    x, w, r = _inputs(4, 150, torch.float32, residual=residual)
+    gen = torch.Generator().manual_seed(2)
+    dy, dh = (torch.randn(4, 300, generator=gen).to(DEVICE)[:, :150] for _ in range(2))
+    seen = spy_on_op_calls(monkeypatch, "thinkfuse.ops.rms_norm")
+    ours = _grads(_backend_fn(kernel_backend), x, w, r, (dy, dh) if residual else dy)
+    assert seen["rms_norm_bwd"][0] == (300, 1)
+    ref = _grads(_reference_fn, x, w, r, (dy, dh) if residual else dy)
+    for o, rf in zip(ours, ref):
+        assert_close_fp32(o, rf, tol=1e-4)
 
 
 def test_leading_dims_and_empty_rows(kernel_backend):

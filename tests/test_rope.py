@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from conftest import DEVICE, KERNEL_BACKENDS
+from strided_helpers import spy_on_op_calls, strided_leaf
 from tolerances import assert_close_fp32, assert_low_precision_ok
 from transformers.models.ministral3 import modeling_ministral3
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
@@ -77,7 +78,7 @@ ROPE_CASES = {
 
 def _run(fn, inputs, seed=1):
     """Forward and the gradients of a fixed random projection of the outputs w.r.t. ``inputs``."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    leaves = [strided_leaf(t) for t in inputs]
     outs = fn(*leaves)
     gen = torch.Generator().manual_seed(seed)
     loss = sum((o.double() * torch.randn(o.shape, generator=gen).to(o.device, torch.float64)).sum() for o in outs)
@@ -180,7 +181,8 @@ def test_rope_low_precision_vs_float64_truth(kernel_backend, dtype, case_id):
 
 
 def _strided_qk():
-    """(id, q, k) in [B, S, H, D] order, none of them contiguous."""
+    """(id, q, k) in [B, S, H, D] order, none of them contiguous; q and k reach the op with
+    their strides, except every-other-element's (copied: no unit stride on D)."""
     gen = torch.Generator().manual_seed(3)
     b, s, hq, hkv, d = 2, 5, 4, 2, 32
     yield "from-[B,H,S,D]", *(torch.randn(b, h, s, d, generator=gen).transpose(1, 2) for h in (hq, hkv))
@@ -190,16 +192,41 @@ def _strided_qk():
 
 
 @pytest.mark.parametrize("case", list(_strided_qk()), ids=lambda c: c[0])
-def test_rope_strided_inputs(kernel_backend, case):
-    _, q, k = case
+def test_rope_strided_inputs(kernel_backend, case, monkeypatch):
+    case_id, q, k = case
     q, k = q.to(DEVICE), k.to(DEVICE)
     q_before, k_before = q.clone(), k.clone()
     rope_case = RopeCase(*q.shape[:3], k.shape[2], q.shape[3], llama4=LLAMA4, positions="far")
     pos, inv_freq = _positions("far", *q.shape[:2]), _inv_freq(q.shape[3]).to(DEVICE)
+    seen = spy_on_op_calls(monkeypatch, "thinkfuse.ops.rope")
     outs, grads = _run(_rope_fn(rope_case, pos, inv_freq, kernel_backend), [q, k])
+    copied = case_id == "every-other-element"
+    assert seen["rope_fwd"][:2] == [t.contiguous().stride() if copied else t.stride() for t in (q, k)]
     ref_outs, ref_grads = _run(_reference_rope_fn(rope_case, pos, inv_freq), [q, k])
     assert torch.equal(q, q_before) and torch.equal(k, k_before), "rope wrote into its inputs"
     for ours, ref in zip(outs + grads, ref_outs + ref_grads):
+        assert_close_fp32(ours, ref)
+
+
+@pytest.mark.parametrize("api", ["rope", "apply_rotary"])
+def test_row_strided_output_gradients(kernel_backend, api, monkeypatch):
+    """dq/dk read with their strides: e.g. q and k consumed through a torch.cat, whose backward
+    hands on slices of its gradient."""
+    q, k, cos, sin = _apply_rotary_inputs(2, torch.float32)
+    pos, inv_freq = _positions("far", *q.shape[:2]), _inv_freq(q.shape[3]).to(DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(*t.shape[:3], 2 * t.shape[3], generator=gen).to(DEVICE)[..., : t.shape[3]] for t in (q, k)]
+    fns = {"rope": (lambda q_, k_: rope(q_, k_, pos, inv_freq, llama4_scaling=LLAMA4, backend=kernel_backend),
+                    lambda q_, k_: reference.rope(q_, k_, pos, inv_freq, 1.0, LLAMA4)),
+           "apply_rotary": (lambda q_, k_: apply_rotary_pos_emb(q_, k_, cos, sin, 2, backend=kernel_backend),
+                            lambda q_, k_: reference.apply_rotary_pos_emb(q_, k_, cos, sin, 2))}[api]
+    seen = spy_on_op_calls(monkeypatch, "thinkfuse.ops.rope")
+    results = []
+    for fn in fns:
+        leaves = [strided_leaf(q), strided_leaf(k)]
+        results.append(torch.autograd.grad(fn(*leaves), leaves, grads))
+    assert seen[f"{api}_bwd"][:2] == [g.stride() for g in grads]
+    for ours, ref in zip(*results):
         assert_close_fp32(ours, ref)
 
 

@@ -2,10 +2,12 @@
 transformers' MLP activation, forward and gradients, dtypes, odd sizes, strides, bad inputs,
 custom-op registration and torch.compile."""
 
+
 import pytest
 import torch
 from conftest import DEVICE, KERNEL_BACKENDS
-from tolerances import ULP, assert_close_fp32, assert_low_precision_ok
+from strided_helpers import spy_on_op_calls, strided_leaf
+from tolerances import ULP, assert_close_fp32, assert_low_precision_ok, assert_no_scale_bias
 from transformers.activations import ACT2FN
 
 import thinkfuse
@@ -23,7 +25,7 @@ def _gate_up(rows, size, dtype, seed=0):
 
 def _run(fn, inputs, seed=1):
     """Forward and the gradients of a fixed random projection of the output w.r.t. ``inputs``."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    leaves = [strided_leaf(t) for t in inputs]
     out = fn(*leaves)
     gen = torch.Generator().manual_seed(seed)
     (out.double() * torch.randn(out.shape, generator=gen).to(out.device, torch.float64)).sum().backward()
@@ -97,23 +99,29 @@ def test_low_precision_vs_float64_truth(backend, dtype, form, size):
     for ours, hf, truth in zip(_run(FORMS[form](backend), [gate, up]), _run(hf_mlp, [gate, up]),
                                _run(_truth, [gate, up])):
         assert_low_precision_ok(ours, hf, truth)
+        assert_no_scale_bias(ours, truth)
 
 
 def _strided_inputs():
+    """(id, gate, up, the row strides the op reads gate and up with)."""
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(4, 6, 2 * 150, generator=gen)
-    yield "column-slices", base[..., :150], base[..., 150:]  # row stride 300: read in place
-    yield "transposed", base[..., :150].transpose(0, 1), base[..., 150:].transpose(0, 1)
-    yield "every-other-column", base[..., ::2], base[..., 1::2]  # unit stride lost: copied
-    yield "expanded", torch.randn(1, 150, generator=gen).expand(5, 150), torch.randn(5, 150, generator=gen)
+    yield "column-slices", base[..., :150], base[..., 150:], (300, 300)  # read in place
+    yield "transposed", base[..., :150].transpose(0, 1), base[..., 150:].transpose(0, 1), (150, 150)  # copied
+    yield "every-other-column", base[..., ::2], base[..., 1::2], (150, 150)  # unit stride lost: copied
+    yield "expanded", torch.randn(1, 150, generator=gen).expand(5, 150), torch.randn(5, 150, generator=gen), (0, 150)
 
 
 @pytest.mark.parametrize("case", list(_strided_inputs()), ids=lambda c: c[0])
-def test_strided_inputs(kernel_backend, case):
-    _, gate, up = case
+def test_strided_inputs(kernel_backend, case, monkeypatch):
+    _, gate, up, (gate_stride, up_stride) = case
     gate, up = gate.to(DEVICE), up.to(DEVICE)
     before = gate.clone(), up.clone()
+    seen = spy_on_op_calls(monkeypatch, "thinkfuse.ops.swiglu")
     ours = _run(_split_fn(kernel_backend), [gate, up])
+    # forward and backward read gate and up with their strides
+    for op in ("swiglu_fwd", "swiglu_bwd"):
+        assert seen[op][-3:-1] == [(gate_stride, 1), (up_stride, 1)], (op, seen[op])
     ref = _run(reference.swiglu, [gate, up])
     assert torch.equal(gate, before[0]) and torch.equal(up, before[1]), "swiglu wrote into its inputs"
     for o, r in zip(ours, ref):
@@ -121,15 +129,34 @@ def test_strided_inputs(kernel_backend, case):
         assert_close_fp32(o, r)
 
 
-def test_fused_reads_a_strided_projection_output_and_leading_dims(kernel_backend):
+def test_fused_reads_a_strided_projection_output_and_leading_dims(kernel_backend, monkeypatch):
     """gate_up as a merged projection's [B, S, 2I] output, sliced out of a wider buffer."""
     wide = torch.randn(2, 3, 2 * 97 + 11, device=DEVICE)
     gate_up = wide[..., : 2 * 97]
+    seen = spy_on_op_calls(monkeypatch, "thinkfuse.ops.swiglu")
     ours = _run(lambda x: swiglu_fused(x, backend=kernel_backend), [gate_up])
+    assert seen["swiglu_fused_fwd"][0] == seen["swiglu_fused_bwd"][1] == (2 * 97 + 11, 1)  # read in place
     ref = _run(lambda x: reference.swiglu(*x.chunk(2, dim=-1)), [gate_up])
     assert ours[0].shape == (2, 3, 97)
     for o, r in zip(ours, ref):
         assert_close_fp32(o, r)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_row_strided_output_gradient(kernel_backend, form, monkeypatch):
+    """dy read with its row stride: ``torch.cat([swiglu(g, u), other], -1)`` hands the backward
+    a slice of its gradient."""
+    gate, up = _gate_up(4, 150, torch.float32)
+    other = torch.randn(4, 150, device=DEVICE)
+    dy = torch.randn(4, 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    seen = spy_on_op_calls(monkeypatch, "thinkfuse.ops.swiglu")
+    results = []
+    for fn in (FORMS[form](kernel_backend), reference.swiglu):
+        leaves = [strided_leaf(gate), strided_leaf(up)]
+        results.append(torch.autograd.grad(torch.cat([fn(*leaves), other], -1), leaves, dy))
+    assert seen[{"split": "swiglu_bwd", "fused": "swiglu_fused_bwd"}[form]][0] == (300, 1)
+    for ours, ref in zip(*results):
+        assert_close_fp32(ours, ref)
 
 
 def test_empty_rows(backend):

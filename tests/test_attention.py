@@ -48,6 +48,12 @@ CASES = {
     "one-query-many-keys": (1, 1, 40, 4, 2, 32, True, None),
     "noncausal-sq!=sk": (1, 23, 41, 2, 2, 32, False, None),
     "head-dim-96": (1, 30, 30, 2, 1, 96, True, None),
+    # Shapes whose mask edges fall on the interpreter's tile edges (forward 32x16, dK/dV 16x32,
+    # dQ 16x32): a block-skipping bound off by one drops or unmasks exactly one key there.
+    "causal-sk-one-longer": (1, 40, 41, 2, 1, 16, True, None),
+    "causal-sk-14-longer": (1, 34, 48, 2, 1, 16, True, None),
+    "window-2-at-block-edges": (1, 48, 48, 2, 1, 16, True, 2),
+    "window-47-interior-blocks": (1, 64, 64, 2, 1, 16, True, 47),
 }
 
 
@@ -376,6 +382,9 @@ DECODE_LEFTPAD = {
     # verify: the queries alone (leftpad = seqlens - Sq), and a window shorter than the keys
     "leftpad-verify-window": (2, 4, 40, 8, 2, 32, [40, 30], [13, 26], 6, 2),
     "leftpad-window-past-padding": (1, 2, 33, 2, 2, 16, [33], [5], 20, 4),
+    # the first key is the last slot of a key block (blocks of 16 in the interpreter, 32 or 64
+    # on GPU): the block holding it must not be skipped
+    "leftpad-on-the-last-slot-of-a-block": (2, 1, 40, 4, 1, 32, [40, 33], [15, 31], None, 2),
 }
 
 
@@ -433,6 +442,22 @@ def test_decode_never_reads_the_slots_past_cache_seqlens(backend, leftpad):
         ref = reference.decode_attention(q, kc, vc, seqlens, None, window, cache_leftpad=cache_leftpad)
         assert torch.isfinite(ref).all()
         assert_close_fp32(ours, ref)
+
+
+def test_triton_decode_clamps_lengths_past_the_cache_and_zeroes_rows_without_keys():
+    """What GPU tensors get (their lengths are not checked, a host sync): cache_seqlens past
+    S_max count as S_max (row 0: its slots past S_max would be row 1's); a row with no key
+    (seqlens 0, or leftpad == seqlens) gives zeros, not the NaN of combining splits whose lse
+    are all -inf."""
+    from thinkfuse.kernels import decode_attention as decode_kernels
+
+    q, kc, vc = _qkv(3, 2, 20, 4, 2, 16)
+    seqlens = torch.tensor([27, 0, 9], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor([0, 0, 9], dtype=torch.int32, device=DEVICE)
+    ours = decode_kernels.decode_attention_forward(q, kc, vc, seqlens, leftpad, 16 ** -0.5, 0, 2)
+    ref = reference.decode_attention(q, kc, vc, seqlens, None, None, cache_leftpad=leftpad)
+    assert torch.equal(ours[1:], torch.zeros_like(ours[1:]))
+    assert_close_fp32(ours, ref)
 
 
 def test_decode_leftpad_fp16(kernel_backend):

@@ -288,9 +288,10 @@ def test_out_of_range_id_raises_on_cpu(backend):
 def test_out_of_range_id_gives_nan_in_the_kernels(kb):
     """What GPU tensors get (no eager check there): the custom op called directly."""
     logits, ids = _inputs((3,), 40)
+    ids[1] = 40  # == V: the first id past the vocabulary
     ids[2] = 45
     logprobs, _, _ = torch.ops.thinkfuse.token_logprobs_fwd(logits.unsqueeze(0), ids, 1.0, False, kb)
-    assert torch.isnan(logprobs[2]) and torch.isfinite(logprobs[0])
+    assert torch.isnan(logprobs[1]) and torch.isnan(logprobs[2]) and torch.isfinite(logprobs[0])
 
 
 @pytest.mark.parametrize(

@@ -490,6 +490,44 @@ def test_out_of_range_drafts_are_rejected_without_a_check():
         assert ours[1].tolist() == [1, 0]
 
 
+def test_a_draft_of_target_probability_zero_is_rejected_even_at_u_0():
+    """Acceptance is strict, u * p(x) < q(x): a draft the target gives probability 0 (a -inf
+    logit, e.g. a masked id) is rejected even by u = 0, with or without draft probabilities,
+    and the token drawn instead is never that id."""
+    gen = _generator(3)
+    logits = torch.randn(2, 3, 12, generator=gen)
+    logits[:, 0, 5] = -float("inf")
+    draft = torch.tensor([[5, 1], [5, 2]])
+    uniforms = torch.zeros(2, 3)
+    probs = torch.softmax(torch.randn(2, 2, 12, generator=gen), -1)
+    for draft_probs in (None, probs):
+        ref = reference.mtp_verify(draft, logits, 1.0, draft_probs, uniforms)
+        assert ref[1].tolist() == [0, 0] and (ref[0][:, 0] != 5).all()
+        if "triton" in KERNEL_BACKENDS:
+            from thinkfuse.kernels import mtp_verify as kernels
+
+            ours = kernels.mtp_verify(draft.to(DEVICE), logits.to(DEVICE),
+                                      None if draft_probs is None else draft_probs.to(DEVICE),
+                                      uniforms.to(DEVICE), 1.0)
+            assert torch.equal(ours[0].cpu(), ref[0]) and torch.equal(ours[1].cpu(), ref[1])
+
+
+def test_a_draw_past_the_rounded_total_takes_the_last_id_of_positive_weight():
+    """u = 1 puts the draw's threshold at the total weight, where no running sum exceeds it (as
+    rounding can leave it): the token is the last id of positive weight, not the argmax."""
+    logits = torch.zeros(1, 2, 8)
+    logits[0, 1, 1:7] = -float("inf")  # the bonus row: weights [1, 0, ..., 0, 1], argmax 0
+    draft = torch.tensor([[0]])
+    uniforms = torch.tensor([[0.0, 1.0]])
+    ref = reference.mtp_verify(draft, logits, 1.0, None, uniforms)
+    assert ref[0].tolist() == [[0, 7]] and ref[1].tolist() == [1]
+    if "triton" in KERNEL_BACKENDS:
+        from thinkfuse.kernels import mtp_verify as kernels
+
+        ours = kernels.mtp_verify(draft.to(DEVICE), logits.to(DEVICE), None, uniforms.to(DEVICE), 1.0)
+        assert ours[0].tolist() == [[0, 7]] and ours[1].tolist() == [1]
+
+
 def _good_args():
     return torch.tensor([[1, 2]]), torch.randn(1, 3, 8)
 

@@ -230,6 +230,27 @@ def test_row_strided_output_gradients(kernel_backend, api, monkeypatch):
         assert_close_fp32(ours, ref)
 
 
+def test_strided_position_ids_and_cos_sin_of_different_strides(kernel_backend):
+    """position_ids are read with both their strides (here a [S, B] tensor transposed: the token
+    stride is B), and cos and sin each with their own (sin a slice of a wider buffer)."""
+    case = ROPE_CASES["gqa-6-2"]
+    q, k, pos, inv_freq = case.inputs(torch.float32)
+    pos_t = pos.t().contiguous().t()
+    assert pos_t.stride(1) != 1 and torch.equal(pos_t, pos)
+    ours = rope(q, k, pos_t, inv_freq, backend=kernel_backend)
+    for got, ref in zip(ours, reference.rope(q, k, pos, inv_freq, 1.0, None)):
+        assert_close_fp32(got, ref)
+
+    q, k, cos, sin = _apply_rotary_inputs(2, torch.float32, random_cos_sin=True)
+    wide = torch.zeros(*sin.shape[:2], 3 * sin.shape[2], device=DEVICE)
+    wide[..., : sin.shape[2]] = sin
+    sin_sliced = wide[..., : sin.shape[2]]
+    assert sin_sliced.stride() != cos.stride()
+    ours = apply_rotary_pos_emb(q, k, cos, sin_sliced, 2, backend=kernel_backend)
+    for got, ref in zip(ours, reference.apply_rotary_pos_emb(q, k, cos, sin, 2)):
+        assert_close_fp32(got, ref)
+
+
 def test_rope_position_dtypes_and_lower_precision_inv_freq_agree(backend):
     """int32 and int64 positions give the same result; a bfloat16 inv_freq is used as
     transformers uses its buffer after model.to(bfloat16): converted to float32."""

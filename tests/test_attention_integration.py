@@ -97,6 +97,63 @@ def test_unpadded_and_packed_batches(family, backend):
     assert_close_fp32(packed, torch.cat([torch.cat(alone[:2], 1), torch.cat(alone[2:], 1)]), tol=1e-4)
 
 
+PACKED_ROWS = {
+    # row 1 starts at row 0's last position + 1: still a new sequence (rows never continue)
+    "row-start": [[0, 1, 2, 0, 1, 2], [3, 4, 5, 6, 7, 8]],
+    # a jump forward starts a sequence, as a restart does (transformers cuts where diff != 1)
+    "jump": [[0, 1, 2, 7, 8, 9], [0, 1, 2, 3, 4, 5]],
+    "repeat": [[0, 1, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]],
+    "one-per-row": [[3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5]],
+    "broadcast": [[0, 1, 2, 0, 1, 2]],  # [1, S] position_ids shared by both rows
+}
+
+
+@pytest.mark.parametrize("rows", list(PACKED_ROWS))
+def test_packed_plan_cuts_where_transformers_does(rows):
+    """The attention function's packed sequences are transformers' (find_packed_sequence_indices,
+    which its sdpa masks follow): a new sequence wherever a position is not the previous one + 1,
+    and at the start of every row."""
+    from transformers import masking_utils
+
+    from thinkfuse import attention_interface
+
+    position_ids = torch.tensor(PACKED_ROWS[rows])
+    batch, seq = 2, position_ids.shape[1]
+    find = getattr(masking_utils.find_packed_sequence_indices, "__wrapped__",
+                   masking_utils.find_packed_sequence_indices)
+    index = find(position_ids.expand(batch, seq))
+    plan = attention_interface._packed_plan(position_ids, batch, seq)
+    if index is None:
+        assert plan is None
+        return
+    assert plan is not None, "packed sequences missed"
+    flat = (index + torch.arange(batch)[:, None] * seq).flatten()  # sequence ids unique across rows
+    starts = [0] + [i for i in range(1, flat.numel()) if flat[i] != flat[i - 1]]
+    cu = [*starts, flat.numel()]
+    assert plan[0].dtype == torch.int32 and plan[0].tolist() == cu
+    assert plan[1] == max(b - a for a, b in zip(cu, cu[1:]))
+
+
+def test_two_queries_with_restarting_positions_are_two_sequences():
+    """Packing is looked for from two queries on: position_ids [0, 0] are two sequences of one
+    token, each attending to itself alone (transformers' sdpa masks keep them apart too)."""
+    q, k, v = _qkv(sq=2, sk=2)
+    thinkfuse.set_backend("torch")
+    out, _ = thinkfuse_attention_forward(_Module(is_causal=True), q, k, v, None, scaling=0.25,
+                                         position_ids=torch.tensor([[0, 0]]), use_cache=False)
+    assert_close_fp32(out, v.repeat_interleave(2, dim=1).transpose(1, 2))
+
+
+def test_packed_rows_cut_at_jumps_and_row_starts():
+    """A training batch whose position_ids jump forward inside a row and continue across rows
+    (row 1 starts where row 0 ends): the same sequences as transformers' sdpa keeps apart."""
+    model = tiny_model("qwen2").to(DEVICE).train()
+    ids = tiny_batch(2, 10, device=DEVICE)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]],
+                             device=DEVICE)
+    _assert_matches_unpatched(model, "torch", ids, position_ids=positions, use_cache=False)
+
+
 def test_transformers_packing_decision_is_reused(monkeypatch):
     """Where transformers has looked for packed sequences itself (no mask, no cache) and found
     none, the attention function does not look again (a second host sync per forward); where it
@@ -317,6 +374,39 @@ def test_left_padded_decode_steps_skip_the_padding_in_place(family, backend, mon
     assert len(unpads) == 2  # the prefill's unpad plans (queries, keys), shared by its layers
 
 
+def test_step_recording_gradients_after_cached_keys_does_not_decode(monkeypatch):
+    """decode_attention is not differentiable: a training step of a few queries after cached keys
+    (Sq < Sk, as a decode step looks) that records gradients runs flash attention, with the
+    logits and gradients of unpatched sdpa; only the no-grad steps decode."""
+    from transformers import DynamicCache
+
+    model = tiny_model("qwen2").to(DEVICE).train()
+    ids = tiny_batch(2, 9, device=DEVICE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :6], past_key_values=cache, use_cache=True)
+            model(ids[:, 6:7], past_key_values=cache, use_cache=True)  # a no-grad decode step
+        logits = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1], device=DEVICE)).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_logits, ref_grads = step()
+    calls = []
+    decode = thinkfuse.ops.decode_attention
+    monkeypatch.setattr(thinkfuse.ops, "decode_attention",
+                        lambda q, *a, **k: calls.append(torch.is_grad_enabled()) or decode(q, *a, **k))
+    thinkfuse.patch_model(model, backend="torch")
+    logits, grads = step()
+    assert calls == [False, False]  # the no-grad decode step, in both layers
+    assert_close_fp32(logits, ref_logits, tol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert_close_fp32(grads[name], grad, tol=1e-4)
+
+
 def test_greedy_generate_without_padding_uses_decode_kernel(backend, monkeypatch):
     """No padding: decode steps go to ops.decode_attention (the mask is None, Sq < Sk)."""
     model = tiny_model("qwen2").to(DEVICE)
@@ -358,6 +448,26 @@ def test_static_cache_without_mask_ignores_unwritten_slots(family, backend):
     ref = _static_cache_chunks(model, ids, chunks)
     thinkfuse.patch_model(model, backend=backend)
     assert_close_fp32(_static_cache_chunks(model, ids, chunks), ref, tol=1e-4)
+
+
+def test_static_cache_chunks_longer_than_a_decode_step_attend_to_the_written_slots(monkeypatch):
+    """Chunks of more queries than the decode kernel takes run flash attention over a static
+    cache's buffer: the keys are its first written slots (the count the mask function made),
+    the chunk's queries the last of them (bottom-right causal); logits as unpatched sdpa."""
+    from thinkfuse.ops.attention import MAX_DECODE_QUERIES
+
+    model = tiny_model("qwen2").to(DEVICE).eval()
+    n = MAX_DECODE_QUERIES + 1
+    chunks = [n, 2, n]
+    ids = tiny_batch(2, sum(chunks), device=DEVICE)
+    ref = _static_cache_chunks(model, ids, chunks)
+    keys = []
+    flash = thinkfuse.ops.flash_attention
+    monkeypatch.setattr(thinkfuse.ops, "flash_attention",
+                        lambda q, k, *a, **kw: keys.append(k.shape[1]) or flash(q, k, *a, **kw))
+    thinkfuse.patch_model(model, backend="torch")
+    assert_close_fp32(_static_cache_chunks(model, ids, chunks), ref, tol=1e-4)
+    assert keys == [n, n, 2 * n + 2, 2 * n + 2]  # the written slots of the two long chunks, both layers
 
 
 def _static_generate(model, ids, mask, compiled):
@@ -616,6 +726,20 @@ def test_non_causal_module_falls_back_to_sdpa():
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("head_dim", [16, 24])  # the kernels, and sdpa for a head_dim they do not take
+def test_padding_mask_longer_than_the_keys_keeps_its_last_columns(head_dim):
+    """A 2-D mask over more tokens than the keys handed in (a sliding-window cache keeps only the
+    newest keys) describes them by its last columns: the same output as the mask cut to them."""
+    q, k, v = _qkv(sq=1, sk=3, d=head_dim)
+    thinkfuse.set_backend("torch")
+    long = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    module = _Module(is_causal=True).eval()
+    with torch.no_grad():
+        out, _ = thinkfuse_attention_forward(module, q, k, v, long, scaling=0.25)
+        ref, _ = thinkfuse_attention_forward(module, q, k, v, long[:, -3:], scaling=0.25)
+    assert torch.equal(out, ref)
+
+
 def test_bad_inputs_are_clear_errors():
     q, k, v = _qkv()
     module = _Module(is_causal=True)
@@ -711,6 +835,34 @@ def test_attention_rule_without_the_rope_rule():
     assert_close_fp32(model(ids, attention_mask=mask).logits[valid], ref[valid], tol=1e-4)
 
 
+def test_rope_rule_reads_the_models_rotary_embedding():
+    """The fused rope runs with the rotary embedding module's inv_freq buffer and
+    attention_scaling as they are, which is what transformers' cos/sin are made of: a YaRN
+    config (attention_scaling 1 + 0.1 ln 4) and a buffer rounded the way model.to(bfloat16)
+    after construction rounds it (keys far apart make the rounding show)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from thinkfuse.tiny import _COMMON
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**_COMMON, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                     "original_max_position_embeddings": 128})
+    model = Qwen2ForCausalLM(config).to(DEVICE).eval()
+    rotary, attention = model.model.rotary_emb, model.model.layers[0].self_attn
+    assert rotary.attention_scaling > 1.1
+    # the attention module itself, on large hidden states: sharp attention shows small angle errors
+    hidden = 4 * torch.randn(2, 9, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    # 700 apart: angles between keys are what attention sees. use_cache: not packed sequences.
+    positions = 700 * torch.arange(9, device=DEVICE).expand(2, -1)
+    with torch.no_grad():
+        rotary.inv_freq.copy_(rotary.inv_freq.bfloat16().float())
+        cos_sin = rotary(hidden, positions)
+        ref = attention(hidden, cos_sin, None, position_ids=positions, use_cache=True)[0]
+        thinkfuse.patch_model(model, backend="torch")
+        out = attention(hidden, cos_sin, None, position_ids=positions, use_cache=True)[0]
+    assert_close_fp32(out, ref, tol=1e-4)
+
+
 def test_attn_implementation_thinkfuse_after_a_plain_import(tmp_path):
     """`import thinkfuse` is enough for from_pretrained(attn_implementation="thinkfuse"), and it
     neither loads transformers' modeling code nor triton itself (TRITON_INTERPRET set after the
@@ -804,6 +956,25 @@ def test_mask_written_between_forwards_gets_a_new_padding_plan(write):
                           reference(ids, attention_mask=mask).logits[valid], tol=1e-4)
 
 
+def test_position_ids_reused_across_forwards_get_their_own_packed_plan():
+    """The packed plan of a position_ids tensor is memoized across the layers of one forward
+    only as long as it fits: the same tensor in a later forward with a larger batch (a shared
+    [1, S] tensor), or after an in-place write, gets the plan of what it now describes."""
+    model = tiny_model("qwen2")
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    reference = _sdpa_twin(model)
+    thinkfuse.set_backend("torch")
+    ids = tiny_batch(2, 6)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with torch.no_grad():
+        for rows in (ids[:1], ids):  # one row, then two rows sharing the [1, S] positions
+            assert_close_fp32(model(rows, position_ids=positions, use_cache=False).logits,
+                              reference(rows, position_ids=positions, use_cache=False).logits, tol=1e-4)
+        positions[0, 2:] = torch.tensor([0, 1, 2, 3])  # in place: sequences of 2 and 4 tokens now
+        assert_close_fp32(model(ids, position_ids=positions, use_cache=False).logits,
+                          reference(ids, position_ids=positions, use_cache=False).logits, tol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_inputs_the_kernels_do_not_take_run_sdpa(head_dim, dtype):
@@ -873,3 +1044,35 @@ def test_sdpa_fallback_without_a_mask_is_bottom_right_causal_and_windowed(cache_
 
     with torch.no_grad():
         assert_close_fp32(chunked(model), chunked(reference), tol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_sdpa_fallback_after_cached_keys_without_a_window(cache_kind, padded):
+    """Where sdpa runs for us (head_dim 24) on a model without a sliding window: chunks after
+    cached keys are bottom-right causal, a static cache's unwritten slots are no keys, with or
+    without a padding mask (which ends at the written slots)."""
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM, StaticCache
+
+    from thinkfuse.tiny import _COMMON
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**_COMMON, "head_dim": 24})).eval()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    reference = _sdpa_twin(model)
+    ids = tiny_batch(2, 12)
+    mask = _padding_mask(2, 12, "left").cpu() if padded else None
+
+    def chunked(m):
+        static = cache_kind == "static"
+        cache = StaticCache(config=m.config, max_cache_len=20) if static else DynamicCache(config=m.config)
+        logits = []
+        for a, b in ((0, 5), (5, 8), (8, 12)):
+            extra = {} if mask is None else {"attention_mask": mask[:, :b]}
+            logits.append(m(ids[:, a:b], past_key_values=cache, use_cache=True, **extra).logits)
+        return torch.cat(logits, 1)
+
+    with torch.no_grad():
+        ours, ref = chunked(model), chunked(reference)
+    valid = slice(None) if mask is None else mask.bool()
+    assert_close_fp32(ours[valid], ref[valid], tol=1e-4)

@@ -577,16 +577,20 @@ def test_grpo_loss_module_checks_arguments_before_the_lm_head(options, monkeypat
 
 @pytest.mark.parametrize("options", [dict(one_pass=False), dict(top_entropy_quantile=0.5)])
 def test_grpo_loss_module_computes_the_loss_once(options, monkeypatch):
-    """The up-front checks compute nothing: the loss is computed once per forward (it used to be
-    computed on zeros as well, a few [B, T] kernels per step)."""
+    """The up-front checks compute nothing, and run once: the loss is computed once per forward
+    (it used to be computed on zeros as well, a few [B, T] kernels per step), on the options
+    checked up front."""
     import thinkfuse.grpo as grpo_module
 
     hidden, weight, _, ids = _module_inputs(seed=17)
     _, old, _, advantages, mask = _batch(12)
-    real, calls = grpo_module.grpo_loss, []
-    monkeypatch.setattr(grpo_module, "grpo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []
+    for name in ("_checked_options", "_loss_and_metrics"):
+        real = getattr(grpo_module, name)
+        monkeypatch.setattr(grpo_module, name,
+                            lambda *a, _name=name, _real=real, **k: calls.append(_name) or _real(*a, **k))
     loss, _ = GRPOLoss(**options)(hidden.clone().requires_grad_(), weight, ids, mask, advantages, old)
-    assert len(calls) == 1 and torch.isfinite(loss)
+    assert calls == ["_checked_options", "_loss_and_metrics"] and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("options", [dict(loss_type="dr_grpo", max_completion_length=0),

@@ -730,18 +730,18 @@ class GRPOLoss(nn.Module):
                            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
                            vespo_lambda_neg=self.vespo_lambda_neg)
         needs_entropy = self._needs_entropy()
-        _check_module_loss_args(hidden, mask, advantages, old_logprobs, needs_entropy, loss_kwargs)
+        options = _check_module_loss_args(hidden, mask, advantages, old_logprobs, needs_entropy, loss_kwargs)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, lm_head_weight, bias))
         if self.one_pass and needs_grad and self._per_token_separable() and one_pass_applies():
             return _one_pass_grpo(hidden, lm_head_weight, bias, scored_ids, mask, advantages, old_logprobs,
-                                  temperature, loss_kwargs, self.chunk_size, self.backend)
+                                  temperature, options, self.chunk_size, self.backend)
         result = fused_linear_token_logprobs(
             hidden, lm_head_weight, scored_ids, bias=bias, temperature=temperature, return_entropy=needs_entropy,
             chunk_size=self.chunk_size, backend=self.backend,
         )
         logprobs, entropies = result if needs_entropy else (result, None)
-        loss, metrics = grpo_loss(logprobs, old_logprobs, advantages, mask, entropies=entropies, **loss_kwargs)
+        loss, metrics = _loss_and_metrics(logprobs, old_logprobs, advantages, mask, **{**options, "entropies": entropies})
         metrics["logprobs"] = logprobs.detach()
         return loss, metrics
 
@@ -775,24 +775,27 @@ class _ProcessGroupSlot:
         return _ProcessGroupSlot, (None, self._dropped_by_pickle or self._group is not None)
 
 
-def _check_module_loss_args(hidden, mask, advantages, old_logprobs, with_entropies, loss_kwargs) -> None:
+def _check_module_loss_args(hidden, mask, advantages, old_logprobs, with_entropies, loss_kwargs) -> dict:
     """GRPOLoss's arguments checked before any lm_head work: grpo_loss's checks (nothing computed)
-    on stand-ins of the mask's shape for the log-probs (and entropies) still to be computed."""
+    on stand-ins of the mask's shape for the log-probs (and entropies) still to be computed.
+    Returns the checked options (_checked_options) for _loss_and_metrics, whose ``entropies``
+    the caller replaces with the computed ones."""
     shape = tuple(mask.shape)
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape:
         raise ValueError(f"hidden must be [B, T, H] with [B, T] = mask's shape {shape}, got {tuple(hidden.shape)}")
     stand_in = torch.empty(shape, dtype=torch.float32, device=hidden.device)
-    _checked_options(stand_in, old_logprobs, advantages, mask, entropies=stand_in if with_entropies else None,
-                     **loss_kwargs)
+    return _checked_options(stand_in, old_logprobs, advantages, mask,
+                            entropies=stand_in if with_entropies else None, **loss_kwargs)
 
 
-def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, temperature, loss_kwargs,
+def _one_pass_grpo(hidden, weight, bias, ids, mask, advantages, old_logprobs, temperature, options,
                    chunk_size, backend):
     """GRPOLoss.forward with the lm_head gradients formed in the forward (see GRPOLoss); its
-    arguments are checked (_check_module_loss_args)."""
+    arguments are checked, ``options`` by _check_module_loss_args (so the loss of each chunk's
+    gradient is not checked again)."""
 
     def loss_of(logprobs):
-        return grpo_loss(logprobs, old_logprobs, advantages, mask, **loss_kwargs)
+        return _loss_and_metrics(logprobs, old_logprobs, advantages, mask, **options)
 
     outputs = {}
     loss = one_pass_loss(hidden, weight, bias, functools.partial(

@@ -217,9 +217,7 @@ def _make_functorch_function(name: str):
     def backward(ctx, *grads):
         if registered_backward is None:
             raise _no_derivative_error(name, ctx.thinkfuse_backend)
-        from torch._functorch.utils import unwrap_dead_wrappers  # private: imported only under torch.func
-
-        return registered_backward(_ContextWithLiveSavedTensors(ctx), *unwrap_dead_wrappers(grads))
+        return registered_backward(_ContextWithLiveSavedTensors(ctx), *_unwrap_dead_wrappers(grads))
 
     return type(f"thinkfuse_{name}_functorch", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
@@ -243,6 +241,12 @@ class _ContextWithLiveSavedTensors:
 
     @property
     def saved_tensors(self):
-        from torch._functorch.utils import unwrap_dead_wrappers
+        return _unwrap_dead_wrappers(self._ctx.saved_tensors)
 
-        return unwrap_dead_wrappers(self._ctx.saved_tensors)
+
+def _unwrap_dead_wrappers(tensors):
+    # torch's private helper, imported only on the torch.func path: a torch release that moves it
+    # cannot break importing every op
+    from torch._functorch.utils import unwrap_dead_wrappers
+
+    return unwrap_dead_wrappers(tensors)
